@@ -1,0 +1,11 @@
+//! The engine boundary of modeld.
+//!
+//! This crate names what the agent and every runtime agree on: model formats, runtimes
+//! and accelerators. It depends on no async runtime, no gRPC and no engine crate, so an
+//! engine can implement it without pulling in the agent.
+
+mod format;
+mod runtime;
+
+pub use format::{ArchiveFormat, ModelFormat, ParseNameError};
+pub use runtime::{Accelerator, Runtime};

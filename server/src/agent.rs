@@ -1,0 +1,169 @@
+//! The agent: opens the store, builds the services, serves gRPC, and shuts down
+//! gracefully.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+use crate::api;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::hardware::Hardware;
+use crate::registry::Registry;
+use crate::registry::compat::NodeResources;
+use crate::store::Store;
+
+/// Everything the services share.
+#[derive(Debug)]
+pub struct Agent {
+    pub config: Config,
+    pub store: Store,
+    pub registry: Registry,
+    pub hardware: Hardware,
+    /// The memory budget resolved against this machine's physical memory.
+    pub memory_budget_bytes: u64,
+    /// Flips to true when the agent starts shutting down; long streams end on it.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Agent {
+    /// Current resources for compatibility checks.
+    pub fn node_resources(&self) -> NodeResources {
+        let memory = self.hardware.memory();
+        let disk = self.hardware.disk();
+        let mut accelerators: Vec<_> = self
+            .hardware
+            .host()
+            .accelerators
+            .iter()
+            .map(|a| a.kind)
+            .collect();
+        accelerators.push(modeld_engine_core::Accelerator::Cpu);
+        NodeResources {
+            memory_budget_bytes: self.memory_budget_bytes,
+            memory_available_bytes: memory.available_bytes,
+            disk_free_bytes: disk.free_bytes,
+            disk_quota_bytes: self.config.disk_quota,
+            // Nothing is stored by this agent yet; storage reports real usage.
+            disk_used_bytes: 0,
+            physical_cores: self.hardware.host().cpu.physical_cores,
+            accelerators,
+        }
+    }
+}
+
+fn http_client() -> Result<reqwest::Client> {
+    // reqwest is built without a bundled crypto provider; ring is ours. A second
+    // install (tests start several agents in one process) is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .user_agent(concat!("modeld/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(|e| Error::Config(format!("HTTP client: {e}")))
+}
+
+/// Serves the agent on `listener` until `shutdown` resolves, then drains in-flight
+/// requests for up to the configured grace time and flushes the store.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let data_dir = config.data_dir.clone();
+    let db_dir = data_dir.join("db");
+    let store = tokio::task::spawn_blocking(move || Store::open(&db_dir)).await??;
+    let probe_dir = data_dir.clone();
+    let hardware = tokio::task::spawn_blocking(move || Hardware::probe(&probe_dir)).await?;
+    let memory_budget_bytes = config.memory_budget.resolve(hardware.memory().total_bytes);
+    info!(
+        node_id = store.node_id(),
+        data_dir = %data_dir.display(),
+        memory_budget_bytes,
+        disk_quota_bytes = config.disk_quota.unwrap_or(0),
+        "store open"
+    );
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let registry = Registry::new(store.clone(), config.models_dirs.clone(), http_client()?);
+    let grace = config.shutdown_grace;
+    let agent = Arc::new(Agent {
+        config,
+        store: store.clone(),
+        registry,
+        hardware,
+        memory_budget_bytes,
+        shutdown: shutdown_rx.clone(),
+    });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in api::SERVICE_NAMES.iter().chain(std::iter::once(&"")) {
+        health
+            .set_service_status(*name, ServingStatus::NotServing)
+            .await;
+    }
+    let startup = {
+        let agent = agent.clone();
+        let health = health.clone();
+        tokio::spawn(async move {
+            match agent.registry.load_builtin().await {
+                Ok(o) => info!(created = o.created.len(), updated = o.updated.len(), "built-in catalog registered"),
+                Err(e) => warn!(error = %e, "built-in catalog could not be registered"),
+            }
+            if agent.config.scan_on_start && !agent.config.models_dirs.is_empty() {
+                match agent.registry.scan(Vec::new()).await {
+                    Ok(o) => info!(models = o.models.len(), skipped = o.skipped.len(), "models directories scanned"),
+                    Err(e) => warn!(error = %e, "models directories could not be scanned"),
+                }
+            }
+            for name in api::SERVICE_NAMES.iter().chain(std::iter::once(&"")) {
+                health.set_service_status(*name, ServingStatus::Serving).await;
+            }
+            info!("serving");
+        })
+    };
+
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Config(format!("listener: {e}")))?;
+    info!(%addr, "modeld listening");
+
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let server = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_routes(api::routes(agent.clone())?)
+        .add_service(health_service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        });
+    tokio::pin!(server);
+
+    tokio::select! {
+        result = &mut server => {
+            result.map_err(|e| Error::Config(format!("server stopped: {e}")))?;
+        }
+        () = shutdown => {
+            info!(grace_secs = grace.as_secs(), "shutting down: draining in-flight requests");
+            startup.abort();
+            for name in api::SERVICE_NAMES.iter().chain(std::iter::once(&"")) {
+                health.set_service_status(*name, ServingStatus::NotServing).await;
+            }
+            let _ = shutdown_tx.send(true);
+            let _ = stop_tx.send(true);
+            match tokio::time::timeout(grace, &mut server).await {
+                Ok(result) => result.map_err(|e| Error::Config(format!("server stopped: {e}")))?,
+                Err(_) => warn!("grace time over: cancelling the requests still running"),
+            }
+        }
+    }
+    store.flush().await?;
+    info!("store flushed; bye");
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! The gRPC surface: thin tonic services that convert requests into validated domain
+//! calls and domain results back into messages. Errors map to statuses in [`status`].
+
+pub mod convert;
+mod node;
+mod pending;
+mod registry;
+pub mod status;
+
+use std::sync::Arc;
+
+use modeld_proto::v1 as pb;
+use tonic::service::Routes;
+
+use crate::agent::Agent;
+use crate::config::MAX_MESSAGE_BYTES;
+use crate::error::{Error, Result};
+
+/// Fully-qualified names of the modeld services, for health reporting.
+pub const SERVICE_NAMES: [&str; 5] = [
+    pb::model_registry_server::SERVICE_NAME,
+    pb::storage_server::SERVICE_NAME,
+    pb::lifecycle_server::SERVICE_NAME,
+    pb::generate_server::SERVICE_NAME,
+    pb::node_server::SERVICE_NAME,
+];
+
+/// Every modeld service plus server reflection (v1 and v1alpha: grpcurl 1.8 only
+/// speaks v1alpha), with explicit message size limits.
+pub fn routes(agent: Arc<Agent>) -> Result<Routes> {
+    let reflection_err = |e: tonic_reflection::server::Error| Error::Config(format!("reflection: {e}"));
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(modeld_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(reflection_err)?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(modeld_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(reflection_err)?;
+
+    let mut builder = Routes::builder();
+    builder
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            pb::model_registry_server::ModelRegistryServer::new(registry::RegistryApi::new(agent.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::node_server::NodeServer::new(node::NodeApi::new(agent.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::storage_server::StorageServer::new(pending::StorageApi)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::lifecycle_server::LifecycleServer::new(pending::LifecycleApi)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::generate_server::GenerateServer::new(pending::GenerateApi)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        );
+    Ok(builder.routes())
+}

@@ -1,0 +1,105 @@
+//! The one mapping from the agent's errors to gRPC statuses. Every status carries a
+//! `google.rpc.ErrorInfo` with a stable `reason` clients can switch on, in domain
+//! "modeld"; field errors also carry a `BadRequest` violation.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::error::Error;
+
+pub const DOMAIN: &str = "modeld";
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let message = e.to_string();
+        let mut meta = HashMap::new();
+        let mut violation: Option<(String, String)> = None;
+        // No catch-all arm: a new variant must be mapped here before it compiles.
+        let (code, reason) = match &e {
+            Error::InvalidArgument { field, description } => {
+                violation = Some((field.clone(), description.clone()));
+                (Code::InvalidArgument, "INVALID_ARGUMENT")
+            }
+            Error::InvalidPageToken(why) => {
+                violation = Some(("page_token".into(), why.clone()));
+                (Code::InvalidArgument, "INVALID_PAGE_TOKEN")
+            }
+            Error::InvalidManifest(_) => (Code::InvalidArgument, "INVALID_MANIFEST"),
+            Error::ModelNotFound { id } => {
+                meta.insert("model_id".into(), id.clone());
+                (Code::NotFound, "MODEL_NOT_FOUND")
+            }
+            Error::ModelAlreadyExists { id } => {
+                meta.insert("model_id".into(), id.clone());
+                (Code::AlreadyExists, "MODEL_ALREADY_EXISTS")
+            }
+            Error::ModelInUse { id, state } => {
+                meta.insert("model_id".into(), id.clone());
+                meta.insert("state".into(), (*state).to_owned());
+                (Code::FailedPrecondition, "MODEL_IN_USE")
+            }
+            Error::PathNotFound { path } => {
+                meta.insert("path".into(), path.display().to_string());
+                (Code::NotFound, "PATH_NOT_FOUND")
+            }
+            Error::PathUnusable { path, .. } => {
+                meta.insert("path".into(), path.display().to_string());
+                (Code::FailedPrecondition, "PATH_UNUSABLE")
+            }
+            Error::CatalogUnavailable { url, .. } => {
+                meta.insert("url".into(), url.clone());
+                (Code::Unavailable, "CATALOG_UNAVAILABLE")
+            }
+            Error::CatalogRejected { url, .. } => {
+                meta.insert("url".into(), url.clone());
+                (Code::FailedPrecondition, "CATALOG_REJECTED")
+            }
+            Error::Io { .. } => (Code::Internal, "IO_ERROR"),
+            Error::Store(_) => (Code::Internal, "STORE_ERROR"),
+            Error::CorruptRecord { .. } => (Code::DataLoss, "CORRUPT_RECORD"),
+            Error::SchemaTooNew { .. } => (Code::FailedPrecondition, "SCHEMA_TOO_NEW"),
+            Error::Config(_) => (Code::FailedPrecondition, "BAD_CONFIG"),
+            Error::TaskFailed(_) => (Code::Internal, "TASK_FAILED"),
+            Error::Unimplemented { rpc } => {
+                meta.insert("rpc".into(), (*rpc).to_owned());
+                (Code::Unimplemented, "NOT_IMPLEMENTED")
+            }
+            Error::ShuttingDown => (Code::Unavailable, "SHUTTING_DOWN"),
+        };
+        if matches!(code, Code::Internal | Code::DataLoss) {
+            tracing::error!(error = %message, reason, "request failed");
+        }
+        let mut details = ErrorDetails::with_error_info(reason, DOMAIN, meta);
+        if let Some((field, description)) = violation {
+            details.add_bad_request_violation(field, description);
+        }
+        Status::with_error_details(code, message, details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_carries_reason_and_field_violation() {
+        let status: Status = Error::invalid("spec.id", "is required").into();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "spec.id: is required");
+        let details = status.get_error_details();
+        let info = details.error_info().unwrap();
+        assert_eq!((info.reason.as_str(), info.domain.as_str()), ("INVALID_ARGUMENT", "modeld"));
+        let br = details.bad_request().unwrap();
+        assert_eq!(br.field_violations[0].field, "spec.id");
+    }
+
+    #[test]
+    fn not_found_names_the_model() {
+        let status: Status = Error::ModelNotFound { id: "x".into() }.into();
+        assert_eq!(status.code(), Code::NotFound);
+        let info = status.get_error_details().error_info().cloned().unwrap();
+        assert_eq!(info.metadata.get("model_id").map(String::as_str), Some("x"));
+    }
+}

@@ -1,0 +1,335 @@
+//! Agent configuration: command-line flags, each with an environment variable, over an
+//! optional TOML file, over defaults. Flags win over env (clap), env over the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
+/// Share of physical memory loaded models may use when no budget is configured.
+pub const DEFAULT_MEMORY_FRACTION: f64 = 0.75;
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Largest gRPC message the agent accepts or sends. Pushes stream in smaller chunks.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// modeld: the node agent that takes models from registered to streaming tokens.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(name = "modeld", version, about, long_about = None)]
+pub struct Args {
+    /// Address to serve gRPC on [default: 127.0.0.1:7700]. Port 0 picks a free port; the
+    /// agent logs the address it bound. Use 0.0.0.0 only behind a firewall or mesh: the
+    /// API has no authentication of its own.
+    #[arg(long, env = "MODELD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// Where the agent keeps its store, blobs and extracted models
+    /// [default: $XDG_DATA_HOME/modeld or ~/.local/share/modeld].
+    #[arg(long, env = "MODELD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// TOML file with any of these settings (same names, snake_case). Flags and
+    /// environment variables override it.
+    #[arg(long, env = "MODELD_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Memory loaded models may use: a size such as "300MB" or "4GiB", or a share of
+    /// physical memory such as "75%" [default: 75%]. A larger budget keeps more models
+    /// warm; a smaller one leaves room for other software on the device.
+    #[arg(long, env = "MODELD_MEMORY_BUDGET")]
+    pub memory_budget: Option<MemoryBudget>,
+
+    /// Most disk the agent's models may take, e.g. "20GB"; "0" means no quota beyond
+    /// the free space of the filesystem.
+    #[arg(long, env = "MODELD_DISK_QUOTA")]
+    pub disk_quota: Option<ByteSize>,
+
+    /// A directory of models to discover (repeatable; the env variable takes a
+    /// comma-separated list). Models found there are used in place, never copied.
+    #[arg(long = "models-dir", env = "MODELD_MODELS_DIRS", value_delimiter = ',')]
+    pub models_dirs: Vec<PathBuf>,
+
+    /// Scan the models directories at start-up [default: true].
+    #[arg(long, env = "MODELD_SCAN_ON_START", action = clap::ArgAction::Set)]
+    pub scan_on_start: Option<bool>,
+
+    /// Log filter in tracing's EnvFilter syntax, e.g. "info" or "modeld=debug,warn"
+    /// [default: info].
+    #[arg(long, env = "MODELD_LOG")]
+    pub log: Option<String>,
+
+    /// Log format: "text" for people, "json" for log shippers [default: text].
+    #[arg(long, env = "MODELD_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Seconds in-flight requests get to finish on SIGINT/SIGTERM before they are
+    /// cancelled [default: 10].
+    #[arg(long, env = "MODELD_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MemoryBudget {
+    Bytes(u64),
+    /// Share of physical memory, in (0, 1].
+    Fraction(f64),
+}
+
+impl MemoryBudget {
+    pub fn resolve(self, physical: u64) -> u64 {
+        match self {
+            MemoryBudget::Bytes(b) => b,
+            // Physical memory fits in f64's 53-bit mantissa for any real machine.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+            MemoryBudget::Fraction(f) => (physical as f64 * f) as u64,
+        }
+    }
+}
+
+impl FromStr for MemoryBudget {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let s = s.trim();
+        if let Some(pct) = s.strip_suffix('%') {
+            let v: f64 = pct
+                .trim()
+                .parse()
+                .map_err(|_| format!("{s:?} is not a percentage like \"75%\""))?;
+            if !(v > 0.0 && v <= 100.0) {
+                return Err(format!("{s:?} must be between 0% and 100%"));
+            }
+            return Ok(MemoryBudget::Fraction(v / 100.0));
+        }
+        let size: ByteSize = s
+            .parse()
+            .map_err(|e| format!("{s:?} is not a size like \"300MB\" or \"4GiB\": {e}"))?;
+        if size.as_u64() == 0 {
+            return Err("a memory budget of 0 would refuse every model".into());
+        }
+        Ok(MemoryBudget::Bytes(size.as_u64()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("{s:?} is not a log format; use text or json")),
+        }
+    }
+}
+
+/// The TOML file's shape: every key optional, unknown keys refused (a typo must not
+/// silently fall back to a default).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    memory_budget: Option<String>,
+    disk_quota: Option<String>,
+    models_dirs: Option<Vec<PathBuf>>,
+    scan_on_start: Option<bool>,
+    log: Option<String>,
+    log_format: Option<LogFormat>,
+    shutdown_grace_secs: Option<u64>,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub memory_budget: MemoryBudget,
+    /// None = no quota.
+    pub disk_quota: Option<u64>,
+    pub models_dirs: Vec<PathBuf>,
+    pub scan_on_start: bool,
+    pub log: String,
+    pub log_format: LogFormat,
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Merges flags/env over the config file over defaults.
+    pub fn load(args: Args) -> Result<Config> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let bad = |key: &str, e: String| Error::Config(format!("config file: {key}: {e}"));
+        let file_budget = file
+            .memory_budget
+            .as_deref()
+            .map(MemoryBudget::from_str)
+            .transpose()
+            .map_err(|e| bad("memory_budget", e))?;
+        let file_quota = file
+            .disk_quota
+            .as_deref()
+            .map(ByteSize::from_str)
+            .transpose()
+            .map_err(|e| bad("disk_quota", e))?;
+        let listen = match args.listen.or(file.listen) {
+            Some(l) => l,
+            None => DEFAULT_LISTEN
+                .parse()
+                .map_err(|e| Error::Config(format!("default listen address: {e}")))?,
+        };
+        let data_dir = absolute(args.data_dir.or(file.data_dir).unwrap_or_else(default_data_dir))?;
+        let models_dirs = if args.models_dirs.is_empty() {
+            file.models_dirs.unwrap_or_default()
+        } else {
+            args.models_dirs
+        };
+        let models_dirs = models_dirs
+            .into_iter()
+            .map(absolute)
+            .collect::<Result<Vec<_>>>()?;
+        let disk_quota = args
+            .disk_quota
+            .or(file_quota)
+            .map(|q| q.as_u64())
+            .filter(|q| *q > 0);
+        Ok(Config {
+            listen,
+            data_dir,
+            memory_budget: args
+                .memory_budget
+                .or(file_budget)
+                .unwrap_or(MemoryBudget::Fraction(DEFAULT_MEMORY_FRACTION)),
+            disk_quota,
+            models_dirs,
+            scan_on_start: args.scan_on_start.or(file.scan_on_start).unwrap_or(true),
+            log: args.log.or(file.log).unwrap_or_else(|| "info".to_owned()),
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            shutdown_grace: args
+                .shutdown_grace_secs
+                .or(file.shutdown_grace_secs)
+                .map_or(DEFAULT_SHUTDOWN_GRACE, Duration::from_secs),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("cannot read config file {}: {e}", path.display())))?;
+    toml::from_str(&text)
+        .map_err(|e| Error::Config(format!("config file {}: {e}", path.display())))
+}
+
+fn absolute(p: PathBuf) -> Result<PathBuf> {
+    std::path::absolute(&p)
+        .map_err(|e| Error::Config(format!("cannot resolve path {}: {e}", p.display())))
+}
+
+fn default_data_dir() -> PathBuf {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    if cfg!(target_vendor = "apple")
+        && let Some(home) = &home
+    {
+        return home.join("Library/Application Support/modeld");
+    }
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("modeld");
+    }
+    match home {
+        Some(home) => home.join(".local/share/modeld"),
+        None => PathBuf::from("modeld-data"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("modeld.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn flags_win_over_file_and_file_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "listen = \"127.0.0.1:9000\"\nmemory_budget = \"300MB\"\ndisk_quota = \"1GB\"\nlog = \"debug\"\n",
+        );
+        let args = Args {
+            config: Some(path),
+            listen: Some("127.0.0.1:9100".parse().unwrap()),
+            ..Args::default()
+        };
+        let c = Config::load(args).unwrap();
+        assert_eq!(c.listen.port(), 9100);
+        assert_eq!(c.memory_budget, MemoryBudget::Bytes(300_000_000));
+        assert_eq!(c.disk_quota, Some(1_000_000_000));
+        assert_eq!(c.log, "debug");
+        assert!(c.scan_on_start);
+    }
+
+    #[test]
+    fn env_wins_over_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "log = \"debug\"\n");
+        // clap resolves env itself; parse a fake command line with the env set for it.
+        let args = Args::try_parse_from(["modeld", "--config", path.to_str().unwrap()]).unwrap();
+        let args = Args {
+            log: Some("warn".into()),
+            ..args
+        };
+        assert_eq!(Config::load(args).unwrap().log, "warn");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "memory_budjet = \"1GB\"\n");
+        let err = Config::load(Args {
+            config: Some(path),
+            ..Args::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("memory_budjet"), "{err}");
+    }
+
+    #[test]
+    fn memory_budget_parses_sizes_and_percentages() {
+        assert_eq!("300MB".parse(), Ok(MemoryBudget::Bytes(300_000_000)));
+        assert_eq!("1GiB".parse(), Ok(MemoryBudget::Bytes(1 << 30)));
+        assert_eq!("50%".parse(), Ok(MemoryBudget::Fraction(0.5)));
+        assert!("150%".parse::<MemoryBudget>().is_err());
+        assert!("lots".parse::<MemoryBudget>().is_err());
+        assert_eq!(MemoryBudget::Fraction(0.5).resolve(1000), 500);
+    }
+
+    #[test]
+    fn zero_quota_means_none() {
+        let c = Config::load(Args {
+            disk_quota: Some(ByteSize::b(0)),
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!(c.disk_quota, None);
+    }
+}

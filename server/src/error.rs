@@ -1,0 +1,104 @@
+//! The agent's one error type. Every variant maps to exactly one gRPC status in
+//! `api::status`, with no catch-all, so a new variant cannot ship unmapped.
+
+use std::path::PathBuf;
+
+/// Convenience alias used throughout the agent.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field failed validation. `field` is the path in the request, e.g.
+    /// `spec.files[0].sha256`.
+    #[error("{field}: {description}")]
+    InvalidArgument { field: String, description: String },
+
+    #[error("invalid page_token: {0}; start again without a page_token")]
+    InvalidPageToken(String),
+
+    #[error("invalid catalog manifest: {0}")]
+    InvalidManifest(String),
+
+    #[error("model {id:?} not found; `modelctl models list` shows the registered ids")]
+    ModelNotFound { id: String },
+
+    #[error(
+        "model {id:?} is already registered with a different spec; use UpdateModel to change it"
+    )]
+    ModelAlreadyExists { id: String },
+
+    #[error("model {id:?} is in use (state {state}); unload it before deleting")]
+    ModelInUse { id: String, state: &'static str },
+
+    #[error("{path}: no such file or directory on the agent's host")]
+    PathNotFound { path: PathBuf },
+
+    /// A path the operator named (scan directory, catalog file) cannot be used.
+    #[error("{path}: {reason}")]
+    PathUnusable { path: PathBuf, reason: String },
+
+    #[error("catalog could not be fetched from {url}: {message}")]
+    CatalogUnavailable { url: String, message: String },
+
+    #[error("catalog at {url} was refused: {message}")]
+    CatalogRejected { url: String, message: String },
+
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("store error: {0}")]
+    Store(#[from] sled::Error),
+
+    #[error("corrupt record {key:?} in store tree {tree}: {message}")]
+    CorruptRecord {
+        tree: &'static str,
+        key: String,
+        message: String,
+    },
+
+    #[error(
+        "store schema version {found} is newer than this agent supports ({supported}); \
+         run a newer modeld or point --data-dir elsewhere"
+    )]
+    SchemaTooNew { found: u32, supported: u32 },
+
+    /// Bad configuration; only reachable at start-up.
+    #[error("configuration: {0}")]
+    Config(String),
+
+    /// A blocking task died; the agent keeps serving but this request failed.
+    #[error("internal task failed: {0}")]
+    TaskFailed(String),
+
+    #[error("{rpc} is not implemented by this agent yet")]
+    Unimplemented { rpc: &'static str },
+
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for Error {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Error::TaskFailed(e.to_string())
+    }
+}

@@ -1,0 +1,114 @@
+//! Reads and checks a safetensors header: an 8-byte little-endian length, then a JSON
+//! object of tensors, each with dtype, shape and data offsets inside the file.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+/// The format's own limit on the header size.
+const MAX_HEADER: u64 = 100_000_000;
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SafetensorsHeader {
+    pub tensor_count: usize,
+    pub parameter_count: u64,
+    /// The dtype holding the most parameters, e.g. "F16".
+    pub dominant_dtype: String,
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(serde::Deserialize)]
+struct TensorEntry {
+    dtype: String,
+    shape: Vec<u64>,
+    data_offsets: [u64; 2],
+}
+
+/// Parses the header of a safetensors file of `size` bytes. Errors describe what is wrong.
+pub fn read_header<R: Read>(mut r: R, size: u64) -> Result<SafetensorsHeader, String> {
+    let mut len = [0u8; 8];
+    r.read_exact(&mut len).map_err(|e| e.to_string())?;
+    let n = u64::from_le_bytes(len);
+    if n < 2 || n > MAX_HEADER || n > size.saturating_sub(8) {
+        return Err(format!("header length {n} does not fit a {size}-byte file"));
+    }
+    let mut header = vec![0u8; n as usize];
+    r.read_exact(&mut header).map_err(|e| e.to_string())?;
+    if header.first() != Some(&b'{') {
+        return Err("header does not start with '{'".into());
+    }
+    let raw: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| format!("header is not a JSON object: {e}"))?;
+    let data_size = size - 8 - n;
+    let mut out = SafetensorsHeader::default();
+    let mut by_dtype: BTreeMap<String, u64> = BTreeMap::new();
+    for (name, value) in raw {
+        if name == "__metadata__" {
+            let meta: BTreeMap<String, String> = serde_json::from_value(value)
+                .map_err(|e| format!("__metadata__ must map strings to strings: {e}"))?;
+            out.metadata = meta;
+            continue;
+        }
+        let t: TensorEntry = serde_json::from_value(value)
+            .map_err(|e| format!("tensor {name:?}: {e}"))?;
+        let [begin, end] = t.data_offsets;
+        if begin > end || end > data_size {
+            return Err(format!(
+                "tensor {name:?}: data offsets [{begin}, {end}] fall outside the {data_size}-byte data section"
+            ));
+        }
+        let elems = t
+            .shape
+            .iter()
+            .try_fold(1u64, |a, d| a.checked_mul(*d))
+            .ok_or_else(|| format!("tensor {name:?}: shape overflows"))?;
+        out.tensor_count += 1;
+        out.parameter_count = out.parameter_count.saturating_add(elems);
+        *by_dtype.entry(t.dtype.to_ascii_uppercase()).or_default() += elems;
+    }
+    if out.tensor_count == 0 {
+        return Err("header lists no tensors".into());
+    }
+    out.dominant_dtype = by_dtype
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(d, _)| d)
+        .unwrap_or_default();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(header: &str, data: usize) -> Vec<u8> {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.extend(std::iter::repeat_n(0u8, data));
+        b
+    }
+
+    #[test]
+    fn reads_tensors_and_metadata() {
+        let b = file(
+            r#"{"__metadata__":{"format":"mlx"},"w":{"dtype":"F16","shape":[2,4],"data_offsets":[0,16]}}"#,
+            16,
+        );
+        let h = read_header(&b[..], b.len() as u64).unwrap();
+        assert_eq!(h.parameter_count, 8);
+        assert_eq!(h.dominant_dtype, "F16");
+        assert_eq!(h.metadata.get("format").map(String::as_str), Some("mlx"));
+    }
+
+    #[test]
+    fn offsets_past_the_end_are_rejected() {
+        let b = file(r#"{"w":{"dtype":"F16","shape":[2,4],"data_offsets":[0,16]}}"#, 8);
+        assert!(read_header(&b[..], b.len() as u64).unwrap_err().contains("outside"));
+    }
+
+    #[test]
+    fn absurd_header_length_is_rejected() {
+        let mut b = file(r#"{"w":1}"#, 0);
+        b[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(read_header(&b[..], b.len() as u64).is_err());
+    }
+}

@@ -1,0 +1,17 @@
+//! modeld, the node agent: registry, storage, lifecycle and inference behind one gRPC
+//! surface. The binary in `main.rs` only parses configuration and calls [`agent::serve`].
+
+pub mod agent;
+pub mod api;
+pub mod config;
+pub mod engines;
+pub mod error;
+pub mod formats;
+pub mod hardware;
+pub mod lifecycle;
+pub mod registry;
+pub mod store;
+pub mod telemetry;
+
+pub use config::{Args, Config};
+pub use error::{Error, Result};

@@ -1,0 +1,274 @@
+//! Persistence in sled.
+//!
+//! Each concern has its own tree; records are prost messages (see [`records`]) so fields
+//! can be added without a migration. The `meta` tree holds the schema version and the
+//! node id. Writers call [`Store::flush`] before they answer, so anything acknowledged
+//! survives a kill -9.
+
+pub mod records;
+
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+
+use crate::error::{Error, Result};
+
+pub use records::{FileRecord, LifecycleRecord, ModelRecord, SpecRecord};
+
+/// Schema version this agent writes. Bump it when a record changes meaning, not when a
+/// field is added.
+pub const SCHEMA_VERSION: u32 = 1;
+
+const META_SCHEMA_VERSION: &[u8] = b"schema_version";
+const META_NODE_ID: &[u8] = b"node_id";
+const META_BUILTIN_DELETED: &str = "builtin_deleted/";
+
+/// Names of the typed trees. Later stages (transfers, blobs, events) get theirs here too.
+mod tree {
+    pub const META: &str = "meta";
+    pub const MODELS: &str = "models";
+    pub const LIFECYCLE: &str = "lifecycle";
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+    models: sled::Tree,
+    lifecycle: sled::Tree,
+    node_id: String,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store under `dir`, checks the schema version and creates
+    /// the node id on first start.
+    pub fn open(dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let db = sled::Config::new().path(dir).open()?;
+        let meta = db.open_tree(tree::META)?;
+        match meta.get(META_SCHEMA_VERSION)? {
+            None => {
+                meta.insert(META_SCHEMA_VERSION, &SCHEMA_VERSION.to_be_bytes())?;
+            }
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(v.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| Error::CorruptRecord {
+                        tree: tree::META,
+                        key: "schema_version".into(),
+                        message: format!("expected 4 bytes, found {}", v.len()),
+                    })?;
+                if found > SCHEMA_VERSION {
+                    return Err(Error::SchemaTooNew {
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+            }
+        }
+        let node_id = match meta.get(META_NODE_ID)? {
+            Some(v) => String::from_utf8(v.to_vec()).map_err(|e| Error::CorruptRecord {
+                tree: tree::META,
+                key: "node_id".into(),
+                message: e.to_string(),
+            })?,
+            None => {
+                let id = uuid::Uuid::new_v4().to_string();
+                meta.insert(META_NODE_ID, id.as_bytes())?;
+                id
+            }
+        };
+        let store = Store {
+            models: db.open_tree(tree::MODELS)?,
+            lifecycle: db.open_tree(tree::LIFECYCLE)?,
+            meta,
+            db,
+            node_id,
+            path: dir.to_path_buf(),
+        };
+        store.db.flush()?;
+        Ok(store)
+    }
+
+    /// Stable id of this node, created on the first start of a data directory.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Makes every write so far durable. Call before acknowledging a state change.
+    pub async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Synchronous flush for shutdown paths outside the runtime.
+    pub fn flush_blocking(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn get_model(&self, id: &str) -> Result<Option<ModelRecord>> {
+        self.models
+            .get(id.as_bytes())?
+            .map(|v| decode(tree::MODELS, id.as_bytes(), &v))
+            .transpose()
+    }
+
+    pub fn put_model(&self, record: &ModelRecord) -> Result<()> {
+        let id = record.spec.as_ref().map(|s| s.id.as_str()).unwrap_or("");
+        self.models.insert(id.as_bytes(), record.encode_to_vec())?;
+        Ok(())
+    }
+
+    /// Writes several records at once: either all land or none do.
+    pub fn put_models(&self, records: &[ModelRecord]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for record in records {
+            let id = record.spec.as_ref().map(|s| s.id.as_str()).unwrap_or("");
+            batch.insert(id.as_bytes(), record.encode_to_vec());
+        }
+        self.models.apply_batch(batch)?;
+        Ok(())
+    }
+
+    pub fn delete_model(&self, id: &str) -> Result<bool> {
+        Ok(self.models.remove(id.as_bytes())?.is_some())
+    }
+
+    /// Models in id order, starting after `after` when given.
+    pub fn models_after(
+        &self,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = Result<ModelRecord>> + '_ {
+        let iter = match after {
+            Some(a) => {
+                let mut start = a.as_bytes().to_vec();
+                // The smallest key strictly greater than `a`.
+                start.push(0);
+                self.models.range(start..)
+            }
+            None => self.models.iter(),
+        };
+        iter.map(|kv| {
+            let (k, v) = kv?;
+            decode(tree::MODELS, &k, &v)
+        })
+    }
+
+    pub fn lifecycle(&self, id: &str) -> Result<Option<LifecycleRecord>> {
+        self.lifecycle
+            .get(id.as_bytes())?
+            .map(|v| decode(tree::LIFECYCLE, id.as_bytes(), &v))
+            .transpose()
+    }
+
+    pub fn put_lifecycle(&self, id: &str, record: &LifecycleRecord) -> Result<()> {
+        self.lifecycle
+            .insert(id.as_bytes(), record.encode_to_vec())?;
+        Ok(())
+    }
+
+    pub fn delete_lifecycle(&self, id: &str) -> Result<()> {
+        self.lifecycle.remove(id.as_bytes())?;
+        Ok(())
+    }
+
+    /// Remembers that the operator deleted a built-in catalog model, so a restart does
+    /// not bring it back.
+    pub fn mark_builtin_deleted(&self, id: &str) -> Result<()> {
+        self.meta
+            .insert(format!("{META_BUILTIN_DELETED}{id}").as_bytes(), &[])?;
+        Ok(())
+    }
+
+    pub fn clear_builtin_deleted(&self, id: &str) -> Result<()> {
+        self.meta
+            .remove(format!("{META_BUILTIN_DELETED}{id}").as_bytes())?;
+        Ok(())
+    }
+
+    pub fn builtin_deleted(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .meta
+            .contains_key(format!("{META_BUILTIN_DELETED}{id}").as_bytes())?)
+    }
+}
+
+fn decode<M: Message + Default>(tree: &'static str, key: &[u8], value: &[u8]) -> Result<M> {
+    M::decode(value).map_err(|e| Error::CorruptRecord {
+        tree,
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> ModelRecord {
+        ModelRecord {
+            spec: Some(SpecRecord {
+                id: id.into(),
+                format: "gguf".into(),
+                ..Default::default()
+            }),
+            generation: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn node_id_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap().node_id().to_owned();
+        let second = Store::open(dir.path()).unwrap().node_id().to_owned();
+        assert_eq!(first, second);
+        assert_eq!(first.len(), 36);
+    }
+
+    #[test]
+    fn newer_schema_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .meta
+                .insert(META_SCHEMA_VERSION, &(SCHEMA_VERSION + 1).to_be_bytes())
+                .unwrap();
+            store.flush_blocking().unwrap();
+        }
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, Error::SchemaTooNew { .. }), "{err}");
+    }
+
+    #[test]
+    fn models_after_skips_the_named_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .put_models(&[record("a"), record("ab"), record("b")])
+            .unwrap();
+        let ids: Vec<String> = store
+            .models_after(Some("a"))
+            .map(|r| r.unwrap().spec.unwrap().id)
+            .collect();
+        assert_eq!(ids, ["ab", "b"]);
+    }
+
+    #[test]
+    fn corrupt_record_is_reported_not_panicked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.models.insert(b"bad", &[0xff, 0xff, 0xff]).unwrap();
+        let err = store.get_model("bad").unwrap_err();
+        assert!(matches!(err, Error::CorruptRecord { .. }), "{err}");
+    }
+}

@@ -1,0 +1,91 @@
+//! Persisted records. These are storage formats, deliberately separate from the public
+//! API messages: the API can evolve without rewriting the store, and the store can add
+//! bookkeeping fields no client should see. Enums are stored by their stable lower-case
+//! names, so renumbering an enum cannot corrupt old data.
+
+/// A registry entry.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ModelRecord {
+    #[prost(message, optional, tag = "1")]
+    pub spec: Option<SpecRecord>,
+    /// builtin | registered | imported | discovered
+    #[prost(string, tag = "2")]
+    pub origin: String,
+    #[prost(int64, tag = "3")]
+    pub create_time_unix_ms: i64,
+    #[prost(int64, tag = "4")]
+    pub update_time_unix_ms: i64,
+    #[prost(uint64, tag = "5")]
+    pub generation: u64,
+    #[prost(string, tag = "6")]
+    pub local_path: String,
+    #[prost(string, tag = "7")]
+    pub source: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SpecRecord {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, tag = "2")]
+    pub display_name: String,
+    #[prost(string, tag = "3")]
+    pub family: String,
+    #[prost(string, tag = "4")]
+    pub format: String,
+    #[prost(message, repeated, tag = "5")]
+    pub files: Vec<FileRecord>,
+    #[prost(string, tag = "6")]
+    pub quantization: String,
+    #[prost(uint32, tag = "7")]
+    pub context_length: u32,
+    #[prost(uint64, tag = "8")]
+    pub parameter_count: u64,
+    #[prost(uint64, tag = "9")]
+    pub estimated_memory_bytes: u64,
+    #[prost(string, tag = "10")]
+    pub tokenizer_kind: String,
+    #[prost(string, tag = "11")]
+    pub tokenizer_path: String,
+    #[prost(string, tag = "12")]
+    pub license: String,
+    #[prost(string, repeated, tag = "13")]
+    pub tags: Vec<String>,
+    #[prost(string, tag = "14")]
+    pub architecture: String,
+    #[prost(string, tag = "15")]
+    pub preferred_runtime: String,
+    #[prost(string, tag = "16")]
+    pub chat_template: String,
+    #[prost(string, tag = "17")]
+    pub description: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FileRecord {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, repeated, tag = "2")]
+    pub urls: Vec<String>,
+    #[prost(string, tag = "3")]
+    pub sha256: String,
+    #[prost(uint64, tag = "4")]
+    pub size_bytes: u64,
+    #[prost(string, tag = "5")]
+    pub member: String,
+    #[prost(string, tag = "6")]
+    pub archive: String,
+}
+
+/// Where a model is in its lifecycle. The lifecycle manager owns writes; the registry
+/// only reads it (to refuse deleting a model in use).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LifecycleRecord {
+    /// Lower-case state name, e.g. "ready".
+    #[prost(string, tag = "1")]
+    pub state: String,
+    #[prost(uint64, tag = "2")]
+    pub revision: u64,
+    #[prost(int64, tag = "3")]
+    pub update_time_unix_ms: i64,
+}
