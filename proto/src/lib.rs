@@ -6,6 +6,8 @@
 
 pub use pbjson_types;
 
+mod domain;
+
 #[allow(clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("modeld.v1");

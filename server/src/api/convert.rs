@@ -28,107 +28,35 @@ fn known<E: TryFrom<i32>>(field: &str, value: i32) -> Result<E> {
 }
 
 pub fn format_from_pb(field: &str, v: i32) -> Result<Option<ModelFormat>> {
-    use pb::ModelFormat as P;
-    Ok(match known::<P>(field, v)? {
-        P::Unspecified => None,
-        P::Gguf => Some(ModelFormat::Gguf),
-        P::Onnx => Some(ModelFormat::Onnx),
-        P::Safetensors => Some(ModelFormat::Safetensors),
-        P::Coreml => Some(ModelFormat::CoreMl),
-        P::Tflite => Some(ModelFormat::Tflite),
-        P::Executorch => Some(ModelFormat::ExecuTorch),
-        P::Mlc => Some(ModelFormat::Mlc),
-        P::Picollm => Some(ModelFormat::PicoLlm),
-        P::Mlx => Some(ModelFormat::Mlx),
-    })
+    Ok(ModelFormat::try_from(known::<pb::ModelFormat>(field, v)?).ok())
 }
 
 pub fn format_to_pb(f: ModelFormat) -> pb::ModelFormat {
-    use pb::ModelFormat as P;
-    match f {
-        ModelFormat::Gguf => P::Gguf,
-        ModelFormat::Onnx => P::Onnx,
-        ModelFormat::Safetensors => P::Safetensors,
-        ModelFormat::CoreMl => P::Coreml,
-        ModelFormat::Tflite => P::Tflite,
-        ModelFormat::ExecuTorch => P::Executorch,
-        ModelFormat::Mlc => P::Mlc,
-        ModelFormat::PicoLlm => P::Picollm,
-        ModelFormat::Mlx => P::Mlx,
-    }
+    f.into()
 }
 
 pub fn runtime_from_pb(field: &str, v: i32) -> Result<Option<Runtime>> {
-    use pb::Runtime as P;
-    Ok(match known::<P>(field, v)? {
-        P::Unspecified => None,
-        P::LlamaCpp => Some(Runtime::LlamaCpp),
-        P::OnnxRuntime => Some(Runtime::OnnxRuntime),
-        P::Candle => Some(Runtime::Candle),
-        P::CoreMl => Some(Runtime::CoreMl),
-        P::Tflite => Some(Runtime::Tflite),
-        P::Executorch => Some(Runtime::ExecuTorch),
-        P::MlcLlm => Some(Runtime::MlcLlm),
-        P::Picollm => Some(Runtime::PicoLlm),
-        P::Mlx => Some(Runtime::Mlx),
-    })
+    Ok(Runtime::try_from(known::<pb::Runtime>(field, v)?).ok())
 }
 
 pub fn runtime_to_pb(r: Runtime) -> pb::Runtime {
-    use pb::Runtime as P;
-    match r {
-        Runtime::LlamaCpp => P::LlamaCpp,
-        Runtime::OnnxRuntime => P::OnnxRuntime,
-        Runtime::Candle => P::Candle,
-        Runtime::CoreMl => P::CoreMl,
-        Runtime::Tflite => P::Tflite,
-        Runtime::ExecuTorch => P::Executorch,
-        Runtime::MlcLlm => P::MlcLlm,
-        Runtime::PicoLlm => P::Picollm,
-        Runtime::Mlx => P::Mlx,
-    }
+    r.into()
 }
 
 pub fn accelerator_from_pb(field: &str, v: i32) -> Result<Option<Accelerator>> {
-    use pb::Accelerator as P;
-    Ok(match known::<P>(field, v)? {
-        P::Unspecified => None,
-        P::Cpu => Some(Accelerator::Cpu),
-        P::Cuda => Some(Accelerator::Cuda),
-        P::Metal => Some(Accelerator::Metal),
-        P::Ane => Some(Accelerator::Ane),
-        P::Vulkan => Some(Accelerator::Vulkan),
-        P::Nnapi => Some(Accelerator::Nnapi),
-    })
+    Ok(Accelerator::try_from(known::<pb::Accelerator>(field, v)?).ok())
 }
 
 pub fn accelerator_to_pb(a: Accelerator) -> pb::Accelerator {
-    use pb::Accelerator as P;
-    match a {
-        Accelerator::Cpu => P::Cpu,
-        Accelerator::Cuda => P::Cuda,
-        Accelerator::Metal => P::Metal,
-        Accelerator::Ane => P::Ane,
-        Accelerator::Vulkan => P::Vulkan,
-        Accelerator::Nnapi => P::Nnapi,
-    }
+    a.into()
 }
 
 fn archive_from_pb(field: &str, v: i32) -> Result<Option<ArchiveFormat>> {
-    use pb::ArchiveFormat as P;
-    Ok(match known::<P>(field, v)? {
-        P::Unspecified => None,
-        P::Zip => Some(ArchiveFormat::Zip),
-        P::TarGz => Some(ArchiveFormat::TarGz),
-    })
+    Ok(ArchiveFormat::try_from(known::<pb::ArchiveFormat>(field, v)?).ok())
 }
 
 fn archive_to_pb(a: Option<ArchiveFormat>) -> pb::ArchiveFormat {
-    match a {
-        None => pb::ArchiveFormat::Unspecified,
-        Some(ArchiveFormat::Zip) => pb::ArchiveFormat::Zip,
-        Some(ArchiveFormat::TarGz) => pb::ArchiveFormat::TarGz,
-    }
+    a.map_or(pb::ArchiveFormat::Unspecified, Into::into)
 }
 
 fn tokenizer_kind_from_pb(field: &str, v: i32) -> Result<TokenizerKind> {

@@ -1,0 +1,52 @@
+//! The `modelctl` command line.
+
+mod models;
+mod node;
+mod output;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use modelctl::Client;
+
+/// modelctl: operate modeld agents.
+#[derive(Debug, Parser)]
+#[command(name = "modelctl", version, about, long_about = None)]
+pub struct Cli {
+    /// Agent address.
+    #[arg(long, env = "MODELD_ADDR", default_value = modelctl::DEFAULT_ADDR, global = true)]
+    addr: String,
+
+    /// Output format: human-readable tables, or JSON (the proto3 JSON mapping, as
+    /// grpcurl prints it) for scripts.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// This node: hardware, runtimes and resources.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
+    /// The model registry.
+    #[command(subcommand)]
+    Models(models::ModelsCommand),
+    /// Scan model directories on the agent's host and register what is found.
+    Scan(models::ScanArgs),
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::connect(&cli.addr).await?;
+    match cli.command {
+        Command::Node(cmd) => node::run(&client, cmd, cli.output).await,
+        Command::Models(cmd) => models::run(&client, cmd, cli.output).await,
+        Command::Scan(args) => models::scan(&client, args, cli.output).await,
+    }
+}

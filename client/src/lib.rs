@@ -1,0 +1,247 @@
+//! A typed client for modeld agents.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), modelctl::ClientError> {
+//! let client = modelctl::Client::connect("http://127.0.0.1:7700").await?;
+//! let caps = client.capabilities().await?;
+//! println!("{} has {} cores", caps.hostname, caps.cpu.map(|c| c.logical_cores).unwrap_or(0));
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use modeld_proto::v1 as pb;
+use modeld_proto::v1::generate_client::GenerateClient;
+use modeld_proto::v1::lifecycle_client::LifecycleClient;
+use modeld_proto::v1::model_registry_client::ModelRegistryClient;
+use modeld_proto::v1::node_client::NodeClient;
+use modeld_proto::v1::storage_client::StorageClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic_types::StatusExt;
+
+pub use modeld_proto::v1;
+
+/// Default agent address, matching `modeld --listen`'s default.
+pub const DEFAULT_ADDR: &str = "http://127.0.0.1:7700";
+/// Largest message the client accepts (the agent's own limit).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{addr:?} is not a valid agent address: {reason}")]
+    InvalidAddress { addr: String, reason: String },
+    #[error("cannot connect to modeld at {addr}: {reason} (is the agent running? set --addr or MODELD_ADDR)")]
+    Connect { addr: String, reason: String },
+    // Not `#[from]`: that would make the status the error's source too, and callers
+    // printing the chain would show the message twice.
+    #[error("{}", describe_status(.0))]
+    Rpc(tonic::Status),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Rpc(s)
+    }
+}
+
+impl ClientError {
+    /// The gRPC status, when the agent answered with one.
+    pub fn status(&self) -> Option<&tonic::Status> {
+        match self {
+            ClientError::Rpc(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The `ErrorInfo.reason` the agent attached, e.g. `MODEL_NOT_FOUND`.
+    pub fn reason(&self) -> Option<String> {
+        self.status()
+            .and_then(|s| s.get_error_details().error_info().map(|i| i.reason.clone()))
+    }
+}
+
+/// "message (CODE, REASON)": what a person needs to act on a failed call.
+pub fn describe_status(s: &tonic::Status) -> String {
+    let reason = s
+        .get_error_details()
+        .error_info()
+        .map(|i| format!(", {}", i.reason))
+        .unwrap_or_default();
+    format!("{} ({:?}{reason})", s.message(), s.code())
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// One agent. Cloning is cheap and shares the connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    addr: String,
+    channel: Channel,
+}
+
+impl Client {
+    /// Connects to an agent at `addr` (`http://host:port`; a bare `host:port` is taken
+    /// as http).
+    pub async fn connect(addr: &str) -> Result<Client> {
+        let addr = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let endpoint = Endpoint::from_shared(addr.clone())
+            .map_err(|e| ClientError::InvalidAddress {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let channel = endpoint.connect().await.map_err(|e| ClientError::Connect {
+            addr: addr.clone(),
+            reason: error_chain(&e),
+        })?;
+        Ok(Client { addr, channel })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn registry(&self) -> ModelRegistryClient<Channel> {
+        ModelRegistryClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    pub fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    pub fn storage(&self) -> StorageClient<Channel> {
+        StorageClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    pub fn lifecycle(&self) -> LifecycleClient<Channel> {
+        LifecycleClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    pub fn generate(&self) -> GenerateClient<Channel> {
+        GenerateClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// True when the agent's health service reports SERVING.
+    pub async fn is_serving(&self) -> Result<bool> {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
+        let resp = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?
+            .into_inner();
+        Ok(resp.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+    }
+
+    pub async fn capabilities(&self) -> Result<pb::GetCapabilitiesResponse> {
+        Ok(self
+            .node()
+            .get_capabilities(pb::GetCapabilitiesRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Every model matching `filter`, following page tokens to the end.
+    pub async fn list_all_models(&self, mut filter: pb::ListModelsRequest) -> Result<Vec<pb::Model>> {
+        let mut out = Vec::new();
+        let mut registry = self.registry();
+        loop {
+            let page = registry.list_models(filter.clone()).await?.into_inner();
+            out.extend(page.models);
+            if page.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            filter.page_token = page.next_page_token;
+        }
+    }
+
+    pub async fn get_model(&self, id: &str) -> Result<pb::Model> {
+        let resp = self
+            .registry()
+            .get_model(pb::GetModelRequest { id: id.to_owned() })
+            .await?
+            .into_inner();
+        resp.model
+            .ok_or_else(|| tonic::Status::internal("agent answered GetModel without a model").into())
+    }
+
+    pub async fn register_model(&self, spec: pb::ModelSpec) -> Result<pb::RegisterModelResponse> {
+        Ok(self
+            .registry()
+            .register_model(pb::RegisterModelRequest { spec: Some(spec) })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn update_model(&self, spec: pb::ModelSpec, paths: Vec<String>) -> Result<pb::Model> {
+        let resp = self
+            .registry()
+            .update_model(pb::UpdateModelRequest {
+                spec: Some(spec),
+                update_mask: Some(modeld_proto::pbjson_types::FieldMask { paths }),
+            })
+            .await?
+            .into_inner();
+        resp.model
+            .ok_or_else(|| tonic::Status::internal("agent answered UpdateModel without a model").into())
+    }
+
+    pub async fn delete_model(&self, id: &str) -> Result<()> {
+        self.registry()
+            .delete_model(pb::DeleteModelRequest { id: id.to_owned() })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn import_catalog(
+        &self,
+        source: pb::import_catalog_request::Source,
+        format: pb::CatalogFormat,
+    ) -> Result<pb::ImportCatalogResponse> {
+        Ok(self
+            .registry()
+            .import_catalog(pb::ImportCatalogRequest {
+                source: Some(source),
+                format: format as i32,
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn scan(&self, directories: Vec<String>) -> Result<pb::ScanModelsResponse> {
+        Ok(self
+            .registry()
+            .scan_models(pb::ScanModelsRequest { directories })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn check_compatibility(
+        &self,
+        request: pb::CheckCompatibilityRequest,
+    ) -> Result<pb::CheckCompatibilityResponse> {
+        Ok(self
+            .registry()
+            .check_compatibility(request)
+            .await?
+            .into_inner())
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(cause) = cur {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        cur = cause.source();
+    }
+    out
+}
