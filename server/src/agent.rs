@@ -58,17 +58,6 @@ impl Agent {
     }
 }
 
-fn http_client() -> Result<reqwest::Client> {
-    // reqwest is built without a bundled crypto provider; ring is ours. A second
-    // install (tests start several agents in one process) is harmless.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .user_agent(concat!("modeld/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .build()
-        .map_err(|e| Error::Config(format!("HTTP client: {e}")))
-}
-
 /// Serves the agent on `listener` until `shutdown` resolves, then drains in-flight
 /// requests for up to the configured grace time and flushes the store.
 pub async fn serve(
@@ -91,7 +80,7 @@ pub async fn serve(
     );
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let registry = Registry::new(store.clone(), config.models_dirs.clone(), http_client()?);
+    let registry = Registry::new(store.clone(), config.models_dirs.clone(), crate::http_client::build()?);
     let grace = config.shutdown_grace;
     let agent = Arc::new(Agent {
         config,

@@ -8,6 +8,7 @@ pub mod engines;
 pub mod error;
 pub mod formats;
 pub mod hardware;
+pub mod http_client;
 pub mod lifecycle;
 pub mod registry;
 pub mod store;

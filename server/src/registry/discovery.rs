@@ -304,6 +304,8 @@ fn base_spec(id_source: &str, format: ModelFormat, metadata: Metadata) -> ModelS
             path: String::new(),
         },
         tags: vec!["discovered".to_owned()],
+        inputs: metadata.inputs.into_iter().take(limits::IO_NAMES_MAX).collect(),
+        outputs: metadata.outputs.into_iter().take(limits::IO_NAMES_MAX).collect(),
         ..ModelSpec::default()
     }
 }

@@ -128,6 +128,8 @@ pub const UPDATABLE_FIELDS: &[&str] = &[
     "preferred_runtime",
     "chat_template",
     "description",
+    "inputs",
+    "outputs",
 ];
 
 pub struct Registry {
@@ -495,6 +497,8 @@ fn apply_path(target: &mut ModelSpec, patch: &ModelSpec, path: &str) -> Result<(
         "preferred_runtime" => target.preferred_runtime = patch.preferred_runtime,
         "chat_template" => target.chat_template = patch.chat_template.clone(),
         "description" => target.description = patch.description.clone(),
+        "inputs" => target.inputs = patch.inputs.clone(),
+        "outputs" => target.outputs = patch.outputs.clone(),
         other => {
             return Err(Error::invalid(
                 "update_mask",
@@ -506,4 +510,84 @@ fn apply_path(target: &mut ModelSpec, patch: &ModelSpec, path: &str) -> Result<(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use modeld_engine_core::ModelFormat;
+
+    use super::*;
+    use crate::store::LifecycleRecord;
+
+    fn registry() -> (tempfile::TempDir, Registry) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        (dir, Registry::new(store, Vec::new(), crate::http_client::build().unwrap()))
+    }
+
+    fn spec(id: &str) -> ModelSpec {
+        ModelSpec {
+            id: id.into(),
+            format: Some(ModelFormat::Gguf),
+            files: vec![ModelFile {
+                name: "m.gguf".into(),
+                urls: vec!["http://mirror.example/m.gguf".into()],
+                sha256: "a".repeat(64),
+                size_bytes: 1,
+                member: None,
+                archive: None,
+            }],
+            ..Default::default()
+        }
+        .validate("spec")
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn delete_refuses_a_model_whose_files_are_in_use() {
+        let (_dir, reg) = registry();
+        reg.register(spec("busy"), Origin::Registered, "test").await.unwrap();
+        for (state, refused) in [("downloading", true), ("loading", true), ("ready", true), ("failed", false)] {
+            reg.store()
+                .put_lifecycle("busy", &LifecycleRecord { state: state.into(), revision: 1, update_time_unix_ms: 0 })
+                .unwrap();
+            if refused {
+                let err = reg.delete("busy").await.unwrap_err();
+                assert!(matches!(err, Error::ModelInUse { .. }), "{state}: {err}");
+                assert!(err.to_string().contains(state), "{err}");
+                assert!(reg.get("busy").is_ok(), "refused delete must keep the model");
+            }
+        }
+        reg.delete("busy").await.unwrap();
+        assert!(matches!(reg.get("busy"), Err(Error::ModelNotFound { .. })));
+    }
+
+    #[tokio::test]
+    async fn file_changes_are_refused_while_in_use_but_labels_are_not() {
+        let (_dir, reg) = registry();
+        reg.register(spec("m"), Origin::Registered, "test").await.unwrap();
+        reg.store()
+            .put_lifecycle("m", &LifecycleRecord { state: "ready".into(), revision: 1, update_time_unix_ms: 0 })
+            .unwrap();
+        let mut patch = spec("m");
+        patch.display_name = "renamed".into();
+        patch.files[0].sha256 = "b".repeat(64);
+        let renamed = reg.update("m", patch.clone(), &["display_name".into()]).await.unwrap();
+        assert_eq!(renamed.spec.display_name, "renamed");
+        assert_eq!(renamed.generation, 2);
+        let err = reg.update("m", patch, &["files".into()]).await.unwrap_err();
+        assert!(matches!(err, Error::ModelInUse { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn deleted_builtin_stays_deleted() {
+        let (_dir, reg) = registry();
+        let first = reg.load_builtin().await.unwrap();
+        assert_eq!(first.created, ["smollm2-135m-instruct"]);
+        let again = reg.load_builtin().await.unwrap();
+        assert!(again.created.is_empty() && again.updated.is_empty());
+        reg.delete("smollm2-135m-instruct").await.unwrap();
+        let after = reg.load_builtin().await.unwrap();
+        assert!(after.created.is_empty(), "deleted built-in came back");
+    }
 }

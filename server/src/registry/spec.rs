@@ -21,6 +21,7 @@ pub mod limits {
     pub const TAGS_MAX: usize = 64;
     pub const TAG_MAX: usize = 64;
     pub const PATH_MAX: usize = 1024;
+    pub const IO_NAMES_MAX: usize = 1024;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -116,6 +117,12 @@ pub struct ModelSpec {
     pub chat_template: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
+    /// Graph input names (ONNX, Core ML).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<String>,
+    /// Graph output names (ONNX, Core ML).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
 }
 
 /// True for ids of 1-128 chars of `[a-z0-9._-]` starting with a letter or digit.
@@ -295,6 +302,17 @@ impl ModelSpec {
             }
         }
 
+        for (name, list) in [("inputs", &self.inputs), ("outputs", &self.outputs)] {
+            if list.len() > limits::IO_NAMES_MAX {
+                return Err(Error::invalid(
+                    f(name),
+                    format!("has {} names; the limit is {}", list.len(), limits::IO_NAMES_MAX),
+                ));
+            }
+            for (i, n) in list.iter().enumerate() {
+                check_len(&format!("{prefix}.{name}[{i}]"), n, limits::TEXT_MAX)?;
+            }
+        }
         if self.tags.len() > limits::TAGS_MAX {
             return Err(Error::invalid(
                 f("tags"),
@@ -388,6 +406,8 @@ impl From<&ModelSpec> for SpecRecord {
                 .unwrap_or_default(),
             chat_template: s.chat_template.clone(),
             description: s.description.clone(),
+            inputs: s.inputs.clone(),
+            outputs: s.outputs.clone(),
         }
     }
 }
@@ -445,6 +465,8 @@ impl TryFrom<SpecRecord> for ModelSpec {
             architecture: r.architecture,
             chat_template: r.chat_template,
             description: r.description,
+            inputs: r.inputs,
+            outputs: r.outputs,
         })
     }
 }

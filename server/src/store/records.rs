@@ -59,6 +59,10 @@ pub struct SpecRecord {
     pub chat_template: String,
     #[prost(string, tag = "17")]
     pub description: String,
+    #[prost(string, repeated, tag = "18")]
+    pub inputs: Vec<String>,
+    #[prost(string, repeated, tag = "19")]
+    pub outputs: Vec<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
