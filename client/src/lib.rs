@@ -30,7 +30,9 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 pub enum ClientError {
     #[error("{addr:?} is not a valid agent address: {reason}")]
     InvalidAddress { addr: String, reason: String },
-    #[error("cannot connect to modeld at {addr}: {reason} (is the agent running? set --addr or MODELD_ADDR)")]
+    #[error(
+        "cannot connect to modeld at {addr}: {reason} (is the agent running? set --addr or MODELD_ADDR)"
+    )]
     Connect { addr: String, reason: String },
     // Not `#[from]`: that would make the status the error's source too, and callers
     // printing the chain would show the message twice.
@@ -149,7 +151,10 @@ impl Client {
     }
 
     /// Every model matching `filter`, following page tokens to the end.
-    pub async fn list_all_models(&self, mut filter: pb::ListModelsRequest) -> Result<Vec<pb::Model>> {
+    pub async fn list_all_models(
+        &self,
+        mut filter: pb::ListModelsRequest,
+    ) -> Result<Vec<pb::Model>> {
         let mut out = Vec::new();
         let mut registry = self.registry();
         loop {
@@ -168,8 +173,9 @@ impl Client {
             .get_model(pb::GetModelRequest { id: id.to_owned() })
             .await?
             .into_inner();
-        resp.model
-            .ok_or_else(|| tonic::Status::internal("agent answered GetModel without a model").into())
+        resp.model.ok_or_else(|| {
+            tonic::Status::internal("agent answered GetModel without a model").into()
+        })
     }
 
     pub async fn register_model(&self, spec: pb::ModelSpec) -> Result<pb::RegisterModelResponse> {
@@ -189,8 +195,9 @@ impl Client {
             })
             .await?
             .into_inner();
-        resp.model
-            .ok_or_else(|| tonic::Status::internal("agent answered UpdateModel without a model").into())
+        resp.model.ok_or_else(|| {
+            tonic::Status::internal("agent answered UpdateModel without a model").into()
+        })
     }
 
     pub async fn delete_model(&self, id: &str) -> Result<()> {

@@ -8,7 +8,13 @@ pub use pbjson_types;
 
 mod domain;
 
-#[allow(clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_docs
+)]
 pub mod v1 {
     tonic::include_proto!("modeld.v1");
     include!(concat!(env!("OUT_DIR"), "/modeld.v1.serde.rs"));

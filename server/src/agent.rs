@@ -80,7 +80,11 @@ pub async fn serve(
     );
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let registry = Registry::new(store.clone(), config.models_dirs.clone(), crate::http_client::build()?);
+    let registry = Registry::new(
+        store.clone(),
+        config.models_dirs.clone(),
+        crate::http_client::build()?,
+    );
     let grace = config.shutdown_grace;
     let agent = Arc::new(Agent {
         config,
@@ -102,17 +106,27 @@ pub async fn serve(
         let health = health.clone();
         tokio::spawn(async move {
             match agent.registry.load_builtin().await {
-                Ok(o) => info!(created = o.created.len(), updated = o.updated.len(), "built-in catalog registered"),
+                Ok(o) => info!(
+                    created = o.created.len(),
+                    updated = o.updated.len(),
+                    "built-in catalog registered"
+                ),
                 Err(e) => warn!(error = %e, "built-in catalog could not be registered"),
             }
             if agent.config.scan_on_start && !agent.config.models_dirs.is_empty() {
                 match agent.registry.scan(Vec::new()).await {
-                    Ok(o) => info!(models = o.models.len(), skipped = o.skipped.len(), "models directories scanned"),
+                    Ok(o) => info!(
+                        models = o.models.len(),
+                        skipped = o.skipped.len(),
+                        "models directories scanned"
+                    ),
                     Err(e) => warn!(error = %e, "models directories could not be scanned"),
                 }
             }
             for name in api::SERVICE_NAMES.iter().chain(std::iter::once(&"")) {
-                health.set_service_status(*name, ServingStatus::Serving).await;
+                health
+                    .set_service_status(*name, ServingStatus::Serving)
+                    .await;
             }
             info!("serving");
         })

@@ -86,7 +86,11 @@ impl MemoryBudget {
         match self {
             MemoryBudget::Bytes(b) => b,
             // Physical memory fits in f64's 53-bit mantissa for any real machine.
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                clippy::cast_precision_loss
+            )]
             MemoryBudget::Fraction(f) => (physical as f64 * f) as u64,
         }
     }
@@ -194,7 +198,11 @@ impl Config {
                 .parse()
                 .map_err(|e| Error::Config(format!("default listen address: {e}")))?,
         };
-        let data_dir = absolute(args.data_dir.or(file.data_dir).unwrap_or_else(default_data_dir))?;
+        let data_dir = absolute(
+            args.data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(default_data_dir),
+        )?;
         let models_dirs = if args.models_dirs.is_empty() {
             file.models_dirs.unwrap_or_default()
         } else {
@@ -232,8 +240,7 @@ impl Config {
 fn read_file(path: &Path) -> Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Config(format!("cannot read config file {}: {e}", path.display())))?;
-    toml::from_str(&text)
-        .map_err(|e| Error::Config(format!("config file {}: {e}", path.display())))
+    toml::from_str(&text).map_err(|e| Error::Config(format!("config file {}: {e}", path.display())))
 }
 
 fn absolute(p: PathBuf) -> Result<PathBuf> {

@@ -76,8 +76,18 @@ impl Assets {
             python: lookup("MODELD_PYTHON").into(),
             fixtures: lookup("MODELD_FIXTURES").into(),
         };
-        for p in [&assets.gguf, &assets.wheel, &assets.grpcurl, &assets.python, &assets.fixtures] {
-            assert!(p.exists(), "{} is missing: run scripts/fetch-test-assets", p.display());
+        for p in [
+            &assets.gguf,
+            &assets.wheel,
+            &assets.grpcurl,
+            &assets.python,
+            &assets.fixtures,
+        ] {
+            assert!(
+                p.exists(),
+                "{} is missing: run scripts/fetch-test-assets",
+                p.display()
+            );
         }
         assets
     }
@@ -131,7 +141,11 @@ impl Agent {
         Agent::spawn(options, data_dir, tmp).await
     }
 
-    async fn spawn(options: AgentOptions, data_dir: PathBuf, tmp: Option<Arc<tempfile::TempDir>>) -> Agent {
+    async fn spawn(
+        options: AgentOptions,
+        data_dir: PathBuf,
+        tmp: Option<Arc<tempfile::TempDir>>,
+    ) -> Agent {
         let mut cmd = Command::new(binary("modeld"));
         cmd.arg("--listen")
             .arg("127.0.0.1:0")
@@ -157,7 +171,9 @@ impl Agent {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("modeld listening")
-                    && let Some(addr) = line.split_whitespace().find_map(|w| w.strip_prefix("addr="))
+                    && let Some(addr) = line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("addr="))
                 {
                     let _ = tx.send(addr.to_owned());
                 }
@@ -168,7 +184,10 @@ impl Agent {
             Ok(a) => a.parse().expect("listening address"),
             Err(_) => {
                 let _ = child.kill();
-                panic!("modeld did not start; log:\n{}", log.lock().unwrap().join("\n"));
+                panic!(
+                    "modeld did not start; log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
             }
         };
         let agent = Agent {
@@ -192,7 +211,11 @@ impl Agent {
             {
                 return;
             }
-            assert!(Instant::now() < deadline, "agent never reported SERVING; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "agent never reported SERVING; log:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -202,7 +225,9 @@ impl Agent {
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(&self.url()).await.expect("connect to agent")
+        Client::connect(&self.url())
+            .await
+            .expect("connect to agent")
     }
 
     pub fn pid(&self) -> u32 {

@@ -55,7 +55,15 @@ fn by_id<'a>(models: &'a [pb::Model], id: &str) -> &'a pb::Model {
     models
         .iter()
         .find(|m| m.spec.as_ref().unwrap().id == id)
-        .unwrap_or_else(|| panic!("{id} not found among {:?}", models.iter().map(|m| &m.spec.as_ref().unwrap().id).collect::<Vec<_>>()))
+        .unwrap_or_else(|| {
+            panic!(
+                "{id} not found among {:?}",
+                models
+                    .iter()
+                    .map(|m| &m.spec.as_ref().unwrap().id)
+                    .collect::<Vec<_>>()
+            )
+        })
 }
 
 #[tokio::test]
@@ -64,7 +72,10 @@ async fn scan_registers_every_format_by_content_with_metadata() {
     let dir = models_dir(&assets);
     let agent = Agent::start().await;
     let client = agent.client().await;
-    let scan = client.scan(vec![dir.path().display().to_string()]).await.unwrap();
+    let scan = client
+        .scan(vec![dir.path().display().to_string()])
+        .await
+        .unwrap();
     let models = &scan.models;
 
     // The real GGUF: metadata read from its header, digest computed.
@@ -75,9 +86,19 @@ async fn scan_registers_every_format_by_content_with_metadata() {
     assert_eq!(spec.architecture, "llama");
     assert_eq!(spec.quantization, "Q4_1");
     assert_eq!(spec.context_length, 8192);
-    assert!((130_000_000..140_000_000).contains(&spec.parameter_count), "{}", spec.parameter_count);
-    assert!(spec.chat_template.contains("<|im_start|>"), "ChatML template expected");
-    assert_eq!(spec.tokenizer.as_ref().unwrap().kind(), pb::TokenizerKind::Embedded);
+    assert!(
+        (130_000_000..140_000_000).contains(&spec.parameter_count),
+        "{}",
+        spec.parameter_count
+    );
+    assert!(
+        spec.chat_template.contains("<|im_start|>"),
+        "ChatML template expected"
+    );
+    assert_eq!(
+        spec.tokenizer.as_ref().unwrap().kind(),
+        pb::TokenizerKind::Embedded
+    );
     assert_eq!(spec.files[0].sha256, SMOLLM2_SHA256);
     assert_eq!(spec.files[0].size_bytes, SMOLLM2_SIZE);
     assert!(spec.files[0].urls[0].starts_with("file:///"));
@@ -92,25 +113,57 @@ async fn scan_registers_every_format_by_content_with_metadata() {
     assert_eq!(mspec.files[0].sha256, SMOLLM2_SHA256);
     assert_eq!(mspec.files[0].size_bytes, SMOLLM2_SIZE);
     assert_eq!(mspec.quantization, "Q4_1");
-    assert_ne!(mspec.id, spec.id, "two finds of the same name get distinct ids");
+    assert_ne!(
+        mspec.id, spec.id,
+        "two finds of the same name get distinct ids"
+    );
 
     let onnx = by_id(models, "weights");
     let ospec = onnx.spec.as_ref().unwrap();
     assert_eq!(ospec.format(), pb::ModelFormat::Onnx);
-    assert!(ospec.inputs.contains(&"input_ids".to_owned()), "{:?}", ospec.inputs);
-    assert!(ospec.outputs.contains(&"logits".to_owned()), "{:?}", ospec.outputs);
-    assert_eq!(by_id(models, "detector").spec.as_ref().unwrap().format(), pb::ModelFormat::Tflite);
-    assert_eq!(by_id(models, "program").spec.as_ref().unwrap().format(), pb::ModelFormat::Executorch);
-    assert_eq!(by_id(models, "classifier").spec.as_ref().unwrap().format(), pb::ModelFormat::Coreml);
-    assert_eq!(by_id(models, "pico").spec.as_ref().unwrap().format(), pb::ModelFormat::Picollm);
-    assert_eq!(by_id(models, "adapter").spec.as_ref().unwrap().format(), pb::ModelFormat::Safetensors);
+    assert!(
+        ospec.inputs.contains(&"input_ids".to_owned()),
+        "{:?}",
+        ospec.inputs
+    );
+    assert!(
+        ospec.outputs.contains(&"logits".to_owned()),
+        "{:?}",
+        ospec.outputs
+    );
+    assert_eq!(
+        by_id(models, "detector").spec.as_ref().unwrap().format(),
+        pb::ModelFormat::Tflite
+    );
+    assert_eq!(
+        by_id(models, "program").spec.as_ref().unwrap().format(),
+        pb::ModelFormat::Executorch
+    );
+    assert_eq!(
+        by_id(models, "classifier").spec.as_ref().unwrap().format(),
+        pb::ModelFormat::Coreml
+    );
+    assert_eq!(
+        by_id(models, "pico").spec.as_ref().unwrap().format(),
+        pb::ModelFormat::Picollm
+    );
+    assert_eq!(
+        by_id(models, "adapter").spec.as_ref().unwrap().format(),
+        pb::ModelFormat::Safetensors
+    );
 
     let hf = by_id(models, "tiny-llama-hf").spec.as_ref().unwrap();
     assert_eq!(hf.format(), pb::ModelFormat::Safetensors);
     assert_eq!(hf.context_length, 256);
     let names: BTreeSet<_> = hf.files.iter().map(|f| f.name.as_str()).collect();
-    assert!(names.contains("config.json") && names.contains("model.safetensors"), "{names:?}");
-    assert_eq!(hf.tokenizer.as_ref().unwrap().kind(), pb::TokenizerKind::File);
+    assert!(
+        names.contains("config.json") && names.contains("model.safetensors"),
+        "{names:?}"
+    );
+    assert_eq!(
+        hf.tokenizer.as_ref().unwrap().kind(),
+        pb::TokenizerKind::File
+    );
 
     let mlc = by_id(models, "tiny-llama-mlc").spec.as_ref().unwrap();
     assert_eq!(mlc.format(), pb::ModelFormat::Mlc);
@@ -126,7 +179,11 @@ async fn scan_registers_every_format_by_content_with_metadata() {
     }));
 
     // Junk and broken files are reported, not registered.
-    let skipped: Vec<(String, String)> = scan.skipped.iter().map(|s| (s.path.clone(), s.reason.clone())).collect();
+    let skipped: Vec<(String, String)> = scan
+        .skipped
+        .iter()
+        .map(|s| (s.path.clone(), s.reason.clone()))
+        .collect();
     let reason_for = |name: &str| {
         skipped
             .iter()
@@ -137,13 +194,31 @@ async fn scan_registers_every_format_by_content_with_metadata() {
     assert!(reason_for("truncated.gguf").contains("malformed gguf"));
     assert!(reason_for("fake.gguf").contains("not a recognized model format"));
     assert!(reason_for("random.bin").contains("not a recognized model format"));
-    let formats: BTreeSet<i32> = models.iter().map(|m| m.spec.as_ref().unwrap().format).collect();
-    assert_eq!(formats.len(), 8, "gguf, onnx, safetensors, coreml, tflite, executorch, mlc, picollm");
+    let formats: BTreeSet<i32> = models
+        .iter()
+        .map(|m| m.spec.as_ref().unwrap().format)
+        .collect();
+    assert_eq!(
+        formats.len(),
+        8,
+        "gguf, onnx, safetensors, coreml, tflite, executorch, mlc, picollm"
+    );
 
     // A rescan finds the same models under the same ids and changes nothing.
-    let rescan = client.scan(vec![dir.path().display().to_string()]).await.unwrap();
-    let first: Vec<_> = scan.models.iter().map(|m| (m.spec.clone(), m.generation)).collect();
-    let second: Vec<_> = rescan.models.iter().map(|m| (m.spec.clone(), m.generation)).collect();
+    let rescan = client
+        .scan(vec![dir.path().display().to_string()])
+        .await
+        .unwrap();
+    let first: Vec<_> = scan
+        .models
+        .iter()
+        .map(|m| (m.spec.clone(), m.generation))
+        .collect();
+    let second: Vec<_> = rescan
+        .models
+        .iter()
+        .map(|m| (m.spec.clone(), m.generation))
+        .collect();
     assert_eq!(first, second);
 }
 
@@ -173,16 +248,28 @@ async fn configured_models_dirs_are_scanned_before_serving() {
 async fn scan_of_bad_directories_is_refused() {
     let agent = Agent::start().await;
     let client = agent.client().await;
-    let missing = client.scan(vec!["/nonexistent/models".into()]).await.unwrap_err();
+    let missing = client
+        .scan(vec!["/nonexistent/models".into()])
+        .await
+        .unwrap_err();
     assert_eq!(missing.status().unwrap().code(), Code::NotFound);
-    assert!(missing.status().unwrap().message().contains("/nonexistent/models"));
+    assert!(
+        missing
+            .status()
+            .unwrap()
+            .message()
+            .contains("/nonexistent/models")
+    );
     let relative = client.scan(vec!["models".into()]).await.unwrap_err();
     assert_eq!(relative.status().unwrap().code(), Code::InvalidArgument);
     let none = client.scan(Vec::new()).await.unwrap_err();
     assert_eq!(none.status().unwrap().code(), Code::InvalidArgument);
     assert!(none.status().unwrap().message().contains("--models-dir"));
     let file = tempfile::NamedTempFile::new().unwrap();
-    let not_dir = client.scan(vec![file.path().display().to_string()]).await.unwrap_err();
+    let not_dir = client
+        .scan(vec![file.path().display().to_string()])
+        .await
+        .unwrap_err();
     assert_eq!(not_dir.status().unwrap().code(), Code::FailedPrecondition);
     assert!(client.is_serving().await.unwrap());
 }

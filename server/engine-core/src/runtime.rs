@@ -184,7 +184,10 @@ mod tests {
     #[test]
     fn every_format_has_at_least_one_runtime() {
         for f in ModelFormat::ALL {
-            assert!(Runtime::for_format(f).next().is_some(), "{f} has no runtime");
+            assert!(
+                Runtime::for_format(f).next().is_some(),
+                "{f} has no runtime"
+            );
         }
     }
 

@@ -10,9 +10,7 @@ use modeld_proto::v1 as pb;
 use crate::error::{Error, Result};
 use crate::hardware::DeviceClass;
 use crate::lifecycle::ModelState;
-use crate::registry::{
-    ModelEntry, ModelFile, ModelSpec, Origin, TokenizerKind, TokenizerSource,
-};
+use crate::registry::{ModelEntry, ModelFile, ModelSpec, Origin, TokenizerKind, TokenizerSource};
 
 pub fn timestamp(t: SystemTime) -> Timestamp {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -237,13 +235,22 @@ mod tests {
     #[test]
     fn every_domain_enum_survives_the_wire() {
         for f in ModelFormat::ALL {
-            assert_eq!(format_from_pb("f", format_to_pb(f) as i32).unwrap(), Some(f));
+            assert_eq!(
+                format_from_pb("f", format_to_pb(f) as i32).unwrap(),
+                Some(f)
+            );
         }
         for r in Runtime::ALL {
-            assert_eq!(runtime_from_pb("r", runtime_to_pb(r) as i32).unwrap(), Some(r));
+            assert_eq!(
+                runtime_from_pb("r", runtime_to_pb(r) as i32).unwrap(),
+                Some(r)
+            );
         }
         for a in Accelerator::ALL {
-            assert_eq!(accelerator_from_pb("a", accelerator_to_pb(a) as i32).unwrap(), Some(a));
+            assert_eq!(
+                accelerator_from_pb("a", accelerator_to_pb(a) as i32).unwrap(),
+                Some(a)
+            );
         }
     }
 

@@ -28,7 +28,8 @@ pub const SERVICE_NAMES: [&str; 5] = [
 /// Every modeld service plus server reflection (v1 and v1alpha: grpcurl 1.8 only
 /// speaks v1alpha), with explicit message size limits.
 pub fn routes(agent: Arc<Agent>) -> Result<Routes> {
-    let reflection_err = |e: tonic_reflection::server::Error| Error::Config(format!("reflection: {e}"));
+    let reflection_err =
+        |e: tonic_reflection::server::Error| Error::Config(format!("reflection: {e}"));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(modeld_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -45,9 +46,11 @@ pub fn routes(agent: Arc<Agent>) -> Result<Routes> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            pb::model_registry_server::ModelRegistryServer::new(registry::RegistryApi::new(agent.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            pb::model_registry_server::ModelRegistryServer::new(registry::RegistryApi::new(
+                agent.clone(),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
             pb::node_server::NodeServer::new(node::NodeApi::new(agent.clone()))

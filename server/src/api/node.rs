@@ -52,7 +52,8 @@ fn snapshot_to_pb(s: ResourceSnapshot) -> pb::WatchResourcesResponse {
     }
 }
 
-type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResourcesResponse, Status>> + Send>>;
+type SnapshotStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchResourcesResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Node for NodeApi {
@@ -61,11 +62,10 @@ impl Node for NodeApi {
         _request: Request<pb::GetCapabilitiesRequest>,
     ) -> Result<Response<pb::GetCapabilitiesResponse>, Status> {
         let agent = self.agent.clone();
-        let (memory, disk) = tokio::task::spawn_blocking(move || {
-            (agent.hardware.memory(), agent.hardware.disk())
-        })
-        .await
-        .map_err(Error::from)?;
+        let (memory, disk) =
+            tokio::task::spawn_blocking(move || (agent.hardware.memory(), agent.hardware.disk()))
+                .await
+                .map_err(Error::from)?;
         let host = self.agent.hardware.host();
         let compiled = engines::compiled();
         let runtimes = compiled
@@ -73,7 +73,11 @@ impl Node for NodeApi {
             .map(|e| pb::RuntimeInfo {
                 runtime: convert::runtime_to_pb(e.runtime) as i32,
                 version: e.version.clone(),
-                formats: e.formats.iter().map(|f| convert::format_to_pb(*f) as i32).collect(),
+                formats: e
+                    .formats
+                    .iter()
+                    .map(|f| convert::format_to_pb(*f) as i32)
+                    .collect(),
                 quantizations: e.quantizations.clone(),
                 accelerators: e
                     .accelerators
@@ -94,7 +98,10 @@ impl Node for NodeApi {
                     format: convert::format_to_pb(f) as i32,
                     runnable: !here.is_empty(),
                     recognized: true,
-                    runtimes: here.into_iter().map(|r| convert::runtime_to_pb(r) as i32).collect(),
+                    runtimes: here
+                        .into_iter()
+                        .map(|r| convert::runtime_to_pb(r) as i32)
+                        .collect(),
                 }
             })
             .collect();
@@ -182,13 +189,14 @@ impl Node for NodeApi {
                     () = tx.closed() => break,
                 }
                 let a = agent.clone();
-                let snapshot = match tokio::task::spawn_blocking(move || a.hardware.snapshot()).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = tx.send(Err(Error::from(e).into())).await;
-                        break;
-                    }
-                };
+                let snapshot =
+                    match tokio::task::spawn_blocking(move || a.hardware.snapshot()).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = tx.send(Err(Error::from(e).into())).await;
+                            break;
+                        }
+                    };
                 if tx.send(Ok(snapshot_to_pb(snapshot))).await.is_err() {
                     break;
                 }

@@ -25,37 +25,70 @@ impl pb::storage_server::Storage for StorageApi {
     type PullStream = Boxed<pb::PullResponse>;
     type ReadBlobStream = Boxed<pb::ReadBlobResponse>;
 
-    async fn pull(&self, _: Request<pb::PullRequest>) -> Result<Response<Self::PullStream>, Status> {
+    async fn pull(
+        &self,
+        _: Request<pb::PullRequest>,
+    ) -> Result<Response<Self::PullStream>, Status> {
         unimplemented("modeld.v1.Storage/Pull")
     }
-    async fn list_transfers(&self, _: Request<pb::ListTransfersRequest>) -> Result<Response<pb::ListTransfersResponse>, Status> {
+    async fn list_transfers(
+        &self,
+        _: Request<pb::ListTransfersRequest>,
+    ) -> Result<Response<pb::ListTransfersResponse>, Status> {
         unimplemented("modeld.v1.Storage/ListTransfers")
     }
-    async fn pause_transfer(&self, _: Request<pb::PauseTransferRequest>) -> Result<Response<pb::PauseTransferResponse>, Status> {
+    async fn pause_transfer(
+        &self,
+        _: Request<pb::PauseTransferRequest>,
+    ) -> Result<Response<pb::PauseTransferResponse>, Status> {
         unimplemented("modeld.v1.Storage/PauseTransfer")
     }
-    async fn resume_transfer(&self, _: Request<pb::ResumeTransferRequest>) -> Result<Response<pb::ResumeTransferResponse>, Status> {
+    async fn resume_transfer(
+        &self,
+        _: Request<pb::ResumeTransferRequest>,
+    ) -> Result<Response<pb::ResumeTransferResponse>, Status> {
         unimplemented("modeld.v1.Storage/ResumeTransfer")
     }
-    async fn cancel_transfer(&self, _: Request<pb::CancelTransferRequest>) -> Result<Response<pb::CancelTransferResponse>, Status> {
+    async fn cancel_transfer(
+        &self,
+        _: Request<pb::CancelTransferRequest>,
+    ) -> Result<Response<pb::CancelTransferResponse>, Status> {
         unimplemented("modeld.v1.Storage/CancelTransfer")
     }
-    async fn push(&self, _: Request<Streaming<pb::PushRequest>>) -> Result<Response<pb::PushResponse>, Status> {
+    async fn push(
+        &self,
+        _: Request<Streaming<pb::PushRequest>>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
         unimplemented("modeld.v1.Storage/Push")
     }
-    async fn get_push_offset(&self, _: Request<pb::GetPushOffsetRequest>) -> Result<Response<pb::GetPushOffsetResponse>, Status> {
+    async fn get_push_offset(
+        &self,
+        _: Request<pb::GetPushOffsetRequest>,
+    ) -> Result<Response<pb::GetPushOffsetResponse>, Status> {
         unimplemented("modeld.v1.Storage/GetPushOffset")
     }
-    async fn list_stored(&self, _: Request<pb::ListStoredRequest>) -> Result<Response<pb::ListStoredResponse>, Status> {
+    async fn list_stored(
+        &self,
+        _: Request<pb::ListStoredRequest>,
+    ) -> Result<Response<pb::ListStoredResponse>, Status> {
         unimplemented("modeld.v1.Storage/ListStored")
     }
-    async fn delete_stored(&self, _: Request<pb::DeleteStoredRequest>) -> Result<Response<pb::DeleteStoredResponse>, Status> {
+    async fn delete_stored(
+        &self,
+        _: Request<pb::DeleteStoredRequest>,
+    ) -> Result<Response<pb::DeleteStoredResponse>, Status> {
         unimplemented("modeld.v1.Storage/DeleteStored")
     }
-    async fn get_usage(&self, _: Request<pb::GetUsageRequest>) -> Result<Response<pb::GetUsageResponse>, Status> {
+    async fn get_usage(
+        &self,
+        _: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
         unimplemented("modeld.v1.Storage/GetUsage")
     }
-    async fn read_blob(&self, _: Request<pb::ReadBlobRequest>) -> Result<Response<Self::ReadBlobStream>, Status> {
+    async fn read_blob(
+        &self,
+        _: Request<pb::ReadBlobRequest>,
+    ) -> Result<Response<Self::ReadBlobStream>, Status> {
         unimplemented("modeld.v1.Storage/ReadBlob")
     }
 }
@@ -65,19 +98,34 @@ impl pb::lifecycle_server::Lifecycle for LifecycleApi {
     type LoadStream = Boxed<pb::LoadResponse>;
     type WatchStream = Boxed<pb::WatchResponse>;
 
-    async fn load(&self, _: Request<pb::LoadRequest>) -> Result<Response<Self::LoadStream>, Status> {
+    async fn load(
+        &self,
+        _: Request<pb::LoadRequest>,
+    ) -> Result<Response<Self::LoadStream>, Status> {
         unimplemented("modeld.v1.Lifecycle/Load")
     }
-    async fn unload(&self, _: Request<pb::UnloadRequest>) -> Result<Response<pb::UnloadResponse>, Status> {
+    async fn unload(
+        &self,
+        _: Request<pb::UnloadRequest>,
+    ) -> Result<Response<pb::UnloadResponse>, Status> {
         unimplemented("modeld.v1.Lifecycle/Unload")
     }
-    async fn get_state(&self, _: Request<pb::GetStateRequest>) -> Result<Response<pb::GetStateResponse>, Status> {
+    async fn get_state(
+        &self,
+        _: Request<pb::GetStateRequest>,
+    ) -> Result<Response<pb::GetStateResponse>, Status> {
         unimplemented("modeld.v1.Lifecycle/GetState")
     }
-    async fn list_loaded(&self, _: Request<pb::ListLoadedRequest>) -> Result<Response<pb::ListLoadedResponse>, Status> {
+    async fn list_loaded(
+        &self,
+        _: Request<pb::ListLoadedRequest>,
+    ) -> Result<Response<pb::ListLoadedResponse>, Status> {
         unimplemented("modeld.v1.Lifecycle/ListLoaded")
     }
-    async fn watch(&self, _: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        _: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         unimplemented("modeld.v1.Lifecycle/Watch")
     }
 }
@@ -86,13 +134,22 @@ impl pb::lifecycle_server::Lifecycle for LifecycleApi {
 impl pb::generate_server::Generate for GenerateApi {
     type GenerateStream = Boxed<pb::GenerateResponse>;
 
-    async fn generate(&self, _: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+    async fn generate(
+        &self,
+        _: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
         unimplemented("modeld.v1.Generate/Generate")
     }
-    async fn tokenize(&self, _: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+    async fn tokenize(
+        &self,
+        _: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
         unimplemented("modeld.v1.Generate/Tokenize")
     }
-    async fn detokenize(&self, _: Request<pb::DetokenizeRequest>) -> Result<Response<pb::DetokenizeResponse>, Status> {
+    async fn detokenize(
+        &self,
+        _: Request<pb::DetokenizeRequest>,
+    ) -> Result<Response<pb::DetokenizeResponse>, Status> {
         unimplemented("modeld.v1.Generate/Detokenize")
     }
 }

@@ -86,7 +86,9 @@ impl ModelRegistry for RegistryApi {
         request: Request<pb::UpdateModelRequest>,
     ) -> Result<Response<pb::UpdateModelResponse>, Status> {
         let r = request.into_inner();
-        let spec = r.spec.ok_or_else(|| Error::invalid("spec", "is required"))?;
+        let spec = r
+            .spec
+            .ok_or_else(|| Error::invalid("spec", "is required"))?;
         let id = spec.id.clone();
         let patch = convert::spec_from_pb(spec, "spec")?;
         let paths: Vec<String> = r
@@ -120,12 +122,17 @@ impl ModelRegistry for RegistryApi {
             Some(Source::Path(p)) if !p.is_empty() => {
                 let path = PathBuf::from(&p);
                 if !path.is_absolute() {
-                    return Err(Error::invalid("path", format!("{p:?} must be an absolute path on the agent's host")).into());
+                    return Err(Error::invalid(
+                        "path",
+                        format!("{p:?} must be an absolute path on the agent's host"),
+                    )
+                    .into());
                 }
                 CatalogSource::Path(path)
             }
             Some(Source::Url(u)) if !u.is_empty() => {
-                let parsed = url::Url::parse(&u).map_err(|e| Error::invalid("url", format!("{u:?} is not a URL: {e}")))?;
+                let parsed = url::Url::parse(&u)
+                    .map_err(|e| Error::invalid("url", format!("{u:?} is not a URL: {e}")))?;
                 if !matches!(parsed.scheme(), "http" | "https") {
                     return Err(Error::invalid("url", format!("scheme {:?} is not supported; use http or https, or `path` for a local file", parsed.scheme())).into());
                 }
@@ -140,7 +147,11 @@ impl ModelRegistry for RegistryApi {
             Ok(pb::CatalogFormat::Unspecified) => None,
             Ok(pb::CatalogFormat::Json) => Some(CatalogFormat::Json),
             Ok(pb::CatalogFormat::Yaml) => Some(CatalogFormat::Yaml),
-            Err(_) => return Err(Error::invalid("format", format!("unknown enum value {}", r.format)).into()),
+            Err(_) => {
+                return Err(
+                    Error::invalid("format", format!("unknown enum value {}", r.format)).into(),
+                );
+            }
         };
         let outcome = self.agent.registry.import(&source, format).await?;
         Ok(Response::new(pb::ImportCatalogResponse {

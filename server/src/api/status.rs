@@ -90,7 +90,10 @@ mod tests {
         assert_eq!(status.message(), "spec.id: is required");
         let details = status.get_error_details();
         let info = details.error_info().unwrap();
-        assert_eq!((info.reason.as_str(), info.domain.as_str()), ("INVALID_ARGUMENT", "modeld"));
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            ("INVALID_ARGUMENT", "modeld")
+        );
         let br = details.bad_request().unwrap();
         assert_eq!(br.field_violations[0].field, "spec.id");
     }

@@ -54,7 +54,13 @@ fn tar_checksum_ok(block: &[u8; 512]) -> bool {
     let sum: u32 = block
         .iter()
         .enumerate()
-        .map(|(i, b)| if (148..156).contains(&i) { 32 } else { u32::from(*b) })
+        .map(|(i, b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(*b)
+            }
+        })
         .sum();
     stored == Some(sum)
 }
@@ -126,8 +132,10 @@ pub fn inspect(path: &Path, format: ArchiveFormat) -> io::Result<Inspection> {
                     .by_index(i)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                 let Ok(name) = entry.name().map(|n| n.into_owned()) else {
-                    out.skipped
-                        .push((format!("entry #{i}"), "member name is not valid UTF-8".into()));
+                    out.skipped.push((
+                        format!("entry #{i}"),
+                        "member name is not valid UTF-8".into(),
+                    ));
                     continue;
                 };
                 if entry.is_dir() || entry.is_symlink() {

@@ -33,7 +33,10 @@ pub type DirError = String;
 pub fn sniff_dir(dir: &Path) -> Result<Option<DirModel>, DirError> {
     let has = |name: &str| dir.join(name).is_file();
     let (format, metadata) = if has("mlc-chat-config.json") {
-        (ModelFormat::Mlc, mlc_metadata(&dir.join("mlc-chat-config.json"))?)
+        (
+            ModelFormat::Mlc,
+            mlc_metadata(&dir.join("mlc-chat-config.json"))?,
+        )
     } else if has("Manifest.json") && dir.join("Data").is_dir() {
         (ModelFormat::CoreMl, coreml_package_metadata(dir)?)
     } else if has("config.json") {
@@ -62,7 +65,10 @@ fn read_json(path: &Path) -> Result<Value, DirError> {
         .map_err(|e| format!("{}: {e}", path.display()))?
         .len();
     if len > MAX_JSON {
-        return Err(format!("{} is {len} bytes; the limit is {MAX_JSON}", path.display()));
+        return Err(format!(
+            "{} is {len} bytes; the limit is {MAX_JSON}",
+            path.display()
+        ));
     }
     let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     serde_json::from_reader(BufReader::new(file))
@@ -104,7 +110,9 @@ fn coreml_package_metadata(dir: &Path) -> Result<Metadata, DirError> {
             .components()
             .any(|c| !matches!(c, std::path::Component::Normal(_)))
     {
-        return Err(format!("Manifest.json root item path {rel:?} is not inside the package"));
+        return Err(format!(
+            "Manifest.json root item path {rel:?} is not inside the package"
+        ));
     }
     let spec = dir.join("Data").join(rel_path);
     let file = File::open(&spec).map_err(|e| format!("{}: {e}", spec.display()))?;
@@ -115,7 +123,10 @@ fn coreml_package_metadata(dir: &Path) -> Result<Metadata, DirError> {
             outputs: io.outputs,
             ..Metadata::default()
         }),
-        _ => Err(format!("{} is not a Core ML model specification", spec.display())),
+        _ => Err(format!(
+            "{} is not a Core ML model specification",
+            spec.display()
+        )),
     }
 }
 

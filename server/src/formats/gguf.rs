@@ -307,12 +307,18 @@ impl<R: Read> Reader<R> {
             7 => match self.bytes::<1>(key)?[0] {
                 0 => Value::Bool(false),
                 1 => Value::Bool(true),
-                b => return Err(GgufError::Invalid(format!("{key}: bool byte {b} is not 0 or 1"))),
+                b => {
+                    return Err(GgufError::Invalid(format!(
+                        "{key}: bool byte {b} is not 0 or 1"
+                    )));
+                }
             },
             8 => Value::String(self.string(key)?),
             9 => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(GgufError::Invalid(format!("{key}: arrays nested too deeply")));
+                    return Err(GgufError::Invalid(format!(
+                        "{key}: arrays nested too deeply"
+                    )));
                 }
                 let elem_type = self.u32(key)?;
                 let len = self.u64(key)?;
@@ -486,7 +492,11 @@ pub(crate) mod tests {
     use super::*;
 
     /// Builds a small GGUF in memory: one string KV, one u32 KV, one F32 tensor.
-    pub(crate) fn tiny_gguf(tensor_offset: u64, tensor_len_elems: u64, data_bytes: usize) -> Vec<u8> {
+    pub(crate) fn tiny_gguf(
+        tensor_offset: u64,
+        tensor_len_elems: u64,
+        data_bytes: usize,
+    ) -> Vec<u8> {
         let mut b = Vec::new();
         b.extend_from_slice(MAGIC);
         b.extend_from_slice(&3u32.to_le_bytes());
@@ -533,7 +543,10 @@ pub(crate) mod tests {
         assert_eq!(h.quantization().as_deref(), Some("F32"));
         assert_eq!(
             h.get("tokenizer.ggml.tokens"),
-            Some(&Value::Array { elem_type: 8, len: 2 })
+            Some(&Value::Array {
+                elem_type: 8,
+                len: 2
+            })
         );
     }
 
@@ -564,7 +577,12 @@ pub(crate) mod tests {
         assert!(parse(&b).unwrap_err().to_string().contains("tensor count"));
         let mut b = tiny_gguf(0, 8, 32);
         b[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
-        assert!(parse(&b).unwrap_err().to_string().contains("metadata count"));
+        assert!(
+            parse(&b)
+                .unwrap_err()
+                .to_string()
+                .contains("metadata count")
+        );
     }
 
     #[test]

@@ -39,7 +39,10 @@ pub enum Sniffed {
     },
     Archive(ArchiveFormat),
     /// It carries a format's signature but its header is broken.
-    Malformed { format: ModelFormat, reason: String },
+    Malformed {
+        format: ModelFormat,
+        reason: String,
+    },
     Unknown,
 }
 

@@ -11,7 +11,10 @@ pub enum WireValue {
     Fixed64,
     Fixed32,
     /// A length-delimited field: its payload starts at `start` and is `len` bytes long.
-    Len { start: u64, len: u64 },
+    Len {
+        start: u64,
+        len: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +43,8 @@ pub fn fields_limited<R: Read + Seek>(
     while pos < end && out.len() < max_fields {
         let (key, n) = varint(r)?;
         pos += n;
-        let number = u32::try_from(key >> 3).map_err(|_| invalid(format!("field number {} too large", key >> 3)))?;
+        let number = u32::try_from(key >> 3)
+            .map_err(|_| invalid(format!("field number {} too large", key >> 3)))?;
         if number == 0 {
             return Err(invalid(format!("field number 0 at byte {}", pos - n)));
         }
@@ -75,10 +79,16 @@ pub fn fields_limited<R: Read + Seek>(
                 r.seek(SeekFrom::Start(pos))?;
                 value
             }
-            wt => return Err(invalid(format!("unsupported wire type {wt} in field {number}"))),
+            wt => {
+                return Err(invalid(format!(
+                    "unsupported wire type {wt} in field {number}"
+                )));
+            }
         };
         if pos > end {
-            return Err(invalid(format!("field {number} runs past the end of its message")));
+            return Err(invalid(format!(
+                "field {number} runs past the end of its message"
+            )));
         }
         out.push(Field { number, value });
     }
@@ -95,11 +105,19 @@ fn varint<R: Read>(r: &mut R) -> io::Result<(u64, u64)> {
             return Ok((value, u64::from(i) + 1));
         }
     }
-    Err(io::Error::new(io::ErrorKind::InvalidData, "varint longer than 10 bytes"))
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        "varint longer than 10 bytes",
+    ))
 }
 
 /// Reads a length-delimited payload, refusing ones larger than `max`.
-pub fn read_payload<R: Read + Seek>(r: &mut R, start: u64, len: u64, max: u64) -> io::Result<Vec<u8>> {
+pub fn read_payload<R: Read + Seek>(
+    r: &mut R,
+    start: u64,
+    len: u64,
+    max: u64,
+) -> io::Result<Vec<u8>> {
     if len > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,

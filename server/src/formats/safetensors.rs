@@ -28,7 +28,7 @@ pub fn read_header<R: Read>(mut r: R, size: u64) -> Result<SafetensorsHeader, St
     let mut len = [0u8; 8];
     r.read_exact(&mut len).map_err(|e| e.to_string())?;
     let n = u64::from_le_bytes(len);
-    if n < 2 || n > MAX_HEADER || n > size.saturating_sub(8) {
+    if !(2..=MAX_HEADER).contains(&n) || n > size.saturating_sub(8) {
         return Err(format!("header length {n} does not fit a {size}-byte file"));
     }
     let mut header = vec![0u8; n as usize];
@@ -48,8 +48,8 @@ pub fn read_header<R: Read>(mut r: R, size: u64) -> Result<SafetensorsHeader, St
             out.metadata = meta;
             continue;
         }
-        let t: TensorEntry = serde_json::from_value(value)
-            .map_err(|e| format!("tensor {name:?}: {e}"))?;
+        let t: TensorEntry =
+            serde_json::from_value(value).map_err(|e| format!("tensor {name:?}: {e}"))?;
         let [begin, end] = t.data_offsets;
         if begin > end || end > data_size {
             return Err(format!(
@@ -101,8 +101,15 @@ mod tests {
 
     #[test]
     fn offsets_past_the_end_are_rejected() {
-        let b = file(r#"{"w":{"dtype":"F16","shape":[2,4],"data_offsets":[0,16]}}"#, 8);
-        assert!(read_header(&b[..], b.len() as u64).unwrap_err().contains("outside"));
+        let b = file(
+            r#"{"w":{"dtype":"F16","shape":[2,4],"data_offsets":[0,16]}}"#,
+            8,
+        );
+        assert!(
+            read_header(&b[..], b.len() as u64)
+                .unwrap_err()
+                .contains("outside")
+        );
     }
 
     #[test]

@@ -161,7 +161,8 @@ mod tests {
 
     #[test]
     fn nvidia_smi_csv_is_parsed() {
-        let gpus = parse_nvidia_smi("NVIDIA GeForce RTX 4090, 24564, 550.54.14\nTesla T4, 15360, 535.1\n");
+        let gpus =
+            parse_nvidia_smi("NVIDIA GeForce RTX 4090, 24564, 550.54.14\nTesla T4, 15360, 535.1\n");
         assert_eq!(gpus.len(), 2);
         assert_eq!(gpus[0].name, "NVIDIA GeForce RTX 4090");
         assert_eq!(gpus[0].memory_bytes, 24564 * 1024 * 1024);

@@ -7,7 +7,9 @@ pub(super) fn probe(sys: &System) -> CpuInfo {
     let first = cpus.first();
     let logical = u32::try_from(cpus.len()).unwrap_or(u32::MAX).max(1);
     CpuInfo {
-        model: first.map(|c| c.brand().trim().to_owned()).unwrap_or_default(),
+        model: first
+            .map(|c| c.brand().trim().to_owned())
+            .unwrap_or_default(),
         vendor: first.map(|c| c.vendor_id().to_owned()).unwrap_or_default(),
         architecture: std::env::consts::ARCH.to_owned(),
         physical_cores: System::physical_core_count()
@@ -29,9 +31,25 @@ pub(super) fn features() -> Vec<String> {
         };
     }
     check!(
-        "sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "avx", "avx2", "fma", "f16c", "bmi2",
-        "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512vnni", "avx512bf16",
-        "avx512fp16", "avxvnni"
+        "sse3",
+        "ssse3",
+        "sse4.1",
+        "sse4.2",
+        "popcnt",
+        "avx",
+        "avx2",
+        "fma",
+        "f16c",
+        "bmi2",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512dq",
+        "avx512cd",
+        "avx512vnni",
+        "avx512bf16",
+        "avx512fp16",
+        "avxvnni"
     );
     out
 }
@@ -44,7 +62,9 @@ pub(super) fn features() -> Vec<String> {
             $(if std::arch::is_aarch64_feature_detected!($f) { out.push($f.to_owned()); })*
         };
     }
-    check!("neon", "fp16", "dotprod", "i8mm", "bf16", "sve", "sve2", "sme");
+    check!(
+        "neon", "fp16", "dotprod", "i8mm", "bf16", "sve", "sve2", "sme"
+    );
     out
 }
 

@@ -35,7 +35,9 @@ impl DeviceClass {
 #[cfg(target_os = "ios")]
 pub(super) fn detect(_cpu: &CpuInfo) -> DeviceClass {
     // iPadOS reports itself as iOS; sysinfo's host name carries the device type there.
-    let host = sysinfo::System::host_name().unwrap_or_default().to_lowercase();
+    let host = sysinfo::System::host_name()
+        .unwrap_or_default()
+        .to_lowercase();
     if host.contains("ipad") {
         DeviceClass::Tablet
     } else {
@@ -102,8 +104,18 @@ pub(super) fn classify_linux(f: &LinuxFacts) -> DeviceClass {
     }
     let dmi = format!("{} {}", f.sys_vendor, f.product_name).to_lowercase();
     let vm_markers = [
-        "qemu", "kvm", "vmware", "virtualbox", "xen", "bochs", "hyper-v", "virtual machine",
-        "amazon ec2", "google compute", "cloud hypervisor", "firecracker",
+        "qemu",
+        "kvm",
+        "vmware",
+        "virtualbox",
+        "xen",
+        "bochs",
+        "hyper-v",
+        "virtual machine",
+        "amazon ec2",
+        "google compute",
+        "cloud hypervisor",
+        "firecracker",
     ];
     if f.hypervisor_flag || vm_markers.iter().any(|m| dmi.contains(m)) {
         return DeviceClass::VirtualMachine;

@@ -84,7 +84,9 @@ pub struct Hardware {
 
 impl std::fmt::Debug for Hardware {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hardware").field("host", &self.host).finish()
+        f.debug_struct("Hardware")
+            .field("host", &self.host)
+            .finish()
     }
 }
 

@@ -139,11 +139,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Parses and validates every entry. Nothing is imported unless all of them are valid,
 /// so a typo in entry 40 cannot leave a half-imported catalog.
 pub fn parse(text: &str, format: Option<CatalogFormat>) -> Result<Vec<ModelSpec>> {
-    let format = format.unwrap_or_else(|| {
-        match text.trim_start().chars().next() {
-            Some('{' | '[') => CatalogFormat::Json,
-            _ => CatalogFormat::Yaml,
-        }
+    let format = format.unwrap_or_else(|| match text.trim_start().chars().next() {
+        Some('{' | '[') => CatalogFormat::Json,
+        _ => CatalogFormat::Yaml,
     });
     let root: serde_json::Value = match format {
         CatalogFormat::Json => serde_json::from_str(text)
@@ -175,12 +173,14 @@ pub fn parse(text: &str, format: Option<CatalogFormat>) -> Result<Vec<ModelSpec>
     for (i, entry) in entries.into_iter().enumerate() {
         let spec: ModelSpec = serde_json::from_value(entry)
             .map_err(|e| Error::InvalidManifest(format!("models[{i}]: {e}")))?;
-        let spec = spec.validate(&format!("models[{i}]")).map_err(|e| match e {
-            Error::InvalidArgument { field, description } => {
-                Error::InvalidManifest(format!("{field}: {description}"))
-            }
-            other => other,
-        })?;
+        let spec = spec
+            .validate(&format!("models[{i}]"))
+            .map_err(|e| match e {
+                Error::InvalidArgument { field, description } => {
+                    Error::InvalidManifest(format!("{field}: {description}"))
+                }
+                other => other,
+            })?;
         if !seen.insert(spec.id.clone()) {
             return Err(Error::InvalidManifest(format!(
                 "models[{i}].id: {:?} appears more than once",
@@ -232,7 +232,9 @@ mod tests {
     #[test]
     fn duplicate_ids_are_rejected() {
         let one = r#"{"id":"a","format":"onnx","files":[{"name":"a.onnx","urls":["http://h/a"],"sha256":"0000000000000000000000000000000000000000000000000000000000000000","size":3}]}"#;
-        let err = parse(&format!("[{one},{one}]"), None).unwrap_err().to_string();
+        let err = parse(&format!("[{one},{one}]"), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("more than once"), "{err}");
     }
 }

@@ -82,7 +82,11 @@ pub fn check(
         return out;
     };
     out.candidate_runtimes = Runtime::for_format(format).collect();
-    let compiled = |r: Runtime| engines.iter().find(|e| e.runtime == r && e.formats.contains(&format));
+    let compiled = |r: Runtime| {
+        engines
+            .iter()
+            .find(|e| e.runtime == r && e.formats.contains(&format))
+    };
 
     let chosen: Option<&CompiledEngine> = match requested_runtime {
         Some(r) if !r.formats().contains(&format) => {
@@ -92,8 +96,9 @@ pub fn check(
         Some(r) => {
             let found = compiled(r);
             if found.is_none() {
-                out.reasons
-                    .push(format!("this build of modeld does not include the {r} runtime"));
+                out.reasons.push(format!(
+                    "this build of modeld does not include the {r} runtime"
+                ));
             }
             found
         }
@@ -141,14 +146,19 @@ pub fn check(
     let quota_left = node
         .disk_quota_bytes
         .map(|q| q.saturating_sub(node.disk_used_bytes));
-    out.disk_available_bytes = quota_left.map_or(node.disk_free_bytes, |q| q.min(node.disk_free_bytes));
+    out.disk_available_bytes =
+        quota_left.map_or(node.disk_free_bytes, |q| q.min(node.disk_free_bytes));
     out.fits_disk = out.disk_required_bytes <= out.disk_available_bytes;
     if !out.fits_disk {
         out.reasons.push(format!(
             "needs {} of disk; {} is free{}",
             human(out.disk_required_bytes),
             human(out.disk_available_bytes),
-            if quota_left.is_some() { " within the disk quota" } else { "" }
+            if quota_left.is_some() {
+                " within the disk quota"
+            } else {
+                ""
+            }
         ));
     }
 
@@ -164,7 +174,11 @@ pub fn check(
             accelerator,
             context_length: context,
             threads: node.physical_cores.max(1),
-            gpu_layers: if accelerator == Accelerator::Cpu { 0 } else { u32::MAX },
+            gpu_layers: if accelerator == Accelerator::Cpu {
+                0
+            } else {
+                u32::MAX
+            },
             mmap: true,
         });
     }
@@ -221,17 +235,31 @@ mod tests {
     fn no_engine_means_not_compatible_with_a_reason() {
         let c = check(&gguf(100 << 20), false, &roomy(), &[], None, None);
         assert!(!c.compatible && !c.runtime_available);
-        assert!(c.reasons[0].contains("no runtime for gguf"), "{:?}", c.reasons);
+        assert!(
+            c.reasons[0].contains("no runtime for gguf"),
+            "{:?}",
+            c.reasons
+        );
         assert!(c.candidate_runtimes.contains(&Runtime::LlamaCpp));
         assert!(c.fits_memory && c.fits_disk);
     }
 
     #[test]
     fn compiled_engine_yields_settings() {
-        let c = check(&gguf(100 << 20), false, &roomy(), &[llama()], None, Some(2048));
+        let c = check(
+            &gguf(100 << 20),
+            false,
+            &roomy(),
+            &[llama()],
+            None,
+            Some(2048),
+        );
         assert!(c.compatible, "{:?}", c.reasons);
         let s = c.settings.unwrap();
-        assert_eq!((s.runtime, s.accelerator, s.context_length, s.threads), (Runtime::LlamaCpp, Accelerator::Cpu, 2048, 4));
+        assert_eq!(
+            (s.runtime, s.accelerator, s.context_length, s.threads),
+            (Runtime::LlamaCpp, Accelerator::Cpu, 2048, 4)
+        );
     }
 
     #[test]
@@ -247,9 +275,20 @@ mod tests {
 
     #[test]
     fn impossible_runtime_is_named() {
-        let c = check(&gguf(1 << 20), false, &roomy(), &[llama()], Some(Runtime::OnnxRuntime), None);
+        let c = check(
+            &gguf(1 << 20),
+            false,
+            &roomy(),
+            &[llama()],
+            Some(Runtime::OnnxRuntime),
+            None,
+        );
         assert!(!c.compatible);
-        assert!(c.reasons[0].contains("onnxruntime cannot run gguf"), "{:?}", c.reasons);
+        assert!(
+            c.reasons[0].contains("onnxruntime cannot run gguf"),
+            "{:?}",
+            c.reasons
+        );
     }
 
     #[test]

@@ -66,7 +66,10 @@ impl Registry {
             if !d.is_absolute() {
                 return Err(Error::invalid(
                     format!("directories[{i}]"),
-                    format!("{} must be an absolute path on the agent's host", d.display()),
+                    format!(
+                        "{} must be an absolute path on the agent's host",
+                        d.display()
+                    ),
                 ));
             }
             let c = fs::canonicalize(d).map_err(|e| match e.kind() {
@@ -133,7 +136,8 @@ fn walk_dir(dir: &Path, depth: usize, walk: &mut Walk) {
     let mut entries: Vec<_> = match fs::read_dir(dir) {
         Ok(rd) => rd.filter_map(|e| e.ok()).collect(),
         Err(e) => {
-            walk.skipped.push((shown, format!("cannot read directory: {e}")));
+            walk.skipped
+                .push((shown, format!("cannot read directory: {e}")));
             return;
         }
     };
@@ -141,10 +145,8 @@ fn walk_dir(dir: &Path, depth: usize, walk: &mut Walk) {
     for entry in entries {
         walk.visited += 1;
         if walk.visited > MAX_ENTRIES {
-            walk.skipped.push((
-                shown,
-                format!("scan stopped after {MAX_ENTRIES} entries"),
-            ));
+            walk.skipped
+                .push((shown, format!("scan stopped after {MAX_ENTRIES} entries")));
             return;
         }
         if entry.file_name().to_string_lossy().starts_with('.') {
@@ -178,10 +180,8 @@ fn scan_file(path: &Path, size: u64, walk: &mut Walk) {
         Ok(Sniffed::Archive(kind)) => match archive::inspect(path, kind) {
             Ok(inspection) => {
                 if inspection.models.is_empty() && inspection.skipped.is_empty() {
-                    walk.skipped.push((
-                        shown.clone(),
-                        format!("{kind} archive holds no model file"),
-                    ));
+                    walk.skipped
+                        .push((shown.clone(), format!("{kind} archive holds no model file")));
                 }
                 for (member, reason) in inspection.skipped {
                     walk.skipped.push((format!("{shown}!/{member}"), reason));
@@ -198,7 +198,8 @@ fn scan_file(path: &Path, size: u64, walk: &mut Walk) {
                 .push((shown, format!("unreadable {kind} archive: {e}"))),
         },
         Ok(Sniffed::Malformed { format, reason }) => {
-            walk.skipped.push((shown, format!("malformed {format} file: {reason}")));
+            walk.skipped
+                .push((shown, format!("malformed {format} file: {reason}")));
         }
         Ok(Sniffed::Unknown) => {
             walk.skipped
@@ -287,7 +288,11 @@ fn base_spec(id_source: &str, format: ModelFormat, metadata: Metadata) -> ModelS
         quantization: metadata.quantization,
         context_length: metadata.context_length,
         parameter_count: metadata.parameter_count,
-        architecture: metadata.architecture.chars().take(limits::TEXT_MAX).collect(),
+        architecture: metadata
+            .architecture
+            .chars()
+            .take(limits::TEXT_MAX)
+            .collect(),
         // A template over the limit is dropped rather than cut: half a template renders
         // garbage, none falls back to the runtime's default.
         chat_template: if metadata.chat_template.len() <= limits::CHAT_TEMPLATE_MAX {
@@ -304,8 +309,16 @@ fn base_spec(id_source: &str, format: ModelFormat, metadata: Metadata) -> ModelS
             path: String::new(),
         },
         tags: vec!["discovered".to_owned()],
-        inputs: metadata.inputs.into_iter().take(limits::IO_NAMES_MAX).collect(),
-        outputs: metadata.outputs.into_iter().take(limits::IO_NAMES_MAX).collect(),
+        inputs: metadata
+            .inputs
+            .into_iter()
+            .take(limits::IO_NAMES_MAX)
+            .collect(),
+        outputs: metadata
+            .outputs
+            .into_iter()
+            .take(limits::IO_NAMES_MAX)
+            .collect(),
         ..ModelSpec::default()
     }
 }
@@ -365,10 +378,7 @@ fn dir_spec(dir: &Path, model: DirModel) -> std::result::Result<Found, String> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let id_source = name
-        .strip_suffix(".mlpackage")
-        .unwrap_or(&name)
-        .to_owned();
+    let id_source = name.strip_suffix(".mlpackage").unwrap_or(&name).to_owned();
     let mut spec = base_spec(&id_source, model.format, model.metadata);
     if let Some(tok) = &model.tokenizer_json {
         spec.tokenizer = TokenizerSource {
@@ -420,7 +430,10 @@ mod tests {
             let id = slug(name);
             assert!(spec::is_valid_id(&id), "{name:?} -> {id:?}");
         }
-        assert_eq!(slug("SmolLM2-135M-Instruct.Q4_1"), "smollm2-135m-instruct.q4_1");
+        assert_eq!(
+            slug("SmolLM2-135M-Instruct.Q4_1"),
+            "smollm2-135m-instruct.q4_1"
+        );
     }
 
     #[test]

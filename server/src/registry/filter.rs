@@ -118,7 +118,9 @@ pub fn page_size(requested: i32) -> Result<usize> {
     match requested {
         0 => Ok(DEFAULT_PAGE_SIZE),
         n if n < 0 => Err(Error::invalid("page_size", "must not be negative")),
-        n => Ok(usize::try_from(n).unwrap_or(MAX_PAGE_SIZE).min(MAX_PAGE_SIZE)),
+        n => Ok(usize::try_from(n)
+            .unwrap_or(MAX_PAGE_SIZE)
+            .min(MAX_PAGE_SIZE)),
     }
 }
 

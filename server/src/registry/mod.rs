@@ -262,7 +262,10 @@ impl Registry {
                 continue;
             }
             total_size += 1;
-            if after.as_deref().is_some_and(|a| entry.spec.id.as_str() <= a) {
+            if after
+                .as_deref()
+                .is_some_and(|a| entry.spec.id.as_str() <= a)
+            {
                 before_cursor += 1;
             } else if models.len() < page_size {
                 models.push(entry);
@@ -455,8 +458,7 @@ impl Registry {
                     spec.id = discovery::disambiguate(&base, &local_path, attempt);
                 }
                 None => {
-                    let entry =
-                        self.new_entry(spec, Origin::Discovered, source, Some(local_path));
+                    let entry = self.new_entry(spec, Origin::Discovered, source, Some(local_path));
                     self.store.put_model(&entry.to_record())?;
                     self.store.flush().await?;
                     return Ok(entry);
@@ -522,7 +524,10 @@ mod tests {
     fn registry() -> (tempfile::TempDir, Registry) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        (dir, Registry::new(store, Vec::new(), crate::http_client::build().unwrap()))
+        (
+            dir,
+            Registry::new(store, Vec::new(), crate::http_client::build().unwrap()),
+        )
     }
 
     fn spec(id: &str) -> ModelSpec {
@@ -546,16 +551,33 @@ mod tests {
     #[tokio::test]
     async fn delete_refuses_a_model_whose_files_are_in_use() {
         let (_dir, reg) = registry();
-        reg.register(spec("busy"), Origin::Registered, "test").await.unwrap();
-        for (state, refused) in [("downloading", true), ("loading", true), ("ready", true), ("failed", false)] {
+        reg.register(spec("busy"), Origin::Registered, "test")
+            .await
+            .unwrap();
+        for (state, refused) in [
+            ("downloading", true),
+            ("loading", true),
+            ("ready", true),
+            ("failed", false),
+        ] {
             reg.store()
-                .put_lifecycle("busy", &LifecycleRecord { state: state.into(), revision: 1, update_time_unix_ms: 0 })
+                .put_lifecycle(
+                    "busy",
+                    &LifecycleRecord {
+                        state: state.into(),
+                        revision: 1,
+                        update_time_unix_ms: 0,
+                    },
+                )
                 .unwrap();
             if refused {
                 let err = reg.delete("busy").await.unwrap_err();
                 assert!(matches!(err, Error::ModelInUse { .. }), "{state}: {err}");
                 assert!(err.to_string().contains(state), "{err}");
-                assert!(reg.get("busy").is_ok(), "refused delete must keep the model");
+                assert!(
+                    reg.get("busy").is_ok(),
+                    "refused delete must keep the model"
+                );
             }
         }
         reg.delete("busy").await.unwrap();
@@ -565,14 +587,26 @@ mod tests {
     #[tokio::test]
     async fn file_changes_are_refused_while_in_use_but_labels_are_not() {
         let (_dir, reg) = registry();
-        reg.register(spec("m"), Origin::Registered, "test").await.unwrap();
+        reg.register(spec("m"), Origin::Registered, "test")
+            .await
+            .unwrap();
         reg.store()
-            .put_lifecycle("m", &LifecycleRecord { state: "ready".into(), revision: 1, update_time_unix_ms: 0 })
+            .put_lifecycle(
+                "m",
+                &LifecycleRecord {
+                    state: "ready".into(),
+                    revision: 1,
+                    update_time_unix_ms: 0,
+                },
+            )
             .unwrap();
         let mut patch = spec("m");
         patch.display_name = "renamed".into();
         patch.files[0].sha256 = "b".repeat(64);
-        let renamed = reg.update("m", patch.clone(), &["display_name".into()]).await.unwrap();
+        let renamed = reg
+            .update("m", patch.clone(), &["display_name".into()])
+            .await
+            .unwrap();
         assert_eq!(renamed.spec.display_name, "renamed");
         assert_eq!(renamed.generation, 2);
         let err = reg.update("m", patch, &["files".into()]).await.unwrap_err();

@@ -153,7 +153,9 @@ pub fn validate_id(field: &str, id: &str) -> Result<()> {
 
 /// True for a lower-case 64-character hex sha256.
 pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn check_len(field: &str, value: &str, max: usize) -> Result<()> {
@@ -209,9 +211,7 @@ fn check_url(field: &str, raw: &str) -> Result<()> {
         other => {
             return Err(Error::invalid(
                 field,
-                format!(
-                    "URL scheme {other:?} is not supported; use http, https, file or modeld"
-                ),
+                format!("URL scheme {other:?} is not supported; use http, https, file or modeld"),
             ));
         }
     }
@@ -237,7 +237,11 @@ impl ModelSpec {
         check_len(&f("family"), &self.family, limits::TEXT_MAX)?;
         check_len(&f("license"), &self.license, limits::TEXT_MAX)?;
         check_len(&f("architecture"), &self.architecture, limits::TEXT_MAX)?;
-        check_len(&f("description"), &self.description, limits::DESCRIPTION_MAX)?;
+        check_len(
+            &f("description"),
+            &self.description,
+            limits::DESCRIPTION_MAX,
+        )?;
         check_len(
             &f("chat_template"),
             &self.chat_template,
@@ -275,7 +279,11 @@ impl ModelSpec {
             if file.urls.len() > limits::URLS_PER_FILE_MAX {
                 return Err(Error::invalid(
                     ff("urls"),
-                    format!("has {} URLs; the limit is {}", file.urls.len(), limits::URLS_PER_FILE_MAX),
+                    format!(
+                        "has {} URLs; the limit is {}",
+                        file.urls.len(),
+                        limits::URLS_PER_FILE_MAX
+                    ),
                 ));
             }
             for (j, url) in file.urls.iter().enumerate() {
@@ -306,7 +314,11 @@ impl ModelSpec {
             if list.len() > limits::IO_NAMES_MAX {
                 return Err(Error::invalid(
                     f(name),
-                    format!("has {} names; the limit is {}", list.len(), limits::IO_NAMES_MAX),
+                    format!(
+                        "has {} names; the limit is {}",
+                        list.len(),
+                        limits::IO_NAMES_MAX
+                    ),
                 ));
             }
             for (i, n) in list.iter().enumerate() {
@@ -316,7 +328,11 @@ impl ModelSpec {
         if self.tags.len() > limits::TAGS_MAX {
             return Err(Error::invalid(
                 f("tags"),
-                format!("has {} tags; the limit is {}", self.tags.len(), limits::TAGS_MAX),
+                format!(
+                    "has {} tags; the limit is {}",
+                    self.tags.len(),
+                    limits::TAGS_MAX
+                ),
             ));
         }
         for (i, tag) in self.tags.iter_mut().enumerate() {
@@ -509,15 +525,28 @@ mod tests {
         let mut spec = sample();
         spec.files[0].urls = vec!["ftp://x/y".into()];
         let err = spec.validate("spec").unwrap_err().to_string();
-        assert!(err.contains("spec.files[0].urls[0]") && err.contains("ftp"), "{err}");
+        assert!(
+            err.contains("spec.files[0].urls[0]") && err.contains("ftp"),
+            "{err}"
+        );
 
         let mut spec = sample();
         spec.id = "Has Space".into();
-        assert!(spec.validate("spec").unwrap_err().to_string().starts_with("spec.id"));
+        assert!(
+            spec.validate("spec")
+                .unwrap_err()
+                .to_string()
+                .starts_with("spec.id")
+        );
 
         let mut spec = sample();
         spec.files[0].member = Some("inner.gguf".into());
-        assert!(spec.validate("spec").unwrap_err().to_string().contains("archive"));
+        assert!(
+            spec.validate("spec")
+                .unwrap_err()
+                .to_string()
+                .contains("archive")
+        );
     }
 
     #[test]

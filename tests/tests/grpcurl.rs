@@ -1,0 +1,138 @@
+//! The real grpcurl, knowing nothing but what reflection tells it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+use modeld_e2e::{Agent, Assets};
+
+fn grpcurl(
+    assets: &Assets,
+    agent: &Agent,
+    data: Option<&str>,
+    args: &[&str],
+) -> (bool, String, String) {
+    let mut cmd = Command::new(&assets.grpcurl);
+    cmd.arg("-plaintext");
+    if let Some(d) = data {
+        cmd.args(["-d", d]);
+    }
+    let out = cmd
+        .arg(agent.addr.to_string())
+        .args(args)
+        .output()
+        .expect("run grpcurl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn grpcurl_lists_describes_and_calls_through_reflection_alone() {
+    let assets = Assets::get();
+    let agent = Agent::start().await;
+
+    let (ok, list, err) = grpcurl(&assets, &agent, None, &["list"]);
+    assert!(ok, "{err}");
+    for service in [
+        "modeld.v1.ModelRegistry",
+        "modeld.v1.Storage",
+        "modeld.v1.Lifecycle",
+        "modeld.v1.Generate",
+        "modeld.v1.Node",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(
+            list.lines().any(|l| l == service),
+            "{service} missing from:\n{list}"
+        );
+    }
+
+    let (ok, methods, err) = grpcurl(&assets, &agent, None, &["list", "modeld.v1.ModelRegistry"]);
+    assert!(ok, "{err}");
+    for m in [
+        "ListModels",
+        "GetModel",
+        "RegisterModel",
+        "UpdateModel",
+        "DeleteModel",
+        "ImportCatalog",
+        "ScanModels",
+        "CheckCompatibility",
+    ] {
+        assert!(
+            methods.contains(&format!("modeld.v1.ModelRegistry.{m}")),
+            "{m} missing:\n{methods}"
+        );
+    }
+
+    let (ok, described, err) = grpcurl(&assets, &agent, None, &["describe", "modeld.v1.ModelSpec"]);
+    assert!(ok, "{err}");
+    assert!(
+        described.contains("repeated .modeld.v1.ModelFile files"),
+        "{described}"
+    );
+
+    let (ok, health, err) = grpcurl(&assets, &agent, None, &["grpc.health.v1.Health/Check"]);
+    assert!(ok, "{err}");
+    assert!(health.contains("SERVING"), "{health}");
+
+    let (ok, got, err) = grpcurl(
+        &assets,
+        &agent,
+        Some(r#"{"id":"smollm2-135m-instruct"}"#),
+        &["modeld.v1.ModelRegistry/GetModel"],
+    );
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(v["model"]["spec"]["format"], "MODEL_FORMAT_GGUF");
+    assert_eq!(v["model"]["spec"]["files"][0]["sizeBytes"], "98362432");
+
+    let register = r#"{"spec":{"id":"from-grpcurl","format":"MODEL_FORMAT_ONNX","files":[{"name":"m.onnx","urls":["https://h.example/m.onnx"],"sha256":"5555555555555555555555555555555555555555555555555555555555555555","sizeBytes":"12"}]}}"#;
+    let (ok, _, err) = grpcurl(
+        &assets,
+        &agent,
+        Some(register),
+        &["modeld.v1.ModelRegistry/RegisterModel"],
+    );
+    assert!(ok, "{err}");
+    let (ok, listed, err) = grpcurl(
+        &assets,
+        &agent,
+        Some(r#"{"format":"MODEL_FORMAT_ONNX"}"#),
+        &["modeld.v1.ModelRegistry/ListModels"],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        listed.contains("from-grpcurl") && !listed.contains("smollm2"),
+        "{listed}"
+    );
+
+    let (ok, caps, err) = grpcurl(&assets, &agent, None, &["modeld.v1.Node/GetCapabilities"]);
+    assert!(ok, "{err}");
+    assert!(caps.contains("\"nodeId\""), "{caps}");
+
+    // Errors come back as gRPC statuses grpcurl can show.
+    let (ok, _, err) = grpcurl(
+        &assets,
+        &agent,
+        Some(r#"{"id":"nope"}"#),
+        &["modeld.v1.ModelRegistry/GetModel"],
+    );
+    assert!(!ok);
+    assert!(err.contains("NotFound") && err.contains("nope"), "{err}");
+    let (ok, _, err) = grpcurl(
+        &assets,
+        &agent,
+        Some(r#"{"model_id":"x"}"#),
+        &["modeld.v1.Storage/Pull"],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("Unimplemented") && err.contains("modeld.v1.Storage/Pull"),
+        "{err}"
+    );
+}

@@ -1,0 +1,247 @@
+//! Node capabilities, resource watching, configuration precedence, and the RPCs that
+//! later stages fill in.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use modeld_e2e::{Agent, AgentOptions, pb, reason};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+#[tokio::test]
+async fn capabilities_describe_this_machine_and_this_build() {
+    let agent = Agent::start_with(AgentOptions {
+        args: vec![
+            "--memory-budget".into(),
+            "300MB".into(),
+            "--disk-quota".into(),
+            "2GB".into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let caps = agent.client().await.capabilities().await.unwrap();
+
+    assert_eq!(caps.node_id.len(), 36, "a UUID");
+    assert!(!caps.os.is_empty() && !caps.kernel_version.is_empty());
+    let cpu = caps.cpu.unwrap();
+    assert_eq!(cpu.architecture, std::env::consts::ARCH);
+    let logical = std::thread::available_parallelism().unwrap().get() as u32;
+    assert_eq!(cpu.logical_cores, logical);
+    assert!(cpu.physical_cores >= 1 && cpu.physical_cores <= logical);
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(
+        cpu.features.contains(&"avx2".to_owned()),
+        std::arch::is_x86_feature_detected!("avx2")
+    );
+    let mem = caps.memory.unwrap();
+    assert!(mem.total_bytes > 0 && mem.available_bytes <= mem.total_bytes);
+    assert!(caps.disk_free_bytes > 0 && caps.disk_free_bytes <= caps.disk_total_bytes);
+    assert_eq!(caps.memory_budget_bytes, 300_000_000);
+    assert_eq!(caps.disk_quota_bytes, 2_000_000_000);
+    assert_eq!(caps.agent_version, env!("CARGO_PKG_VERSION"));
+
+    // This build compiles in no engine: every format is recognized, none runnable, and
+    // a controller can tell the two apart.
+    assert!(caps.runtimes.is_empty());
+    assert_eq!(caps.formats.len(), 9);
+    assert!(
+        caps.formats
+            .iter()
+            .all(|f| f.recognized && !f.runnable && f.runtimes.is_empty())
+    );
+}
+
+#[tokio::test]
+async fn watch_resources_streams_at_the_requested_interval() {
+    let agent = Agent::start().await;
+    let client = agent.client().await;
+    let mut stream = client
+        .node()
+        .watch_resources(pb::WatchResourcesRequest {
+            interval: Some(modeld_proto::pbjson_types::Duration {
+                seconds: 0,
+                nanos: 200_000_000,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let snap = stream.next().await.unwrap().unwrap();
+        assert!(snap.memory.unwrap().total_bytes > 0);
+        assert!(snap.agent_rss_bytes > 0);
+        assert!(snap.disk_free_bytes > 0);
+        let t = snap.time.unwrap();
+        times.push(Duration::new(t.seconds as u64, t.nanos as u32));
+    }
+    assert!(times.windows(2).all(|w| w[1] > w[0]), "{times:?}");
+    // /proc/pressure/memory exists on this kernel; elsewhere the field is -1.
+    let psi = std::path::Path::new("/proc/pressure/memory").exists();
+    let snap = stream.next().await.unwrap().unwrap();
+    assert_eq!(snap.memory_pressure >= 0.0, psi);
+
+    for bad in [
+        modeld_proto::pbjson_types::Duration {
+            seconds: 0,
+            nanos: 1_000_000,
+        },
+        modeld_proto::pbjson_types::Duration {
+            seconds: 7200,
+            nanos: 0,
+        },
+        modeld_proto::pbjson_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        },
+    ] {
+        let err = client
+            .node()
+            .watch_resources(pb::WatchResourcesRequest {
+                interval: Some(bad),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("interval"), "{}", err.message());
+    }
+}
+
+#[tokio::test]
+async fn later_stage_rpcs_answer_unimplemented_with_their_name() {
+    let agent = Agent::start().await;
+    let client = agent.client().await;
+    let check = |status: tonic::Status, rpc: &str| {
+        assert_eq!(status.code(), Code::Unimplemented);
+        assert!(
+            status.message().contains(rpc),
+            "{} should name {rpc}",
+            status.message()
+        );
+        assert_eq!(reason(&status), "NOT_IMPLEMENTED");
+    };
+    check(
+        client
+            .storage()
+            .pull(pb::PullRequest {
+                model_id: "x".into(),
+            })
+            .await
+            .err()
+            .unwrap(),
+        "modeld.v1.Storage/Pull",
+    );
+    check(
+        client
+            .storage()
+            .get_usage(pb::GetUsageRequest {})
+            .await
+            .unwrap_err(),
+        "modeld.v1.Storage/GetUsage",
+    );
+    check(
+        client
+            .lifecycle()
+            .load(pb::LoadRequest::default())
+            .await
+            .err()
+            .unwrap(),
+        "modeld.v1.Lifecycle/Load",
+    );
+    check(
+        client
+            .lifecycle()
+            .list_loaded(pb::ListLoadedRequest {})
+            .await
+            .unwrap_err(),
+        "modeld.v1.Lifecycle/ListLoaded",
+    );
+    check(
+        client
+            .generate()
+            .tokenize(pb::TokenizeRequest::default())
+            .await
+            .unwrap_err(),
+        "modeld.v1.Generate/Tokenize",
+    );
+    check(
+        client
+            .node()
+            .benchmark(pb::BenchmarkRequest::default())
+            .await
+            .unwrap_err(),
+        "modeld.v1.Node/Benchmark",
+    );
+    assert!(client.is_serving().await.unwrap());
+}
+
+/// Flags win over environment variables, which win over the config file.
+#[tokio::test]
+async fn configuration_precedence_is_flag_then_env_then_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("modeld.toml");
+    std::fs::write(
+        &config,
+        "memory_budget = \"100MB\"\ndisk_quota = \"1GB\"\nlog = \"info\"\n",
+    )
+    .unwrap();
+    let config_arg = vec!["--config".to_owned(), config.display().to_string()];
+
+    let file_only = Agent::start_with(AgentOptions {
+        args: config_arg.clone(),
+        ..Default::default()
+    })
+    .await;
+    let caps = file_only.client().await.capabilities().await.unwrap();
+    assert_eq!(
+        (caps.memory_budget_bytes, caps.disk_quota_bytes),
+        (100_000_000, 1_000_000_000)
+    );
+
+    let env_over_file = Agent::start_with(AgentOptions {
+        args: config_arg.clone(),
+        env: vec![("MODELD_MEMORY_BUDGET".into(), "200MB".into())],
+        ..Default::default()
+    })
+    .await;
+    let caps = env_over_file.client().await.capabilities().await.unwrap();
+    assert_eq!(
+        (caps.memory_budget_bytes, caps.disk_quota_bytes),
+        (200_000_000, 1_000_000_000)
+    );
+
+    let mut args = config_arg;
+    args.extend(["--memory-budget".to_owned(), "300MB".to_owned()]);
+    let flag_over_env = Agent::start_with(AgentOptions {
+        args,
+        env: vec![("MODELD_MEMORY_BUDGET".into(), "200MB".into())],
+        ..Default::default()
+    })
+    .await;
+    let caps = flag_over_env.client().await.capabilities().await.unwrap();
+    assert_eq!(caps.memory_budget_bytes, 300_000_000);
+}
+
+#[tokio::test]
+async fn bad_configuration_stops_the_agent_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("modeld.toml");
+    std::fs::write(&config, "memory_budjet = \"1GB\"\n").unwrap();
+    let out = std::process::Command::new(modeld_e2e::binary("modeld"))
+        .args(["--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("memory_budjet"), "{stderr}");
+
+    let out = std::process::Command::new(modeld_e2e::binary("modeld"))
+        .args(["--listen", "127.0.0.1:0", "--memory-budget", "lots"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lots"));
+}
