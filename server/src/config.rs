@@ -340,3 +340,20 @@ mod tests {
         assert_eq!(c.disk_quota, None);
     }
 }
+
+#[cfg(test)]
+mod deploy_example_tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/modeld.toml");
+        let c = Config::load(Args {
+            config: Some(path),
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!(c.disk_quota, Some(40_000_000_000));
+        assert_eq!(c.models_dirs, [PathBuf::from("/srv/models")]);
+    }
+}

