@@ -111,6 +111,21 @@ async fn grpcurl_lists_describes_and_calls_through_reflection_alone() {
         "{listed}"
     );
 
+    // Field masks travel as camelCase paths in JSON and arrive as proto field names.
+    let (ok, updated, err) = grpcurl(
+        &assets,
+        &agent,
+        Some(
+            r#"{"spec":{"id":"from-grpcurl","displayName":"Set by grpcurl"},"updateMask":"displayName"}"#,
+        ),
+        &["modeld.v1.ModelRegistry/UpdateModel"],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        updated.contains("Set by grpcurl") && updated.contains("\"generation\": \"2\""),
+        "{updated}"
+    );
+
     let (ok, caps, err) = grpcurl(&assets, &agent, None, &["modeld.v1.Node/GetCapabilities"]);
     assert!(ok, "{err}");
     assert!(caps.contains("\"nodeId\""), "{caps}");
