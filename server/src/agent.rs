@@ -134,7 +134,7 @@ pub async fn serve(
 
     let addr = listener
         .local_addr()
-        .map_err(|e| Error::Config(format!("listener: {e}")))?;
+        .map_err(|e| Error::Serve(format!("listener: {e}")))?;
     info!(%addr, "modeld listening");
 
     let (stop_tx, mut stop_rx) = watch::channel(false);
@@ -150,7 +150,7 @@ pub async fn serve(
 
     tokio::select! {
         result = &mut server => {
-            result.map_err(|e| Error::Config(format!("server stopped: {e}")))?;
+            result.map_err(|e| Error::Serve(e.to_string()))?;
         }
         () = shutdown => {
             info!(grace_secs = grace.as_secs(), "shutting down: draining in-flight requests");
@@ -161,7 +161,7 @@ pub async fn serve(
             let _ = shutdown_tx.send(true);
             let _ = stop_tx.send(true);
             match tokio::time::timeout(grace, &mut server).await {
-                Ok(result) => result.map_err(|e| Error::Config(format!("server stopped: {e}")))?,
+                Ok(result) => result.map_err(|e| Error::Serve(e.to_string()))?,
                 Err(_) => warn!("grace time over: cancelling the requests still running"),
             }
         }

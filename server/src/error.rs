@@ -70,6 +70,10 @@ pub enum Error {
     #[error("configuration: {0}")]
     Config(String),
 
+    /// The gRPC server itself failed (listener, transport).
+    #[error("gRPC server: {0}")]
+    Serve(String),
+
     /// A blocking task died; the agent keeps serving but this request failed.
     #[error("internal task failed: {0}")]
     TaskFailed(String),

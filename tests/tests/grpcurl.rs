@@ -111,12 +111,12 @@ async fn grpcurl_lists_describes_and_calls_through_reflection_alone() {
         "{listed}"
     );
 
-    // Field masks travel as camelCase paths in JSON and arrive as proto field names.
+    // grpcurl 1.8's dynamic messages take a FieldMask as an object of paths.
     let (ok, updated, err) = grpcurl(
         &assets,
         &agent,
         Some(
-            r#"{"spec":{"id":"from-grpcurl","displayName":"Set by grpcurl"},"updateMask":"displayName"}"#,
+            r#"{"spec":{"id":"from-grpcurl","displayName":"Set by grpcurl"},"updateMask":{"paths":["display_name"]}}"#,
         ),
         &["modeld.v1.ModelRegistry/UpdateModel"],
     );

@@ -29,7 +29,7 @@ pub const SERVICE_NAMES: [&str; 5] = [
 /// speaks v1alpha), with explicit message size limits.
 pub fn routes(agent: Arc<Agent>) -> Result<Routes> {
     let reflection_err =
-        |e: tonic_reflection::server::Error| Error::Config(format!("reflection: {e}"));
+        |e: tonic_reflection::server::Error| Error::Serve(format!("reflection: {e}"));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(modeld_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -62,6 +62,7 @@ impl From<Error> for Status {
             Error::SchemaTooNew { .. } => (Code::FailedPrecondition, "SCHEMA_TOO_NEW"),
             Error::Config(_) => (Code::FailedPrecondition, "BAD_CONFIG"),
             Error::TaskFailed(_) => (Code::Internal, "TASK_FAILED"),
+            Error::Serve(_) => (Code::Internal, "SERVER_ERROR"),
             Error::Unimplemented { rpc } => {
                 meta.insert("rpc".into(), (*rpc).to_owned());
                 (Code::Unimplemented, "NOT_IMPLEMENTED")

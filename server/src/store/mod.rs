@@ -13,7 +13,10 @@ use prost::Message;
 
 use crate::error::{Error, Result};
 
-pub use records::{FileRecord, LifecycleRecord, ModelRecord, SpecRecord};
+pub use records::{
+    BlobRecord, FileRecord, LifecycleRecord, ModelRecord, PushRecord, SpecRecord,
+    StoredFileRecord, StoredModelRecord, TransferFileRecord, TransferRecord,
+};
 
 /// Schema version this agent writes. Bump it when a record changes meaning, not when a
 /// field is added.
@@ -28,6 +31,10 @@ mod tree {
     pub const META: &str = "meta";
     pub const MODELS: &str = "models";
     pub const LIFECYCLE: &str = "lifecycle";
+    pub const BLOBS: &str = "blobs";
+    pub const STORED: &str = "stored";
+    pub const TRANSFERS: &str = "transfers";
+    pub const PUSHES: &str = "pushes";
 }
 
 #[derive(Clone)]
@@ -36,6 +43,10 @@ pub struct Store {
     meta: sled::Tree,
     models: sled::Tree,
     lifecycle: sled::Tree,
+    blobs: sled::Tree,
+    stored: sled::Tree,
+    transfers: sled::Tree,
+    pushes: sled::Tree,
     node_id: String,
     path: PathBuf,
 }
@@ -88,6 +99,10 @@ impl Store {
         let store = Store {
             models: db.open_tree(tree::MODELS)?,
             lifecycle: db.open_tree(tree::LIFECYCLE)?,
+            blobs: db.open_tree(tree::BLOBS)?,
+            stored: db.open_tree(tree::STORED)?,
+            transfers: db.open_tree(tree::TRANSFERS)?,
+            pushes: db.open_tree(tree::PUSHES)?,
             meta,
             db,
             node_id,
@@ -180,6 +195,70 @@ impl Store {
         Ok(())
     }
 
+    pub fn blob(&self, sha256: &str) -> Result<Option<BlobRecord>> {
+        get(&self.blobs, tree::BLOBS, sha256)
+    }
+
+    pub fn put_blob(&self, sha256: &str, record: &BlobRecord) -> Result<()> {
+        put(&self.blobs, sha256, record)
+    }
+
+    pub fn delete_blob(&self, sha256: &str) -> Result<()> {
+        self.blobs.remove(sha256.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn blobs(&self) -> Result<Vec<(String, BlobRecord)>> {
+        all(&self.blobs, tree::BLOBS)
+    }
+
+    pub fn stored_model(&self, id: &str) -> Result<Option<StoredModelRecord>> {
+        get(&self.stored, tree::STORED, id)
+    }
+
+    pub fn put_stored_model(&self, id: &str, record: &StoredModelRecord) -> Result<()> {
+        put(&self.stored, id, record)
+    }
+
+    pub fn delete_stored_model(&self, id: &str) -> Result<()> {
+        self.stored.remove(id.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn stored_models(&self) -> Result<Vec<(String, StoredModelRecord)>> {
+        all(&self.stored, tree::STORED)
+    }
+
+    pub fn transfer(&self, id: &str) -> Result<Option<TransferRecord>> {
+        get(&self.transfers, tree::TRANSFERS, id)
+    }
+
+    pub fn put_transfer(&self, record: &TransferRecord) -> Result<()> {
+        put(&self.transfers, &record.id, record)
+    }
+
+    pub fn delete_transfer(&self, id: &str) -> Result<()> {
+        self.transfers.remove(id.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn transfers(&self) -> Result<Vec<(String, TransferRecord)>> {
+        all(&self.transfers, tree::TRANSFERS)
+    }
+
+    pub fn push(&self, key: &str) -> Result<Option<PushRecord>> {
+        get(&self.pushes, tree::PUSHES, key)
+    }
+
+    pub fn put_push(&self, key: &str, record: &PushRecord) -> Result<()> {
+        put(&self.pushes, key, record)
+    }
+
+    pub fn delete_push(&self, key: &str) -> Result<()> {
+        self.pushes.remove(key.as_bytes())?;
+        Ok(())
+    }
+
     /// Remembers that the operator deleted a built-in catalog model, so a restart does
     /// not bring it back.
     pub fn mark_builtin_deleted(&self, id: &str) -> Result<()> {
@@ -199,6 +278,26 @@ impl Store {
             .meta
             .contains_key(format!("{META_BUILTIN_DELETED}{id}").as_bytes())?)
     }
+}
+
+fn get<M: Message + Default>(t: &sled::Tree, name: &'static str, key: &str) -> Result<Option<M>> {
+    t.get(key.as_bytes())?
+        .map(|v| decode(name, key.as_bytes(), &v))
+        .transpose()
+}
+
+fn put<M: Message>(t: &sled::Tree, key: &str, record: &M) -> Result<()> {
+    t.insert(key.as_bytes(), record.encode_to_vec())?;
+    Ok(())
+}
+
+fn all<M: Message + Default>(t: &sled::Tree, name: &'static str) -> Result<Vec<(String, M)>> {
+    t.iter()
+        .map(|kv| {
+            let (k, v) = kv?;
+            Ok((String::from_utf8_lossy(&k).into_owned(), decode(name, &k, &v)?))
+        })
+        .collect()
 }
 
 fn decode<M: Message + Default>(tree: &'static str, key: &[u8], value: &[u8]) -> Result<M> {

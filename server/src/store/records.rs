@@ -93,3 +93,80 @@ pub struct LifecycleRecord {
     #[prost(int64, tag = "3")]
     pub update_time_unix_ms: i64,
 }
+
+/// A verified blob in `<data>/blobs/sha256/<hex>`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BlobRecord {
+    #[prost(uint64, tag = "1")]
+    pub size_bytes: u64,
+    #[prost(int64, tag = "2")]
+    pub create_time_unix_ms: i64,
+}
+
+/// What is stored for a model: which blob holds each of its files.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredModelRecord {
+    #[prost(message, repeated, tag = "1")]
+    pub files: Vec<StoredFileRecord>,
+    /// Extracted directory under `<data>/models/`, for archive models.
+    #[prost(string, tag = "2")]
+    pub extracted_path: String,
+    #[prost(int64, tag = "3")]
+    pub update_time_unix_ms: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredFileRecord {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, tag = "2")]
+    pub sha256: String,
+    #[prost(uint64, tag = "3")]
+    pub size_bytes: u64,
+}
+
+/// A download that has not finished. Its offsets are persisted only after the bytes
+/// they count are synced to the partial file, so a restart resumes from data that is
+/// really on disk.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TransferRecord {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, tag = "2")]
+    pub model_id: String,
+    /// queued | paused (running transfers are stored as queued)
+    #[prost(string, tag = "3")]
+    pub state: String,
+    #[prost(message, repeated, tag = "4")]
+    pub files: Vec<TransferFileRecord>,
+    #[prost(int64, tag = "5")]
+    pub create_time_unix_ms: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TransferFileRecord {
+    /// Index of the file in the model spec.
+    #[prost(uint32, tag = "1")]
+    pub index: u32,
+    /// Bytes of the source synced to the partial file.
+    #[prost(uint64, tag = "2")]
+    pub offset: u64,
+    /// Source the partial bytes came from, and its validator for If-Range.
+    #[prost(string, tag = "3")]
+    pub source_url: String,
+    #[prost(string, tag = "4")]
+    pub validator: String,
+    #[prost(bool, tag = "5")]
+    pub done: bool,
+}
+
+/// An upload in progress through Push.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PushRecord {
+    #[prost(string, tag = "1")]
+    pub sha256: String,
+    #[prost(uint64, tag = "2")]
+    pub size_bytes: u64,
+    #[prost(uint64, tag = "3")]
+    pub offset: u64,
+}
