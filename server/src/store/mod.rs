@@ -14,8 +14,8 @@ use prost::Message;
 use crate::error::{Error, Result};
 
 pub use records::{
-    BlobRecord, FileRecord, LifecycleRecord, ModelRecord, PushRecord, SpecRecord,
-    StoredFileRecord, StoredModelRecord, TransferFileRecord, TransferRecord,
+    BlobRecord, FileRecord, LifecycleRecord, ModelRecord, PushRecord, SpecRecord, StoredFileRecord,
+    StoredModelRecord, TransferFileRecord, TransferRecord,
 };
 
 /// Schema version this agent writes. Bump it when a record changes meaning, not when a
@@ -295,7 +295,10 @@ fn all<M: Message + Default>(t: &sled::Tree, name: &'static str) -> Result<Vec<(
     t.iter()
         .map(|kv| {
             let (k, v) = kv?;
-            Ok((String::from_utf8_lossy(&k).into_owned(), decode(name, &k, &v)?))
+            Ok((
+                String::from_utf8_lossy(&k).into_owned(),
+                decode(name, &k, &v)?,
+            ))
         })
         .collect()
 }
