@@ -17,6 +17,8 @@ use crate::error::{Error, Result};
 use crate::hardware::Hardware;
 use crate::registry::Registry;
 use crate::registry::compat::NodeResources;
+use crate::storage::source::SourceContext;
+use crate::storage::{Storage, StorageSettings};
 use crate::store::Store;
 
 /// Everything the services share.
@@ -25,6 +27,7 @@ pub struct Agent {
     pub config: Config,
     pub store: Store,
     pub registry: Registry,
+    pub storage: Storage,
     pub hardware: Hardware,
     /// The memory budget resolved against this machine's physical memory.
     pub memory_budget_bytes: u64,
@@ -50,8 +53,7 @@ impl Agent {
             memory_available_bytes: memory.available_bytes,
             disk_free_bytes: disk.free_bytes,
             disk_quota_bytes: self.config.disk_quota,
-            // Nothing is stored by this agent yet; storage reports real usage.
-            disk_used_bytes: 0,
+            disk_used_bytes: self.storage.used_bytes().unwrap_or(0),
             physical_cores: self.hardware.host().cpu.physical_cores,
             accelerators,
         }
@@ -80,16 +82,30 @@ pub async fn serve(
     );
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let registry = Registry::new(
+    let http = crate::http_client::build()?;
+    let registry = Registry::new(store.clone(), config.models_dirs.clone(), http.clone());
+    let storage = Storage::open(
+        &data_dir,
         store.clone(),
-        config.models_dirs.clone(),
-        crate::http_client::build()?,
-    );
+        SourceContext {
+            http,
+            headers: config.source_headers.clone(),
+            stall_timeout: config.stall_timeout,
+        },
+        StorageSettings {
+            max_concurrent_downloads: config.max_concurrent_downloads,
+            retries: config.download_retries,
+            retry_delay: config.retry_delay,
+            quota: config.disk_quota,
+            extract: crate::storage::extract::Limits::default(),
+        },
+    )?;
     let grace = config.shutdown_grace;
     let agent = Arc::new(Agent {
         config,
         store: store.clone(),
         registry,
+        storage,
         hardware,
         memory_budget_bytes,
         shutdown: shutdown_rx.clone(),
@@ -122,6 +138,12 @@ pub async fn serve(
                     ),
                     Err(e) => warn!(error = %e, "models directories could not be scanned"),
                 }
+            }
+            let lookup = |id: &str| agent.registry.get(id).ok().map(|e| e.spec);
+            match agent.storage.resume_unfinished(lookup).await {
+                Ok(0) => {}
+                Ok(n) => info!(transfers = n, "unfinished transfers resumed"),
+                Err(e) => warn!(error = %e, "unfinished transfers could not be resumed"),
             }
             for name in api::SERVICE_NAMES.iter().chain(std::iter::once(&"")) {
                 health

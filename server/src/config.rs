@@ -72,6 +72,35 @@ pub struct Args {
     /// cancelled [default: 10].
     #[arg(long, env = "MODELD_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
+
+    /// Downloads that run at once; more wait in a queue [default: 2]. More parallel
+    /// downloads rarely help on one uplink and cost disk seeks on small devices.
+    #[arg(long, env = "MODELD_MAX_CONCURRENT_DOWNLOADS")]
+    pub max_concurrent_downloads: Option<usize>,
+
+    /// Milliseconds without a byte before a download counts as stalled and is retried
+    /// [default: 30000]. Lower detects dead connections sooner; too low aborts slow links.
+    #[arg(long, env = "MODELD_STALL_TIMEOUT_MS")]
+    pub stall_timeout_ms: Option<u64>,
+
+    /// Attempts per source before the next mirror is tried [default: 5].
+    #[arg(long, env = "MODELD_DOWNLOAD_RETRIES")]
+    pub download_retries: Option<usize>,
+
+    /// First retry delay in milliseconds; later ones double, with jitter, up to 64x
+    /// [default: 500]. A Retry-After header from the server takes precedence.
+    #[arg(long, env = "MODELD_RETRY_DELAY_MS")]
+    pub retry_delay_ms: Option<u64>,
+
+    /// Extra request header for one source host, as "HOST=Header-Name: value"
+    /// (repeatable; the env variable takes a ';'-separated list). Values are never
+    /// logged. Flags show up in process lists: prefer the config file for secrets.
+    #[arg(long = "source-header", env = "MODELD_SOURCE_HEADERS", value_delimiter = ';', hide_env_values = true)]
+    pub source_headers: Vec<String>,
+
+    /// Hugging Face token, sent as "Authorization: Bearer ..." to huggingface.co only.
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+    pub hf_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -155,10 +184,17 @@ struct FileConfig {
     log: Option<String>,
     log_format: Option<LogFormat>,
     shutdown_grace_secs: Option<u64>,
+    max_concurrent_downloads: Option<usize>,
+    stall_timeout_ms: Option<u64>,
+    download_retries: Option<usize>,
+    retry_delay_ms: Option<u64>,
+    /// host → header name → value
+    source_headers: Option<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>>,
+    hf_token: Option<String>,
 }
 
 /// The effective configuration.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
@@ -170,6 +206,12 @@ pub struct Config {
     pub log: String,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
+    pub max_concurrent_downloads: usize,
+    pub stall_timeout: Duration,
+    pub download_retries: usize,
+    pub retry_delay: Duration,
+    /// Extra headers per source host; their values never print.
+    pub source_headers: crate::storage::source::HostHeaders,
 }
 
 impl Config {
@@ -233,8 +275,55 @@ impl Config {
                 .shutdown_grace_secs
                 .or(file.shutdown_grace_secs)
                 .map_or(DEFAULT_SHUTDOWN_GRACE, Duration::from_secs),
+            max_concurrent_downloads: args
+                .max_concurrent_downloads
+                .or(file.max_concurrent_downloads)
+                .unwrap_or(2)
+                .max(1),
+            stall_timeout: Duration::from_millis(
+                args.stall_timeout_ms.or(file.stall_timeout_ms).unwrap_or(30_000).max(1),
+            ),
+            download_retries: args.download_retries.or(file.download_retries).unwrap_or(5),
+            retry_delay: Duration::from_millis(args.retry_delay_ms.or(file.retry_delay_ms).unwrap_or(500).max(1)),
+            source_headers: source_headers(&args.source_headers, file.source_headers.as_ref(), args.hf_token.or(file.hf_token))?,
         })
     }
+}
+
+fn source_headers(
+    flags: &[String],
+    file: Option<&std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>>,
+    hf_token: Option<String>,
+) -> Result<crate::storage::source::HostHeaders> {
+    use reqwest::header::{HeaderName, HeaderValue};
+    let mut out = crate::storage::source::HostHeaders::default();
+    let mut add = |host: &str, name: &str, value: &str| -> Result<()> {
+        let bad = |what: &str| Error::Config(format!("source header for {host:?}: invalid {what} (value not shown)"));
+        let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| bad("header name"))?;
+        let value = HeaderValue::from_str(value.trim()).map_err(|_| bad("header value"))?;
+        out.insert(host.trim(), name, value);
+        Ok(())
+    };
+    if let Some(file) = file {
+        for (host, headers) in file {
+            for (name, value) in headers {
+                add(host, name, value)?;
+            }
+        }
+    }
+    for flag in flags {
+        let (host, header) = flag
+            .split_once('=')
+            .ok_or_else(|| Error::Config("--source-header takes HOST=Header-Name: value".into()))?;
+        let (name, value) = header
+            .split_once(':')
+            .ok_or_else(|| Error::Config("--source-header takes HOST=Header-Name: value".into()))?;
+        add(host, name, value)?;
+    }
+    if let Some(token) = hf_token.filter(|t| !t.trim().is_empty()) {
+        add("huggingface.co", "authorization", &format!("Bearer {}", token.trim()))?;
+    }
+    Ok(out)
 }
 
 fn read_file(path: &Path) -> Result<FileConfig> {

@@ -66,6 +66,55 @@ pub enum Error {
     )]
     SchemaTooNew { found: u32, supported: u32 },
 
+    #[error("{file}: sha256 mismatch: expected {expected}, got {actual} (the source served different bytes; they were deleted)")]
+    DigestMismatch {
+        file: String,
+        expected: String,
+        actual: String,
+    },
+
+    #[error("{file}: size mismatch: expected {expected} bytes, got {actual} (the bytes were deleted)")]
+    SizeMismatch { file: String, expected: u64, actual: u64 },
+
+    #[error("{file}: every source failed: {attempts}")]
+    SourcesExhausted { file: String, attempts: String },
+
+    #[error("not enough disk: {needed} bytes needed, {available} bytes free")]
+    DiskFull { needed: u64, available: u64 },
+
+    #[error("disk quota exceeded: {needed} bytes needed, {available} bytes left of the {quota}-byte quota")]
+    QuotaExceeded { needed: u64, available: u64, quota: u64 },
+
+    #[error("archive rejected: {0}; nothing was extracted")]
+    ArchiveRejected(String),
+
+    #[error("archive has no member {member:?}")]
+    ArchiveMemberNotFound { member: String },
+
+    #[error("transfer {id:?} was cancelled")]
+    TransferCancelled { id: String },
+
+    #[error("transfer {id:?} not found; `modelctl transfers` lists the running ones")]
+    TransferNotFound { id: String },
+
+    #[error("transfer {id:?} has already ended ({stage})")]
+    TransferFinished { id: String, stage: String },
+
+    #[error("no stored blob with sha256 {sha256}")]
+    BlobNotFound { sha256: String },
+
+    #[error("model {id:?} has nothing stored")]
+    NothingStored { id: String },
+
+    #[error("{field}: {message}")]
+    OutOfRange { field: String, message: String },
+
+    #[error("the client went away: {0}")]
+    ClientCancelled(String),
+
+    #[error("push refused: {0}")]
+    PushRejected(String),
+
     /// Bad configuration; only reachable at start-up.
     #[error("configuration: {0}")]
     Config(String),

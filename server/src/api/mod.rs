@@ -6,6 +6,7 @@ mod node;
 mod pending;
 mod registry;
 pub mod status;
+mod storage;
 
 use std::sync::Arc;
 
@@ -58,8 +59,9 @@ pub fn routes(agent: Arc<Agent>) -> Result<Routes> {
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            pb::storage_server::StorageServer::new(pending::StorageApi)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            pb::storage_server::StorageServer::new(storage::StorageApi::new(agent.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
             pb::lifecycle_server::LifecycleServer::new(pending::LifecycleApi)

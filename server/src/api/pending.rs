@@ -6,7 +6,7 @@ use std::pin::Pin;
 
 use futures::Stream;
 use modeld_proto::v1 as pb;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 
@@ -16,82 +16,8 @@ fn unimplemented<T>(rpc: &'static str) -> Result<T, Status> {
     Err(Error::Unimplemented { rpc }.into())
 }
 
-pub struct StorageApi;
 pub struct LifecycleApi;
 pub struct GenerateApi;
-
-#[tonic::async_trait]
-impl pb::storage_server::Storage for StorageApi {
-    type PullStream = Boxed<pb::PullResponse>;
-    type ReadBlobStream = Boxed<pb::ReadBlobResponse>;
-
-    async fn pull(
-        &self,
-        _: Request<pb::PullRequest>,
-    ) -> Result<Response<Self::PullStream>, Status> {
-        unimplemented("modeld.v1.Storage/Pull")
-    }
-    async fn list_transfers(
-        &self,
-        _: Request<pb::ListTransfersRequest>,
-    ) -> Result<Response<pb::ListTransfersResponse>, Status> {
-        unimplemented("modeld.v1.Storage/ListTransfers")
-    }
-    async fn pause_transfer(
-        &self,
-        _: Request<pb::PauseTransferRequest>,
-    ) -> Result<Response<pb::PauseTransferResponse>, Status> {
-        unimplemented("modeld.v1.Storage/PauseTransfer")
-    }
-    async fn resume_transfer(
-        &self,
-        _: Request<pb::ResumeTransferRequest>,
-    ) -> Result<Response<pb::ResumeTransferResponse>, Status> {
-        unimplemented("modeld.v1.Storage/ResumeTransfer")
-    }
-    async fn cancel_transfer(
-        &self,
-        _: Request<pb::CancelTransferRequest>,
-    ) -> Result<Response<pb::CancelTransferResponse>, Status> {
-        unimplemented("modeld.v1.Storage/CancelTransfer")
-    }
-    async fn push(
-        &self,
-        _: Request<Streaming<pb::PushRequest>>,
-    ) -> Result<Response<pb::PushResponse>, Status> {
-        unimplemented("modeld.v1.Storage/Push")
-    }
-    async fn get_push_offset(
-        &self,
-        _: Request<pb::GetPushOffsetRequest>,
-    ) -> Result<Response<pb::GetPushOffsetResponse>, Status> {
-        unimplemented("modeld.v1.Storage/GetPushOffset")
-    }
-    async fn list_stored(
-        &self,
-        _: Request<pb::ListStoredRequest>,
-    ) -> Result<Response<pb::ListStoredResponse>, Status> {
-        unimplemented("modeld.v1.Storage/ListStored")
-    }
-    async fn delete_stored(
-        &self,
-        _: Request<pb::DeleteStoredRequest>,
-    ) -> Result<Response<pb::DeleteStoredResponse>, Status> {
-        unimplemented("modeld.v1.Storage/DeleteStored")
-    }
-    async fn get_usage(
-        &self,
-        _: Request<pb::GetUsageRequest>,
-    ) -> Result<Response<pb::GetUsageResponse>, Status> {
-        unimplemented("modeld.v1.Storage/GetUsage")
-    }
-    async fn read_blob(
-        &self,
-        _: Request<pb::ReadBlobRequest>,
-    ) -> Result<Response<Self::ReadBlobStream>, Status> {
-        unimplemented("modeld.v1.Storage/ReadBlob")
-    }
-}
 
 #[tonic::async_trait]
 impl pb::lifecycle_server::Lifecycle for LifecycleApi {

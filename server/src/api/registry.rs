@@ -108,7 +108,12 @@ impl ModelRegistry for RegistryApi {
         &self,
         request: Request<pb::DeleteModelRequest>,
     ) -> Result<Response<pb::DeleteModelResponse>, Status> {
-        self.agent.registry.delete(&request.into_inner().id).await?;
+        let id = request.into_inner().id;
+        self.agent.registry.delete(&id).await?;
+        // The registry entry is gone; its files go too, except blobs another model uses.
+        if let Err(e) = self.agent.storage.forget(&id).await {
+            tracing::warn!(model = %id, error = %e, "stored files of a deleted model could not be removed");
+        }
         Ok(Response::new(pb::DeleteModelResponse {}))
     }
 

@@ -13,11 +13,19 @@ pub const DOMAIN: &str = "modeld";
 
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
+        Status::from(&e)
+    }
+}
+
+/// By reference, so one failure shared by several watchers (a transfer two clients
+/// joined) becomes a status for each.
+impl From<&Error> for Status {
+    fn from(e: &Error) -> Status {
         let message = e.to_string();
         let mut meta = HashMap::new();
         let mut violation: Option<(String, String)> = None;
         // No catch-all arm: a new variant must be mapped here before it compiles.
-        let (code, reason) = match &e {
+        let (code, reason) = match e {
             Error::InvalidArgument { field, description } => {
                 violation = Some((field.clone(), description.clone()));
                 (Code::InvalidArgument, "INVALID_ARGUMENT")
@@ -63,6 +71,53 @@ impl From<Error> for Status {
             Error::Config(_) => (Code::FailedPrecondition, "BAD_CONFIG"),
             Error::TaskFailed(_) => (Code::Internal, "TASK_FAILED"),
             Error::Serve(_) => (Code::Internal, "SERVER_ERROR"),
+            Error::DigestMismatch { file, expected, actual } => {
+                meta.insert("file".into(), file.clone());
+                meta.insert("expected_sha256".into(), expected.clone());
+                meta.insert("actual_sha256".into(), actual.clone());
+                (Code::DataLoss, "CHECKSUM_MISMATCH")
+            }
+            Error::SizeMismatch { file, .. } => {
+                meta.insert("file".into(), file.clone());
+                (Code::DataLoss, "SIZE_MISMATCH")
+            }
+            Error::SourcesExhausted { file, .. } => {
+                meta.insert("file".into(), file.clone());
+                (Code::Unavailable, "SOURCES_EXHAUSTED")
+            }
+            Error::DiskFull { .. } => (Code::ResourceExhausted, "DISK_FULL"),
+            Error::QuotaExceeded { .. } => (Code::ResourceExhausted, "QUOTA_EXCEEDED"),
+            Error::ArchiveRejected(_) => (Code::FailedPrecondition, "ARCHIVE_REJECTED"),
+            Error::ArchiveMemberNotFound { member } => {
+                meta.insert("member".into(), member.clone());
+                (Code::FailedPrecondition, "ARCHIVE_MEMBER_NOT_FOUND")
+            }
+            Error::TransferCancelled { id } => {
+                meta.insert("transfer_id".into(), id.clone());
+                (Code::Cancelled, "TRANSFER_CANCELLED")
+            }
+            Error::TransferNotFound { id } => {
+                meta.insert("transfer_id".into(), id.clone());
+                (Code::NotFound, "TRANSFER_NOT_FOUND")
+            }
+            Error::TransferFinished { id, .. } => {
+                meta.insert("transfer_id".into(), id.clone());
+                (Code::FailedPrecondition, "TRANSFER_FINISHED")
+            }
+            Error::BlobNotFound { sha256 } => {
+                meta.insert("sha256".into(), sha256.clone());
+                (Code::NotFound, "BLOB_NOT_FOUND")
+            }
+            Error::NothingStored { id } => {
+                meta.insert("model_id".into(), id.clone());
+                (Code::NotFound, "NOTHING_STORED")
+            }
+            Error::OutOfRange { field, message } => {
+                violation = Some((field.clone(), message.clone()));
+                (Code::OutOfRange, "OUT_OF_RANGE")
+            }
+            Error::PushRejected(_) => (Code::FailedPrecondition, "PUSH_REJECTED"),
+            Error::ClientCancelled(_) => (Code::Cancelled, "CLIENT_CANCELLED"),
             Error::Unimplemented { rpc } => {
                 meta.insert("rpc".into(), (*rpc).to_owned());
                 (Code::Unimplemented, "NOT_IMPLEMENTED")

@@ -3,6 +3,10 @@
 //! loading exists.
 
 use std::fmt;
+use std::time::SystemTime;
+
+use crate::error::Result;
+use crate::store::{LifecycleRecord, Store};
 
 /// Lifecycle state of one model. "generating" is `Ready` with requests in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -66,4 +70,22 @@ impl fmt::Display for ModelState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// Records a model's state. The one writer of the lifecycle tree until the state
+/// machine arrives; the caller flushes.
+pub fn set_state(store: &Store, id: &str, state: ModelState) -> Result<()> {
+    let revision = store.lifecycle(id)?.map_or(0, |r| r.revision) + 1;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    store.put_lifecycle(
+        id,
+        &LifecycleRecord {
+            state: state.as_str().to_owned(),
+            revision,
+            update_time_unix_ms: now,
+        },
+    )
 }

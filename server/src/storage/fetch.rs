@@ -1,0 +1,444 @@
+//! Fetching one file of a transfer: mirrors in order, retries with jittered backoff,
+//! Range resume, hashing as bytes stream in, and verification before anything lands
+//! in the blob store.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::sync::watch;
+
+use super::progress::{RateMeter, Stage};
+use super::source::{self, SourceFault};
+use super::{Control, Inner, TransferHandle};
+use crate::error::{Error, Result};
+use crate::registry::ModelFile;
+use crate::store::{TransferFileRecord, TransferRecord};
+
+/// Persist the offset at least this often (bytes or time, whichever comes first).
+const CHECKPOINT_BYTES: u64 = 16 * 1024 * 1024;
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Consecutive restarts-from-zero a source may cause before it counts as failing.
+const MAX_RESTARTS: u32 = 3;
+
+/// How fetching one file ended, when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The file's bytes are complete in the partial file and verified where the spec
+    /// allows (plain files); archives are verified after extraction.
+    Complete,
+    Paused,
+    Cancelled,
+}
+
+/// The partial download of one file, resumable.
+pub struct PartialFile {
+    pub path: PathBuf,
+    writer: Option<BufWriter<tokio::fs::File>>,
+    hasher: Sha256,
+    pub offset: u64,
+    synced_offset: u64,
+    last_sync: Instant,
+}
+
+impl PartialFile {
+    /// Opens the partial file at `path`, keeping the first `offset` bytes (those a
+    /// checkpoint recorded as synced) and rehashing them: after a restart the digest
+    /// state is gone, so the prefix is read once more.
+    pub async fn open(path: PathBuf, offset: u64) -> Result<PartialFile> {
+        let on_disk = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
+        let offset = if on_disk >= offset { offset } else { 0 };
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .await
+            .map_err(|e| Error::io(&path, e))?;
+        file.set_len(offset).await.map_err(|e| Error::io(&path, e))?;
+        let hasher = if offset > 0 {
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || hash_prefix(&p, offset))
+                .await??
+        } else {
+            Sha256::new()
+        };
+        let mut file = file;
+        use tokio::io::AsyncSeekExt;
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(PartialFile {
+            path,
+            writer: Some(BufWriter::with_capacity(1 << 20, file)),
+            hasher,
+            offset,
+            synced_offset: offset,
+            last_sync: Instant::now(),
+        })
+    }
+
+    fn writer(&mut self) -> Result<&mut BufWriter<tokio::fs::File>> {
+        let path = self.path.clone();
+        self.writer
+            .as_mut()
+            .ok_or_else(|| Error::io(path, std::io::Error::other("partial file already closed")))
+    }
+
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let path = self.path.clone();
+        self.writer()?.write_all(bytes).await.map_err(|e| disk_error(&path, e))?;
+        self.hasher.update(bytes);
+        self.offset += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Flushes and syncs; after this the bytes up to `offset` survive a crash.
+    pub async fn sync(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        let w = self.writer()?;
+        w.flush().await.map_err(|e| disk_error(&path, e))?;
+        w.get_ref().sync_data().await.map_err(|e| disk_error(&path, e))?;
+        self.synced_offset = self.offset;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    pub fn checkpoint_due(&self) -> bool {
+        self.offset - self.synced_offset >= CHECKPOINT_BYTES || self.last_sync.elapsed() >= CHECKPOINT_EVERY
+    }
+
+    /// Drops every byte and starts again from zero.
+    pub async fn reset(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        let w = self.writer()?;
+        w.flush().await.map_err(|e| disk_error(&path, e))?;
+        w.get_mut().set_len(0).await.map_err(|e| Error::io(&path, e))?;
+        use tokio::io::AsyncSeekExt;
+        w.get_mut()
+            .seek(std::io::SeekFrom::Start(0))
+            .await
+            .map_err(|e| Error::io(&path, e))?;
+        self.hasher = Sha256::new();
+        self.offset = 0;
+        self.synced_offset = 0;
+        Ok(())
+    }
+
+    /// Syncs, closes, and returns the hex digest of everything written.
+    pub async fn finish(&mut self) -> Result<String> {
+        self.sync().await?;
+        self.writer = None;
+        Ok(hex::encode(self.hasher.clone().finalize()))
+    }
+}
+
+fn hash_prefix(path: &Path, len: u64) -> Result<Sha256> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file).take(len);
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            return Ok(hasher);
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+/// A full disk is the operator's problem to solve, not an internal error.
+fn disk_error(path: &Path, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        Error::DiskFull {
+            needed: 0,
+            available: fs4::available_space(path).unwrap_or(0),
+        }
+    } else {
+        Error::io(path, e)
+    }
+}
+
+/// What a fetch needs from its transfer.
+pub struct FetchJob<'a> {
+    pub inner: &'a Inner,
+    pub handle: &'a TransferHandle,
+    pub record: &'a mut TransferRecord,
+    pub slot: usize,
+    pub file: &'a ModelFile,
+    pub partial: &'a mut PartialFile,
+    pub control: &'a mut watch::Receiver<Control>,
+}
+
+impl FetchJob<'_> {
+    fn file_record(&mut self) -> &mut TransferFileRecord {
+        &mut self.record.files[self.slot]
+    }
+
+    async fn checkpoint(&mut self) -> Result<()> {
+        self.partial.sync().await?;
+        let offset = self.partial.offset;
+        self.file_record().offset = offset;
+        self.inner.store.put_transfer(self.record)?;
+        self.inner.store.flush().await
+    }
+
+    fn publish(&self, f: impl FnOnce(&mut super::progress::FileProgress)) {
+        let slot = self.slot;
+        self.handle.progress.send_modify(|p| {
+            if let Some(fp) = p.files.get_mut(slot) {
+                f(fp);
+            }
+        });
+    }
+
+    /// What the control channel asks for right now, if it is not "run".
+    fn stop_requested(&self) -> Option<Outcome> {
+        match *self.control.borrow() {
+            Control::Run => None,
+            Control::Pause => Some(Outcome::Paused),
+            Control::Cancel => Some(Outcome::Cancelled),
+        }
+    }
+
+    /// Sleeps `d` unless pause or cancel arrives first.
+    async fn sleep(&mut self, d: Duration) -> Option<Outcome> {
+        tokio::select! {
+            () = tokio::time::sleep(d) => None,
+            _ = self.control.changed() => self.stop_requested(),
+        }
+    }
+
+    fn backoff(&self) -> backon::ExponentialBackoff {
+        ExponentialBuilder::default()
+            .with_jitter()
+            .with_min_delay(self.inner.settings.retry_delay)
+            .with_max_delay(self.inner.settings.retry_delay.saturating_mul(64))
+            .with_max_times(self.inner.settings.retries)
+            .build()
+    }
+
+    /// Fetches the file's bytes into the partial file, trying each source in order.
+    /// Plain files are verified here, with one full retry on a mismatch.
+    pub async fn run(mut self) -> Result<Outcome> {
+        let urls = self.file.urls.clone();
+        let expected_size = self.file.size_bytes;
+        // Plain files have a known size and digest; archive sources are checked after
+        // extraction (their digest is the member's, or the archive's when whole).
+        let plain = self.file.archive.is_none();
+        let whole_archive = self.file.archive.is_some() && self.file.member.is_none();
+        let digest_here = plain || whole_archive;
+        let mut attempts_log = Vec::new();
+        let mut retried_from_zero = false;
+
+        // Resume with the source the partial bytes came from, if it is still listed.
+        let resume_url = self.record.files[self.slot].source_url.clone();
+        let start = match urls.iter().position(|u| *u == resume_url) {
+            Some(i) if self.partial.offset > 0 => i,
+            _ => {
+                if self.partial.offset > 0 {
+                    self.partial.reset().await?;
+                }
+                0
+            }
+        };
+        let mut validator = self.record.files[self.slot].validator.clone();
+
+        'sources: for url in urls.iter().skip(start) {
+            let mut backoff = self.backoff();
+            let mut attempt = 0u32;
+            let mut restarts = 0u32;
+            if self.record.files[self.slot].source_url != *url {
+                validator.clear();
+            }
+            loop {
+                if let Some(stop) = self.stop_requested() {
+                    self.checkpoint().await?;
+                    return Ok(stop);
+                }
+                attempt += 1;
+                let offset = self.partial.offset;
+                self.publish(|p| {
+                    p.stage = Stage::Connecting;
+                    p.attempt = attempt;
+                    p.source_url.clone_from(url);
+                    p.bytes_done = offset;
+                });
+                let opened = source::open(&self.inner.ctx, url, &self.file.sha256, offset, &validator).await;
+                let mut opened = match opened {
+                    Ok(o) => o,
+                    Err(SourceFault::RestartFromZero(why)) => {
+                        restarts += 1;
+                        tracing::info!(file = %self.file.name, url = %url, why, "restarting from byte 0");
+                        self.partial.reset().await?;
+                        validator.clear();
+                        if restarts > MAX_RESTARTS {
+                            attempts_log.push(format!("{url}: {why}"));
+                            continue 'sources;
+                        }
+                        continue;
+                    }
+                    Err(SourceFault::Permanent(why)) => {
+                        tracing::warn!(file = %self.file.name, url = %url, why, "source refused; trying the next");
+                        attempts_log.push(format!("{url}: {why}"));
+                        continue 'sources;
+                    }
+                    Err(SourceFault::Retryable { message, retry_after }) => {
+                        match retry_after.or_else(|| backoff.next()) {
+                            Some(delay) => {
+                                tracing::info!(file = %self.file.name, url = %url, attempt, delay_ms = delay.as_millis() as u64, message, "retrying");
+                                self.publish(|p| p.error.clone_from(&message));
+                                if let Some(stop) = self.sleep(delay).await {
+                                    self.checkpoint().await?;
+                                    return Ok(stop);
+                                }
+                                continue;
+                            }
+                            None => {
+                                attempts_log.push(format!("{url}: {message} (after {attempt} attempts)"));
+                                continue 'sources;
+                            }
+                        }
+                    }
+                };
+                if opened.start != self.partial.offset {
+                    self.partial.reset().await?;
+                }
+                validator.clone_from(&opened.validator);
+                {
+                    let rec = &mut self.record.files[self.slot];
+                    rec.source_url.clone_from(url);
+                    rec.validator.clone_from(&validator);
+                }
+                let total = if plain { expected_size } else { opened.total.unwrap_or(0) };
+                self.publish(|p| {
+                    p.stage = Stage::Downloading;
+                    p.bytes_total = total.max(p.bytes_total);
+                    p.error.clear();
+                });
+
+                // Stream the body.
+                let mut meter = RateMeter::default();
+                let mut received = 0u64;
+                let stall = self.inner.ctx.stall_timeout;
+                let interrupted: Option<String> = loop {
+                    let chunk = tokio::select! {
+                        c = opened.body.next_chunk(stall) => c,
+                        _ = self.control.changed() => {
+                            if let Some(stop) = self.stop_requested() {
+                                self.checkpoint().await?;
+                                return Ok(stop);
+                            }
+                            continue;
+                        }
+                    };
+                    match chunk {
+                        Ok(Some(bytes)) => {
+                            self.partial.write(&bytes).await?;
+                            received += bytes.len() as u64;
+                            if plain && self.partial.offset > expected_size {
+                                break Some(format!("source sent more than the declared {expected_size} bytes"));
+                            }
+                            if meter.add(bytes.len() as u64) {
+                                let done = self.partial.offset;
+                                let rate = meter.rate();
+                                self.publish(|p| {
+                                    p.bytes_done = done;
+                                    p.bytes_per_second = rate;
+                                    #[allow(clippy::cast_precision_loss)]
+                                    let left = p.bytes_total.saturating_sub(done) as f64;
+                                    p.eta_seconds = (rate > 0.0).then(|| left / rate);
+                                });
+                            }
+                            if self.partial.checkpoint_due() {
+                                self.checkpoint().await?;
+                            }
+                        }
+                        Ok(None) => {
+                            let short = opened.total.is_some_and(|t| self.partial.offset < t);
+                            break short.then(|| "connection closed before the end of the file".to_owned());
+                        }
+                        Err(fault) => break Some(fault.to_string()),
+                    }
+                };
+                let done = self.partial.offset;
+                self.publish(|p| {
+                    p.bytes_done = done;
+                    p.bytes_per_second = 0.0;
+                });
+                if let Some(message) = interrupted {
+                    if plain && self.partial.offset > expected_size {
+                        // Too many bytes: fall through to verification, which fails it.
+                    } else {
+                        self.checkpoint().await?;
+                        if received > 0 {
+                            // Progress was made: the next failure starts a fresh backoff.
+                            backoff = self.backoff();
+                        }
+                        match backoff.next() {
+                            Some(delay) => {
+                                tracing::info!(file = %self.file.name, url = %url, offset = done, message, "resuming after interruption");
+                                self.publish(|p| p.error.clone_from(&message));
+                                if let Some(stop) = self.sleep(delay).await {
+                                    return Ok(stop);
+                                }
+                                continue;
+                            }
+                            None => {
+                                attempts_log.push(format!("{url}: {message} (after {attempt} attempts)"));
+                                continue 'sources;
+                            }
+                        }
+                    }
+                }
+
+                // All bytes are here.
+                self.publish(|p| {
+                    p.stage = Stage::Verifying;
+                    p.eta_seconds = Some(0.0);
+                });
+                let actual = self.partial.finish().await?;
+                let size = self.partial.offset;
+                self.file_record().offset = size;
+                if !digest_here {
+                    return Ok(Outcome::Complete);
+                }
+                if actual == self.file.sha256 && (!plain || size == expected_size) {
+                    return Ok(Outcome::Complete);
+                }
+                let mismatch = if plain && size != expected_size && actual != self.file.sha256 {
+                    Error::SizeMismatch {
+                        file: self.file.name.clone(),
+                        expected: expected_size,
+                        actual: size,
+                    }
+                } else {
+                    Error::DigestMismatch {
+                        file: self.file.name.clone(),
+                        expected: self.file.sha256.clone(),
+                        actual,
+                    }
+                };
+                tracing::warn!(file = %self.file.name, url = %url, error = %mismatch, "verification failed");
+                *self.partial = PartialFile::open(self.partial.path.clone(), 0).await?;
+                validator.clear();
+                if retried_from_zero {
+                    return Err(mismatch);
+                }
+                retried_from_zero = true;
+            }
+        }
+        Err(Error::SourcesExhausted {
+            file: self.file.name.clone(),
+            attempts: if attempts_log.is_empty() {
+                "no source listed".into()
+            } else {
+                attempts_log.join("; ")
+            },
+        })
+    }
+}

@@ -1,0 +1,378 @@
+//! Sources a file can come from, opened at an offset: http(s) with Range and If-Range,
+//! file:// on the agent's host, and modeld:// peers through ReadBlob.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use modeld_proto::v1 as pb;
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_RANGE, ETAG, HeaderValue, IF_RANGE, LAST_MODIFIED, RANGE, RETRY_AFTER};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+/// How opening or reading a source went wrong, classified by what to do next. These
+/// never reach a client directly: the transfer turns them into retries, a move to the
+/// next mirror, or one `Error::SourcesExhausted` naming every attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceFault {
+    /// Worth another attempt after a delay: connection errors, 5xx, 408, 429, stalls.
+    Retryable {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// This source will not serve the file (4xx other than 408/429, missing file):
+    /// move to the next mirror.
+    Permanent(String),
+    /// The partial bytes cannot be continued (the file changed, or the server's range
+    /// answer does not line up): start this file again from byte 0.
+    RestartFromZero(String),
+}
+
+impl fmt::Display for SourceFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceFault::Retryable { message, .. } => f.write_str(message),
+            SourceFault::Permanent(m) | SourceFault::RestartFromZero(m) => f.write_str(m),
+        }
+    }
+}
+
+fn retryable(message: impl Into<String>) -> SourceFault {
+    SourceFault::Retryable {
+        message: message.into(),
+        retry_after: None,
+    }
+}
+
+/// A header value that is never printed.
+#[derive(Clone)]
+pub struct Secret(pub HeaderValue);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Extra headers per source host, e.g. an Authorization token for one hub.
+#[derive(Debug, Clone, Default)]
+pub struct HostHeaders {
+    by_host: HashMap<String, Vec<(reqwest::header::HeaderName, Secret)>>,
+}
+
+impl HostHeaders {
+    pub fn insert(&mut self, host: &str, name: reqwest::header::HeaderName, mut value: HeaderValue) {
+        value.set_sensitive(true);
+        self.by_host
+            .entry(host.to_ascii_lowercase())
+            .or_default()
+            .push((name, Secret(value)));
+    }
+
+    fn for_url(&self, url: &url::Url) -> &[(reqwest::header::HeaderName, Secret)] {
+        url.host_str()
+            .and_then(|h| self.by_host.get(&h.to_ascii_lowercase()))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    pub fn hosts(&self) -> impl Iterator<Item = &str> {
+        self.by_host.keys().map(String::as_str)
+    }
+}
+
+/// What every fetch needs.
+#[derive(Debug, Clone)]
+pub struct SourceContext {
+    pub http: reqwest::Client,
+    pub headers: HostHeaders,
+    /// No bytes for this long counts as a stall.
+    pub stall_timeout: Duration,
+}
+
+/// An open body, positioned at `start`.
+pub struct Opened {
+    pub body: Body,
+    /// Where the body begins: the requested offset, or 0 when the source restarted.
+    pub start: u64,
+    /// Total length of the source when it says.
+    pub total: Option<u64>,
+    /// Validator to send as If-Range next time ("" when the source has none).
+    pub validator: String,
+}
+
+pub enum Body {
+    Http(reqwest::Response),
+    File(tokio::fs::File),
+    Peer {
+        /// The first message, read to learn the blob's size, not yet handed out.
+        pending: Option<Bytes>,
+        stream: tonic::Streaming<pb::ReadBlobResponse>,
+    },
+}
+
+const FILE_CHUNK: usize = 1 << 20;
+
+impl Body {
+    /// The next chunk; `None` at the end.
+    pub async fn next_chunk(&mut self, stall: Duration) -> Result<Option<Bytes>, SourceFault> {
+        let stalled = || retryable(format!("no bytes arrived for {} s", stall.as_secs_f32()));
+        match self {
+            Body::Http(resp) => match tokio::time::timeout(stall, resp.chunk()).await {
+                Err(_) => Err(stalled()),
+                Ok(Ok(chunk)) => Ok(chunk),
+                Ok(Err(e)) => Err(retryable(format!("connection lost: {}", chain(&e)))),
+            },
+            Body::File(file) => {
+                let mut buf = vec![0u8; FILE_CHUNK];
+                let n = file
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| retryable(format!("read failed: {e}")))?;
+                buf.truncate(n);
+                Ok((n > 0).then(|| Bytes::from(buf)))
+            }
+            Body::Peer { pending, stream } => {
+                if let Some(first) = pending.take() {
+                    return Ok(Some(first));
+                }
+                match tokio::time::timeout(stall, stream.message()).await {
+                Err(_) => Err(stalled()),
+                Ok(Ok(msg)) => Ok(msg.map(|m| Bytes::from(m.data))),
+                    Ok(Err(status)) => Err(peer_error(&status)),
+                }
+            }
+        }
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
+fn peer_error(status: &tonic::Status) -> SourceFault {
+    use tonic::Code;
+    let message = format!("peer answered {:?}: {}", status.code(), status.message());
+    match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted | Code::Internal | Code::Unknown => {
+            retryable(message)
+        }
+        _ => SourceFault::Permanent(message),
+    }
+}
+
+/// Opens `raw_url` at `offset`. `validator` is what the partial bytes came with.
+pub async fn open(
+    ctx: &SourceContext,
+    raw_url: &str,
+    sha256: &str,
+    offset: u64,
+    validator: &str,
+) -> Result<Opened, SourceFault> {
+    let url = url::Url::parse(raw_url).map_err(|e| SourceFault::Permanent(format!("bad URL: {e}")))?;
+    match url.scheme() {
+        "http" | "https" => open_http(ctx, url, offset, validator).await,
+        "file" => open_file(&url, offset, validator).await,
+        "modeld" => open_peer(&url, sha256, offset).await,
+        other => Err(SourceFault::Permanent(format!("unsupported URL scheme {other:?}"))),
+    }
+}
+
+async fn open_http(
+    ctx: &SourceContext,
+    url: url::Url,
+    offset: u64,
+    validator: &str,
+) -> Result<Opened, SourceFault> {
+    let mut req = ctx.http.get(url.clone());
+    for (name, value) in ctx.headers.for_url(&url) {
+        req = req.header(name, value.0.clone());
+    }
+    if offset > 0 {
+        req = req.header(RANGE, format!("bytes={offset}-"));
+        if !validator.is_empty() {
+            req = req.header(IF_RANGE, validator);
+        }
+    }
+    let resp = tokio::time::timeout(ctx.stall_timeout.max(Duration::from_secs(10)), req.send())
+        .await
+        .map_err(|_| retryable("no response headers before the stall timeout"))?
+        .map_err(|e| retryable(format!("request failed: {}", chain(&e))))?;
+    let status = resp.status();
+    let headers = resp.headers();
+    let new_validator = headers
+        .get(ETAG)
+        .and_then(|v| v.to_str().ok())
+        // A weak ETag cannot be used with If-Range.
+        .filter(|v| !v.starts_with("W/"))
+        .or_else(|| headers.get(LAST_MODIFIED).and_then(|v| v.to_str().ok()))
+        .unwrap_or_default()
+        .to_owned();
+    match status {
+        StatusCode::PARTIAL_CONTENT => {
+            let range = headers
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_content_range);
+            match range {
+                Some((start, total)) if start == offset => Ok(Opened {
+                    total,
+                    body: Body::Http(resp),
+                    start,
+                    validator: new_validator,
+                }),
+                _ => Err(SourceFault::RestartFromZero(format!(
+                    "206 answer's Content-Range {:?} does not start at byte {offset}",
+                    headers.get(CONTENT_RANGE)
+                ))),
+            }
+        }
+        StatusCode::OK => Ok(Opened {
+            total: resp.content_length(),
+            body: Body::Http(resp),
+            start: 0,
+            validator: new_validator,
+        }),
+        StatusCode::RANGE_NOT_SATISFIABLE => Err(SourceFault::RestartFromZero(format!(
+            "server cannot serve from byte {offset} (416)"
+        ))),
+        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS || s == StatusCode::REQUEST_TIMEOUT => {
+            Err(SourceFault::Retryable {
+                message: format!("server answered {s}"),
+                retry_after: headers
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_retry_after),
+            })
+        }
+        s => Err(SourceFault::Permanent(format!("server answered {s}"))),
+    }
+}
+
+/// `bytes START-END/TOTAL` → (START, TOTAL if known).
+fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let rest = v.strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, _end) = range.split_once('-')?;
+    Some((start.trim().parse().ok()?, total.trim().parse().ok()))
+}
+
+/// Retry-After is seconds or an HTTP date. Capped so a hostile server cannot park a
+/// download for days.
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    const CAP: Duration = Duration::from_secs(300);
+    let d = if let Ok(secs) = v.trim().parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let when = httpdate::parse_http_date(v.trim()).ok()?;
+        when.duration_since(std::time::SystemTime::now()).unwrap_or_default()
+    };
+    Some(d.min(CAP))
+}
+
+async fn open_file(url: &url::Url, offset: u64, validator: &str) -> Result<Opened, SourceFault> {
+    let path = url
+        .to_file_path()
+        .map_err(|()| SourceFault::Permanent(format!("{url} is not a local file path")))?;
+    let meta = tokio::fs::metadata(&path)
+        .await
+        .map_err(|e| SourceFault::Permanent(format!("{}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(SourceFault::Permanent(format!("{} is not a file", path.display())));
+    }
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let this_validator = format!("file:{}:{mtime}", meta.len());
+    let mut start = offset;
+    if offset > 0 && (validator != this_validator || offset > meta.len()) {
+        start = 0;
+    }
+    let mut file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| SourceFault::Permanent(format!("{}: {e}", path.display())))?;
+    file.seek(std::io::SeekFrom::Start(start))
+        .await
+        .map_err(|e| retryable(format!("seek failed: {e}")))?;
+    Ok(Opened {
+        body: Body::File(file),
+        start,
+        total: Some(meta.len()),
+        validator: this_validator,
+    })
+}
+
+async fn open_peer(url: &url::Url, sha256: &str, offset: u64) -> Result<Opened, SourceFault> {
+    let host = url
+        .host_str()
+        .ok_or_else(|| SourceFault::Permanent(format!("{url} has no host")))?;
+    let port = url.port().unwrap_or(7700);
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}"))
+        .map_err(|e| SourceFault::Permanent(format!("bad peer address: {e}")))?
+        .connect_timeout(Duration::from_secs(10));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| retryable(format!("cannot reach peer {host}:{port}: {}", chain(&e))))?;
+    let mut client = pb::storage_client::StorageClient::new(channel)
+        .max_decoding_message_size(crate::config::MAX_MESSAGE_BYTES);
+    let mut stream = client
+        .read_blob(pb::ReadBlobRequest {
+            sha256: sha256.to_owned(),
+            offset,
+        })
+        .await
+        .map_err(|s| peer_error(&s))?
+        .into_inner();
+    // The first message tells the size; keep its bytes for the reader.
+    let first = stream.message().await.map_err(|s| peer_error(&s))?;
+    let total = first.as_ref().map(|m| m.size_bytes);
+    let start = first.as_ref().map_or(offset, |m| m.offset);
+    if start != offset {
+        return Err(SourceFault::RestartFromZero(format!(
+            "peer answered from byte {start}, not {offset}"
+        )));
+    }
+    Ok(Opened {
+        body: Body::Peer {
+            pending: first.map(|m| Bytes::from(m.data)).filter(|b| !b.is_empty()),
+            stream,
+        },
+        start,
+        total,
+        validator: String::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_and_retry_after_parse() {
+        assert_eq!(parse_content_range("bytes 100-199/1000"), Some((100, Some(1000))));
+        assert_eq!(parse_content_range("bytes 100-199/*"), Some((100, None)));
+        assert_eq!(parse_content_range("items 1-2/3"), None);
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("999999"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let mut h = HostHeaders::default();
+        h.insert("Hub.Example", reqwest::header::AUTHORIZATION, HeaderValue::from_static("Bearer hf_secret"));
+        let shown = format!("{h:?}");
+        assert!(!shown.contains("hf_secret"), "{shown}");
+    }
+}
