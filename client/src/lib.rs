@@ -230,6 +230,23 @@ impl Client {
             .into_inner())
     }
 
+    /// Starts or joins the download of a model and follows it to the end. Returns the
+    /// last progress message; a failed transfer is an error with the agent's status.
+    pub async fn pull_to_end(&self, model_id: &str) -> Result<pb::TransferProgress> {
+        let mut stream = self
+            .storage()
+            .pull(pb::PullRequest {
+                model_id: model_id.to_owned(),
+            })
+            .await?
+            .into_inner();
+        let mut last = None;
+        while let Some(msg) = stream.message().await? {
+            last = msg.progress;
+        }
+        last.ok_or_else(|| tonic::Status::internal("Pull ended without any progress").into())
+    }
+
     pub async fn check_compatibility(
         &self,
         request: pb::CheckCompatibilityRequest,

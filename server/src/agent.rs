@@ -97,7 +97,7 @@ pub async fn serve(
             retries: config.download_retries,
             retry_delay: config.retry_delay,
             quota: config.disk_quota,
-            extract: crate::storage::extract::Limits::default(),
+            extract: config.extract,
         },
     )?;
     let grace = config.shutdown_grace;

@@ -95,8 +95,26 @@ pub struct Args {
     /// Extra request header for one source host, as "HOST=Header-Name: value"
     /// (repeatable; the env variable takes a ';'-separated list). Values are never
     /// logged. Flags show up in process lists: prefer the config file for secrets.
-    #[arg(long = "source-header", env = "MODELD_SOURCE_HEADERS", value_delimiter = ';', hide_env_values = true)]
+    #[arg(
+        long = "source-header",
+        env = "MODELD_SOURCE_HEADERS",
+        value_delimiter = ';',
+        hide_env_values = true
+    )]
     pub source_headers: Vec<String>,
+
+    /// Most bytes one archive may unpack to [default: 64GiB].
+    #[arg(long, env = "MODELD_EXTRACT_MAX_BYTES")]
+    pub extract_max_bytes: Option<ByteSize>,
+
+    /// Most entries one archive may hold [default: 10000].
+    #[arg(long, env = "MODELD_EXTRACT_MAX_ENTRIES")]
+    pub extract_max_entries: Option<usize>,
+
+    /// Highest compression ratio (unpacked/packed) an archive may have [default: 200];
+    /// above it the archive is treated as a decompression bomb.
+    #[arg(long, env = "MODELD_EXTRACT_MAX_RATIO")]
+    pub extract_max_ratio: Option<u64>,
 
     /// Hugging Face token, sent as "Authorization: Bearer ..." to huggingface.co only.
     #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
@@ -188,8 +206,12 @@ struct FileConfig {
     stall_timeout_ms: Option<u64>,
     download_retries: Option<usize>,
     retry_delay_ms: Option<u64>,
+    extract_max_bytes: Option<String>,
+    extract_max_entries: Option<usize>,
+    extract_max_ratio: Option<u64>,
     /// host → header name → value
-    source_headers: Option<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>>,
+    source_headers:
+        Option<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>>,
     hf_token: Option<String>,
 }
 
@@ -210,6 +232,7 @@ pub struct Config {
     pub stall_timeout: Duration,
     pub download_retries: usize,
     pub retry_delay: Duration,
+    pub extract: crate::storage::extract::Limits,
     /// Extra headers per source host; their values never print.
     pub source_headers: crate::storage::source::HostHeaders,
 }
@@ -281,11 +304,46 @@ impl Config {
                 .unwrap_or(2)
                 .max(1),
             stall_timeout: Duration::from_millis(
-                args.stall_timeout_ms.or(file.stall_timeout_ms).unwrap_or(30_000).max(1),
+                args.stall_timeout_ms
+                    .or(file.stall_timeout_ms)
+                    .unwrap_or(30_000)
+                    .max(1),
             ),
             download_retries: args.download_retries.or(file.download_retries).unwrap_or(5),
-            retry_delay: Duration::from_millis(args.retry_delay_ms.or(file.retry_delay_ms).unwrap_or(500).max(1)),
-            source_headers: source_headers(&args.source_headers, file.source_headers.as_ref(), args.hf_token.or(file.hf_token))?,
+            retry_delay: Duration::from_millis(
+                args.retry_delay_ms
+                    .or(file.retry_delay_ms)
+                    .unwrap_or(500)
+                    .max(1),
+            ),
+            extract: {
+                let defaults = crate::storage::extract::Limits::default();
+                let file_bytes = file
+                    .extract_max_bytes
+                    .as_deref()
+                    .map(ByteSize::from_str)
+                    .transpose()
+                    .map_err(|e| bad("extract_max_bytes", e))?;
+                crate::storage::extract::Limits {
+                    max_bytes: args
+                        .extract_max_bytes
+                        .or(file_bytes)
+                        .map_or(defaults.max_bytes, |b| b.as_u64()),
+                    max_entries: args
+                        .extract_max_entries
+                        .or(file.extract_max_entries)
+                        .unwrap_or(defaults.max_entries),
+                    max_ratio: args
+                        .extract_max_ratio
+                        .or(file.extract_max_ratio)
+                        .unwrap_or(defaults.max_ratio),
+                }
+            },
+            source_headers: source_headers(
+                &args.source_headers,
+                file.source_headers.as_ref(),
+                args.hf_token.or(file.hf_token),
+            )?,
         })
     }
 }
@@ -298,8 +356,13 @@ fn source_headers(
     use reqwest::header::{HeaderName, HeaderValue};
     let mut out = crate::storage::source::HostHeaders::default();
     let mut add = |host: &str, name: &str, value: &str| -> Result<()> {
-        let bad = |what: &str| Error::Config(format!("source header for {host:?}: invalid {what} (value not shown)"));
-        let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| bad("header name"))?;
+        let bad = |what: &str| {
+            Error::Config(format!(
+                "source header for {host:?}: invalid {what} (value not shown)"
+            ))
+        };
+        let name =
+            HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| bad("header name"))?;
         let value = HeaderValue::from_str(value.trim()).map_err(|_| bad("header value"))?;
         out.insert(host.trim(), name, value);
         Ok(())
@@ -321,7 +384,11 @@ fn source_headers(
         add(host, name, value)?;
     }
     if let Some(token) = hf_token.filter(|t| !t.trim().is_empty()) {
-        add("huggingface.co", "authorization", &format!("Bearer {}", token.trim()))?;
+        add(
+            "huggingface.co",
+            "authorization",
+            &format!("Bearer {}", token.trim()),
+        )?;
     }
     Ok(out)
 }

@@ -66,15 +66,23 @@ pub enum Error {
     )]
     SchemaTooNew { found: u32, supported: u32 },
 
-    #[error("{file}: sha256 mismatch: expected {expected}, got {actual} (the source served different bytes; they were deleted)")]
+    #[error(
+        "{file}: sha256 mismatch: expected {expected}, got {actual} (the source served different bytes; they were deleted)"
+    )]
     DigestMismatch {
         file: String,
         expected: String,
         actual: String,
     },
 
-    #[error("{file}: size mismatch: expected {expected} bytes, got {actual} (the bytes were deleted)")]
-    SizeMismatch { file: String, expected: u64, actual: u64 },
+    #[error(
+        "{file}: size mismatch: expected {expected} bytes, got {actual} (the bytes were deleted)"
+    )]
+    SizeMismatch {
+        file: String,
+        expected: u64,
+        actual: u64,
+    },
 
     #[error("{file}: every source failed: {attempts}")]
     SourcesExhausted { file: String, attempts: String },
@@ -82,8 +90,14 @@ pub enum Error {
     #[error("not enough disk: {needed} bytes needed, {available} bytes free")]
     DiskFull { needed: u64, available: u64 },
 
-    #[error("disk quota exceeded: {needed} bytes needed, {available} bytes left of the {quota}-byte quota")]
-    QuotaExceeded { needed: u64, available: u64, quota: u64 },
+    #[error(
+        "disk quota exceeded: {needed} bytes needed, {available} bytes left of the {quota}-byte quota"
+    )]
+    QuotaExceeded {
+        needed: u64,
+        available: u64,
+        quota: u64,
+    },
 
     #[error("archive rejected: {0}; nothing was extracted")]
     ArchiveRejected(String),

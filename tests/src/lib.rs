@@ -290,51 +290,8 @@ pub fn modelctl(agent: &Agent, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// A real HTTP server on loopback serving files from a directory.
-pub struct FileServer {
-    pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl FileServer {
-    pub async fn serve(root: PathBuf) -> FileServer {
-        use axum::extract::{Path as UrlPath, State};
-        use axum::http::StatusCode;
-        use axum::routing::get;
-
-        async fn file(
-            State(root): State<Arc<PathBuf>>,
-            UrlPath(path): UrlPath<String>,
-        ) -> Result<Vec<u8>, StatusCode> {
-            if path.split('/').any(|c| c == "..") {
-                return Err(StatusCode::BAD_REQUEST);
-            }
-            tokio::fs::read(root.join(path))
-                .await
-                .map_err(|_| StatusCode::NOT_FOUND)
-        }
-
-        let app = axum::Router::new()
-            .route("/{*path}", get(file))
-            .with_state(Arc::new(root));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        FileServer { addr, task }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}/{}", self.addr, path.trim_start_matches('/'))
-    }
-}
-
-impl Drop for FileServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
+pub mod http;
+pub use http::{Fault, FileServer};
 
 /// The ErrorInfo reason of a failed call.
 pub fn reason(status: &tonic::Status) -> String {

@@ -143,11 +143,11 @@ async fn grpcurl_lists_describes_and_calls_through_reflection_alone() {
         &assets,
         &agent,
         Some(r#"{"model_id":"x"}"#),
-        &["modeld.v1.Storage/Pull"],
+        &["modeld.v1.Lifecycle/Load"],
     );
     assert!(!ok);
     assert!(
-        err.contains("Unimplemented") && err.contains("modeld.v1.Storage/Pull"),
+        err.contains("Unimplemented") && err.contains("modeld.v1.Lifecycle/Load"),
         "{err}"
     );
 }

@@ -124,25 +124,6 @@ async fn later_stage_rpcs_answer_unimplemented_with_their_name() {
     };
     check(
         client
-            .storage()
-            .pull(pb::PullRequest {
-                model_id: "x".into(),
-            })
-            .await
-            .err()
-            .unwrap(),
-        "modeld.v1.Storage/Pull",
-    );
-    check(
-        client
-            .storage()
-            .get_usage(pb::GetUsageRequest {})
-            .await
-            .unwrap_err(),
-        "modeld.v1.Storage/GetUsage",
-    );
-    check(
-        client
             .lifecycle()
             .load(pb::LoadRequest::default())
             .await

@@ -71,7 +71,11 @@ impl From<&Error> for Status {
             Error::Config(_) => (Code::FailedPrecondition, "BAD_CONFIG"),
             Error::TaskFailed(_) => (Code::Internal, "TASK_FAILED"),
             Error::Serve(_) => (Code::Internal, "SERVER_ERROR"),
-            Error::DigestMismatch { file, expected, actual } => {
+            Error::DigestMismatch {
+                file,
+                expected,
+                actual,
+            } => {
                 meta.insert("file".into(), file.clone());
                 meta.insert("expected_sha256".into(), expected.clone());
                 meta.insert("actual_sha256".into(), actual.clone());

@@ -116,12 +116,19 @@ impl StorageRpc for StorageApi {
     type PullStream = Boxed<pb::PullResponse>;
     type ReadBlobStream = Boxed<pb::ReadBlobResponse>;
 
-    async fn pull(&self, request: Request<pb::PullRequest>) -> Result<Response<Self::PullStream>, Status> {
+    async fn pull(
+        &self,
+        request: Request<pb::PullRequest>,
+    ) -> Result<Response<Self::PullStream>, Status> {
         let id = request.into_inner().model_id;
         spec::validate_id("model_id", &id)?;
         let entry = self.agent.registry.get(&id)?;
         let (rx, started_here) = self.agent.storage.pull(&entry.spec).await?;
-        Ok(Response::new(forward_progress(rx, started_here, self.agent.shutdown.clone())))
+        Ok(Response::new(forward_progress(
+            rx,
+            started_here,
+            self.agent.shutdown.clone(),
+        )))
     }
 
     async fn list_transfers(
@@ -129,7 +136,13 @@ impl StorageRpc for StorageApi {
         request: Request<pb::ListTransfersRequest>,
     ) -> Result<Response<pb::ListTransfersResponse>, Status> {
         let r = request.into_inner();
-        let all: Vec<pb::TransferProgress> = self.agent.storage.list_transfers().iter().map(progress_to_pb).collect();
+        let all: Vec<pb::TransferProgress> = self
+            .agent
+            .storage
+            .list_transfers()
+            .iter()
+            .map(progress_to_pb)
+            .collect();
         let (transfers, next_page_token) = paginate(all, r.page_size, &r.page_token)?;
         Ok(Response::new(pb::ListTransfersResponse {
             transfers,
@@ -163,11 +176,17 @@ impl StorageRpc for StorageApi {
         &self,
         request: Request<pb::CancelTransferRequest>,
     ) -> Result<Response<pb::CancelTransferResponse>, Status> {
-        self.agent.storage.cancel(&request.into_inner().transfer_id).await?;
+        self.agent
+            .storage
+            .cancel(&request.into_inner().transfer_id)
+            .await?;
         Ok(Response::new(pb::CancelTransferResponse {}))
     }
 
-    async fn push(&self, request: Request<Streaming<pb::PushRequest>>) -> Result<Response<pb::PushResponse>, Status> {
+    async fn push(
+        &self,
+        request: Request<Streaming<pb::PushRequest>>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
         let mut stream = request.into_inner();
         let first = stream
             .message()
@@ -182,7 +201,10 @@ impl StorageRpc for StorageApi {
             Ok(pb::PushRequest {
                 message: Some(pb::push_request::Message::Chunk(data)),
             }) => Ok(Bytes::from(data)),
-            Ok(_) => Err(Error::invalid("chunk", "only the first message may be a header")),
+            Ok(_) => Err(Error::invalid(
+                "chunk",
+                "only the first message may be a header",
+            )),
             Err(status) => Err(Error::ClientCancelled(status.message().to_owned())),
         });
         let header = PushHeader {
@@ -191,7 +213,11 @@ impl StorageRpc for StorageApi {
             sha256: h.sha256,
             offset: h.offset,
         };
-        let (sha256, size_bytes, stored_new) = self.agent.storage.push(&entry.spec, header, Box::pin(chunks)).await?;
+        let (sha256, size_bytes, stored_new) = self
+            .agent
+            .storage
+            .push(&entry.spec, header, Box::pin(chunks))
+            .await?;
         Ok(Response::new(pb::PushResponse {
             sha256,
             size_bytes,
@@ -206,7 +232,11 @@ impl StorageRpc for StorageApi {
         let r = request.into_inner();
         spec::validate_id("model_id", &r.model_id)?;
         let entry = self.agent.registry.get(&r.model_id)?;
-        let offset = self.agent.storage.push_offset(&entry.spec, &r.file_name).await?;
+        let offset = self
+            .agent
+            .storage
+            .push_offset(&entry.spec, &r.file_name)
+            .await?;
         Ok(Response::new(pb::GetPushOffsetResponse { offset }))
     }
 
@@ -231,7 +261,10 @@ impl StorageRpc for StorageApi {
                 model_id: m.model_id,
                 size_bytes: m.size_bytes,
                 complete: m.complete,
-                path: m.extracted_path.map(|p| p.display().to_string()).unwrap_or_default(),
+                path: m
+                    .extracted_path
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
             })
             .collect();
         let (models, next_page_token) = paginate(models, r.page_size, &r.page_token)?;
@@ -251,9 +284,14 @@ impl StorageRpc for StorageApi {
         Ok(Response::new(pb::DeleteStoredResponse { freed_bytes }))
     }
 
-    async fn get_usage(&self, _request: Request<pb::GetUsageRequest>) -> Result<Response<pb::GetUsageResponse>, Status> {
+    async fn get_usage(
+        &self,
+        _request: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
         let storage = self.agent.storage.clone();
-        let u = tokio::task::spawn_blocking(move || storage.usage()).await.map_err(Error::from)??;
+        let u = tokio::task::spawn_blocking(move || storage.usage())
+            .await
+            .map_err(Error::from)??;
         Ok(Response::new(pb::GetUsageResponse {
             used_bytes: u.used_bytes,
             free_bytes: u.free_bytes,
@@ -262,12 +300,18 @@ impl StorageRpc for StorageApi {
             models: u
                 .per_model
                 .into_iter()
-                .map(|(model_id, size_bytes)| pb::ModelUsage { model_id, size_bytes })
+                .map(|(model_id, size_bytes)| pb::ModelUsage {
+                    model_id,
+                    size_bytes,
+                })
                 .collect(),
         }))
     }
 
-    async fn read_blob(&self, request: Request<pb::ReadBlobRequest>) -> Result<Response<Self::ReadBlobStream>, Status> {
+    async fn read_blob(
+        &self,
+        request: Request<pb::ReadBlobRequest>,
+    ) -> Result<Response<Self::ReadBlobStream>, Status> {
         let r = request.into_inner();
         let (mut file, size) = self.agent.storage.open_blob(&r.sha256, r.offset).await?;
         let (tx, rx) = mpsc::channel(4);
@@ -278,7 +322,11 @@ impl StorageRpc for StorageApi {
                 let n = match file.read(&mut buf).await {
                     Ok(n) => n,
                     Err(e) => {
-                        let _ = tx.send(Err(Status::internal(format!("reading the blob failed: {e}")))).await;
+                        let _ = tx
+                            .send(Err(Status::internal(format!(
+                                "reading the blob failed: {e}"
+                            ))))
+                            .await;
                         return;
                     }
                 };

@@ -50,7 +50,9 @@ fn write_err(e: impl std::fmt::Display) -> Error {
 fn safe_relative(name: &str) -> Result<PathBuf, Error> {
     let p = Path::new(name);
     if name.is_empty() || name.contains('\\') || p.is_absolute() || name.starts_with('/') {
-        return Err(Error::ArchiveRejected(format!("entry {name:?} has an absolute or unsafe path")));
+        return Err(Error::ArchiveRejected(format!(
+            "entry {name:?} has an absolute or unsafe path"
+        )));
     }
     let mut out = PathBuf::new();
     for c in p.components() {
@@ -58,12 +60,16 @@ fn safe_relative(name: &str) -> Result<PathBuf, Error> {
             Component::Normal(part) => out.push(part),
             Component::CurDir => {}
             _ => {
-                return Err(Error::ArchiveRejected(format!("entry {name:?} escapes the target directory")));
+                return Err(Error::ArchiveRejected(format!(
+                    "entry {name:?} escapes the target directory"
+                )));
             }
         }
     }
     if out.as_os_str().is_empty() {
-        return Err(Error::ArchiveRejected(format!("entry {name:?} has an empty path")));
+        return Err(Error::ArchiveRejected(format!(
+            "entry {name:?} has an empty path"
+        )));
     }
     Ok(out)
 }
@@ -86,7 +92,9 @@ impl Budget {
         }
         // Small archives get slack so a tiny compressed file of zeros in an otherwise
         // normal archive is not refused; past 1 MiB the ratio rules.
-        if self.written > 1 << 20 && self.written > self.compressed.saturating_mul(self.limits.max_ratio) {
+        if self.written > 1 << 20
+            && self.written > self.compressed.saturating_mul(self.limits.max_ratio)
+        {
             return Err(Error::ArchiveRejected(format!(
                 "compression ratio exceeds {}:1 (a decompression bomb?)",
                 self.limits.max_ratio
@@ -113,8 +121,7 @@ fn copy_capped<R: Read, W: Write>(
         if let Some(h) = hasher.as_deref_mut() {
             h.update(&buf[..n]);
         }
-        to.write_all(&buf[..n])
-            .map_err(write_err)?;
+        to.write_all(&buf[..n]).map_err(write_err)?;
         total += n as u64;
     }
 }
@@ -144,11 +151,18 @@ pub fn extract_member(
     let mut hasher = Sha256::new();
     let found = match kind {
         ArchiveFormat::Zip => {
-            let mut zip = zip::ZipArchive::new(File::open(archive).map_err(unreadable)?).map_err(unreadable)?;
+            let mut zip = zip::ZipArchive::new(File::open(archive).map_err(unreadable)?)
+                .map_err(unreadable)?;
             let mut hit = None;
             for i in 0..zip.len().min(limits.max_entries + 1) {
                 let entry = zip.by_index_raw(i).map_err(unreadable)?;
-                if entry.name().ok().and_then(|n| safe_relative(&n).ok()).as_ref() == Some(&wanted) {
+                if entry
+                    .name()
+                    .ok()
+                    .and_then(|n| safe_relative(&n).ok())
+                    .as_ref()
+                    == Some(&wanted)
+                {
                     hit = Some(i);
                     break;
                 }
@@ -158,7 +172,9 @@ pub fn extract_member(
                 Some(i) => {
                     let entry = zip.by_index(i).map_err(unreadable)?;
                     if entry.is_symlink() || entry.is_dir() {
-                        return Err(Error::ArchiveRejected(format!("member {member:?} is not a regular file")));
+                        return Err(Error::ArchiveRejected(format!(
+                            "member {member:?} is not a regular file"
+                        )));
                     }
                     copy_capped(entry, &mut file, &mut budget, Some(&mut hasher))?;
                     true
@@ -166,17 +182,24 @@ pub fn extract_member(
             }
         }
         ArchiveFormat::TarGz => {
-            let mut tar = tar::Archive::new(GzDecoder::new(File::open(archive).map_err(unreadable)?));
+            let mut tar =
+                tar::Archive::new(GzDecoder::new(File::open(archive).map_err(unreadable)?));
             let mut hit = false;
             for (i, entry) in tar.entries().map_err(unreadable)?.enumerate() {
                 if i >= limits.max_entries {
                     break;
                 }
                 let entry = entry.map_err(unreadable)?;
-                let path = entry.path().map_err(unreadable)?.to_string_lossy().into_owned();
+                let path = entry
+                    .path()
+                    .map_err(unreadable)?
+                    .to_string_lossy()
+                    .into_owned();
                 if safe_relative(&path).ok().as_ref() == Some(&wanted) {
                     if !entry.header().entry_type().is_file() {
-                        return Err(Error::ArchiveRejected(format!("member {member:?} is not a regular file")));
+                        return Err(Error::ArchiveRejected(format!(
+                            "member {member:?} is not a regular file"
+                        )));
                     }
                     copy_capped(entry, &mut file, &mut budget, Some(&mut hasher))?;
                     hit = true;
@@ -189,7 +212,9 @@ pub fn extract_member(
     if !found {
         drop(file);
         let _ = fs::remove_file(out);
-        return Err(Error::ArchiveMemberNotFound { member: member.to_owned() });
+        return Err(Error::ArchiveMemberNotFound {
+            member: member.to_owned(),
+        });
     }
     file.sync_all().map_err(write_err)?;
     Ok((budget.written, hex::encode(hasher.finalize())))
@@ -197,7 +222,12 @@ pub fn extract_member(
 
 /// Unpacks a whole archive into `staging`, which must not exist yet. On any error the
 /// staging directory is removed, so nothing is left behind.
-pub fn extract_all(archive: &Path, kind: ArchiveFormat, staging: &Path, limits: Limits) -> Result<u64, Error> {
+pub fn extract_all(
+    archive: &Path,
+    kind: ArchiveFormat,
+    staging: &Path,
+    limits: Limits,
+) -> Result<u64, Error> {
     fs::create_dir_all(staging.parent().unwrap_or(staging)).map_err(write_err)?;
     fs::create_dir(staging).map_err(|e| write_err(format!("{}: {e}", staging.display())))?;
     let result = unpack(archive, kind, staging, limits);
@@ -225,7 +255,12 @@ fn create_file(staging: &Path, rel: &Path) -> Result<File, Error> {
         })
 }
 
-fn unpack(archive: &Path, kind: ArchiveFormat, staging: &Path, limits: Limits) -> Result<u64, Error> {
+fn unpack(
+    archive: &Path,
+    kind: ArchiveFormat,
+    staging: &Path,
+    limits: Limits,
+) -> Result<u64, Error> {
     let compressed = fs::metadata(archive).map_err(unreadable)?.len();
     let mut budget = Budget {
         limits,
@@ -234,7 +269,8 @@ fn unpack(archive: &Path, kind: ArchiveFormat, staging: &Path, limits: Limits) -
     };
     match kind {
         ArchiveFormat::Zip => {
-            let mut zip = zip::ZipArchive::new(File::open(archive).map_err(unreadable)?).map_err(unreadable)?;
+            let mut zip = zip::ZipArchive::new(File::open(archive).map_err(unreadable)?)
+                .map_err(unreadable)?;
             if zip.len() > limits.max_entries {
                 return Err(Error::ArchiveRejected(format!(
                     "{} entries exceed the limit of {}",
@@ -249,7 +285,9 @@ fn unpack(archive: &Path, kind: ArchiveFormat, staging: &Path, limits: Limits) -
                 let entry = zip.by_index_raw(i).map_err(unreadable)?;
                 let name = entry.name().map_err(unreadable)?.into_owned();
                 if entry.is_symlink() {
-                    return Err(Error::ArchiveRejected(format!("entry {name:?} is a symlink")));
+                    return Err(Error::ArchiveRejected(format!(
+                        "entry {name:?} is a symlink"
+                    )));
                 }
                 let rel = safe_relative(&name)?;
                 plan.push((i, rel, entry.is_dir()));
@@ -267,7 +305,8 @@ fn unpack(archive: &Path, kind: ArchiveFormat, staging: &Path, limits: Limits) -
         ArchiveFormat::TarGz => {
             // Pass 1 checks every header; pass 2 writes.
             for pass in 0..2 {
-                let mut tar = tar::Archive::new(GzDecoder::new(File::open(archive).map_err(unreadable)?));
+                let mut tar =
+                    tar::Archive::new(GzDecoder::new(File::open(archive).map_err(unreadable)?));
                 for (i, entry) in tar.entries().map_err(unreadable)?.enumerate() {
                     if i >= limits.max_entries {
                         return Err(Error::ArchiveRejected(format!(
@@ -276,7 +315,11 @@ fn unpack(archive: &Path, kind: ArchiveFormat, staging: &Path, limits: Limits) -
                         )));
                     }
                     let entry = entry.map_err(unreadable)?;
-                    let name = entry.path().map_err(unreadable)?.to_string_lossy().into_owned();
+                    let name = entry
+                        .path()
+                        .map_err(unreadable)?
+                        .to_string_lossy()
+                        .into_owned();
                     let ty = entry.header().entry_type();
                     let rel = safe_relative(&name)?;
                     if ty.is_symlink() || ty.is_hard_link() {
@@ -285,10 +328,15 @@ fn unpack(archive: &Path, kind: ArchiveFormat, staging: &Path, limits: Limits) -
                     if !(ty.is_file() || ty.is_dir()) {
                         // pax headers and the like carry metadata only; devices and fifos
                         // have no place in a model.
-                        if ty.is_pax_global_extensions() || ty.is_pax_local_extensions() || ty.is_gnu_longname() {
+                        if ty.is_pax_global_extensions()
+                            || ty.is_pax_local_extensions()
+                            || ty.is_gnu_longname()
+                        {
                             continue;
                         }
-                        return Err(Error::ArchiveRejected(format!("entry {name:?} is not a file or directory")));
+                        return Err(Error::ArchiveRejected(format!(
+                            "entry {name:?} is not a file or directory"
+                        )));
                     }
                     if pass == 0 {
                         continue;
@@ -315,6 +363,9 @@ mod tests {
         for bad in ["../x", "/etc/passwd", "a/../../x", "a\\b", ""] {
             assert!(safe_relative(bad).is_err(), "{bad}");
         }
-        assert_eq!(safe_relative("./a/b.gguf").unwrap(), PathBuf::from("a/b.gguf"));
+        assert_eq!(
+            safe_relative("./a/b.gguf").unwrap(),
+            PathBuf::from("a/b.gguf")
+        );
     }
 }

@@ -48,7 +48,10 @@ impl PartialFile {
     /// checkpoint recorded as synced) and rehashing them: after a restart the digest
     /// state is gone, so the prefix is read once more.
     pub async fn open(path: PathBuf, offset: u64) -> Result<PartialFile> {
-        let on_disk = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
+        let on_disk = tokio::fs::metadata(&path)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
         let offset = if on_disk >= offset { offset } else { 0 };
         let file = tokio::fs::OpenOptions::new()
             .create(true)
@@ -58,11 +61,12 @@ impl PartialFile {
             .open(&path)
             .await
             .map_err(|e| Error::io(&path, e))?;
-        file.set_len(offset).await.map_err(|e| Error::io(&path, e))?;
+        file.set_len(offset)
+            .await
+            .map_err(|e| Error::io(&path, e))?;
         let hasher = if offset > 0 {
             let p = path.clone();
-            tokio::task::spawn_blocking(move || hash_prefix(&p, offset))
-                .await??
+            tokio::task::spawn_blocking(move || hash_prefix(&p, offset)).await??
         } else {
             Sha256::new()
         };
@@ -90,7 +94,10 @@ impl PartialFile {
 
     pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
         let path = self.path.clone();
-        self.writer()?.write_all(bytes).await.map_err(|e| disk_error(&path, e))?;
+        self.writer()?
+            .write_all(bytes)
+            .await
+            .map_err(|e| disk_error(&path, e))?;
         self.hasher.update(bytes);
         self.offset += bytes.len() as u64;
         Ok(())
@@ -101,14 +108,18 @@ impl PartialFile {
         let path = self.path.clone();
         let w = self.writer()?;
         w.flush().await.map_err(|e| disk_error(&path, e))?;
-        w.get_ref().sync_data().await.map_err(|e| disk_error(&path, e))?;
+        w.get_ref()
+            .sync_data()
+            .await
+            .map_err(|e| disk_error(&path, e))?;
         self.synced_offset = self.offset;
         self.last_sync = Instant::now();
         Ok(())
     }
 
     pub fn checkpoint_due(&self) -> bool {
-        self.offset - self.synced_offset >= CHECKPOINT_BYTES || self.last_sync.elapsed() >= CHECKPOINT_EVERY
+        self.offset - self.synced_offset >= CHECKPOINT_BYTES
+            || self.last_sync.elapsed() >= CHECKPOINT_EVERY
     }
 
     /// Drops every byte and starts again from zero.
@@ -116,7 +127,10 @@ impl PartialFile {
         let path = self.path.clone();
         let w = self.writer()?;
         w.flush().await.map_err(|e| disk_error(&path, e))?;
-        w.get_mut().set_len(0).await.map_err(|e| Error::io(&path, e))?;
+        w.get_mut()
+            .set_len(0)
+            .await
+            .map_err(|e| Error::io(&path, e))?;
         use tokio::io::AsyncSeekExt;
         w.get_mut()
             .seek(std::io::SeekFrom::Start(0))
@@ -268,7 +282,8 @@ impl FetchJob<'_> {
                     p.source_url.clone_from(url);
                     p.bytes_done = offset;
                 });
-                let opened = source::open(&self.inner.ctx, url, &self.file.sha256, offset, &validator).await;
+                let opened =
+                    source::open(&self.inner.ctx, url, &self.file.sha256, offset, &validator).await;
                 let mut opened = match opened {
                     Ok(o) => o,
                     Err(SourceFault::RestartFromZero(why)) => {
@@ -287,23 +302,25 @@ impl FetchJob<'_> {
                         attempts_log.push(format!("{url}: {why}"));
                         continue 'sources;
                     }
-                    Err(SourceFault::Retryable { message, retry_after }) => {
-                        match retry_after.or_else(|| backoff.next()) {
-                            Some(delay) => {
-                                tracing::info!(file = %self.file.name, url = %url, attempt, delay_ms = delay.as_millis() as u64, message, "retrying");
-                                self.publish(|p| p.error.clone_from(&message));
-                                if let Some(stop) = self.sleep(delay).await {
-                                    self.checkpoint().await?;
-                                    return Ok(stop);
-                                }
-                                continue;
+                    Err(SourceFault::Retryable {
+                        message,
+                        retry_after,
+                    }) => match retry_after.or_else(|| backoff.next()) {
+                        Some(delay) => {
+                            tracing::info!(file = %self.file.name, url = %url, attempt, delay_ms = delay.as_millis() as u64, message, "retrying");
+                            self.publish(|p| p.error.clone_from(&message));
+                            if let Some(stop) = self.sleep(delay).await {
+                                self.checkpoint().await?;
+                                return Ok(stop);
                             }
-                            None => {
-                                attempts_log.push(format!("{url}: {message} (after {attempt} attempts)"));
-                                continue 'sources;
-                            }
+                            continue;
                         }
-                    }
+                        None => {
+                            attempts_log
+                                .push(format!("{url}: {message} (after {attempt} attempts)"));
+                            continue 'sources;
+                        }
+                    },
                 };
                 if opened.start != self.partial.offset {
                     self.partial.reset().await?;
@@ -314,7 +331,11 @@ impl FetchJob<'_> {
                     rec.source_url.clone_from(url);
                     rec.validator.clone_from(&validator);
                 }
-                let total = if plain { expected_size } else { opened.total.unwrap_or(0) };
+                let total = if plain {
+                    expected_size
+                } else {
+                    opened.total.unwrap_or(0)
+                };
                 self.publish(|p| {
                     p.stage = Stage::Downloading;
                     p.bytes_total = total.max(p.bytes_total);
@@ -341,7 +362,9 @@ impl FetchJob<'_> {
                             self.partial.write(&bytes).await?;
                             received += bytes.len() as u64;
                             if plain && self.partial.offset > expected_size {
-                                break Some(format!("source sent more than the declared {expected_size} bytes"));
+                                break Some(format!(
+                                    "source sent more than the declared {expected_size} bytes"
+                                ));
                             }
                             if meter.add(bytes.len() as u64) {
                                 let done = self.partial.offset;
@@ -360,7 +383,9 @@ impl FetchJob<'_> {
                         }
                         Ok(None) => {
                             let short = opened.total.is_some_and(|t| self.partial.offset < t);
-                            break short.then(|| "connection closed before the end of the file".to_owned());
+                            break short.then(|| {
+                                "connection closed before the end of the file".to_owned()
+                            });
                         }
                         Err(fault) => break Some(fault.to_string()),
                     }
@@ -389,7 +414,8 @@ impl FetchJob<'_> {
                                 continue;
                             }
                             None => {
-                                attempts_log.push(format!("{url}: {message} (after {attempt} attempts)"));
+                                attempts_log
+                                    .push(format!("{url}: {message} (after {attempt} attempts)"));
                                 continue 'sources;
                             }
                         }

@@ -29,7 +29,9 @@ use self::source::SourceContext;
 use crate::error::{Error, Result};
 use crate::lifecycle::{self, ModelState};
 use crate::registry::ModelSpec;
-use crate::store::{Store, StoredFileRecord, StoredModelRecord, TransferFileRecord, TransferRecord};
+use crate::store::{
+    Store, StoredFileRecord, StoredModelRecord, TransferFileRecord, TransferRecord,
+};
 
 pub use push::PushHeader;
 
@@ -80,7 +82,9 @@ pub struct Storage {
 
 impl std::fmt::Debug for Storage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Storage").field("data_dir", &self.inner.data_dir).finish()
+        f.debug_struct("Storage")
+            .field("data_dir", &self.inner.data_dir)
+            .finish()
     }
 }
 
@@ -118,7 +122,12 @@ fn dir_size(path: &Path) -> u64 {
 }
 
 impl Storage {
-    pub fn open(data_dir: &Path, store: Store, ctx: SourceContext, settings: StorageSettings) -> Result<Storage> {
+    pub fn open(
+        data_dir: &Path,
+        store: Store,
+        ctx: SourceContext,
+        settings: StorageSettings,
+    ) -> Result<Storage> {
         let partial_dir = data_dir.join("partial");
         let staging_dir = data_dir.join("staging");
         let models_dir = data_dir.join("models");
@@ -155,7 +164,10 @@ impl Storage {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<TransferHandle>>> {
         // The map holds no invariant a panicking holder could break half-way.
-        self.inner.transfers.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .transfers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether the bytes of `file` are already stored (and, for whole archives,
@@ -182,22 +194,35 @@ impl Storage {
             let used = self.used_bytes()?;
             let available = quota.saturating_sub(used);
             if needed > available {
-                return Err(Error::QuotaExceeded { needed, available, quota });
+                return Err(Error::QuotaExceeded {
+                    needed,
+                    available,
+                    quota,
+                });
             }
         }
         let free = fs4::available_space(&self.inner.data_dir).unwrap_or(0);
         if needed > free {
-            return Err(Error::DiskFull { needed, available: free });
+            return Err(Error::DiskFull {
+                needed,
+                available: free,
+            });
         }
         Ok(())
     }
 
     /// Starts downloading every missing file of `spec`, or joins the transfer already
     /// running for it. Returns the progress channel and whether this call started it.
-    pub async fn pull(&self, spec: &ModelSpec) -> Result<(watch::Receiver<TransferProgress>, bool)> {
+    pub async fn pull(
+        &self,
+        spec: &ModelSpec,
+    ) -> Result<(watch::Receiver<TransferProgress>, bool)> {
         let (handle, record, started) = {
             let mut map = self.lock();
-            if let Some(h) = map.values().find(|h| h.model_id == spec.id && !h.progress.borrow().stage.is_final()) {
+            if let Some(h) = map
+                .values()
+                .find(|h| h.model_id == spec.id && !h.progress.borrow().stage.is_final())
+            {
                 return Ok((h.progress.subscribe(), false));
             }
             let mut missing = Vec::new();
@@ -266,7 +291,11 @@ impl Storage {
         spec: &ModelSpec,
         control: Control,
     ) -> Arc<TransferHandle> {
-        let stage = if control == Control::Pause { Stage::Paused } else { Stage::Queued };
+        let stage = if control == Control::Pause {
+            Stage::Paused
+        } else {
+            Stage::Queued
+        };
         let (progress, _) = watch::channel(initial_progress(record, spec, stage));
         let (control, _) = watch::channel(control);
         let handle = Arc::new(TransferHandle {
@@ -292,14 +321,21 @@ impl Storage {
     }
 
     /// Restarts the transfers a previous run left unfinished.
-    pub async fn resume_unfinished(&self, lookup: impl Fn(&str) -> Option<ModelSpec>) -> Result<usize> {
+    pub async fn resume_unfinished(
+        &self,
+        lookup: impl Fn(&str) -> Option<ModelSpec>,
+    ) -> Result<usize> {
         let mut resumed = 0;
         for (_, record) in self.inner.store.transfers()? {
             let Some(spec) = lookup(&record.model_id) else {
                 self.discard(&record).await?;
                 continue;
             };
-            let control = if record.state == "paused" { Control::Pause } else { Control::Run };
+            let control = if record.state == "paused" {
+                Control::Pause
+            } else {
+                Control::Run
+            };
             let handle = {
                 let mut map = self.lock();
                 self.register_handle(&mut map, &record, &spec, control)
@@ -312,7 +348,9 @@ impl Storage {
     }
 
     fn partial_path(&self, transfer_id: &str, index: u32) -> PathBuf {
-        self.inner.partial_dir.join(format!("{transfer_id}-{index}"))
+        self.inner
+            .partial_dir
+            .join(format!("{transfer_id}-{index}"))
     }
 
     async fn discard(&self, record: &TransferRecord) -> Result<()> {
@@ -326,7 +364,12 @@ impl Storage {
     }
 
     /// Runs a transfer to its end: Ok(true) done, Ok(false) cancelled.
-    async fn run(&self, handle: &TransferHandle, mut record: TransferRecord, spec: &ModelSpec) -> Result<bool> {
+    async fn run(
+        &self,
+        handle: &TransferHandle,
+        mut record: TransferRecord,
+        spec: &ModelSpec,
+    ) -> Result<bool> {
         let mut control = handle.control.subscribe();
         lifecycle::set_state(&self.inner.store, &spec.id, ModelState::Downloading)?;
         'wait: loop {
@@ -364,7 +407,11 @@ impl Storage {
                 let file = spec
                     .files
                     .get(index as usize)
-                    .ok_or_else(|| Error::TaskFailed(format!("transfer names file #{index} the model does not have")))?
+                    .ok_or_else(|| {
+                        Error::TaskFailed(format!(
+                            "transfer names file #{index} the model does not have"
+                        ))
+                    })?
                     .clone();
                 // Another model may have stored the same bytes meanwhile.
                 if self.file_stored(&spec.id, &file)? {
@@ -408,16 +455,27 @@ impl Storage {
 
     /// Moves a completed download into the blob store (extracting a member, or
     /// unpacking a whole archive into models/<id>/).
-    async fn place(&self, model_id: &str, file: &crate::registry::ModelFile, partial: &Path) -> Result<()> {
+    async fn place(
+        &self,
+        model_id: &str,
+        file: &crate::registry::ModelFile,
+        partial: &Path,
+    ) -> Result<()> {
         let limits = self.inner.settings.extract;
         match (&file.archive, &file.member) {
             (None, _) => {
-                self.inner.blobs.insert(&file.sha256, partial, file.size_bytes)?;
+                self.inner
+                    .blobs
+                    .insert(&file.sha256, partial, file.size_bytes)?;
             }
             (Some(kind), Some(member)) => {
                 let out = partial.with_extension("member");
-                let (archive, kind, member2, out2) = (partial.to_path_buf(), *kind, member.clone(), out.clone());
-                let extracted = tokio::task::spawn_blocking(move || extract::extract_member(&archive, kind, &member2, &out2, limits)).await?;
+                let (archive, kind, member2, out2) =
+                    (partial.to_path_buf(), *kind, member.clone(), out.clone());
+                let extracted = tokio::task::spawn_blocking(move || {
+                    extract::extract_member(&archive, kind, &member2, &out2, limits)
+                })
+                .await?;
                 let _ = tokio::fs::remove_file(partial).await;
                 let (size, digest) = match extracted {
                     Ok(v) => v,
@@ -445,7 +503,10 @@ impl Storage {
                 self.inner.blobs.insert(&file.sha256, &out, size)?;
             }
             (Some(kind), None) => {
-                let blob = self.inner.blobs.insert(&file.sha256, partial, file.size_bytes)?;
+                let blob = self
+                    .inner
+                    .blobs
+                    .insert(&file.sha256, partial, file.size_bytes)?;
                 self.unpack(model_id, &blob, *kind).await?;
             }
         }
@@ -453,15 +514,22 @@ impl Storage {
     }
 
     async fn unpack(&self, model_id: &str, archive: &Path, kind: ArchiveFormat) -> Result<()> {
-        let staging = self.inner.staging_dir.join(format!("{model_id}-{}", uuid::Uuid::new_v4()));
+        let staging = self
+            .inner
+            .staging_dir
+            .join(format!("{model_id}-{}", uuid::Uuid::new_v4()));
         let target = self.inner.models_dir.join(model_id);
         let limits = self.inner.settings.extract;
         let (a, s) = (archive.to_path_buf(), staging.clone());
         tokio::task::spawn_blocking(move || extract::extract_all(&a, kind, &s, limits)).await??;
         if target.exists() {
-            tokio::fs::remove_dir_all(&target).await.map_err(|e| Error::io(&target, e))?;
+            tokio::fs::remove_dir_all(&target)
+                .await
+                .map_err(|e| Error::io(&target, e))?;
         }
-        tokio::fs::rename(&staging, &target).await.map_err(|e| Error::io(&target, e))?;
+        tokio::fs::rename(&staging, &target)
+            .await
+            .map_err(|e| Error::io(&target, e))?;
         Ok(())
     }
 
@@ -481,7 +549,9 @@ impl Storage {
                     size_bytes: f.size_bytes,
                 })
                 .collect(),
-            extracted_path: archive_dir.map(|p| p.display().to_string()).unwrap_or_default(),
+            extracted_path: archive_dir
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             update_time_unix_ms: unix_ms(SystemTime::now()),
         };
         self.inner.store.put_stored_model(&spec.id, &record)?;
@@ -496,7 +566,9 @@ impl Storage {
                 Ok(()) => Ok(()),
                 Err(e) => Err(e),
             },
-            Ok(false) => Err(Error::TransferCancelled { id: handle.id.clone() }),
+            Ok(false) => Err(Error::TransferCancelled {
+                id: handle.id.clone(),
+            }),
             Err(e) => Err(e),
         };
         if let Some(record) = &record
@@ -527,7 +599,11 @@ impl Storage {
                 let _ = lifecycle::set_state(&self.inner.store, &spec.id, ModelState::Registered);
                 let _ = self.inner.store.flush().await;
                 let message = e.to_string();
-                let stage = if cancelled { Stage::Cancelled } else { Stage::Failed };
+                let stage = if cancelled {
+                    Stage::Cancelled
+                } else {
+                    Stage::Failed
+                };
                 handle.progress.send_modify(|p| {
                     p.stage = stage;
                     p.error = Some(Arc::new(e));
@@ -584,7 +660,11 @@ impl Storage {
     }
 
     pub fn list_transfers(&self) -> Vec<TransferProgress> {
-        let mut out: Vec<TransferProgress> = self.lock().values().map(|h| h.progress.borrow().clone()).collect();
+        let mut out: Vec<TransferProgress> = self
+            .lock()
+            .values()
+            .map(|h| h.progress.borrow().clone())
+            .collect();
         out.sort_by(|a, b| a.start_time.cmp(&b.start_time).then(a.id.cmp(&b.id)));
         out
     }
@@ -618,7 +698,8 @@ impl Storage {
         let h = self.handle(id)?;
         let mut rx = h.progress.subscribe();
         self.control(id, Control::Cancel)?;
-        let _ = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|p| p.stage.is_final())).await;
+        let _ = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|p| p.stage.is_final()))
+            .await;
         Ok(())
     }
 
@@ -642,7 +723,8 @@ impl Storage {
             }
             files.push((f.name, f.sha256, f.size_bytes));
         }
-        let extracted_path = (!r.extracted_path.is_empty()).then(|| PathBuf::from(&r.extracted_path));
+        let extracted_path =
+            (!r.extracted_path.is_empty()).then(|| PathBuf::from(&r.extracted_path));
         if let Some(p) = &extracted_path {
             size_bytes += dir_size(p);
         }
@@ -684,7 +766,9 @@ impl Storage {
             });
         }
         let Some(record) = self.inner.store.stored_model(model_id)? else {
-            return Err(Error::NothingStored { id: model_id.to_owned() });
+            return Err(Error::NothingStored {
+                id: model_id.to_owned(),
+            });
         };
         let others: Vec<(String, StoredModelRecord)> = self
             .inner
@@ -695,7 +779,9 @@ impl Storage {
             .collect();
         let mut freed = 0;
         for f in &record.files {
-            let shared = others.iter().any(|(_, o)| o.files.iter().any(|g| g.sha256 == f.sha256));
+            let shared = others
+                .iter()
+                .any(|(_, o)| o.files.iter().any(|g| g.sha256 == f.sha256));
             if !shared {
                 freed += self.inner.blobs.remove(&f.sha256)?;
             }
@@ -732,7 +818,9 @@ impl Storage {
             .inner
             .blobs
             .size(sha256)?
-            .ok_or_else(|| Error::BlobNotFound { sha256: sha256.to_owned() })?;
+            .ok_or_else(|| Error::BlobNotFound {
+                sha256: sha256.to_owned(),
+            })?;
         if offset > size {
             return Err(Error::OutOfRange {
                 field: "offset".into(),
@@ -740,7 +828,9 @@ impl Storage {
             });
         }
         let path = self.inner.blobs.path(sha256)?;
-        let mut file = tokio::fs::File::open(&path).await.map_err(|e| Error::io(&path, e))?;
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| Error::io(&path, e))?;
         use tokio::io::AsyncSeekExt;
         file.seek(std::io::SeekFrom::Start(offset))
             .await
@@ -754,7 +844,8 @@ fn initial_progress(record: &TransferRecord, spec: &ModelSpec, stage: Stage) -> 
         id: record.id.clone(),
         model_id: record.model_id.clone(),
         stage,
-        start_time: SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(record.create_time_unix_ms).unwrap_or(0)),
+        start_time: SystemTime::UNIX_EPOCH
+            + Duration::from_millis(u64::try_from(record.create_time_unix_ms).unwrap_or(0)),
         error: None,
         files: record
             .files

@@ -26,7 +26,11 @@ fn key(model_id: &str, file_name: &str) -> String {
 }
 
 impl Storage {
-    fn push_file<'a>(&self, spec: &'a ModelSpec, file_name: &str) -> Result<(usize, &'a crate::registry::ModelFile)> {
+    fn push_file<'a>(
+        &self,
+        spec: &'a ModelSpec,
+        file_name: &str,
+    ) -> Result<(usize, &'a crate::registry::ModelFile)> {
         spec.files
             .iter()
             .enumerate()
@@ -35,7 +39,11 @@ impl Storage {
                 Error::PushRejected(format!(
                     "model {:?} has no file named {file_name:?}; its files are: {}",
                     spec.id,
-                    spec.files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", ")
+                    spec.files
+                        .iter()
+                        .map(|f| f.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ))
             })
     }
@@ -47,12 +55,17 @@ impl Storage {
             return Ok(0);
         };
         let path = self.push_path(&spec.id, index);
-        let on_disk = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
+        let on_disk = tokio::fs::metadata(&path)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
         Ok(record.offset.min(on_disk))
     }
 
     fn push_path(&self, model_id: &str, index: usize) -> std::path::PathBuf {
-        self.inner.partial_dir.join(format!("push-{model_id}-{index}"))
+        self.inner
+            .partial_dir
+            .join(format!("push-{model_id}-{index}"))
     }
 
     /// Receives one file. Returns (sha256, size, stored_new).
@@ -79,7 +92,10 @@ impl Storage {
         if header.offset != held {
             return Err(Error::OutOfRange {
                 field: "header.offset".into(),
-                message: format!("the agent holds {held} bytes of {:?}; resume from offset {held}", file.name),
+                message: format!(
+                    "the agent holds {held} bytes of {:?}; resume from offset {held}",
+                    file.name
+                ),
             });
         }
         self.check_space(file.size_bytes - held)?;
@@ -105,7 +121,10 @@ impl Storage {
                 }
             };
             if chunk.len() > MAX_CHUNK {
-                return Err(Error::invalid("chunk", format!("{} bytes; the limit is {MAX_CHUNK}", chunk.len())));
+                return Err(Error::invalid(
+                    "chunk",
+                    format!("{} bytes; the limit is {MAX_CHUNK}", chunk.len()),
+                ));
             }
             if partial.offset + chunk.len() as u64 > file.size_bytes {
                 drop(partial);
@@ -147,7 +166,10 @@ impl Storage {
                 actual,
             });
         }
-        let blob = self.inner.blobs.insert(&file.sha256, &path, file.size_bytes)?;
+        let blob = self
+            .inner
+            .blobs
+            .insert(&file.sha256, &path, file.size_bytes)?;
         if let (Some(kind), None) = (file.archive, &file.member) {
             self.unpack(&spec.id, &blob, kind).await?;
         }

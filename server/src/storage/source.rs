@@ -8,7 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use modeld_proto::v1 as pb;
 use reqwest::StatusCode;
-use reqwest::header::{CONTENT_RANGE, ETAG, HeaderValue, IF_RANGE, LAST_MODIFIED, RANGE, RETRY_AFTER};
+use reqwest::header::{
+    CONTENT_RANGE, ETAG, HeaderValue, IF_RANGE, LAST_MODIFIED, RANGE, RETRY_AFTER,
+};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 /// How opening or reading a source went wrong, classified by what to do next. These
@@ -62,7 +64,12 @@ pub struct HostHeaders {
 }
 
 impl HostHeaders {
-    pub fn insert(&mut self, host: &str, name: reqwest::header::HeaderName, mut value: HeaderValue) {
+    pub fn insert(
+        &mut self,
+        host: &str,
+        name: reqwest::header::HeaderName,
+        mut value: HeaderValue,
+    ) {
         value.set_sensitive(true);
         self.by_host
             .entry(host.to_ascii_lowercase())
@@ -137,8 +144,8 @@ impl Body {
                     return Ok(Some(first));
                 }
                 match tokio::time::timeout(stall, stream.message()).await {
-                Err(_) => Err(stalled()),
-                Ok(Ok(msg)) => Ok(msg.map(|m| Bytes::from(m.data))),
+                    Err(_) => Err(stalled()),
+                    Ok(Ok(msg)) => Ok(msg.map(|m| Bytes::from(m.data))),
                     Ok(Err(status)) => Err(peer_error(&status)),
                 }
             }
@@ -161,9 +168,12 @@ fn peer_error(status: &tonic::Status) -> SourceFault {
     use tonic::Code;
     let message = format!("peer answered {:?}: {}", status.code(), status.message());
     match status.code() {
-        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted | Code::Internal | Code::Unknown => {
-            retryable(message)
-        }
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::ResourceExhausted
+        | Code::Aborted
+        | Code::Internal
+        | Code::Unknown => retryable(message),
         _ => SourceFault::Permanent(message),
     }
 }
@@ -176,12 +186,15 @@ pub async fn open(
     offset: u64,
     validator: &str,
 ) -> Result<Opened, SourceFault> {
-    let url = url::Url::parse(raw_url).map_err(|e| SourceFault::Permanent(format!("bad URL: {e}")))?;
+    let url =
+        url::Url::parse(raw_url).map_err(|e| SourceFault::Permanent(format!("bad URL: {e}")))?;
     match url.scheme() {
         "http" | "https" => open_http(ctx, url, offset, validator).await,
         "file" => open_file(&url, offset, validator).await,
         "modeld" => open_peer(&url, sha256, offset).await,
-        other => Err(SourceFault::Permanent(format!("unsupported URL scheme {other:?}"))),
+        other => Err(SourceFault::Permanent(format!(
+            "unsupported URL scheme {other:?}"
+        ))),
     }
 }
 
@@ -243,7 +256,10 @@ async fn open_http(
         StatusCode::RANGE_NOT_SATISFIABLE => Err(SourceFault::RestartFromZero(format!(
             "server cannot serve from byte {offset} (416)"
         ))),
-        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS || s == StatusCode::REQUEST_TIMEOUT => {
+        s if s.is_server_error()
+            || s == StatusCode::TOO_MANY_REQUESTS
+            || s == StatusCode::REQUEST_TIMEOUT =>
+        {
             Err(SourceFault::Retryable {
                 message: format!("server answered {s}"),
                 retry_after: headers
@@ -272,7 +288,8 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
         Duration::from_secs(secs)
     } else {
         let when = httpdate::parse_http_date(v.trim()).ok()?;
-        when.duration_since(std::time::SystemTime::now()).unwrap_or_default()
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
     };
     Some(d.min(CAP))
 }
@@ -285,7 +302,10 @@ async fn open_file(url: &url::Url, offset: u64, validator: &str) -> Result<Opene
         .await
         .map_err(|e| SourceFault::Permanent(format!("{}: {e}", path.display())))?;
     if !meta.is_file() {
-        return Err(SourceFault::Permanent(format!("{} is not a file", path.display())));
+        return Err(SourceFault::Permanent(format!(
+            "{} is not a file",
+            path.display()
+        )));
     }
     let mtime = meta
         .modified()
@@ -359,19 +379,29 @@ mod tests {
 
     #[test]
     fn content_range_and_retry_after_parse() {
-        assert_eq!(parse_content_range("bytes 100-199/1000"), Some((100, Some(1000))));
+        assert_eq!(
+            parse_content_range("bytes 100-199/1000"),
+            Some((100, Some(1000)))
+        );
         assert_eq!(parse_content_range("bytes 100-199/*"), Some((100, None)));
         assert_eq!(parse_content_range("items 1-2/3"), None);
         assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
         assert_eq!(parse_retry_after("999999"), Some(Duration::from_secs(300)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 
     #[test]
     fn secrets_never_print() {
         let mut h = HostHeaders::default();
-        h.insert("Hub.Example", reqwest::header::AUTHORIZATION, HeaderValue::from_static("Bearer hf_secret"));
+        h.insert(
+            "Hub.Example",
+            reqwest::header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer hf_secret"),
+        );
         let shown = format!("{h:?}");
         assert!(!shown.contains("hf_secret"), "{shown}");
     }
