@@ -156,3 +156,102 @@ async fn modelctl_explains_an_unreachable_agent() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn modelctl_pulls_pushes_and_reports_storage() {
+    let assets = Assets::get();
+    let agent = Agent::start_with(modeld_e2e::AgentOptions {
+        args: vec![
+            "--retry-delay-ms".into(),
+            "20".into(),
+            "--download-retries".into(),
+            "2".into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let run = |args: &[&str]| modelctl(&agent, args);
+    let url = format!("file://{}", assets.gguf.display());
+    let size = "98362432";
+    let (ok, _, err) = run(&[
+        "models",
+        "register",
+        "--id",
+        "local",
+        "--url",
+        &url,
+        "--sha256",
+        SMOLLM2_SHA256,
+        "--size",
+        size,
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&["pull", "local"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("local done"), "{out}");
+    let (ok, out, _) = run(&["-o", "json", "pull", "local"]);
+    assert!(ok);
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["stage"], "TRANSFER_STAGE_DONE");
+
+    let (ok, out, _) = run(&["storage"]);
+    assert!(ok);
+    assert!(out.contains("local") && out.contains("yes"), "{out}");
+    let (ok, out, _) = run(&["transfers"]);
+    assert!(ok, "{out}");
+
+    // Push to a model whose only source is unreachable from the node.
+    let (ok, _, err) = run(&[
+        "models",
+        "register",
+        "--id",
+        "pushed",
+        "--url",
+        "https://unreachable.invalid/m.gguf",
+        "--sha256",
+        SMOLLM2_SHA256,
+        "--size",
+        size,
+    ]);
+    assert!(ok, "{err}");
+    let gguf = assets.gguf.display().to_string();
+    let (ok, out, err) = run(&["push", "pushed", &gguf]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("already stored"),
+        "the blob is shared with `local`: {out}"
+    );
+    let (ok, out, _) = run(&["storage", "rm", "local"]);
+    assert!(ok);
+    assert!(
+        out.contains("freed 0 B") || out.contains("freed -"),
+        "the blob is still used by `pushed`: {out}"
+    );
+
+    // Failures exit non-zero with the agent's message.
+    let (ok, _, err) = run(&["pull", "no-such-model"]);
+    assert!(!ok);
+    assert!(err.contains("MODEL_NOT_FOUND"), "{err}");
+    let (ok, _, err) = run(&[
+        "models",
+        "register",
+        "--id",
+        "broken",
+        "--url",
+        "https://unreachable.invalid/b.gguf",
+        "--sha256",
+        &"2".repeat(64),
+        "--size",
+        size,
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&["pull", "broken"]);
+    assert!(!ok);
+    assert!(
+        err.contains("SOURCES_EXHAUSTED") && err.contains("unreachable.invalid"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["transfers", "pause", "nope"]);
+    assert!(!ok);
+    assert!(err.contains("TRANSFER_NOT_FOUND"), "{err}");
+}

@@ -3,6 +3,7 @@
 mod models;
 mod node;
 mod output;
+mod storage;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use modelctl::Client;
@@ -40,6 +41,15 @@ enum Command {
     Models(models::ModelsCommand),
     /// Scan model directories on the agent's host and register what is found.
     Scan(models::ScanArgs),
+    /// Download a model's files onto the node (or join the download running), with
+    /// progress per file.
+    Pull(storage::PullArgs),
+    /// Upload a model file from this machine to the node; resumes an interrupted push.
+    Push(storage::PushArgs),
+    /// Downloads in flight: list, pause, resume, cancel.
+    Transfers(storage::TransfersArgs),
+    /// Disk usage and the models stored on the node.
+    Storage(storage::StorageArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -48,5 +58,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(cmd) => node::run(&client, cmd, cli.output).await,
         Command::Models(cmd) => models::run(&client, cmd, cli.output).await,
         Command::Scan(args) => models::scan(&client, args, cli.output).await,
+        Command::Pull(args) => storage::pull(&client, args, cli.output).await,
+        Command::Push(args) => storage::push(&client, args, cli.output).await,
+        Command::Transfers(args) => {
+            storage::transfers(
+                &client,
+                args.command.unwrap_or(storage::TransfersCommand::List),
+                cli.output,
+            )
+            .await
+        }
+        Command::Storage(args) => storage::storage(&client, args, cli.output).await,
     }
 }
