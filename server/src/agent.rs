@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -165,9 +165,14 @@ pub async fn serve(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_routes(api::routes(agent.clone())?)
         .add_service(health_service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            let _ = stop_rx.wait_for(|stop| *stop).await;
-        });
+        // Nodelay on accepted sockets: without it small answers wait for the peer's
+        // delayed ACK (40 ms on Linux).
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            },
+        );
     tokio::pin!(server);
 
     tokio::select! {

@@ -388,7 +388,9 @@ pub fn forward_progress(
                 }
                 () = tx.closed() => return,
             }
-            tokio::time::sleep(PROGRESS_INTERVAL).await;
+            // Coalesce bursts of updates, but never hold back the final one.
+            let _ =
+                tokio::time::timeout(PROGRESS_INTERVAL, rx.wait_for(|p| p.stage.is_final())).await;
         }
     });
     Box::pin(ReceiverStream::new(out))

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::sync::watch;
 
 use super::progress::{RateMeter, Stage};
@@ -18,7 +17,7 @@ use crate::registry::ModelFile;
 use crate::store::{TransferFileRecord, TransferRecord};
 
 /// Persist the offset at least this often (bytes or time, whichever comes first).
-const CHECKPOINT_BYTES: u64 = 16 * 1024 * 1024;
+const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Consecutive restarts-from-zero a source may cause before it counts as failing.
 const MAX_RESTARTS: u32 = 3;
@@ -34,13 +33,104 @@ pub enum Outcome {
 }
 
 /// The partial download of one file, resumable.
+///
+/// Hashing and writing run on a writer thread the agent owns, fed through a bounded
+/// channel: the async side only hands over received chunks, so receiving the next bytes
+/// overlaps with hashing and writing the last ones (sha256 and page-cache copies are the
+/// bulk of a fast download's CPU time).
 pub struct PartialFile {
     pub path: PathBuf,
-    writer: Option<BufWriter<tokio::fs::File>>,
-    hasher: Sha256,
+    tx: Option<std::sync::mpsc::SyncSender<WriterCmd>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     pub offset: u64,
     synced_offset: u64,
     last_sync: Instant,
+}
+
+enum WriterCmd {
+    Write(bytes::Bytes),
+    /// Flush and fdatasync; answer with the first write error since the last answer.
+    Sync(tokio::sync::oneshot::Sender<Result<()>>),
+    Reset(tokio::sync::oneshot::Sender<Result<()>>),
+    /// Sync, then hand back the digest of everything written.
+    Finish(tokio::sync::oneshot::Sender<Result<String>>),
+}
+
+/// Chunks in flight between the receiving task and the writer thread.
+const WRITER_QUEUE: usize = 16;
+/// Bytes written between background writeback kicks.
+const WRITEBACK_EVERY: u64 = 8 * 1024 * 1024;
+
+struct Writer {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    hasher: Sha256,
+    error: Option<Error>,
+    /// Starts writeback of what was written so far on another thread, so the
+    /// checkpoint and final syncs find little left to do: the disk works while the
+    /// network does, instead of after it.
+    writeback: Option<std::sync::mpsc::SyncSender<()>>,
+    since_kick: u64,
+}
+
+impl Writer {
+    fn run(mut self, rx: std::sync::mpsc::Receiver<WriterCmd>) {
+        use std::io::{Seek, Write};
+        while let Ok(cmd) = rx.recv() {
+            match cmd {
+                WriterCmd::Write(bytes) => {
+                    if self.error.is_none() {
+                        match self.file.write_all(&bytes) {
+                            Ok(()) => self.hasher.update(&bytes),
+                            Err(e) => self.error = Some(disk_error(&self.path, e)),
+                        }
+                        self.since_kick += bytes.len() as u64;
+                        if self.since_kick >= WRITEBACK_EVERY
+                            && let Some(kick) = &self.writeback
+                        {
+                            // A full slot means a writeback is already running: skip.
+                            let _ = kick.try_send(());
+                            self.since_kick = 0;
+                        }
+                    }
+                }
+                WriterCmd::Sync(reply) => {
+                    let _ = reply.send(self.sync());
+                }
+                WriterCmd::Reset(reply) => {
+                    let path = self.path.clone();
+                    let result = self.sync().and_then(|()| {
+                        let f = self.file.get_mut();
+                        f.set_len(0).map_err(|e| Error::io(&path, e))?;
+                        f.seek(std::io::SeekFrom::Start(0))
+                            .map_err(|e| Error::io(&path, e))?;
+                        Ok(())
+                    });
+                    self.hasher = Sha256::new();
+                    let _ = reply.send(result);
+                }
+                WriterCmd::Finish(reply) => {
+                    let result = self
+                        .sync()
+                        .map(|()| hex::encode(self.hasher.clone().finalize()));
+                    let _ = reply.send(result);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        use std::io::Write;
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        self.file.flush().map_err(|e| disk_error(&self.path, e))?;
+        self.file
+            .get_ref()
+            .sync_data()
+            .map_err(|e| disk_error(&self.path, e))
+    }
 }
 
 impl PartialFile {
@@ -48,70 +138,119 @@ impl PartialFile {
     /// checkpoint recorded as synced) and rehashing them: after a restart the digest
     /// state is gone, so the prefix is read once more.
     pub async fn open(path: PathBuf, offset: u64) -> Result<PartialFile> {
-        let on_disk = tokio::fs::metadata(&path)
-            .await
-            .map(|m| m.len())
-            .unwrap_or(0);
-        let offset = if on_disk >= offset { offset } else { 0 };
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .await
-            .map_err(|e| Error::io(&path, e))?;
-        file.set_len(offset)
-            .await
-            .map_err(|e| Error::io(&path, e))?;
-        let hasher = if offset > 0 {
-            let p = path.clone();
-            tokio::task::spawn_blocking(move || hash_prefix(&p, offset)).await??
-        } else {
-            Sha256::new()
-        };
-        let mut file = file;
-        use tokio::io::AsyncSeekExt;
-        file.seek(std::io::SeekFrom::Start(offset))
-            .await
+        let p = path.clone();
+        let (writer, offset) = tokio::task::spawn_blocking(move || -> Result<(Writer, u64)> {
+            use std::io::Seek;
+            let on_disk = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            let offset = if on_disk >= offset { offset } else { 0 };
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&p)
+                .map_err(|e| Error::io(&p, e))?;
+            file.set_len(offset).map_err(|e| Error::io(&p, e))?;
+            let hasher = if offset > 0 {
+                hash_prefix(&p, offset)?
+            } else {
+                Sha256::new()
+            };
+            file.seek(std::io::SeekFrom::Start(offset))
+                .map_err(|e| Error::io(&p, e))?;
+            let writeback = match file.try_clone() {
+                Ok(clone) => {
+                    let (kick, kicked) = std::sync::mpsc::sync_channel::<()>(1);
+                    let spawned = std::thread::Builder::new()
+                        .name("modeld-writeback".into())
+                        .spawn(move || {
+                            // Errors surface through the writer's own syncs.
+                            while kicked.recv().is_ok() {
+                                let _ = clone.sync_data();
+                            }
+                        });
+                    spawned.ok().map(|_| kick)
+                }
+                Err(_) => None,
+            };
+            Ok((
+                Writer {
+                    path: p,
+                    file: std::io::BufWriter::with_capacity(1 << 20, file),
+                    hasher,
+                    error: None,
+                    writeback,
+                    since_kick: 0,
+                },
+                offset,
+            ))
+        })
+        .await??;
+        let (tx, rx) = std::sync::mpsc::sync_channel(WRITER_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("modeld-writer".into())
+            .spawn(move || writer.run(rx))
             .map_err(|e| Error::io(&path, e))?;
         Ok(PartialFile {
             path,
-            writer: Some(BufWriter::with_capacity(1 << 20, file)),
-            hasher,
+            tx: Some(tx),
+            thread: Some(thread),
             offset,
             synced_offset: offset,
             last_sync: Instant::now(),
         })
     }
 
-    fn writer(&mut self) -> Result<&mut BufWriter<tokio::fs::File>> {
-        let path = self.path.clone();
-        self.writer
-            .as_mut()
-            .ok_or_else(|| Error::io(path, std::io::Error::other("partial file already closed")))
+    fn sender(&self) -> Result<std::sync::mpsc::SyncSender<WriterCmd>> {
+        self.tx.clone().ok_or_else(|| {
+            Error::io(
+                &self.path,
+                std::io::Error::other("partial file already closed"),
+            )
+        })
     }
 
-    pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        let path = self.path.clone();
-        self.writer()?
-            .write_all(bytes)
-            .await
-            .map_err(|e| disk_error(&path, e))?;
-        self.hasher.update(bytes);
-        self.offset += bytes.len() as u64;
+    fn writer_gone(&self) -> Error {
+        Error::TaskFailed(format!(
+            "the writer thread for {} stopped",
+            self.path.display()
+        ))
+    }
+
+    /// Hands a chunk to the writer thread; waits only when the queue is full.
+    pub async fn write(&mut self, bytes: bytes::Bytes) -> Result<()> {
+        let len = bytes.len() as u64;
+        let tx = self.sender()?;
+        let sent = match tx.try_send(WriterCmd::Write(bytes)) {
+            Ok(()) => Ok(()),
+            Err(std::sync::mpsc::TrySendError::Full(cmd)) => {
+                tokio::task::spawn_blocking(move || tx.send(cmd))
+                    .await?
+                    .map_err(|_| ())
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(()),
+        };
+        sent.map_err(|()| self.writer_gone())?;
+        self.offset += len;
         Ok(())
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T>>) -> WriterCmd,
+    ) -> Result<T> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let tx = self.sender()?;
+        let cmd = make(reply);
+        tokio::task::spawn_blocking(move || tx.send(cmd))
+            .await?
+            .map_err(|_| self.writer_gone())?;
+        answer.await.map_err(|_| self.writer_gone())?
     }
 
     /// Flushes and syncs; after this the bytes up to `offset` survive a crash.
     pub async fn sync(&mut self) -> Result<()> {
-        let path = self.path.clone();
-        let w = self.writer()?;
-        w.flush().await.map_err(|e| disk_error(&path, e))?;
-        w.get_ref()
-            .sync_data()
-            .await
-            .map_err(|e| disk_error(&path, e))?;
+        self.ask(WriterCmd::Sync).await?;
         self.synced_offset = self.offset;
         self.last_sync = Instant::now();
         Ok(())
@@ -124,19 +263,7 @@ impl PartialFile {
 
     /// Drops every byte and starts again from zero.
     pub async fn reset(&mut self) -> Result<()> {
-        let path = self.path.clone();
-        let w = self.writer()?;
-        w.flush().await.map_err(|e| disk_error(&path, e))?;
-        w.get_mut()
-            .set_len(0)
-            .await
-            .map_err(|e| Error::io(&path, e))?;
-        use tokio::io::AsyncSeekExt;
-        w.get_mut()
-            .seek(std::io::SeekFrom::Start(0))
-            .await
-            .map_err(|e| Error::io(&path, e))?;
-        self.hasher = Sha256::new();
+        self.ask(WriterCmd::Reset).await?;
         self.offset = 0;
         self.synced_offset = 0;
         Ok(())
@@ -144,12 +271,24 @@ impl PartialFile {
 
     /// Syncs, closes, and returns the hex digest of everything written.
     pub async fn finish(&mut self) -> Result<String> {
-        self.sync().await?;
-        self.writer = None;
-        Ok(hex::encode(self.hasher.clone().finalize()))
+        let digest = self.ask(WriterCmd::Finish).await?;
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        self.synced_offset = self.offset;
+        Ok(digest)
     }
 }
 
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer thread after it drains its queue.
+        self.tx = None;
+    }
+}
+
+/// Reads the bytes a previous run left, once, to rebuild the digest state.
 fn hash_prefix(path: &Path, len: u64) -> Result<Sha256> {
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -359,14 +498,15 @@ impl FetchJob<'_> {
                     };
                     match chunk {
                         Ok(Some(bytes)) => {
-                            self.partial.write(&bytes).await?;
-                            received += bytes.len() as u64;
+                            let n = bytes.len() as u64;
+                            self.partial.write(bytes).await?;
+                            received += n;
                             if plain && self.partial.offset > expected_size {
                                 break Some(format!(
                                     "source sent more than the declared {expected_size} bytes"
                                 ));
                             }
-                            if meter.add(bytes.len() as u64) {
+                            if meter.add(n) {
                                 let done = self.partial.offset;
                                 let rate = meter.rate();
                                 self.publish(|p| {

@@ -354,13 +354,17 @@ impl Storage {
     }
 
     async fn discard(&self, record: &TransferRecord) -> Result<()> {
+        self.discard_unflushed(record).await?;
+        self.inner.store.flush().await
+    }
+
+    async fn discard_unflushed(&self, record: &TransferRecord) -> Result<()> {
         for f in &record.files {
             let p = self.partial_path(&record.id, f.index);
             let _ = tokio::fs::remove_file(&p).await;
             let _ = tokio::fs::remove_file(p.with_extension("member")).await;
         }
-        self.inner.store.delete_transfer(&record.id)?;
-        self.inner.store.flush().await
+        self.inner.store.delete_transfer(&record.id)
     }
 
     /// Runs a transfer to its end: Ok(true) done, Ok(false) cancelled.
@@ -442,8 +446,9 @@ impl Storage {
                         self.set_file_stage(handle, slot, Stage::Extracting);
                         self.place(&spec.id, &file, &partial.path).await?;
                         record.files[slot].done = true;
+                        // Not flushed on its own: after a crash the resumed transfer
+                        // finds the blob and skips the file anyway.
                         self.inner.store.put_transfer(&record)?;
-                        self.inner.store.flush().await?;
                         self.mark_file_done(handle, slot, file.size_bytes);
                     }
                 }
@@ -510,7 +515,7 @@ impl Storage {
                 self.unpack(model_id, &blob, *kind).await?;
             }
         }
-        self.inner.store.flush().await
+        Ok(())
     }
 
     async fn unpack(&self, model_id: &str, archive: &Path, kind: ArchiveFormat) -> Result<()> {
@@ -534,6 +539,11 @@ impl Storage {
     }
 
     async fn record_stored(&self, spec: &ModelSpec) -> Result<()> {
+        self.put_stored_record(spec)?;
+        self.inner.store.flush().await
+    }
+
+    fn put_stored_record(&self, spec: &ModelSpec) -> Result<()> {
         let archive_dir = spec
             .files
             .iter()
@@ -555,26 +565,28 @@ impl Storage {
             update_time_unix_ms: unix_ms(SystemTime::now()),
         };
         self.inner.store.put_stored_model(&spec.id, &record)?;
-        lifecycle::set_state(&self.inner.store, &spec.id, ModelState::Downloaded)?;
-        self.inner.store.flush().await
+        lifecycle::set_state(&self.inner.store, &spec.id, ModelState::Downloaded)
     }
 
     async fn finish(&self, handle: &TransferHandle, spec: &ModelSpec, result: Result<bool>) {
         let record = self.inner.store.transfer(&handle.id).ok().flatten();
-        let outcome = match result {
-            Ok(true) => match self.record_stored(spec).await {
-                Ok(()) => Ok(()),
-                Err(e) => Err(e),
-            },
+        let mut outcome = match result {
+            Ok(true) => self.put_stored_record(spec),
             Ok(false) => Err(Error::TransferCancelled {
                 id: handle.id.clone(),
             }),
             Err(e) => Err(e),
         };
         if let Some(record) = &record
-            && let Err(e) = self.discard(record).await
+            && let Err(e) = self.discard_unflushed(record).await
         {
             tracing::error!(transfer = %handle.id, error = %e, "could not clean up the transfer");
+        }
+        // One flush makes the stored record and the transfer's removal durable together.
+        if let Err(e) = self.inner.store.flush().await
+            && outcome.is_ok()
+        {
+            outcome = Err(e);
         }
         match outcome {
             Ok(()) => {

@@ -136,7 +136,7 @@ impl Storage {
                     file.size_bytes, file.name
                 )));
             }
-            partial.write(&chunk).await?;
+            partial.write(chunk).await?;
             if partial.checkpoint_due() {
                 partial.sync().await?;
                 self.inner.store.put_push(&k, &record(partial.offset))?;
