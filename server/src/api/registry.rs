@@ -201,7 +201,8 @@ impl ModelRegistry for RegistryApi {
         let (spec, local) = match r.model {
             Some(Model::Id(id)) => {
                 let entry = self.agent.registry.get(&id)?;
-                let local = entry.local_path.is_some();
+                let local =
+                    entry.local_path.is_some() || self.agent.storage.is_stored(&entry.spec)?;
                 (entry.spec, local)
             }
             Some(Model::Spec(s)) => (convert::spec_from_pb(s, "spec")?.validate("spec")?, false),

@@ -180,6 +180,16 @@ impl Storage {
         Ok(blob)
     }
 
+    /// Whether every file of `spec` is stored, so using it needs no download.
+    pub fn is_stored(&self, spec: &ModelSpec) -> Result<bool> {
+        for f in &spec.files {
+            if !self.file_stored(&spec.id, f)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Bytes the agent holds: blobs, partial files, unpacked models.
     pub fn used_bytes(&self) -> Result<u64> {
         Ok(self.inner.blobs.total_bytes()?
