@@ -45,10 +45,17 @@ pub struct PartialFile {
     pub offset: u64,
     synced_offset: u64,
     last_sync: Instant,
+    pending: Vec<bytes::Bytes>,
+    pending_len: usize,
 }
 
+/// Chunks are handed to the writer thread in batches of at least this many bytes.
+const BATCH_BYTES: usize = 512 * 1024;
+
 enum WriterCmd {
-    Write(bytes::Bytes),
+    /// Consecutive chunks, batched so a fast link does not cost a thread wake-up per
+    /// network frame.
+    Write(Vec<bytes::Bytes>),
     /// Flush and fdatasync; answer with the first write error since the last answer.
     Sync(tokio::sync::oneshot::Sender<Result<()>>),
     Reset(tokio::sync::oneshot::Sender<Result<()>>),
@@ -56,15 +63,47 @@ enum WriterCmd {
     Finish(tokio::sync::oneshot::Sender<Result<String>>),
 }
 
-/// Chunks in flight between the receiving task and the writer thread.
-const WRITER_QUEUE: usize = 16;
+/// Batches in flight between the receiving task and the writer (and hasher) thread.
+const WRITER_QUEUE: usize = 4;
 /// Bytes written between background writeback kicks.
 const WRITEBACK_EVERY: u64 = 8 * 1024 * 1024;
+
+/// What the hashing thread is asked to do.
+enum HashCmd {
+    Update(Vec<bytes::Bytes>),
+    Reset,
+    Digest(std::sync::mpsc::Sender<String>),
+}
+
+/// Hashes on its own thread, so sha256 and the page-cache copy run side by side: on a
+/// fast link either one alone takes as long as the download.
+fn spawn_hasher(initial: Sha256) -> std::io::Result<std::sync::mpsc::SyncSender<HashCmd>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<HashCmd>(WRITER_QUEUE);
+    std::thread::Builder::new()
+        .name("modeld-hasher".into())
+        .spawn(move || {
+            let mut hasher = initial;
+            while let Ok(cmd) = rx.recv() {
+                match cmd {
+                    HashCmd::Update(batch) => {
+                        for bytes in &batch {
+                            hasher.update(bytes);
+                        }
+                    }
+                    HashCmd::Reset => hasher = Sha256::new(),
+                    HashCmd::Digest(reply) => {
+                        let _ = reply.send(hex::encode(hasher.clone().finalize()));
+                    }
+                }
+            }
+        })?;
+    Ok(tx)
+}
 
 struct Writer {
     path: PathBuf,
     file: std::io::BufWriter<std::fs::File>,
-    hasher: Sha256,
+    hasher: std::sync::mpsc::SyncSender<HashCmd>,
     error: Option<Error>,
     /// Starts writeback of what was written so far on another thread, so the
     /// checkpoint and final syncs find little left to do: the disk works while the
@@ -78,13 +117,20 @@ impl Writer {
         use std::io::{Seek, Write};
         while let Ok(cmd) = rx.recv() {
             match cmd {
-                WriterCmd::Write(bytes) => {
+                WriterCmd::Write(batch) => {
                     if self.error.is_none() {
-                        match self.file.write_all(&bytes) {
-                            Ok(()) => self.hasher.update(&bytes),
-                            Err(e) => self.error = Some(disk_error(&self.path, e)),
+                        let len: u64 = batch.iter().map(|b| b.len() as u64).sum();
+                        for bytes in &batch {
+                            if let Err(e) = self.file.write_all(bytes) {
+                                self.error = Some(disk_error(&self.path, e));
+                                break;
+                            }
                         }
-                        self.since_kick += bytes.len() as u64;
+                        if self.hasher.send(HashCmd::Update(batch)).is_err() {
+                            self.error =
+                                Some(Error::TaskFailed("the hashing thread stopped".into()));
+                        }
+                        self.since_kick += len;
                         if self.since_kick >= WRITEBACK_EVERY
                             && let Some(kick) = &self.writeback
                         {
@@ -106,13 +152,18 @@ impl Writer {
                             .map_err(|e| Error::io(&path, e))?;
                         Ok(())
                     });
-                    self.hasher = Sha256::new();
+                    let _ = self.hasher.send(HashCmd::Reset);
                     let _ = reply.send(result);
                 }
                 WriterCmd::Finish(reply) => {
-                    let result = self
-                        .sync()
-                        .map(|()| hex::encode(self.hasher.clone().finalize()));
+                    let result = self.sync().and_then(|()| {
+                        let (tx, rx) = std::sync::mpsc::channel();
+                        self.hasher
+                            .send(HashCmd::Digest(tx))
+                            .ok()
+                            .and_then(|()| rx.recv().ok())
+                            .ok_or_else(|| Error::TaskFailed("the hashing thread stopped".into()))
+                    });
                     let _ = reply.send(result);
                     return;
                 }
@@ -173,6 +224,7 @@ impl PartialFile {
                 }
                 Err(_) => None,
             };
+            let hasher = spawn_hasher(hasher).map_err(|e| Error::io(&p, e))?;
             Ok((
                 Writer {
                     path: p,
@@ -198,6 +250,8 @@ impl PartialFile {
             offset,
             synced_offset: offset,
             last_sync: Instant::now(),
+            pending: Vec::new(),
+            pending_len: 0,
         })
     }
 
@@ -217,11 +271,26 @@ impl PartialFile {
         ))
     }
 
-    /// Hands a chunk to the writer thread; waits only when the queue is full.
+    /// Queues a chunk for the writer thread; hands over a batch once it is big enough,
+    /// waiting only when the writer's queue is full.
     pub async fn write(&mut self, bytes: bytes::Bytes) -> Result<()> {
-        let len = bytes.len() as u64;
+        self.offset += bytes.len() as u64;
+        self.pending_len += bytes.len();
+        self.pending.push(bytes);
+        if self.pending_len >= BATCH_BYTES {
+            self.hand_over().await?;
+        }
+        Ok(())
+    }
+
+    async fn hand_over(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.pending);
+        self.pending_len = 0;
         let tx = self.sender()?;
-        let sent = match tx.try_send(WriterCmd::Write(bytes)) {
+        let sent = match tx.try_send(WriterCmd::Write(batch)) {
             Ok(()) => Ok(()),
             Err(std::sync::mpsc::TrySendError::Full(cmd)) => {
                 tokio::task::spawn_blocking(move || tx.send(cmd))
@@ -230,15 +299,14 @@ impl PartialFile {
             }
             Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(()),
         };
-        sent.map_err(|()| self.writer_gone())?;
-        self.offset += len;
-        Ok(())
+        sent.map_err(|()| self.writer_gone())
     }
 
     async fn ask<T>(
-        &self,
+        &mut self,
         make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T>>) -> WriterCmd,
     ) -> Result<T> {
+        self.hand_over().await?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         let tx = self.sender()?;
         let cmd = make(reply);
