@@ -169,3 +169,16 @@ impl From<tokio::task::JoinError> for Error {
         Error::TaskFailed(e.to_string())
     }
 }
+
+/// An error and its causes on one line: reqwest's and hyper's top-level messages
+/// ("error sending request") hide what actually went wrong.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(cause) = cur {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        cur = cause.source();
+    }
+    out
+}

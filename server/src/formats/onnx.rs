@@ -48,7 +48,7 @@ pub fn sniff<R: Read + Seek>(r: &mut R, size: u64) -> Option<ProtoModel> {
             .iter()
             .find(|f| f.number == 2)
             .and_then(|f| match f.value {
-                WireValue::Len { start, len } => coreml_io(r, start, len),
+                WireValue::Len { start, len } => io_names(r, start, len, 1, 10),
                 _ => None,
             })
             .unwrap_or_default();
@@ -65,7 +65,7 @@ pub fn sniff<R: Read + Seek>(r: &mut R, size: u64) -> Option<ProtoModel> {
     let WireValue::Len { start, len } = graph.value else {
         return None;
     };
-    let io = onnx_graph_io(r, start, len)?;
+    let io = io_names(r, start, len, 11, 12)?;
     let producer = top
         .iter()
         .find(|f| f.number == 2)
@@ -82,8 +82,17 @@ pub fn sniff<R: Read + Seek>(r: &mut R, size: u64) -> Option<ProtoModel> {
     })
 }
 
-/// GraphProto: input = 11, output = 12, each a ValueInfoProto whose name is field 1.
-fn onnx_graph_io<R: Read + Seek>(r: &mut R, start: u64, len: u64) -> Option<IoNames> {
+/// Names of the inputs and outputs listed in the message at `[start, start+len)`:
+/// ONNX's GraphProto (input = 11, output = 12, ValueInfoProto) and Core ML's
+/// ModelDescription (input = 1, output = 10, FeatureDescription) both name each entry
+/// in its field 1.
+fn io_names<R: Read + Seek>(
+    r: &mut R,
+    start: u64,
+    len: u64,
+    input_field: u32,
+    output_field: u32,
+) -> Option<IoNames> {
     let fields = protobuf::fields(r, start, start + len).ok()?;
     let mut io = IoNames::default();
     for f in fields {
@@ -91,30 +100,8 @@ fn onnx_graph_io<R: Read + Seek>(r: &mut R, start: u64, len: u64) -> Option<IoNa
             continue;
         };
         let target = match f.number {
-            11 => &mut io.inputs,
-            12 => &mut io.outputs,
-            _ => continue,
-        };
-        if target.len() >= MAX_IO {
-            continue;
-        }
-        let msg = protobuf::read_payload(r, start, len, MAX_VALUE_INFO).ok()?;
-        target.push(protobuf::string_field(&msg, 1)?);
-    }
-    Some(io)
-}
-
-/// ModelDescription: input = 1, output = 10, each a FeatureDescription named by field 1.
-fn coreml_io<R: Read + Seek>(r: &mut R, start: u64, len: u64) -> Option<IoNames> {
-    let fields = protobuf::fields(r, start, start + len).ok()?;
-    let mut io = IoNames::default();
-    for f in fields {
-        let WireValue::Len { start, len } = f.value else {
-            continue;
-        };
-        let target = match f.number {
-            1 => &mut io.inputs,
-            10 => &mut io.outputs,
+            n if n == input_field => &mut io.inputs,
+            n if n == output_field => &mut io.outputs,
             _ => continue,
         };
         if target.len() >= MAX_IO {

@@ -100,7 +100,7 @@ async fn fetch_url(url: &str, http: &reqwest::Client) -> Result<String> {
         .timeout(FETCH_TIMEOUT)
         .send()
         .await
-        .map_err(|e| unavailable(error_chain(&e)))?;
+        .map_err(|e| unavailable(crate::error::chain(&e)))?;
     let status = response.status();
     if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
         return Err(unavailable(format!("server answered {status}")));
@@ -117,23 +117,11 @@ async fn fetch_url(url: &str, http: &reqwest::Client) -> Result<String> {
     let mut body = Vec::new();
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| unavailable(error_chain(&e)))?;
+        let chunk = chunk.map_err(|e| unavailable(crate::error::chain(&e)))?;
         body.extend_from_slice(&chunk);
         check_size(body.len())?;
     }
     String::from_utf8(body).map_err(|_| Error::InvalidManifest("it is not UTF-8 text".into()))
-}
-
-/// reqwest's top-level message hides the cause ("error sending request"); show it all.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(cause) = cur {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        cur = cause.source();
-    }
-    out
 }
 
 /// Parses and validates every entry. Nothing is imported unless all of them are valid,

@@ -13,6 +13,8 @@ use reqwest::header::{
 };
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
+use crate::error::chain;
+
 /// How opening or reading a source went wrong, classified by what to do next. These
 /// never reach a client directly: the transfer turns them into retries, a move to the
 /// next mirror, or one `Error::SourcesExhausted` naming every attempt.
@@ -151,17 +153,6 @@ impl Body {
             }
         }
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
 }
 
 fn peer_error(status: &tonic::Status) -> SourceFault {
