@@ -28,6 +28,7 @@ pub struct Agent {
     pub store: Store,
     pub registry: Registry,
     pub storage: Storage,
+    pub inference: crate::inference::Inference,
     pub hardware: Hardware,
     /// The memory budget resolved against this machine's physical memory.
     pub memory_budget_bytes: u64,
@@ -106,6 +107,10 @@ pub async fn serve(
         store: store.clone(),
         registry,
         storage,
+        inference: crate::inference::Inference::new(
+            crate::engines::instances(),
+            crate::inference::DEFAULT_MAX_REQUESTS,
+        ),
         hardware,
         memory_budget_bytes,
         shutdown: shutdown_rx.clone(),

@@ -15,9 +15,34 @@ pub struct CompiledEngine {
     pub accelerators: Vec<Accelerator>,
 }
 
-/// Engines in this build, best first. This build has none yet: the agent registers,
-/// discovers and plans models, and answers compatibility questions honestly with
-/// "no runtime" until engine features are enabled.
+/// Engines in this build, best first, as capabilities and compatibility report them.
+#[allow(clippy::vec_init_then_push)] // one push per engine feature; none may be enabled
 pub fn compiled() -> Vec<CompiledEngine> {
-    Vec::new()
+    #[allow(unused_mut)]
+    let mut out = Vec::new();
+    #[cfg(feature = "llama")]
+    out.push(CompiledEngine {
+        runtime: Runtime::LlamaCpp,
+        version: modeld_engine_llama::VERSION.to_owned(),
+        formats: vec![ModelFormat::Gguf],
+        quantizations: [
+            "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S",
+            "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS",
+        ]
+        .iter()
+        .map(|q| (*q).to_owned())
+        .collect(),
+        accelerators: vec![Accelerator::Cpu],
+    });
+    out
+}
+
+/// The engine implementations behind `compiled()`.
+#[allow(clippy::vec_init_then_push)]
+pub fn instances() -> Vec<std::sync::Arc<dyn modeld_engine_core::Engine>> {
+    #[allow(unused_mut)]
+    let mut out: Vec<std::sync::Arc<dyn modeld_engine_core::Engine>> = Vec::new();
+    #[cfg(feature = "llama")]
+    out.push(std::sync::Arc::new(modeld_engine_llama::LlamaEngine));
+    out
 }

@@ -129,6 +129,24 @@ pub enum Error {
     #[error("push refused: {0}")]
     PushRejected(String),
 
+    #[error("model {id:?} is {format}, and this build of modeld has no runtime for {format}")]
+    NoRuntime { id: String, format: &'static str },
+
+    #[error("model {id:?} is not stored on this node; pull or push it first")]
+    ModelNotStored { id: String },
+
+    #[error("{path} is not a usable model: {reason}")]
+    ModelInvalid { path: PathBuf, reason: String },
+
+    #[error("{0}")]
+    Engine(#[from] modeld_engine_core::EngineError),
+
+    #[error("the inference engine crashed: {0}")]
+    EnginePanicked(String),
+
+    #[error("model {id:?} is busy: its request queue is full; retry later")]
+    Overloaded { id: String, limit: usize },
+
     /// Bad configuration; only reachable at start-up.
     #[error("configuration: {0}")]
     Config(String),

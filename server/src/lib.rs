@@ -9,6 +9,7 @@ pub mod error;
 pub mod formats;
 pub mod hardware;
 pub mod http_client;
+pub mod inference;
 pub mod lifecycle;
 pub mod registry;
 pub mod storage;

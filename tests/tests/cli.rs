@@ -100,7 +100,8 @@ async fn modelctl_covers_node_and_registry_verbs() {
     let (ok, out, _) = run(&["models", "check", "smollm2-135m-instruct"]);
     assert!(ok);
     assert!(
-        out.contains("not compatible") && out.contains("no runtime for gguf"),
+        out.contains("smollm2-135m-instruct: compatible")
+            && out.contains("runtime llama.cpp on cpu"),
         "{out}"
     );
 
@@ -254,4 +255,50 @@ async fn modelctl_pulls_pushes_and_reports_storage() {
     let (ok, _, err) = run(&["transfers", "pause", "nope"]);
     assert!(!ok);
     assert!(err.contains("TRANSFER_NOT_FOUND"), "{err}");
+}
+
+#[tokio::test]
+async fn modelctl_generates_and_tokenizes() {
+    let assets = Assets::get();
+    let agent = Agent::start().await;
+    let run = |args: &[&str]| modelctl(&agent, args);
+    let url = format!("file://{}", assets.gguf.display());
+    let (ok, _, err) = run(&[
+        "models",
+        "register",
+        "--id",
+        "smol",
+        "--url",
+        &url,
+        "--sha256",
+        SMOLLM2_SHA256,
+        "--size",
+        "98362432",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&["pull", "smol"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&[
+        "generate",
+        "smol",
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "16",
+        "What is the capital of France?",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("Paris"), "{out}");
+    assert!(
+        err.contains("generated tokens"),
+        "usage goes to stderr: {err}"
+    );
+    let (ok, out, _) = run(&["-o", "json", "tokenize", "smol", "Hello world"]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(!v["tokenIds"].as_array().unwrap().is_empty());
+    let (ok, _, err) = run(&["generate", "nope", "hi"]);
+    assert!(!ok);
+    assert!(err.contains("MODEL_NOT_FOUND"), "{err}");
 }

@@ -658,16 +658,16 @@ async fn check_compatibility_answers_before_download() {
         .await
         .unwrap();
     assert!(!c.compatible);
-    assert!(!c.runtime_available, "this build has no engine compiled in");
+    assert!(c.runtime_available, "this build has llama.cpp");
+    assert_eq!(
+        c.settings.as_ref().unwrap().runtime(),
+        pb::Runtime::LlamaCpp
+    );
     assert!(!c.fits_memory && !c.fits_disk);
     assert_eq!(c.memory_available_bytes, 100_000_000);
     assert_eq!(c.disk_required_bytes, 98_362_432);
     assert!(c.disk_available_bytes <= 50_000_000);
-    assert!(
-        c.reasons.iter().any(|r| r.contains("no runtime for gguf")),
-        "{:?}",
-        c.reasons
-    );
+    assert_eq!(c.reasons.len(), 2, "memory and disk: {:?}", c.reasons);
     assert!(
         c.reasons.iter().any(|r| r.contains("memory")),
         "{:?}",

@@ -1,5 +1,6 @@
 //! The `modelctl` command line.
 
+mod generate;
 mod models;
 mod node;
 mod output;
@@ -50,6 +51,10 @@ enum Command {
     Transfers(storage::TransfersArgs),
     /// Disk usage and the models stored on the node.
     Storage(storage::StorageArgs),
+    /// Generate text with a model, streaming tokens as they come.
+    Generate(generate::GenerateArgs),
+    /// Show how a model's tokenizer splits a text.
+    Tokenize(generate::TokenizeArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -69,5 +74,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Storage(args) => storage::storage(&client, args, cli.output).await,
+        Command::Generate(args) => generate::generate(&client, args, cli.output).await,
+        Command::Tokenize(args) => generate::tokenize(&client, args, cli.output).await,
     }
 }

@@ -2,6 +2,7 @@
 //! calls and domain results back into messages. Errors map to statuses in [`status`].
 
 pub mod convert;
+mod generate;
 mod node;
 mod pending;
 mod registry;
@@ -68,8 +69,9 @@ pub fn routes(agent: Arc<Agent>) -> Result<Routes> {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            pb::generate_server::GenerateServer::new(pending::GenerateApi)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            pb::generate_server::GenerateServer::new(generate::GenerateApi::new(agent.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
         );
     Ok(builder.routes())
 }

@@ -17,7 +17,6 @@ fn unimplemented<T>(rpc: &'static str) -> Result<T, Status> {
 }
 
 pub struct LifecycleApi;
-pub struct GenerateApi;
 
 #[tonic::async_trait]
 impl pb::lifecycle_server::Lifecycle for LifecycleApi {
@@ -53,29 +52,5 @@ impl pb::lifecycle_server::Lifecycle for LifecycleApi {
         _: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         unimplemented("modeld.v1.Lifecycle/Watch")
-    }
-}
-
-#[tonic::async_trait]
-impl pb::generate_server::Generate for GenerateApi {
-    type GenerateStream = Boxed<pb::GenerateResponse>;
-
-    async fn generate(
-        &self,
-        _: Request<pb::GenerateRequest>,
-    ) -> Result<Response<Self::GenerateStream>, Status> {
-        unimplemented("modeld.v1.Generate/Generate")
-    }
-    async fn tokenize(
-        &self,
-        _: Request<pb::TokenizeRequest>,
-    ) -> Result<Response<pb::TokenizeResponse>, Status> {
-        unimplemented("modeld.v1.Generate/Tokenize")
-    }
-    async fn detokenize(
-        &self,
-        _: Request<pb::DetokenizeRequest>,
-    ) -> Result<Response<pb::DetokenizeResponse>, Status> {
-        unimplemented("modeld.v1.Generate/Detokenize")
     }
 }

@@ -121,6 +121,35 @@ impl From<&Error> for Status {
                 (Code::OutOfRange, "OUT_OF_RANGE")
             }
             Error::PushRejected(_) => (Code::FailedPrecondition, "PUSH_REJECTED"),
+            Error::NoRuntime { id, .. } => {
+                meta.insert("model_id".into(), id.clone());
+                (Code::FailedPrecondition, "NO_RUNTIME")
+            }
+            Error::ModelNotStored { id } => {
+                meta.insert("model_id".into(), id.clone());
+                (Code::FailedPrecondition, "MODEL_NOT_STORED")
+            }
+            Error::ModelInvalid { .. } => (Code::FailedPrecondition, "MODEL_INVALID"),
+            Error::Engine(inner) => match inner {
+                modeld_engine_core::EngineError::Load(_) => {
+                    (Code::FailedPrecondition, "LOAD_FAILED")
+                }
+                modeld_engine_core::EngineError::InvalidRequest(_) => {
+                    (Code::InvalidArgument, "INVALID_ARGUMENT")
+                }
+                modeld_engine_core::EngineError::ContextOverflow { .. } => {
+                    (Code::InvalidArgument, "CONTEXT_OVERFLOW")
+                }
+                modeld_engine_core::EngineError::Inference(_) => {
+                    (Code::Internal, "INFERENCE_FAILED")
+                }
+            },
+            Error::EnginePanicked(_) => (Code::Internal, "ENGINE_PANICKED"),
+            Error::Overloaded { id, limit } => {
+                meta.insert("model_id".into(), id.clone());
+                meta.insert("limit".into(), limit.to_string());
+                (Code::ResourceExhausted, "MODEL_OVERLOADED")
+            }
             Error::ClientCancelled(_) => (Code::Cancelled, "CLIENT_CANCELLED"),
             Error::Unimplemented { rpc } => {
                 meta.insert("rpc".into(), (*rpc).to_owned());
