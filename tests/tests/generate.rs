@@ -346,3 +346,39 @@ async fn a_full_queue_is_refused_at_once_and_a_dropped_stream_frees_the_worker()
     assert!(!text.is_empty());
     assert_eq!(summary.finish_reason(), pb::FinishReason::Length);
 }
+
+#[tokio::test]
+async fn a_gbnf_grammar_constrains_the_output_to_json() {
+    let (_agent, client) = agent_with_smol().await;
+    let grammar = r#"root ::= "{" ws "\"city\"" ws ":" ws "\"" [A-Za-z ]{1,16} "\"" ws "}"
+ws ::= [ ]?"#;
+    let request = pb::GenerateRequest {
+        model_id: "smol".into(),
+        input: chat("What is the capital of France? Answer in JSON."),
+        sampling: greedy(),
+        max_tokens: 48,
+        grammar: grammar.into(),
+        ..Default::default()
+    };
+    let (text, _, summary) = run(&client, request.clone()).await;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?} is not JSON: {e}"));
+    assert!(v["city"].is_string(), "{text}");
+    assert_eq!(summary.finish_reason(), pb::FinishReason::Stop);
+
+    // A grammar that does not parse is the caller's error; the agent serves on.
+    let bad = pb::GenerateRequest {
+        grammar: "root ::= (".into(),
+        ..request.clone()
+    };
+    let mut stream = client.generate().generate(bad).await.unwrap().into_inner();
+    // The first and only message is the summary: no token may come out.
+    let summary = match stream.next().await.unwrap().unwrap().event.unwrap() {
+        pb::generate_response::Event::Summary(s) => s,
+        pb::generate_response::Event::Token(_) => panic!("tokens under a broken grammar"),
+    };
+    assert_eq!(summary.finish_reason(), pb::FinishReason::Error);
+    assert!(summary.error.contains("grammar"), "{}", summary.error);
+    let (again, _, _) = run(&client, request).await;
+    assert_eq!(text, again);
+}

@@ -42,6 +42,8 @@ pub struct GenerateRequest {
     pub max_tokens: u32,
     pub stop: Vec<String>,
     pub logprobs: bool,
+    /// GBNF grammar the output must follow (rule `root`).
+    pub grammar: Option<String>,
 }
 
 /// One generated token as the engine hands it out.

@@ -21,6 +21,7 @@ pub mod limits {
     pub const PROMPT_BYTES_MAX: usize = 1024 * 1024;
     pub const CHAT_MESSAGES_MAX: usize = 1024;
     pub const TOKENS_MAX: usize = 1024 * 1024;
+    pub const GRAMMAR_BYTES_MAX: usize = 64 * 1024;
 }
 
 pub struct GenerateApi {
@@ -132,10 +133,14 @@ impl Generate for GenerateApi {
             )
             .into());
         }
-        if !r.grammar.is_empty() {
+        if r.grammar.len() > limits::GRAMMAR_BYTES_MAX {
             return Err(Error::invalid(
                 "grammar",
-                "GBNF grammars are not supported by this build yet",
+                format!(
+                    "{} bytes; the limit is {}",
+                    r.grammar.len(),
+                    limits::GRAMMAR_BYTES_MAX
+                ),
             )
             .into());
         }
@@ -175,6 +180,7 @@ impl Generate for GenerateApi {
             max_tokens: r.max_tokens,
             stop: r.stop,
             logprobs: r.logprobs,
+            grammar: (!r.grammar.trim().is_empty()).then_some(r.grammar),
         };
         let mut events = worker.generate(request)?;
         let (tx, rx) = mpsc::channel(32);

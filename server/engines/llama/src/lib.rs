@@ -192,9 +192,18 @@ fn token_id(t: LlamaToken) -> u32 {
 }
 
 impl LlamaLoaded {
-    fn sampler(&self, request: &GenerateRequest) -> LlamaSampler {
+    fn sampler(&self, request: &GenerateRequest) -> Result<LlamaSampler, EngineError> {
         let s = &request.sampling;
         let mut chain = Vec::new();
+        if let Some(grammar) = &request.grammar {
+            chain.push(
+                LlamaSampler::grammar(&self.model, grammar, "root").map_err(|e| {
+                    EngineError::InvalidRequest(format!(
+                        "grammar: {e} (GBNF with a `root` rule expected)"
+                    ))
+                })?,
+            );
+        }
         let penalties = s.repeat_penalty.is_some()
             || s.frequency_penalty.is_some()
             || s.presence_penalty.is_some();
@@ -226,7 +235,7 @@ impl LlamaLoaded {
             let seed = s.seed.map_or(0xFFFF_FFFF, |v| (v ^ (v >> 32)) as u32);
             chain.push(LlamaSampler::dist(seed));
         }
-        LlamaSampler::chain_simple(chain)
+        Ok(LlamaSampler::chain_simple(chain))
     }
 }
 
@@ -293,7 +302,7 @@ impl LoadedModel for LlamaLoaded {
                 .map_err(|e| EngineError::Inference(format!("prompt decode: {e}")))?;
         }
         let prompt_done = Instant::now();
-        let mut sampler = self.sampler(request);
+        let mut sampler = self.sampler(request)?;
         let mut utf8 = Utf8Stream::default();
         let mut stops = StopMatcher::new(&request.stop);
         let mut generated = 0u32;
