@@ -39,42 +39,30 @@ base="http://127.0.0.1:$port"
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
-echo "curl baseline ..."
-curl_rates=()
 # Both tools are timed the same way: wall clock of the whole command, process start
 # included, so neither side is credited with the other's setup.
-for _ in $(seq "$RUNS"); do
-    rm -f "$work/curl.out"
-    start="$(date +%s.%N)"
-    curl -s -o "$work/curl.out" "$base/small.bin"
-    end="$(date +%s.%N)"
-    curl_rates+=("$(python3 -c "print($small_size/($end-$start))")")
-done
-curl_rate="$(printf '%s\n' "${curl_rates[@]}" | median)"
+fsync_file() { python3 -c "import os,sys; os.fsync(os.open(sys.argv[1], os.O_RDONLY))" "$1"; }
+curl_plain() { curl -s -o "$work/curl.out" "$base/small.bin"; }
+curl_durable() { curl_plain && fsync_file "$work/curl.out"; }
+curl_verified() { curl_durable && sha256sum "$work/curl.out" >/dev/null; }
+# median rate in bytes/s of RUNS runs of command $1, each after removing the output file
+rate_of() {
+    local start end
+    for _ in $(seq "$RUNS"); do
+        rm -f "$work/curl.out"
+        start="$(date +%s.%N)"
+        "$1"
+        end="$(date +%s.%N)"
+        python3 -c "print($small_size/($end-$start))"
+    done | median
+}
 
+echo "curl baseline ..."
+curl_rate="$(rate_of curl_plain)"
 # What modeld guarantees before it answers is closer to curl plus an fsync (the blob
 # survives a power cut) plus sha256sum (the bytes are verified); time those too.
-durable_rates=()
-for _ in $(seq "$RUNS"); do
-    rm -f "$work/curl.out"
-    start="$(date +%s.%N)"
-    curl -s -o "$work/curl.out" "$base/small.bin"
-    python3 -c "import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); os.fsync(fd)" "$work/curl.out"
-    end="$(date +%s.%N)"
-    durable_rates+=("$(python3 -c "print($small_size/($end-$start))")")
-done
-durable_rate="$(printf '%s\n' "${durable_rates[@]}" | median)"
-verified_rates=()
-for _ in $(seq "$RUNS"); do
-    rm -f "$work/curl.out"
-    start="$(date +%s.%N)"
-    curl -s -o "$work/curl.out" "$base/small.bin"
-    python3 -c "import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); os.fsync(fd)" "$work/curl.out"
-    sha256sum "$work/curl.out" >/dev/null
-    end="$(date +%s.%N)"
-    verified_rates+=("$(python3 -c "print($small_size/($end-$start))")")
-done
-verified_rate="$(printf '%s\n' "${verified_rates[@]}" | median)"
+durable_rate="$(rate_of curl_durable)"
+verified_rate="$(rate_of curl_verified)"
 
 agent_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 "$modeld" --listen "127.0.0.1:$agent_port" --data-dir "$work/data" --log warn >"$work/agent.log" 2>&1 &

