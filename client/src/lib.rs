@@ -247,6 +247,29 @@ impl Client {
         last.ok_or_else(|| tonic::Status::internal("Pull ended without any progress").into())
     }
 
+    /// Loads a model and waits until it is ready (or the load fails).
+    pub async fn load_to_end(
+        &self,
+        model_id: &str,
+        options: Option<pb::LoadOptions>,
+    ) -> Result<pb::LoadedModel> {
+        let mut stream = self
+            .lifecycle()
+            .load(pb::LoadRequest {
+                model_id: model_id.to_owned(),
+                options,
+            })
+            .await?
+            .into_inner();
+        let mut loaded = None;
+        while let Some(msg) = stream.message().await? {
+            if msg.loaded.is_some() {
+                loaded = msg.loaded;
+            }
+        }
+        loaded.ok_or_else(|| tonic::Status::internal("Load ended without a loaded model").into())
+    }
+
     pub async fn check_compatibility(
         &self,
         request: pb::CheckCompatibilityRequest,

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -71,6 +72,14 @@ pub async fn serve(
     let data_dir = config.data_dir.clone();
     let db_dir = data_dir.join("db");
     let store = tokio::task::spawn_blocking(move || Store::open(&db_dir)).await??;
+    // Nothing is in memory after a restart, whatever the store last recorded.
+    let reset = crate::lifecycle::forget_loaded(&store)?;
+    if reset > 0 {
+        info!(
+            models = reset,
+            "models recorded as loaded are back to downloaded"
+        );
+    }
     let probe_dir = data_dir.clone();
     let hardware = tokio::task::spawn_blocking(move || Hardware::probe(&probe_dir)).await?;
     let memory_budget_bytes = config.memory_budget.resolve(hardware.memory().total_bytes);
@@ -102,6 +111,7 @@ pub async fn serve(
         },
     )?;
     let grace = config.shutdown_grace;
+    let inference_settings = config.inference.clone();
     let agent = Arc::new(Agent {
         config,
         store: store.clone(),
@@ -109,7 +119,8 @@ pub async fn serve(
         storage,
         inference: crate::inference::Inference::new(
             crate::engines::instances(),
-            crate::inference::DEFAULT_MAX_REQUESTS,
+            store.clone(),
+            inference_settings,
         ),
         hardware,
         memory_budget_bytes,
@@ -198,6 +209,7 @@ pub async fn serve(
             }
         }
     }
+    agent.inference.unload_all(Duration::from_secs(1)).await;
     store.flush().await?;
     info!("store flushed; bye");
     Ok(())

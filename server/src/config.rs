@@ -73,6 +73,24 @@ pub struct Args {
     #[arg(long, env = "MODELD_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
 
+    /// Requests each model decodes together, sharing every forward pass (continuous
+    /// batching) [default: 4]. Each gets its own context, so KV-cache memory grows with it.
+    #[arg(long, env = "MODELD_PARALLEL")]
+    pub parallel: Option<u32>,
+
+    /// Requests per model that may wait for a free slot [default: 8]; beyond them a
+    /// request is answered RESOURCE_EXHAUSTED at once instead of waiting unboundedly.
+    #[arg(long, env = "MODELD_MAX_QUEUED_REQUESTS")]
+    pub max_queued_requests: Option<usize>,
+
+    /// Inference threads per model [default: 0 = the engine's choice, all cores].
+    #[arg(long, env = "MODELD_THREADS")]
+    pub threads: Option<u32>,
+
+    /// Tokens per request's context [default: 0 = the model's own, capped at 4096].
+    #[arg(long, env = "MODELD_CONTEXT_LENGTH")]
+    pub context_length: Option<u32>,
+
     /// Downloads that run at once; more wait in a queue [default: 2]. More parallel
     /// downloads rarely help on one uplink and cost disk seeks on small devices.
     #[arg(long, env = "MODELD_MAX_CONCURRENT_DOWNLOADS")]
@@ -203,6 +221,10 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     shutdown_grace_secs: Option<u64>,
     max_concurrent_downloads: Option<usize>,
+    parallel: Option<u32>,
+    max_queued_requests: Option<usize>,
+    threads: Option<u32>,
+    context_length: Option<u32>,
     stall_timeout_ms: Option<u64>,
     download_retries: Option<usize>,
     retry_delay_ms: Option<u64>,
@@ -229,6 +251,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
     pub max_concurrent_downloads: usize,
+    pub inference: crate::inference::InferenceSettings,
     pub stall_timeout: Duration,
     pub download_retries: usize,
     pub retry_delay: Duration,
@@ -303,6 +326,15 @@ impl Config {
                 .or(file.max_concurrent_downloads)
                 .unwrap_or(2)
                 .max(1),
+            inference: crate::inference::InferenceSettings {
+                parallel: args.parallel.or(file.parallel).unwrap_or(4).clamp(1, 64),
+                max_queued: args
+                    .max_queued_requests
+                    .or(file.max_queued_requests)
+                    .unwrap_or(8),
+                threads: args.threads.or(file.threads).unwrap_or(0),
+                context_length: args.context_length.or(file.context_length).unwrap_or(0),
+            },
             stall_timeout: Duration::from_millis(
                 args.stall_timeout_ms
                     .or(file.stall_timeout_ms)

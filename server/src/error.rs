@@ -141,8 +141,25 @@ pub enum Error {
     #[error("{0}")]
     Engine(#[from] modeld_engine_core::EngineError),
 
-    #[error("the inference engine crashed: {0}")]
-    EnginePanicked(String),
+    #[error(
+        "model {id:?} failed: its inference engine crashed during {during}; load it again to retry"
+    )]
+    EnginePanicked { id: String, during: &'static str },
+
+    #[error(
+        "model {id:?} is {state}, not ready: load it first (Lifecycle.Load, or `modelctl load {id}`)"
+    )]
+    NotReady {
+        id: String,
+        state: crate::lifecycle::ModelState,
+    },
+
+    #[error("model {id:?} is {format}, and runtime {runtime} in this build cannot run {format}")]
+    RuntimeUnavailable {
+        id: String,
+        runtime: &'static str,
+        format: &'static str,
+    },
 
     #[error("model {id:?} is busy: its request queue is full; retry later")]
     Overloaded { id: String, limit: usize },

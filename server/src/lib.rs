@@ -15,6 +15,7 @@ pub mod registry;
 pub mod storage;
 pub mod store;
 pub mod telemetry;
+pub mod tokenizer;
 
 pub use config::{Args, Config};
 pub use error::{Error, Result};

@@ -278,6 +278,19 @@ async fn modelctl_generates_and_tokenizes() {
     assert!(ok, "{err}");
     let (ok, _, err) = run(&["pull", "smol"]);
     assert!(ok, "{err}");
+    // Not loaded yet: the agent says so, and how to fix it.
+    let (ok, _, err) = run(&["generate", "smol", "hi"]);
+    assert!(!ok);
+    assert!(
+        err.contains("MODEL_NOT_READY") && err.contains("modelctl load"),
+        "{err}"
+    );
+    let (ok, out, err) = run(&["load", "smol"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("smol is ready"), "{out}");
+    let (ok, out, _) = run(&["ps"]);
+    assert!(ok);
+    assert!(out.contains("smol") && out.contains("llama.cpp"), "{out}");
     let (ok, out, err) = run(&[
         "generate",
         "smol",
@@ -286,7 +299,7 @@ async fn modelctl_generates_and_tokenizes() {
         "0",
         "--max-tokens",
         "16",
-        "What is the capital of France?",
+        "Tell me the capital of France.",
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("Paris"), "{out}");
@@ -300,5 +313,57 @@ async fn modelctl_generates_and_tokenizes() {
     assert!(!v["tokenIds"].as_array().unwrap().is_empty());
     let (ok, _, err) = run(&["generate", "nope", "hi"]);
     assert!(!ok);
-    assert!(err.contains("MODEL_NOT_FOUND"), "{err}");
+    assert!(err.contains("model_id"), "{err}");
+
+    // chat keeps the conversation: the second turn sees the first.
+    let mut child = std::process::Command::new(modeld_e2e::binary("modelctl"))
+        .args([
+            "--addr",
+            &agent.url(),
+            "chat",
+            "smol",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "My name is Ada. Remember it.").unwrap();
+        writeln!(stdin, "What is my name?").unwrap();
+        writeln!(stdin, "/exit").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // "[stop: P prompt + G generated tokens ...]" after each turn.
+    let usage: Vec<(u32, u32)> = stderr
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split_once(": ")?.1;
+            let mut words = rest.split_whitespace();
+            let prompt = words.next()?.parse().ok()?;
+            let generated = words.nth(2)?.parse().ok()?;
+            Some((prompt, generated))
+        })
+        .collect();
+    assert_eq!(usage.len(), 2, "{stderr}");
+    let ((p1, g1), (p2, _)) = (usage[0], usage[1]);
+    assert!(
+        p2 > p1 + g1,
+        "the second turn's prompt holds the first turn and its reply: {usage:?}"
+    );
+
+    let (ok, out, err) = run(&["unload", "smol"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("unloaded"), "{out}");
+    let (ok, out, _) = run(&["state", "smol"]);
+    assert!(ok);
+    assert!(out.contains("downloaded"), "{out}");
 }

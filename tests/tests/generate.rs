@@ -4,13 +4,22 @@
 
 use std::time::Duration;
 
-use modeld_e2e::{Agent, Assets, Client, SMOLLM2_SHA256, SMOLLM2_SIZE, pb, reason};
+use modeld_e2e::{Agent, AgentOptions, Assets, Client, SMOLLM2_SHA256, SMOLLM2_SIZE, pb, reason};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
 async fn agent_with_smol() -> (Agent, Client) {
+    agent_with_smol_args(&[]).await
+}
+
+/// An agent with SmolLM2 stored and loaded, started with extra `args`.
+async fn agent_with_smol_args(args: &[&str]) -> (Agent, Client) {
     let assets = Assets::get();
-    let agent = Agent::start().await;
+    let agent = Agent::start_with(AgentOptions {
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        ..AgentOptions::default()
+    })
+    .await;
     let client = agent.client().await;
     let spec = pb::ModelSpec {
         id: "smol".into(),
@@ -26,6 +35,7 @@ async fn agent_with_smol() -> (Agent, Client) {
     };
     client.register_model(spec).await.unwrap();
     client.pull_to_end("smol").await.unwrap();
+    client.load_to_end("smol", None).await.unwrap();
     (agent, client)
 }
 
@@ -75,7 +85,7 @@ async fn greedy_chat_streams_tokens_then_a_summary_and_repeats_exactly() {
     let (_agent, client) = agent_with_smol().await;
     let request = pb::GenerateRequest {
         model_id: "smol".into(),
-        input: chat("What is the capital of France?"),
+        input: chat("Tell me the capital of France."),
         sampling: greedy(),
         max_tokens: 24,
         ..Default::default()
@@ -209,7 +219,63 @@ async fn bad_requests_are_refused_and_the_agent_keeps_serving() {
         .await
         .err()
         .unwrap();
-    assert_eq!(missing.code(), Code::NotFound);
+    assert_eq!(missing.code(), Code::InvalidArgument);
+    assert!(missing.message().contains("model_id"), "{missing:?}");
+    let refused = |status: tonic::Status, field: &str| {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(field), "{field}: {status:?}");
+    };
+    for (sampling, field) in [
+        (
+            pb::SamplingParams {
+                temperature: Some(-0.5),
+                ..Default::default()
+            },
+            "sampling.temperature",
+        ),
+        (
+            pb::SamplingParams {
+                top_p: Some(0.0),
+                ..Default::default()
+            },
+            "sampling.top_p",
+        ),
+        (
+            pb::SamplingParams {
+                top_p: Some(1.5),
+                ..Default::default()
+            },
+            "sampling.top_p",
+        ),
+    ] {
+        let status = g
+            .generate(pb::GenerateRequest {
+                sampling: Some(sampling),
+                ..base.clone()
+            })
+            .await
+            .err()
+            .unwrap();
+        refused(status, field);
+    }
+    let empty = g
+        .generate(pb::GenerateRequest {
+            input: Some(pb::generate_request::Input::Prompt(String::new())),
+            ..base.clone()
+        })
+        .await
+        .err()
+        .unwrap();
+    refused(empty, "prompt");
+    let too_many = g
+        .generate(pb::GenerateRequest {
+            max_tokens: 1_000_000,
+            ..base.clone()
+        })
+        .await
+        .err()
+        .unwrap();
+    refused(too_many, "max_tokens");
     let hot = g
         .generate(pb::GenerateRequest {
             sampling: Some(pb::SamplingParams {
@@ -247,7 +313,12 @@ async fn bad_requests_are_refused_and_the_agent_keeps_serving() {
         .err()
         .unwrap();
     assert_eq!(absent.code(), Code::FailedPrecondition);
-    assert_eq!(reason(&absent), "MODEL_NOT_STORED");
+    assert_eq!(reason(&absent), "MODEL_NOT_READY");
+    assert!(absent.message().contains("registered"), "{absent:?}");
+    let not_stored = client.load_to_end("not-here", None).await.unwrap_err();
+    let not_stored = not_stored.status().unwrap();
+    assert_eq!(not_stored.code(), Code::FailedPrecondition);
+    assert_eq!(reason(not_stored), "MODEL_NOT_STORED");
 
     // A GGUF whose header lies never reaches llama.cpp.
     let assets = Assets::get();
@@ -268,7 +339,11 @@ async fn bad_requests_are_refused_and_the_agent_keeps_serving() {
     };
     client.register_model(spec).await.unwrap();
     client.pull_to_end("broken").await.unwrap();
-    let invalid = g
+    let invalid = client.load_to_end("broken", None).await.unwrap_err();
+    let invalid = invalid.status().unwrap();
+    assert_eq!(invalid.code(), Code::FailedPrecondition);
+    assert_eq!(reason(invalid), "MODEL_INVALID");
+    let failed = g
         .generate(pb::GenerateRequest {
             model_id: "broken".into(),
             ..base.clone()
@@ -276,8 +351,8 @@ async fn bad_requests_are_refused_and_the_agent_keeps_serving() {
         .await
         .err()
         .unwrap();
-    assert_eq!(invalid.code(), Code::FailedPrecondition);
-    assert_eq!(reason(&invalid), "MODEL_INVALID");
+    assert_eq!(reason(&failed), "MODEL_NOT_READY");
+    assert!(failed.message().contains("failed"), "{failed:?}");
 
     let (text, _, _) = run(&client, base).await;
     assert!(!text.is_empty(), "the agent still serves");
@@ -285,7 +360,8 @@ async fn bad_requests_are_refused_and_the_agent_keeps_serving() {
 
 #[tokio::test]
 async fn a_full_queue_is_refused_at_once_and_a_dropped_stream_frees_the_worker() {
-    let (_agent, client) = agent_with_smol().await;
+    let (_agent, client) =
+        agent_with_smol_args(&["--parallel", "1", "--max-queued-requests", "3"]).await;
     let long = pb::GenerateRequest {
         model_id: "smol".into(),
         input: chat("Write a long story about a lighthouse keeper."),
@@ -381,4 +457,169 @@ ws ::= [ ]?"#;
     assert!(summary.error.contains("grammar"), "{}", summary.error);
     let (again, _, _) = run(&client, request).await;
     assert_eq!(text, again);
+}
+
+/// The same greedy chat request gives the same text through the whole gRPC stream as
+/// through the engine called in-process with the same tokenizer and template.
+#[tokio::test]
+async fn greedy_chat_through_grpc_matches_the_engine_called_directly() {
+    use modeld_engine_core::{ChatMessage, Engine, Flow, GenerateRequest, LoadOptions, Sampling};
+
+    let question = "Tell me the capital of France.";
+    let direct = tokio::task::spawn_blocking(move || {
+        let gguf = Assets::get().gguf;
+        let mut model = modeld_engine_llama::LlamaEngine
+            .load(
+                &gguf,
+                &LoadOptions {
+                    use_mmap: true,
+                    parallel: 1,
+                    ..LoadOptions::default()
+                },
+            )
+            .unwrap();
+        let tokenizer = modeld::tokenizer::for_model(
+            &gguf,
+            modeld_engine_core::ModelFormat::Gguf,
+            Some(model.tokenizer()),
+            model.info().chat_template.as_deref(),
+        )
+        .unwrap();
+        let text = tokenizer
+            .render_chat(
+                &[ChatMessage {
+                    role: "user".into(),
+                    content: question.into(),
+                }],
+                true,
+            )
+            .unwrap();
+        let request = GenerateRequest {
+            prompt: tokenizer.encode(&text, true, true).unwrap(),
+            sampling: Sampling {
+                temperature: Some(0.0),
+                ..Sampling::default()
+            },
+            max_tokens: 24,
+            ..GenerateRequest::default()
+        };
+        let mut out = String::new();
+        model
+            .generate(&request, &mut |t| {
+                out.push_str(&t.text);
+                Flow::Continue
+            })
+            .unwrap();
+        out
+    })
+    .await
+    .unwrap();
+
+    let (_agent, client) = agent_with_smol().await;
+    let (streamed, _, _) = run(
+        &client,
+        pb::GenerateRequest {
+            model_id: "smol".into(),
+            input: chat(question),
+            sampling: greedy(),
+            max_tokens: 24,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(!direct.is_empty());
+    assert_eq!(streamed, direct);
+}
+
+#[tokio::test]
+async fn a_seeded_sample_is_reproducible() {
+    let (_agent, client) = agent_with_smol().await;
+    let sampled = |seed: u64| pb::GenerateRequest {
+        model_id: "smol".into(),
+        input: chat("Write one sentence about the sea."),
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(1.0),
+            top_k: Some(100),
+            top_p: Some(0.98),
+            seed: Some(seed),
+            ..Default::default()
+        }),
+        max_tokens: 32,
+        ..Default::default()
+    };
+    let (a, _, _) = run(&client, sampled(42)).await;
+    let (b, _, _) = run(&client, sampled(42)).await;
+    assert_eq!(a, b, "the same seed samples the same text");
+    let mut others = Vec::new();
+    for seed in [7, 1234, 99_999] {
+        others.push(run(&client, sampled(seed)).await.0);
+    }
+    assert!(
+        others.iter().any(|o| *o != a),
+        "different seeds sample differently: {a:?} vs {others:?}"
+    );
+}
+
+/// Four requests to one model run together in one batch (continuous batching):
+/// every stream has its first token long before any of them finishes, where a queue
+/// would finish the first before the second starts.
+#[tokio::test]
+async fn concurrent_requests_share_the_batch_instead_of_queueing() {
+    let (_agent, client) = agent_with_smol_args(&["--parallel", "4"]).await;
+    let request = |i: usize| pb::GenerateRequest {
+        model_id: "smol".into(),
+        input: chat(&format!("Write a story about lighthouse number {i}.")),
+        sampling: greedy(),
+        max_tokens: 48,
+        ..Default::default()
+    };
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<(usize, bool)>();
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let client = client.clone();
+        let events_tx = events_tx.clone();
+        let request = request(i);
+        tasks.push(tokio::spawn(async move {
+            let mut stream = client
+                .generate()
+                .generate(request)
+                .await
+                .unwrap()
+                .into_inner();
+            let mut first = true;
+            let mut generated = 0;
+            while let Some(msg) = stream.next().await {
+                match msg.unwrap().event.unwrap() {
+                    pb::generate_response::Event::Token(_) => {
+                        if first {
+                            events_tx.send((i, false)).unwrap();
+                            first = false;
+                        }
+                    }
+                    pb::generate_response::Event::Summary(s) => {
+                        generated = s.usage.unwrap().generated_tokens;
+                        events_tx.send((i, true)).unwrap();
+                    }
+                }
+            }
+            generated
+        }));
+    }
+    drop(events_tx);
+    let mut order = Vec::new();
+    while let Some(e) = events.recv().await {
+        order.push(e);
+    }
+    for t in tasks {
+        assert!(t.await.unwrap() > 0);
+    }
+    let first_finish = order.iter().position(|(_, done)| *done).unwrap();
+    let started_before = order[..first_finish]
+        .iter()
+        .filter(|(_, done)| !done)
+        .count();
+    assert_eq!(
+        started_before, 4,
+        "all four streams started before any finished: {order:?}"
+    );
 }

@@ -146,8 +146,65 @@ async fn grpcurl_lists_describes_and_calls_through_reflection_alone() {
         &["modeld.v1.Lifecycle/Load"],
     );
     assert!(!ok);
+    assert!(err.contains("NotFound") && err.contains("\"x\""), "{err}");
+    let (ok, _, err) = grpcurl(&assets, &agent, Some("{}"), &["modeld.v1.Lifecycle/Watch"]);
+    assert!(!ok);
     assert!(
-        err.contains("Unimplemented") && err.contains("modeld.v1.Lifecycle/Load"),
+        err.contains("Unimplemented") && err.contains("modeld.v1.Lifecycle/Watch"),
         "{err}"
     );
+}
+
+/// The README's walk-through: register, pull, load and generate with nothing but
+/// grpcurl and JSON, on the real SmolLM2 GGUF.
+#[tokio::test]
+async fn grpcurl_pulls_loads_and_streams_a_generation() {
+    let assets = Assets::get();
+    let agent = Agent::start().await;
+    let spec = serde_json::json!({
+        "spec": {
+            "id": "smol",
+            "format": "MODEL_FORMAT_GGUF",
+            "files": [{
+                "name": "smol.gguf",
+                "urls": [format!("file://{}", assets.gguf.display())],
+                "sha256": modeld_e2e::SMOLLM2_SHA256,
+                "size_bytes": modeld_e2e::SMOLLM2_SIZE,
+            }],
+        }
+    });
+    let call = |data: &str, method: &str| grpcurl(&assets, &agent, Some(data), &[method]);
+    let (ok, _, err) = call(&spec.to_string(), "modeld.v1.ModelRegistry/RegisterModel");
+    assert!(ok, "{err}");
+    let (ok, _, err) = call(r#"{"model_id":"smol"}"#, "modeld.v1.Storage/Pull");
+    assert!(ok, "{err}");
+    let (ok, out, err) = call(r#"{"model_id":"smol"}"#, "modeld.v1.Lifecycle/Load");
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("MODEL_STATE_READY") && out.contains("LLAMA_CPP"),
+        "{out}"
+    );
+
+    let (ok, out, err) = call(
+        r#"{"model_id":"smol","chat":{"messages":[{"role":"CHAT_ROLE_USER","content":"Tell me the capital of France."}]},"sampling":{"temperature":0},"max_tokens":16}"#,
+        "modeld.v1.Generate/Generate",
+    );
+    assert!(ok, "{err}");
+    // grpcurl prints one JSON object per streamed message.
+    let messages: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&out)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let text: String = messages
+        .iter()
+        .filter_map(|m| m["token"]["text"].as_str())
+        .collect();
+    assert!(text.contains("Paris"), "{text}");
+    let summary = &messages.last().unwrap()["summary"];
+    assert_eq!(summary["finishReason"], "FINISH_REASON_STOP", "{out}");
+    assert!(summary["usage"]["generatedTokens"].as_u64().unwrap() > 1);
+
+    let (ok, out, err) = call(r#"{"model_id":"smol"}"#, "modeld.v1.Lifecycle/Unload");
+    assert!(ok, "{err}");
+    assert!(out.contains("MODEL_STATE_DOWNLOADED"), "{out}");
 }

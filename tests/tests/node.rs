@@ -126,19 +126,11 @@ async fn later_stage_rpcs_answer_unimplemented_with_their_name() {
     check(
         client
             .lifecycle()
-            .load(pb::LoadRequest::default())
+            .watch(pb::WatchRequest::default())
             .await
             .err()
             .unwrap(),
-        "modeld.v1.Lifecycle/Load",
-    );
-    check(
-        client
-            .lifecycle()
-            .list_loaded(pb::ListLoadedRequest {})
-            .await
-            .unwrap_err(),
-        "modeld.v1.Lifecycle/ListLoaded",
+        "modeld.v1.Lifecycle/Watch",
     );
     check(
         client

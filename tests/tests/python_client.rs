@@ -41,10 +41,10 @@ assert caps.memory.total_bytes > 0 and caps.cpu.logical_cores >= 1, caps
 print("python client ok:", caps.node_id)
 "#;
 
-#[tokio::test]
-async fn python_grpc_client_talks_to_the_agent() {
+/// Generates Python stubs from the committed protos and runs `script` against the
+/// agent (its address is `sys.argv[1]`); returns stdout, failing on a non-zero exit.
+fn run_python(agent: &Agent, script: &str) -> String {
     let assets = Assets::get();
-    let agent = Agent::start().await;
     let out_dir = tempfile::tempdir().unwrap();
     let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
     let protos: Vec<String> = std::fs::read_dir(proto_root.join("modeld/v1"))
@@ -66,17 +66,90 @@ async fn python_grpc_client_talks_to_the_agent() {
         "protoc: {}",
         String::from_utf8_lossy(&protoc.stderr)
     );
-
     let run = Command::new(&assets.python)
-        .args(["-c", SCRIPT, &agent.addr.to_string()])
+        .args(["-c", script, &agent.addr.to_string()])
         .env("PYTHONPATH", out_dir.path())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
     assert!(
         run.status.success(),
         "python failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&run.stderr)
     );
+    stdout
+}
+
+#[tokio::test]
+async fn python_grpc_client_talks_to_the_agent() {
+    let agent = Agent::start().await;
+    let stdout = run_python(&agent, SCRIPT);
     assert!(stdout.contains("python client ok"), "{stdout}");
+}
+
+const DEADLINE_SCRIPT: &str = r#"
+import sys, time
+import grpc
+from modeld.v1 import generate_pb2, generate_pb2_grpc, lifecycle_pb2, lifecycle_pb2_grpc
+
+channel = grpc.insecure_channel(sys.argv[1])
+gen = generate_pb2_grpc.GenerateStub(channel)
+life = lifecycle_pb2_grpc.LifecycleStub(channel)
+
+def request(max_tokens):
+    return generate_pb2.GenerateRequest(
+        model_id="smol",
+        chat=generate_pb2.ChatMessages(messages=[generate_pb2.ChatMessage(
+            role=generate_pb2.CHAT_ROLE_USER, content="Write a very long story about a lighthouse.")]),
+        sampling=generate_pb2.SamplingParams(temperature=0.0),
+        max_tokens=max_tokens)
+
+# A long generation with a short deadline: the client gets DEADLINE_EXCEEDED after
+# some tokens, not after 2000 of them.
+tokens = 0
+try:
+    for message in gen.Generate(request(2000), timeout=1.5):
+        if message.HasField("token"):
+            tokens += 1
+    raise SystemExit("the stream outlived its deadline")
+except grpc.RpcError as e:
+    assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e
+assert tokens > 0, "no token arrived before the deadline"
+
+# The one slot is free again: the agent stopped that generation, so the next request
+# is accepted (not RESOURCE_EXHAUSTED) and runs to its own end.
+for _ in range(200):
+    state = life.GetState(lifecycle_pb2.GetStateRequest(model_id="smol"))
+    if state.in_flight_requests == 0:
+        break
+    time.sleep(0.05)
+assert state.in_flight_requests == 0, state
+summary = None
+for message in gen.Generate(request(8)):
+    if message.HasField("summary"):
+        summary = message.summary
+assert summary.finish_reason == generate_pb2.FINISH_REASON_LENGTH, summary
+assert summary.usage.generated_tokens == 8, summary
+print("deadline ok", tokens)
+"#;
+
+/// A gRPC deadline stops generation on the agent, not just on the client, and the
+/// model's only slot is free for the next request.
+#[tokio::test]
+async fn a_python_client_deadline_stops_generation_and_frees_the_slot() {
+    let assets = Assets::get();
+    let agent = Agent::start_with(modeld_e2e::AgentOptions {
+        args: ["--parallel", "1", "--max-queued-requests", "0"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    })
+    .await;
+    let client = agent.client().await;
+    let spec = modeld_e2e::gguf_spec("smol", &format!("file://{}", assets.gguf.display()));
+    client.register_model(spec).await.unwrap();
+    client.pull_to_end("smol").await.unwrap();
+    client.load_to_end("smol", None).await.unwrap();
+    let stdout = run_python(&agent, DEADLINE_SCRIPT);
+    assert!(stdout.contains("deadline ok"), "{stdout}");
 }

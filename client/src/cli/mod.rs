@@ -1,6 +1,7 @@
 //! The `modelctl` command line.
 
 mod generate;
+mod lifecycle;
 mod models;
 mod node;
 mod output;
@@ -51,8 +52,18 @@ enum Command {
     Transfers(storage::TransfersArgs),
     /// Disk usage and the models stored on the node.
     Storage(storage::StorageArgs),
+    /// Load a model into memory so it can generate.
+    Load(lifecycle::LoadArgs),
+    /// Free a loaded model's memory; running requests get a grace time to finish.
+    Unload(lifecycle::UnloadArgs),
+    /// Models in memory, with their runtime, memory and requests in flight.
+    Ps,
+    /// A model's lifecycle state.
+    State(lifecycle::StateArgs),
     /// Generate text with a model, streaming tokens as they come.
     Generate(generate::GenerateArgs),
+    /// Chat with a model interactively; the conversation is kept between turns.
+    Chat(generate::ChatArgs),
     /// Show how a model's tokenizer splits a text.
     Tokenize(generate::TokenizeArgs),
 }
@@ -74,7 +85,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Storage(args) => storage::storage(&client, args, cli.output).await,
+        Command::Load(args) => lifecycle::load(&client, args, cli.output).await,
+        Command::Unload(args) => lifecycle::unload(&client, args, cli.output).await,
+        Command::Ps => lifecycle::ps(&client, cli.output).await,
+        Command::State(args) => lifecycle::state(&client, args, cli.output).await,
         Command::Generate(args) => generate::generate(&client, args, cli.output).await,
+        Command::Chat(args) => generate::chat(&client, args).await,
         Command::Tokenize(args) => generate::tokenize(&client, args, cli.output).await,
     }
 }

@@ -9,7 +9,10 @@ use crate::runtime::{Accelerator, Runtime};
 /// How to load a model. Zero means "the engine's default".
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LoadOptions {
+    /// Tokens each sequence may hold.
     pub context_length: u32,
+    /// Sequences decoded together (continuous batching); each gets its own context.
+    pub parallel: u32,
     pub threads: u32,
     pub batch_size: u32,
     /// Layers to offload to an accelerator; 0 = none, u32::MAX = all.
@@ -99,8 +102,6 @@ pub struct ModelInfo {
     pub parameter_count: u64,
     pub context_length: u32,
     pub vocab_size: u32,
-    pub bos: Option<u32>,
-    pub eos: Option<u32>,
     pub chat_template: Option<String>,
     /// Bytes of memory the loaded model holds (weights, KV cache, buffers).
     pub memory_bytes: u64,
@@ -116,29 +117,178 @@ pub trait Engine: Send + Sync {
     -> Result<Box<dyn LoadedModel>, EngineError>;
 }
 
+/// Token ids with a special role. `end_of_generation` holds every id that ends a
+/// turn (eos, eot, `<|im_end|>`...), which is more than `eos` alone for chat models.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SpecialTokens {
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub pad: Option<u32>,
+    pub add_bos: bool,
+    pub add_eos: bool,
+    pub end_of_generation: Vec<u32>,
+}
+
+/// What to do with an input longer than the limit it must fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Truncation {
+    /// Refuse the input (the default: silently dropping text surprises people).
+    #[default]
+    Refuse,
+    /// Keep the first tokens.
+    KeepStart,
+    /// Keep the last tokens: the end of a conversation matters most for a reply.
+    KeepEnd,
+}
+
+/// One chat message, as a chat template sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
 /// A model's tokenizer. Shared across threads, so tokenizing never waits behind a
 /// generation running on the model's worker.
 pub trait Tokenizer: Send + Sync {
-    fn tokenize(
+    /// Which provider this is, for logs and diagnostics ("tokenizer.json", "gguf", ...).
+    fn provider(&self) -> &str;
+    /// Text to ids. `add_special` adds BOS/EOS as the model wants; `parse_special`
+    /// turns text like `<|im_start|>` into its special token instead of plain text.
+    fn encode(
         &self,
         text: &str,
         add_special: bool,
         parse_special: bool,
     ) -> Result<Vec<u32>, EngineError>;
-    fn detokenize(&self, tokens: &[u32], skip_special: bool) -> Result<String, EngineError>;
-    /// Renders (role, content) messages with the model's chat template, ready to
-    /// tokenize with special tokens parsed.
-    fn render_chat(&self, messages: &[(String, String)]) -> Result<String, EngineError>;
+    fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, EngineError>;
+    /// The bytes one token stands for. They may be part of a UTF-8 character, which
+    /// is why streaming goes through [`TokenDecoder`] rather than `decode(&[id])`.
+    fn token_bytes(&self, id: u32) -> Result<Vec<u8>, EngineError>;
+    fn vocab_size(&self) -> u32;
+    fn special_tokens(&self) -> &SpecialTokens;
+    /// The most tokens one sequence may hold (the model's context length).
+    fn max_length(&self) -> u32;
+    /// Renders messages with the model's chat template, ready to encode with
+    /// `parse_special`. `add_generation_prompt` opens the assistant's turn.
+    fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, EngineError>;
+}
+
+impl dyn Tokenizer + '_ {
+    /// A decoder that turns ids into text one at a time, never splitting a character.
+    pub fn stream_decoder(&self) -> TokenDecoder<'_> {
+        TokenDecoder {
+            tokenizer: self,
+            utf8: crate::Utf8Stream::default(),
+        }
+    }
+
+    /// Encodes `text` and makes it fit `limit` tokens as `truncation` says.
+    pub fn encode_within(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+        limit: usize,
+        truncation: Truncation,
+    ) -> Result<Vec<u32>, EngineError> {
+        let mut ids = self.encode(text, add_special, parse_special)?;
+        if ids.len() <= limit {
+            return Ok(ids);
+        }
+        match truncation {
+            Truncation::Refuse => Err(EngineError::ContextOverflow {
+                prompt: ids.len(),
+                context: u32::try_from(limit).unwrap_or(u32::MAX),
+            }),
+            Truncation::KeepStart => {
+                ids.truncate(limit);
+                Ok(ids)
+            }
+            Truncation::KeepEnd => {
+                // Keep BOS when the model wants one: without it the model sees a
+                // sequence start it was never trained on.
+                let bos = self
+                    .special_tokens()
+                    .bos
+                    .filter(|b| add_special && ids.first() == Some(b));
+                let keep = limit.saturating_sub(usize::from(bos.is_some()));
+                let mut out: Vec<u32> = bos.into_iter().collect();
+                out.extend_from_slice(&ids[ids.len() - keep..]);
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Streaming-safe decoding: text comes out only once its UTF-8 characters are whole.
+pub struct TokenDecoder<'t> {
+    tokenizer: &'t dyn Tokenizer,
+    utf8: crate::Utf8Stream,
+}
+
+impl TokenDecoder<'_> {
+    /// Adds one token; returns the text that is now complete (maybe empty).
+    pub fn push(&mut self, id: u32) -> Result<String, EngineError> {
+        Ok(self.utf8.push(&self.tokenizer.token_bytes(id)?))
+    }
+
+    /// What is left at the end (incomplete bytes, replaced).
+    pub fn finish(&mut self) -> String {
+        self.utf8.finish()
+    }
+}
+
+/// The outcome of one generation.
+pub type GenerateOutcome = Result<(FinishReason, GenerateStats), EngineError>;
+
+/// A generation the agent hands to a model: the request, where its tokens go, and
+/// who hears how it ended.
+pub struct Job {
+    pub request: GenerateRequest,
+    /// Gets each token; answers `Flow::Stop` once the client left or its deadline
+    /// passed.
+    pub sink: Box<dyn FnMut(Token) -> Flow + Send>,
+    /// Called once with the outcome.
+    pub done: Box<dyn FnOnce(GenerateOutcome) + Send>,
+}
+
+/// Where a model takes its work from.
+pub trait JobSource {
+    /// Blocks for the next job; `None` once the model is being unloaded.
+    fn wait(&mut self) -> Option<Job>;
+    /// The next job if one is already waiting.
+    fn try_next(&mut self) -> Option<Job>;
 }
 
 /// A model in memory. Not `Sync`: one worker thread owns it.
 pub trait LoadedModel: Send {
     fn info(&self) -> &ModelInfo;
     fn tokenizer(&self) -> std::sync::Arc<dyn Tokenizer>;
-    /// Generates, handing each token to `sink` as soon as it is sampled.
+    /// How many requests it decodes together.
+    fn parallel(&self) -> usize {
+        1
+    }
+    /// Generates one request, handing each token to `sink` as soon as it is sampled.
     fn generate(
         &mut self,
         request: &GenerateRequest,
         sink: &mut dyn FnMut(Token) -> Flow,
-    ) -> Result<(FinishReason, GenerateStats), EngineError>;
+    ) -> GenerateOutcome;
+    /// Serves jobs until the source runs dry. Engines that batch several sequences
+    /// override this; the default runs one job at a time.
+    fn serve(&mut self, jobs: &mut dyn JobSource) {
+        while let Some(job) = jobs.wait() {
+            let Job {
+                request,
+                mut sink,
+                done,
+            } = job;
+            done(self.generate(&request, &mut *sink));
+        }
+    }
 }

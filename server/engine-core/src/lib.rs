@@ -10,8 +10,9 @@ mod runtime;
 mod text;
 
 pub use engine::{
-    Engine, EngineError, FinishReason, Flow, GenerateRequest, GenerateStats, LoadOptions,
-    LoadedModel, ModelInfo, Sampling, Token, Tokenizer,
+    ChatMessage, Engine, EngineError, FinishReason, Flow, GenerateOutcome, GenerateRequest,
+    GenerateStats, Job, JobSource, LoadOptions, LoadedModel, ModelInfo, Sampling, SpecialTokens,
+    Token, TokenDecoder, Tokenizer, Truncation,
 };
 pub use format::{ArchiveFormat, ModelFormat, ParseNameError};
 pub use runtime::{Accelerator, Runtime};

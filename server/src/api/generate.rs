@@ -2,7 +2,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use modeld_engine_core::{FinishReason, GenerateRequest, Sampling};
+use std::time::{Duration, Instant};
+
+use modeld_engine_core::{
+    ChatMessage, EngineError, FinishReason, GenerateRequest, Sampling, Truncation,
+};
 use modeld_proto::v1 as pb;
 use modeld_proto::v1::generate_server::Generate;
 use tokio::sync::mpsc;
@@ -33,14 +37,36 @@ impl GenerateApi {
         GenerateApi { agent }
     }
 
-    async fn worker(&self, model_id: &str) -> Result<Arc<ModelWorker>> {
+    /// The model's worker. An unknown model is the request's fault (the field is
+    /// named); a known one that is not loaded is FAILED_PRECONDITION with its state.
+    fn worker(&self, model_id: &str) -> Result<Arc<ModelWorker>> {
         spec::validate_id("model_id", model_id)?;
-        let entry = self.agent.registry.get(model_id)?;
-        self.agent
-            .inference
-            .worker(&entry, &self.agent.storage)
-            .await
+        match self.agent.registry.get(model_id) {
+            Err(Error::ModelNotFound { .. }) => Err(Error::invalid(
+                "model_id",
+                format!("no model {model_id:?} is registered on this node"),
+            )),
+            Err(e) => Err(e),
+            Ok(_) => self.agent.inference.ready(model_id),
+        }
     }
+}
+
+/// The deadline a gRPC client sent (`grpc-timeout`: digits and a unit letter).
+fn deadline<T>(request: &Request<T>) -> Option<Instant> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Instant::now().checked_add(timeout)
 }
 
 fn check_range(field: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<Option<f32>> {
@@ -58,7 +84,15 @@ fn sampling_from_pb(s: Option<pb::SamplingParams>) -> Result<Sampling> {
     Ok(Sampling {
         temperature: check_range("sampling.temperature", s.temperature, 0.0, 5.0)?,
         top_k: s.top_k,
-        top_p: check_range("sampling.top_p", s.top_p, 0.0, 1.0)?,
+        top_p: match s.top_p {
+            Some(p) if !(p > 0.0 && p <= 1.0) => {
+                return Err(Error::invalid(
+                    "sampling.top_p",
+                    format!("{p} is outside (0, 1]"),
+                ));
+            }
+            other => other,
+        },
         min_p: check_range("sampling.min_p", s.min_p, 0.0, 1.0)?,
         repeat_penalty: check_range("sampling.repeat_penalty", s.repeat_penalty, 0.0, 10.0)?,
         frequency_penalty: check_range(
@@ -110,6 +144,7 @@ impl Generate for GenerateApi {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let deadline = deadline(&request);
         let r = request.into_inner();
         if r.stop.len() > limits::STOP_STRINGS_MAX {
             return Err(Error::invalid(
@@ -145,8 +180,31 @@ impl Generate for GenerateApi {
             .into());
         }
         let sampling = sampling_from_pb(r.sampling)?;
-        let worker = self.worker(&r.model_id).await?;
-        let prompt = match r.input {
+        let truncation = match pb::Truncation::try_from(r.truncation) {
+            Ok(pb::Truncation::Unspecified) => Truncation::Refuse,
+            Ok(pb::Truncation::KeepStart) => Truncation::KeepStart,
+            Ok(pb::Truncation::KeepEnd) => Truncation::KeepEnd,
+            Err(_) => {
+                return Err(Error::invalid(
+                    "truncation",
+                    format!("unknown enum value {}", r.truncation),
+                )
+                .into());
+            }
+        };
+        let worker = self.worker(&r.model_id)?;
+        let context = worker.info.context_length;
+        if r.max_tokens >= context {
+            return Err(Error::invalid(
+                "max_tokens",
+                format!(
+                    "{} does not fit the model's {context}-token context",
+                    r.max_tokens
+                ),
+            )
+            .into());
+        }
+        let (text, parse_special) = match r.input {
             Some(pb::generate_request::Input::Prompt(p)) => {
                 if p.is_empty() || p.len() > limits::PROMPT_BYTES_MAX {
                     return Err(Error::invalid(
@@ -155,7 +213,7 @@ impl Generate for GenerateApi {
                     )
                     .into());
                 }
-                worker.tokenize(p, true, false).await?
+                (p, false)
             }
             Some(pb::generate_request::Input::Chat(chat)) => {
                 if chat.messages.is_empty() || chat.messages.len() > limits::CHAT_MESSAGES_MAX {
@@ -165,15 +223,52 @@ impl Generate for GenerateApi {
                     )
                     .into());
                 }
+                let bytes: usize = chat.messages.iter().map(|m| m.content.len()).sum();
+                if bytes > limits::PROMPT_BYTES_MAX {
+                    return Err(Error::invalid(
+                        "chat.messages",
+                        format!(
+                            "{bytes} bytes of content; the limit is {}",
+                            limits::PROMPT_BYTES_MAX
+                        ),
+                    )
+                    .into());
+                }
                 let mut messages = Vec::with_capacity(chat.messages.len());
                 for m in chat.messages {
-                    messages.push((role_name(m.role)?.to_owned(), m.content));
+                    messages.push(ChatMessage {
+                        role: role_name(m.role)?.to_owned(),
+                        content: m.content,
+                    });
                 }
-                let text = worker.render_chat(messages).await?;
-                worker.tokenize(text, true, true).await?
+                (worker.render_chat(messages).await?, true)
             }
             None => return Err(Error::invalid("input", "set prompt or chat").into()),
         };
+        let prompt = worker
+            .encode_prompt(text, parse_special, truncation, r.max_tokens)
+            .await
+            .map_err(|e| match e {
+                Error::Engine(EngineError::ContextOverflow { prompt, .. }) => Error::invalid(
+                    "prompt",
+                    format!(
+                        "{prompt} tokens and max_tokens {} do not fit the model's {context}-token context; shorten it, lower max_tokens, or set truncation",
+                        r.max_tokens
+                    ),
+                ),
+                other => other,
+            })?;
+        if r.max_tokens > 0 && prompt.len() + r.max_tokens as usize > context as usize {
+            return Err(Error::invalid(
+                "max_tokens",
+                format!(
+                    "{} plus the prompt's {} tokens exceed the model's {context}-token context",
+                    r.max_tokens,
+                    prompt.len()
+                ),
+            )
+            .into());
+        }
         let request = GenerateRequest {
             prompt,
             sampling,
@@ -182,10 +277,24 @@ impl Generate for GenerateApi {
             logprobs: r.logprobs,
             grammar: (!r.grammar.trim().is_empty()).then_some(r.grammar),
         };
-        let mut events = worker.generate(request)?;
+        let mut events = worker.generate(request, deadline)?;
+        let model_id = worker.model_id.clone();
+        drop(worker);
         let (tx, rx) = mpsc::channel(32);
         tokio::spawn(async move {
+            let mut finished = false;
             while let Some(event) = events.recv().await {
+                if let Event::Done(FinishReason::Cancelled, _) = &event
+                    && deadline.is_some_and(|d| Instant::now() >= d)
+                {
+                    let _ = tx
+                        .send(Err(Status::deadline_exceeded(
+                            "the request's deadline passed; generation stopped",
+                        )))
+                        .await;
+                    return;
+                }
+                finished |= matches!(event, Event::Done(..) | Event::Failed(_));
                 let message = match event {
                     Event::Token(t) => pb::GenerateResponse {
                         event: Some(pb::generate_response::Event::Token(pb::GeneratedToken {
@@ -220,6 +329,16 @@ impl Generate for GenerateApi {
                     return;
                 }
             }
+            if !finished {
+                // The engine dropped the request without an outcome: it crashed.
+                let _ = tx
+                    .send(Err(Error::EnginePanicked {
+                        id: model_id,
+                        during: "this request",
+                    }
+                    .into()))
+                    .await;
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -240,9 +359,9 @@ impl Generate for GenerateApi {
             )
             .into());
         }
-        let worker = self.worker(&r.model_id).await?;
+        let worker = self.worker(&r.model_id)?;
         let token_ids = worker
-            .tokenize(r.text, r.add_special_tokens, r.parse_special)
+            .encode(r.text, r.add_special_tokens, r.parse_special)
             .await?;
         let pieces = worker.pieces(token_ids.clone()).await?;
         Ok(Response::new(pb::TokenizeResponse { token_ids, pieces }))
@@ -260,10 +379,8 @@ impl Generate for GenerateApi {
             )
             .into());
         }
-        let worker = self.worker(&r.model_id).await?;
-        let text = worker
-            .detokenize(r.token_ids, r.skip_special_tokens)
-            .await?;
+        let worker = self.worker(&r.model_id)?;
+        let text = worker.decode(r.token_ids, r.skip_special_tokens).await?;
         Ok(Response::new(pb::DetokenizeResponse { text }))
     }
 }

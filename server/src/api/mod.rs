@@ -3,8 +3,8 @@
 
 pub mod convert;
 mod generate;
+mod lifecycle;
 mod node;
-mod pending;
 mod registry;
 pub mod status;
 mod storage;
@@ -65,7 +65,7 @@ pub fn routes(agent: Arc<Agent>) -> Result<Routes> {
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            pb::lifecycle_server::LifecycleServer::new(pending::LifecycleApi)
+            pb::lifecycle_server::LifecycleServer::new(lifecycle::LifecycleApi::new(agent.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(

@@ -144,7 +144,20 @@ impl From<&Error> for Status {
                     (Code::Internal, "INFERENCE_FAILED")
                 }
             },
-            Error::EnginePanicked(_) => (Code::Internal, "ENGINE_PANICKED"),
+            Error::EnginePanicked { id, .. } => {
+                meta.insert("model_id".into(), id.clone());
+                (Code::Internal, "ENGINE_PANICKED")
+            }
+            Error::NotReady { id, state } => {
+                meta.insert("model_id".into(), id.clone());
+                meta.insert("state".into(), state.as_str().to_owned());
+                (Code::FailedPrecondition, "MODEL_NOT_READY")
+            }
+            Error::RuntimeUnavailable { id, runtime, .. } => {
+                meta.insert("model_id".into(), id.clone());
+                meta.insert("runtime".into(), (*runtime).to_owned());
+                (Code::FailedPrecondition, "RUNTIME_UNAVAILABLE")
+            }
             Error::Overloaded { id, limit } => {
                 meta.insert("model_id".into(), id.clone());
                 meta.insert("limit".into(), limit.to_string());

@@ -16,8 +16,9 @@ const MAX_STRING: u64 = 16 * 1024 * 1024;
 /// Nesting of arrays of arrays we accept.
 const MAX_ARRAY_DEPTH: u32 = 2;
 
-/// A metadata value. Arrays are summarized: only their element type and length are
-/// kept, since vocabularies run to hundreds of thousands of entries.
+/// A metadata value. Arrays are summarized (element type and length) unless the
+/// caller asked to keep them, since vocabularies run to hundreds of thousands of
+/// entries and most readers only need the scalars.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     Uint(u64),
@@ -25,7 +26,14 @@ pub enum Value {
     Float(f64),
     Bool(bool),
     String(String),
-    Array { elem_type: u32, len: u64 },
+    Array {
+        elem_type: u32,
+        len: u64,
+    },
+    /// A kept array of strings (e.g. `tokenizer.ggml.tokens`).
+    Strings(Vec<String>),
+    /// A kept array of integers (e.g. `tokenizer.ggml.token_type`).
+    Ints(Vec<i64>),
 }
 
 impl Value {
@@ -40,6 +48,13 @@ impl Value {
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            Value::Bool(b) => Some(*b),
             _ => None,
         }
     }
@@ -214,13 +229,15 @@ pub enum GgufError {
     Io(#[from] io::Error),
 }
 
-struct Reader<R> {
+struct Reader<'k, R> {
     inner: R,
     pos: u64,
     size: u64,
+    /// Keys whose arrays are kept whole instead of summarized.
+    keep: &'k [&'k str],
 }
 
-impl<R: Read> Reader<R> {
+impl<R: Read> Reader<'_, R> {
     fn need(&self, n: u64, what: &str) -> Result<(), GgufError> {
         if self.size.saturating_sub(self.pos) < n {
             return Err(GgufError::Truncated {
@@ -322,6 +339,9 @@ impl<R: Read> Reader<R> {
                 }
                 let elem_type = self.u32(key)?;
                 let len = self.u64(key)?;
+                if depth == 0 && self.keep.contains(&key) {
+                    return self.kept_array(elem_type, len, key);
+                }
                 match scalar_size(elem_type) {
                     Some(size) => {
                         let total = len.checked_mul(size).ok_or_else(|| {
@@ -362,6 +382,42 @@ impl<R: Read> Reader<R> {
     }
 }
 
+impl<R: Read> Reader<'_, R> {
+    /// Reads a whole array of strings or integers. Every element is bounds-checked
+    /// like a scalar, so a lying length fails as "truncated", not as an allocation.
+    fn kept_array(&mut self, elem_type: u32, len: u64, key: &str) -> Result<Value, GgufError> {
+        let min_elem = match elem_type {
+            8 => 8,
+            t => scalar_size(t).unwrap_or(1),
+        };
+        self.need(len.saturating_mul(min_elem), key)?;
+        let cap = usize::try_from(len.min(1 << 20)).unwrap_or(0);
+        if elem_type == 8 {
+            let mut out = Vec::with_capacity(cap);
+            for _ in 0..len {
+                out.push(self.string(key)?);
+            }
+            return Ok(Value::Strings(out));
+        }
+        let mut out = Vec::with_capacity(cap);
+        for _ in 0..len {
+            let v = match self.value(elem_type, key, 1)? {
+                Value::Int(v) => v,
+                Value::Uint(v) => i64::try_from(v).map_err(|_| {
+                    GgufError::Invalid(format!("{key}: array element {v} overflows"))
+                })?,
+                other => {
+                    return Err(GgufError::Invalid(format!(
+                        "{key}: expected integers, found {other:?}"
+                    )));
+                }
+            };
+            out.push(v);
+        }
+        Ok(Value::Ints(out))
+    }
+}
+
 fn scalar_size(ty: u32) -> Option<u64> {
     match ty {
         0 | 1 | 7 => Some(1),
@@ -374,10 +430,20 @@ fn scalar_size(ty: u32) -> Option<u64> {
 
 /// Reads and checks a GGUF header from `input`, whose total size is `size` bytes.
 pub fn read_header<R: Read>(input: R, size: u64) -> Result<GgufHeader, GgufError> {
+    read_header_keeping(input, size, &[])
+}
+
+/// Like [`read_header`], and keeps the arrays stored under `keep` whole.
+pub fn read_header_keeping<R: Read>(
+    input: R,
+    size: u64,
+    keep: &[&str],
+) -> Result<GgufHeader, GgufError> {
     let mut r = Reader {
         inner: input,
         pos: 0,
         size,
+        keep,
     };
     let magic: [u8; 4] = r.bytes("magic").map_err(|_| GgufError::NotGguf)?;
     if &magic != MAGIC {

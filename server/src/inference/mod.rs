@@ -1,78 +1,198 @@
 //! Inference: loaded models, each on a worker thread the agent owns.
 //!
-//! A model is loaded on first use (this stage has no Load RPC yet) from its stored
-//! blob or its discovered file, after its GGUF header passed the bounds-checked reader:
-//! a malformed file must never reach llama.cpp, whose asserts abort the process.
+//! A model is loaded by Lifecycle.Load from its stored blob or its discovered file,
+//! after its GGUF header passed the bounds-checked reader: a malformed file must
+//! never reach llama.cpp, whose asserts abort the process. Generate finds the model
+//! here or answers FAILED_PRECONDITION naming the model's state.
 
 mod worker;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use modeld_engine_core::{Engine, LoadOptions, ModelFormat};
+use modeld_engine_core::{Engine, LoadOptions, ModelFormat, Runtime};
 
-pub use worker::{Event, ModelWorker};
+pub use worker::{Event, ModelWorker, WorkerSpec};
 
 use crate::error::{Error, Result};
+use crate::lifecycle::{self, ModelState};
 use crate::registry::ModelEntry;
 use crate::storage::Storage;
+use crate::store::Store;
 
-/// Requests one model serves at once (in flight plus queued); beyond it a request is
-/// answered RESOURCE_EXHAUSTED at once.
-pub const DEFAULT_MAX_REQUESTS: usize = 4;
+/// How models are served unless a Load says otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InferenceSettings {
+    /// Requests each model decodes together (continuous batching).
+    pub parallel: u32,
+    /// Requests per model that may wait for a free slot; beyond them a request is
+    /// answered RESOURCE_EXHAUSTED at once.
+    pub max_queued: usize,
+    /// Inference threads; 0 = the engine's default (all cores).
+    pub threads: u32,
+    /// Tokens per sequence; 0 = the model's own, capped at 4096.
+    pub context_length: u32,
+}
+
+impl Default for InferenceSettings {
+    fn default() -> Self {
+        InferenceSettings {
+            parallel: 4,
+            max_queued: 8,
+            threads: 0,
+            context_length: 0,
+        }
+    }
+}
 
 pub struct Inference {
     engines: Vec<Arc<dyn Engine>>,
+    store: Store,
     loaded: Mutex<HashMap<String, Arc<ModelWorker>>>,
-    /// Serializes loads so two first requests do not load a model twice.
+    /// Serializes loads so two Loads do not load a model twice.
     loading: tokio::sync::Mutex<()>,
-    max_requests: usize,
+    settings: InferenceSettings,
 }
 
 impl std::fmt::Debug for Inference {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inference")
             .field("engines", &self.engines.len())
-            .finish()
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
     }
 }
 
+/// What a Load asks for on top of the agent's settings; zero fields take them.
+#[derive(Debug, Clone, Default)]
+pub struct LoadRequest {
+    pub runtime: Option<Runtime>,
+    pub options: LoadOptions,
+}
+
 impl Inference {
-    pub fn new(engines: Vec<Arc<dyn Engine>>, max_requests: usize) -> Inference {
+    pub fn new(
+        engines: Vec<Arc<dyn Engine>>,
+        store: Store,
+        settings: InferenceSettings,
+    ) -> Inference {
         Inference {
             engines,
+            store,
             loaded: Mutex::new(HashMap::new()),
             loading: tokio::sync::Mutex::new(()),
-            max_requests: max_requests.max(1),
+            settings,
         }
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ModelWorker>>> {
-        self.loaded.lock().unwrap_or_else(|p| p.into_inner())
+        self.loaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The model's worker, loading it first when needed.
-    pub async fn worker(&self, entry: &ModelEntry, storage: &Storage) -> Result<Arc<ModelWorker>> {
+    /// The model's worker if it is ready; else FAILED_PRECONDITION naming its state.
+    pub fn ready(&self, id: &str) -> Result<Arc<ModelWorker>> {
+        let worker = self.map().get(id).cloned();
+        match worker {
+            Some(w) if !w.failed() => Ok(w),
+            Some(_) => {
+                self.map().remove(id);
+                Err(Error::NotReady {
+                    id: id.to_owned(),
+                    state: ModelState::Failed,
+                })
+            }
+            None => Err(Error::NotReady {
+                id: id.to_owned(),
+                state: lifecycle::state(&self.store, id)?,
+            }),
+        }
+    }
+
+    /// Loaded models, in id order.
+    pub fn loaded(&self) -> Vec<Arc<ModelWorker>> {
+        let mut all: Vec<_> = self
+            .map()
+            .values()
+            .filter(|w| !w.failed())
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.model_id.cmp(&b.model_id));
+        all
+    }
+
+    /// Loads the model (validate, then load on a new worker) unless it is loaded.
+    pub async fn load(
+        &self,
+        entry: &ModelEntry,
+        storage: &Storage,
+        request: LoadRequest,
+    ) -> Result<Arc<ModelWorker>> {
         let id = &entry.spec.id;
-        if let Some(w) = self.map().get(id).filter(|w| !w.failed()) {
-            return Ok(w.clone());
+        if let Ok(w) = self.ready(id) {
+            return Ok(w);
         }
         let _guard = self.loading.lock().await;
-        if let Some(w) = self.map().get(id).filter(|w| !w.failed()) {
-            return Ok(w.clone());
+        if let Ok(w) = self.ready(id) {
+            return Ok(w);
         }
         let format = entry.spec.format_or_err()?;
-        let engine = self
+        let engine = self.engine_for(id, format, request.runtime)?;
+        let path = model_path(entry, storage)?;
+        let result = self
+            .validate_and_spawn(id, format, engine, path, request)
+            .await;
+        let state = if result.is_ok() {
+            ModelState::Ready
+        } else {
+            ModelState::Failed
+        };
+        lifecycle::set_state(&self.store, id, state)?;
+        self.store.flush().await?;
+        let worker = Arc::new(result?);
+        self.map().insert(id.clone(), worker.clone());
+        Ok(worker)
+    }
+
+    fn engine_for(
+        &self,
+        id: &str,
+        format: ModelFormat,
+        runtime: Option<Runtime>,
+    ) -> Result<Arc<dyn Engine>> {
+        let mut fits = self
             .engines
             .iter()
-            .find(|e| e.formats().contains(&format))
-            .cloned()
-            .ok_or_else(|| Error::NoRuntime {
-                id: id.clone(),
+            .filter(|e| e.formats().contains(&format));
+        let found = match runtime {
+            None => fits.next(),
+            Some(r) => fits.find(|e| e.runtime() == r),
+        };
+        found.cloned().ok_or_else(|| match runtime {
+            Some(r) => Error::RuntimeUnavailable {
+                id: id.to_owned(),
+                runtime: r.as_str(),
                 format: format.as_str(),
-            })?;
-        let path = model_path(entry, storage)?;
+            },
+            None => Error::NoRuntime {
+                id: id.to_owned(),
+                format: format.as_str(),
+            },
+        })
+    }
+
+    async fn validate_and_spawn(
+        &self,
+        id: &str,
+        format: ModelFormat,
+        engine: Arc<dyn Engine>,
+        path: PathBuf,
+        request: LoadRequest,
+    ) -> Result<ModelWorker> {
+        lifecycle::set_state(&self.store, id, ModelState::Validating)?;
         if format == ModelFormat::Gguf {
             let p = path.clone();
             tokio::task::spawn_blocking(move || -> Result<()> {
@@ -87,15 +207,66 @@ impl Inference {
             })
             .await??;
         }
+        lifecycle::set_state(&self.store, id, ModelState::Loading)?;
+        let s = &self.settings;
+        let o = request.options;
+        let or = |v: u32, default: u32| if v == 0 { default } else { v };
         let options = LoadOptions {
-            use_mmap: true,
-            ..LoadOptions::default()
+            context_length: or(o.context_length, s.context_length),
+            parallel: or(o.parallel, s.parallel),
+            threads: or(o.threads, s.threads),
+            ..o
         };
-        let worker =
-            ModelWorker::spawn(id.clone(), engine, path, options, self.max_requests).await?;
-        let worker = Arc::new(worker);
-        self.map().insert(id.clone(), worker.clone());
-        Ok(worker)
+        let tokenizer_path = path.clone();
+        let store = self.store.clone();
+        let panicked_id = id.to_owned();
+        ModelWorker::spawn(WorkerSpec {
+            model_id: id.to_owned(),
+            engine,
+            path,
+            options,
+            max_queued: s.max_queued,
+            tokenizer: Box::new(move |model| {
+                crate::tokenizer::for_model(
+                    &tokenizer_path,
+                    format,
+                    Some(model.tokenizer()),
+                    model.info().chat_template.as_deref(),
+                )
+            }),
+            on_panic: Box::new(move || {
+                let _ = lifecycle::set_state(&store, &panicked_id, ModelState::Failed);
+                let _ = store.flush_blocking();
+            }),
+        })
+        .await
+    }
+
+    /// Unloads the model: running requests get `grace` to finish, then are
+    /// cancelled. Returns how many were cancelled, or NotReady if it was not loaded.
+    pub async fn unload(&self, id: &str, grace: Duration) -> Result<usize> {
+        let worker = self.map().remove(id);
+        let Some(worker) = worker else {
+            return Err(Error::NotReady {
+                id: id.to_owned(),
+                state: lifecycle::state(&self.store, id)?,
+            });
+        };
+        lifecycle::set_state(&self.store, id, ModelState::Unloading)?;
+        let cancelled = worker.shut_down(grace).await;
+        lifecycle::set_state(&self.store, id, ModelState::Downloaded)?;
+        self.store.flush().await?;
+        Ok(cancelled)
+    }
+
+    /// Unloads everything at shutdown.
+    pub async fn unload_all(&self, grace: Duration) {
+        let all: Vec<String> = self.map().keys().cloned().collect();
+        for id in all {
+            if let Err(e) = self.unload(&id, grace).await {
+                tracing::warn!(model = %id, error = %e, "unload at shutdown failed");
+            }
+        }
     }
 }
 

@@ -1,14 +1,17 @@
-//! One loaded model on one thread. Requests arrive through a bounded queue; a full
-//! queue is an immediate RESOURCE_EXHAUSTED, never an unbounded wait. A panic in the
-//! engine fails the request and marks the model failed; the agent keeps serving.
+//! One loaded model on one thread the agent owns. Requests arrive through a bounded
+//! queue; the engine takes them between decode steps, up to its parallel slots
+//! (continuous batching). A full queue is an immediate RESOURCE_EXHAUSTED, never an
+//! unbounded wait. A panic in the engine ends every request it held, marks the model
+//! failed, and leaves the agent and other models serving.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use modeld_engine_core::{
-    Engine, EngineError, FinishReason, Flow, GenerateRequest, GenerateStats, LoadOptions,
-    LoadedModel, ModelInfo, Token, Tokenizer,
+    ChatMessage, Engine, EngineError, FinishReason, Flow, GenerateRequest, GenerateStats, Job,
+    JobSource, LoadOptions, LoadedModel, ModelInfo, Runtime, Token, Tokenizer,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
@@ -22,128 +25,302 @@ pub enum Event {
     Failed(Error),
 }
 
-enum Job {
-    Generate {
-        request: GenerateRequest,
-        events: mpsc::Sender<Event>,
-    },
+/// A request on its way to the engine. The permit travels with it and is released
+/// when the request ends, however it ends.
+struct Queued {
+    request: GenerateRequest,
+    events: mpsc::Sender<Event>,
+    deadline: Option<Instant>,
+    permit: OwnedSemaphorePermit,
+}
+
+/// Hands queued requests to the engine, skipping those whose client already left.
+struct Queue {
+    jobs: std::sync::mpsc::Receiver<Queued>,
+    /// Set when an unload's grace time ran out: every running request stops.
+    cancel: Arc<AtomicBool>,
+}
+
+impl Queue {
+    fn job(&self, queued: Queued) -> Option<Job> {
+        let Queued {
+            request,
+            events,
+            deadline,
+            permit,
+        } = queued;
+        let expired = deadline.is_some_and(|d| Instant::now() >= d);
+        // A client that left (or timed out) while its request waited costs nothing.
+        if events.is_closed() || expired {
+            return None;
+        }
+        let done_events = events.clone();
+        let cancel = self.cancel.clone();
+        Some(Job {
+            request,
+            sink: Box::new(move |token| {
+                // The client went away (the channel closed) or its deadline passed:
+                // generation ends with this token.
+                if deadline.is_some_and(|d| Instant::now() >= d)
+                    || cancel.load(Ordering::Relaxed)
+                    || events.blocking_send(Event::Token(token)).is_err()
+                {
+                    Flow::Stop
+                } else {
+                    Flow::Continue
+                }
+            }),
+            done: Box::new(move |outcome| {
+                let _ = done_events.blocking_send(match outcome {
+                    Ok((finish, stats)) => Event::Done(finish, stats),
+                    Err(e) => Event::Failed(Error::Engine(e)),
+                });
+                drop(permit);
+            }),
+        })
+    }
+}
+
+impl JobSource for Queue {
+    fn wait(&mut self) -> Option<Job> {
+        loop {
+            let queued = self.jobs.recv().ok()?;
+            if let Some(job) = self.job(queued) {
+                return Some(job);
+            }
+        }
+    }
+
+    fn try_next(&mut self) -> Option<Job> {
+        loop {
+            let queued = self.jobs.try_recv().ok()?;
+            if let Some(job) = self.job(queued) {
+                return Some(job);
+            }
+        }
+    }
 }
 
 pub struct ModelWorker {
     pub model_id: String,
+    pub runtime: Runtime,
     pub info: ModelInfo,
+    /// Requests decoded together.
+    pub parallel: usize,
     tokenizer: Arc<dyn Tokenizer>,
-    jobs: std::sync::mpsc::SyncSender<(Job, OwnedSemaphorePermit)>,
+    jobs: std::sync::mpsc::SyncSender<Queued>,
     capacity: Arc<Semaphore>,
     max_requests: usize,
     failed: Arc<AtomicBool>,
+    cancel: Arc<AtomicBool>,
+    /// Resolves when the worker thread has dropped the model.
+    exited: std::sync::Mutex<Option<oneshot::Receiver<()>>>,
+    pub loaded_at: std::time::SystemTime,
 }
 
 impl std::fmt::Debug for ModelWorker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ModelWorker")
             .field("model_id", &self.model_id)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
-fn engine_error(e: EngineError) -> Error {
-    Error::Engine(e)
+/// Picks a loaded model's unified tokenizer, given the engine's own.
+pub type PickTokenizer = Box<
+    dyn FnOnce(&dyn LoadedModel) -> std::result::Result<Arc<dyn Tokenizer>, EngineError> + Send,
+>;
+
+/// Everything a worker needs to start.
+pub struct WorkerSpec {
+    pub model_id: String,
+    pub engine: Arc<dyn Engine>,
+    pub path: PathBuf,
+    pub options: LoadOptions,
+    /// Requests that may wait for a free slot.
+    pub max_queued: usize,
+    pub tokenizer: PickTokenizer,
+    pub on_panic: Box<dyn FnOnce() + Send>,
+}
+
+/// What the worker thread reports once the model is loaded.
+pub struct Loaded {
+    pub info: ModelInfo,
+    pub tokenizer: Arc<dyn Tokenizer>,
+    pub parallel: usize,
 }
 
 impl ModelWorker {
-    /// Starts the worker thread and loads the model on it.
-    pub async fn spawn(
-        model_id: String,
-        engine: Arc<dyn Engine>,
-        path: PathBuf,
-        options: LoadOptions,
-        max_requests: usize,
-    ) -> Result<ModelWorker> {
-        let (jobs, rx) = std::sync::mpsc::sync_channel::<(Job, OwnedSemaphorePermit)>(max_requests);
-        let (ready, loaded) = oneshot::channel();
+    /// Starts the worker thread and loads the model on it. `tokenizer` picks the
+    /// model's unified tokenizer given the engine's own (on the worker thread, since
+    /// building one may read the model file); `on_panic` records the failure.
+    pub async fn spawn(spec: WorkerSpec) -> Result<ModelWorker> {
+        let WorkerSpec {
+            model_id,
+            engine,
+            path,
+            options,
+            max_queued,
+            tokenizer: wrap_tokenizer,
+            on_panic,
+        } = spec;
+        let runtime = engine.runtime();
+        // The semaphore below is the limit; the channel only needs room for it.
+        let room = max_queued + options.parallel.max(1) as usize;
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<Queued>(room);
+        let (ready, loaded) = oneshot::channel::<Result<Loaded>>();
+        let (exited_tx, exited) = oneshot::channel::<()>();
         let failed = Arc::new(AtomicBool::new(false));
+        let cancel = Arc::new(AtomicBool::new(false));
         let thread_failed = failed.clone();
+        let thread_cancel = cancel.clone();
+        let name = model_id.clone();
         std::thread::Builder::new()
             .name(format!("modeld-model-{model_id}"))
             .spawn(move || {
                 let model = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    engine.load(&path, &options)
+                    let model = engine.load(&path, &options)?;
+                    let tokenizer = wrap_tokenizer(model.as_ref())?;
+                    Ok::<_, EngineError>((model, tokenizer))
                 }));
                 let mut model = match model {
-                    Ok(Ok(m)) => {
-                        let _ = ready.send(Ok((m.info().clone(), m.tokenizer())));
-                        m
+                    Ok(Ok((model, tokenizer))) => {
+                        let _ = ready.send(Ok(Loaded {
+                            info: model.info().clone(),
+                            tokenizer,
+                            parallel: model.parallel().max(1),
+                        }));
+                        model
                     }
                     Ok(Err(e)) => {
-                        let _ = ready.send(Err(engine_error(e)));
+                        let _ = ready.send(Err(Error::Engine(e)));
                         return;
                     }
                     Err(_) => {
-                        let _ = ready.send(Err(Error::EnginePanicked("while loading".into())));
+                        let _ = ready.send(Err(Error::EnginePanicked {
+                            id: name,
+                            during: "loading",
+                        }));
                         return;
                     }
                 };
-                while let Ok((job, _permit)) = rx.recv() {
-                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run(model.as_mut(), job)
-                    }));
-                    if outcome.is_err() {
-                        tracing::error!("the engine panicked; the model is marked failed");
-                        thread_failed.store(true, Ordering::SeqCst);
-                        return;
-                    }
+                let mut queue = Queue {
+                    jobs: rx,
+                    cancel: thread_cancel,
+                };
+                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    model.serve(&mut queue);
+                }));
+                if served.is_err() {
+                    // Unwinding dropped every request the engine held, which ends
+                    // their streams; queued ones go with the queue.
+                    tracing::error!(model = %name, "the engine panicked; the model is marked failed");
+                    thread_failed.store(true, Ordering::SeqCst);
+                    on_panic();
                 }
+                // Free the model's memory before telling an unload it is done.
+                drop(queue);
+                drop(model);
+                let _ = exited_tx.send(());
             })
             .map_err(|e| Error::TaskFailed(format!("cannot start a worker thread: {e}")))?;
-        let (info, tokenizer) = loaded
-            .await
-            .map_err(|_| Error::EnginePanicked("the worker thread ended while loading".into()))??;
+        let loaded = loaded.await.map_err(|_| Error::EnginePanicked {
+            id: model_id.clone(),
+            during: "loading",
+        })??;
+        // Every slot plus the queue: beyond that a request is refused at once.
+        let max_requests = loaded.parallel + max_queued;
         Ok(ModelWorker {
             model_id,
-            info,
-            tokenizer,
+            runtime,
+            info: loaded.info,
+            parallel: loaded.parallel,
+            tokenizer: loaded.tokenizer,
             jobs,
             capacity: Arc::new(Semaphore::new(max_requests)),
             max_requests,
             failed,
+            cancel,
+            exited: std::sync::Mutex::new(Some(exited)),
+            loaded_at: std::time::SystemTime::now(),
         })
+    }
+
+    /// Stops taking requests once the last handle is dropped; waits up to `grace` for
+    /// running ones to finish, then cancels them. Returns how many were cancelled.
+    /// The caller must have removed its own handle from the loaded map first.
+    pub async fn shut_down(self: Arc<Self>, grace: std::time::Duration) -> usize {
+        let exited = self
+            .exited
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let cancel = self.cancel.clone();
+        let capacity = self.capacity.clone();
+        let max_requests = self.max_requests;
+        // Dropping this handle drops the queue's sender: the worker ends once the
+        // engine has nothing left to run.
+        drop(self);
+        let Some(mut exited) = exited else { return 0 };
+        if tokio::time::timeout(grace, &mut exited).await.is_ok() {
+            return 0;
+        }
+        let in_flight = max_requests - capacity.available_permits();
+        cancel.store(true, Ordering::SeqCst);
+        let _ = exited.await;
+        in_flight
     }
 
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::SeqCst)
     }
 
-    fn submit(&self, job: Job) -> Result<()> {
+    /// Requests running or waiting now.
+    pub fn in_flight(&self) -> usize {
+        self.max_requests - self.capacity.available_permits()
+    }
+
+    pub fn tokenizer(&self) -> &Arc<dyn Tokenizer> {
+        &self.tokenizer
+    }
+
+    /// Queues a generation. Its events end with `Done` or `Failed`; a stream that
+    /// ends without either means the engine failed under it.
+    pub fn generate(
+        &self,
+        request: GenerateRequest,
+        deadline: Option<Instant>,
+    ) -> Result<mpsc::Receiver<Event>> {
         if self.failed() {
-            return Err(Error::EnginePanicked(format!(
-                "model {:?} failed earlier",
-                self.model_id
-            )));
+            return Err(Error::EnginePanicked {
+                id: self.model_id.clone(),
+                during: "an earlier request",
+            });
         }
+        let overloaded = || Error::Overloaded {
+            id: self.model_id.clone(),
+            limit: self.max_requests,
+        };
         let permit = self
             .capacity
             .clone()
             .try_acquire_owned()
-            .map_err(|_| Error::Overloaded {
-                id: self.model_id.clone(),
-                limit: self.capacity_limit(),
-            })?;
-        self.jobs
-            .try_send((job, permit))
-            .map_err(|_| Error::Overloaded {
-                id: self.model_id.clone(),
-                limit: self.capacity_limit(),
-            })
-    }
-
-    fn capacity_limit(&self) -> usize {
-        self.max_requests
-    }
-
-    pub fn generate(&self, request: GenerateRequest) -> Result<mpsc::Receiver<Event>> {
+            .map_err(|_| overloaded())?;
         let (events, rx) = mpsc::channel(32);
-        self.submit(Job::Generate { request, events })?;
+        self.jobs
+            .try_send(Queued {
+                request,
+                events,
+                deadline,
+                permit,
+            })
+            .map_err(|e| match e {
+                std::sync::mpsc::TrySendError::Full(_) => overloaded(),
+                std::sync::mpsc::TrySendError::Disconnected(_) => Error::EnginePanicked {
+                    id: self.model_id.clone(),
+                    during: "an earlier request",
+                },
+            })?;
         Ok(rx)
     }
 
@@ -155,21 +332,34 @@ impl ModelWorker {
         let tokenizer = self.tokenizer.clone();
         tokio::task::spawn_blocking(move || f(tokenizer.as_ref()))
             .await?
-            .map_err(engine_error)
+            .map_err(Error::Engine)
     }
 
-    pub async fn tokenize(
+    pub async fn encode(
         &self,
         text: String,
         add_special: bool,
         parse_special: bool,
     ) -> Result<Vec<u32>> {
-        self.with_tokenizer(move |t| t.tokenize(&text, add_special, parse_special))
+        self.with_tokenizer(move |t| t.encode(&text, add_special, parse_special))
             .await
     }
 
-    pub async fn detokenize(&self, tokens: Vec<u32>, skip_special: bool) -> Result<String> {
-        self.with_tokenizer(move |t| t.detokenize(&tokens, skip_special))
+    /// Encodes a prompt so it fits the context with room for `reserve` tokens.
+    pub async fn encode_prompt(
+        &self,
+        text: String,
+        parse_special: bool,
+        truncation: modeld_engine_core::Truncation,
+        reserve: u32,
+    ) -> Result<Vec<u32>> {
+        let limit = self.info.context_length.saturating_sub(reserve.max(1)) as usize;
+        self.with_tokenizer(move |t| t.encode_within(&text, true, parse_special, limit, truncation))
+            .await
+    }
+
+    pub async fn decode(&self, tokens: Vec<u32>, skip_special: bool) -> Result<String> {
+        self.with_tokenizer(move |t| t.decode(&tokens, skip_special))
             .await
     }
 
@@ -178,36 +368,201 @@ impl ModelWorker {
         self.with_tokenizer(move |t| {
             tokens
                 .iter()
-                .map(|id| t.detokenize(&[*id], false))
+                .map(|id| {
+                    t.token_bytes(*id)
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                })
                 .collect()
         })
         .await
     }
 
-    pub async fn render_chat(&self, messages: Vec<(String, String)>) -> Result<String> {
-        self.with_tokenizer(move |t| t.render_chat(&messages)).await
+    pub async fn render_chat(&self, messages: Vec<ChatMessage>) -> Result<String> {
+        self.with_tokenizer(move |t| t.render_chat(&messages, true))
+            .await
     }
 }
 
-fn run(model: &mut dyn LoadedModel, job: Job) {
-    match job {
-        // A client that left while its request waited costs nothing.
-        Job::Generate { events, .. } if events.is_closed() => {}
-        Job::Generate { request, events } => {
-            // The client went away (or its deadline passed) when the channel closes:
-            // the sink answers Stop and generation ends within this token.
-            let mut sink = |token: Token| {
-                if events.blocking_send(Event::Token(token)).is_err() {
-                    Flow::Stop
-                } else {
-                    Flow::Continue
-                }
-            };
-            let result = model.generate(&request, &mut sink);
-            let _ = events.blocking_send(match result {
-                Ok((finish, stats)) => Event::Done(finish, stats),
-                Err(e) => Event::Failed(engine_error(e)),
-            });
+#[cfg(test)]
+mod tests {
+    //! A test engine stands in for an engine bug: no real runtime panics on demand.
+
+    use std::path::Path;
+
+    use modeld_engine_core::{Accelerator, GenerateOutcome, ModelFormat, SpecialTokens};
+
+    use super::*;
+
+    struct Bytes(SpecialTokens);
+
+    impl Tokenizer for Bytes {
+        fn provider(&self) -> &str {
+            "bytes"
         }
+        fn encode(
+            &self,
+            text: &str,
+            _: bool,
+            _: bool,
+        ) -> std::result::Result<Vec<u32>, EngineError> {
+            Ok(text.bytes().map(u32::from).collect())
+        }
+        fn decode(&self, ids: &[u32], _: bool) -> std::result::Result<String, EngineError> {
+            Ok(ids.iter().filter_map(|i| char::from_u32(*i)).collect())
+        }
+        fn token_bytes(&self, id: u32) -> std::result::Result<Vec<u8>, EngineError> {
+            Ok(vec![u8::try_from(id).unwrap_or(b'?')])
+        }
+        fn vocab_size(&self) -> u32 {
+            256
+        }
+        fn special_tokens(&self) -> &SpecialTokens {
+            &self.0
+        }
+        fn max_length(&self) -> u32 {
+            64
+        }
+        fn render_chat(
+            &self,
+            _: &[ChatMessage],
+            _: bool,
+        ) -> std::result::Result<String, EngineError> {
+            Ok(String::new())
+        }
+    }
+
+    /// Echoes the prompt back token by token; a prompt starting with "!" panics.
+    struct Echo {
+        info: ModelInfo,
+        tokenizer: Arc<dyn Tokenizer>,
+    }
+
+    impl LoadedModel for Echo {
+        fn info(&self) -> &ModelInfo {
+            &self.info
+        }
+        fn tokenizer(&self) -> Arc<dyn Tokenizer> {
+            self.tokenizer.clone()
+        }
+        fn generate(
+            &mut self,
+            request: &GenerateRequest,
+            sink: &mut dyn FnMut(Token) -> Flow,
+        ) -> GenerateOutcome {
+            for id in &request.prompt {
+                if *id == u32::from(b'!') {
+                    panic!("engine bug");
+                }
+                let token = Token {
+                    id: *id,
+                    text: char::from_u32(*id).map(String::from).unwrap_or_default(),
+                    logprob: None,
+                };
+                if sink(token) == Flow::Stop {
+                    return Ok((FinishReason::Cancelled, GenerateStats::default()));
+                }
+            }
+            Ok((FinishReason::Stop, GenerateStats::default()))
+        }
+    }
+
+    struct EchoEngine;
+
+    impl Engine for EchoEngine {
+        fn runtime(&self) -> Runtime {
+            Runtime::Candle
+        }
+        fn formats(&self) -> &[ModelFormat] {
+            &[ModelFormat::Safetensors]
+        }
+        fn accelerators(&self) -> Vec<Accelerator> {
+            vec![Accelerator::Cpu]
+        }
+        fn load(
+            &self,
+            _: &Path,
+            _: &LoadOptions,
+        ) -> std::result::Result<Box<dyn LoadedModel>, EngineError> {
+            Ok(Box::new(Echo {
+                info: ModelInfo {
+                    context_length: 64,
+                    ..ModelInfo::default()
+                },
+                tokenizer: Arc::new(Bytes(SpecialTokens::default())),
+            }))
+        }
+    }
+
+    async fn worker(id: &str, panicked: Arc<AtomicBool>) -> ModelWorker {
+        ModelWorker::spawn(WorkerSpec {
+            model_id: id.into(),
+            engine: Arc::new(EchoEngine),
+            path: PathBuf::from("/nowhere"),
+            options: LoadOptions::default(),
+            max_queued: 2,
+            tokenizer: Box::new(|m| Ok(m.tokenizer())),
+            on_panic: Box::new(move || panicked.store(true, Ordering::SeqCst)),
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn run(w: &ModelWorker, text: &str) -> (String, Option<FinishReason>) {
+        let request = GenerateRequest {
+            prompt: text.bytes().map(u32::from).collect(),
+            ..GenerateRequest::default()
+        };
+        let mut events = w.generate(request, None).unwrap();
+        let mut out = String::new();
+        let mut finish = None;
+        while let Some(e) = events.recv().await {
+            match e {
+                Event::Token(t) => out.push_str(&t.text),
+                Event::Done(f, _) => finish = Some(f),
+                Event::Failed(e) => panic!("{e}"),
+            }
+        }
+        (out, finish)
+    }
+
+    #[tokio::test]
+    async fn a_panicking_engine_fails_its_model_and_nothing_else() {
+        let flagged = Arc::new(AtomicBool::new(false));
+        let broken = worker("broken", flagged.clone()).await;
+        let healthy = worker("healthy", Arc::new(AtomicBool::new(false))).await;
+
+        assert_eq!(
+            run(&broken, "ok").await,
+            ("ok".into(), Some(FinishReason::Stop))
+        );
+        // The stream ends without an outcome: the api turns that into ENGINE_PANICKED.
+        let (text, finish) = run(&broken, "ab!cd").await;
+        assert_eq!((text.as_str(), finish), ("ab", None));
+        assert!(broken.failed());
+        assert!(flagged.load(Ordering::SeqCst), "the failure was recorded");
+        let refused = broken
+            .generate(GenerateRequest::default(), None)
+            .unwrap_err();
+        assert!(matches!(refused, Error::EnginePanicked { .. }), "{refused}");
+
+        // The other model, and the process, serve on.
+        assert_eq!(
+            run(&healthy, "still here").await,
+            ("still here".into(), Some(FinishReason::Stop))
+        );
+        assert!(!healthy.failed());
+    }
+
+    #[tokio::test]
+    async fn a_passed_deadline_skips_a_waiting_request() {
+        let w = worker("w", Arc::new(AtomicBool::new(false))).await;
+        let request = GenerateRequest {
+            prompt: vec![u32::from(b'x')],
+            ..GenerateRequest::default()
+        };
+        let past = Instant::now();
+        let mut events = w.generate(request, Some(past)).unwrap();
+        assert!(events.recv().await.is_none(), "nothing ran for it");
+        assert_eq!(run(&w, "next").await.0, "next");
     }
 }

@@ -89,3 +89,33 @@ pub fn set_state(store: &Store, id: &str, state: ModelState) -> Result<()> {
         },
     )
 }
+
+/// A model's recorded state; a model never touched by a stage is `Registered`.
+pub fn state(store: &Store, id: &str) -> Result<ModelState> {
+    Ok(store
+        .lifecycle(id)?
+        .and_then(|r| ModelState::parse(&r.state))
+        .unwrap_or(ModelState::Registered))
+}
+
+/// After a restart nothing is in memory: models recorded as loading, loaded or
+/// unloading are back to `Downloaded`. The caller flushes.
+pub fn forget_loaded(store: &Store) -> Result<usize> {
+    let mut reset = 0;
+    for (id, record) in store.lifecycles()? {
+        let in_memory = matches!(
+            ModelState::parse(&record.state),
+            Some(
+                ModelState::Validating
+                    | ModelState::Loading
+                    | ModelState::Ready
+                    | ModelState::Unloading
+            )
+        );
+        if in_memory {
+            set_state(store, &id, ModelState::Downloaded)?;
+            reset += 1;
+        }
+    }
+    Ok(reset)
+}

@@ -190,6 +190,10 @@ impl Store {
         Ok(())
     }
 
+    pub fn lifecycles(&self) -> Result<Vec<(String, LifecycleRecord)>> {
+        all(&self.lifecycle, tree::LIFECYCLE)
+    }
+
     pub fn delete_lifecycle(&self, id: &str) -> Result<()> {
         self.lifecycle.remove(id.as_bytes())?;
         Ok(())

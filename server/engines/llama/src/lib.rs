@@ -1,14 +1,16 @@
 //! llama.cpp engine (GGUF), through llama-cpp-2.
 //!
-//! Everything here blocks: the agent calls it from worker threads it owns. A context
-//! (and its KV cache) is created per request for now; keeping it across requests and
-//! batching several sequences through one context come with continuous batching.
+//! Everything here blocks: the agent calls it from worker threads it owns. One
+//! context lives as long as the model serves, with one KV sequence per parallel slot:
+//! requests join and leave the running batch between decode steps (continuous
+//! batching), so several clients share each forward pass instead of queueing.
 
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -17,14 +19,18 @@ use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use modeld_engine_core::{
-    Accelerator, Engine, EngineError, FinishReason, Flow, GenerateRequest, GenerateStats,
-    LoadOptions, LoadedModel, ModelFormat, ModelInfo, Runtime, StopMatcher, StopOutcome, Token,
-    Tokenizer, Utf8Stream,
+    Accelerator, ChatMessage, Engine, EngineError, FinishReason, Flow, GenerateOutcome,
+    GenerateRequest, GenerateStats, JobSource, LoadOptions, LoadedModel, ModelFormat, ModelInfo,
+    Runtime, SpecialTokens, StopMatcher, StopOutcome, Token, Tokenizer, Utf8Stream,
 };
 
-/// Context length used when neither the request nor the model's training length says.
+/// Context length per sequence when neither the request nor the model says.
 pub const DEFAULT_CONTEXT: u32 = 4096;
+/// Sequences decoded together when the load options do not say.
+pub const DEFAULT_PARALLEL: u32 = 4;
 const DEFAULT_BATCH: u32 = 512;
+/// Bytes per KV-cache element (llama.cpp's default F16 cache).
+const KV_ELEMENT_BYTES: u64 = 2;
 
 /// llama.cpp's backend is process-wide and may be initialized once.
 fn backend() -> Result<&'static LlamaBackend, EngineError> {
@@ -73,35 +79,32 @@ impl Engine for LlamaEngine {
             .with_use_mlock(options.use_mlock);
         let model = LlamaModel::load_from_file(backend, path, &params)
             .map_err(|e| EngineError::Load(e.to_string()))?;
-        let vocab = model.vocab();
         let trained = model.n_ctx_train();
         let context_length = match options.context_length {
             0 => trained.clamp(1, DEFAULT_CONTEXT),
             n => n.min(trained.max(1)),
         };
-        let bos = vocab.bos();
-        let eos = vocab.eos();
+        let parallel = match options.parallel {
+            0 => DEFAULT_PARALLEL,
+            n => n,
+        };
         let info = ModelInfo {
             architecture: model
                 .meta_val_str("general.architecture")
                 .unwrap_or_default(),
             parameter_count: model.n_params(),
             context_length,
-            vocab_size: u32::try_from(vocab.n_tokens()).unwrap_or(0),
-            bos: u32::try_from(bos.0).ok(),
-            eos: u32::try_from(eos.0).ok(),
+            vocab_size: u32::try_from(model.vocab().n_tokens()).unwrap_or(0),
             chat_template: model
                 .chat_template(None)
                 .ok()
                 .and_then(|t| t.to_string().ok()),
-            memory_bytes: model.size(),
+            memory_bytes: model.size()
+                + kv_cache_bytes(&model, u64::from(context_length) * u64::from(parallel)),
         };
         let model = Arc::new(model);
         Ok(Box::new(LlamaLoaded {
-            tokenizer: Arc::new(LlamaTokenizer {
-                model: model.clone(),
-                vocab_size: info.vocab_size,
-            }),
+            tokenizer: Arc::new(LlamaTokenizer::new(model.clone(), context_length)),
             model,
             info,
             threads: options.threads,
@@ -110,36 +113,75 @@ impl Engine for LlamaEngine {
             } else {
                 options.batch_size
             },
+            parallel,
         }))
     }
 }
 
-/// The model's own tokenizer, usable from any thread (llama.cpp's vocabulary is
-/// read-only once loaded).
+/// KV cache for `tokens` positions: K and V, per layer, per KV head.
+fn kv_cache_bytes(model: &LlamaModel, tokens: u64) -> u64 {
+    let n_head = u64::from(model.n_head().max(1));
+    let head_dim = u64::try_from(model.n_embd()).unwrap_or(0) / n_head;
+    let kv_dim = head_dim * u64::from(model.n_head_kv());
+    2 * u64::from(model.n_layer()) * kv_dim * tokens * KV_ELEMENT_BYTES
+}
+
+/// Provider (c): the model's own tokenizer in llama.cpp, usable from any thread
+/// (the vocabulary is read-only once loaded).
 pub struct LlamaTokenizer {
     model: Arc<LlamaModel>,
     vocab_size: u32,
+    special: SpecialTokens,
+    max_length: u32,
 }
 
 impl LlamaTokenizer {
-    fn to_tokens(&self, ids: &[u32]) -> Result<Vec<LlamaToken>, EngineError> {
+    fn new(model: Arc<LlamaModel>, max_length: u32) -> LlamaTokenizer {
+        let vocab = model.vocab();
+        let id = |t: LlamaToken| u32::try_from(t.0).ok();
+        let special = SpecialTokens {
+            bos: id(vocab.bos()),
+            eos: id(vocab.eos()),
+            pad: id(vocab.pad()),
+            add_bos: vocab.should_add_bos(),
+            add_eos: vocab.should_add_eos(),
+            end_of_generation: vocab
+                .tokens()
+                .filter(|t| vocab.is_eog(*t))
+                .filter_map(id)
+                .collect(),
+        };
+        let vocab_size = u32::try_from(vocab.n_tokens()).unwrap_or(0);
+        LlamaTokenizer {
+            model,
+            vocab_size,
+            special,
+            max_length,
+        }
+    }
+
+    fn to_token(&self, id: u32) -> Result<LlamaToken, EngineError> {
         let n = self.vocab_size;
-        ids.iter()
-            .map(|&id| {
-                if id < n {
-                    i32::try_from(id)
-                        .map(LlamaToken::new)
-                        .map_err(|_| bad_token(id, n))
-                } else {
-                    Err(bad_token(id, n))
-                }
-            })
-            .collect()
+        if id < n {
+            i32::try_from(id)
+                .map(LlamaToken::new)
+                .map_err(|_| bad_token(id, n))
+        } else {
+            Err(bad_token(id, n))
+        }
+    }
+
+    fn to_tokens(&self, ids: &[u32]) -> Result<Vec<LlamaToken>, EngineError> {
+        ids.iter().map(|&id| self.to_token(id)).collect()
     }
 }
 
 impl Tokenizer for LlamaTokenizer {
-    fn tokenize(
+    fn provider(&self) -> &str {
+        "llama.cpp"
+    }
+
+    fn encode(
         &self,
         text: &str,
         add_special: bool,
@@ -154,8 +196,8 @@ impl Tokenizer for LlamaTokenizer {
             .collect())
     }
 
-    fn detokenize(&self, tokens: &[u32], skip_special: bool) -> Result<String, EngineError> {
-        let tokens = self.to_tokens(tokens)?;
+    fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, EngineError> {
+        let tokens = self.to_tokens(ids)?;
         let bytes = self
             .model
             .vocab()
@@ -163,18 +205,40 @@ impl Tokenizer for LlamaTokenizer {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
-    /// Renders chat messages with the model's own template (llama.cpp's renderer).
-    fn render_chat(&self, messages: &[(String, String)]) -> Result<String, EngineError> {
+    fn token_bytes(&self, id: u32) -> Result<Vec<u8>, EngineError> {
+        let token = self.to_token(id)?;
+        Ok(self.model.vocab().token_to_piece(token, true, None))
+    }
+
+    fn vocab_size(&self) -> u32 {
+        self.vocab_size
+    }
+
+    fn special_tokens(&self) -> &SpecialTokens {
+        &self.special
+    }
+
+    fn max_length(&self) -> u32 {
+        self.max_length
+    }
+
+    /// llama.cpp's own renderer, which knows common templates by heuristics. The
+    /// agent prefers rendering the model's template with minijinja.
+    fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, EngineError> {
         let template = self.model.chat_template(None).map_err(|e| {
             EngineError::InvalidRequest(format!("the model has no chat template: {e}"))
         })?;
         let chat = messages
             .iter()
-            .map(|(role, content)| LlamaChatMessage::new(role.clone(), content.clone()))
+            .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| EngineError::InvalidRequest(format!("chat message: {e}")))?;
         self.model
-            .apply_chat_template(&template, &chat, true)
+            .apply_chat_template(&template, &chat, add_generation_prompt)
             .map_err(|e| EngineError::InvalidRequest(format!("chat template: {e}")))
     }
 }
@@ -185,62 +249,345 @@ pub struct LlamaLoaded {
     info: ModelInfo,
     threads: u32,
     batch: u32,
+    parallel: u32,
 }
 
 fn token_id(t: LlamaToken) -> u32 {
     u32::try_from(t.0).unwrap_or(0)
 }
 
-impl LlamaLoaded {
-    fn sampler(&self, request: &GenerateRequest) -> Result<LlamaSampler, EngineError> {
-        let s = &request.sampling;
-        let mut chain = Vec::new();
-        if let Some(grammar) = &request.grammar {
-            chain.push(
-                LlamaSampler::grammar(&self.model, grammar, "root").map_err(|e| {
-                    EngineError::InvalidRequest(format!(
-                        "grammar: {e} (GBNF with a `root` rule expected)"
-                    ))
-                })?,
-            );
-        }
-        let penalties = s.repeat_penalty.is_some()
-            || s.frequency_penalty.is_some()
-            || s.presence_penalty.is_some();
-        if penalties {
-            let last_n = if s.penalty_last_n == 0 {
-                64
-            } else {
-                i32::try_from(s.penalty_last_n).unwrap_or(i32::MAX)
-            };
-            chain.push(LlamaSampler::penalties(
-                i32::try_from(self.info.vocab_size).unwrap_or(i32::MAX),
-                last_n,
-                s.repeat_penalty.unwrap_or(1.0),
-                s.frequency_penalty.unwrap_or(0.0),
-                s.presence_penalty.unwrap_or(0.0),
-            ));
-        }
-        let temperature = s.temperature.unwrap_or(0.8);
-        if temperature <= 0.0 {
-            chain.push(LlamaSampler::greedy());
+fn bad_token(id: u32, n: u32) -> EngineError {
+    EngineError::InvalidRequest(format!("token id {id} is outside the vocabulary (0..{n})"))
+}
+
+fn inference(what: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Inference(format!("{what}: {e}"))
+}
+
+fn sampler(
+    model: &LlamaModel,
+    vocab_size: u32,
+    request: &GenerateRequest,
+) -> Result<LlamaSampler, EngineError> {
+    let s = &request.sampling;
+    let mut chain = Vec::new();
+    if let Some(grammar) = &request.grammar {
+        chain.push(LlamaSampler::grammar(model, grammar, "root").map_err(|e| {
+            EngineError::InvalidRequest(format!("grammar: {e} (GBNF with a `root` rule expected)"))
+        })?);
+    }
+    let penalties =
+        s.repeat_penalty.is_some() || s.frequency_penalty.is_some() || s.presence_penalty.is_some();
+    if penalties {
+        let last_n = if s.penalty_last_n == 0 {
+            64
         } else {
-            chain.push(LlamaSampler::top_k(
-                i32::try_from(s.top_k.unwrap_or(40)).unwrap_or(40),
-            ));
-            chain.push(LlamaSampler::top_p(s.top_p.unwrap_or(0.95), 1));
-            chain.push(LlamaSampler::min_p(s.min_p.unwrap_or(0.05), 1));
-            chain.push(LlamaSampler::temp(temperature));
-            // llama.cpp seeds with 32 bits; fold the request's 64 bits into them.
-            let seed = s.seed.map_or(0xFFFF_FFFF, |v| (v ^ (v >> 32)) as u32);
-            chain.push(LlamaSampler::dist(seed));
+            i32::try_from(s.penalty_last_n).unwrap_or(i32::MAX)
+        };
+        chain.push(LlamaSampler::penalties(
+            i32::try_from(vocab_size).unwrap_or(i32::MAX),
+            last_n,
+            s.repeat_penalty.unwrap_or(1.0),
+            s.frequency_penalty.unwrap_or(0.0),
+            s.presence_penalty.unwrap_or(0.0),
+        ));
+    }
+    let temperature = s.temperature.unwrap_or(0.8);
+    if temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        chain.push(LlamaSampler::top_k(
+            i32::try_from(s.top_k.unwrap_or(40)).unwrap_or(40),
+        ));
+        chain.push(LlamaSampler::top_p(s.top_p.unwrap_or(0.95), 1));
+        chain.push(LlamaSampler::min_p(s.min_p.unwrap_or(0.05), 1));
+        chain.push(LlamaSampler::temp(temperature));
+        // llama.cpp seeds with 32 bits; fold the request's 64 bits into them.
+        let seed = s.seed.map_or(0xFFFF_FFFF, |v| (v ^ (v >> 32)) as u32);
+        chain.push(LlamaSampler::dist(seed));
+    }
+    Ok(LlamaSampler::chain_simple(chain))
+}
+
+/// One request in the running batch.
+struct Sequence<'s> {
+    slot: u32,
+    sink: Box<dyn FnMut(Token) -> Flow + 's>,
+    done: Box<dyn FnOnce(GenerateOutcome) + 's>,
+    logprobs: bool,
+    sampler: LlamaSampler,
+    prompt: Vec<LlamaToken>,
+    /// Prompt tokens already sent to a batch.
+    fed: usize,
+    /// The token sampled last, fed in the next step.
+    next: Option<LlamaToken>,
+    pos: i32,
+    /// Where this sequence's logits are in the batch just decoded.
+    logits_at: Option<i32>,
+    utf8: Utf8Stream,
+    stops: StopMatcher,
+    generated: u32,
+    max_tokens: u32,
+    started: Instant,
+    prompt_done: Option<Instant>,
+    first_token_at: Option<Instant>,
+    finish: Option<FinishReason>,
+}
+
+impl Sequence<'_> {
+    fn stats(&self) -> GenerateStats {
+        let end = Instant::now();
+        let prompt_secs = self
+            .prompt_done
+            .map_or(0.0, |t| (t - self.started).as_secs_f64());
+        let gen_secs = self.first_token_at.map_or(0.0, |t| (end - t).as_secs_f64());
+        #[allow(clippy::cast_precision_loss)]
+        let prompt_len = self.prompt.len() as f64;
+        GenerateStats {
+            prompt_tokens: u32::try_from(self.prompt.len()).unwrap_or(u32::MAX),
+            generated_tokens: self.generated,
+            time_to_first_token_seconds: self
+                .first_token_at
+                .map_or(0.0, |t| (t - self.started).as_secs_f64()),
+            prompt_tokens_per_second: if prompt_secs > 0.0 {
+                prompt_len / prompt_secs
+            } else {
+                0.0
+            },
+            // The first token's time belongs to the prompt; rate the rest.
+            generation_tokens_per_second: if gen_secs > 0.0 && self.generated > 1 {
+                f64::from(self.generated - 1) / gen_secs
+            } else {
+                0.0
+            },
         }
-        Ok(LlamaSampler::chain_simple(chain))
     }
 }
 
-fn bad_token(id: u32, n: u32) -> EngineError {
-    EngineError::InvalidRequest(format!("token id {id} is outside the vocabulary (0..{n})"))
+/// A job as the batch loop sees it: `'s` lets `generate` lend a borrowed sink.
+struct Work<'s> {
+    request: GenerateRequest,
+    sink: Box<dyn FnMut(Token) -> Flow + 's>,
+    done: Box<dyn FnOnce(GenerateOutcome) + 's>,
+}
+
+/// Hands out work: blocking when asked to (`true`), else only what is waiting.
+type NextWork<'a, 's> = dyn FnMut(bool) -> Option<Work<'s>> + 'a;
+
+impl LlamaLoaded {
+    fn new_context<'m>(
+        &self,
+        model: &'m LlamaModel,
+        parallel: u32,
+    ) -> Result<LlamaContext<'m>, EngineError> {
+        let n_ctx = self.info.context_length.saturating_mul(parallel);
+        let n_batch = self.batch.min(n_ctx).max(1);
+        let mut params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch(n_batch)
+            .with_n_ubatch(n_batch)
+            .with_n_seq_max(parallel)
+            // One KV stream per sequence: each request gets its full context length
+            // and attends only to its own cache.
+            .with_kv_unified(false);
+        if self.threads > 0 {
+            let t = i32::try_from(self.threads).unwrap_or(i32::MAX);
+            params = params.with_n_threads(t).with_n_threads_batch(t);
+        }
+        let backend = backend()?;
+        model
+            .new_context(backend, params)
+            .map_err(|e| inference("context", e))
+    }
+
+    /// Turns a job into a sequence in `slot`; a job that cannot run is answered
+    /// with why, and `None` comes back.
+    fn admit<'s>(&self, job: Work<'s>, slot: u32) -> Option<Sequence<'s>> {
+        let n_ctx = self.info.context_length;
+        let request = &job.request;
+        let checked = self.tokenizer.to_tokens(&request.prompt).and_then(|p| {
+            if p.is_empty() {
+                Err(EngineError::InvalidRequest("the prompt is empty".into()))
+            } else if p.len() >= n_ctx as usize {
+                Err(EngineError::ContextOverflow {
+                    prompt: p.len(),
+                    context: n_ctx,
+                })
+            } else {
+                Ok(p)
+            }
+        });
+        let prepared = checked.and_then(|prompt| {
+            sampler(&self.model, self.info.vocab_size, request).map(|s| (prompt, s))
+        });
+        let (prompt, sampler) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                (job.done)(Err(e));
+                return None;
+            }
+        };
+        let stops = StopMatcher::new(&request.stop);
+        let max_tokens = if request.max_tokens == 0 {
+            u32::MAX
+        } else {
+            request.max_tokens
+        };
+        let logprobs = request.logprobs;
+        Some(Sequence {
+            slot,
+            sink: job.sink,
+            done: job.done,
+            logprobs,
+            sampler,
+            prompt,
+            fed: 0,
+            next: None,
+            pos: 0,
+            logits_at: None,
+            utf8: Utf8Stream::default(),
+            stops,
+            generated: 0,
+            max_tokens,
+            started: Instant::now(),
+            prompt_done: None,
+            first_token_at: None,
+            finish: None,
+        })
+    }
+
+    /// Samples the next token of a sequence whose logits are at `index`, hands it
+    /// to the client, and records whether the sequence is finished.
+    fn step(&self, ctx: &LlamaContext<'_>, seq: &mut Sequence<'_>, index: i32) {
+        let now = Instant::now();
+        seq.prompt_done.get_or_insert(now);
+        // sample() also accepts the token into the chain (penalties, grammar).
+        let token = seq.sampler.sample(ctx, index);
+        seq.first_token_at.get_or_insert(now);
+        let vocab = self.model.vocab();
+        if vocab.is_eog(token) {
+            seq.finish = Some(FinishReason::Stop);
+            return;
+        }
+        seq.generated += 1;
+        let logprob = seq
+            .logprobs
+            .then(|| log_prob(ctx.get_logits_ith(index), token_id(token)));
+        let text = seq.utf8.push(&vocab.token_to_piece(token, true, None));
+        let (text, stopped) = match seq.stops.push(&text) {
+            StopOutcome::Emit(t) => (t, false),
+            StopOutcome::Stopped(t) => (t, true),
+        };
+        let flow = (seq.sink)(Token {
+            id: token_id(token),
+            text,
+            logprob,
+        });
+        seq.finish = if flow == Flow::Stop {
+            Some(FinishReason::Cancelled)
+        } else if stopped {
+            Some(FinishReason::Stop)
+        } else if seq.generated >= seq.max_tokens
+            || u32::try_from(seq.pos).unwrap_or(u32::MAX) >= self.info.context_length
+        {
+            Some(FinishReason::Length)
+        } else {
+            seq.next = Some(token);
+            None
+        };
+    }
+
+    fn serve_with<'s>(&self, next: &mut NextWork<'_, 's>, parallel: u32) {
+        let model = self.model.clone();
+        let mut ctx = match self.new_context(&model, parallel) {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                // Without a context nothing can run: answer every job with why.
+                while let Some(work) = next(true) {
+                    (work.done)(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        let n_batch = self.batch.min(ctx.n_ctx()).max(1) as usize;
+        let mut batch = LlamaBatch::new(n_batch, 1);
+        let mut free: Vec<u32> = (0..parallel).rev().collect();
+        let mut active: Vec<Sequence<'s>> = Vec::new();
+        loop {
+            // Admit waiting jobs into free slots; block only when nothing runs.
+            while let Some(slot) = free.pop() {
+                let job = next(active.is_empty());
+                let Some(job) = job else {
+                    free.push(slot);
+                    break;
+                };
+                match self.admit(job, slot) {
+                    Some(seq) => active.push(seq),
+                    None => free.push(slot),
+                }
+            }
+            if active.is_empty() {
+                return;
+            }
+
+            // One batch: a token for every sequence already generating, then as
+            // much pending prompt as still fits.
+            batch.clear();
+            let mut added = Ok(());
+            for seq in &mut active {
+                if let Some(token) = seq.next.take() {
+                    added = added.and(batch.add(token, seq.pos, &[seq.slot as i32], true));
+                    seq.logits_at = Some(batch.n_tokens() - 1);
+                    seq.pos += 1;
+                }
+            }
+            for seq in &mut active {
+                let room = n_batch.saturating_sub(batch.n_tokens() as usize);
+                if room == 0 {
+                    break;
+                }
+                let take = room.min(seq.prompt.len() - seq.fed);
+                for i in seq.fed..seq.fed + take {
+                    let last = i + 1 == seq.prompt.len();
+                    added = added.and(batch.add(seq.prompt[i], seq.pos, &[seq.slot as i32], last));
+                    if last {
+                        seq.logits_at = Some(batch.n_tokens() - 1);
+                    }
+                    seq.pos += 1;
+                }
+                seq.fed += take;
+            }
+            let decoded = added
+                .map_err(|e| inference("batch", e))
+                .and_then(|()| ctx.decode(&mut batch).map_err(|e| inference("decode", e)));
+            if let Err(e) = decoded {
+                for seq in active.drain(..) {
+                    let _ = ctx.clear_kv_cache_seq(Some(seq.slot), None, None);
+                    free.push(seq.slot);
+                    (seq.done)(Err(e.clone()));
+                }
+                continue;
+            }
+
+            for seq in &mut active {
+                if let Some(index) = seq.logits_at.take() {
+                    self.step(&ctx, seq, index);
+                }
+            }
+            let mut i = 0;
+            while i < active.len() {
+                if let Some(finish) = active[i].finish {
+                    let seq = active.swap_remove(i);
+                    let _ = ctx.clear_kv_cache_seq(Some(seq.slot), None, None);
+                    free.push(seq.slot);
+                    let stats = seq.stats();
+                    (seq.done)(Ok((finish, stats)));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+    }
 }
 
 impl LoadedModel for LlamaLoaded {
@@ -252,131 +599,41 @@ impl LoadedModel for LlamaLoaded {
         self.tokenizer.clone()
     }
 
+    fn parallel(&self) -> usize {
+        self.parallel as usize
+    }
+
     fn generate(
         &mut self,
         request: &GenerateRequest,
         sink: &mut dyn FnMut(Token) -> Flow,
-    ) -> Result<(FinishReason, GenerateStats), EngineError> {
-        let backend = backend()?;
-        let n_ctx = self.info.context_length;
-        let prompt = self.tokenizer.to_tokens(&request.prompt)?;
-        if prompt.is_empty() {
-            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
-        }
-        if prompt.len() >= n_ctx as usize {
-            return Err(EngineError::ContextOverflow {
-                prompt: prompt.len(),
-                context: n_ctx,
+    ) -> GenerateOutcome {
+        let mut outcome = None;
+        {
+            let mut work = Some(Work {
+                request: request.clone(),
+                sink: Box::new(sink),
+                done: Box::new(|o| outcome = Some(o)),
             });
+            self.serve_with(&mut |_| work.take(), 1);
         }
-        let n_batch = self.batch.min(n_ctx).max(1);
-        let mut params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(n_ctx))
-            .with_n_batch(n_batch);
-        if self.threads > 0 {
-            let t = i32::try_from(self.threads).unwrap_or(i32::MAX);
-            params = params.with_n_threads(t).with_n_threads_batch(t);
-        }
-        let mut ctx = self
-            .model
-            .new_context(backend, params)
-            .map_err(|e| EngineError::Inference(format!("context: {e}")))?;
-        let vocab = self.model.vocab();
-        let started = Instant::now();
+        outcome.unwrap_or_else(|| {
+            Err(EngineError::Inference(
+                "generation ended without an outcome".into(),
+            ))
+        })
+    }
 
-        // Prefill in chunks no larger than n_batch (a larger batch aborts llama.cpp).
-        let mut batch = LlamaBatch::new(n_batch as usize, 1);
-        let chunks: Vec<&[LlamaToken]> = prompt.chunks(n_batch as usize).collect();
-        let mut pos = 0i32;
-        for (ci, chunk) in chunks.iter().enumerate() {
-            batch.clear();
-            let last_chunk = ci + 1 == chunks.len();
-            for (i, t) in chunk.iter().enumerate() {
-                let logits = last_chunk && i + 1 == chunk.len();
-                batch
-                    .add(*t, pos, &[0], logits)
-                    .map_err(|e| EngineError::Inference(format!("batch: {e}")))?;
-                pos += 1;
-            }
-            ctx.decode(&mut batch)
-                .map_err(|e| EngineError::Inference(format!("prompt decode: {e}")))?;
-        }
-        let prompt_done = Instant::now();
-        let mut sampler = self.sampler(request)?;
-        let mut utf8 = Utf8Stream::default();
-        let mut stops = StopMatcher::new(&request.stop);
-        let mut generated = 0u32;
-        let mut first_token_at = None;
-        let max_tokens = if request.max_tokens == 0 {
-            u32::MAX
-        } else {
-            request.max_tokens
+    fn serve(&mut self, jobs: &mut dyn JobSource) {
+        let mut next = |block: bool| {
+            let job = if block { jobs.wait() } else { jobs.try_next() };
+            job.map(|j| Work {
+                request: j.request,
+                sink: j.sink,
+                done: j.done,
+            })
         };
-        let mut logits_index = batch.n_tokens() - 1;
-        let finish = loop {
-            if generated >= max_tokens {
-                break FinishReason::Length;
-            }
-            if pos as u32 >= n_ctx {
-                break FinishReason::Length;
-            }
-            // sample() also accepts the token into the chain (penalties, grammar).
-            let token = sampler.sample(&ctx, logits_index);
-            first_token_at.get_or_insert_with(Instant::now);
-            if vocab.is_eog(token) {
-                break FinishReason::Stop;
-            }
-            generated += 1;
-            let logprob = request
-                .logprobs
-                .then(|| log_prob(ctx.get_logits_ith(logits_index), token_id(token)));
-            let bytes = vocab.token_to_piece(token, false, None);
-            let text = utf8.push(&bytes);
-            let (text, stopped) = match stops.push(&text) {
-                StopOutcome::Emit(t) => (t, false),
-                StopOutcome::Stopped(t) => (t, true),
-            };
-            if sink(Token {
-                id: token_id(token),
-                text,
-                logprob,
-            }) == Flow::Stop
-            {
-                break FinishReason::Cancelled;
-            }
-            if stopped {
-                break FinishReason::Stop;
-            }
-            batch.clear();
-            batch
-                .add(token, pos, &[0], true)
-                .map_err(|e| EngineError::Inference(format!("batch: {e}")))?;
-            pos += 1;
-            ctx.decode(&mut batch)
-                .map_err(|e| EngineError::Inference(format!("decode: {e}")))?;
-            logits_index = 0;
-        };
-        let end = Instant::now();
-        let prompt_secs = (prompt_done - started).as_secs_f64();
-        let gen_secs = first_token_at.map_or(0.0, |t| (end - t).as_secs_f64());
-        #[allow(clippy::cast_precision_loss)]
-        let stats = GenerateStats {
-            prompt_tokens: u32::try_from(prompt.len()).unwrap_or(u32::MAX),
-            generated_tokens: generated,
-            time_to_first_token_seconds: first_token_at
-                .map_or(0.0, |t| (t - started).as_secs_f64()),
-            prompt_tokens_per_second: if prompt_secs > 0.0 {
-                prompt.len() as f64 / prompt_secs
-            } else {
-                0.0
-            },
-            generation_tokens_per_second: if gen_secs > 0.0 && generated > 1 {
-                f64::from(generated - 1) / gen_secs
-            } else {
-                0.0
-            },
-        };
-        Ok((finish, stats))
+        self.serve_with(&mut next, self.parallel);
     }
 }
 

@@ -1,0 +1,232 @@
+//! Lifecycle service, first stage: Load drives a stored model through validation
+//! and loading to READY, Unload frees it, GetState and ListLoaded report. The full
+//! state machine (pull from Load, history, Watch, memory budget) replaces this.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use modeld_engine_core::{LoadOptions, Runtime};
+use modeld_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::agent::Agent;
+use crate::api::convert::{state_to_pb, timestamp};
+use crate::error::{Error, Result};
+use crate::inference::{LoadRequest, ModelWorker};
+use crate::lifecycle::{self, ModelState};
+use crate::registry::spec;
+
+type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Longest grace an Unload may ask for.
+const UNLOAD_GRACE_MAX: Duration = Duration::from_secs(600);
+/// Grace when an Unload does not say.
+const UNLOAD_GRACE_DEFAULT: Duration = Duration::from_secs(30);
+
+pub struct LifecycleApi {
+    agent: Arc<Agent>,
+}
+
+impl LifecycleApi {
+    pub fn new(agent: Arc<Agent>) -> Self {
+        LifecycleApi { agent }
+    }
+}
+
+fn load_request(options: Option<pb::LoadOptions>) -> Result<LoadRequest> {
+    let o = options.unwrap_or_default();
+    let runtime = match pb::Runtime::try_from(o.runtime) {
+        Ok(pb::Runtime::Unspecified) => None,
+        Ok(r) => Some(
+            Runtime::try_from(r)
+                .map_err(|_| Error::invalid("options.runtime", "unknown runtime"))?,
+        ),
+        Err(_) => {
+            return Err(Error::invalid(
+                "options.runtime",
+                format!("unknown enum value {}", o.runtime),
+            ));
+        }
+    };
+    let gpu_layers = match o.gpu_layers {
+        -1 => u32::MAX,
+        n if n < -1 => {
+            return Err(Error::invalid(
+                "options.gpu_layers",
+                format!("{n}: use -1 for all layers, 0 for none"),
+            ));
+        }
+        n => n.unsigned_abs(),
+    };
+    const PARALLEL_MAX: u32 = 64;
+    if o.max_concurrent_requests > PARALLEL_MAX {
+        return Err(Error::invalid(
+            "options.max_concurrent_requests",
+            format!("{}; the limit is {PARALLEL_MAX}", o.max_concurrent_requests),
+        ));
+    }
+    Ok(LoadRequest {
+        runtime,
+        options: LoadOptions {
+            context_length: o.context_length,
+            parallel: o.max_concurrent_requests,
+            threads: o.threads,
+            batch_size: o.batch_size,
+            gpu_layers,
+            use_mmap: o.use_mmap.unwrap_or(true),
+            use_mlock: o.use_mlock,
+        },
+    })
+}
+
+pub fn loaded_to_pb(w: &ModelWorker) -> pb::LoadedModel {
+    pb::LoadedModel {
+        model_id: w.model_id.clone(),
+        runtime: pb::Runtime::from(w.runtime) as i32,
+        accelerator: pb::Accelerator::Cpu as i32,
+        estimated_memory_bytes: w.info.memory_bytes,
+        actual_memory_bytes: w.info.memory_bytes,
+        in_flight_requests: u32::try_from(w.in_flight()).unwrap_or(u32::MAX),
+        last_used_time: None,
+        expire_time: None,
+        pinned: false,
+        context_length: w.info.context_length,
+        load_time: Some(timestamp(w.loaded_at)),
+    }
+}
+
+fn progress(
+    state: ModelState,
+    stage: pb::LifecycleStage,
+    overall: f64,
+    message: &str,
+) -> pb::LoadResponse {
+    pb::LoadResponse {
+        progress: Some(pb::LoadProgress {
+            state: state_to_pb(state) as i32,
+            stage: stage as i32,
+            stage_progress: 0.0,
+            overall_progress: overall,
+            message: message.to_owned(),
+            eta_seconds: -1.0,
+        }),
+        loaded: None,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::lifecycle_server::Lifecycle for LifecycleApi {
+    type LoadStream = Boxed<pb::LoadResponse>;
+    type WatchStream = Boxed<pb::WatchResponse>;
+
+    async fn load(
+        &self,
+        request: Request<pb::LoadRequest>,
+    ) -> Result<Response<Self::LoadStream>, Status> {
+        let r = request.into_inner();
+        spec::validate_id("model_id", &r.model_id)?;
+        let load = load_request(r.options)?;
+        let entry = self.agent.registry.get(&r.model_id)?;
+        let agent = self.agent.clone();
+        let (tx, rx) = mpsc::channel(8);
+        // Loading continues if the client leaves: another Load joins it.
+        tokio::spawn(async move {
+            let _ = tx
+                .send(Ok(progress(
+                    ModelState::Validating,
+                    pb::LifecycleStage::Validate,
+                    0.0,
+                    "checking the model file",
+                )))
+                .await;
+            let outcome = agent.inference.load(&entry, &agent.storage, load).await;
+            let message = match outcome {
+                Ok(worker) => {
+                    let mut done =
+                        progress(ModelState::Ready, pb::LifecycleStage::Load, 1.0, "ready");
+                    done.loaded = Some(loaded_to_pb(&worker));
+                    Ok(done)
+                }
+                Err(e) => Err(Status::from(e)),
+            };
+            let _ = tx.send(message).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn unload(
+        &self,
+        request: Request<pb::UnloadRequest>,
+    ) -> Result<Response<pb::UnloadResponse>, Status> {
+        let r = request.into_inner();
+        spec::validate_id("model_id", &r.model_id)?;
+        let grace = match r.grace {
+            None => UNLOAD_GRACE_DEFAULT,
+            Some(d) if d.seconds < 0 || d.nanos < 0 => {
+                return Err(Error::invalid("grace", "must not be negative").into());
+            }
+            Some(d) => Duration::new(d.seconds.unsigned_abs(), d.nanos.unsigned_abs())
+                .min(UNLOAD_GRACE_MAX),
+        };
+        self.agent.registry.get(&r.model_id)?;
+        let cancelled = self.agent.inference.unload(&r.model_id, grace).await?;
+        Ok(Response::new(pb::UnloadResponse {
+            state: state_to_pb(ModelState::Downloaded) as i32,
+            cancelled_requests: u32::try_from(cancelled).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn get_state(
+        &self,
+        request: Request<pb::GetStateRequest>,
+    ) -> Result<Response<pb::GetStateResponse>, Status> {
+        let r = request.into_inner();
+        spec::validate_id("model_id", &r.model_id)?;
+        self.agent.registry.get(&r.model_id)?;
+        let state = lifecycle::state(&self.agent.store, &r.model_id)?;
+        let in_flight = self
+            .agent
+            .inference
+            .ready(&r.model_id)
+            .map_or(0, |w| w.in_flight());
+        Ok(Response::new(pb::GetStateResponse {
+            state: state_to_pb(state) as i32,
+            failure: None,
+            history: Vec::new(),
+            in_flight_requests: u32::try_from(in_flight).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn list_loaded(
+        &self,
+        _: Request<pb::ListLoadedRequest>,
+    ) -> Result<Response<pb::ListLoadedResponse>, Status> {
+        let models: Vec<pb::LoadedModel> = self
+            .agent
+            .inference
+            .loaded()
+            .iter()
+            .map(|w| loaded_to_pb(w))
+            .collect();
+        let used = models.iter().map(|m| m.actual_memory_bytes).sum();
+        Ok(Response::new(pb::ListLoadedResponse {
+            models,
+            memory_budget_bytes: self.agent.memory_budget_bytes,
+            memory_used_bytes: used,
+        }))
+    }
+
+    async fn watch(
+        &self,
+        _: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Error::Unimplemented {
+            rpc: "modeld.v1.Lifecycle/Watch",
+        }
+        .into())
+    }
+}
