@@ -130,11 +130,32 @@ async fn max_tokens_and_stop_strings_end_generation() {
     assert_eq!(tokens, 3);
     assert_eq!(summary.finish_reason(), pb::FinishReason::Length);
 
-    // A stop string from the middle of the greedy output: everything before it comes
-    // out, nothing of it does.
-    let chars: Vec<char> = full.chars().collect();
-    assert!(chars.len() > 12, "{full:?}");
-    let stop: String = chars[8..12].iter().collect();
+    // A stop string that spans two generated tokens: everything before it comes out,
+    // nothing of it does.
+    let mut stream = client
+        .generate()
+        .generate(base.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut pieces = Vec::new();
+    while let Some(msg) = stream.next().await {
+        if let pb::generate_response::Event::Token(t) = msg.unwrap().event.unwrap() {
+            pieces.push(t.text);
+        }
+    }
+    assert_eq!(pieces.concat(), full);
+    let k = (2..pieces.len() - 1)
+        .find(|&k| {
+            pieces[k].trim().chars().count() >= 2 && pieces[k + 1].trim().chars().count() >= 2
+        })
+        .expect("two adjacent tokens of two or more characters");
+    let tail: String = {
+        let c: Vec<char> = pieces[k].chars().collect();
+        c[c.len() - 2..].iter().collect()
+    };
+    let head: String = pieces[k + 1].chars().take(2).collect();
+    let stop = format!("{tail}{head}");
     let at = full.find(&stop).unwrap();
     let (stopped, _, summary) = run(
         &client,
@@ -145,7 +166,14 @@ async fn max_tokens_and_stop_strings_end_generation() {
     )
     .await;
     assert_eq!(summary.finish_reason(), pb::FinishReason::Stop);
-    assert_eq!(stopped, full[..at], "stop {stop:?}");
+    assert_eq!(
+        stopped,
+        full[..at],
+        "stop {stop:?} spanning {:?} and {:?}",
+        pieces[k],
+        pieces[k + 1]
+    );
+    assert!(!stopped.contains(&stop));
 }
 
 #[tokio::test]
@@ -622,4 +650,36 @@ async fn concurrent_requests_share_the_batch_instead_of_queueing() {
         started_before, 4,
         "all four streams started before any finished: {order:?}"
     );
+}
+
+/// A prompt longer than the context is refused unless the request says how to cut it.
+#[tokio::test]
+async fn an_overlong_prompt_is_refused_or_truncated_as_asked() {
+    let (_agent, client) = agent_with_smol_args(&["--context-length", "64"]).await;
+    let request = |truncation: pb::Truncation| pb::GenerateRequest {
+        model_id: "smol".into(),
+        input: Some(pb::generate_request::Input::Prompt(
+            "one two three four five six seven eight nine ten ".repeat(20),
+        )),
+        sampling: greedy(),
+        max_tokens: 8,
+        truncation: truncation as i32,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let refused = client
+        .generate()
+        .generate(request(pb::Truncation::Unspecified))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("prompt") && refused.message().contains("64-token"),
+        "{refused:?}"
+    );
+    for cut in [pb::Truncation::KeepStart, pb::Truncation::KeepEnd] {
+        let (text, generated, summary) = run(&client, request(cut)).await;
+        assert_eq!(generated, 8, "{cut:?}: {text:?}");
+        assert_eq!(summary.usage.unwrap().prompt_tokens, 64 - 8, "{cut:?}");
+    }
 }

@@ -255,3 +255,60 @@ fn the_chat_template_renders_as_hugging_face_renders_it() {
             .contains("named SmolLM")
     );
 }
+
+/// Provider (a): a tokenizer.json (here, the one provider (b) built, written out as a
+/// Hugging Face directory would carry it) with tokenizer_config.json for the special
+/// tokens and the chat template.
+#[test]
+fn a_tokenizer_json_beside_the_model_is_used_and_matches_llama_cpp() {
+    let (llama, _gguf, model) = tokenizers();
+    let assets = Assets::get();
+    let dir = tempfile::tempdir().unwrap();
+    let built = tokenizer::gguf::from_file(&assets.gguf).unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), built.to_json().unwrap()).unwrap();
+    let template = model.info().chat_template.clone().unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::json!({
+            "bos_token": "<|im_start|>",
+            "eos_token": {"content": "<|im_end|>", "special": true},
+            "add_bos_token": false,
+            "model_max_length": 8192,
+            "chat_template": template,
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let weights = dir.path().join("model.safetensors");
+    std::fs::write(&weights, b"").unwrap();
+    let from_json = tokenizer::for_model(&weights, ModelFormat::Safetensors, None, None).unwrap();
+    assert_eq!(from_json.provider(), "tokenizer.json");
+    for text in PARITY {
+        assert_eq!(
+            from_json.encode(text, false, true).unwrap(),
+            llama.encode(text, false, true).unwrap(),
+            "{text:?}"
+        );
+    }
+    let special = from_json.special_tokens();
+    assert_eq!(
+        (special.bos, special.eos),
+        (llama.special_tokens().bos, llama.special_tokens().eos)
+    );
+    assert_eq!(from_json.max_length(), 8192);
+    let messages = [ChatMessage {
+        role: "user".into(),
+        content: "Hi".into(),
+    }];
+    assert_eq!(
+        from_json.render_chat(&messages, true).unwrap(),
+        render_with_jinja2(&template, &messages, "<|im_start|>", "<|im_end|>")
+    );
+
+    // Without a tokenizer.json a safetensors model has no tokenizer: said plainly.
+    std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+    let err = tokenizer::for_model(&weights, ModelFormat::Safetensors, None, None)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("tokenizer.json"), "{err}");
+}

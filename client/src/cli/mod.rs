@@ -1,5 +1,6 @@
 //! The `modelctl` command line.
 
+mod bench;
 mod generate;
 mod lifecycle;
 mod models;
@@ -64,6 +65,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Chat with a model interactively; the conversation is kept between turns.
     Chat(generate::ChatArgs),
+    /// Measure a loaded model through the full gRPC stream: prompt and generation
+    /// tokens/s, time to first token, and aggregate tokens/s with concurrent streams.
+    Bench(bench::BenchArgs),
     /// Show how a model's tokenizer splits a text.
     Tokenize(generate::TokenizeArgs),
 }
@@ -91,6 +95,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::State(args) => lifecycle::state(&client, args, cli.output).await,
         Command::Generate(args) => generate::generate(&client, args, cli.output).await,
         Command::Chat(args) => generate::chat(&client, args).await,
+        Command::Bench(args) => bench::bench(&client, args, cli.output).await,
         Command::Tokenize(args) => generate::tokenize(&client, args, cli.output).await,
     }
 }

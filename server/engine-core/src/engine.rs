@@ -47,6 +47,8 @@ pub struct GenerateRequest {
     pub logprobs: bool,
     /// GBNF grammar the output must follow (rule `root`).
     pub grammar: Option<String>,
+    /// Generate past end-of-generation tokens, up to `max_tokens` (benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// One generated token as the engine hands it out.

@@ -9,8 +9,6 @@ use modeld_engine_core::{
 };
 use modeld_proto::v1 as pb;
 use modeld_proto::v1::generate_server::Generate;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::agent::Agent;
@@ -135,6 +133,33 @@ fn finish_to_pb(f: FinishReason) -> pb::FinishReason {
 }
 
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn event_to_pb(event: Event) -> pb::GenerateResponse {
+    let event = match event {
+        Event::Token(t) => pb::generate_response::Event::Token(pb::GeneratedToken {
+            text: t.text,
+            token_id: t.id,
+            logprob: t.logprob,
+        }),
+        Event::Done(finish, stats) => pb::generate_response::Event::Summary(pb::GenerateSummary {
+            finish_reason: finish_to_pb(finish) as i32,
+            usage: Some(pb::Usage {
+                prompt_tokens: stats.prompt_tokens,
+                generated_tokens: stats.generated_tokens,
+                time_to_first_token_seconds: stats.time_to_first_token_seconds,
+                prompt_tokens_per_second: stats.prompt_tokens_per_second,
+                generation_tokens_per_second: stats.generation_tokens_per_second,
+            }),
+            error: String::new(),
+        }),
+        Event::Failed(e) => pb::generate_response::Event::Summary(pb::GenerateSummary {
+            finish_reason: pb::FinishReason::Error as i32,
+            usage: None,
+            error: e.to_string(),
+        }),
+    };
+    pb::GenerateResponse { event: Some(event) }
+}
 
 #[tonic::async_trait]
 impl Generate for GenerateApi {
@@ -276,71 +301,41 @@ impl Generate for GenerateApi {
             stop: r.stop,
             logprobs: r.logprobs,
             grammar: (!r.grammar.trim().is_empty()).then_some(r.grammar),
+            ignore_eos: r.ignore_eos,
         };
-        let mut events = worker.generate(request, deadline)?;
+        let events = worker.generate(request, deadline)?;
         let model_id = worker.model_id.clone();
         drop(worker);
-        let (tx, rx) = mpsc::channel(32);
-        tokio::spawn(async move {
-            let mut finished = false;
-            while let Some(event) = events.recv().await {
+        // The stream maps engine events as tonic polls it: no task or channel hop per
+        // token, so a token costs one wake-up on the way out. Dropping the stream (the
+        // client left) drops `events`, which stops the engine within one token.
+        let stream = futures::stream::unfold(Some((events, false)), move |state| {
+            let model_id = model_id.clone();
+            async move {
+                let (mut events, finished) = state?;
+                let Some(event) = events.recv().await else {
+                    // The engine dropped the request without an outcome: it crashed.
+                    return (!finished).then(|| {
+                        let e = Error::EnginePanicked {
+                            id: model_id,
+                            during: "this request",
+                        };
+                        (Err(Status::from(e)), None)
+                    });
+                };
                 if let Event::Done(FinishReason::Cancelled, _) = &event
                     && deadline.is_some_and(|d| Instant::now() >= d)
                 {
-                    let _ = tx
-                        .send(Err(Status::deadline_exceeded(
-                            "the request's deadline passed; generation stopped",
-                        )))
-                        .await;
-                    return;
+                    let status = Status::deadline_exceeded(
+                        "the request's deadline passed; generation stopped",
+                    );
+                    return Some((Err(status), None));
                 }
-                finished |= matches!(event, Event::Done(..) | Event::Failed(_));
-                let message = match event {
-                    Event::Token(t) => pb::GenerateResponse {
-                        event: Some(pb::generate_response::Event::Token(pb::GeneratedToken {
-                            text: t.text,
-                            token_id: t.id,
-                            logprob: t.logprob,
-                        })),
-                    },
-                    Event::Done(finish, stats) => pb::GenerateResponse {
-                        event: Some(pb::generate_response::Event::Summary(pb::GenerateSummary {
-                            finish_reason: finish_to_pb(finish) as i32,
-                            usage: Some(pb::Usage {
-                                prompt_tokens: stats.prompt_tokens,
-                                generated_tokens: stats.generated_tokens,
-                                time_to_first_token_seconds: stats.time_to_first_token_seconds,
-                                prompt_tokens_per_second: stats.prompt_tokens_per_second,
-                                generation_tokens_per_second: stats.generation_tokens_per_second,
-                            }),
-                            error: String::new(),
-                        })),
-                    },
-                    Event::Failed(e) => pb::GenerateResponse {
-                        event: Some(pb::generate_response::Event::Summary(pb::GenerateSummary {
-                            finish_reason: pb::FinishReason::Error as i32,
-                            usage: None,
-                            error: e.to_string(),
-                        })),
-                    },
-                };
-                // The client went away: dropping `events` makes the worker stop.
-                if tx.send(Ok(message)).await.is_err() {
-                    return;
-                }
-            }
-            if !finished {
-                // The engine dropped the request without an outcome: it crashed.
-                let _ = tx
-                    .send(Err(Error::EnginePanicked {
-                        id: model_id,
-                        during: "this request",
-                    }
-                    .into()))
-                    .await;
+                let last = matches!(event, Event::Done(..) | Event::Failed(_));
+                Some((Ok(event_to_pb(event)), Some((events, finished || last))))
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn tokenize(

@@ -39,6 +39,32 @@ struct Queue {
     jobs: std::sync::mpsc::Receiver<Queued>,
     /// Set when an unload's grace time ran out: every running request stops.
     cancel: Arc<AtomicBool>,
+    failed: Arc<AtomicBool>,
+}
+
+/// Ends a request's event stream with its outcome. Dropped unsent while the engine
+/// unwinds from a panic, it marks the model failed before the stream closes, so no
+/// client sees its request end while the model still looks healthy.
+struct Outcome {
+    events: Option<mpsc::Sender<Event>>,
+    failed: Arc<AtomicBool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Outcome {
+    fn send(mut self, event: Event) {
+        if let Some(events) = self.events.take() {
+            let _ = events.blocking_send(event);
+        }
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if self.events.is_some() && std::thread::panicking() {
+            self.failed.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 impl Queue {
@@ -54,7 +80,11 @@ impl Queue {
         if events.is_closed() || expired {
             return None;
         }
-        let done_events = events.clone();
+        let outcome = Outcome {
+            events: Some(events.clone()),
+            failed: self.failed.clone(),
+            _permit: permit,
+        };
         let cancel = self.cancel.clone();
         Some(Job {
             request,
@@ -70,12 +100,11 @@ impl Queue {
                     Flow::Continue
                 }
             }),
-            done: Box::new(move |outcome| {
-                let _ = done_events.blocking_send(match outcome {
+            done: Box::new(move |result| {
+                outcome.send(match result {
                     Ok((finish, stats)) => Event::Done(finish, stats),
                     Err(e) => Event::Failed(Error::Engine(e)),
                 });
-                drop(permit);
             }),
         })
     }
@@ -207,6 +236,7 @@ impl ModelWorker {
                 let mut queue = Queue {
                     jobs: rx,
                     cancel: thread_cancel,
+                    failed: thread_failed.clone(),
                 };
                 let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     model.serve(&mut queue);
@@ -538,7 +568,17 @@ mod tests {
         // The stream ends without an outcome: the api turns that into ENGINE_PANICKED.
         let (text, finish) = run(&broken, "ab!cd").await;
         assert_eq!((text.as_str(), finish), ("ab", None));
-        assert!(broken.failed());
+        assert!(
+            broken.failed(),
+            "failed before the client saw its stream end"
+        );
+        // Recording the failure (the store, in the agent) follows on the worker thread.
+        for _ in 0..500 {
+            if flagged.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         assert!(flagged.load(Ordering::SeqCst), "the failure was recorded");
         let refused = broken
             .generate(GenerateRequest::default(), None)

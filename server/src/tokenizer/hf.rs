@@ -110,6 +110,14 @@ impl HfTokenizer {
         }
     }
 
+    /// This tokenizer as a `tokenizer.json`, so a model directory can carry exactly
+    /// what this provider built (special tokens included).
+    pub fn to_json(&self) -> Result<String, EngineError> {
+        self.parsing
+            .to_string(false)
+            .map_err(|e| tokenizer_error("serialize", e))
+    }
+
     pub fn into_shared(self) -> Arc<dyn Tokenizer> {
         Arc::new(self)
     }

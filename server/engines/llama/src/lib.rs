@@ -315,6 +315,7 @@ struct Sequence<'s> {
     sink: Box<dyn FnMut(Token) -> Flow + 's>,
     done: Box<dyn FnOnce(GenerateOutcome) + 's>,
     logprobs: bool,
+    ignore_eos: bool,
     sampler: LlamaSampler,
     prompt: Vec<LlamaToken>,
     /// Prompt tokens already sent to a batch.
@@ -434,11 +435,13 @@ impl LlamaLoaded {
             request.max_tokens
         };
         let logprobs = request.logprobs;
+        let ignore_eos = request.ignore_eos;
         Some(Sequence {
             slot,
             sink: job.sink,
             done: job.done,
             logprobs,
+            ignore_eos,
             sampler,
             prompt,
             fed: 0,
@@ -465,7 +468,7 @@ impl LlamaLoaded {
         let token = seq.sampler.sample(ctx, index);
         seq.first_token_at.get_or_insert(now);
         let vocab = self.model.vocab();
-        if vocab.is_eog(token) {
+        if !seq.ignore_eos && vocab.is_eog(token) {
             seq.finish = Some(FinishReason::Stop);
             return;
         }

@@ -1,0 +1,209 @@
+//! Throughput as a client sees it: prompt and generation tokens/s, time to first
+//! token and its overhead over the engine's own, and aggregate tokens/s with several
+//! streams at once — all through the full gRPC stream.
+
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use modelctl::{Client, ClientError};
+use modeld_proto::v1 as pb;
+use serde::Serialize;
+
+use super::Output;
+use super::output;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    id: String,
+    /// Concurrent streams per level, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    concurrency: Vec<usize>,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens each stream generates (end-of-sequence is ignored, as llama-bench does).
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u32,
+    /// Runs per level; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+/// One stream, timed at the client.
+struct Timed {
+    sent: Instant,
+    tokens: Vec<Instant>,
+    usage: pb::Usage,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Level {
+    pub concurrency: usize,
+    pub prompt_tokens: u32,
+    pub generated_tokens: u32,
+    /// Prompt tokens over the client's time to first token (one stream).
+    pub prompt_tokens_per_second: f64,
+    /// Generation tokens/s summed over streams, counted while all of them generate.
+    pub generation_tokens_per_second: f64,
+    /// All tokens (prompt and generated) over wall time, like llama-batched-bench's S.
+    pub total_tokens_per_second: f64,
+    pub time_to_first_token_ms: f64,
+    /// Client time to first token minus the engine's own.
+    pub time_to_first_token_overhead_ms: f64,
+    pub wall_seconds: f64,
+}
+
+async fn one_stream(client: &Client, request: pb::GenerateRequest) -> anyhow::Result<Timed> {
+    let sent = Instant::now();
+    let mut stream = client
+        .generate()
+        .generate(request)
+        .await
+        .map_err(ClientError::from)?
+        .into_inner();
+    let mut tokens = Vec::new();
+    let mut usage = None;
+    while let Some(msg) = stream.message().await.map_err(ClientError::from)? {
+        match msg.event {
+            Some(pb::generate_response::Event::Token(_)) => tokens.push(Instant::now()),
+            Some(pb::generate_response::Event::Summary(s)) => {
+                if s.finish_reason() == pb::FinishReason::Error {
+                    anyhow::bail!("generation failed: {}", s.error);
+                }
+                usage = s.usage;
+            }
+            None => {}
+        }
+    }
+    Ok(Timed {
+        sent,
+        tokens,
+        usage: usage.ok_or_else(|| anyhow::anyhow!("the stream ended without a summary"))?,
+    })
+}
+
+/// A prompt of exactly `n` tokens: a repeated word, checked with the model's tokenizer.
+async fn prompt_of(client: &Client, id: &str, n: usize) -> anyhow::Result<String> {
+    let text = " the".repeat(n);
+    let count = client
+        .generate()
+        .tokenize(pb::TokenizeRequest {
+            model_id: id.to_owned(),
+            text: text.clone(),
+            add_special_tokens: true,
+            parse_special: false,
+        })
+        .await
+        .map_err(ClientError::from)?
+        .into_inner()
+        .token_ids
+        .len();
+    if count != n {
+        eprintln!("note: the prompt is {count} tokens, not {n}");
+    }
+    Ok(text)
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+async fn level(
+    client: &Client,
+    a: &BenchArgs,
+    prompt: &str,
+    concurrency: usize,
+) -> anyhow::Result<Level> {
+    let request = pb::GenerateRequest {
+        model_id: a.id.clone(),
+        input: Some(pb::generate_request::Input::Prompt(prompt.to_owned())),
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        max_tokens: a.max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let streams = futures::future::try_join_all(
+        (0..concurrency).map(|_| one_stream(client, request.clone())),
+    )
+    .await?;
+    let wall = started.elapsed();
+    let first = |t: &Timed| t.tokens.first().copied().unwrap_or(t.sent);
+    let last = |t: &Timed| t.tokens.last().copied().unwrap_or(t.sent);
+    // The generation window opens once every stream has its first token.
+    let window_start = streams.iter().map(first).max().unwrap_or(started);
+    let window_end = streams.iter().map(last).max().unwrap_or(started);
+    let in_window: usize = streams
+        .iter()
+        .map(|t| t.tokens.iter().filter(|at| **at > window_start).count())
+        .sum();
+    let window = secs(window_end.saturating_duration_since(window_start));
+    let s0 = &streams[0];
+    let ttft = secs(first(s0).saturating_duration_since(s0.sent));
+    let prompt_tokens: u32 = streams.iter().map(|t| t.usage.prompt_tokens).sum();
+    let generated_tokens: u32 = streams.iter().map(|t| t.usage.generated_tokens).sum();
+    #[allow(clippy::cast_precision_loss)]
+    Ok(Level {
+        concurrency,
+        prompt_tokens,
+        generated_tokens,
+        prompt_tokens_per_second: f64::from(s0.usage.prompt_tokens) / ttft,
+        generation_tokens_per_second: if window > 0.0 {
+            in_window as f64 / window
+        } else {
+            0.0
+        },
+        total_tokens_per_second: f64::from(prompt_tokens + generated_tokens) / secs(wall),
+        time_to_first_token_ms: ttft * 1000.0,
+        time_to_first_token_overhead_ms: (ttft - s0.usage.time_to_first_token_seconds) * 1000.0,
+        wall_seconds: secs(wall),
+    })
+}
+
+fn median_by(mut runs: Vec<Level>, key: impl Fn(&Level) -> f64) -> Option<Level> {
+    runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let mid = runs.len() / 2;
+    runs.into_iter().nth(mid)
+}
+
+pub async fn bench(client: &Client, a: BenchArgs, out: Output) -> anyhow::Result<()> {
+    let prompt = prompt_of(client, &a.id, a.prompt_tokens).await?;
+    // One warm-up, so page faults and first-use allocations are not measured.
+    level(client, &a, &prompt, 1).await?;
+    let mut results = Vec::new();
+    for &c in &a.concurrency {
+        let mut runs = Vec::new();
+        for _ in 0..a.runs.max(1) {
+            runs.push(level(client, &a, &prompt, c).await?);
+        }
+        if let Some(m) = median_by(runs, |l| l.generation_tokens_per_second) {
+            results.push(m);
+        }
+    }
+    if out == Output::Json {
+        return output::json(&results);
+    }
+    let mut t = output::table(&[
+        "STREAMS",
+        "PROMPT t/s",
+        "GEN t/s",
+        "TOTAL t/s",
+        "TTFT ms",
+        "TTFT OVERHEAD ms",
+    ]);
+    for l in &results {
+        t.add_row(vec![
+            l.concurrency.to_string(),
+            format!("{:.1}", l.prompt_tokens_per_second),
+            format!("{:.1}", l.generation_tokens_per_second),
+            format!("{:.1}", l.total_tokens_per_second),
+            format!("{:.1}", l.time_to_first_token_ms),
+            format!("{:.2}", l.time_to_first_token_overhead_ms),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
