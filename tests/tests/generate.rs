@@ -683,3 +683,92 @@ async fn an_overlong_prompt_is_refused_or_truncated_as_asked() {
         assert_eq!(summary.usage.unwrap().prompt_tokens, 64 - 8, "{cut:?}");
     }
 }
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// Unload gives the memory back: the weights are unmapped and the context freed, and
+/// the model says so in its state.
+#[tokio::test]
+async fn unloading_frees_the_model_and_reports_its_state() {
+    let (agent, client) = agent_with_smol().await;
+    let (text, _, _) = run(
+        &client,
+        pb::GenerateRequest {
+            model_id: "smol".into(),
+            input: chat("Tell me the capital of France."),
+            sampling: greedy(),
+            max_tokens: 8,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(!text.is_empty());
+    let listed = client
+        .lifecycle()
+        .list_loaded(pb::ListLoadedRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let loaded = &listed.models[0];
+    assert_eq!(loaded.model_id, "smol");
+    assert_eq!(loaded.runtime(), pb::Runtime::LlamaCpp);
+    // Weights (98 MB) plus the KV cache of 4 slots of 4096 tokens.
+    assert!(loaded.estimated_memory_bytes > 98_000_000, "{loaded:?}");
+    assert!(loaded.actual_memory_bytes > 98_000_000, "{loaded:?}");
+    let before = rss_bytes(agent.pid());
+
+    let unloaded = client
+        .lifecycle()
+        .unload(pb::UnloadRequest {
+            model_id: "smol".into(),
+            grace: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unloaded.state(), pb::ModelState::Downloaded);
+    let after = rss_bytes(agent.pid());
+    assert!(
+        after + 64 * 1024 * 1024 < before,
+        "RSS {before} before unload, {after} after"
+    );
+    let listed = client
+        .lifecycle()
+        .list_loaded(pb::ListLoadedRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.models.is_empty());
+    let state = client
+        .lifecycle()
+        .get_state(pb::GetStateRequest {
+            model_id: "smol".into(),
+            history_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state.state(), pb::ModelState::Downloaded);
+    let refused = client
+        .generate()
+        .generate(pb::GenerateRequest {
+            model_id: "smol".into(),
+            input: chat("Hi"),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&refused), "MODEL_NOT_READY");
+    assert!(refused.message().contains("downloaded"), "{refused:?}");
+    // And it loads again.
+    client.load_to_end("smol", None).await.unwrap();
+}

@@ -95,6 +95,9 @@ pub enum EngineError {
     ContextOverflow { prompt: usize, context: u32 },
     #[error("inference failed: {0}")]
     Inference(String),
+    /// The model's files are malformed; nothing was handed to the runtime.
+    #[error("the model file is not valid: {0}")]
+    InvalidModel(String),
 }
 
 /// Facts about a loaded model.
@@ -109,11 +112,52 @@ pub struct ModelInfo {
     pub memory_bytes: u64,
 }
 
+/// What an engine learned from a model's files without loading them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ModelProbe {
+    pub architecture: String,
+    pub parameter_count: u64,
+    /// Bytes of weights the runtime maps or reads.
+    pub weights_bytes: u64,
+    /// The context length the model was trained with (0 = unknown).
+    pub context_length: u32,
+    pub vocab_size: u32,
+    /// KV-cache geometry: layers, KV heads and the width of one head.
+    pub layers: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub embedding_length: u32,
+    pub quantization: Option<String>,
+}
+
+/// Memory a load would take, by what takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryEstimate {
+    pub weights: u64,
+    pub kv_cache: u64,
+    /// Activations, logits and scratch buffers.
+    pub compute: u64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> u64 {
+        self.weights
+            .saturating_add(self.kv_cache)
+            .saturating_add(self.compute)
+    }
+}
+
 /// A runtime that can load models.
 pub trait Engine: Send + Sync {
     fn runtime(&self) -> Runtime;
     fn formats(&self) -> &[ModelFormat];
     fn accelerators(&self) -> Vec<Accelerator>;
+    /// Reads what the engine needs to know from the model's files, checking them the
+    /// way a load would, but without handing anything to the runtime. A file the
+    /// runtime would choke on fails here (`InvalidModel`). Blocking.
+    fn probe(&self, path: &Path) -> Result<ModelProbe, EngineError>;
+    /// The memory loading `probe`'s model with `options` would take.
+    fn estimate_memory(&self, probe: &ModelProbe, options: &LoadOptions) -> MemoryEstimate;
     /// Loads the model at `path`. Blocking: call it on a thread the agent owns.
     fn load(&self, path: &Path, options: &LoadOptions)
     -> Result<Box<dyn LoadedModel>, EngineError>;
@@ -274,6 +318,10 @@ pub trait LoadedModel: Send {
     /// How many requests it decodes together.
     fn parallel(&self) -> usize {
         1
+    }
+    /// Bytes the loaded model holds now (weights, caches, buffers).
+    fn memory_bytes(&self) -> u64 {
+        self.info().memory_bytes
     }
     /// Generates one request, handing each token to `sink` as soon as it is sampled.
     fn generate(

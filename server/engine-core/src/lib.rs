@@ -6,13 +6,14 @@
 
 mod engine;
 mod format;
+pub mod gguf;
 mod runtime;
 mod text;
 
 pub use engine::{
     ChatMessage, Engine, EngineError, FinishReason, Flow, GenerateOutcome, GenerateRequest,
-    GenerateStats, Job, JobSource, LoadOptions, LoadedModel, ModelInfo, Sampling, SpecialTokens,
-    Token, TokenDecoder, Tokenizer, Truncation,
+    GenerateStats, Job, JobSource, LoadOptions, LoadedModel, MemoryEstimate, ModelInfo, ModelProbe,
+    Sampling, SpecialTokens, Token, TokenDecoder, Tokenizer, Truncation,
 };
 pub use format::{ArchiveFormat, ModelFormat, ParseNameError};
 pub use runtime::{Accelerator, Runtime};

@@ -88,7 +88,7 @@ pub fn loaded_to_pb(w: &ModelWorker) -> pb::LoadedModel {
         model_id: w.model_id.clone(),
         runtime: pb::Runtime::from(w.runtime) as i32,
         accelerator: pb::Accelerator::Cpu as i32,
-        estimated_memory_bytes: w.info.memory_bytes,
+        estimated_memory_bytes: w.estimate.total(),
         actual_memory_bytes: w.info.memory_bytes,
         in_flight_requests: u32::try_from(w.in_flight()).unwrap_or(u32::MAX),
         last_used_time: None,

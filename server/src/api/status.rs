@@ -143,6 +143,9 @@ impl From<&Error> for Status {
                 modeld_engine_core::EngineError::Inference(_) => {
                     (Code::Internal, "INFERENCE_FAILED")
                 }
+                modeld_engine_core::EngineError::InvalidModel(_) => {
+                    (Code::FailedPrecondition, "MODEL_INVALID")
+                }
             },
             Error::EnginePanicked { id, .. } => {
                 meta.insert("model_id".into(), id.clone());

@@ -6,7 +6,9 @@
 
 pub mod archive;
 pub mod dir;
-pub mod gguf;
+/// The bounds-checked GGUF reader lives in engine-core, so engines can probe files
+/// with it too.
+pub use modeld_engine_core::gguf;
 pub mod onnx;
 pub mod protobuf;
 pub mod safetensors;

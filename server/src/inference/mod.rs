@@ -193,20 +193,12 @@ impl Inference {
         request: LoadRequest,
     ) -> Result<ModelWorker> {
         lifecycle::set_state(&self.store, id, ModelState::Validating)?;
-        if format == ModelFormat::Gguf {
-            let p = path.clone();
-            tokio::task::spawn_blocking(move || -> Result<()> {
-                let file = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
-                let size = file.metadata().map_err(|e| Error::io(&p, e))?.len();
-                crate::formats::gguf::read_header(std::io::BufReader::new(file), size)
-                    .map(|_| ())
-                    .map_err(|e| Error::ModelInvalid {
-                        path: p.clone(),
-                        reason: e.to_string(),
-                    })
-            })
-            .await??;
-        }
+        // The engine's probe checks the files with our own readers before the
+        // runtime sees them.
+        let probe = {
+            let (engine, path) = (engine.clone(), path.clone());
+            tokio::task::spawn_blocking(move || engine.probe(&path)).await??
+        };
         lifecycle::set_state(&self.store, id, ModelState::Loading)?;
         let s = &self.settings;
         let o = request.options;
@@ -217,10 +209,12 @@ impl Inference {
             threads: or(o.threads, s.threads),
             ..o
         };
+        let estimate = engine.estimate_memory(&probe, &options);
         let tokenizer_path = path.clone();
         let store = self.store.clone();
         let panicked_id = id.to_owned();
         ModelWorker::spawn(WorkerSpec {
+            estimate,
             model_id: id.to_owned(),
             engine,
             path,

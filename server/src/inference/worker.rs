@@ -133,6 +133,7 @@ impl JobSource for Queue {
 pub struct ModelWorker {
     pub model_id: String,
     pub runtime: Runtime,
+    pub estimate: modeld_engine_core::MemoryEstimate,
     pub info: ModelInfo,
     /// Requests decoded together.
     pub parallel: usize,
@@ -163,6 +164,8 @@ pub type PickTokenizer = Box<
 /// Everything a worker needs to start.
 pub struct WorkerSpec {
     pub model_id: String,
+    /// What the engine expected the load to take.
+    pub estimate: modeld_engine_core::MemoryEstimate,
     pub engine: Arc<dyn Engine>,
     pub path: PathBuf,
     pub options: LoadOptions,
@@ -186,6 +189,7 @@ impl ModelWorker {
     pub async fn spawn(spec: WorkerSpec) -> Result<ModelWorker> {
         let WorkerSpec {
             model_id,
+            estimate,
             engine,
             path,
             options,
@@ -263,6 +267,7 @@ impl ModelWorker {
         Ok(ModelWorker {
             model_id,
             runtime,
+            estimate,
             info: loaded.info,
             parallel: loaded.parallel,
             tokenizer: loaded.tokenizer,
@@ -419,7 +424,9 @@ mod tests {
 
     use std::path::Path;
 
-    use modeld_engine_core::{Accelerator, GenerateOutcome, ModelFormat, SpecialTokens};
+    use modeld_engine_core::{
+        Accelerator, GenerateOutcome, MemoryEstimate, ModelFormat, ModelProbe, SpecialTokens,
+    };
 
     use super::*;
 
@@ -508,6 +515,12 @@ mod tests {
         fn accelerators(&self) -> Vec<Accelerator> {
             vec![Accelerator::Cpu]
         }
+        fn probe(&self, _: &Path) -> std::result::Result<ModelProbe, EngineError> {
+            Ok(ModelProbe::default())
+        }
+        fn estimate_memory(&self, _: &ModelProbe, _: &LoadOptions) -> MemoryEstimate {
+            MemoryEstimate::default()
+        }
         fn load(
             &self,
             _: &Path,
@@ -527,6 +540,7 @@ mod tests {
         ModelWorker::spawn(WorkerSpec {
             model_id: id.into(),
             engine: Arc::new(EchoEngine),
+            estimate: modeld_engine_core::MemoryEstimate::default(),
             path: PathBuf::from("/nowhere"),
             options: LoadOptions::default(),
             max_queued: 2,

@@ -20,8 +20,9 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use modeld_engine_core::{
     Accelerator, ChatMessage, Engine, EngineError, FinishReason, Flow, GenerateOutcome,
-    GenerateRequest, GenerateStats, JobSource, LoadOptions, LoadedModel, ModelFormat, ModelInfo,
-    Runtime, SpecialTokens, StopMatcher, StopOutcome, Token, Tokenizer, Utf8Stream,
+    GenerateRequest, GenerateStats, JobSource, LoadOptions, LoadedModel, MemoryEstimate,
+    ModelFormat, ModelInfo, ModelProbe, Runtime, SpecialTokens, StopMatcher, StopOutcome, Token,
+    Tokenizer, Utf8Stream, gguf,
 };
 
 /// Context length per sequence when neither the request nor the model says.
@@ -67,6 +68,79 @@ impl Engine for LlamaEngine {
         vec![Accelerator::Cpu]
     }
 
+    /// Reads the GGUF header with the bounds-checked reader: llama.cpp asserts (and
+    /// aborts the process) on files this rejects.
+    fn probe(&self, path: &Path) -> Result<ModelProbe, EngineError> {
+        let invalid = |e: String| EngineError::InvalidModel(format!("{}: {e}", path.display()));
+        let file = std::fs::File::open(path).map_err(|e| invalid(e.to_string()))?;
+        let size = file.metadata().map_err(|e| invalid(e.to_string()))?.len();
+        let header = gguf::read_header(std::io::BufReader::new(file), size)
+            .map_err(|e| invalid(e.to_string()))?;
+        let arch = header
+            .architecture()
+            .ok_or_else(|| invalid("general.architecture is missing".into()))?
+            .to_owned();
+        let number = |key: &str| {
+            header
+                .get(&format!("{arch}.{key}"))
+                .and_then(gguf::Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok())
+                .unwrap_or(0)
+        };
+        let heads = number("attention.head_count");
+        let embedding_length = number("embedding_length");
+        let head_dim = match number("attention.key_length") {
+            0 if heads > 0 => embedding_length / heads,
+            n => n,
+        };
+        let kv_heads = match number("attention.head_count_kv") {
+            0 => heads,
+            n => n,
+        };
+        let vocab_size = match header.get("tokenizer.ggml.tokens") {
+            Some(gguf::Value::Array { len, .. }) => u32::try_from(*len).unwrap_or(0),
+            _ => 0,
+        };
+        Ok(ModelProbe {
+            parameter_count: header.parameter_count(),
+            weights_bytes: header.tensors.iter().map(|t| t.size_bytes).sum(),
+            context_length: number("context_length"),
+            vocab_size,
+            layers: number("block_count"),
+            kv_heads,
+            head_dim,
+            embedding_length,
+            quantization: header.quantization(),
+            architecture: arch,
+        })
+    }
+
+    fn estimate_memory(&self, probe: &ModelProbe, options: &LoadOptions) -> MemoryEstimate {
+        let context = u64::from(context_for(options.context_length, probe.context_length));
+        let parallel = u64::from(parallel_for(options.parallel));
+        let batch = u64::from(if options.batch_size == 0 {
+            DEFAULT_BATCH
+        } else {
+            options.batch_size
+        });
+        let kv_cache = 2
+            * u64::from(probe.layers)
+            * u64::from(probe.kv_heads)
+            * u64::from(probe.head_dim)
+            * context
+            * parallel
+            * KV_ELEMENT_BYTES;
+        // llama.cpp's compute buffer holds one batch's activations (a few dozen f32
+        // vectors of the embedding width per token) and the logits of every output.
+        let compute = batch * u64::from(probe.embedding_length) * 4 * COMPUTE_VECTORS
+            + parallel.max(1) * u64::from(probe.vocab_size) * 4;
+        MemoryEstimate {
+            weights: probe.weights_bytes,
+            kv_cache,
+            compute,
+        }
+    }
+
     fn load(
         &self,
         path: &Path,
@@ -79,15 +153,8 @@ impl Engine for LlamaEngine {
             .with_use_mlock(options.use_mlock);
         let model = LlamaModel::load_from_file(backend, path, &params)
             .map_err(|e| EngineError::Load(e.to_string()))?;
-        let trained = model.n_ctx_train();
-        let context_length = match options.context_length {
-            0 => trained.clamp(1, DEFAULT_CONTEXT),
-            n => n.min(trained.max(1)),
-        };
-        let parallel = match options.parallel {
-            0 => DEFAULT_PARALLEL,
-            n => n,
-        };
+        let context_length = context_for(options.context_length, model.n_ctx_train());
+        let parallel = parallel_for(options.parallel);
         let info = ModelInfo {
             architecture: model
                 .meta_val_str("general.architecture")
@@ -115,6 +182,25 @@ impl Engine for LlamaEngine {
             },
             parallel,
         }))
+    }
+}
+
+/// Per-token f32 vectors of the embedding width in llama.cpp's compute buffer.
+const COMPUTE_VECTORS: u64 = 24;
+
+/// The context a load gets: what it asked for, within what the model was trained on.
+fn context_for(requested: u32, trained: u32) -> u32 {
+    match requested {
+        0 => trained.clamp(1, DEFAULT_CONTEXT),
+        n if trained == 0 => n,
+        n => n.min(trained),
+    }
+}
+
+fn parallel_for(requested: u32) -> u32 {
+    match requested {
+        0 => DEFAULT_PARALLEL,
+        n => n,
     }
 }
 

@@ -554,15 +554,11 @@ pub fn read_header_keeping<R: Read>(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
     /// Builds a small GGUF in memory: one string KV, one u32 KV, one F32 tensor.
-    pub(crate) fn tiny_gguf(
-        tensor_offset: u64,
-        tensor_len_elems: u64,
-        data_bytes: usize,
-    ) -> Vec<u8> {
+    fn tiny_gguf(tensor_offset: u64, tensor_len_elems: u64, data_bytes: usize) -> Vec<u8> {
         let mut b = Vec::new();
         b.extend_from_slice(MAGIC);
         b.extend_from_slice(&3u32.to_le_bytes());
