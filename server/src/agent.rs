@@ -72,14 +72,6 @@ pub async fn serve(
     let data_dir = config.data_dir.clone();
     let db_dir = data_dir.join("db");
     let store = tokio::task::spawn_blocking(move || Store::open(&db_dir)).await??;
-    // Nothing is in memory after a restart, whatever the store last recorded.
-    let reset = crate::lifecycle::forget_loaded(&store)?;
-    if reset > 0 {
-        info!(
-            models = reset,
-            "models recorded as loaded are back to downloaded"
-        );
-    }
     let probe_dir = data_dir.clone();
     let hardware = tokio::task::spawn_blocking(move || Hardware::probe(&probe_dir)).await?;
     let memory_budget_bytes = config.memory_budget.resolve(hardware.memory().total_bytes);
@@ -94,9 +86,19 @@ pub async fn serve(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let http = crate::http_client::build()?;
     let registry = Registry::new(store.clone(), config.models_dirs.clone(), http.clone());
+    let lifecycle = registry.lifecycle().clone();
+    // Nothing is in memory after a restart, whatever the store last recorded.
+    let reset = lifecycle.recover()?;
+    if reset > 0 {
+        info!(
+            models = reset,
+            "models recorded as loaded are back to downloaded"
+        );
+    }
     let storage = Storage::open(
         &data_dir,
         store.clone(),
+        lifecycle.clone(),
         SourceContext {
             http,
             headers: config.source_headers.clone(),
@@ -120,6 +122,7 @@ pub async fn serve(
         inference: crate::inference::Inference::new(
             crate::engines::instances(),
             store.clone(),
+            lifecycle.clone(),
             inference_settings,
         ),
         hardware,

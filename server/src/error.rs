@@ -154,6 +154,18 @@ pub enum Error {
         state: crate::lifecycle::ModelState,
     },
 
+    #[error("model {id:?} is {from}; it cannot go to {to} from there")]
+    InvalidTransition {
+        id: String,
+        from: crate::lifecycle::ModelState,
+        to: crate::lifecycle::ModelState,
+    },
+
+    #[error(
+        "revision {requested} is older than the oldest event kept ({oldest}): resync with GetState (or ListModels) and watch from the revision it returns"
+    )]
+    WatchCompacted { requested: u64, oldest: u64 },
+
     #[error("model {id:?} is {format}, and runtime {runtime} in this build cannot run {format}")]
     RuntimeUnavailable {
         id: String,

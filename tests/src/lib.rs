@@ -102,6 +102,8 @@ pub struct AgentOptions {
     /// Reuse this data directory (for restarts); a fresh temporary one otherwise.
     pub data_dir: Option<PathBuf>,
     pub models_dirs: Vec<PathBuf>,
+    /// Listen here instead of a free port (restarts keep the address).
+    pub listen: Option<SocketAddr>,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
 }
@@ -147,8 +149,11 @@ impl Agent {
         tmp: Option<Arc<tempfile::TempDir>>,
     ) -> Agent {
         let mut cmd = Command::new(binary("modeld"));
+        let listen = options
+            .listen
+            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
         cmd.arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--data-dir")
             .arg(&data_dir)
             .args(&options.args)
@@ -254,13 +259,15 @@ impl Agent {
         self.child.wait().expect("wait for modeld")
     }
 
-    /// Starts a new agent process on the same data directory.
+    /// Starts a new agent process on the same data directory and address, so clients
+    /// can reconnect.
     pub async fn restart(mut self) -> Agent {
         if self.child.try_wait().ok().flatten().is_none() {
             self.kill9();
         }
         let options = AgentOptions {
             data_dir: Some(self.data_dir.clone()),
+            listen: Some(self.addr),
             ..self.options.clone()
         };
         let tmp = self._tmp.take();

@@ -369,7 +369,7 @@ async fn bad_requests_are_refused_and_the_agent_keeps_serving() {
     client.pull_to_end("broken").await.unwrap();
     let invalid = client.load_to_end("broken", None).await.unwrap_err();
     let invalid = invalid.status().unwrap();
-    assert_eq!(invalid.code(), Code::FailedPrecondition);
+    assert_eq!(invalid.code(), Code::InvalidArgument);
     assert_eq!(reason(invalid), "MODEL_INVALID");
     let failed = g
         .generate(pb::GenerateRequest {

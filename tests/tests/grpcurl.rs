@@ -147,11 +147,30 @@ async fn grpcurl_lists_describes_and_calls_through_reflection_alone() {
     );
     assert!(!ok);
     assert!(err.contains("NotFound") && err.contains("\"x\""), "{err}");
-    let (ok, _, err) = grpcurl(&assets, &agent, Some("{}"), &["modeld.v1.Lifecycle/Watch"]);
-    assert!(!ok);
+    // Watch replays from a revision, then follows live events until the client's
+    // deadline ends the stream.
+    let out = Command::new(&assets.grpcurl)
+        .args([
+            "-plaintext",
+            "-max-time",
+            "2",
+            "-d",
+            r#"{"since_revision":"1"}"#,
+        ])
+        .arg(agent.addr.to_string())
+        .arg("modeld.v1.Lifecycle/Watch")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("DeadlineExceeded"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let events: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&stdout)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
     assert!(
-        err.contains("Unimplemented") && err.contains("modeld.v1.Lifecycle/Watch"),
-        "{err}"
+        events.iter().all(|e| e["revision"].as_str().is_some()),
+        "{stdout}"
     );
 }
 

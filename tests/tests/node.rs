@@ -125,15 +125,6 @@ async fn later_stage_rpcs_answer_unimplemented_with_their_name() {
     };
     check(
         client
-            .lifecycle()
-            .watch(pb::WatchRequest::default())
-            .await
-            .err()
-            .unwrap(),
-        "modeld.v1.Lifecycle/Watch",
-    );
-    check(
-        client
             .node()
             .benchmark(pb::BenchmarkRequest::default())
             .await

@@ -302,9 +302,32 @@ async fn wrong_bytes_give_data_loss_and_no_blob() {
     assert_eq!(server.seen("smol.gguf").len(), 2);
     assert!(!blob_path(&agent, SMOLLM2_SHA256).exists());
     assert!(partial_files(&agent).is_empty());
+    assert_failed_in_download(&client, "smol", Code::DataLoss).await;
+}
+
+/// The model is FAILED with the download stage, the code and the message recorded.
+async fn assert_failed_in_download(client: &modeld_e2e::Client, id: &str, code: Code) {
     assert_eq!(
-        client.get_model("smol").await.unwrap().state(),
-        pb::ModelState::Registered
+        client.get_model(id).await.unwrap().state(),
+        pb::ModelState::Failed
+    );
+    let state = client
+        .lifecycle()
+        .get_state(pb::GetStateRequest {
+            model_id: id.into(),
+            history_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let failure = state.failure.unwrap();
+    assert_eq!(failure.stage(), pb::LifecycleStage::Download);
+    assert_eq!(failure.code, code as i32);
+    assert!(!failure.message.is_empty());
+    let last = state.history.last().unwrap();
+    assert_eq!(
+        (last.from_state(), last.to_state()),
+        (pb::ModelState::Downloading, pb::ModelState::Failed)
     );
 }
 
@@ -969,10 +992,7 @@ async fn running_out_of_disk_mid_download_fails_cleanly() {
     assert!(partial_files(&agent).is_empty(), "partial file left behind");
     assert!(!blob_path(&agent, SMOLLM2_SHA256).exists());
     std::fs::remove_file(&filler).unwrap();
-    // The store is intact and the agent serves on.
-    assert_eq!(
-        client.get_model("smol").await.unwrap().state(),
-        pb::ModelState::Registered
-    );
+    // The store is intact, the failure is recorded, and the agent serves on.
+    assert_failed_in_download(&client, "smol", Code::ResourceExhausted).await;
     assert!(client.is_serving().await.unwrap());
 }

@@ -36,6 +36,9 @@ pub struct UnloadArgs {
 #[derive(Debug, Args)]
 pub struct StateArgs {
     id: String,
+    /// History entries to show (0 = the agent's default of 100).
+    #[arg(long, default_value_t = 0)]
+    history: i32,
 }
 
 pub async fn load(client: &Client, a: LoadArgs, out: Output) -> anyhow::Result<()> {
@@ -142,7 +145,7 @@ pub async fn state(client: &Client, a: StateArgs, out: Output) -> anyhow::Result
         .lifecycle()
         .get_state(pb::GetStateRequest {
             model_id: a.id.clone(),
-            history_limit: 0,
+            history_limit: a.history,
         })
         .await
         .map_err(ClientError::from)?
@@ -153,8 +156,119 @@ pub async fn state(client: &Client, a: StateArgs, out: Output) -> anyhow::Result
     println!(
         "{}: {} ({} requests in flight)",
         a.id,
-        output::short_enum(resp.state().as_str_name(), "MODEL_STATE_"),
+        state_name(resp.state),
         resp.in_flight_requests
     );
+    if let Some(f) = &resp.failure {
+        println!(
+            "failed in {}: {} ({:?})",
+            output::short_enum(f.stage().as_str_name(), "LIFECYCLE_STAGE_"),
+            f.message,
+            tonic::Code::from_i32(f.code)
+        );
+    }
+    let mut t = output::table(&["REV", "TIME", "FROM", "TO", "STAGE", "REASON"]);
+    for h in &resp.history {
+        t.add_row(transition_row(h));
+    }
+    println!("{t}");
     Ok(())
+}
+
+fn state_name(v: i32) -> String {
+    pb::ModelState::try_from(v).map_or_else(
+        |_| v.to_string(),
+        |s| output::short_enum(s.as_str_name(), "MODEL_STATE_"),
+    )
+}
+
+fn transition_row(t: &pb::StateTransition) -> Vec<String> {
+    let time = t
+        .time
+        .as_ref()
+        .map(|ts| {
+            let secs = u64::try_from(ts.seconds).unwrap_or(0);
+            httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        })
+        .unwrap_or_default();
+    vec![
+        t.revision.to_string(),
+        time,
+        state_name(t.from_state),
+        state_name(t.to_state),
+        output::short_enum(t.stage().as_str_name(), "LIFECYCLE_STAGE_"),
+        t.reason.clone(),
+    ]
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Only this model's events (default: every model).
+    id: Option<String>,
+    /// Replay the events after this revision first (default: live events only).
+    #[arg(long, default_value_t = 0)]
+    since: u64,
+    /// Exit after this many events (default: follow until interrupted).
+    #[arg(long)]
+    max_events: Option<u64>,
+}
+
+/// Follows lifecycle events. When the agent goes away (a restart, a crash), it waits
+/// and resumes from the last revision it printed, so nothing in between is missed.
+pub async fn watch(client: &Client, a: WatchArgs, out: Output) -> anyhow::Result<()> {
+    let mut last = a.since;
+    let mut seen = 0u64;
+    let mut delay = std::time::Duration::from_millis(200);
+    loop {
+        let request = pb::WatchRequest {
+            model_id: a.id.clone().unwrap_or_default(),
+            since_revision: last,
+        };
+        let ended = match client.lifecycle().watch(request).await {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(event)) => {
+                            delay = std::time::Duration::from_millis(200);
+                            last = event.revision;
+                            seen += 1;
+                            if out == Output::Json {
+                                println!("{}", serde_json::to_string(&event)?);
+                            } else if let Some(t) = &event.transition {
+                                let kind = output::short_enum(
+                                    event.kind().as_str_name(),
+                                    "WATCH_EVENT_KIND_",
+                                );
+                                let row = transition_row(t);
+                                println!(
+                                    "{:>6}  {:<10} {:<24} {} -> {}  {}  {}",
+                                    row[0], kind, t.model_id, row[2], row[3], row[4], row[5]
+                                );
+                            }
+                            if a.max_events.is_some_and(|m| seen >= m) {
+                                return Ok(());
+                            }
+                        }
+                        Ok(None) => break tonic::Status::unavailable("the stream ended"),
+                        Err(status) => break status,
+                    }
+                }
+            }
+            Err(status) => status,
+        };
+        match ended.code() {
+            // The agent went away or is restarting: resume where we were.
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+                eprintln!(
+                    "watch: {} — resuming from revision {last} in {} ms",
+                    ended.message(),
+                    delay.as_millis()
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+            _ => return Err(ClientError::from(ended).into()),
+        }
+    }
 }

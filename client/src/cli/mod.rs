@@ -59,8 +59,10 @@ enum Command {
     Unload(lifecycle::UnloadArgs),
     /// Models in memory, with their runtime, memory and requests in flight.
     Ps,
-    /// A model's lifecycle state.
+    /// A model's lifecycle state and the history of its transitions.
     State(lifecycle::StateArgs),
+    /// Follow lifecycle events; resumes by revision when the agent restarts.
+    Watch(lifecycle::WatchArgs),
     /// Generate text with a model, streaming tokens as they come.
     Generate(generate::GenerateArgs),
     /// Chat with a model interactively; the conversation is kept between turns.
@@ -93,6 +95,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Unload(args) => lifecycle::unload(&client, args, cli.output).await,
         Command::Ps => lifecycle::ps(&client, cli.output).await,
         Command::State(args) => lifecycle::state(&client, args, cli.output).await,
+        Command::Watch(args) => lifecycle::watch(&client, args, cli.output).await,
         Command::Generate(args) => generate::generate(&client, args, cli.output).await,
         Command::Chat(args) => generate::chat(&client, args).await,
         Command::Bench(args) => bench::bench(&client, args, cli.output).await,

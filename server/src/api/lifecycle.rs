@@ -17,10 +17,103 @@ use crate::agent::Agent;
 use crate::api::convert::{state_to_pb, timestamp};
 use crate::error::{Error, Result};
 use crate::inference::{LoadRequest, ModelWorker};
-use crate::lifecycle::{self, ModelState};
+use crate::lifecycle::{Compacted, EventKind, Failure, Lifecycle, ModelState, Stage, Transition};
 use crate::registry::spec;
 
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// History entries GetState returns when the request does not say, and at most.
+const HISTORY_DEFAULT: usize = 100;
+const HISTORY_MAX: usize = 10_000;
+/// Events read from the store per page while a watcher catches up.
+const WATCH_PAGE: usize = 512;
+
+fn stage_to_pb(s: Stage) -> pb::LifecycleStage {
+    match s {
+        Stage::Download => pb::LifecycleStage::Download,
+        Stage::Extract => pb::LifecycleStage::Extract,
+        Stage::Validate => pb::LifecycleStage::Validate,
+        Stage::Initialize => pb::LifecycleStage::Initialize,
+        Stage::Load => pb::LifecycleStage::Load,
+        Stage::Unload => pb::LifecycleStage::Unload,
+    }
+}
+
+fn failure_to_pb(f: &Failure) -> pb::FailureInfo {
+    pb::FailureInfo {
+        stage: stage_to_pb(f.stage) as i32,
+        code: f.code,
+        message: f.message.clone(),
+    }
+}
+
+fn transition_to_pb(t: &Transition) -> pb::StateTransition {
+    let millis = u64::try_from(t.time_unix_ms).unwrap_or(0);
+    pb::StateTransition {
+        revision: t.revision,
+        model_id: t.model_id.clone(),
+        from_state: t.from.map_or(pb::ModelState::Unspecified, state_to_pb) as i32,
+        to_state: t.to.map_or(pb::ModelState::Unspecified, state_to_pb) as i32,
+        stage: t.stage.map_or(pb::LifecycleStage::Unspecified, stage_to_pb) as i32,
+        time: Some(timestamp(
+            std::time::UNIX_EPOCH + Duration::from_millis(millis),
+        )),
+        progress: t.progress,
+        reason: t.reason.clone(),
+        failure: t.failure.as_ref().map(failure_to_pb),
+    }
+}
+
+fn watch_response(t: &Transition) -> pb::WatchResponse {
+    let kind = match t.kind {
+        EventKind::Transition => pb::WatchEventKind::Transition,
+        EventKind::Registered => pb::WatchEventKind::Registered,
+        EventKind::Deleted => pb::WatchEventKind::Deleted,
+        EventKind::Evicted => pb::WatchEventKind::Evicted,
+    };
+    pb::WatchResponse {
+        kind: kind as i32,
+        transition: Some(transition_to_pb(t)),
+        revision: t.revision,
+    }
+}
+
+/// Sends every stored event after `*last` that matches `model`, page by page,
+/// advancing `*last`. False when the watcher is gone or must resync.
+async fn catch_up(
+    lifecycle: &Lifecycle,
+    model: Option<&str>,
+    last: &mut u64,
+    tx: &mpsc::Sender<Result<pb::WatchResponse, Status>>,
+) -> bool {
+    loop {
+        let page = match lifecycle.events_after(*last, WATCH_PAGE) {
+            Ok(Ok(page)) => page,
+            Ok(Err(Compacted { requested, oldest })) => {
+                let _ = tx
+                    .send(Err(Error::WatchCompacted { requested, oldest }.into()))
+                    .await;
+                return false;
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return false;
+            }
+        };
+        let Some(newest) = page.last().map(|t| t.revision) else {
+            return true;
+        };
+        for t in page
+            .iter()
+            .filter(|t| model.is_none_or(|m| t.model_id == m))
+        {
+            if tx.send(Ok(watch_response(t))).await.is_err() {
+                return false;
+            }
+        }
+        *last = newest;
+    }
+}
 
 /// Longest grace an Unload may ask for.
 const UNLOAD_GRACE_MAX: Duration = Duration::from_secs(600);
@@ -187,16 +280,25 @@ impl pb::lifecycle_server::Lifecycle for LifecycleApi {
         let r = request.into_inner();
         spec::validate_id("model_id", &r.model_id)?;
         self.agent.registry.get(&r.model_id)?;
-        let state = lifecycle::state(&self.agent.store, &r.model_id)?;
+        let limit = match r.history_limit {
+            0 => HISTORY_DEFAULT,
+            n if n < 0 => {
+                return Err(Error::invalid("history_limit", "must not be negative").into());
+            }
+            n => usize::try_from(n).unwrap_or(HISTORY_MAX).min(HISTORY_MAX),
+        };
+        let lifecycle = self.agent.registry.lifecycle();
+        let current = lifecycle.current(&r.model_id)?;
+        let history = lifecycle.history(&r.model_id, limit)?;
         let in_flight = self
             .agent
             .inference
             .ready(&r.model_id)
             .map_or(0, |w| w.in_flight());
         Ok(Response::new(pb::GetStateResponse {
-            state: state_to_pb(state) as i32,
-            failure: None,
-            history: Vec::new(),
+            state: state_to_pb(current.state) as i32,
+            failure: current.failure.as_ref().map(failure_to_pb),
+            history: history.iter().map(transition_to_pb).collect(),
             in_flight_requests: u32::try_from(in_flight).unwrap_or(u32::MAX),
         }))
     }
@@ -222,11 +324,66 @@ impl pb::lifecycle_server::Lifecycle for LifecycleApi {
 
     async fn watch(
         &self,
-        _: Request<pb::WatchRequest>,
+        request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Error::Unimplemented {
-            rpc: "modeld.v1.Lifecycle/Watch",
+        let r = request.into_inner();
+        let model = if r.model_id.is_empty() {
+            None
+        } else {
+            spec::validate_id("model_id", &r.model_id)?;
+            Some(r.model_id)
+        };
+        let lifecycle = self.agent.registry.lifecycle().clone();
+        // Subscribe before reading the store, so no event falls between the two.
+        let mut live = lifecycle.subscribe();
+        let mut last = match r.since_revision {
+            0 => lifecycle.last_revision()?,
+            n => n,
+        };
+        let newest = lifecycle.last_revision()?;
+        if last > newest {
+            return Err(Error::invalid(
+                "since_revision",
+                format!("{last} is ahead of the newest revision {newest}"),
+            )
+            .into());
         }
-        .into())
+        let mut shutdown = self.agent.shutdown.clone();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let model = model.as_deref();
+            if !catch_up(&lifecycle, model, &mut last, &tx).await {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    event = live.recv() => match event {
+                        Ok(t) if t.revision <= last => {}
+                        Ok(t) if t.revision == last + 1 => {
+                            last = t.revision;
+                            if model.is_none_or(|m| t.model_id == m)
+                                && tx.send(Ok(watch_response(&t))).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                        // A gap, or this watcher fell behind the live buffer: the store
+                        // has every event it missed (or says it must resync).
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            if !catch_up(&lifecycle, model, &mut last, &tx).await {
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                    () = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                        let _ = tx.send(Err(Error::ShuttingDown.into())).await;
+                        return;
+                    }
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

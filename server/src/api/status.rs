@@ -129,7 +129,8 @@ impl From<&Error> for Status {
                 meta.insert("model_id".into(), id.clone());
                 (Code::FailedPrecondition, "MODEL_NOT_STORED")
             }
-            Error::ModelInvalid { .. } => (Code::FailedPrecondition, "MODEL_INVALID"),
+            // The file is what the Load asked to run: a bad one is a bad argument.
+            Error::ModelInvalid { .. } => (Code::InvalidArgument, "MODEL_INVALID"),
             Error::Engine(inner) => match inner {
                 modeld_engine_core::EngineError::Load(_) => {
                     (Code::FailedPrecondition, "LOAD_FAILED")
@@ -144,12 +145,23 @@ impl From<&Error> for Status {
                     (Code::Internal, "INFERENCE_FAILED")
                 }
                 modeld_engine_core::EngineError::InvalidModel(_) => {
-                    (Code::FailedPrecondition, "MODEL_INVALID")
+                    (Code::InvalidArgument, "MODEL_INVALID")
                 }
             },
             Error::EnginePanicked { id, .. } => {
                 meta.insert("model_id".into(), id.clone());
                 (Code::Internal, "ENGINE_PANICKED")
+            }
+            Error::InvalidTransition { id, from, to } => {
+                meta.insert("model_id".into(), id.clone());
+                meta.insert("state".into(), from.as_str().to_owned());
+                meta.insert("wanted".into(), to.as_str().to_owned());
+                (Code::FailedPrecondition, "INVALID_TRANSITION")
+            }
+            Error::WatchCompacted { requested, oldest } => {
+                meta.insert("requested_revision".into(), requested.to_string());
+                meta.insert("oldest_revision".into(), oldest.to_string());
+                (Code::OutOfRange, "WATCH_RESYNC_REQUIRED")
             }
             Error::NotReady { id, state } => {
                 meta.insert("model_id".into(), id.clone());

@@ -17,7 +17,7 @@ use modeld_engine_core::{Engine, LoadOptions, ModelFormat, Runtime};
 pub use worker::{Event, ModelWorker, WorkerSpec};
 
 use crate::error::{Error, Result};
-use crate::lifecycle::{self, ModelState};
+use crate::lifecycle::{Change, Lifecycle, ModelState, Stage};
 use crate::registry::ModelEntry;
 use crate::storage::Storage;
 use crate::store::Store;
@@ -50,6 +50,7 @@ impl Default for InferenceSettings {
 pub struct Inference {
     engines: Vec<Arc<dyn Engine>>,
     store: Store,
+    lifecycle: Lifecycle,
     loaded: Mutex<HashMap<String, Arc<ModelWorker>>>,
     /// Serializes loads so two Loads do not load a model twice.
     loading: tokio::sync::Mutex<()>,
@@ -76,11 +77,13 @@ impl Inference {
     pub fn new(
         engines: Vec<Arc<dyn Engine>>,
         store: Store,
+        lifecycle: Lifecycle,
         settings: InferenceSettings,
     ) -> Inference {
         Inference {
             engines,
             store,
+            lifecycle,
             loaded: Mutex::new(HashMap::new()),
             loading: tokio::sync::Mutex::new(()),
             settings,
@@ -107,7 +110,7 @@ impl Inference {
             }
             None => Err(Error::NotReady {
                 id: id.to_owned(),
-                state: lifecycle::state(&self.store, id)?,
+                state: self.lifecycle.state(id)?,
             }),
         }
     }
@@ -142,15 +145,33 @@ impl Inference {
         let format = entry.spec.format_or_err()?;
         let engine = self.engine_for(id, format, request.runtime)?;
         let path = model_path(entry, storage)?;
+        // Refused here, before any work, when the table does not allow a load from
+        // where the model is.
+        self.lifecycle.transition(
+            id,
+            ModelState::Validating,
+            Change::because("load requested"),
+        )?;
         let result = self
             .validate_and_spawn(id, format, engine, path, request)
             .await;
-        let state = if result.is_ok() {
-            ModelState::Ready
-        } else {
-            ModelState::Failed
-        };
-        lifecycle::set_state(&self.store, id, state)?;
+        match &result {
+            Ok(_) => {
+                self.lifecycle.transition(
+                    id,
+                    ModelState::Ready,
+                    Change {
+                        stage: Some(Stage::Load),
+                        progress: 1.0,
+                        reason: "loaded".into(),
+                    },
+                )?;
+            }
+            Err(e) => {
+                let stage = Stage::of(self.lifecycle.state(id)?).unwrap_or(Stage::Load);
+                self.lifecycle.fail(id, stage, e)?;
+            }
+        }
         self.store.flush().await?;
         let worker = Arc::new(result?);
         self.map().insert(id.clone(), worker.clone());
@@ -192,14 +213,22 @@ impl Inference {
         path: PathBuf,
         request: LoadRequest,
     ) -> Result<ModelWorker> {
-        lifecycle::set_state(&self.store, id, ModelState::Validating)?;
         // The engine's probe checks the files with our own readers before the
         // runtime sees them.
         let probe = {
             let (engine, path) = (engine.clone(), path.clone());
             tokio::task::spawn_blocking(move || engine.probe(&path)).await??
         };
-        lifecycle::set_state(&self.store, id, ModelState::Loading)?;
+        self.lifecycle.transition(
+            id,
+            ModelState::Initializing,
+            Change::because("the file checked out; preparing the runtime"),
+        )?;
+        self.lifecycle.transition(
+            id,
+            ModelState::Loading,
+            Change::because("loading the weights"),
+        )?;
         let s = &self.settings;
         let o = request.options;
         let or = |v: u32, default: u32| if v == 0 { default } else { v };
@@ -212,6 +241,7 @@ impl Inference {
         let estimate = engine.estimate_memory(&probe, &options);
         let tokenizer_path = path.clone();
         let store = self.store.clone();
+        let lifecycle = self.lifecycle.clone();
         let panicked_id = id.to_owned();
         ModelWorker::spawn(WorkerSpec {
             estimate,
@@ -229,7 +259,11 @@ impl Inference {
                 )
             }),
             on_panic: Box::new(move || {
-                let _ = lifecycle::set_state(&store, &panicked_id, ModelState::Failed);
+                let error = Error::EnginePanicked {
+                    id: panicked_id.clone(),
+                    during: "generation",
+                };
+                let _ = lifecycle.fail(&panicked_id, Stage::Load, &error);
                 let _ = store.flush_blocking();
             }),
         })
@@ -243,12 +277,24 @@ impl Inference {
         let Some(worker) = worker else {
             return Err(Error::NotReady {
                 id: id.to_owned(),
-                state: lifecycle::state(&self.store, id)?,
+                state: self.lifecycle.state(id)?,
             });
         };
-        lifecycle::set_state(&self.store, id, ModelState::Unloading)?;
+        self.lifecycle.transition(
+            id,
+            ModelState::Unloading,
+            Change::because("unload requested"),
+        )?;
         let cancelled = worker.shut_down(grace).await;
-        lifecycle::set_state(&self.store, id, ModelState::Downloaded)?;
+        self.lifecycle.transition(
+            id,
+            ModelState::Downloaded,
+            Change {
+                stage: Some(Stage::Unload),
+                progress: 1.0,
+                reason: format!("unloaded; {cancelled} requests cancelled"),
+            },
+        )?;
         self.store.flush().await?;
         Ok(cancelled)
     }

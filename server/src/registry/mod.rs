@@ -134,6 +134,7 @@ pub const UPDATABLE_FIELDS: &[&str] = &[
 
 pub struct Registry {
     store: Store,
+    lifecycle: crate::lifecycle::Lifecycle,
     write_lock: Mutex<()>,
     models_dirs: Vec<PathBuf>,
     http: reqwest::Client,
@@ -150,6 +151,7 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     pub fn new(store: Store, models_dirs: Vec<PathBuf>, http: reqwest::Client) -> Registry {
         Registry {
+            lifecycle: crate::lifecycle::Lifecycle::new(store.clone()),
             store,
             write_lock: Mutex::new(()),
             models_dirs,
@@ -165,12 +167,13 @@ impl Registry {
         &self.store
     }
 
+    /// The lifecycle manager, shared with storage and inference.
+    pub fn lifecycle(&self) -> &crate::lifecycle::Lifecycle {
+        &self.lifecycle
+    }
+
     fn state_of(&self, id: &str) -> Result<ModelState> {
-        Ok(self
-            .store
-            .lifecycle(id)?
-            .and_then(|r| ModelState::parse(&r.state))
-            .unwrap_or(ModelState::Registered))
+        self.lifecycle.state(id)
     }
 
     fn entry_from_record(&self, record: ModelRecord) -> Result<ModelEntry> {
@@ -225,6 +228,7 @@ impl Registry {
         }
         let entry = self.new_entry(spec, origin, source, None);
         self.store.put_model(&entry.to_record())?;
+        self.lifecycle.registered(&entry.spec.id, "registered")?;
         self.store.flush().await?;
         Ok((entry, true))
     }
@@ -347,7 +351,7 @@ impl Registry {
         if existing.origin == Origin::Builtin {
             self.store.mark_builtin_deleted(id)?;
         }
-        self.store.delete_lifecycle(id)?;
+        self.lifecycle.deleted(id)?;
         self.store.delete_model(id)?;
         self.store.flush().await?;
         Ok(())
@@ -401,6 +405,9 @@ impl Registry {
         }
         if !writes.is_empty() {
             self.store.put_models(&writes)?;
+            for id in &outcome.created {
+                self.lifecycle.registered(id, source)?;
+            }
             self.store.flush().await?;
         }
         Ok(outcome)
@@ -460,6 +467,7 @@ impl Registry {
                 None => {
                     let entry = self.new_entry(spec, Origin::Discovered, source, Some(local_path));
                     self.store.put_model(&entry.to_record())?;
+                    self.lifecycle.registered(&entry.spec.id, source)?;
                     self.store.flush().await?;
                     return Ok(entry);
                 }
@@ -567,6 +575,7 @@ mod tests {
                         state: state.into(),
                         revision: 1,
                         update_time_unix_ms: 0,
+                        failure: None,
                     },
                 )
                 .unwrap();
@@ -597,6 +606,7 @@ mod tests {
                     state: "ready".into(),
                     revision: 1,
                     update_time_unix_ms: 0,
+                    failure: None,
                 },
             )
             .unwrap();

@@ -27,7 +27,7 @@ use self::fetch::{FetchJob, Outcome, PartialFile};
 use self::progress::{FileProgress, Stage, TransferProgress};
 use self::source::SourceContext;
 use crate::error::{Error, Result};
-use crate::lifecycle::{self, ModelState};
+use crate::lifecycle::{Change, Lifecycle, ModelState, Stage as LifecycleStage};
 use crate::registry::ModelSpec;
 use crate::store::{
     Store, StoredFileRecord, StoredModelRecord, TransferFileRecord, TransferRecord,
@@ -64,6 +64,7 @@ pub struct TransferHandle {
 
 pub struct Inner {
     store: Store,
+    lifecycle: Lifecycle,
     blobs: BlobStore,
     partial_dir: PathBuf,
     staging_dir: PathBuf,
@@ -125,6 +126,7 @@ impl Storage {
     pub fn open(
         data_dir: &Path,
         store: Store,
+        lifecycle: Lifecycle,
         ctx: SourceContext,
         settings: StorageSettings,
     ) -> Result<Storage> {
@@ -146,6 +148,7 @@ impl Storage {
             inner: Arc::new(Inner {
                 queue: Arc::new(Semaphore::new(settings.max_concurrent_downloads.max(1))),
                 store,
+                lifecycle,
                 blobs,
                 partial_dir,
                 staging_dir,
@@ -265,7 +268,11 @@ impl Storage {
             (handle, record, true)
         };
         self.inner.store.put_transfer(&record)?;
-        lifecycle::set_state(&self.inner.store, &spec.id, ModelState::Downloading)?;
+        self.inner.lifecycle.transition(
+            &spec.id,
+            ModelState::Downloading,
+            Change::because("pull started"),
+        )?;
         self.inner.store.flush().await?;
         let rx = handle.progress.subscribe();
         self.spawn(handle, record, spec.clone());
@@ -385,7 +392,11 @@ impl Storage {
         spec: &ModelSpec,
     ) -> Result<bool> {
         let mut control = handle.control.subscribe();
-        lifecycle::set_state(&self.inner.store, &spec.id, ModelState::Downloading)?;
+        self.inner.lifecycle.transition(
+            &spec.id,
+            ModelState::Downloading,
+            Change::because("transfer running"),
+        )?;
         'wait: loop {
             // Queue: wait for a slot, or for pause/cancel.
             let permit = loop {
@@ -575,7 +586,18 @@ impl Storage {
             update_time_unix_ms: unix_ms(SystemTime::now()),
         };
         self.inner.store.put_stored_model(&spec.id, &record)?;
-        lifecycle::set_state(&self.inner.store, &spec.id, ModelState::Downloaded)
+        self.inner
+            .lifecycle
+            .transition(
+                &spec.id,
+                ModelState::Downloaded,
+                Change {
+                    stage: Some(LifecycleStage::Download),
+                    progress: 1.0,
+                    reason: "every file verified and stored".into(),
+                },
+            )
+            .map(|_| ())
     }
 
     async fn finish(&self, handle: &TransferHandle, spec: &ModelSpec, result: Result<bool>) {
@@ -618,7 +640,22 @@ impl Storage {
                 } else {
                     tracing::warn!(transfer = %handle.id, model = %spec.id, error = %e, "transfer failed");
                 }
-                let _ = lifecycle::set_state(&self.inner.store, &spec.id, ModelState::Registered);
+                // A cancelled transfer leaves the model as it was before it; a failed
+                // one records why.
+                let recorded = if cancelled {
+                    self.inner.lifecycle.transition(
+                        &spec.id,
+                        ModelState::Registered,
+                        Change::because("transfer cancelled"),
+                    )
+                } else {
+                    self.inner
+                        .lifecycle
+                        .fail(&spec.id, LifecycleStage::Download, &e)
+                };
+                if let Err(le) = recorded {
+                    tracing::error!(model = %spec.id, error = %le, "could not record the transfer's end");
+                }
                 let _ = self.inner.store.flush().await;
                 let message = e.to_string();
                 let stage = if cancelled {
@@ -763,7 +800,11 @@ impl Storage {
     /// Returns the bytes freed.
     pub async fn delete_stored(&self, model_id: &str) -> Result<u64> {
         let freed = self.remove_stored(model_id).await?;
-        lifecycle::set_state(&self.inner.store, model_id, ModelState::Registered)?;
+        self.inner.lifecycle.transition(
+            model_id,
+            ModelState::Registered,
+            Change::because("stored files removed"),
+        )?;
         self.inner.store.flush().await?;
         Ok(freed)
     }

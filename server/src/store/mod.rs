@@ -14,8 +14,8 @@ use prost::Message;
 use crate::error::{Error, Result};
 
 pub use records::{
-    BlobRecord, FileRecord, LifecycleRecord, ModelRecord, PushRecord, SpecRecord, StoredFileRecord,
-    StoredModelRecord, TransferFileRecord, TransferRecord,
+    BlobRecord, FailureRecord, FileRecord, LifecycleRecord, ModelRecord, PushRecord, SpecRecord,
+    StoredFileRecord, StoredModelRecord, TransferFileRecord, TransferRecord, TransitionRecord,
 };
 
 /// Schema version this agent writes. Bump it when a record changes meaning, not when a
@@ -31,6 +31,7 @@ mod tree {
     pub const META: &str = "meta";
     pub const MODELS: &str = "models";
     pub const LIFECYCLE: &str = "lifecycle";
+    pub const LIFECYCLE_EVENTS: &str = "lifecycle_events";
     pub const BLOBS: &str = "blobs";
     pub const STORED: &str = "stored";
     pub const TRANSFERS: &str = "transfers";
@@ -43,6 +44,7 @@ pub struct Store {
     meta: sled::Tree,
     models: sled::Tree,
     lifecycle: sled::Tree,
+    lifecycle_events: sled::Tree,
     blobs: sled::Tree,
     stored: sled::Tree,
     transfers: sled::Tree,
@@ -99,6 +101,7 @@ impl Store {
         let store = Store {
             models: db.open_tree(tree::MODELS)?,
             lifecycle: db.open_tree(tree::LIFECYCLE)?,
+            lifecycle_events: db.open_tree(tree::LIFECYCLE_EVENTS)?,
             blobs: db.open_tree(tree::BLOBS)?,
             stored: db.open_tree(tree::STORED)?,
             transfers: db.open_tree(tree::TRANSFERS)?,
@@ -192,6 +195,100 @@ impl Store {
 
     pub fn lifecycles(&self) -> Result<Vec<(String, LifecycleRecord)>> {
         all(&self.lifecycle, tree::LIFECYCLE)
+    }
+
+    /// The newest lifecycle revision, 0 before the first event.
+    pub fn last_revision(&self) -> Result<u64> {
+        Ok(self
+            .lifecycle_events
+            .last()?
+            .map_or(0, |(k, _)| revision_of(&k)))
+    }
+
+    /// The oldest revision still kept, 0 before the first event.
+    pub fn first_revision(&self) -> Result<u64> {
+        Ok(self
+            .lifecycle_events
+            .first()?
+            .map_or(0, |(k, _)| revision_of(&k)))
+    }
+
+    /// Records an event and, when `state` is given, the model's new state, in one
+    /// atomic batch across both trees.
+    pub fn put_transition(
+        &self,
+        revision: u64,
+        event: &TransitionRecord,
+        state: Option<&LifecycleRecord>,
+    ) -> Result<()> {
+        use sled::Transactional;
+        let key = revision.to_be_bytes();
+        let value = event.encode_to_vec();
+        let id = event.model_id.as_bytes();
+        let state = state.map(Message::encode_to_vec);
+        let deleted = event.kind == "deleted";
+        (&self.lifecycle_events, &self.lifecycle)
+            .transaction(|(events, states)| {
+                events.insert(&key, value.as_slice())?;
+                if let Some(s) = &state {
+                    states.insert(id, s.as_slice())?;
+                } else if deleted {
+                    states.remove(id)?;
+                }
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Storage(e) => Error::from(e),
+                sled::transaction::TransactionError::Abort(()) => {
+                    Error::TaskFailed("lifecycle transaction aborted".into())
+                }
+            })
+    }
+
+    /// Drops events older than `keep` revisions before the newest.
+    pub fn prune_transitions(&self, keep: u64) -> Result<()> {
+        let last = self.last_revision()?;
+        let cutoff = last.saturating_sub(keep);
+        while let Some((k, _)) = self.lifecycle_events.first()? {
+            if revision_of(&k) > cutoff {
+                break;
+            }
+            self.lifecycle_events.remove(k)?;
+        }
+        Ok(())
+    }
+
+    /// Events after `after`, oldest first, at most `limit`.
+    pub fn transitions_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, TransitionRecord)>> {
+        let start = after.saturating_add(1).to_be_bytes();
+        self.lifecycle_events
+            .range(start..)
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((revision_of(&k), decode(tree::LIFECYCLE_EVENTS, &k, &v)?))
+            })
+            .collect()
+    }
+
+    /// A model's events, newest first, at most `limit`.
+    pub fn transitions_of(&self, id: &str, limit: usize) -> Result<Vec<(u64, TransitionRecord)>> {
+        let mut out = Vec::new();
+        for kv in self.lifecycle_events.iter().rev() {
+            let (k, v) = kv?;
+            let record: TransitionRecord = decode(tree::LIFECYCLE_EVENTS, &k, &v)?;
+            if record.model_id == id {
+                out.push((revision_of(&k), record));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub fn delete_lifecycle(&self, id: &str) -> Result<()> {
@@ -293,6 +390,10 @@ fn get<M: Message + Default>(t: &sled::Tree, name: &'static str, key: &str) -> R
 fn put<M: Message>(t: &sled::Tree, key: &str, record: &M) -> Result<()> {
     t.insert(key.as_bytes(), record.encode_to_vec())?;
     Ok(())
+}
+
+fn revision_of(key: &[u8]) -> u64 {
+    key.try_into().map_or(0, u64::from_be_bytes)
 }
 
 fn all<M: Message + Default>(t: &sled::Tree, name: &'static str) -> Result<Vec<(String, M)>> {

@@ -88,10 +88,52 @@ pub struct LifecycleRecord {
     /// Lower-case state name, e.g. "ready".
     #[prost(string, tag = "1")]
     pub state: String,
+    /// Revision of the transition that set this state.
     #[prost(uint64, tag = "2")]
     pub revision: u64,
     #[prost(int64, tag = "3")]
     pub update_time_unix_ms: i64,
+    /// Set while the state is "failed".
+    #[prost(message, optional, tag = "4")]
+    pub failure: Option<FailureRecord>,
+}
+
+/// Why a model failed: the stage, the gRPC code and the message.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FailureRecord {
+    /// Lower-case stage name, e.g. "validate".
+    #[prost(string, tag = "1")]
+    pub stage: String,
+    #[prost(int32, tag = "2")]
+    pub code: i32,
+    #[prost(string, tag = "3")]
+    pub message: String,
+}
+
+/// One lifecycle event, kept in `lifecycle_events` under its revision.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TransitionRecord {
+    #[prost(string, tag = "1")]
+    pub model_id: String,
+    /// Empty for the event that registers a model.
+    #[prost(string, tag = "2")]
+    pub from_state: String,
+    /// Empty for the event that deletes a model.
+    #[prost(string, tag = "3")]
+    pub to_state: String,
+    #[prost(string, tag = "4")]
+    pub stage: String,
+    #[prost(int64, tag = "5")]
+    pub time_unix_ms: i64,
+    #[prost(double, tag = "6")]
+    pub progress: f64,
+    #[prost(string, tag = "7")]
+    pub reason: String,
+    #[prost(message, optional, tag = "8")]
+    pub failure: Option<FailureRecord>,
+    /// "transition", "registered", "deleted" or "evicted".
+    #[prost(string, tag = "9")]
+    pub kind: String,
 }
 
 /// A verified blob in `<data>/blobs/sha256/<hex>`.

@@ -1,0 +1,285 @@
+//! The lifecycle state machine on real agents and the real SmolLM2 GGUF: every step
+//! of a load recorded in order with its revision, refused transitions naming the
+//! state, and Watch resuming by revision across a kill -9 and restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use modeld_e2e::{Agent, Assets, Client, gguf_spec, pb, reason};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+async fn state(client: &Client, id: &str) -> pb::GetStateResponse {
+    client
+        .lifecycle()
+        .get_state(pb::GetStateRequest {
+            model_id: id.into(),
+            history_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn path(history: &[pb::StateTransition]) -> Vec<(pb::ModelState, pb::ModelState)> {
+    history
+        .iter()
+        .map(|t| (t.from_state(), t.to_state()))
+        .collect()
+}
+
+async fn smol(agent: &Agent) -> Client {
+    let client = agent.client().await;
+    let url = format!("file://{}", Assets::get().gguf.display());
+    client
+        .register_model(gguf_spec("smol", &url))
+        .await
+        .unwrap();
+    client
+}
+
+#[tokio::test]
+async fn a_load_walks_every_stage_in_order_and_the_history_keeps_it() {
+    use pb::ModelState::{
+        Downloaded, Downloading, Initializing, Loading, Ready, Registered, Unloading, Unspecified,
+        Validating,
+    };
+    let agent = Agent::start().await;
+    let client = smol(&agent).await;
+    client.pull_to_end("smol").await.unwrap();
+    client.load_to_end("smol", None).await.unwrap();
+    client
+        .lifecycle()
+        .unload(pb::UnloadRequest {
+            model_id: "smol".into(),
+            grace: None,
+        })
+        .await
+        .unwrap();
+    let s = state(&client, "smol").await;
+    assert_eq!(s.state(), Downloaded);
+    assert_eq!(
+        path(&s.history),
+        vec![
+            (Unspecified, Registered),
+            (Registered, Downloading),
+            (Downloading, Downloaded),
+            (Downloaded, Validating),
+            (Validating, Initializing),
+            (Initializing, Loading),
+            (Loading, Ready),
+            (Ready, Unloading),
+            (Unloading, Downloaded),
+        ]
+    );
+    // Revisions only grow, and each transition has its time, stage and reason.
+    for w in s.history.windows(2) {
+        assert!(w[1].revision > w[0].revision);
+        let (a, b) = (w[0].time.unwrap(), w[1].time.unwrap());
+        assert!((b.seconds, b.nanos) >= (a.seconds, a.nanos));
+    }
+    let validating = &s.history[3];
+    assert_eq!(validating.stage(), pb::LifecycleStage::Validate);
+    assert!(!validating.reason.is_empty());
+    assert!(s.failure.is_none());
+}
+
+#[tokio::test]
+async fn refused_transitions_name_the_state_and_failures_are_recorded() {
+    let agent = Agent::start().await;
+    let client = smol(&agent).await;
+    // Not loaded: Unload names where the model is.
+    let err = client
+        .lifecycle()
+        .unload(pb::UnloadRequest {
+            model_id: "smol".into(),
+            grace: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("registered"), "{err:?}");
+
+    // A corrupt GGUF fails VALIDATING with INVALID_ARGUMENT; the failure names the
+    // stage and the code, and the agent serves on.
+    let broken = Assets::get().fixtures.join("truncated.gguf");
+    let bytes = std::fs::read(&broken).unwrap();
+    use sha2::Digest;
+    let mut spec = gguf_spec("broken", &format!("file://{}", broken.display()));
+    spec.files[0].sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+    spec.files[0].size_bytes = bytes.len() as u64;
+    client.register_model(spec).await.unwrap();
+    client.pull_to_end("broken").await.unwrap();
+    let err = client.load_to_end("broken", None).await.unwrap_err();
+    let status = err.status().unwrap();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(reason(status), "MODEL_INVALID");
+    let s = state(&client, "broken").await;
+    assert_eq!(s.state(), pb::ModelState::Failed);
+    let failure = s.failure.unwrap();
+    assert_eq!(failure.stage(), pb::LifecycleStage::Validate);
+    assert_eq!(failure.code, Code::InvalidArgument as i32);
+    assert!(failure.message.contains("truncated") || !failure.message.is_empty());
+    // FAILED allows a retry: the same Load fails the same way, nothing half-done.
+    let again = client.load_to_end("broken", None).await.unwrap_err();
+    assert_eq!(reason(again.status().unwrap()), "MODEL_INVALID");
+    assert!(client.is_serving().await.unwrap());
+}
+
+/// Collects watch events until `n` arrived.
+async fn take(
+    stream: &mut tonic::Streaming<pb::WatchResponse>,
+    n: usize,
+) -> Vec<pb::WatchResponse> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let next = tokio::time::timeout(Duration::from_secs(60), stream.next())
+            .await
+            .expect("an event within a minute");
+        out.push(next.unwrap().unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn watch_resumes_by_revision_across_a_kill_and_restart() {
+    let agent = Agent::start().await;
+    let client = smol(&agent).await;
+    client.pull_to_end("smol").await.unwrap();
+    let before = state(&client, "smol")
+        .await
+        .history
+        .last()
+        .unwrap()
+        .revision;
+
+    let mut watch = client
+        .lifecycle()
+        .watch(pb::WatchRequest {
+            model_id: "smol".into(),
+            since_revision: before,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    client.load_to_end("smol", None).await.unwrap();
+    let live = take(&mut watch, 4).await;
+    assert_eq!(
+        live.iter()
+            .map(|e| e.transition.as_ref().unwrap().to_state())
+            .collect::<Vec<_>>(),
+        vec![
+            pb::ModelState::Validating,
+            pb::ModelState::Initializing,
+            pb::ModelState::Loading,
+            pb::ModelState::Ready
+        ]
+    );
+    let seen = live.last().unwrap().revision;
+    assert_eq!(seen, before + 4, "revisions are contiguous");
+
+    // Events while nobody watches: an unload, then kill -9 with the model loaded
+    // again; the restarted agent records that nothing is in memory any more.
+    client
+        .lifecycle()
+        .unload(pb::UnloadRequest {
+            model_id: "smol".into(),
+            grace: None,
+        })
+        .await
+        .unwrap();
+    client.load_to_end("smol", None).await.unwrap();
+    drop(watch);
+    let agent = agent.restart().await;
+    let client = agent.client().await;
+    let mut resumed = client
+        .lifecycle()
+        .watch(pb::WatchRequest {
+            model_id: "smol".into(),
+            since_revision: seen,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Unloading, Downloaded, Validating, Initializing, Loading, Ready, then the
+    // restart's Ready -> Downloaded.
+    let missed = take(&mut resumed, 7).await;
+    let revisions: Vec<u64> = missed.iter().map(|e| e.revision).collect();
+    assert_eq!(revisions, ((seen + 1)..=(seen + 7)).collect::<Vec<_>>());
+    let last = missed.last().unwrap().transition.clone().unwrap();
+    assert_eq!(
+        (last.from_state(), last.to_state()),
+        (pb::ModelState::Ready, pb::ModelState::Downloaded)
+    );
+    assert!(last.reason.contains("restarted"), "{last:?}");
+    // Then live events follow on the same stream.
+    client.load_to_end("smol", None).await.unwrap();
+    let live = take(&mut resumed, 4).await;
+    assert_eq!(live[0].revision, seen + 8);
+    assert_eq!(
+        live[3].transition.as_ref().unwrap().to_state(),
+        pb::ModelState::Ready
+    );
+
+    // Asking for the future is a mistake, said plainly.
+    let err = client
+        .lifecycle()
+        .watch(pb::WatchRequest {
+            model_id: String::new(),
+            since_revision: seen + 1_000_000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+/// `modelctl watch` follows events, and after the agent restarts it picks up from
+/// the last revision it printed; `modelctl state` shows the history.
+#[tokio::test]
+async fn modelctl_watch_resumes_after_a_restart_and_state_shows_history() {
+    let agent = Agent::start().await;
+    let client = smol(&agent).await;
+    client.pull_to_end("smol").await.unwrap();
+    let since = state(&client, "smol")
+        .await
+        .history
+        .last()
+        .unwrap()
+        .revision;
+    let child = std::process::Command::new(modeld_e2e::binary("modelctl"))
+        .args(["--addr", &agent.url(), "watch", "smol", "--max-events", "5"])
+        .args(["--since", &since.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    client.load_to_end("smol", None).await.unwrap();
+    // Four events (validating .. ready) before the restart, the fifth after it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let agent = agent.restart().await;
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 5, "{stdout}\n{stderr}");
+    assert!(lines[3].contains("ready"), "{stdout}");
+    assert!(lines[4].contains("ready -> downloaded"), "{stdout}");
+    assert!(stderr.contains("resuming from revision"), "{stderr}");
+
+    let (ok, out, err) = modeld_e2e::modelctl(&agent, &["state", "smol"]);
+    assert!(ok, "{err}");
+    for word in [
+        "downloading",
+        "validating",
+        "initializing",
+        "loading",
+        "ready",
+        "restarted",
+    ] {
+        assert!(out.contains(word), "{word} missing:\n{out}");
+    }
+}
