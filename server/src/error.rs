@@ -154,6 +154,10 @@ pub enum Error {
         state: crate::lifecycle::ModelState,
     },
 
+    /// One failure several waiters share (a transfer two Loads joined).
+    #[error("{0}")]
+    Shared(std::sync::Arc<Error>),
+
     #[error("model {id:?} is {from}; it cannot go to {to} from there")]
     InvalidTransition {
         id: String,

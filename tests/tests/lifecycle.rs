@@ -283,3 +283,91 @@ async fn modelctl_watch_resumes_after_a_restart_and_state_shows_history() {
         assert!(out.contains(word), "{word} missing:\n{out}");
     }
 }
+
+/// Runs a Load to its end, returning every progress message and the loaded model.
+async fn load_all(client: &Client, id: &str) -> (Vec<pb::LoadProgress>, pb::LoadedModel) {
+    let mut stream = client
+        .lifecycle()
+        .load(pb::LoadRequest {
+            model_id: id.into(),
+            options: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut progress = Vec::new();
+    let mut loaded = None;
+    while let Some(msg) = stream.next().await {
+        let msg = msg.unwrap();
+        progress.extend(msg.progress);
+        if msg.loaded.is_some() {
+            loaded = msg.loaded;
+        }
+    }
+    (progress, loaded.unwrap())
+}
+
+/// From nothing to READY in one Load: it downloads over HTTP, then validates,
+/// initializes and loads, with one progress that only grows; two Loads at once do
+/// the work once.
+#[tokio::test]
+async fn one_load_takes_a_model_from_nothing_to_ready_and_concurrent_loads_share_it() {
+    let assets = Assets::get();
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&assets.gguf, dir.path().join("smol.gguf")).unwrap();
+    let server = modeld_e2e::FileServer::serve(dir.path().to_path_buf()).await;
+    server.throttle("smol.gguf", 60 * 1024 * 1024);
+    let agent = Agent::start().await;
+    let client = agent.client().await;
+    client
+        .register_model(gguf_spec("smol", &server.url("smol.gguf")))
+        .await
+        .unwrap();
+
+    let (a, b) = tokio::join!(load_all(&client, "smol"), load_all(&client, "smol"));
+    let ((progress, loaded), (_, loaded_b)) = (a, b);
+    assert_eq!(loaded.model_id, "smol");
+    assert_eq!(loaded_b.model_id, "smol");
+    // One download for both.
+    let gets = server.seen("smol.gguf");
+    assert_eq!(gets.len(), 1, "{gets:?}");
+
+    // Stages in order, progress never going back.
+    let mut stages: Vec<pb::ModelState> = progress.iter().map(|p| p.state()).collect();
+    stages.dedup();
+    use pb::ModelState::{Downloading, Initializing, Loading, Ready, Validating};
+    let order = [Downloading, Validating, Initializing, Loading, Ready];
+    let positions: Vec<usize> = order
+        .iter()
+        .map(|s| {
+            stages
+                .iter()
+                .position(|x| x == s)
+                .unwrap_or_else(|| panic!("{s:?} missing from {stages:?}"))
+        })
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{stages:?}");
+    for w in progress.windows(2) {
+        assert!(
+            w[1].overall_progress >= w[0].overall_progress,
+            "{} then {}",
+            w[0].overall_progress,
+            w[1].overall_progress
+        );
+    }
+    assert!(
+        progress
+            .iter()
+            .any(|p| p.state() == Downloading && p.eta_seconds >= 0.0)
+    );
+    assert_eq!(progress.last().unwrap().overall_progress, 1.0);
+
+    // The history shows one pass through the stages, not two.
+    let s = state(&client, "smol").await;
+    let validations = s
+        .history
+        .iter()
+        .filter(|t| t.to_state() == Validating)
+        .count();
+    assert_eq!(validations, 1);
+}

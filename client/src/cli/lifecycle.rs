@@ -64,25 +64,43 @@ pub async fn load(client: &Client, a: LoadArgs, out: Output) -> anyhow::Result<(
         .await
         .map_err(ClientError::from)?
         .into_inner();
+    // One bar across every stage (download, validate, initialize, load); indicatif
+    // draws nothing when stderr is not a terminal.
+    let bar = indicatif::ProgressBar::new(1000);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {percent:>3}% {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut last_state = String::new();
     while let Some(msg) = stream.message().await.map_err(ClientError::from)? {
         if out == Output::Json {
             println!("{}", serde_json::to_string(&msg)?);
             continue;
         }
         if let Some(loaded) = msg.loaded {
+            bar.finish_and_clear();
             println!(
-                "{} is ready: {}, {} context, {}",
+                "{} is ready: {}, {} context, {} (estimated {})",
                 loaded.model_id,
                 output::runtime_name(loaded.runtime),
                 loaded.context_length,
-                output::bytes(loaded.actual_memory_bytes)
+                output::bytes(loaded.actual_memory_bytes),
+                output::bytes(loaded.estimated_memory_bytes)
             );
         } else if let Some(p) = msg.progress {
-            eprintln!(
-                "{}: {}",
-                output::short_enum(p.state().as_str_name(), "MODEL_STATE_"),
-                p.message
-            );
+            let state = output::short_enum(p.state().as_str_name(), "MODEL_STATE_");
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            bar.set_position((p.overall_progress.clamp(0.0, 1.0) * 1000.0) as u64);
+            let eta = if p.eta_seconds >= 0.0 {
+                format!(", about {:.0} s left", p.eta_seconds.ceil())
+            } else {
+                String::new()
+            };
+            bar.set_message(format!("{state}: {}{eta}", p.message));
+            if bar.is_hidden() && state != last_state {
+                eprintln!("{state}: {}", p.message);
+            }
+            last_state = state;
         }
     }
     Ok(())

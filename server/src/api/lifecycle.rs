@@ -17,6 +17,7 @@ use crate::agent::Agent;
 use crate::api::convert::{state_to_pb, timestamp};
 use crate::error::{Error, Result};
 use crate::inference::{LoadRequest, ModelWorker};
+use crate::lifecycle::load::{self, LoadUpdate};
 use crate::lifecycle::{Compacted, EventKind, Failure, Lifecycle, ModelState, Stage, Transition};
 use crate::registry::spec;
 
@@ -192,20 +193,15 @@ pub fn loaded_to_pb(w: &ModelWorker) -> pb::LoadedModel {
     }
 }
 
-fn progress(
-    state: ModelState,
-    stage: pb::LifecycleStage,
-    overall: f64,
-    message: &str,
-) -> pb::LoadResponse {
+fn update_to_pb(u: &LoadUpdate) -> pb::LoadResponse {
     pb::LoadResponse {
         progress: Some(pb::LoadProgress {
-            state: state_to_pb(state) as i32,
-            stage: stage as i32,
-            stage_progress: 0.0,
-            overall_progress: overall,
-            message: message.to_owned(),
-            eta_seconds: -1.0,
+            state: state_to_pb(u.state) as i32,
+            stage: stage_to_pb(u.stage) as i32,
+            stage_progress: u.stage_progress,
+            overall_progress: u.overall_progress,
+            message: u.message.clone(),
+            eta_seconds: u.eta_seconds.unwrap_or(-1.0),
         }),
         loaded: None,
     }
@@ -225,25 +221,36 @@ impl pb::lifecycle_server::Lifecycle for LifecycleApi {
         let load = load_request(r.options)?;
         let entry = self.agent.registry.get(&r.model_id)?;
         let agent = self.agent.clone();
-        let (tx, rx) = mpsc::channel(8);
-        // Loading continues if the client leaves: another Load joins it.
+        let (tx, rx) = mpsc::channel(16);
+        // The load runs to its end even if this client leaves: another Load joins it.
         tokio::spawn(async move {
-            let _ = tx
-                .send(Ok(progress(
-                    ModelState::Validating,
-                    pb::LifecycleStage::Validate,
-                    0.0,
-                    "checking the model file",
-                )))
-                .await;
-            let outcome = agent.inference.load(&entry, &agent.storage, load).await;
-            let message = match outcome {
-                Ok(worker) => {
-                    let mut done =
-                        progress(ModelState::Ready, pb::LifecycleStage::Load, 1.0, "ready");
-                    done.loaded = Some(loaded_to_pb(&worker));
-                    Ok(done)
+            let (updates, mut reports) = mpsc::channel::<LoadUpdate>(16);
+            let forward = {
+                let tx = tx.clone();
+                async move {
+                    while let Some(u) = reports.recv().await {
+                        let _ = tx.send(Ok(update_to_pb(&u))).await;
+                    }
                 }
+            };
+            let drive = async {
+                let outcome = load::drive(&agent, &entry, load, &updates).await;
+                drop(updates);
+                outcome
+            };
+            let (outcome, ()) = tokio::join!(drive, forward);
+            let message = match outcome {
+                Ok(worker) => Ok(pb::LoadResponse {
+                    progress: Some(pb::LoadProgress {
+                        state: pb::ModelState::Ready as i32,
+                        stage: pb::LifecycleStage::Load as i32,
+                        stage_progress: 1.0,
+                        overall_progress: 1.0,
+                        message: "ready".into(),
+                        eta_seconds: 0.0,
+                    }),
+                    loaded: Some(loaded_to_pb(&worker)),
+                }),
                 Err(e) => Err(Status::from(e)),
             };
             let _ = tx.send(message).await;

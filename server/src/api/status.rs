@@ -26,6 +26,7 @@ impl From<&Error> for Status {
         let mut violation: Option<(String, String)> = None;
         // No catch-all arm: a new variant must be mapped here before it compiles.
         let (code, reason) = match e {
+            Error::Shared(inner) => return Status::from(&**inner),
             Error::InvalidArgument { field, description } => {
                 violation = Some((field.clone(), description.clone()));
                 (Code::InvalidArgument, "INVALID_ARGUMENT")

@@ -55,6 +55,8 @@ pub struct Inference {
     /// Serializes loads so two Loads do not load a model twice.
     loading: tokio::sync::Mutex<()>,
     settings: InferenceSettings,
+    /// Bytes per second the last load read, for load ETAs.
+    load_rate: Mutex<Option<f64>>,
 }
 
 impl std::fmt::Debug for Inference {
@@ -87,6 +89,7 @@ impl Inference {
             loaded: Mutex::new(HashMap::new()),
             loading: tokio::sync::Mutex::new(()),
             settings,
+            load_rate: Mutex::new(None),
         }
     }
 
@@ -113,6 +116,17 @@ impl Inference {
                 state: self.lifecycle.state(id)?,
             }),
         }
+    }
+
+    /// Seconds a load of `entry` should take, from the rate the last load measured.
+    pub fn load_eta(&self, entry: &ModelEntry) -> Option<f64> {
+        let rate = (*self
+            .load_rate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))?;
+        #[allow(clippy::cast_precision_loss)]
+        let bytes = entry.spec.total_size() as f64;
+        Some(bytes / rate)
     }
 
     /// Loaded models, in id order.
@@ -152,9 +166,21 @@ impl Inference {
             ModelState::Validating,
             Change::because("load requested"),
         )?;
+        let started = std::time::Instant::now();
         let result = self
             .validate_and_spawn(id, format, engine, path, request)
             .await;
+        if result.is_ok() {
+            let seconds = started.elapsed().as_secs_f64();
+            #[allow(clippy::cast_precision_loss)]
+            let bytes = entry.spec.total_size() as f64;
+            if seconds > 0.0 && bytes > 0.0 {
+                *self
+                    .load_rate
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(bytes / seconds);
+            }
+        }
         match &result {
             Ok(_) => {
                 self.lifecycle.transition(

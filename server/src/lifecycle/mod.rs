@@ -6,6 +6,8 @@
 //! the model's new state, in one atomic batch; Watch replays events from the store and
 //! follows live ones through a broadcast channel that never blocks the writer.
 
+pub mod load;
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
