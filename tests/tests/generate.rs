@@ -343,10 +343,11 @@ async fn bad_requests_are_refused_and_the_agent_keeps_serving() {
     assert_eq!(absent.code(), Code::FailedPrecondition);
     assert_eq!(reason(&absent), "MODEL_NOT_READY");
     assert!(absent.message().contains("registered"), "{absent:?}");
+    // Load fetches it first; its bytes are not what the spec promises.
     let not_stored = client.load_to_end("not-here", None).await.unwrap_err();
     let not_stored = not_stored.status().unwrap();
-    assert_eq!(not_stored.code(), Code::FailedPrecondition);
-    assert_eq!(reason(not_stored), "MODEL_NOT_STORED");
+    assert_eq!(not_stored.code(), Code::DataLoss);
+    assert_eq!(reason(not_stored), "CHECKSUM_MISMATCH");
 
     // A GGUF whose header lies never reaches llama.cpp.
     let assets = Assets::get();
