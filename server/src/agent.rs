@@ -113,7 +113,8 @@ pub async fn serve(
         },
     )?;
     let grace = config.shutdown_grace;
-    let inference_settings = config.inference.clone();
+    let mut inference_settings = config.inference.clone();
+    inference_settings.memory_budget = memory_budget_bytes;
     let agent = Arc::new(Agent {
         config,
         store: store.clone(),
@@ -136,6 +137,7 @@ pub async fn serve(
             .set_service_status(*name, ServingStatus::NotServing)
             .await;
     }
+    let reaper = crate::memory::reaper::spawn(agent.clone());
     let startup = {
         let agent = agent.clone();
         let health = health.clone();
@@ -212,6 +214,7 @@ pub async fn serve(
             }
         }
     }
+    reaper.abort();
     agent.inference.unload_all(Duration::from_secs(1)).await;
     store.flush().await?;
     info!("store flushed; bye");

@@ -83,6 +83,11 @@ pub struct Args {
     #[arg(long, env = "MODELD_MAX_QUEUED_REQUESTS")]
     pub max_queued_requests: Option<usize>,
 
+    /// Seconds an idle model stays loaded unless its Load says otherwise
+    /// [default: 300]. 0 unloads a model as soon as it is idle; negative never does.
+    #[arg(long, env = "MODELD_KEEP_ALIVE_SECS", allow_negative_numbers = true)]
+    pub keep_alive_secs: Option<i64>,
+
     /// Inference threads per model [default: 0 = the engine's choice, all cores].
     #[arg(long, env = "MODELD_THREADS")]
     pub threads: Option<u32>,
@@ -222,6 +227,7 @@ struct FileConfig {
     shutdown_grace_secs: Option<u64>,
     max_concurrent_downloads: Option<usize>,
     parallel: Option<u32>,
+    keep_alive_secs: Option<i64>,
     max_queued_requests: Option<usize>,
     threads: Option<u32>,
     context_length: Option<u32>,
@@ -334,6 +340,11 @@ impl Config {
                     .unwrap_or(8),
                 threads: args.threads.or(file.threads).unwrap_or(0),
                 context_length: args.context_length.or(file.context_length).unwrap_or(0),
+                // Resolved against physical memory once the hardware is probed.
+                memory_budget: u64::MAX,
+                keep_alive: crate::memory::KeepAlive::from_secs(
+                    args.keep_alive_secs.or(file.keep_alive_secs).unwrap_or(300),
+                ),
             },
             stall_timeout: Duration::from_millis(
                 args.stall_timeout_ms

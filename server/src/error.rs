@@ -154,6 +154,16 @@ pub enum Error {
         state: crate::lifecycle::ModelState,
     },
 
+    #[error(
+        "model {id:?} needs {needed} bytes of memory and {available} of the {budget}-byte budget can be made free (pinned and busy models stay); unload something or raise --memory-budget"
+    )]
+    MemoryExhausted {
+        id: String,
+        needed: u64,
+        available: u64,
+        budget: u64,
+    },
+
     /// One failure several waiters share (a transfer two Loads joined).
     #[error("{0}")]
     Shared(std::sync::Arc<Error>),

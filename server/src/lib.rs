@@ -11,6 +11,7 @@ pub mod hardware;
 pub mod http_client;
 pub mod inference;
 pub mod lifecycle;
+pub mod memory;
 pub mod registry;
 pub mod storage;
 pub mod store;

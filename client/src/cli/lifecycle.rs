@@ -23,6 +23,13 @@ pub struct LoadArgs {
     /// Runtime to use, e.g. llama.cpp (default: the best one for the format).
     #[arg(long)]
     runtime: Option<String>,
+    /// Never evict this model for memory.
+    #[arg(long)]
+    pin: bool,
+    /// Seconds the model stays loaded once idle (0 = unload when idle, negative =
+    /// never; default: the agent's).
+    #[arg(long, allow_negative_numbers = true)]
+    keep_alive: Option<i64>,
 }
 
 #[derive(Debug, Args)]
@@ -58,6 +65,11 @@ pub async fn load(client: &Client, a: LoadArgs, out: Output) -> anyhow::Result<(
                 context_length: a.context_length,
                 max_concurrent_requests: a.parallel,
                 threads: a.threads,
+                pin: a.pin,
+                keep_alive: a.keep_alive.map(|s| Duration {
+                    seconds: s,
+                    nanos: 0,
+                }),
                 ..Default::default()
             }),
         })
@@ -139,14 +151,42 @@ pub async fn ps(client: &Client, out: Output) -> anyhow::Result<()> {
     if out == Output::Json {
         return output::json(&resp);
     }
-    let mut t = output::table(&["MODEL", "RUNTIME", "CONTEXT", "MEMORY", "IN FLIGHT"]);
+    let mut t = output::table(&[
+        "MODEL",
+        "RUNTIME",
+        "CONTEXT",
+        "MEMORY (EST.)",
+        "IN FLIGHT",
+        "IDLE",
+        "EXPIRES IN",
+    ]);
+    let now = std::time::SystemTime::now();
+    let secs_from_now = |ts: &modeld_proto::pbjson_types::Timestamp| ts.seconds - unix_now(now);
     for m in &resp.models {
+        let idle = m
+            .last_used_time
+            .as_ref()
+            .map_or_else(String::new, |t| format!("{} s", -secs_from_now(t)));
+        let expires = if m.pinned {
+            "pinned".to_owned()
+        } else {
+            m.expire_time.as_ref().map_or_else(
+                || "never".to_owned(),
+                |t| format!("{} s", secs_from_now(t).max(0)),
+            )
+        };
         t.add_row(vec![
             m.model_id.clone(),
             output::runtime_name(m.runtime),
             m.context_length.to_string(),
-            output::bytes(m.actual_memory_bytes),
+            format!(
+                "{} ({})",
+                output::bytes(m.actual_memory_bytes),
+                output::bytes(m.estimated_memory_bytes)
+            ),
             m.in_flight_requests.to_string(),
+            idle,
+            expires,
         ]);
     }
     println!("{t}");
@@ -156,6 +196,11 @@ pub async fn ps(client: &Client, out: Output) -> anyhow::Result<()> {
         output::bytes(resp.memory_budget_bytes)
     );
     Ok(())
+}
+
+fn unix_now(now: std::time::SystemTime) -> i64 {
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 pub async fn state(client: &Client, a: StateArgs, out: Output) -> anyhow::Result<()> {

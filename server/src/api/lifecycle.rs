@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::inference::{LoadRequest, ModelWorker};
 use crate::lifecycle::load::{self, LoadUpdate};
 use crate::lifecycle::{Compacted, EventKind, Failure, Lifecycle, ModelState, Stage, Transition};
+use crate::memory::KeepAlive;
 use crate::registry::spec;
 
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -163,7 +164,18 @@ fn load_request(options: Option<pb::LoadOptions>) -> Result<LoadRequest> {
             format!("{}; the limit is {PARALLEL_MAX}", o.max_concurrent_requests),
         ));
     }
+    let keep_alive = match o.keep_alive {
+        None => None,
+        Some(d) if d.seconds < 0 || d.nanos < 0 => Some(KeepAlive::Forever),
+        Some(d) if d.seconds == 0 && d.nanos == 0 => Some(KeepAlive::UntilIdle),
+        Some(d) => Some(KeepAlive::For(Duration::new(
+            d.seconds.unsigned_abs(),
+            d.nanos.unsigned_abs(),
+        ))),
+    };
     Ok(LoadRequest {
+        pin: o.pin,
+        keep_alive,
         runtime,
         options: LoadOptions {
             context_length: o.context_length,
@@ -185,9 +197,13 @@ pub fn loaded_to_pb(w: &ModelWorker) -> pb::LoadedModel {
         estimated_memory_bytes: w.estimate.total(),
         actual_memory_bytes: w.info.memory_bytes,
         in_flight_requests: u32::try_from(w.in_flight()).unwrap_or(u32::MAX),
-        last_used_time: None,
-        expire_time: None,
-        pinned: false,
+        last_used_time: Some(timestamp(w.last_used())),
+        expire_time: if w.pinned {
+            None
+        } else {
+            w.keep_alive.expires(w.last_used()).map(timestamp)
+        },
+        pinned: w.pinned,
         context_length: w.info.context_length,
         load_time: Some(timestamp(w.loaded_at)),
     }
@@ -324,7 +340,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleApi {
         let used = models.iter().map(|m| m.actual_memory_bytes).sum();
         Ok(Response::new(pb::ListLoadedResponse {
             models,
-            memory_budget_bytes: self.agent.memory_budget_bytes,
+            memory_budget_bytes: self.agent.inference.budget(),
             memory_used_bytes: used,
         }))
     }

@@ -153,6 +153,18 @@ impl From<&Error> for Status {
                 meta.insert("model_id".into(), id.clone());
                 (Code::Internal, "ENGINE_PANICKED")
             }
+            Error::MemoryExhausted {
+                id,
+                needed,
+                available,
+                budget,
+            } => {
+                meta.insert("model_id".into(), id.clone());
+                meta.insert("needed_bytes".into(), needed.to_string());
+                meta.insert("available_bytes".into(), available.to_string());
+                meta.insert("budget_bytes".into(), budget.to_string());
+                (Code::ResourceExhausted, "MEMORY_EXHAUSTED")
+            }
             Error::InvalidTransition { id, from, to } => {
                 meta.insert("model_id".into(), id.clone());
                 meta.insert("state".into(), from.as_str().to_owned());

@@ -18,6 +18,7 @@ pub use worker::{Event, ModelWorker, WorkerSpec};
 
 use crate::error::{Error, Result};
 use crate::lifecycle::{Change, Lifecycle, ModelState, Stage};
+use crate::memory::{self, KeepAlive, Resident};
 use crate::registry::ModelEntry;
 use crate::storage::Storage;
 use crate::store::Store;
@@ -34,6 +35,10 @@ pub struct InferenceSettings {
     pub threads: u32,
     /// Tokens per sequence; 0 = the model's own, capped at 4096.
     pub context_length: u32,
+    /// Memory loaded models may hold together, in bytes.
+    pub memory_budget: u64,
+    /// How long an idle model stays loaded unless its Load says otherwise.
+    pub keep_alive: KeepAlive,
 }
 
 impl Default for InferenceSettings {
@@ -43,6 +48,8 @@ impl Default for InferenceSettings {
             max_queued: 8,
             threads: 0,
             context_length: 0,
+            memory_budget: u64::MAX,
+            keep_alive: KeepAlive::For(Duration::from_secs(300)),
         }
     }
 }
@@ -57,6 +64,8 @@ pub struct Inference {
     settings: InferenceSettings,
     /// Bytes per second the last load read, for load ETAs.
     load_rate: Mutex<Option<f64>>,
+    /// Memory loaded models may hold together.
+    budget: u64,
 }
 
 impl std::fmt::Debug for Inference {
@@ -73,6 +82,10 @@ impl std::fmt::Debug for Inference {
 pub struct LoadRequest {
     pub runtime: Option<Runtime>,
     pub options: LoadOptions,
+    /// Never evict this model for memory.
+    pub pin: bool,
+    /// `None` takes the agent's default.
+    pub keep_alive: Option<KeepAlive>,
 }
 
 impl Inference {
@@ -88,6 +101,7 @@ impl Inference {
             lifecycle,
             loaded: Mutex::new(HashMap::new()),
             loading: tokio::sync::Mutex::new(()),
+            budget: settings.memory_budget,
             settings,
             load_rate: Mutex::new(None),
         }
@@ -193,6 +207,14 @@ impl Inference {
                     },
                 )?;
             }
+            // Nothing is wrong with a model that does not fit now.
+            Err(Error::MemoryExhausted { .. }) => {
+                self.lifecycle.transition(
+                    id,
+                    ModelState::Downloaded,
+                    Change::because("not enough memory to load it"),
+                )?;
+            }
             Err(e) => {
                 let stage = Stage::of(self.lifecycle.state(id)?).unwrap_or(Stage::Load);
                 self.lifecycle.fail(id, stage, e)?;
@@ -265,12 +287,15 @@ impl Inference {
             ..o
         };
         let estimate = engine.estimate_memory(&probe, &options);
+        self.admit(id, estimate.total()).await?;
         let tokenizer_path = path.clone();
         let store = self.store.clone();
         let lifecycle = self.lifecycle.clone();
         let panicked_id = id.to_owned();
         ModelWorker::spawn(WorkerSpec {
             estimate,
+            pinned: request.pin,
+            keep_alive: request.keep_alive.unwrap_or(s.keep_alive),
             model_id: id.to_owned(),
             engine,
             path,
@@ -294,6 +319,49 @@ impl Inference {
             }),
         })
         .await
+    }
+
+    /// What every loaded model holds, for the memory manager.
+    pub fn resident(&self) -> Vec<Resident> {
+        self.loaded()
+            .iter()
+            .map(|w| Resident {
+                model_id: w.model_id.clone(),
+                bytes: w.info.memory_bytes,
+                in_flight: w.in_flight(),
+                pinned: w.pinned,
+                last_used: w.last_used(),
+            })
+            .collect()
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Makes room for `needed` bytes within the budget by evicting idle models, least
+    /// recently used first; RESOURCE_EXHAUSTED when even that is not enough.
+    async fn admit(&self, id: &str, needed: u64) -> Result<()> {
+        let evict = memory::make_room(needed, self.budget, &self.resident()).map_err(|s| {
+            Error::MemoryExhausted {
+                id: id.to_owned(),
+                needed: s.needed,
+                available: s.available,
+                budget: s.budget,
+            }
+        })?;
+        for victim in evict {
+            let reason = format!("evicted (least recently used) to make room for {id:?}");
+            self.evict(&victim, &reason).await?;
+        }
+        Ok(())
+    }
+
+    /// Unloads an idle model for memory, recording why.
+    pub async fn evict(&self, id: &str, reason: &str) -> Result<usize> {
+        tracing::info!(model = id, reason, "evicting");
+        self.lifecycle.evicted(id, reason)?;
+        self.unload(id, Duration::ZERO).await
     }
 
     /// Unloads the model: running requests get `grace` to finish, then are

@@ -37,6 +37,7 @@ struct Queued {
 /// Hands queued requests to the engine, skipping those whose client already left.
 struct Queue {
     jobs: std::sync::mpsc::Receiver<Queued>,
+    last_used: Arc<std::sync::atomic::AtomicU64>,
     /// Set when an unload's grace time ran out: every running request stops.
     cancel: Arc<AtomicBool>,
     failed: Arc<AtomicBool>,
@@ -48,11 +49,13 @@ struct Queue {
 struct Outcome {
     events: Option<mpsc::Sender<Event>>,
     failed: Arc<AtomicBool>,
+    last_used: Arc<std::sync::atomic::AtomicU64>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Outcome {
     fn send(mut self, event: Event) {
+        self.last_used.store(now_ms(), Ordering::Relaxed);
         if let Some(events) = self.events.take() {
             let _ = events.blocking_send(event);
         }
@@ -80,9 +83,11 @@ impl Queue {
         if events.is_closed() || expired {
             return None;
         }
+        self.last_used.store(now_ms(), Ordering::Relaxed);
         let outcome = Outcome {
             events: Some(events.clone()),
             failed: self.failed.clone(),
+            last_used: self.last_used.clone(),
             _permit: permit,
         };
         let cancel = self.cancel.clone();
@@ -132,6 +137,10 @@ impl JobSource for Queue {
 
 pub struct ModelWorker {
     pub model_id: String,
+    pub pinned: bool,
+    pub keep_alive: crate::memory::KeepAlive,
+    /// When a request last started or ended (unix ms).
+    last_used: Arc<std::sync::atomic::AtomicU64>,
     pub runtime: Runtime,
     pub estimate: modeld_engine_core::MemoryEstimate,
     pub info: ModelInfo,
@@ -156,6 +165,12 @@ impl std::fmt::Debug for ModelWorker {
     }
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Picks a loaded model's unified tokenizer, given the engine's own.
 pub type PickTokenizer = Box<
     dyn FnOnce(&dyn LoadedModel) -> std::result::Result<Arc<dyn Tokenizer>, EngineError> + Send,
@@ -164,6 +179,8 @@ pub type PickTokenizer = Box<
 /// Everything a worker needs to start.
 pub struct WorkerSpec {
     pub model_id: String,
+    pub pinned: bool,
+    pub keep_alive: crate::memory::KeepAlive,
     /// What the engine expected the load to take.
     pub estimate: modeld_engine_core::MemoryEstimate,
     pub engine: Arc<dyn Engine>,
@@ -189,6 +206,8 @@ impl ModelWorker {
     pub async fn spawn(spec: WorkerSpec) -> Result<ModelWorker> {
         let WorkerSpec {
             model_id,
+            pinned,
+            keep_alive,
             estimate,
             engine,
             path,
@@ -207,6 +226,8 @@ impl ModelWorker {
         let cancel = Arc::new(AtomicBool::new(false));
         let thread_failed = failed.clone();
         let thread_cancel = cancel.clone();
+        let last_used = Arc::new(std::sync::atomic::AtomicU64::new(now_ms()));
+        let thread_last_used_handle = last_used.clone();
         let name = model_id.clone();
         std::thread::Builder::new()
             .name(format!("modeld-model-{model_id}"))
@@ -241,6 +262,7 @@ impl ModelWorker {
                     jobs: rx,
                     cancel: thread_cancel,
                     failed: thread_failed.clone(),
+                    last_used,
                 };
                 let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     model.serve(&mut queue);
@@ -266,6 +288,9 @@ impl ModelWorker {
         let max_requests = loaded.parallel + max_queued;
         Ok(ModelWorker {
             model_id,
+            pinned,
+            keep_alive,
+            last_used: thread_last_used_handle,
             runtime,
             estimate,
             info: loaded.info,
@@ -308,6 +333,12 @@ impl ModelWorker {
 
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::SeqCst)
+    }
+
+    /// When a request last started or ended.
+    pub fn last_used(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH
+            + std::time::Duration::from_millis(self.last_used.load(Ordering::Relaxed))
     }
 
     /// Requests running or waiting now.
@@ -541,6 +572,8 @@ mod tests {
             model_id: id.into(),
             engine: Arc::new(EchoEngine),
             estimate: modeld_engine_core::MemoryEstimate::default(),
+            pinned: false,
+            keep_alive: crate::memory::KeepAlive::Forever,
             path: PathBuf::from("/nowhere"),
             options: LoadOptions::default(),
             max_queued: 2,

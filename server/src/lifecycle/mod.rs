@@ -418,6 +418,27 @@ impl Lifecycle {
         )
     }
 
+    /// Starts unloading `id` for memory (or keep-alive): the event says why.
+    pub fn evicted(&self, id: &str, reason: &str) -> Result<Option<Transition>> {
+        let to = ModelState::Unloading;
+        self.write(
+            id,
+            Some(to),
+            Change::because(reason),
+            None,
+            EventKind::Evicted,
+            |from| match from {
+                Some(from) if allowed(from, to) => Ok(true),
+                Some(from) => Err(Error::InvalidTransition {
+                    id: id.to_owned(),
+                    from,
+                    to,
+                }),
+                None => Ok(true),
+            },
+        )
+    }
+
     /// Records that a model was registered (its state starts at `Registered`).
     pub fn registered(&self, id: &str, reason: &str) -> Result<Option<Transition>> {
         self.write(

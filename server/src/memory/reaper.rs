@@ -1,0 +1,83 @@
+//! Background unloading: models whose keep-alive expired, and idle models while the
+//! OS reports memory pressure (Linux PSI; the Apple memory-pressure source on Apple
+//! targets). Every unload here is an `evicted` lifecycle event with its reason.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::agent::Agent;
+
+/// How often keep-alives and pressure are checked.
+pub const TICK: Duration = Duration::from_millis(500);
+/// PSI "some avg10" (percent of time tasks stalled on memory) above which idle
+/// models are evicted, one per tick.
+pub const PRESSURE_THRESHOLD: f64 = 10.0;
+
+/// Runs until the agent shuts down.
+pub fn spawn(agent: Arc<Agent>) -> tokio::task::JoinHandle<()> {
+    let mut shutdown = agent.shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            expire_keep_alives(&agent).await;
+            relieve_pressure(&agent).await;
+        }
+    })
+}
+
+async fn expire_keep_alives(agent: &Agent) {
+    let now = SystemTime::now();
+    for w in agent.inference.loaded() {
+        if w.pinned || w.in_flight() > 0 {
+            continue;
+        }
+        let Some(expires) = w.keep_alive.expires(w.last_used()) else {
+            continue;
+        };
+        if expires <= now {
+            let reason = "keep-alive expired".to_owned();
+            if let Err(e) = agent.inference.evict(&w.model_id, &reason).await {
+                tracing::warn!(model = %w.model_id, error = %e, "keep-alive unload failed");
+            }
+        }
+    }
+}
+
+async fn relieve_pressure(agent: &Agent) {
+    let Some(pressure) = pressure() else { return };
+    if pressure < PRESSURE_THRESHOLD {
+        return;
+    }
+    let mut idle: Vec<_> = agent
+        .inference
+        .resident()
+        .into_iter()
+        .filter(|r| !r.pinned && r.in_flight == 0)
+        .collect();
+    idle.sort_by_key(|r| r.last_used);
+    if let Some(victim) = idle.first() {
+        let reason =
+            format!("memory pressure: PSI some avg10 {pressure:.1}% ≥ {PRESSURE_THRESHOLD}%");
+        if let Err(e) = agent.inference.evict(&victim.model_id, &reason).await {
+            tracing::warn!(model = %victim.model_id, error = %e, "pressure eviction failed");
+        }
+    }
+}
+
+/// The OS's memory pressure, in percent of time stalled; `None` where unknown.
+#[cfg(target_os = "linux")]
+fn pressure() -> Option<f64> {
+    crate::hardware::memory_pressure()
+}
+
+/// Apple platforms report pressure as levels, not percentages; the dispatch source
+/// that delivers them needs Apple's frameworks and is not wired in this build.
+#[cfg(not(target_os = "linux"))]
+fn pressure() -> Option<f64> {
+    None
+}

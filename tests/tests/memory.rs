@@ -1,0 +1,215 @@
+//! The memory manager on real agents: a budget too small refuses with the numbers,
+//! idle models are evicted least recently used first, pinned and busy ones never,
+//! and keep-alive unloads an idle model.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use modeld_e2e::{Agent, AgentOptions, Assets, Client, gguf_spec, pb, reason};
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+/// SmolLM2 with a 256-token context and one slot needs ~125 MB by the agent's
+/// estimate (91 MB of weights, the KV cache, compute buffers): a 200 MB budget holds
+/// one such model, not two.
+async fn agent(budget: &str) -> (Agent, Client) {
+    let agent = Agent::start_with(AgentOptions {
+        args: [
+            "--memory-budget",
+            budget,
+            "--context-length",
+            "256",
+            "--parallel",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..AgentOptions::default()
+    })
+    .await;
+    let client = agent.client().await;
+    let url = format!("file://{}", Assets::get().gguf.display());
+    for id in ["a", "b"] {
+        client.register_model(gguf_spec(id, &url)).await.unwrap();
+        client.pull_to_end(id).await.unwrap();
+    }
+    (agent, client)
+}
+
+async fn loaded(client: &Client) -> Vec<String> {
+    client
+        .lifecycle()
+        .list_loaded(pb::ListLoadedRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models
+        .into_iter()
+        .map(|m| m.model_id)
+        .collect()
+}
+
+async fn history(client: &Client, id: &str) -> Vec<pb::StateTransition> {
+    client
+        .lifecycle()
+        .get_state(pb::GetStateRequest {
+            model_id: id.into(),
+            history_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .history
+}
+
+fn pinned() -> Option<pb::LoadOptions> {
+    Some(pb::LoadOptions {
+        pin: true,
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn a_model_bigger_than_the_budget_is_refused_with_the_numbers() {
+    let (_agent, client) = agent("50MB").await;
+    let err = client.load_to_end("a", None).await.unwrap_err();
+    let status = err.status().unwrap();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(status), "MEMORY_EXHAUSTED");
+    let info = status.get_error_details().error_info().cloned().unwrap();
+    let needed: u64 = info.metadata["needed_bytes"].parse().unwrap();
+    let available: u64 = info.metadata["available_bytes"].parse().unwrap();
+    assert!(needed > 90_000_000 && available == 50_000_000, "{info:?}");
+    assert!(status.message().contains(&needed.to_string()));
+    // Nothing is wrong with the model: it is back to downloaded, and the agent serves.
+    let state = client
+        .lifecycle()
+        .get_state(pb::GetStateRequest {
+            model_id: "a".into(),
+            history_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state.state(), pb::ModelState::Downloaded);
+    assert!(client.is_serving().await.unwrap());
+}
+
+#[tokio::test]
+async fn idle_models_are_evicted_lru_first_but_pinned_and_busy_ones_stay() {
+    let (_agent, client) = agent("200MB").await;
+    client.load_to_end("a", None).await.unwrap();
+    client.load_to_end("b", None).await.unwrap();
+    assert_eq!(
+        loaded(&client).await,
+        vec!["b"],
+        "a was evicted to make room"
+    );
+    let evicted = history(&client, "a").await;
+    assert!(
+        evicted
+            .iter()
+            .any(|t| t.to_state() == pb::ModelState::Unloading
+                && t.reason.contains("least recently used")),
+        "{evicted:?}"
+    );
+
+    // Pinned: loading it evicts b, and then nothing can evict it.
+    client.load_to_end("a", pinned()).await.unwrap();
+    assert_eq!(loaded(&client).await, vec!["a"]);
+    let err = client.load_to_end("b", None).await.unwrap_err();
+    assert_eq!(reason(err.status().unwrap()), "MEMORY_EXHAUSTED");
+    assert_eq!(loaded(&client).await, vec!["a"]);
+    client
+        .lifecycle()
+        .unload(pb::UnloadRequest {
+            model_id: "a".into(),
+            grace: None,
+        })
+        .await
+        .unwrap();
+
+    // Busy: a model generating is never evicted.
+    client.load_to_end("b", None).await.unwrap();
+    let mut stream = client
+        .generate()
+        .generate(pb::GenerateRequest {
+            model_id: "b".into(),
+            input: Some(pb::generate_request::Input::Prompt(
+                "Once upon a time".into(),
+            )),
+            max_tokens: 150,
+            ignore_eos: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap();
+    let err = client.load_to_end("a", None).await.unwrap_err();
+    assert_eq!(reason(err.status().unwrap()), "MEMORY_EXHAUSTED");
+    while stream.next().await.is_some() {}
+    // Once it is idle again it can go.
+    client.load_to_end("a", None).await.unwrap();
+    assert_eq!(loaded(&client).await, vec!["a"]);
+}
+
+#[tokio::test]
+async fn an_idle_model_unloads_when_its_keep_alive_expires() {
+    let (_agent, client) = agent("1GB").await;
+    client
+        .load_to_end(
+            "a",
+            Some(pb::LoadOptions {
+                keep_alive: Some(modeld_proto::pbjson_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+    client
+        .load_to_end(
+            "b",
+            Some(pb::LoadOptions {
+                keep_alive: Some(modeld_proto::pbjson_types::Duration {
+                    seconds: -1,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+    let listed = client
+        .lifecycle()
+        .list_loaded(pb::ListLoadedRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let a = listed.models.iter().find(|m| m.model_id == "a").unwrap();
+    let b = listed.models.iter().find(|m| m.model_id == "b").unwrap();
+    assert!(
+        a.expire_time.is_some() && b.expire_time.is_none(),
+        "{listed:?}"
+    );
+    let mut gone = false;
+    for _ in 0..200 {
+        if loaded(&client).await == vec!["b"] {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "a should have unloaded after its 1 s keep-alive");
+    assert!(
+        history(&client, "a")
+            .await
+            .iter()
+            .any(|t| t.reason.contains("keep-alive expired"))
+    );
+}
