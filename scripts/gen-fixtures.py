@@ -85,6 +85,58 @@ def gen_gguf(path: Path) -> None:
     w.close()
 
 
+def gen_corrupt_ggufs(out: Path, tiny: Path, expect: dict) -> None:
+    """Valid-looking GGUFs with one lie each, for the validation stage. Every one must
+    be refused by the agent's reader before llama.cpp (which asserts) sees it."""
+    import struct
+    from gguf import GGUFReader, GGUFWriter, LlamaFileType
+
+    base = tiny.read_bytes()
+    reader = GGUFReader(str(tiny))
+
+    def at_last_part(field) -> int:
+        return field.offset + sum(p.nbytes for p in field.parts[:-1])
+
+    def patched(data: bytes, offset: int, value: bytes) -> bytes:
+        return data[:offset] + value + data[offset + len(value):]
+
+    variants: dict[str, tuple[bytes, str]] = {}
+    variants["truncated-data.gguf"] = (base[: len(base) - 200],
+                                       "header intact, tensor data cut short")
+    variants["bad-magic.gguf"] = (b"GGUX" + base[4:], "magic is not GGUF")
+    # tensor_count at offset 8 (after magic and version): absurdly large.
+    variants["absurd-counts.gguf"] = (patched(base, 8, struct.pack("<Q", 1 << 60)),
+                                      "tensor count 2^60 in a tiny file")
+    last = reader.tensors[-1]
+    variants["offset-past-end.gguf"] = (
+        patched(base, at_last_part(last.field), struct.pack("<Q", 1 << 40)),
+        "last tensor's data offset lies far past the end of the file")
+
+    # A file that names its alignment, then the alignment patched to 0.
+    aligned = out / "aligned.tmp"
+    out.mkdir(parents=True, exist_ok=True)
+    w = GGUFWriter(str(aligned), "llama")
+    w.add_custom_alignment(32)
+    w.add_context_length(256)
+    w.add_embedding_length(8)
+    w.add_block_count(1)
+    w.add_file_type(LlamaFileType.ALL_F32)
+    w.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = aligned.read_bytes()
+    field = GGUFReader(str(aligned)).fields["general.alignment"]
+    variants["alignment-zero.gguf"] = (patched(data, at_last_part(field), struct.pack("<I", 0)),
+                                       "general.alignment = 0")
+    aligned.unlink()
+
+    for name, (data, why) in variants.items():
+        write(out / name, data)
+        expect[f"corrupt/{name}"] = {"format": "none", "corrupt": why}
+
+
 # --------------------------------------------------------------------------- ONNX
 
 def gen_onnx(path: Path) -> None:
@@ -666,6 +718,8 @@ def main(argv: list[str]) -> int:
     write(out / "truncated.gguf", gguf_bytes[:10])
     expect["truncated.gguf"] = {"format": "none", "note": "GGUF magic + 6 bytes only: truncated "
                                 "header (< 24 bytes); must not be reported as a valid gguf"}
+
+    gen_corrupt_ggufs(out / "corrupt", out / "tiny.gguf", expect)
 
     h = out / "hostile"
     write(h / "zip-slip.zip", zip_bytes([("ok.txt", b"ok\n"), ("../../evil.txt", b"zip-slip\n")]))
