@@ -62,6 +62,46 @@ impl Agent {
     }
 }
 
+/// Loads again the pinned models that were READY when the agent stopped.
+async fn reload_pinned(agent: &Agent, reset: &[(String, crate::lifecycle::ModelState)]) {
+    let pinned = match agent.store.pinned() {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(error = %e, "pinned models could not be read");
+            return;
+        }
+    };
+    for (id, record) in pinned {
+        let was_ready = reset
+            .iter()
+            .any(|(r, s)| *r == id && *s == crate::lifecycle::ModelState::Ready);
+        if !was_ready {
+            continue;
+        }
+        let Ok(entry) = agent.registry.get(&id) else {
+            continue;
+        };
+        let request = crate::inference::LoadRequest {
+            runtime: record.runtime.parse().ok(),
+            options: modeld_engine_core::LoadOptions {
+                context_length: record.context_length,
+                parallel: record.parallel,
+                threads: record.threads,
+                batch_size: record.batch_size,
+                use_mmap: true,
+                ..modeld_engine_core::LoadOptions::default()
+            },
+            pin: true,
+            keep_alive: None,
+        };
+        let (updates, _ignored) = tokio::sync::mpsc::channel(1);
+        match crate::lifecycle::load::drive(agent, &entry, request, &updates).await {
+            Ok(_) => info!(model = %id, "pinned model reloaded"),
+            Err(e) => warn!(model = %id, error = %e, "pinned model could not be reloaded"),
+        }
+    }
+}
+
 /// Serves the agent on `listener` until `shutdown` resolves, then drains in-flight
 /// requests for up to the configured grace time and flushes the store.
 pub async fn serve(
@@ -89,9 +129,9 @@ pub async fn serve(
     let lifecycle = registry.lifecycle().clone();
     // Nothing is in memory after a restart, whatever the store last recorded.
     let reset = lifecycle.recover()?;
-    if reset > 0 {
+    if !reset.is_empty() {
         info!(
-            models = reset,
+            models = reset.len(),
             "models recorded as loaded are back to downloaded"
         );
     }
@@ -172,6 +212,8 @@ pub async fn serve(
                     .await;
             }
             info!("serving");
+            // Pinned models that were ready before the restart come back by themselves.
+            reload_pinned(&agent, &reset).await;
         })
     };
 

@@ -424,3 +424,134 @@ async fn corrupt_ggufs_fail_validation_and_the_agent_keeps_serving() {
     client.load_to_end("smol", None).await.unwrap();
     assert!(client.is_serving().await.unwrap());
 }
+
+/// The state a model was in when the agent died: the `from` of the recovery
+/// transition, or the last state if no recovery was needed.
+fn state_at_kill(history: &[pb::StateTransition]) -> pb::ModelState {
+    history
+        .iter()
+        .rev()
+        .find(|t| t.reason.contains("restarted"))
+        .map_or_else(|| history.last().unwrap().to_state(), |t| t.from_state())
+}
+
+/// kill -9 at any moment of a load leaves nothing stuck in a transient state, the
+/// model loads again, and a pinned READY model is reloaded by the restart itself.
+#[tokio::test]
+async fn kill_9_in_any_stage_recovers_and_pinned_models_come_back() {
+    use pb::ModelState::{Downloaded, Downloading, Initializing, Loading, Ready, Validating};
+    let assets = Assets::get();
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&assets.gguf, dir.path().join("smol.gguf")).unwrap();
+    let server = modeld_e2e::FileServer::serve(dir.path().to_path_buf()).await;
+    server.throttle("smol.gguf", 20 * 1024 * 1024);
+    let mut agent = Agent::start().await;
+    let client = agent.client().await;
+    client
+        .register_model(gguf_spec("smol", &server.url("smol.gguf")))
+        .await
+        .unwrap();
+
+    // Killed while downloading: the transfer resumes after the restart.
+    let loading = {
+        let client = client.clone();
+        tokio::spawn(async move { client.load_to_end("smol", None).await })
+    };
+    for _ in 0..200 {
+        if state(&client, "smol").await.state() == Downloading {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent.kill9();
+    let _ = loading.await;
+    agent = agent.restart().await;
+    let client = agent.client().await;
+    let mut stages_hit = vec![Downloading];
+    let mut settled = false;
+    for _ in 0..600 {
+        if state(&client, "smol").await.state() == Downloaded {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        settled,
+        "the download resumed and finished after the restart"
+    );
+
+    // Killed at moments spread over a load: never stuck, always loadable again.
+    for delay_ms in [0u64, 3, 6, 10, 15, 25, 40, 60, 90, 130] {
+        let loading = {
+            let client = client.clone();
+            tokio::spawn(async move { client.load_to_end("smol", None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        agent.kill9();
+        let _ = loading.await;
+        agent = agent.restart().await;
+        let c = agent.client().await;
+        let s = state(&c, "smol").await;
+        assert_eq!(
+            s.state(),
+            Downloaded,
+            "after a kill at {delay_ms} ms: {s:?}"
+        );
+        stages_hit.push(state_at_kill(&s.history));
+        c.load_to_end("smol", None).await.unwrap();
+        c.lifecycle()
+            .unload(pb::UnloadRequest {
+                model_id: "smol".into(),
+                grace: None,
+            })
+            .await
+            .unwrap();
+    }
+    stages_hit.dedup();
+    eprintln!("killed during: {stages_hit:?}");
+    assert!(
+        stages_hit
+            .iter()
+            .any(|s| matches!(s, Validating | Initializing | Loading | Ready)),
+        "some kill landed inside a load: {stages_hit:?}"
+    );
+
+    // Pinned and READY: the restart loads it again by itself.
+    let c = agent.client().await;
+    c.load_to_end(
+        "smol",
+        Some(pb::LoadOptions {
+            pin: true,
+            context_length: 512,
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    agent.kill9();
+    let agent = agent.restart().await;
+    let c = agent.client().await;
+    let mut back = None;
+    for _ in 0..600 {
+        let listed = c
+            .lifecycle()
+            .list_loaded(pb::ListLoadedRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(m) = listed.models.into_iter().find(|m| m.model_id == "smol") {
+            back = Some(m);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let back = back.expect("the pinned model was reloaded after the restart");
+    assert!(back.pinned);
+    assert_eq!(
+        back.context_length, 512,
+        "with the options it was loaded with"
+    );
+    assert_eq!(state(&c, "smol").await.state(), Ready);
+}

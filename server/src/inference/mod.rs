@@ -180,6 +180,19 @@ impl Inference {
             ModelState::Validating,
             Change::because("load requested"),
         )?;
+        let pin = PinIntent {
+            pinned: request.pin,
+            record: crate::store::PinnedLoadRecord {
+                context_length: request.options.context_length,
+                parallel: request.options.parallel,
+                threads: request.options.threads,
+                batch_size: request.options.batch_size,
+                runtime: request
+                    .runtime
+                    .map(|r| r.as_str().to_owned())
+                    .unwrap_or_default(),
+            },
+        };
         let started = std::time::Instant::now();
         let result = self
             .validate_and_spawn(id, format, engine, path, request)
@@ -197,6 +210,11 @@ impl Inference {
         }
         match &result {
             Ok(_) => {
+                if pin.pinned {
+                    self.store.put_pinned(id, &pin.record)?;
+                } else {
+                    self.store.delete_pinned(id)?;
+                }
                 self.lifecycle.transition(
                     id,
                     ModelState::Ready,
@@ -379,6 +397,8 @@ impl Inference {
             ModelState::Unloading,
             Change::because("unload requested"),
         )?;
+        // Unloaded on purpose: a restart must not bring it back.
+        self.store.delete_pinned(id)?;
         let cancelled = worker.shut_down(grace).await;
         self.lifecycle.transition(
             id,
@@ -402,6 +422,12 @@ impl Inference {
             }
         }
     }
+}
+
+/// What a successful load records so a restart can repeat it.
+struct PinIntent {
+    pinned: bool,
+    record: crate::store::PinnedLoadRecord,
 }
 
 /// Where a model's single weights file is on disk: its verified blob, or the file a

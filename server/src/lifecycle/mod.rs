@@ -569,12 +569,14 @@ impl Lifecycle {
     }
 
     /// After a restart nothing is in memory: models caught loading, loaded or
-    /// unloading go back to `Downloaded`. The caller flushes.
-    pub fn recover(&self) -> Result<usize> {
-        let mut reset = 0;
+    /// unloading go back to `Downloaded`. Returns each model reset and the state it
+    /// was in. The caller flushes.
+    pub fn recover(&self) -> Result<Vec<(String, ModelState)>> {
+        let mut reset = Vec::new();
         for (id, record) in self.store().lifecycles()? {
+            let before = ModelState::parse(&record.state);
             let in_memory = matches!(
-                ModelState::parse(&record.state),
+                before,
                 Some(
                     ModelState::Validating
                         | ModelState::Initializing
@@ -590,7 +592,7 @@ impl Lifecycle {
                     ModelState::Downloaded,
                     Change::because("the agent restarted; nothing is in memory"),
                 ) {
-                    Ok(_) => reset += 1,
+                    Ok(_) => reset.extend(before.map(|b| (id.clone(), b))),
                     Err(e) => {
                         tracing::error!(model = %id, error = %e, "cannot recover the model's state")
                     }

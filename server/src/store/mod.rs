@@ -14,8 +14,9 @@ use prost::Message;
 use crate::error::{Error, Result};
 
 pub use records::{
-    BlobRecord, FailureRecord, FileRecord, LifecycleRecord, ModelRecord, PushRecord, SpecRecord,
-    StoredFileRecord, StoredModelRecord, TransferFileRecord, TransferRecord, TransitionRecord,
+    BlobRecord, FailureRecord, FileRecord, LifecycleRecord, ModelRecord, PinnedLoadRecord,
+    PushRecord, SpecRecord, StoredFileRecord, StoredModelRecord, TransferFileRecord,
+    TransferRecord, TransitionRecord,
 };
 
 /// Schema version this agent writes. Bump it when a record changes meaning, not when a
@@ -32,6 +33,7 @@ mod tree {
     pub const MODELS: &str = "models";
     pub const LIFECYCLE: &str = "lifecycle";
     pub const LIFECYCLE_EVENTS: &str = "lifecycle_events";
+    pub const PINNED: &str = "pinned";
     pub const BLOBS: &str = "blobs";
     pub const STORED: &str = "stored";
     pub const TRANSFERS: &str = "transfers";
@@ -45,6 +47,7 @@ pub struct Store {
     models: sled::Tree,
     lifecycle: sled::Tree,
     lifecycle_events: sled::Tree,
+    pinned: sled::Tree,
     blobs: sled::Tree,
     stored: sled::Tree,
     transfers: sled::Tree,
@@ -102,6 +105,7 @@ impl Store {
             models: db.open_tree(tree::MODELS)?,
             lifecycle: db.open_tree(tree::LIFECYCLE)?,
             lifecycle_events: db.open_tree(tree::LIFECYCLE_EVENTS)?,
+            pinned: db.open_tree(tree::PINNED)?,
             blobs: db.open_tree(tree::BLOBS)?,
             stored: db.open_tree(tree::STORED)?,
             transfers: db.open_tree(tree::TRANSFERS)?,
@@ -289,6 +293,19 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    pub fn pinned(&self) -> Result<Vec<(String, PinnedLoadRecord)>> {
+        all(&self.pinned, tree::PINNED)
+    }
+
+    pub fn put_pinned(&self, id: &str, record: &PinnedLoadRecord) -> Result<()> {
+        put(&self.pinned, id, record)
+    }
+
+    pub fn delete_pinned(&self, id: &str) -> Result<()> {
+        self.pinned.remove(id.as_bytes())?;
+        Ok(())
     }
 
     pub fn delete_lifecycle(&self, id: &str) -> Result<()> {

@@ -212,3 +212,19 @@ pub struct PushRecord {
     #[prost(uint64, tag = "3")]
     pub offset: u64,
 }
+
+/// How a pinned model was loaded, so a restart can load it again the same way.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PinnedLoadRecord {
+    #[prost(uint32, tag = "1")]
+    pub context_length: u32,
+    #[prost(uint32, tag = "2")]
+    pub parallel: u32,
+    #[prost(uint32, tag = "3")]
+    pub threads: u32,
+    #[prost(uint32, tag = "4")]
+    pub batch_size: u32,
+    /// Empty = the best runtime for the format.
+    #[prost(string, tag = "5")]
+    pub runtime: String,
+}
