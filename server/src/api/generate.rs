@@ -51,7 +51,7 @@ impl GenerateApi {
 }
 
 /// The deadline a gRPC client sent (`grpc-timeout`: digits and a unit letter).
-fn deadline<T>(request: &Request<T>) -> Option<Instant> {
+pub(super) fn deadline<T>(request: &Request<T>) -> Option<Instant> {
     let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     let n: u64 = digits.parse().ok()?;

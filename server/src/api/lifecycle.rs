@@ -124,11 +124,78 @@ const UNLOAD_GRACE_DEFAULT: Duration = Duration::from_secs(30);
 
 pub struct LifecycleApi {
     agent: Arc<Agent>,
+    /// Load calls waiting on each model: the last one to leave cancels the download.
+    waiters: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 impl LifecycleApi {
     pub fn new(agent: Arc<Agent>) -> Self {
-        LifecycleApi { agent }
+        LifecycleApi {
+            agent,
+            waiters: Arc::default(),
+        }
+    }
+}
+
+/// Counts a Load waiting on a model; dropping it says whether it was the last.
+struct Waiter {
+    waiters: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    model_id: String,
+    /// Already counted out by `leave`.
+    left: bool,
+}
+
+impl Waiter {
+    fn join(
+        waiters: &Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+        model_id: &str,
+    ) -> Waiter {
+        let mut map = waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *map.entry(model_id.to_owned()).or_default() += 1;
+        Waiter {
+            waiters: waiters.clone(),
+            model_id: model_id.to_owned(),
+            left: false,
+        }
+    }
+
+    /// Leaves; true when nobody else waits for this model.
+    fn leave(mut self) -> bool {
+        self.left = true;
+        let mut map = self
+            .waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match map.get_mut(&self.model_id) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                map.remove(&self.model_id);
+                true
+            }
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if self.left {
+            return;
+        }
+        let mut map = self
+            .waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.model_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.model_id);
+            }
+        }
     }
 }
 
@@ -232,31 +299,65 @@ impl pb::lifecycle_server::Lifecycle for LifecycleApi {
         &self,
         request: Request<pb::LoadRequest>,
     ) -> Result<Response<Self::LoadStream>, Status> {
+        let deadline = super::generate::deadline(&request);
         let r = request.into_inner();
         spec::validate_id("model_id", &r.model_id)?;
         let load = load_request(r.options)?;
         let entry = self.agent.registry.get(&r.model_id)?;
         let agent = self.agent.clone();
         let (tx, rx) = mpsc::channel(16);
-        // The load runs to its end even if this client leaves: another Load joins it.
+        let waiter = Waiter::join(&self.waiters, &r.model_id);
+        let model_id = r.model_id.clone();
+        // The load itself runs in its own task to its end, whoever waits: dropping it
+        // half-way would leave a transition half-made.
+        let (updates, mut reports) = mpsc::channel::<LoadUpdate>(16);
+        let mut work = {
+            let agent = agent.clone();
+            tokio::spawn(async move { load::drive(&agent, &entry, load, &updates).await })
+        };
         tokio::spawn(async move {
-            let (updates, mut reports) = mpsc::channel::<LoadUpdate>(16);
-            let forward = {
-                let tx = tx.clone();
-                async move {
-                    while let Some(u) = reports.recv().await {
-                        let _ = tx.send(Ok(update_to_pb(&u))).await;
-                    }
+            let expired = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+                    None => std::future::pending().await,
                 }
             };
-            let drive = async {
-                let outcome = load::drive(&agent, &entry, load, &updates).await;
-                drop(updates);
-                outcome
+            tokio::pin!(expired);
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut work => break Some(outcome),
+                    Some(u) = reports.recv() => {
+                        let _ = tx.send(Ok(update_to_pb(&u))).await;
+                    }
+                    () = &mut expired => {
+                        let _ = tx.send(Err(Status::deadline_exceeded(
+                            "the Load's deadline passed",
+                        ))).await;
+                        break None;
+                    }
+                    () = tx.closed() => break None,
+                }
             };
-            let (outcome, ()) = tokio::join!(drive, forward);
+            let Some(outcome) = outcome else {
+                // The client left or its deadline passed. When nobody else waits for
+                // this model, stop the download it needed; a load already in the
+                // engine finishes (llama.cpp cannot be interrupted mid-load).
+                if waiter.leave() {
+                    for t in agent.storage.list_transfers() {
+                        if t.model_id == model_id && !t.stage.is_final() {
+                            tracing::info!(model = %model_id, transfer = %t.id, "no Load waits any more: cancelling the download");
+                            let _ = agent.storage.cancel(&t.id).await;
+                        }
+                    }
+                }
+                return;
+            };
+            drop(waiter);
+            while let Ok(u) = reports.try_recv() {
+                let _ = tx.send(Ok(update_to_pb(&u))).await;
+            }
             let message = match outcome {
-                Ok(worker) => Ok(pb::LoadResponse {
+                Ok(Ok(worker)) => Ok(pb::LoadResponse {
                     progress: Some(pb::LoadProgress {
                         state: pb::ModelState::Ready as i32,
                         stage: pb::LifecycleStage::Load as i32,
@@ -267,7 +368,8 @@ impl pb::lifecycle_server::Lifecycle for LifecycleApi {
                     }),
                     loaded: Some(loaded_to_pb(&worker)),
                 }),
-                Err(e) => Err(Status::from(e)),
+                Ok(Err(e)) => Err(Status::from(e)),
+                Err(e) => Err(Status::from(Error::from(e))),
             };
             let _ = tx.send(message).await;
         });

@@ -171,7 +171,9 @@ impl Inference {
             return Ok(w);
         }
         let format = entry.spec.format_or_err()?;
-        let engine = self.engine_for(id, format, request.runtime)?;
+        // The Load's choice, else the model's preference, else the best compiled in.
+        let runtime = request.runtime.or(entry.spec.preferred_runtime);
+        let engine = self.engine_for(id, format, runtime)?;
         let path = model_path(entry, storage)?;
         // Refused here, before any work, when the table does not allow a load from
         // where the model is.

@@ -143,7 +143,8 @@ pub fn allowed(from: ModelState, to: ModelState) -> bool {
         // discovered local file needs no download either.
         (Registered, Downloading | Downloaded | Validating)
             | (Downloading, Extracting | Downloaded | Failed | Registered)
-            | (Extracting, Downloaded | Failed | Registered)
+            // A model of several files downloads the next one after unpacking.
+            | (Extracting, Downloaded | Downloading | Failed | Registered)
             // Load; deleting the files; fetching again.
             | (Downloaded, Validating | Registered | Downloading)
             | (Validating, Initializing | Failed | Downloaded | Registered)

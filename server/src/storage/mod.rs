@@ -465,7 +465,22 @@ impl Storage {
                     }
                     Outcome::Complete => {
                         self.set_file_stage(handle, slot, Stage::Extracting);
+                        let unpacking = file.member.is_some() || file.archive.is_some();
+                        if unpacking {
+                            self.inner.lifecycle.transition(
+                                &spec.id,
+                                ModelState::Extracting,
+                                Change::because(format!("unpacking {}", file.name)),
+                            )?;
+                        }
                         self.place(&spec.id, &file, &partial.path).await?;
+                        if unpacking && slot + 1 < record.files.len() {
+                            self.inner.lifecycle.transition(
+                                &spec.id,
+                                ModelState::Downloading,
+                                Change::because("next file"),
+                            )?;
+                        }
                         record.files[slot].done = true;
                         // Not flushed on its own: after a crash the resumed transfer
                         // finds the blob and skips the file anyway.
