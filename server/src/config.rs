@@ -88,6 +88,12 @@ pub struct Args {
     #[arg(long, env = "MODELD_KEEP_ALIVE_SECS", allow_negative_numbers = true)]
     pub keep_alive_secs: Option<i64>,
 
+    /// Memory pressure (Linux PSI "some avg10", percent of time stalled on memory)
+    /// above which idle models are evicted one at a time [default: 10]; 0 turns
+    /// pressure eviction off.
+    #[arg(long, env = "MODELD_MEMORY_PRESSURE_THRESHOLD")]
+    pub memory_pressure_threshold: Option<f64>,
+
     /// Inference threads per model [default: 0 = the engine's choice, all cores].
     #[arg(long, env = "MODELD_THREADS")]
     pub threads: Option<u32>,
@@ -228,6 +234,7 @@ struct FileConfig {
     max_concurrent_downloads: Option<usize>,
     parallel: Option<u32>,
     keep_alive_secs: Option<i64>,
+    memory_pressure_threshold: Option<f64>,
     max_queued_requests: Option<usize>,
     threads: Option<u32>,
     context_length: Option<u32>,
@@ -258,6 +265,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub max_concurrent_downloads: usize,
     pub inference: crate::inference::InferenceSettings,
+    /// PSI percent above which idle models are evicted; `None` = never.
+    pub memory_pressure_threshold: Option<f64>,
     pub stall_timeout: Duration,
     pub download_retries: usize,
     pub retry_delay: Duration,
@@ -332,6 +341,14 @@ impl Config {
                 .or(file.max_concurrent_downloads)
                 .unwrap_or(2)
                 .max(1),
+            memory_pressure_threshold: match args
+                .memory_pressure_threshold
+                .or(file.memory_pressure_threshold)
+                .unwrap_or(crate::memory::reaper::PRESSURE_THRESHOLD)
+            {
+                t if t.is_finite() && t > 0.0 => Some(t),
+                _ => None,
+            },
             inference: crate::inference::InferenceSettings {
                 parallel: args.parallel.or(file.parallel).unwrap_or(4).clamp(1, 64),
                 max_queued: args
@@ -554,5 +571,11 @@ mod deploy_example_tests {
         .unwrap();
         assert_eq!(c.disk_quota, Some(40_000_000_000));
         assert_eq!(c.models_dirs, [PathBuf::from("/srv/models")]);
+        assert_eq!((c.inference.parallel, c.inference.max_queued), (4, 8));
+        assert_eq!(
+            c.inference.keep_alive,
+            crate::memory::KeepAlive::For(Duration::from_secs(300))
+        );
+        assert_eq!(c.memory_pressure_threshold, Some(10.0));
     }
 }

@@ -9,8 +9,8 @@ use crate::agent::Agent;
 
 /// How often keep-alives and pressure are checked.
 pub const TICK: Duration = Duration::from_millis(500);
-/// PSI "some avg10" (percent of time tasks stalled on memory) above which idle
-/// models are evicted, one per tick.
+/// Default PSI "some avg10" (percent of time tasks stalled on memory) above which
+/// idle models are evicted, one per tick (`--memory-pressure-threshold`).
 pub const PRESSURE_THRESHOLD: f64 = 10.0;
 
 /// Runs until the agent shuts down.
@@ -49,8 +49,11 @@ async fn expire_keep_alives(agent: &Agent) {
 }
 
 async fn relieve_pressure(agent: &Agent) {
+    let Some(threshold) = agent.config.memory_pressure_threshold else {
+        return;
+    };
     let Some(pressure) = pressure() else { return };
-    if pressure < PRESSURE_THRESHOLD {
+    if pressure < threshold {
         return;
     }
     let mut idle: Vec<_> = agent
