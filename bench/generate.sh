@@ -19,22 +19,11 @@ GEN=64
 LEVELS=1,4,8
 CONTEXT=1024
 
-scripts/fetch-test-assets >/dev/null
-. "${MODELD_CACHE_DIR:-$HOME/.cache/modeld}/assets/env"
+. bench/common.sh
 tools="$(bench/build-llama-tools.sh)"
-cargo build --release --bins --locked -q
-target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
-modeld="$target/release/modeld"
-modelctl="$target/release/modelctl"
 
-work="$(mktemp -d)"
-cleanup() {
-    [[ -n "${agent_pid:-}" ]] && kill "$agent_pid" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
 
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+port="$(free_port)"
 addr="127.0.0.1:$port"
 "$modeld" --listen "$addr" --data-dir "$work/data" --log warn \
     --threads "$THREADS" --parallel 8 --context-length "$CONTEXT" &

@@ -12,28 +12,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-5}"
 
-scripts/fetch-test-assets >/dev/null
-. "${MODELD_CACHE_DIR:-$HOME/.cache/modeld}/assets/env"
+. bench/common.sh
 tools="$(bench/build-llama-tools.sh)"
-cargo build --release --bins --locked -q
-target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
-modeld="$target/release/modeld"
-modelctl="$target/release/modelctl"
-work="$(mktemp -d)"
-cleanup() {
-    [[ -n "${agent_pid:-}" ]] && kill "$agent_pid" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
 
 now() { date +%s.%N; }
 calc() { python3 -c "print($1)"; }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null; }
 cold=yes
 drop_caches || cold=no
 
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+port="$(free_port)"
 addr="127.0.0.1:$port"
 ctl() { "$modelctl" --addr "http://$addr" "$@"; }
 

@@ -10,20 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-3}"
 
-scripts/fetch-test-assets >/dev/null
-. "${MODELD_CACHE_DIR:-$HOME/.cache/modeld}/assets/env"
-cargo build --release --bins --locked -q
-target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
-modeld="$target/release/modeld"
-modelctl="$target/release/modelctl"
-
-work="$(mktemp -d)"
-cleanup() {
-    [[ -n "${server_pid:-}" ]] && kill "$server_pid" 2>/dev/null || true
-    [[ -n "${agent_pid:-}" ]] && kill "$agent_pid" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+. bench/common.sh
 
 mkdir -p "$work/www"
 cp "$MODELD_TEST_GGUF" "$work/www/small.bin"
@@ -31,13 +18,12 @@ for _ in 1 2 3 4; do cat "$MODELD_TEST_GGUF"; done > "$work/www/large.bin"
 small_sha="$(sha256sum "$work/www/small.bin" | cut -d' ' -f1)"; small_size="$(stat -c %s "$work/www/small.bin")"
 large_sha="$(sha256sum "$work/www/large.bin" | cut -d' ' -f1)"; large_size="$(stat -c %s "$work/www/large.bin")"
 
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+port="$(free_port)"
 (cd "$work/www" && exec python3 -m http.server "$port" --bind 127.0.0.1 >/dev/null 2>&1) &
 server_pid=$!
 sleep 1
 base="http://127.0.0.1:$port"
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 # Both tools are timed the same way: wall clock of the whole command, process start
 # included, so neither side is credited with the other's setup.
@@ -64,7 +50,7 @@ curl_rate="$(rate_of curl_plain)"
 durable_rate="$(rate_of curl_durable)"
 verified_rate="$(rate_of curl_verified)"
 
-agent_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+agent_port="$(free_port)"
 "$modeld" --listen "127.0.0.1:$agent_port" --data-dir "$work/data" --log warn >"$work/agent.log" 2>&1 &
 agent_pid=$!
 export MODELD_ADDR="http://127.0.0.1:$agent_port"

@@ -247,6 +247,49 @@ impl Client {
         last.ok_or_else(|| tonic::Status::internal("Pull ended without any progress").into())
     }
 
+    /// A model's lifecycle state, failure and the last `history_limit` transitions
+    /// (0 = the agent's default).
+    pub async fn state(&self, model_id: &str, history_limit: i32) -> Result<pb::GetStateResponse> {
+        Ok(self
+            .lifecycle()
+            .get_state(pb::GetStateRequest {
+                model_id: model_id.to_owned(),
+                history_limit,
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// The models in memory and the budget they share.
+    pub async fn list_loaded(&self) -> Result<pb::ListLoadedResponse> {
+        Ok(self
+            .lifecycle()
+            .list_loaded(pb::ListLoadedRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Unloads a model; `grace` (None = the agent's default) lets running requests
+    /// finish first.
+    pub async fn unload(
+        &self,
+        model_id: &str,
+        grace: Option<std::time::Duration>,
+    ) -> Result<pb::UnloadResponse> {
+        let grace = grace.map(|g| modeld_proto::pbjson_types::Duration {
+            seconds: i64::try_from(g.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(g.subsec_nanos()).unwrap_or(0),
+        });
+        Ok(self
+            .lifecycle()
+            .unload(pb::UnloadRequest {
+                model_id: model_id.to_owned(),
+                grace,
+            })
+            .await?
+            .into_inner())
+    }
+
     /// Loads a model and waits until it is ready (or the load fails).
     pub async fn load_to_end(
         &self,

@@ -300,6 +300,16 @@ pub fn modelctl(agent: &Agent, args: &[&str]) -> (bool, String, String) {
 pub mod http;
 pub use http::{Fault, FileServer};
 
+/// A directory served over HTTP holding the real model (`smol.gguf`) and wheel
+/// (`smol.whl`). Keep the directory alive as long as the server.
+pub async fn model_server(assets: &Assets) -> (tempfile::TempDir, FileServer) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::os::unix::fs::symlink(&assets.gguf, dir.path().join("smol.gguf")).expect("symlink");
+    std::os::unix::fs::symlink(&assets.wheel, dir.path().join("smol.whl")).expect("symlink");
+    let server = FileServer::serve(dir.path().to_path_buf()).await;
+    (dir, server)
+}
+
 /// The ErrorInfo reason of a failed call.
 pub fn reason(status: &tonic::Status) -> String {
     use tonic_types::StatusExt;

@@ -713,12 +713,7 @@ async fn unloading_frees_the_model_and_reports_its_state() {
     )
     .await;
     assert!(!text.is_empty());
-    let listed = client
-        .lifecycle()
-        .list_loaded(pb::ListLoadedRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = client.list_loaded().await.unwrap();
     let loaded = &listed.models[0];
     assert_eq!(loaded.model_id, "smol");
     assert_eq!(loaded.runtime(), pb::Runtime::LlamaCpp);
@@ -727,37 +722,16 @@ async fn unloading_frees_the_model_and_reports_its_state() {
     assert!(loaded.actual_memory_bytes > 98_000_000, "{loaded:?}");
     let before = rss_bytes(agent.pid());
 
-    let unloaded = client
-        .lifecycle()
-        .unload(pb::UnloadRequest {
-            model_id: "smol".into(),
-            grace: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let unloaded = client.unload("smol", None).await.unwrap();
     assert_eq!(unloaded.state(), pb::ModelState::Downloaded);
     let after = rss_bytes(agent.pid());
     assert!(
         after + 64 * 1024 * 1024 < before,
         "RSS {before} before unload, {after} after"
     );
-    let listed = client
-        .lifecycle()
-        .list_loaded(pb::ListLoadedRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = client.list_loaded().await.unwrap();
     assert!(listed.models.is_empty());
-    let state = client
-        .lifecycle()
-        .get_state(pb::GetStateRequest {
-            model_id: "smol".into(),
-            history_limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let state = client.state("smol", 0).await.unwrap();
     assert_eq!(state.state(), pb::ModelState::Downloaded);
     let refused = client
         .generate()

@@ -10,18 +10,6 @@ use modeld_e2e::{Agent, Assets, Client, gguf_spec, pb, reason};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-async fn state(client: &Client, id: &str) -> pb::GetStateResponse {
-    client
-        .lifecycle()
-        .get_state(pb::GetStateRequest {
-            model_id: id.into(),
-            history_limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 fn path(history: &[pb::StateTransition]) -> Vec<(pb::ModelState, pb::ModelState)> {
     history
         .iter()
@@ -49,15 +37,8 @@ async fn a_load_walks_every_stage_in_order_and_the_history_keeps_it() {
     let client = smol(&agent).await;
     client.pull_to_end("smol").await.unwrap();
     client.load_to_end("smol", None).await.unwrap();
-    client
-        .lifecycle()
-        .unload(pb::UnloadRequest {
-            model_id: "smol".into(),
-            grace: None,
-        })
-        .await
-        .unwrap();
-    let s = state(&client, "smol").await;
+    client.unload("smol", None).await.unwrap();
+    let s = client.state("smol", 0).await.unwrap();
     assert_eq!(s.state(), Downloaded);
     assert_eq!(
         path(&s.history),
@@ -90,14 +71,8 @@ async fn refused_transitions_name_the_state_and_failures_are_recorded() {
     let agent = Agent::start().await;
     let client = smol(&agent).await;
     // Not loaded: Unload names where the model is.
-    let err = client
-        .lifecycle()
-        .unload(pb::UnloadRequest {
-            model_id: "smol".into(),
-            grace: None,
-        })
-        .await
-        .unwrap_err();
+    let err = client.unload("smol", None).await.unwrap_err();
+    let err = err.status().unwrap();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("registered"), "{err:?}");
 
@@ -115,12 +90,16 @@ async fn refused_transitions_name_the_state_and_failures_are_recorded() {
     let status = err.status().unwrap();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(reason(status), "MODEL_INVALID");
-    let s = state(&client, "broken").await;
+    let s = client.state("broken", 0).await.unwrap();
     assert_eq!(s.state(), pb::ModelState::Failed);
     let failure = s.failure.unwrap();
     assert_eq!(failure.stage(), pb::LifecycleStage::Validate);
     assert_eq!(failure.code, Code::InvalidArgument as i32);
-    assert!(failure.message.contains("truncated") || !failure.message.is_empty());
+    assert!(
+        failure.message.contains("truncated at byte"),
+        "{}",
+        failure.message
+    );
     // FAILED allows a retry: the same Load fails the same way, nothing half-done.
     let again = client.load_to_end("broken", None).await.unwrap_err();
     assert_eq!(reason(again.status().unwrap()), "MODEL_INVALID");
@@ -147,8 +126,10 @@ async fn watch_resumes_by_revision_across_a_kill_and_restart() {
     let agent = Agent::start().await;
     let client = smol(&agent).await;
     client.pull_to_end("smol").await.unwrap();
-    let before = state(&client, "smol")
+    let before = client
+        .state("smol", 0)
         .await
+        .unwrap()
         .history
         .last()
         .unwrap()
@@ -181,14 +162,7 @@ async fn watch_resumes_by_revision_across_a_kill_and_restart() {
 
     // Events while nobody watches: an unload, then kill -9 with the model loaded
     // again; the restarted agent records that nothing is in memory any more.
-    client
-        .lifecycle()
-        .unload(pb::UnloadRequest {
-            model_id: "smol".into(),
-            grace: None,
-        })
-        .await
-        .unwrap();
+    client.unload("smol", None).await.unwrap();
     client.load_to_end("smol", None).await.unwrap();
     drop(watch);
     let agent = agent.restart().await;
@@ -241,8 +215,10 @@ async fn modelctl_watch_resumes_after_a_restart_and_state_shows_history() {
     let agent = Agent::start().await;
     let client = smol(&agent).await;
     client.pull_to_end("smol").await.unwrap();
-    let since = state(&client, "smol")
+    let since = client
+        .state("smol", 0)
         .await
+        .unwrap()
         .history
         .last()
         .unwrap()
@@ -313,9 +289,7 @@ async fn load_all(client: &Client, id: &str) -> (Vec<pb::LoadProgress>, pb::Load
 #[tokio::test]
 async fn one_load_takes_a_model_from_nothing_to_ready_and_concurrent_loads_share_it() {
     let assets = Assets::get();
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(&assets.gguf, dir.path().join("smol.gguf")).unwrap();
-    let server = modeld_e2e::FileServer::serve(dir.path().to_path_buf()).await;
+    let (_dir, server) = modeld_e2e::model_server(&assets).await;
     server.throttle("smol.gguf", 60 * 1024 * 1024);
     let agent = Agent::start().await;
     let client = agent.client().await;
@@ -363,7 +337,7 @@ async fn one_load_takes_a_model_from_nothing_to_ready_and_concurrent_loads_share
     assert_eq!(progress.last().unwrap().overall_progress, 1.0);
 
     // The history shows one pass through the stages, not two.
-    let s = state(&client, "smol").await;
+    let s = client.state("smol", 0).await.unwrap();
     let validations = s
         .history
         .iter()
@@ -407,7 +381,7 @@ async fn corrupt_ggufs_fail_validation_and_the_agent_keeps_serving() {
         let status = err.status().unwrap();
         assert_eq!(status.code(), Code::InvalidArgument, "{name}: {status:?}");
         assert_eq!(reason(status), "MODEL_INVALID", "{name}");
-        let s = state(&client, id).await;
+        let s = client.state(id, 0).await.unwrap();
         assert_eq!(s.state(), pb::ModelState::Failed, "{name}");
         assert_eq!(
             s.failure.unwrap().stage(),
@@ -441,9 +415,7 @@ fn state_at_kill(history: &[pb::StateTransition]) -> pb::ModelState {
 async fn kill_9_in_any_stage_recovers_and_pinned_models_come_back() {
     use pb::ModelState::{Downloaded, Downloading, Initializing, Loading, Ready, Validating};
     let assets = Assets::get();
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(&assets.gguf, dir.path().join("smol.gguf")).unwrap();
-    let server = modeld_e2e::FileServer::serve(dir.path().to_path_buf()).await;
+    let (_dir, server) = modeld_e2e::model_server(&assets).await;
     server.throttle("smol.gguf", 20 * 1024 * 1024);
     let mut agent = Agent::start().await;
     let client = agent.client().await;
@@ -458,7 +430,7 @@ async fn kill_9_in_any_stage_recovers_and_pinned_models_come_back() {
         tokio::spawn(async move { client.load_to_end("smol", None).await })
     };
     for _ in 0..200 {
-        if state(&client, "smol").await.state() == Downloading {
+        if client.state("smol", 0).await.unwrap().state() == Downloading {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -471,7 +443,7 @@ async fn kill_9_in_any_stage_recovers_and_pinned_models_come_back() {
     let mut stages_hit = vec![Downloading];
     let mut settled = false;
     for _ in 0..600 {
-        if state(&client, "smol").await.state() == Downloaded {
+        if client.state("smol", 0).await.unwrap().state() == Downloaded {
             settled = true;
             break;
         }
@@ -493,7 +465,7 @@ async fn kill_9_in_any_stage_recovers_and_pinned_models_come_back() {
         let _ = loading.await;
         agent = agent.restart().await;
         let c = agent.client().await;
-        let s = state(&c, "smol").await;
+        let s = c.state("smol", 0).await.unwrap();
         assert_eq!(
             s.state(),
             Downloaded,
@@ -501,13 +473,7 @@ async fn kill_9_in_any_stage_recovers_and_pinned_models_come_back() {
         );
         stages_hit.push(state_at_kill(&s.history));
         c.load_to_end("smol", None).await.unwrap();
-        c.lifecycle()
-            .unload(pb::UnloadRequest {
-                model_id: "smol".into(),
-                grace: None,
-            })
-            .await
-            .unwrap();
+        c.unload("smol", None).await.unwrap();
     }
     stages_hit.dedup();
     eprintln!("killed during: {stages_hit:?}");
@@ -535,12 +501,7 @@ async fn kill_9_in_any_stage_recovers_and_pinned_models_come_back() {
     let c = agent.client().await;
     let mut back = None;
     for _ in 0..600 {
-        let listed = c
-            .lifecycle()
-            .list_loaded(pb::ListLoadedRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let listed = c.list_loaded().await.unwrap();
         if let Some(m) = listed.models.into_iter().find(|m| m.model_id == "smol") {
             back = Some(m);
             break;
@@ -553,7 +514,7 @@ async fn kill_9_in_any_stage_recovers_and_pinned_models_come_back() {
         back.context_length, 512,
         "with the options it was loaded with"
     );
-    assert_eq!(state(&c, "smol").await.state(), Ready);
+    assert_eq!(c.state("smol", 0).await.unwrap().state(), Ready);
 }
 
 /// Unload while generating: a request that finishes within the grace time completes;
@@ -597,37 +558,23 @@ async fn unload_while_generating_lets_requests_finish_then_cancels_them() {
 
     // A short request and a generous grace: it completes, nothing is cancelled.
     let short = generate(8).await;
-    let mut lifecycle = client.lifecycle();
-    let unload = lifecycle.unload(pb::UnloadRequest {
-        model_id: "smol".into(),
-        grace: Some(modeld_proto::pbjson_types::Duration {
-            seconds: 60,
-            nanos: 0,
-        }),
-    });
+    let unload = client.unload("smol", Some(Duration::from_secs(60)));
     let (summary, unloaded) = tokio::join!(finish(short), unload);
     assert_eq!(summary.finish_reason(), pb::FinishReason::Length);
     assert_eq!(summary.usage.unwrap().generated_tokens, 8);
-    let unloaded = unloaded.unwrap().into_inner();
+    let unloaded = unloaded.unwrap();
     assert_eq!(unloaded.cancelled_requests, 0);
     assert_eq!(unloaded.state(), pb::ModelState::Downloaded);
 
     // A long request and a short grace: it is cancelled, and the unload completes.
     client.load_to_end("smol", None).await.unwrap();
     let long = generate(3000).await;
-    let mut lifecycle = client.lifecycle();
-    let unload = lifecycle.unload(pb::UnloadRequest {
-        model_id: "smol".into(),
-        grace: Some(modeld_proto::pbjson_types::Duration {
-            seconds: 0,
-            nanos: 300_000_000,
-        }),
-    });
+    let unload = client.unload("smol", Some(Duration::from_millis(300)));
     let (summary, unloaded) = tokio::join!(finish(long), unload);
     assert_eq!(summary.finish_reason(), pb::FinishReason::Cancelled);
-    assert_eq!(unloaded.unwrap().into_inner().cancelled_requests, 1);
+    assert_eq!(unloaded.unwrap().cancelled_requests, 1);
     assert_eq!(
-        state(&client, "smol").await.state(),
+        client.state("smol", 0).await.unwrap().state(),
         pb::ModelState::Downloaded
     );
 }
@@ -644,7 +591,7 @@ async fn a_model_inside_an_archive_is_extracted_on_the_way_to_ready() {
     client.register_model(spec).await.unwrap();
     let (progress, loaded) = load_all(&client, "wheel").await;
     assert_eq!(loaded.model_id, "wheel");
-    let s = state(&client, "wheel").await;
+    let s = client.state("wheel", 0).await.unwrap();
     let states: Vec<pb::ModelState> = s.history.iter().map(|t| t.to_state()).collect();
     let at = |x: pb::ModelState| states.iter().position(|s| *s == x).unwrap();
     assert!(
@@ -661,9 +608,7 @@ async fn a_model_inside_an_archive_is_extracted_on_the_way_to_ready() {
 #[tokio::test]
 async fn a_load_nobody_waits_for_stops_its_download() {
     let assets = Assets::get();
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(&assets.gguf, dir.path().join("smol.gguf")).unwrap();
-    let server = modeld_e2e::FileServer::serve(dir.path().to_path_buf()).await;
+    let (_dir, server) = modeld_e2e::model_server(&assets).await;
     server.throttle("smol.gguf", 8 * 1024 * 1024);
     let agent = Agent::start().await;
     let client = agent.client().await;
@@ -694,7 +639,7 @@ async fn a_load_nobody_waits_for_stops_its_download() {
     assert_eq!(err.code(), Code::DeadlineExceeded);
     let mut stopped = false;
     for _ in 0..100 {
-        let s = state(&client, "smol").await;
+        let s = client.state("smol", 0).await.unwrap();
         if s.state() == pb::ModelState::Registered {
             stopped = true;
             break;
@@ -706,8 +651,10 @@ async fn a_load_nobody_waits_for_stops_its_download() {
         "the download was cancelled and the model is registered again"
     );
     assert!(
-        state(&client, "smol")
+        client
+            .state("smol", 0)
             .await
+            .unwrap()
             .history
             .iter()
             .any(|t| t.reason.contains("cancelled"))

@@ -40,28 +40,13 @@ async fn agent(budget: &str) -> (Agent, Client) {
 
 async fn loaded(client: &Client) -> Vec<String> {
     client
-        .lifecycle()
-        .list_loaded(pb::ListLoadedRequest {})
+        .list_loaded()
         .await
         .unwrap()
-        .into_inner()
         .models
         .into_iter()
         .map(|m| m.model_id)
         .collect()
-}
-
-async fn history(client: &Client, id: &str) -> Vec<pb::StateTransition> {
-    client
-        .lifecycle()
-        .get_state(pb::GetStateRequest {
-            model_id: id.into(),
-            history_limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .history
 }
 
 fn pinned() -> Option<pb::LoadOptions> {
@@ -84,15 +69,7 @@ async fn a_model_bigger_than_the_budget_is_refused_with_the_numbers() {
     assert!(needed > 90_000_000 && available == 50_000_000, "{info:?}");
     assert!(status.message().contains(&needed.to_string()));
     // Nothing is wrong with the model: it is back to downloaded, and the agent serves.
-    let state = client
-        .lifecycle()
-        .get_state(pb::GetStateRequest {
-            model_id: "a".into(),
-            history_limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let state = client.state("a", 0).await.unwrap();
     assert_eq!(state.state(), pb::ModelState::Downloaded);
     assert!(client.is_serving().await.unwrap());
 }
@@ -107,7 +84,7 @@ async fn idle_models_are_evicted_lru_first_but_pinned_and_busy_ones_stay() {
         vec!["b"],
         "a was evicted to make room"
     );
-    let evicted = history(&client, "a").await;
+    let evicted = client.state("a", 0).await.unwrap().history;
     assert!(
         evicted
             .iter()
@@ -122,14 +99,7 @@ async fn idle_models_are_evicted_lru_first_but_pinned_and_busy_ones_stay() {
     let err = client.load_to_end("b", None).await.unwrap_err();
     assert_eq!(reason(err.status().unwrap()), "MEMORY_EXHAUSTED");
     assert_eq!(loaded(&client).await, vec!["a"]);
-    client
-        .lifecycle()
-        .unload(pb::UnloadRequest {
-            model_id: "a".into(),
-            grace: None,
-        })
-        .await
-        .unwrap();
+    client.unload("a", None).await.unwrap();
 
     // Busy: a model generating is never evicted.
     client.load_to_end("b", None).await.unwrap();
@@ -185,12 +155,7 @@ async fn an_idle_model_unloads_when_its_keep_alive_expires() {
         )
         .await
         .unwrap();
-    let listed = client
-        .lifecycle()
-        .list_loaded(pb::ListLoadedRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = client.list_loaded().await.unwrap();
     let a = listed.models.iter().find(|m| m.model_id == "a").unwrap();
     let b = listed.models.iter().find(|m| m.model_id == "b").unwrap();
     assert!(
@@ -207,8 +172,11 @@ async fn an_idle_model_unloads_when_its_keep_alive_expires() {
     }
     assert!(gone, "a should have unloaded after its 1 s keep-alive");
     assert!(
-        history(&client, "a")
+        client
+            .state("a", 0)
             .await
+            .unwrap()
+            .history
             .iter()
             .any(|t| t.reason.contains("keep-alive expired"))
     );

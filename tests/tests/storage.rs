@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use modeld_e2e::{
-    Agent, AgentOptions, Assets, Client, Fault, FileServer, SMOLLM2_SHA256, SMOLLM2_SIZE, pb,
-    reason,
+    Agent, AgentOptions, Assets, Client, Fault, FileServer, SMOLLM2_SHA256, SMOLLM2_SIZE,
+    model_server, pb, reason,
 };
 use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
@@ -34,15 +34,6 @@ fn quick(extra: &[&str]) -> AgentOptions {
         args,
         ..Default::default()
     }
-}
-
-/// A directory served over HTTP holding the real model and wheel.
-async fn model_server(assets: &Assets) -> (tempfile::TempDir, FileServer) {
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(&assets.gguf, dir.path().join("smol.gguf")).unwrap();
-    std::os::unix::fs::symlink(&assets.wheel, dir.path().join("smol.whl")).unwrap();
-    let server = FileServer::serve(dir.path().to_path_buf()).await;
-    (dir, server)
 }
 
 fn spec(id: &str, urls: Vec<String>) -> pb::ModelSpec {
@@ -311,15 +302,7 @@ async fn assert_failed_in_download(client: &modeld_e2e::Client, id: &str, code: 
         client.get_model(id).await.unwrap().state(),
         pb::ModelState::Failed
     );
-    let state = client
-        .lifecycle()
-        .get_state(pb::GetStateRequest {
-            model_id: id.into(),
-            history_limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let state = client.state(id, 0).await.unwrap();
     let failure = state.failure.unwrap();
     assert_eq!(failure.stage(), pb::LifecycleStage::Download);
     assert_eq!(failure.code, code as i32);

@@ -64,8 +64,6 @@ pub struct Inference {
     settings: InferenceSettings,
     /// Bytes per second the last load read, for load ETAs.
     load_rate: Mutex<Option<f64>>,
-    /// Memory loaded models may hold together.
-    budget: u64,
 }
 
 impl std::fmt::Debug for Inference {
@@ -101,7 +99,6 @@ impl Inference {
             lifecycle,
             loaded: Mutex::new(HashMap::new()),
             loading: tokio::sync::Mutex::new(()),
-            budget: settings.memory_budget,
             settings,
             load_rate: Mutex::new(None),
         }
@@ -355,14 +352,15 @@ impl Inference {
             .collect()
     }
 
+    /// Memory loaded models may hold together.
     pub fn budget(&self) -> u64 {
-        self.budget
+        self.settings.memory_budget
     }
 
     /// Makes room for `needed` bytes within the budget by evicting idle models, least
     /// recently used first; RESOURCE_EXHAUSTED when even that is not enough.
     async fn admit(&self, id: &str, needed: u64) -> Result<()> {
-        let evict = memory::make_room(needed, self.budget, &self.resident()).map_err(|s| {
+        let evict = memory::make_room(needed, self.budget(), &self.resident()).map_err(|s| {
             Error::MemoryExhausted {
                 id: id.to_owned(),
                 needed: s.needed,

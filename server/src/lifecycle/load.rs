@@ -31,8 +31,8 @@ pub struct LoadUpdate {
     pub eta_seconds: Option<f64>,
 }
 
-/// Where the later stages sit in the overall progress, and how long loading took
-/// last time per byte (for an ETA).
+/// Where each stage sits in the overall progress.
+#[derive(Debug, Clone, Copy)]
 struct Plan {
     downloading: bool,
 }
@@ -103,10 +103,7 @@ pub async fn drive(
                         state: to,
                         stage,
                         stage_progress: 0.0,
-                        overall_progress: Plan {
-                            downloading: !stored,
-                        }
-                        .overall(stage, 0.0),
+                        overall_progress: plan.overall(stage, 0.0),
                         message: t.reason.clone(),
                         eta_seconds: left,
                     })
