@@ -655,6 +655,73 @@ def prepare_outdir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+# --------------------------------------------------------------------------- hostile models
+
+def tiny_genai_config() -> dict:
+    return {"model": {"type": "llama", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+                      "context_length": 256, "vocab_size": 16,
+                      "decoder": {"filename": "model.onnx", "head_size": 4, "hidden_size": 8,
+                                  "num_attention_heads": 2, "num_key_value_heads": 2,
+                                  "num_hidden_layers": 1}}}
+
+
+def gen_onnx_escape(d: Path) -> None:
+    """A decoder export whose one weight claims to live in ../../etc/passwd. ONNX
+    Runtime would open that path; the agent must refuse before a session exists."""
+    from onnx import TensorProto, helper
+
+    t = TensorProto()
+    t.name = "embed_tokens.weight"
+    t.data_type = TensorProto.FLOAT
+    t.dims.extend([16, 8])
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "../../etc/passwd"), ("offset", "0"), ("length", "512")):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    node = helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["logits"], axis=0)
+    graph = helper.make_graph(
+        [node], "escape",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", 8])],
+        initializer=[t])
+    model = helper.make_model(graph, producer_name="modeld-fixtures",
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    # No checker: it would (rightly) refuse the path this fixture exists to carry.
+    write(d / "model.onnx", model.SerializeToString())
+    write(d / "genai_config.json", jdump(tiny_genai_config()))
+
+
+def gen_absurd_shapes(d: Path) -> None:
+    """A llama directory whose safetensors header gives the embedding a shape of
+    2^62 x 2^62 elements over 64 bytes of data: sizing a buffer from it must not
+    happen."""
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 16,
+              "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 2,
+              "max_position_embeddings": 256, "rms_norm_eps": 1e-05,
+              "tie_word_embeddings": True, "torch_dtype": "float32"}
+    write(d / "config.json", jdump(config))
+    header = {"model.embed_tokens.weight": {"dtype": "F32", "shape": [1 << 62, 1 << 62],
+                                            "data_offsets": [0, 64]}}
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * ((8 - len(hb) % 8) % 8)
+    write(d / "model.safetensors", struct.pack("<Q", len(hb)) + hb + bytes(64))
+
+
+def gen_absurd_config(d: Path) -> None:
+    """A llama directory whose config asks for 2^40 positions and a billion layers:
+    a loader that sized its rotary tables or layer list from it would exhaust memory."""
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 16,
+              "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1_000_000_000,
+              "num_attention_heads": 2, "num_key_value_heads": 2,
+              "max_position_embeddings": 1 << 40, "rms_norm_eps": 1e-05,
+              "tie_word_embeddings": True, "torch_dtype": "float32"}
+    write(d / "config.json", jdump(config))
+    tensors = {"model.embed_tokens.weight": np.zeros((16, 8), dtype=np.float32)}
+    write(d / "model.safetensors", safetensors_bytes(tensors, {"format": "pt"}))
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[1] in ("-h", "--help"):
         print(__doc__.strip(), file=sys.stderr)
@@ -720,6 +787,20 @@ def main(argv: list[str]) -> int:
                                 "header (< 24 bytes); must not be reported as a valid gguf"}
 
     gen_corrupt_ggufs(out / "corrupt", out / "tiny.gguf", expect)
+
+    hm = out / "hostile-models"
+    gen_onnx_escape(hm / "onnx-escape")
+    expect["hostile-models/onnx-escape/model.onnx"] = {"format": "onnx", "hostile":
+        "initializer external data location '../../etc/passwd'"}
+    expect["hostile-models/onnx-escape/genai_config.json"] = {"format": "none"}
+    gen_absurd_shapes(hm / "absurd-shapes")
+    expect["hostile-models/absurd-shapes/config.json"] = {"format": "none"}
+    expect["hostile-models/absurd-shapes/model.safetensors"] = {"format": "none", "hostile":
+        "tensor shape [2^62, 2^62] over 64 bytes of data"}
+    gen_absurd_config(hm / "absurd-config")
+    expect["hostile-models/absurd-config/config.json"] = {"format": "none", "hostile":
+        "num_hidden_layers 1e9, max_position_embeddings 2^40"}
+    expect["hostile-models/absurd-config/model.safetensors"] = {"format": "safetensors"}
 
     h = out / "hostile"
     write(h / "zip-slip.zip", zip_bytes([("ok.txt", b"ok\n"), ("../../evil.txt", b"zip-slip\n")]))

@@ -155,13 +155,14 @@ pub async fn serve(
     let grace = config.shutdown_grace;
     let mut inference_settings = config.inference.clone();
     inference_settings.memory_budget = memory_budget_bytes;
+    let engines = crate::engines::instances(&config);
     let agent = Arc::new(Agent {
         config,
         store: store.clone(),
         registry,
         storage,
         inference: crate::inference::Inference::new(
-            crate::engines::instances(),
+            engines,
             store.clone(),
             lifecycle.clone(),
             inference_settings,

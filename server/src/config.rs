@@ -94,6 +94,12 @@ pub struct Args {
     #[arg(long, env = "MODELD_MEMORY_PRESSURE_THRESHOLD")]
     pub memory_pressure_threshold: Option<f64>,
 
+    /// The ONNX Runtime shared library (libonnxruntime.so / .dylib, 1.31 or newer) the
+    /// onnx engine loads [default: $ORT_DYLIB_PATH]. Without it ONNX models fail to
+    /// load with FAILED_PRECONDITION; everything else works.
+    #[arg(long, env = "MODELD_ONNXRUNTIME_LIBRARY")]
+    pub onnxruntime_library: Option<PathBuf>,
+
     /// Inference threads per model [default: 0 = the engine's choice, all cores].
     #[arg(long, env = "MODELD_THREADS")]
     pub threads: Option<u32>,
@@ -235,6 +241,7 @@ struct FileConfig {
     parallel: Option<u32>,
     keep_alive_secs: Option<i64>,
     memory_pressure_threshold: Option<f64>,
+    onnxruntime_library: Option<PathBuf>,
     max_queued_requests: Option<usize>,
     threads: Option<u32>,
     context_length: Option<u32>,
@@ -267,6 +274,8 @@ pub struct Config {
     pub inference: crate::inference::InferenceSettings,
     /// PSI percent above which idle models are evicted; `None` = never.
     pub memory_pressure_threshold: Option<f64>,
+    /// libonnxruntime for the onnx engine; `None` = `ORT_DYLIB_PATH`.
+    pub onnxruntime_library: Option<PathBuf>,
     pub stall_timeout: Duration,
     pub download_retries: usize,
     pub retry_delay: Duration,
@@ -341,6 +350,7 @@ impl Config {
                 .or(file.max_concurrent_downloads)
                 .unwrap_or(2)
                 .max(1),
+            onnxruntime_library: args.onnxruntime_library.or(file.onnxruntime_library),
             memory_pressure_threshold: match args
                 .memory_pressure_threshold
                 .or(file.memory_pressure_threshold)

@@ -16,7 +16,7 @@ pub mod registry;
 pub mod storage;
 pub mod store;
 pub mod telemetry;
-pub mod tokenizer;
+pub use modeld_tokenizer as tokenizer;
 
 pub use config::{Args, Config};
 pub use error::{Error, Result};

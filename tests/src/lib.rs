@@ -41,6 +41,14 @@ pub struct Assets {
     pub grpcurl: PathBuf,
     pub python: PathBuf,
     pub fixtures: PathBuf,
+    /// The GGUF's network as a Hugging Face safetensors directory (derived).
+    pub hf_dir: PathBuf,
+    /// The same network as an ONNX decoder export (derived).
+    pub onnx_dir: PathBuf,
+    /// libonnxruntime from the onnxruntime 1.31.1 wheel.
+    pub ort_lib: PathBuf,
+    /// An older libonnxruntime (1.20.1) this build must refuse.
+    pub ort_old_lib: PathBuf,
 }
 
 impl Assets {
@@ -75,6 +83,10 @@ impl Assets {
             grpcurl: lookup("MODELD_GRPCURL").into(),
             python: lookup("MODELD_PYTHON").into(),
             fixtures: lookup("MODELD_FIXTURES").into(),
+            hf_dir: lookup("MODELD_TEST_HF_DIR").into(),
+            onnx_dir: lookup("MODELD_TEST_ONNX_DIR").into(),
+            ort_lib: lookup("MODELD_TEST_ORT_LIB").into(),
+            ort_old_lib: lookup("MODELD_TEST_ORT_OLD_LIB").into(),
         };
         for p in [
             &assets.gguf,
@@ -82,6 +94,10 @@ impl Assets {
             &assets.grpcurl,
             &assets.python,
             &assets.fixtures,
+            &assets.hf_dir,
+            &assets.onnx_dir,
+            &assets.ort_lib,
+            &assets.ort_old_lib,
         ] {
             assert!(
                 p.exists(),

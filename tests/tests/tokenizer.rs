@@ -312,3 +312,45 @@ fn a_tokenizer_json_beside_the_model_is_used_and_matches_llama_cpp() {
         .unwrap();
     assert!(err.to_string().contains("tokenizer.json"), "{err}");
 }
+
+#[test]
+fn the_derived_models_tokenizer_json_matches_the_gguf_and_llama_cpp() {
+    // scripts/derive-models.py writes tokenizer.json for the safetensors and ONNX
+    // forms of the model; the runtimes without a tokenizer of their own use it.
+    let assets = Assets::get();
+    let (llama, gguf, _model) = tokenizers();
+    let written = tokenizer::json::from_file(&assets.hf_dir.join("tokenizer.json"))
+        .unwrap()
+        .into_shared();
+    assert_eq!(written.vocab_size(), llama.vocab_size());
+    let mut mismatches = Vec::new();
+    for text in PARITY {
+        for (add_special, parse_special) in [(false, false), (true, true), (false, true)] {
+            let want = llama.encode(text, add_special, parse_special).unwrap();
+            let from_gguf = gguf.encode(text, add_special, parse_special).unwrap();
+            let from_json = written.encode(text, add_special, parse_special).unwrap();
+            if want != from_json || want != from_gguf {
+                mismatches.push(format!(
+                    "{text:?} ({add_special}, {parse_special}): llama.cpp {want:?}, gguf {from_gguf:?}, tokenizer.json {from_json:?}"
+                ));
+            }
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+    let (l, w) = (llama.special_tokens(), written.special_tokens());
+    assert_eq!((l.bos, l.eos), (w.bos, w.eos));
+    assert!(
+        w.end_of_generation.contains(&2),
+        "{:?}",
+        w.end_of_generation
+    );
+    // The chat template came along in tokenizer_config.json.
+    let messages = [ChatMessage {
+        role: "user".into(),
+        content: "Hi".into(),
+    }];
+    assert_eq!(
+        written.render_chat(&messages, true).unwrap(),
+        gguf.render_chat(&messages, true).unwrap()
+    );
+}

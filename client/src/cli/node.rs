@@ -21,12 +21,69 @@ pub enum NodeCommand {
         #[arg(long, default_value_t = 0)]
         count: u64,
     },
+    /// Measure a stored model's prompt and generation speed with a runtime on this
+    /// node; the agent records it and ranks runtimes by it when choosing one.
+    Benchmark {
+        /// Model id.
+        id: String,
+        /// Runtime to measure (llama.cpp, onnxruntime, candle); default: the one
+        /// Load would choose.
+        #[arg(long)]
+        runtime: Option<String>,
+        /// Prompt tokens (0 = 128).
+        #[arg(long, default_value_t = 0)]
+        prompt_tokens: u32,
+        /// Generated tokens (0 = 64).
+        #[arg(long, default_value_t = 0)]
+        generated_tokens: u32,
+        /// Runs; the medians are recorded (0 = 3).
+        #[arg(long, default_value_t = 0)]
+        repetitions: u32,
+    },
 }
 
 pub async fn run(client: &Client, cmd: NodeCommand, out: Output) -> anyhow::Result<()> {
     match cmd {
         NodeCommand::Info => info(client, out).await,
         NodeCommand::Watch { interval, count } => watch(client, interval, count, out).await,
+        NodeCommand::Benchmark {
+            id,
+            runtime,
+            prompt_tokens,
+            generated_tokens,
+            repetitions,
+        } => {
+            let runtime = match runtime.as_deref() {
+                None => pb::Runtime::Unspecified,
+                Some(name) => name
+                    .parse::<modeld_engine_core::Runtime>()
+                    .map(pb::Runtime::from)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            };
+            let r = client
+                .node()
+                .benchmark(pb::BenchmarkRequest {
+                    model_id: id,
+                    runtime: runtime as i32,
+                    prompt_tokens,
+                    generated_tokens,
+                    repetitions,
+                })
+                .await?
+                .into_inner();
+            if out == Output::Json {
+                return output::json(&r);
+            }
+            println!(
+                "{} on {}: prompt {:.1} tokens/s, generation {:.1} tokens/s, peak memory {}",
+                r.model_id,
+                runtime_name(r.runtime),
+                r.prompt_tokens_per_second,
+                r.generation_tokens_per_second,
+                bytes(r.peak_memory_bytes)
+            );
+            Ok(())
+        }
     }
 }
 

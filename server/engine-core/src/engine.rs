@@ -19,6 +19,27 @@ pub struct LoadOptions {
     pub gpu_layers: u32,
     pub use_mmap: bool,
     pub use_mlock: bool,
+    /// Execution providers to try, best first ("cpu", "coreml", "cuda"...); empty =
+    /// the engine's choice for this platform. Engines without providers ignore it.
+    pub execution_providers: Vec<String>,
+    /// Graph optimization: 0 = off, 1 = basic, 2 = extended, 3 = all; `None` = all.
+    pub optimization_level: Option<u8>,
+}
+
+/// The context a load gets when neither the request nor the model says: enough for
+/// a chat, small enough for an edge device's KV cache.
+pub const DEFAULT_CONTEXT: u32 = 4096;
+
+impl LoadOptions {
+    /// The context length a load gets: what was asked, within what the model was
+    /// trained for (`trained` 0 = unknown).
+    pub fn context_for(&self, trained: u32) -> u32 {
+        match self.context_length {
+            0 => trained.clamp(1, DEFAULT_CONTEXT),
+            n if trained == 0 => n,
+            n => n.min(trained),
+        }
+    }
 }
 
 /// Sampling settings, validated by the api layer. `None` takes the engine's default.
@@ -98,6 +119,10 @@ pub enum EngineError {
     /// The model's files are malformed; nothing was handed to the runtime.
     #[error("the model file is not valid: {0}")]
     InvalidModel(String),
+    /// The runtime itself cannot be used on this node (a missing or incompatible
+    /// library, an execution provider not built for this platform).
+    #[error("the runtime is not available: {0}")]
+    Unavailable(String),
 }
 
 /// Facts about a loaded model.
@@ -329,6 +354,14 @@ pub trait LoadedModel: Send {
         request: &GenerateRequest,
         sink: &mut dyn FnMut(Token) -> Flow,
     ) -> GenerateOutcome;
+    /// Logits for the token that would follow `prompt`, from a fresh cache: for
+    /// scoring and for comparing runtimes. Engines that cannot expose them say so.
+    fn logits(&mut self, prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let _ = prompt;
+        Err(EngineError::InvalidRequest(
+            "this runtime does not expose logits".into(),
+        ))
+    }
     /// Serves jobs until the source runs dry. Engines that batch several sequences
     /// override this; the default runs one job at a time.
     fn serve(&mut self, jobs: &mut dyn JobSource) {

@@ -123,6 +123,46 @@ impl GgufHeader {
     pub fn chat_template(&self) -> Option<&str> {
         self.get("tokenizer.chat_template").and_then(Value::as_str)
     }
+
+    /// What an engine needs to know about the model: geometry, size, quantization.
+    pub fn probe(&self) -> Result<crate::ModelProbe, String> {
+        let arch = self
+            .architecture()
+            .ok_or_else(|| "general.architecture is missing".to_owned())?
+            .to_owned();
+        let number = |key: &str| {
+            self.get(&format!("{arch}.{key}"))
+                .and_then(Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok())
+                .unwrap_or(0)
+        };
+        let heads = number("attention.head_count");
+        let embedding_length = number("embedding_length");
+        let head_dim = match number("attention.key_length") {
+            0 if heads > 0 => embedding_length / heads,
+            n => n,
+        };
+        let kv_heads = match number("attention.head_count_kv") {
+            0 => heads,
+            n => n,
+        };
+        let vocab_size = match self.get("tokenizer.ggml.tokens") {
+            Some(Value::Array { len, .. }) => u32::try_from(*len).unwrap_or(0),
+            _ => 0,
+        };
+        Ok(crate::ModelProbe {
+            parameter_count: self.parameter_count(),
+            weights_bytes: self.tensors.iter().map(|t| t.size_bytes).sum(),
+            context_length: number("context_length"),
+            vocab_size,
+            layers: number("block_count"),
+            kv_heads,
+            head_dim,
+            embedding_length,
+            quantization: self.quantization(),
+            architecture: arch,
+        })
+    }
 }
 
 struct TypeLayout {

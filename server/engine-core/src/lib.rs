@@ -6,14 +6,18 @@
 
 mod engine;
 mod format;
+pub mod generation;
 pub mod gguf;
+pub mod protobuf;
 mod runtime;
+pub mod safetensors;
+pub mod sampler;
 mod text;
 
 pub use engine::{
-    ChatMessage, Engine, EngineError, FinishReason, Flow, GenerateOutcome, GenerateRequest,
-    GenerateStats, Job, JobSource, LoadOptions, LoadedModel, MemoryEstimate, ModelInfo, ModelProbe,
-    Sampling, SpecialTokens, Token, TokenDecoder, Tokenizer, Truncation,
+    ChatMessage, DEFAULT_CONTEXT, Engine, EngineError, FinishReason, Flow, GenerateOutcome,
+    GenerateRequest, GenerateStats, Job, JobSource, LoadOptions, LoadedModel, MemoryEstimate,
+    ModelInfo, ModelProbe, Sampling, SpecialTokens, Token, TokenDecoder, Tokenizer, Truncation,
 };
 pub use format::{ArchiveFormat, ModelFormat, ParseNameError};
 pub use runtime::{Accelerator, Runtime};

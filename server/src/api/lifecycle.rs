@@ -240,6 +240,16 @@ fn load_request(options: Option<pb::LoadOptions>) -> Result<LoadRequest> {
             d.nanos.unsigned_abs(),
         ))),
     };
+    let optimization_level = match o.optimization_level {
+        None => None,
+        Some(level @ 0..=3) => Some(level as u8),
+        Some(_) => {
+            return Err(Error::invalid(
+                "options.optimization_level",
+                "must be 0 (off), 1 (basic), 2 (extended) or 3 (all)",
+            ));
+        }
+    };
     Ok(LoadRequest {
         pin: o.pin,
         keep_alive,
@@ -252,6 +262,8 @@ fn load_request(options: Option<pb::LoadOptions>) -> Result<LoadRequest> {
             gpu_layers,
             use_mmap: o.use_mmap.unwrap_or(true),
             use_mlock: o.use_mlock,
+            execution_providers: o.execution_providers,
+            optimization_level,
         },
     })
 }

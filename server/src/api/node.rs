@@ -86,14 +86,12 @@ impl Node for NodeApi {
                     .collect(),
             })
             .collect();
+        let measured = self.agent.store.benchmarks()?;
         let formats = ModelFormat::ALL
             .into_iter()
             .map(|f| {
-                let here: Vec<Runtime> = compiled
-                    .iter()
-                    .filter(|e| e.formats.contains(&f))
-                    .map(|e| e.runtime)
-                    .collect();
+                // Best first, as Load would pick them.
+                let here: Vec<Runtime> = engines::ranked(f, &measured);
                 pb::FormatSupport {
                     format: convert::format_to_pb(f) as i32,
                     runnable: !here.is_empty(),
@@ -207,11 +205,51 @@ impl Node for NodeApi {
 
     async fn benchmark(
         &self,
-        _request: Request<pb::BenchmarkRequest>,
+        request: Request<pb::BenchmarkRequest>,
     ) -> Result<Response<pb::BenchmarkResponse>, Status> {
-        Err(Error::Unimplemented {
-            rpc: "modeld.v1.Node/Benchmark",
+        use crate::inference::{
+            BenchmarkPlan, MAX_GENERATED_TOKENS, MAX_PROMPT_TOKENS, MAX_REPETITIONS,
+        };
+        let r = request.into_inner();
+        let within = |field: &str, v: u32, default: u32, max: u32| match v {
+            0 => Ok(default),
+            v if v <= max => Ok(v),
+            v => Err(Error::invalid(field, format!("{v}; the limit is {max}"))),
+        };
+        let plan = BenchmarkPlan {
+            runtime: convert::runtime_from_pb("runtime", r.runtime)?,
+            prompt_tokens: within("prompt_tokens", r.prompt_tokens, 128, MAX_PROMPT_TOKENS)?,
+            generated_tokens: within(
+                "generated_tokens",
+                r.generated_tokens,
+                64,
+                MAX_GENERATED_TOKENS,
+            )?,
+            repetitions: within("repetitions", r.repetitions, 3, MAX_REPETITIONS)?,
+            threads: 0,
+        };
+        if r.model_id.is_empty() {
+            return Err(Error::invalid("model_id", "name the model to measure").into());
         }
-        .into())
+        let entry = self.agent.registry.get(&r.model_id)?;
+        let agent = self.agent.clone();
+        let rss = Arc::new(move || agent.hardware.snapshot().agent_rss_bytes);
+        let record = self
+            .agent
+            .inference
+            .benchmark(&entry, &self.agent.storage, plan, rss)
+            .await?;
+        let runtime = record
+            .runtime
+            .parse::<Runtime>()
+            .map_or(pb::Runtime::Unspecified, convert::runtime_to_pb);
+        Ok(Response::new(pb::BenchmarkResponse {
+            model_id: record.model_id,
+            runtime: runtime as i32,
+            prompt_tokens_per_second: record.prompt_tokens_per_second,
+            generation_tokens_per_second: record.generation_tokens_per_second,
+            peak_memory_bytes: record.peak_memory_bytes,
+            time: Some(convert::timestamp(std::time::SystemTime::now())),
+        }))
     }
 }

@@ -215,7 +215,10 @@ impl ModelRegistry for RegistryApi {
             &spec,
             local,
             &node,
-            &engines::compiled(),
+            &match spec.format {
+                Some(f) => engines::compiled_ranked(f, &self.agent.store.benchmarks()?),
+                None => engines::compiled(),
+            },
             runtime,
             (r.context_length > 0).then_some(r.context_length),
         );

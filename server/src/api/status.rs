@@ -148,6 +148,9 @@ impl From<&Error> for Status {
                 modeld_engine_core::EngineError::InvalidModel(_) => {
                     (Code::InvalidArgument, "MODEL_INVALID")
                 }
+                modeld_engine_core::EngineError::Unavailable(_) => {
+                    (Code::FailedPrecondition, "RUNTIME_UNAVAILABLE")
+                }
             },
             Error::EnginePanicked { id, .. } => {
                 meta.insert("model_id".into(), id.clone());

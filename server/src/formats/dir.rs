@@ -37,6 +37,8 @@ pub fn sniff_dir(dir: &Path) -> Result<Option<DirModel>, DirError> {
             ModelFormat::Mlc,
             mlc_metadata(&dir.join("mlc-chat-config.json"))?,
         )
+    } else if has("genai_config.json") {
+        (ModelFormat::Onnx, genai_metadata(dir)?)
     } else if has("Manifest.json") && dir.join("Data").is_dir() {
         (ModelFormat::CoreMl, coreml_package_metadata(dir)?)
     } else if has("config.json") {
@@ -92,6 +94,45 @@ fn mlc_metadata(config: &Path) -> Result<Metadata, DirError> {
         architecture: str_of(&v, "model_type").to_owned(),
         quantization: str_of(&v, "quantization").to_owned(),
         context_length: u32_of(&v, "context_window_size"),
+        ..Metadata::default()
+    })
+}
+
+/// An ONNX decoder export (onnxruntime-genai layout): genai_config.json names the
+/// graph; its weights may sit in external-data files beside it, so the directory is
+/// the model.
+fn genai_metadata(dir: &Path) -> Result<Metadata, DirError> {
+    let config = read_json(&dir.join("genai_config.json"))?;
+    let model = config.get("model").cloned().unwrap_or_default();
+    let decoder = model.get("decoder").cloned().unwrap_or_default();
+    let file = str_of(&decoder, "filename");
+    let rel = Path::new(file);
+    if file.is_empty()
+        || !rel
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(format!(
+            "genai_config.json decoder.filename {file:?} is not a file inside the directory"
+        ));
+    }
+    let graph = dir.join(rel);
+    let handle = File::open(&graph).map_err(|e| format!("{}: {e}", graph.display()))?;
+    let size = handle.metadata().map_err(|e| e.to_string())?.len();
+    let Some(onnx::ProtoModel::Onnx { io, .. }) = onnx::sniff(&mut BufReader::new(handle), size)
+    else {
+        return Err(format!("{} is not an ONNX model", graph.display()));
+    };
+    let chat_template = read_json(&dir.join("tokenizer_config.json"))
+        .ok()
+        .map(|t| str_of(&t, "chat_template").to_owned())
+        .unwrap_or_default();
+    Ok(Metadata {
+        architecture: str_of(&model, "type").to_owned(),
+        context_length: u32_of(&model, "context_length"),
+        chat_template,
+        inputs: io.inputs,
+        outputs: io.outputs,
         ..Metadata::default()
     })
 }

@@ -10,8 +10,8 @@ pub mod dir;
 /// with it too.
 pub use modeld_engine_core::gguf;
 pub mod onnx;
-pub mod protobuf;
-pub mod safetensors;
+pub use modeld_engine_core::protobuf;
+pub use modeld_engine_core::safetensors;
 
 use std::fs::File;
 use std::io::{self, BufReader, Read};

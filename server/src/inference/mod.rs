@@ -5,7 +5,10 @@
 //! never reach llama.cpp, whose asserts abort the process. Generate finds the model
 //! here or answers FAILED_PRECONDITION naming the model's state.
 
+mod benchmark;
 mod worker;
+
+pub use benchmark::{BenchmarkPlan, MAX_GENERATED_TOKENS, MAX_PROMPT_TOKENS, MAX_REPETITIONS};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -243,21 +246,31 @@ impl Inference {
         Ok(worker)
     }
 
-    fn engine_for(
+    /// The engine for a model: the one named (the Load's choice or the model's
+    /// preference), else the fastest measured here for the format (see
+    /// `engines::ranked`).
+    pub fn engine_for(
         &self,
         id: &str,
         format: ModelFormat,
         runtime: Option<Runtime>,
     ) -> Result<Arc<dyn Engine>> {
-        let mut fits = self
-            .engines
-            .iter()
-            .filter(|e| e.formats().contains(&format));
-        let found = match runtime {
-            None => fits.next(),
-            Some(r) => fits.find(|e| e.runtime() == r),
+        let fits = || {
+            self.engines
+                .iter()
+                .filter(|e| e.formats().contains(&format))
         };
-        found.cloned().ok_or_else(|| match runtime {
+        let found = match runtime {
+            Some(r) => fits().find(|e| e.runtime() == r).cloned(),
+            None => {
+                let measured = self.store.benchmarks()?;
+                crate::engines::ranked(format, &measured)
+                    .into_iter()
+                    .find_map(|r| fits().find(|e| e.runtime() == r).cloned())
+                    .or_else(|| fits().next().cloned())
+            }
+        };
+        found.ok_or_else(|| match runtime {
             Some(r) => Error::RuntimeUnavailable {
                 id: id.to_owned(),
                 runtime: r.as_str(),
@@ -430,9 +443,16 @@ struct PinIntent {
     record: crate::store::PinnedLoadRecord,
 }
 
-/// Where a model's single weights file is on disk: its verified blob, or the file a
-/// scan found.
+/// Where a model is on disk for its engine: the directory a scan found, the
+/// directory its stored files were assembled into (several files, or an unpacked
+/// archive), its verified blob, or the single file a scan found.
 fn model_path(entry: &ModelEntry, storage: &Storage) -> Result<PathBuf> {
+    if let Some(dir) = entry.local_path.as_ref().filter(|p| p.is_dir()) {
+        return Ok(dir.clone());
+    }
+    if entry.spec.files.len() > 1 {
+        return storage.assemble(&entry.spec);
+    }
     let file = entry
         .spec
         .files

@@ -554,6 +554,62 @@ impl Storage {
         Ok(())
     }
 
+    /// A directory holding every file of a multi-file model under the names its spec
+    /// gives them (hard links to the verified blobs, copies where links fail), so a
+    /// runtime that opens files beside each other finds them. Built in a staging
+    /// directory and renamed into place, so it is either complete or absent.
+    pub fn assemble(&self, spec: &ModelSpec) -> Result<PathBuf> {
+        let target = self.inner.models_dir.join(&spec.id);
+        let complete = |dir: &Path| {
+            spec.files.iter().all(|f| {
+                std::fs::metadata(dir.join(&f.name)).is_ok_and(|m| m.len() == f.size_bytes)
+            })
+        };
+        if target.is_dir() && complete(&target) {
+            return Ok(target);
+        }
+        let staging = self
+            .inner
+            .staging_dir
+            .join(format!("{}-{}", spec.id, uuid::Uuid::new_v4()));
+        let built = (|| -> Result<()> {
+            for f in &spec.files {
+                let rel = Path::new(&f.name);
+                if f.name.is_empty()
+                    || !rel
+                        .components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_)))
+                {
+                    return Err(Error::invalid(
+                        "spec.files.name",
+                        format!("{:?} is not a path inside the model's directory", f.name),
+                    ));
+                }
+                if self.inner.blobs.size(&f.sha256)?.is_none() {
+                    return Err(Error::ModelNotStored {
+                        id: spec.id.clone(),
+                    });
+                }
+                let blob = self.inner.blobs.path(&f.sha256)?;
+                let dest = staging.join(rel);
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+                }
+                if std::fs::hard_link(&blob, &dest).is_err() {
+                    std::fs::copy(&blob, &dest).map_err(|e| Error::io(&dest, e))?;
+                }
+            }
+            if target.exists() {
+                std::fs::remove_dir_all(&target).map_err(|e| Error::io(&target, e))?;
+            }
+            std::fs::rename(&staging, &target).map_err(|e| Error::io(&target, e))
+        })();
+        if built.is_err() {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+        built.map(|()| target)
+    }
+
     async fn unpack(&self, model_id: &str, archive: &Path, kind: ArchiveFormat) -> Result<()> {
         let staging = self
             .inner

@@ -14,9 +14,9 @@ use prost::Message;
 use crate::error::{Error, Result};
 
 pub use records::{
-    BlobRecord, FailureRecord, FileRecord, LifecycleRecord, ModelRecord, PinnedLoadRecord,
-    PushRecord, SpecRecord, StoredFileRecord, StoredModelRecord, TransferFileRecord,
-    TransferRecord, TransitionRecord,
+    BenchmarkRecord, BlobRecord, FailureRecord, FileRecord, LifecycleRecord, ModelRecord,
+    PinnedLoadRecord, PushRecord, SpecRecord, StoredFileRecord, StoredModelRecord,
+    TransferFileRecord, TransferRecord, TransitionRecord,
 };
 
 /// Schema version this agent writes. Bump it when a record changes meaning, not when a
@@ -38,6 +38,7 @@ mod tree {
     pub const STORED: &str = "stored";
     pub const TRANSFERS: &str = "transfers";
     pub const PUSHES: &str = "pushes";
+    pub const BENCHMARKS: &str = "benchmarks";
 }
 
 #[derive(Clone)]
@@ -52,6 +53,7 @@ pub struct Store {
     stored: sled::Tree,
     transfers: sled::Tree,
     pushes: sled::Tree,
+    benchmarks: sled::Tree,
     node_id: String,
     path: PathBuf,
 }
@@ -106,6 +108,7 @@ impl Store {
             lifecycle: db.open_tree(tree::LIFECYCLE)?,
             lifecycle_events: db.open_tree(tree::LIFECYCLE_EVENTS)?,
             pinned: db.open_tree(tree::PINNED)?,
+            benchmarks: db.open_tree(tree::BENCHMARKS)?,
             blobs: db.open_tree(tree::BLOBS)?,
             stored: db.open_tree(tree::STORED)?,
             transfers: db.open_tree(tree::TRANSFERS)?,
@@ -306,6 +309,20 @@ impl Store {
     pub fn delete_pinned(&self, id: &str) -> Result<()> {
         self.pinned.remove(id.as_bytes())?;
         Ok(())
+    }
+
+    /// The latest speed measured for each (format, runtime) on this node.
+    pub fn benchmarks(&self) -> Result<Vec<BenchmarkRecord>> {
+        Ok(all(&self.benchmarks, tree::BENCHMARKS)?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect())
+    }
+
+    /// Records a measurement, replacing the previous one for its format and runtime.
+    pub fn put_benchmark(&self, record: &BenchmarkRecord) -> Result<()> {
+        let key = format!("{}/{}", record.format, record.runtime);
+        put(&self.benchmarks, &key, record)
     }
 
     pub fn delete_lifecycle(&self, id: &str) -> Result<()> {

@@ -228,3 +228,26 @@ pub struct PinnedLoadRecord {
     #[prost(string, tag = "5")]
     pub runtime: String,
 }
+
+/// Speed measured by Node.Benchmark for one runtime on one format, on this node.
+/// Runtime selection ranks the engines that can run a format by these.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BenchmarkRecord {
+    /// Format name, e.g. "gguf".
+    #[prost(string, tag = "1")]
+    pub format: String,
+    /// Runtime name, e.g. "llama.cpp".
+    #[prost(string, tag = "2")]
+    pub runtime: String,
+    /// The model it was measured on.
+    #[prost(string, tag = "3")]
+    pub model_id: String,
+    #[prost(double, tag = "4")]
+    pub prompt_tokens_per_second: f64,
+    #[prost(double, tag = "5")]
+    pub generation_tokens_per_second: f64,
+    #[prost(uint64, tag = "6")]
+    pub peak_memory_bytes: u64,
+    #[prost(int64, tag = "7")]
+    pub time_unix_ms: i64,
+}

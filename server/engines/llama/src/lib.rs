@@ -25,8 +25,6 @@ use modeld_engine_core::{
     Tokenizer, Utf8Stream, gguf,
 };
 
-/// Context length per sequence when neither the request nor the model says.
-pub const DEFAULT_CONTEXT: u32 = 4096;
 /// Sequences decoded together when the load options do not say.
 pub const DEFAULT_PARALLEL: u32 = 4;
 const DEFAULT_BATCH: u32 = 512;
@@ -76,47 +74,11 @@ impl Engine for LlamaEngine {
         let size = file.metadata().map_err(|e| invalid(e.to_string()))?.len();
         let header = gguf::read_header(std::io::BufReader::new(file), size)
             .map_err(|e| invalid(e.to_string()))?;
-        let arch = header
-            .architecture()
-            .ok_or_else(|| invalid("general.architecture is missing".into()))?
-            .to_owned();
-        let number = |key: &str| {
-            header
-                .get(&format!("{arch}.{key}"))
-                .and_then(gguf::Value::as_u64)
-                .and_then(|v| u32::try_from(v).ok())
-                .unwrap_or(0)
-        };
-        let heads = number("attention.head_count");
-        let embedding_length = number("embedding_length");
-        let head_dim = match number("attention.key_length") {
-            0 if heads > 0 => embedding_length / heads,
-            n => n,
-        };
-        let kv_heads = match number("attention.head_count_kv") {
-            0 => heads,
-            n => n,
-        };
-        let vocab_size = match header.get("tokenizer.ggml.tokens") {
-            Some(gguf::Value::Array { len, .. }) => u32::try_from(*len).unwrap_or(0),
-            _ => 0,
-        };
-        Ok(ModelProbe {
-            parameter_count: header.parameter_count(),
-            weights_bytes: header.tensors.iter().map(|t| t.size_bytes).sum(),
-            context_length: number("context_length"),
-            vocab_size,
-            layers: number("block_count"),
-            kv_heads,
-            head_dim,
-            embedding_length,
-            quantization: header.quantization(),
-            architecture: arch,
-        })
+        header.probe().map_err(invalid)
     }
 
     fn estimate_memory(&self, probe: &ModelProbe, options: &LoadOptions) -> MemoryEstimate {
-        let context = u64::from(context_for(options.context_length, probe.context_length));
+        let context = u64::from(options.context_for(probe.context_length));
         let parallel = u64::from(parallel_for(options.parallel));
         let batch = u64::from(if options.batch_size == 0 {
             DEFAULT_BATCH
@@ -153,7 +115,7 @@ impl Engine for LlamaEngine {
             .with_use_mlock(options.use_mlock);
         let model = LlamaModel::load_from_file(backend, path, &params)
             .map_err(|e| EngineError::Load(e.to_string()))?;
-        let context_length = context_for(options.context_length, model.n_ctx_train());
+        let context_length = options.context_for(model.n_ctx_train());
         let parallel = parallel_for(options.parallel);
         let info = ModelInfo {
             architecture: model
@@ -189,14 +151,6 @@ impl Engine for LlamaEngine {
 const COMPUTE_VECTORS: u64 = 24;
 
 /// The context a load gets: what it asked for, within what the model was trained on.
-fn context_for(requested: u32, trained: u32) -> u32 {
-    match requested {
-        0 => trained.clamp(1, DEFAULT_CONTEXT),
-        n if trained == 0 => n,
-        n => n.min(trained),
-    }
-}
-
 fn parallel_for(requested: u32) -> u32 {
     match requested {
         0 => DEFAULT_PARALLEL,

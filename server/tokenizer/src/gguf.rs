@@ -20,7 +20,7 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use super::chat_template::ChatTemplate;
 use super::hf::HfTokenizer;
-use crate::formats::gguf::{self, GgufHeader, Value};
+use modeld_engine_core::gguf::{self, GgufHeader, Value};
 
 /// Metadata arrays the tokenizer needs, kept whole when reading the header.
 pub const KEYS: &[&str] = &[

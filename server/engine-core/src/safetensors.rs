@@ -14,6 +14,26 @@ pub struct SafetensorsHeader {
     /// The dtype holding the most parameters, e.g. "F16".
     pub dominant_dtype: String,
     pub metadata: BTreeMap<String, String>,
+    /// Every tensor's dtype and shape, by name.
+    pub tensors: BTreeMap<String, TensorInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TensorInfo {
+    /// Upper-case, e.g. "F16".
+    pub dtype: String,
+    pub shape: Vec<u64>,
+}
+
+/// Bytes per element of the dtypes whose size is fixed; others are not size-checked.
+fn element_bytes(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" | "F8_E8M0" => 1,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "F32" | "I32" | "U32" => 4,
+        "F64" | "I64" | "U64" => 8,
+        _ => return None,
+    })
 }
 
 #[derive(serde::Deserialize)]
@@ -61,9 +81,30 @@ pub fn read_header<R: Read>(mut r: R, size: u64) -> Result<SafetensorsHeader, St
             .iter()
             .try_fold(1u64, |a, d| a.checked_mul(*d))
             .ok_or_else(|| format!("tensor {name:?}: shape overflows"))?;
+        let dtype = t.dtype.to_ascii_uppercase();
+        // A shape must account for exactly the bytes the tensor spans, or a reader
+        // sizing buffers from the shape would trust a lie.
+        if let Some(size) = element_bytes(&dtype) {
+            let bytes = elems.checked_mul(size);
+            if bytes != Some(end - begin) {
+                return Err(format!(
+                    "tensor {name:?}: shape {:?} of {dtype} needs {} bytes but its data spans {}",
+                    t.shape,
+                    bytes.map_or_else(|| "more than 2^64".to_owned(), |b| b.to_string()),
+                    end - begin
+                ));
+            }
+        }
         out.tensor_count += 1;
         out.parameter_count = out.parameter_count.saturating_add(elems);
-        *by_dtype.entry(t.dtype.to_ascii_uppercase()).or_default() += elems;
+        *by_dtype.entry(dtype.clone()).or_default() += elems;
+        out.tensors.insert(
+            name,
+            TensorInfo {
+                dtype,
+                shape: t.shape,
+            },
+        );
     }
     if out.tensor_count == 0 {
         return Err("header lists no tensors".into());
@@ -109,6 +150,25 @@ mod tests {
             read_header(&b[..], b.len() as u64)
                 .unwrap_err()
                 .contains("outside")
+        );
+    }
+
+    #[test]
+    fn shapes_that_do_not_match_the_data_are_rejected() {
+        let b = file(
+            r#"{"w":{"dtype":"F32","shape":[4611686018427387904,4611686018427387904],"data_offsets":[0,16]}}"#,
+            16,
+        );
+        let err = read_header(&b[..], b.len() as u64).unwrap_err();
+        assert!(err.contains("overflows") || err.contains("needs"), "{err}");
+        let b = file(
+            r#"{"w":{"dtype":"F32","shape":[2,4],"data_offsets":[0,16]}}"#,
+            16,
+        );
+        assert!(
+            read_header(&b[..], b.len() as u64)
+                .unwrap_err()
+                .contains("needs 32 bytes")
         );
     }
 

@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Runtime benchmark: one network in three formats through the agent's three engines,
+# in one run, same prompt, same threads:
+#   - llama.cpp on the SmolLM2-135M Q4_1 GGUF;
+#   - candle on the same GGUF (quantized llama) and on the derived safetensors (F32);
+#   - ONNX Runtime on the derived ONNX export (F32), and, as the reference, ONNX
+#     Runtime driven directly from Python (the onnxruntime wheel) on the same export
+#     with the same KV-cache loop;
+# then Node.Benchmark on the GGUF with both runtimes that can run it, and the runtime
+# the agent's selector then picks.
+#
+#   bench/runtimes.sh [RUNS]      (default 5; medians are reported)
+# Writes bench/results/runtimes-<date>.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS="${1:-5}"
+THREADS="${THREADS:-$(nproc)}"
+PROMPT=128
+GEN=64
+
+. bench/common.sh
+
+port="$(free_port)"
+addr="127.0.0.1:$port"
+"$modeld" --listen "$addr" --data-dir "$work/data" --log warn --threads "$THREADS" \
+    --onnxruntime-library "$MODELD_TEST_ORT_LIB" --context-length 1024 --parallel 1 &
+agent_pid=$!
+for _ in $(seq 100); do
+    "$modelctl" --addr "http://$addr" node info >/dev/null 2>&1 && break
+    sleep 0.2
+done
+ctl() { "$modelctl" --addr "http://$addr" "$@"; }
+sha="$(sha256sum "$MODELD_TEST_GGUF" | cut -d' ' -f1)"
+size="$(stat -c %s "$MODELD_TEST_GGUF")"
+ctl models register --id smol --url "file://$MODELD_TEST_GGUF" --sha256 "$sha" --size "$size" >/dev/null
+ctl pull smol >/dev/null
+ctl -o json scan "$MODELD_TEST_ONNX_DIR" "$MODELD_TEST_HF_DIR" >"$work/scan.json"
+read -r onnx_id hf_id < <(python3 - "$work/scan.json" <<'PY'
+import json, sys
+models = json.load(open(sys.argv[1]))["models"]
+by = {m["spec"]["format"]: m["spec"]["id"] for m in models}
+print(by["MODEL_FORMAT_ONNX"], by["MODEL_FORMAT_SAFETENSORS"])
+PY
+)
+
+measure() {  # measure NAME ID RUNTIME
+    echo "bench: $1 through gRPC ($RUNS runs)" >&2
+    ctl load "$2" --runtime "$3" >/dev/null
+    ctl -o json bench "$2" --concurrency 1 --prompt-tokens "$PROMPT" --max-tokens "$GEN" \
+        --runs "$RUNS" >"$work/$1.json"
+    ctl unload "$2" >/dev/null
+}
+measure llama-gguf smol llama.cpp
+measure candle-gguf smol candle
+measure candle-safetensors "$hf_id" candle
+measure onnxruntime-onnx "$onnx_id" onnxruntime
+
+echo "bench: Node.Benchmark on the GGUF, then what the selector picks" >&2
+ctl -o json node benchmark smol --runtime llama.cpp --repetitions "$RUNS" >"$work/nb-llama.json"
+ctl -o json node benchmark smol --runtime candle --repetitions "$RUNS" >"$work/nb-candle.json"
+ctl -o json models check smol >"$work/check.json"
+agent_rss_kb="$(awk '/VmHWM/ {print $2}' "/proc/$agent_pid/status")"
+kill "$agent_pid"; wait "$agent_pid" 2>/dev/null || true; agent_pid=
+
+echo "bench: ONNX Runtime from Python on the same export ($RUNS runs)" >&2
+"$MODELD_PYTHON" - "$MODELD_TEST_ONNX_DIR" "$THREADS" "$PROMPT" "$GEN" "$RUNS" >"$work/ort-python.json" <<'PY'
+# The reference loop: what a Python user of the onnxruntime wheel would write, the
+# presents of one step fed back as the pasts of the next, greedy.
+import json, statistics, sys, time
+import numpy as np
+import onnxruntime as ort
+d, threads, prompt_len, gen, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+cfg = json.load(open(f"{d}/genai_config.json"))["model"]
+dec = cfg["decoder"]
+so = ort.SessionOptions()
+so.intra_op_num_threads = threads
+so.inter_op_num_threads = 1
+so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+sess = ort.InferenceSession(f"{d}/{dec['filename']}", so, providers=["CPUExecutionProvider"])
+layers, kv, hd = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
+prompt = (np.arange(prompt_len, dtype=np.int64) * 7919 % 40000 + 100).reshape(1, -1)
+def run_once():
+    past = {}
+    for i in range(layers):
+        past[f"past_key_values.{i}.key"] = np.zeros((1, kv, 0, hd), np.float32)
+        past[f"past_key_values.{i}.value"] = np.zeros((1, kv, 0, hd), np.float32)
+    names = [o.name for o in sess.get_outputs()]
+    def step(ids, total):
+        n = ids.shape[1]
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64),
+                "position_ids": np.arange(total - n, total, dtype=np.int64).reshape(1, -1), **past}
+        out = dict(zip(names, sess.run(None, feed)))
+        for i in range(layers):
+            past[f"past_key_values.{i}.key"] = out[f"present.{i}.key"]
+            past[f"past_key_values.{i}.value"] = out[f"present.{i}.value"]
+        return int(out["logits"][0, -1].argmax())
+    t0 = time.perf_counter()
+    tok = step(prompt, prompt_len)
+    t1 = time.perf_counter()
+    total = prompt_len
+    for _ in range(gen - 1):
+        total += 1
+        tok = step(np.array([[tok]], np.int64), total)
+    t2 = time.perf_counter()
+    return prompt_len / (t1 - t0), (gen - 1) / (t2 - t1)
+run_once()  # warm-up, as the agent's numbers come from a loaded, warmed session
+results = [run_once() for _ in range(runs)]
+print(json.dumps({"prompt_tokens_per_second": statistics.median(r[0] for r in results),
+                  "generation_tokens_per_second": statistics.median(r[1] for r in results)}))
+PY
+
+mkdir -p bench/results
+out="bench/results/runtimes-$(date -u +%F).md"
+python3 - "$work" "$agent_rss_kb" "$THREADS" "$RUNS" >"$out" <<'PY'
+import json, platform, sys, datetime
+work, agent_rss_kb, threads, runs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+def ours(name):
+    return json.load(open(f"{work}/{name}.json"))[0]
+ref = json.load(open(f"{work}/ort-python.json"))
+nb = {r: json.load(open(f"{work}/nb-{r}.json")) for r in ("llama", "candle")}
+check = json.load(open(f"{work}/check.json"))
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+print(f"# Runtime benchmark, {datetime.date.today()}")
+print()
+print(f"Machine: {cpu}, {threads} threads, {platform.system()} {platform.release()}. "
+      "One network (SmolLM2-135M-Instruct) in three formats: the Q4_1 GGUF (98 MB) and, derived "
+      "from it by scripts/derive-models.py, an F32 safetensors directory and an F32 ONNX export "
+      f"(540 MB each). Release build, `-C target-cpu=native`. Prompt 128 tokens, 64 generated "
+      f"(end-of-sequence ignored), greedy, one stream; median of {runs} runs. Agent figures are "
+      "measured at the gRPC client (`modelctl bench`).")
+print()
+print("| runtime | format | prompt tokens/s | generation tokens/s |")
+print("|---|---|---:|---:|")
+for name, runtime, fmt in [("llama-gguf", "llama.cpp", "GGUF Q4_1"), ("candle-gguf", "candle", "GGUF Q4_1"),
+                           ("candle-safetensors", "candle", "safetensors F32"),
+                           ("onnxruntime-onnx", "onnxruntime", "ONNX F32")]:
+    o = ours(name)
+    print(f"| {runtime} | {fmt} | {o['prompt_tokens_per_second']:.1f} | {o['generation_tokens_per_second']:.1f} |")
+print(f"| onnxruntime from Python (reference) | ONNX F32 | {ref['prompt_tokens_per_second']:.1f} | {ref['generation_tokens_per_second']:.1f} |")
+o = ours("onnxruntime-onnx")
+print()
+print(f"onnx engine vs ONNX Runtime's own Python loop: prompt {o['prompt_tokens_per_second']/ref['prompt_tokens_per_second']:.2f}×, "
+      f"generation {o['generation_tokens_per_second']/ref['generation_tokens_per_second']:.2f}× (target ≥ 0.9×).")
+print()
+print("## Selection")
+print()
+print("Node.Benchmark on the GGUF (the format two runtimes can run), recorded in the agent's store:")
+print()
+print("| runtime | prompt tokens/s | generation tokens/s | peak memory added |")
+print("|---|---:|---:|---:|")
+for r in ("llama", "candle"):
+    b = nb[r]
+    print(f"| {b['runtime']} | {b['promptTokensPerSecond']:.1f} | {b['generationTokensPerSecond']:.1f} | "
+          f"{int(b.get('peakMemoryBytes', 0))/2**20:.0f} MiB |")
+print()
+picked = check.get("settings", {}).get("runtime", "?")
+print(f"CheckCompatibility (and Load) then pick **{picked}** for GGUF models: the runtime with the "
+      "highest measured generation speed on this node.")
+print()
+print(f"Agent peak RSS over the run: {agent_rss_kb/1024:.0f} MiB.")
+PY
+cat "$out"

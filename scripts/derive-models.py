@@ -1,0 +1,904 @@
+#!/usr/bin/env python3
+"""Derive a Hugging Face directory and an ONNX export from a real llama GGUF.
+
+Usage: derive-models.py GGUF OUTDIR [--verify]
+
+Why this exists: modeld serves the same model through several runtimes, and the
+tests need a real network in more than one format to prove that they agree. No
+package we can install ships a small LLM as safetensors or ONNX, but one does ship
+SmolLM2-135M-Instruct as a GGUF (see scripts/fetch-test-assets). So this script
+dequantizes that GGUF and writes the *same* network twice:
+
+    OUTDIR/hf/    Hugging Face layout (MLX reads the same): model.safetensors (F32),
+                  config.json, generation_config.json, tokenizer.json,
+                  tokenizer_config.json
+    OUTDIR/onnx/  an Optimum / onnxruntime-genai style decoder: model.onnx with its
+                  weights in model.onnx.data, genai_config.json, and the same
+                  config and tokenizer files
+
+Both hold the GGUF's dequantized weights exactly, so their outputs should match each
+other closely and llama.cpp's on the quantized file nearly (compare greedy tokens).
+`--verify` checks this: a numpy forward pass over hf/ against ONNX Runtime over
+onnx/, the KV-cache path against full recomputation, and (with the `tokenizers`
+package installed) a greedy chat answer.
+
+Only llama-architecture GGUFs with a byte-level BPE ("gpt2") vocabulary are
+handled; anything else is refused rather than converted approximately.
+
+The output is deterministic: the same GGUF and package versions give the same bytes.
+Everything is written to a scratch directory next to OUTDIR and renamed into place
+at the end, so an interrupted run never leaves a half-written OUTDIR. An existing
+OUTDIR is replaced.
+
+Needs numpy, gguf, onnx and safetensors; --verify also needs onnxruntime and
+jinja2, and uses tokenizers when it is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PRODUCER = "modeld scripts/derive-models.py"
+OPSET = 17  # standard ONNX ops only; loadable by any ONNX Runtime since 1.13
+IR_VERSION = 8
+
+# llama.cpp's token types (llama_token_type).
+TOKEN_TYPE_CONTROL = 3
+TOKEN_TYPE_USER_DEFINED = 4
+
+# Pre-tokenizers, mirroring server/tokenizer/src/gguf.rs (which mirrors llama.cpp's
+# llama-vocab.cpp), so the tokenizer.json written here is the one the agent builds
+# in memory from the same GGUF.
+LLAMA3_REGEX = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_SPLITS = {
+    **dict.fromkeys(["gpt-2", "mpt", "olmo", "jais", "trillion"], "gpt2"),
+    **dict.fromkeys(
+        ["starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva"],
+        "digits-then-gpt2",
+    ),
+    **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"], "llama3"),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "hunyuan"], "qwen2"),
+}
+
+
+def fail(message: str) -> None:
+    sys.exit(f"derive-models: {message}")
+
+
+# --------------------------------------------------------------------------- GGUF
+
+class Gguf:
+    """The metadata and dequantized (F32) tensors of a GGUF file."""
+
+    def __init__(self, path: Path):
+        from gguf import GGUFReader
+
+        self.path = path
+        self.reader = GGUFReader(str(path), "r")
+        self.meta = dict(self.reader.fields)
+
+    def get(self, key: str, default=None):
+        field = self.meta.get(key)
+        return default if field is None else field.contents()
+
+    def require(self, key: str):
+        value = self.get(key)
+        if value is None:
+            fail(f"{self.path}: metadata {key} is missing")
+        return value
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Every tensor as float32 in numpy order.
+
+        GGUF lists dimensions innermost first (ne0 = row length), numpy outermost
+        first, so a weight GGUF calls [n_in, n_out] comes back as (n_out, n_in),
+        which is already the [out_features, in_features] layout Hugging Face uses.
+        """
+        from gguf.quants import dequantize
+
+        out = {}
+        for t in self.reader.tensors:
+            array = dequantize(t.data, t.tensor_type)
+            expected = tuple(int(d) for d in reversed(t.shape))
+            if array.shape != expected:
+                fail(f"{t.name}: dequantized to {array.shape}, expected {expected}")
+            out[t.name] = np.ascontiguousarray(array, dtype=np.float32)
+        return out
+
+
+def f32_number(value: float) -> float:
+    """The shortest decimal that reads back as the same float32 (1e-05, not
+    9.999999747378752e-06), as the original config.json wrote it."""
+    return float(str(np.float32(value)))
+
+
+def hyperparameters(g: Gguf) -> dict:
+    arch = g.require("general.architecture")
+    if arch != "llama":
+        fail(f"architecture {arch!r} is not supported (only llama)")
+    n_head = int(g.require("llama.attention.head_count"))
+    hidden = int(g.require("llama.embedding_length"))
+    head_dim = int(g.get("llama.attention.key_length", hidden // n_head))
+    rope_dim = int(g.get("llama.rope.dimension_count", head_dim))
+    if rope_dim != head_dim or head_dim * n_head != hidden:
+        fail(f"head_dim {head_dim}, rope dims {rope_dim}, hidden {hidden}: only full-width RoPE "
+             "with hidden = heads * head_dim is supported")
+    for key in g.meta:
+        if key.startswith("llama.rope.scaling"):
+            fail(f"{key} is set: RoPE scaling is not supported")
+    tokens = g.require("tokenizer.ggml.tokens")
+    return {
+        "n_layer": int(g.require("llama.block_count")),
+        "hidden": hidden,
+        "intermediate": int(g.require("llama.feed_forward_length")),
+        "n_head": n_head,
+        "n_kv_head": int(g.get("llama.attention.head_count_kv", n_head)),
+        "head_dim": head_dim,
+        "vocab": int(g.get("llama.vocab_size", len(tokens))),
+        "context": int(g.require("llama.context_length")),
+        "rope_theta": float(np.float32(g.get("llama.rope.freq_base", 10000.0))),
+        "rms_eps": float(np.float32(g.require("llama.attention.layer_norm_rms_epsilon"))),
+    }
+
+
+def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation.
+
+    llama.cpp rotates adjacent pairs (x0, x1), Hugging Face rotates the two halves
+    of each head (rotate_half), so the converter reorders each head's rows with
+    reshape(n_head, 2, d/2, ...).swapaxes(1, 2). Reversing it gives weights for
+    HF's convention."""
+    rows = w.shape[0]
+    return np.ascontiguousarray(
+        w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def hf_state_dict(tensors: dict[str, np.ndarray], hp: dict) -> dict[str, np.ndarray]:
+    """GGUF tensor names to Hugging Face llama names; refuses tensors it does not know."""
+    per_layer = {
+        "attn_norm.weight": "input_layernorm.weight",
+        "attn_q.weight": "self_attn.q_proj.weight",
+        "attn_k.weight": "self_attn.k_proj.weight",
+        "attn_v.weight": "self_attn.v_proj.weight",
+        "attn_output.weight": "self_attn.o_proj.weight",
+        "ffn_norm.weight": "post_attention_layernorm.weight",
+        "ffn_gate.weight": "mlp.gate_proj.weight",
+        "ffn_up.weight": "mlp.up_proj.weight",
+        "ffn_down.weight": "mlp.down_proj.weight",
+    }
+    out = {}
+    for name, w in tensors.items():
+        if name == "token_embd.weight":
+            out["model.embed_tokens.weight"] = w
+        elif name == "output_norm.weight":
+            out["model.norm.weight"] = w
+        elif name == "output.weight":
+            out["lm_head.weight"] = w
+        elif name.startswith("blk."):
+            _, layer, rest = name.split(".", 2)
+            if rest not in per_layer:
+                fail(f"unexpected tensor {name}")
+            if rest == "attn_q.weight":
+                w = unpermute_rope(w, hp["n_head"])
+            elif rest == "attn_k.weight":
+                w = unpermute_rope(w, hp["n_kv_head"])
+            out[f"model.layers.{int(layer)}.{per_layer[rest]}"] = w
+        else:
+            fail(f"unexpected tensor {name}")
+    expected = 2 + 9 * hp["n_layer"] + ("lm_head.weight" in out)
+    if len(out) != expected:
+        fail(f"{len(out)} tensors, expected {expected}")
+    embed = out["model.embed_tokens.weight"].shape
+    if embed != (hp["vocab"], hp["hidden"]):
+        fail(f"token embedding is {embed}, expected ({hp['vocab']}, {hp['hidden']})")
+    return out
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+def special_ids(g: Gguf, n_vocab: int) -> dict:
+    def token_id(key):
+        value = g.get(key)
+        return int(value) if value is not None and 0 <= int(value) < n_vocab else None
+
+    return {
+        "bos": token_id("tokenizer.ggml.bos_token_id"),
+        "eos": token_id("tokenizer.ggml.eos_token_id"),
+        "pad": token_id("tokenizer.ggml.padding_token_id"),
+        "unk": token_id("tokenizer.ggml.unknown_token_id"),
+        # llama.cpp's defaults for a BPE vocabulary: no BOS, no EOS unless stated.
+        "add_bos": bool(g.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos": bool(g.get("tokenizer.ggml.add_eos_token", False)),
+    }
+
+
+def tokenizer_json(g: Gguf) -> tuple[str, list[dict]]:
+    """tokenizer.json for the GGUF's vocabulary, and its added tokens.
+
+    Built to the recipe of server/tokenizer/src/gguf.rs, and serialized the way the
+    `tokenizers` library serializes that tokenizer (compact, keys in its order), so
+    the file is what HfTokenizer::to_json would write for the same GGUF."""
+    model = g.require("tokenizer.ggml.model")
+    if model != "gpt2":
+        fail(f"tokenizer model {model!r} is not supported (only byte-level BPE, \"gpt2\")")
+    pre_name = g.get("tokenizer.ggml.pre", "default")
+    split = PRE_SPLITS.get(pre_name)
+    if split is None:
+        fail(f"pre-tokenizer {pre_name!r} is not supported")
+    tokens = list(g.require("tokenizer.ggml.tokens"))
+    merges = list(g.require("tokenizer.ggml.merges"))
+    types = list(g.get("tokenizer.ggml.token_type", []))
+    if types and len(types) != len(tokens):
+        fail(f"{len(types)} token types for {len(tokens)} tokens")
+
+    def byte_level(use_regex: bool) -> dict:
+        return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                "use_regex": use_regex}
+
+    def regex_split(regex: str) -> dict:
+        return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated",
+                "invert": False}
+
+    if split == "gpt2":
+        pre = byte_level(True)
+    elif split == "digits-then-gpt2":
+        pre = {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True}, byte_level(True)]}
+    else:
+        regex = LLAMA3_REGEX if split == "llama3" else QWEN2_REGEX
+        pre = {"type": "Sequence", "pretokenizers": [regex_split(regex), byte_level(False)]}
+
+    # Control tokens are special (matched only when parsing special tokens, as in
+    # llama.cpp); user-defined ones are ordinary added tokens, always matched.
+    added = []
+    for i, (token, ty) in enumerate(zip(tokens, types)):
+        if ty in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED):
+            special = ty == TOKEN_TYPE_CONTROL
+            added.append({"id": i, "content": token, "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": not special, "special": special})
+
+    pairs = []
+    for m in merges:
+        a, sep, b = m.partition(" ")
+        if not sep:
+            fail(f"merge {m!r} is not two tokens")
+        pairs.append([a, b])
+
+    doc = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": pre,
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                    "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            # Llama 3 vocabularies take whole-word hits before merging.
+            "ignore_merges": split == "llama3",
+            "vocab": {t: i for i, t in enumerate(tokens)},
+            "merges": pairs,
+        },
+    }
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")), added
+
+
+# --------------------------------------------------------------------------- hf/
+
+def json_text(obj) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_hf(out: Path, g: Gguf, hp: dict, weights: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    out.mkdir(parents=True)
+    tied = "lm_head.weight" not in weights
+    # "pt" is what transformers writes; MLX weights would say "mlx".
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+    tokens = g.require("tokenizer.ggml.tokens")
+    sp = special_ids(g, len(tokens))
+    config = {
+        "_name_or_path": g.get("general.name", ""),
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": sp["bos"],
+        "eos_token_id": sp["eos"],
+        "pad_token_id": sp["pad"],
+        "head_dim": hp["head_dim"],
+        "hidden_act": "silu",
+        "hidden_size": hp["hidden"],
+        "intermediate_size": hp["intermediate"],
+        "max_position_embeddings": hp["context"],
+        "mlp_bias": False,
+        "num_attention_heads": hp["n_head"],
+        "num_hidden_layers": hp["n_layer"],
+        "num_key_value_heads": hp["n_kv_head"],
+        "pretraining_tp": 1,
+        "rms_norm_eps": f32_number(hp["rms_eps"]),
+        "rope_scaling": None,
+        "rope_theta": f32_number(hp["rope_theta"]),
+        "tie_word_embeddings": tied,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "vocab_size": hp["vocab"],
+    }
+    (out / "config.json").write_text(json_text(config), encoding="utf-8")
+    generation = {"bos_token_id": sp["bos"], "eos_token_id": sp["eos"],
+                  "pad_token_id": sp["pad"], "do_sample": False}
+    (out / "generation_config.json").write_text(json_text(generation), encoding="utf-8")
+
+    text, added = tokenizer_json(g)
+    (out / "tokenizer.json").write_text(text, encoding="utf-8")
+
+    def token_text(i):
+        return None if i is None else tokens[i]
+
+    # What server/tokenizer/src/json.rs reads: the token texts, add_bos/add_eos,
+    # chat_template and model_max_length.
+    tok_config = {
+        "add_bos_token": sp["add_bos"],
+        "add_eos_token": sp["add_eos"],
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(t["id"]): {k: t[k] for k in
+                           ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+            for t in added
+        },
+        "bos_token": token_text(sp["bos"]),
+        "chat_template": g.get("tokenizer.chat_template"),
+        "clean_up_tokenization_spaces": False,
+        "eos_token": token_text(sp["eos"]),
+        "model_max_length": hp["context"],
+        "pad_token": token_text(sp["pad"]),
+        "tokenizer_class": "GPT2Tokenizer",
+        "unk_token": token_text(sp["unk"]),
+    }
+    tok_config = {k: v for k, v in tok_config.items() if v is not None}
+    (out / "tokenizer_config.json").write_text(json_text(tok_config), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- onnx/
+
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """Hugging Face's default RoPE frequencies, computed in float32 as it does."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    return (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+
+
+class GraphBuilder:
+    """Collects nodes and initializers; names nodes "/scope/Op_n" like exporters do."""
+
+    def __init__(self):
+        from onnx import numpy_helper
+
+        self._from_array = numpy_helper.from_array
+        self.nodes = []
+        self.initializers = []
+        self._consts = {}
+        self._counts = {}
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(self._from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, values, dtype) -> str:
+        """A small shared constant (shape vectors, scalars)."""
+        array = np.array(values, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.weight(f"/const_{len(self._consts)}", array)
+        return self._consts[key]
+
+    def op(self, op_type: str, inputs: list[str], scope: str = "", outputs=None, n_out=1, **attrs):
+        from onnx import helper
+
+        base = f"{scope}/{op_type}"
+        n = self._counts.get(base, 0)
+        self._counts[base] = n + 1
+        name = base if n == 0 else f"{base}_{n}"
+        if outputs is None:
+            outputs = [f"{name}_output_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def build_onnx(hp: dict, weights: dict[str, np.ndarray]):
+    """The decoder graph, Optimum's layout and names; returns an onnx.ModelProto.
+
+    Keys are stored in the cache after RoPE (as Optimum exports do), so a decode
+    step only rotates its new keys. Causal masking uses absolute positions (query
+    p sees keys 0..=p, p counted from the past length), so one graph serves prefill,
+    decode and chunked prefill; attention_mask zeros (padding) are masked too.
+    """
+    from onnx import TensorProto, helper
+
+    H, KV, D = hp["n_head"], hp["n_kv_head"], hp["head_dim"]
+    hidden, V = hp["hidden"], hp["vocab"]
+    n_rep = H // KV
+    g = GraphBuilder()
+    i64, f32 = np.int64, np.float32
+
+    embed = g.weight("model.embed_tokens.weight", weights["model.embed_tokens.weight"])
+
+    # ONNX MatMul wants [in, out]: HF's [out, in] weights are stored transposed.
+    def linear_weight(name):
+        return g.weight(f"{name}.T", weights[name].T)
+
+    def rms_norm(x, weight_name, scope):
+        # The Pow/ReduceMean/Add/Sqrt/Div/Mul chain ORT fuses into one kernel.
+        w = g.weight(weight_name, weights[weight_name])
+        sq = g.op("Pow", [x, g.const(2.0, f32)], scope)
+        var = g.op("ReduceMean", [sq], scope, axes=[-1], keepdims=1)
+        std = g.op("Sqrt", [g.op("Add", [var, g.const(hp["rms_eps"], f32)], scope)], scope)
+        return g.op("Mul", [g.op("Div", [x, std], scope), w], scope)
+
+    # Shared by all layers: positions, RoPE tables, the attention bias.
+    scope = "/model"
+    ids_shape = g.op("Shape", ["input_ids"], scope)
+    seq_len = g.op("Gather", [ids_shape, g.const(1, i64)], scope, axis=0)
+    past_len = g.op("Gather", [g.op("Shape", ["past_key_values.0.key"], scope),
+                               g.const(2, i64)], scope, axis=0)
+    total_len = g.op("Add", [past_len, seq_len], scope)
+    key_pos = g.op("Range", [g.const(0, i64), total_len, g.const(1, i64)], scope)
+    query_pos = g.op("Range", [past_len, total_len, g.const(1, i64)], scope)
+    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [key_pos, g.const([0], i64)], scope),
+                                  g.op("Unsqueeze", [query_pos, g.const([1], i64)], scope)],
+                  scope)  # [S, T]
+    not_pad = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], scope, to=TensorProto.BOOL),
+                                 g.const([1, 2], i64)], scope)  # [B, 1, 1, T]
+    allowed = g.op("And", [causal, not_pad], scope)  # [B, 1, S, T]
+    # The most negative float rather than -inf: a fully masked row (a padding query)
+    # then gets a uniform softmax instead of NaN.
+    attn_bias = g.op("Where", [allowed, g.const(0.0, f32),
+                               g.const(np.finfo(np.float32).min, f32)], scope)
+
+    inv_freq = g.weight("model.rotary_emb.inv_freq", rope_inv_freq(D, hp["rope_theta"]))
+    pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], scope, to=TensorProto.FLOAT),
+                             g.const([2], i64)], scope)  # [B, S, 1]
+    freqs = g.op("Mul", [pos, inv_freq], scope)  # [B, S, D/2]
+    angles = g.op("Concat", [freqs, freqs], scope, axis=-1)  # [B, S, D]
+    cos = g.op("Unsqueeze", [g.op("Cos", [angles], scope), g.const([1], i64)], scope)
+    sin = g.op("Unsqueeze", [g.op("Sin", [angles], scope), g.const([1], i64)], scope)
+
+    def apply_rope(x, scope):
+        # HF's rotate_half: (x1, x2) -> (-x2, x1) over the two halves of each head.
+        x1, x2 = g.op("Split", [x, g.const([D // 2, D // 2], i64)], scope, n_out=2, axis=-1)
+        rotated = g.op("Concat", [g.op("Neg", [x2], scope), x1], scope, axis=-1)
+        return g.op("Add", [g.op("Mul", [x, cos], scope), g.op("Mul", [rotated, sin], scope)],
+                    scope)
+
+    def heads(x, n, scope):  # [B, S, n*D] -> [B, n, S, D]
+        x = g.op("Reshape", [x, g.const([0, 0, n, D], i64)], scope)
+        return g.op("Transpose", [x], scope, perm=[0, 2, 1, 3])
+
+    def repeat_kv(x, scope):  # [B, KV, T, D] -> [B, H, T, D]; head h reads KV head h // n_rep
+        if n_rep == 1:
+            return x
+        x = g.op("Unsqueeze", [x, g.const([2], i64)], scope)
+        x = g.op("Expand", [x, g.const([1, 1, n_rep, 1, 1], i64)], scope)
+        return g.op("Reshape", [x, g.const([0, H, -1, D], i64)], scope)
+
+    x = g.op("Gather", [embed, "input_ids"], "/model/embed_tokens", axis=0)
+    for layer in range(hp["n_layer"]):
+        p = f"model.layers.{layer}"
+        scope = f"/model/layers.{layer}/self_attn"
+        h = rms_norm(x, f"{p}.input_layernorm.weight", f"/model/layers.{layer}/input_layernorm")
+        q = heads(g.op("MatMul", [h, linear_weight(f"{p}.self_attn.q_proj.weight")], scope), H, scope)
+        k = heads(g.op("MatMul", [h, linear_weight(f"{p}.self_attn.k_proj.weight")], scope), KV, scope)
+        v = heads(g.op("MatMul", [h, linear_weight(f"{p}.self_attn.v_proj.weight")], scope), KV, scope)
+        q, k = apply_rope(q, scope), apply_rope(k, scope)
+        keys = g.op("Concat", [f"past_key_values.{layer}.key", k], scope, axis=2,
+                    outputs=[f"present.{layer}.key"])
+        values = g.op("Concat", [f"past_key_values.{layer}.value", v], scope, axis=2,
+                      outputs=[f"present.{layer}.value"])
+        keys_t = g.op("Transpose", [repeat_kv(keys, scope)], scope, perm=[0, 1, 3, 2])
+        scores = g.op("Mul", [g.op("MatMul", [q, keys_t], scope), g.const(1.0 / math.sqrt(D), f32)],
+                      scope)
+        probs = g.op("Softmax", [g.op("Add", [scores, attn_bias], scope)], scope, axis=-1)
+        ctx = g.op("Transpose", [g.op("MatMul", [probs, repeat_kv(values, scope)], scope)],
+                   scope, perm=[0, 2, 1, 3])
+        ctx = g.op("Reshape", [ctx, g.const([0, 0, H * D], i64)], scope)
+        attn = g.op("MatMul", [ctx, linear_weight(f"{p}.self_attn.o_proj.weight")], scope)
+        x = g.op("Add", [x, attn], f"/model/layers.{layer}")
+
+        scope = f"/model/layers.{layer}/mlp"
+        h = rms_norm(x, f"{p}.post_attention_layernorm.weight",
+                     f"/model/layers.{layer}/post_attention_layernorm")
+        gate = g.op("MatMul", [h, linear_weight(f"{p}.mlp.gate_proj.weight")], scope)
+        up = g.op("MatMul", [h, linear_weight(f"{p}.mlp.up_proj.weight")], scope)
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], scope)], scope)  # SiLU
+        down = g.op("MatMul", [g.op("Mul", [act, up], scope),
+                               linear_weight(f"{p}.mlp.down_proj.weight")], scope)
+        x = g.op("Add", [x, down], f"/model/layers.{layer}")
+
+    x = rms_norm(x, "model.norm.weight", "/model/norm")
+    # Gemm with transB reads the [vocab, hidden] embedding as the LM head in place,
+    # so tied weights are stored once.
+    head = embed if "lm_head.weight" not in weights else g.weight("lm_head.weight",
+                                                                  weights["lm_head.weight"])
+    flat = g.op("Reshape", [x, g.const([-1, hidden], i64)], "/lm_head")
+    logits = g.op("Gemm", [flat, head], "/lm_head", transB=1)
+    out_shape = g.op("Concat", [ids_shape, g.const([V], i64)], "/lm_head", axis=0)
+    g.op("Reshape", [logits, out_shape], "/lm_head", outputs=["logits"])
+
+    def value(name, elem, dims):
+        return helper.make_tensor_value_info(name, elem, dims)
+
+    inputs = [
+        value("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        value("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+        value("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+    ]
+    outputs = [value("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", V])]
+    for layer in range(hp["n_layer"]):
+        for kind in ("key", "value"):
+            inputs.append(value(f"past_key_values.{layer}.{kind}", TensorProto.FLOAT,
+                                ["batch_size", KV, "past_sequence_length", D]))
+            outputs.append(value(f"present.{layer}.{kind}", TensorProto.FLOAT,
+                                 ["batch_size", KV, "total_sequence_length", D]))
+    graph = helper.make_graph(g.nodes, "main_graph", inputs, outputs, initializer=g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name=PRODUCER, ir_version=IR_VERSION)
+    model.doc_string = "llama decoder with KV cache (Optimum / onnxruntime-genai I/O names)"
+    return model
+
+
+def write_onnx(out: Path, hf_dir: Path, g: Gguf, hp: dict, weights: dict[str, np.ndarray]) -> None:
+    import onnx
+
+    out.mkdir(parents=True)
+    model = build_onnx(hp, weights)
+    # Weights in one side file, as real exports of models this size ship them;
+    # model.onnx itself stays small.
+    onnx.save_model(model, str(out / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data",
+                    size_threshold=1024)
+    del model
+    onnx.checker.check_model(str(out / "model.onnx"))
+
+    sp = special_ids(g, len(g.require("tokenizer.ggml.tokens")))
+    genai = {
+        "model": {
+            "bos_token_id": sp["bos"],
+            "context_length": hp["context"],
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": "model.onnx",
+                "head_size": hp["head_dim"],
+                "hidden_size": hp["hidden"],
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": hp["n_head"],
+                "num_hidden_layers": hp["n_layer"],
+                "num_key_value_heads": hp["n_kv_head"],
+            },
+            "eos_token_id": sp["eos"],
+            "pad_token_id": sp["pad"],
+            "type": "llama",
+            "vocab_size": hp["vocab"],
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": hp["context"],
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            # present = concat(past, new): the cache grows, it is not a shared buffer.
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
+    (out / "genai_config.json").write_text(json_text(genai), encoding="utf-8")
+    # onnxruntime-genai and Optimum model folders carry the tokenizer and configs.
+    for name in ("config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json"):
+        shutil.copyfile(hf_dir / name, out / name)
+
+
+# --------------------------------------------------------------------------- verify
+
+class NumpyLlama:
+    """A plain numpy forward pass over hf/ (no cache): the reference the ONNX graph
+    is checked against, written independently of it."""
+
+    def __init__(self, hf_dir: Path):
+        from safetensors.numpy import load_file
+
+        self.w = load_file(str(hf_dir / "model.safetensors"))
+        c = json.loads((hf_dir / "config.json").read_text())
+        self.c = c
+        self.H, self.KV = c["num_attention_heads"], c["num_key_value_heads"]
+        self.D = c["head_dim"]
+        self.eps = np.float32(c["rms_norm_eps"])
+        self.inv_freq = rope_inv_freq(self.D, c["rope_theta"])
+
+    def norm(self, x, name):
+        var = np.mean(x * x, axis=-1, keepdims=True)
+        return (x / np.sqrt(var + self.eps)) * self.w[name]
+
+    def rope(self, x, cos, sin):  # x [n, S, D]
+        half = self.D // 2
+        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+
+    def logits(self, ids: list[int]) -> np.ndarray:  # [S, V]
+        w, H, KV, D = self.w, self.H, self.KV, self.D
+        S = len(ids)
+        x = w["model.embed_tokens.weight"][np.array(ids)]
+        freqs = np.arange(S, dtype=np.float32)[:, None] * self.inv_freq[None, :]
+        angles = np.concatenate([freqs, freqs], axis=-1)
+        cos, sin = np.cos(angles), np.sin(angles)
+        mask = np.triu(np.full((S, S), -np.inf, dtype=np.float32), 1)
+        for i in range(self.c["num_hidden_layers"]):
+            p = f"model.layers.{i}"
+            h = self.norm(x, f"{p}.input_layernorm.weight")
+            q = (h @ w[f"{p}.self_attn.q_proj.weight"].T).reshape(S, H, D).transpose(1, 0, 2)
+            k = (h @ w[f"{p}.self_attn.k_proj.weight"].T).reshape(S, KV, D).transpose(1, 0, 2)
+            v = (h @ w[f"{p}.self_attn.v_proj.weight"].T).reshape(S, KV, D).transpose(1, 0, 2)
+            q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+            k, v = np.repeat(k, H // KV, axis=0), np.repeat(v, H // KV, axis=0)
+            scores = q @ k.transpose(0, 2, 1) / np.float32(math.sqrt(D)) + mask
+            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            probs = scores / scores.sum(axis=-1, keepdims=True)
+            ctx = (probs @ v).transpose(1, 0, 2).reshape(S, H * D)
+            x = x + ctx @ w[f"{p}.self_attn.o_proj.weight"].T
+            h = self.norm(x, f"{p}.post_attention_layernorm.weight")
+            gate = h @ w[f"{p}.mlp.gate_proj.weight"].T
+            up = h @ w[f"{p}.mlp.up_proj.weight"].T
+            x = x + ((gate / (1 + np.exp(-gate))) * up) @ w[f"{p}.mlp.down_proj.weight"].T
+        x = self.norm(x, "model.norm.weight")
+        head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+        return x @ head.T
+
+
+class OrtDecoder:
+    """onnx/model.onnx through ONNX Runtime, driven the way onnxruntime-genai does."""
+
+    def __init__(self, onnx_dir: Path):
+        import onnxruntime as ort
+
+        c = json.loads((onnx_dir / "genai_config.json").read_text())["model"]["decoder"]
+        self.layers, self.kv, self.d = c["num_hidden_layers"], c["num_key_value_heads"], c["head_size"]
+        self.session = ort.InferenceSession(str(onnx_dir / "model.onnx"),
+                                            providers=["CPUExecutionProvider"])
+
+    def empty_cache(self, batch: int = 1) -> dict:
+        zeros = np.zeros((batch, self.kv, 0, self.d), dtype=np.float32)
+        return {f"past_key_values.{i}.{kind}": zeros
+                for i in range(self.layers) for kind in ("key", "value")}
+
+    def run(self, ids, cache, mask=None, positions=None):
+        """Feeds ids [B, S] after the cache; returns logits [B, S, V] and the new cache."""
+        ids = np.asarray(ids, dtype=np.int64)
+        past = cache["past_key_values.0.key"].shape[2]
+        if mask is None:
+            mask = np.ones((ids.shape[0], past + ids.shape[1]), dtype=np.int64)
+        if positions is None:
+            positions = np.broadcast_to(np.arange(past, past + ids.shape[1]), ids.shape)
+        feeds = {"input_ids": ids, "attention_mask": np.asarray(mask, dtype=np.int64),
+                 "position_ids": np.ascontiguousarray(positions, dtype=np.int64), **cache}
+        names = [o.name for o in self.session.get_outputs()]
+        results = dict(zip(names, self.session.run(names, feeds)))
+        new_cache = {f"past_key_values.{i}.{kind}": results[f"present.{i}.{kind}"]
+                     for i in range(self.layers) for kind in ("key", "value")}
+        return results["logits"], new_cache
+
+    def greedy(self, prompt: list[int], n: int, stop=()) -> list[int]:
+        logits, cache = self.run([prompt], self.empty_cache())
+        out = []
+        while True:
+            token = int(np.argmax(logits[0, -1]))
+            out.append(token)
+            if len(out) == n or token in stop:
+                return out
+            logits, cache = self.run([[token]], cache)
+
+    def greedy_no_cache(self, prompt: list[int], n: int) -> list[int]:
+        ids = list(prompt)
+        for _ in range(n):
+            logits, _ = self.run([ids], self.empty_cache())
+            ids.append(int(np.argmax(logits[0, -1])))
+        return ids[len(prompt):]
+
+
+def verify(outdir: Path) -> None:
+    hf_dir, onnx_dir = outdir / "hf", outdir / "onnx"
+    vocab = json.loads((hf_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    # Whole-word vocabulary entries make a real prompt without needing a tokenizer.
+    words = ["The", "Ġcapital", "Ġof", "ĠFrance", "Ġis", "ĠParis", ".", "ĠThe", "Ġcapital",
+             "Ġof", "ĠGermany", "Ġis"]
+    prompt = [vocab[w] for w in words]
+    failures = []
+
+    def check(ok: bool, what: str):
+        print(f"verify: {'ok  ' if ok else 'FAIL'} {what}")
+        if not ok:
+            failures.append(what)
+
+    t0 = time.perf_counter()
+    ref = NumpyLlama(hf_dir).logits(prompt)
+    dec = OrtDecoder(onnx_dir)
+    ort_logits, _ = dec.run([prompt], dec.empty_cache())
+    diff = float(np.abs(ref - ort_logits[0]).max())
+    check(diff < 1e-2, f"numpy (hf/) vs ONNX Runtime (onnx/) logits, {len(prompt)} tokens: "
+                       f"max |diff| {diff:.2e} (logit range {ref.min():.1f}..{ref.max():.1f})")
+
+    cached = dec.greedy(prompt, 9)
+    uncached = dec.greedy_no_cache(prompt, 9)
+    check(cached == uncached, f"prefill + 8 decode steps with KV cache == full recompute: {cached}")
+
+    # Chunked prefill: the second chunk has past > 0 and more than one query.
+    logits_a, cache = dec.run([prompt[:5]], dec.empty_cache())
+    logits_b, _ = dec.run([prompt[5:]], cache)
+    chunked = np.concatenate([logits_a[0], logits_b[0]])
+    diff = float(np.abs(chunked - ort_logits[0]).max())
+    check(diff < 1e-3, f"chunked prefill (5 + {len(prompt) - 5}) vs one pass: max |diff| {diff:.2e}")
+
+    # Left padding in a batch: the padded row must match the same prompt alone.
+    pad = 4
+    short = prompt[pad:]
+    ids = [prompt, [0] * pad + short]
+    mask = [[1] * len(prompt), [0] * pad + [1] * len(short)]
+    positions = [list(range(len(prompt))), [0] * pad + list(range(len(short)))]
+    batch_logits, _ = dec.run(ids, dec.empty_cache(), mask=mask, positions=positions)
+    alone, _ = dec.run([short], dec.empty_cache())
+    diff = max(float(np.abs(batch_logits[1, pad:] - alone[0]).max()),
+               float(np.abs(batch_logits[0] - ort_logits[0]).max()))
+    check(diff < 1e-3, f"batch of 2 with left padding vs each alone: max |diff| {diff:.2e}")
+
+    try:
+        import tokenizers
+    except ImportError:
+        tokenizers = None
+        print("verify: skip tokenizer and chat checks (the tokenizers package is not installed)")
+    if tokenizers is not None:
+        import jinja2.sandbox
+
+        tok = tokenizers.Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+        ids = tok.encode("The capital of France is Paris. The capital of Germany is",
+                         add_special_tokens=False).ids
+        check(ids == prompt, "tokenizer.json encodes the prompt as its whole-word tokens")
+        check(tok.to_str() == (hf_dir / "tokenizer.json").read_text(encoding="utf-8"),
+              f"tokenizers {tokenizers.__version__} re-serializes tokenizer.json byte for byte")
+
+        config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        text = env.from_string(config["chat_template"]).render(
+            messages=[{"role": "user", "content": "Tell me the capital of France."}],
+            add_generation_prompt=True, bos_token=config.get("bos_token", ""),
+            eos_token=config.get("eos_token", ""))
+        chat = tok.encode(text, add_special_tokens=False).ids
+        eos = tok.token_to_id(config["eos_token"])
+        answer = dec.greedy(chat, 20, stop={eos})
+        reply = tok.decode(answer, skip_special_tokens=True)
+        check("Paris" in reply, f"greedy chat answer ({len(chat)} prompt tokens): {reply!r}")
+        print(f"verify: chat prompt ids {chat}")
+        print(f"verify: chat answer ids {answer}")
+
+    # Throughput, for information: ONNX Runtime's default threads, batch 1.
+    long_prompt = (prompt * 11)[:128]
+    start = time.perf_counter()
+    logits, cache = dec.run([long_prompt], dec.empty_cache())
+    prefill = time.perf_counter() - start
+    token = int(np.argmax(logits[0, -1]))
+    start = time.perf_counter()
+    for _ in range(64):
+        logits, cache = dec.run([[token]], cache)
+        token = int(np.argmax(logits[0, -1]))
+    decode = time.perf_counter() - start
+    print(f"verify: ONNX Runtime speed: prefill 128 tokens {128 / prefill:.0f} tok/s, "
+          f"decode 64 tokens {64 / decode:.1f} tok/s")
+    print(f"verify: {'FAILED' if failures else 'passed'} in {time.perf_counter() - t0:.1f} s")
+    if failures:
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------- main
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def derive(gguf_path: Path, outdir: Path) -> None:
+    start = time.perf_counter()
+    g = Gguf(gguf_path)
+    hp = hyperparameters(g)
+    weights = hf_state_dict(g.tensors(), hp)
+    n_params = sum(w.size for w in weights.values())
+
+    outdir = outdir.absolute()
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    # Scratch space on OUTDIR's filesystem, so the final rename is atomic.
+    scratch = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.partial-", dir=outdir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(scratch, 0o777 & ~umask)  # mkdtemp makes it private
+        write_hf(scratch / "hf", g, hp, weights)
+        write_onnx(scratch / "onnx", scratch / "hf", g, hp, weights)
+        for f in scratch.rglob("*"):  # safetensors and onnx write their files private
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
+        if outdir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.old-", dir=outdir.parent))
+            os.rename(outdir, old / "x")
+            os.rename(scratch, outdir)
+            shutil.rmtree(old)
+        else:
+            os.rename(scratch, outdir)
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch)
+
+    mb = 1e6
+    print(f"derive-models: {gguf_path.name} -> {outdir}: {n_params / 1e6:.1f}M params, "
+          f"hf/ {dir_size(outdir / 'hf') / mb:.0f} MB, onnx/ {dir_size(outdir / 'onnx') / mb:.0f} MB, "
+          f"{time.perf_counter() - start:.1f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("gguf", type=Path, help="a llama GGUF (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
+    parser.add_argument("outdir", type=Path, help="written as OUTDIR/hf and OUTDIR/onnx")
+    parser.add_argument("--verify", action="store_true",
+                        help="then compare hf/ and onnx/ outputs (numpy vs ONNX Runtime)")
+    args = parser.parse_args()
+    if not args.gguf.is_file():
+        fail(f"{args.gguf} is not a file")
+    # A plain kill runs the cleanup in derive() too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    derive(args.gguf, args.outdir)
+    if args.verify:
+        verify(args.outdir.absolute())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+//! The candle engine: llama-family models from a Hugging Face safetensors directory
+//! (config.json + safetensors) and from GGUF through candle's quantized llama.
+//!
+//! Files are checked before candle reads them (see `safetensors_dir` and
+//! `gguf_file`). Tokenizers come from the same providers as every runtime
+//! (tokenizer.json beside the model, else the GGUF's vocabulary), and generation goes
+//! through engine-core's shared loop and sampler. Inference runs on a thread pool
+//! this model owns, sized by the load options.
+
+mod gguf_file;
+mod safetensors_dir;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use modeld_engine_core::generation::{Forward, SequenceRunner};
+use modeld_engine_core::{
+    Accelerator, Engine, EngineError, Flow, GenerateOutcome, GenerateRequest, LoadOptions,
+    LoadedModel, MemoryEstimate, ModelFormat, ModelInfo, ModelProbe, Runtime, Token, Tokenizer,
+};
+
+pub use gguf_file::QuantizedForward;
+pub use safetensors_dir::LlamaForward;
+
+/// The candle version compiled in.
+pub const VERSION: &str = "0.11.1";
+
+/// Prompt tokens per forward pass: bounds the attention scores one pass allocates.
+const PREFILL_CHUNK: usize = 256;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CandleEngine;
+
+fn candle_error(what: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Inference(format!("candle {what}: {e}"))
+}
+
+/// Runs `f` on `pool`, so candle's parallel kernels use this model's threads.
+fn in_pool<T: Send>(pool: &rayon::ThreadPool, f: impl FnOnce() -> T + Send) -> T {
+    pool.install(f)
+}
+
+fn thread_pool(threads: u32) -> Result<rayon::ThreadPool, EngineError> {
+    let threads = if threads == 0 {
+        std::thread::available_parallelism().map_or(1, usize::from)
+    } else {
+        threads as usize
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("candle-{i}"))
+        .build()
+        .map_err(|e| EngineError::Load(format!("candle threads: {e}")))
+}
+
+/// What kind of model `path` is: a directory (safetensors) or a file (GGUF).
+enum Source {
+    Directory,
+    Gguf,
+}
+
+fn source(path: &Path) -> Source {
+    if path.is_dir() {
+        Source::Directory
+    } else {
+        Source::Gguf
+    }
+}
+
+impl Engine for CandleEngine {
+    fn runtime(&self) -> Runtime {
+        Runtime::Candle
+    }
+
+    fn formats(&self) -> &[ModelFormat] {
+        &[ModelFormat::Safetensors, ModelFormat::Gguf]
+    }
+
+    fn accelerators(&self) -> Vec<Accelerator> {
+        vec![Accelerator::Cpu]
+    }
+
+    fn probe(&self, path: &Path) -> Result<ModelProbe, EngineError> {
+        match source(path) {
+            Source::Directory => safetensors_dir::check(path).map(|c| c.probe),
+            Source::Gguf => gguf_file::check(path),
+        }
+    }
+
+    fn estimate_memory(&self, probe: &ModelProbe, options: &LoadOptions) -> MemoryEstimate {
+        let ctx = u64::from(options.context_for(probe.context_length));
+        let kv = 2
+            * u64::from(probe.layers)
+            * u64::from(probe.kv_heads)
+            * u64::from(probe.head_dim)
+            * ctx
+            * 4;
+        let chunk = PREFILL_CHUNK as u64;
+        let heads = u64::from(probe.embedding_length / probe.head_dim.max(1));
+        // Attention scores of one prefill chunk, its MLP activations and the logits;
+        // concatenating the cache briefly holds it twice.
+        let compute = chunk * ctx * heads.max(1) * 4
+            + chunk * u64::from(probe.embedding_length) * 4 * 8
+            + u64::from(probe.vocab_size) * 4;
+        MemoryEstimate {
+            weights: probe.weights_bytes,
+            kv_cache: kv * 2,
+            compute,
+        }
+    }
+
+    fn load(
+        &self,
+        path: &Path,
+        options: &LoadOptions,
+    ) -> Result<Box<dyn LoadedModel>, EngineError> {
+        let pool = thread_pool(options.threads)?;
+        let (probe, forward, format): (ModelProbe, Box<dyn Forward>, ModelFormat) =
+            match source(path) {
+                Source::Directory => {
+                    let checked = safetensors_dir::check(path)?;
+                    let context = options.context_for(checked.probe.context_length);
+                    let forward = LlamaForward::load(&checked, context, pool)?;
+                    (checked.probe, Box::new(forward), ModelFormat::Safetensors)
+                }
+                Source::Gguf => {
+                    let probe = gguf_file::check(path)?;
+                    let forward = QuantizedForward::load(path, pool)?;
+                    (probe, Box::new(forward), ModelFormat::Gguf)
+                }
+            };
+        let mut context_length = options.context_for(probe.context_length);
+        if format == ModelFormat::Gguf {
+            context_length = context_length.min(gguf_file::MAX_CONTEXT);
+        }
+        let tokenizer = modeld_tokenizer::for_model(path, format, None, None)?;
+        if tokenizer.vocab_size() > probe.vocab_size {
+            return Err(EngineError::InvalidModel(format!(
+                "the tokenizer has {} tokens but the model's logits cover {}",
+                tokenizer.vocab_size(),
+                probe.vocab_size
+            )));
+        }
+        let estimate = self.estimate_memory(&probe, options);
+        let info = ModelInfo {
+            architecture: probe.architecture.clone(),
+            parameter_count: probe.parameter_count,
+            context_length,
+            vocab_size: probe.vocab_size,
+            chat_template: None,
+            memory_bytes: estimate.total(),
+        };
+        Ok(Box::new(CandleModel {
+            runner: SequenceRunner::new(
+                forward,
+                tokenizer.clone(),
+                context_length,
+                PREFILL_CHUNK,
+                "candle",
+            ),
+            tokenizer,
+            info,
+        }))
+    }
+}
+
+pub struct CandleModel {
+    runner: SequenceRunner<Box<dyn Forward>>,
+    tokenizer: Arc<dyn Tokenizer>,
+    info: ModelInfo,
+}
+
+impl LoadedModel for CandleModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn tokenizer(&self) -> Arc<dyn Tokenizer> {
+        self.tokenizer.clone()
+    }
+
+    fn generate(
+        &mut self,
+        request: &GenerateRequest,
+        sink: &mut dyn FnMut(Token) -> Flow,
+    ) -> GenerateOutcome {
+        self.runner.generate(request, sink)
+    }
+
+    fn logits(&mut self, prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
+        self.runner.logits(prompt)
+    }
+}

@@ -1,0 +1,372 @@
+//! Llama-family models in the Hugging Face layout (MLX shares it): `config.json` and
+//! `model.safetensors` (or shards listed by `model.safetensors.index.json`).
+//!
+//! Everything read from the files is untrusted: the configuration's numbers are held
+//! to limits, each safetensors header is parsed by engine-core's checked reader, and
+//! every tensor the network needs must be present with the shape the configuration
+//! implies, before candle maps a byte.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::llama::{Cache, Config, Llama, LlamaConfig};
+use modeld_engine_core::generation::Forward;
+use modeld_engine_core::{EngineError, ModelProbe, safetensors};
+use serde::Deserialize;
+
+use crate::{candle_error, in_pool};
+
+const MAX_JSON_BYTES: u64 = 16 << 20;
+const MAX_HIDDEN: u64 = 1 << 16;
+const MAX_INTERMEDIATE: u64 = 1 << 20;
+const MAX_LAYERS: u64 = 1024;
+const MAX_HEADS: u64 = 4096;
+const MAX_VOCAB: u64 = 1 << 22;
+const MAX_POSITIONS: u64 = 1 << 24;
+const MAX_SHARDS: usize = 4096;
+
+/// The part of config.json this engine checks before handing it to candle.
+#[derive(Debug, Clone, Deserialize)]
+struct RawConfig {
+    #[serde(default)]
+    architectures: Vec<String>,
+    #[serde(default)]
+    model_type: String,
+    hidden_size: u64,
+    intermediate_size: u64,
+    vocab_size: u64,
+    num_hidden_layers: u64,
+    num_attention_heads: u64,
+    #[serde(default)]
+    num_key_value_heads: Option<u64>,
+    #[serde(default)]
+    max_position_embeddings: u64,
+    #[serde(default)]
+    tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    rms_norm_eps: Option<f64>,
+    #[serde(default)]
+    rope_theta: Option<f64>,
+}
+
+/// A checked model directory.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub shards: Vec<PathBuf>,
+    pub config: LlamaConfig,
+    pub probe: ModelProbe,
+    pub dtype: DType,
+}
+
+fn invalid(path: &Path, m: impl std::fmt::Display) -> EngineError {
+    EngineError::InvalidModel(format!("{}: {m}", path.display()))
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value, EngineError> {
+    let len = std::fs::metadata(path).map_err(|e| invalid(path, e))?.len();
+    if len > MAX_JSON_BYTES {
+        return Err(invalid(
+            path,
+            format!("{len} bytes; the limit is {MAX_JSON_BYTES}"),
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| invalid(path, e))?;
+    serde_json::from_str(&text).map_err(|e| invalid(path, e))
+}
+
+/// The weight files of the directory: the shards an index lists, else
+/// `model.safetensors`.
+fn shards(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        let single = dir.join("model.safetensors");
+        if !single.is_file() {
+            return Err(invalid(
+                dir,
+                "no model.safetensors (or model.safetensors.index.json)",
+            ));
+        }
+        return Ok(vec![single]);
+    }
+    let v = read_json(&index)?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| invalid(&index, "no weight_map object"))?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for name in map.values() {
+        let name = name
+            .as_str()
+            .ok_or_else(|| invalid(&index, "weight_map values must be file names"))?;
+        let rel = Path::new(name);
+        if name.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(invalid(
+                &index,
+                format!("shard {name:?} is not a file inside the model's directory"),
+            ));
+        }
+        let path = dir.join(rel);
+        if !files.contains(&path) {
+            if files.len() >= MAX_SHARDS {
+                return Err(invalid(&index, format!("more than {MAX_SHARDS} shards")));
+            }
+            files.push(path);
+        }
+    }
+    if files.is_empty() {
+        return Err(invalid(&index, "the weight_map is empty"));
+    }
+    Ok(files)
+}
+
+pub fn check(dir: &Path) -> Result<Checked, EngineError> {
+    let config_path = dir.join("config.json");
+    let value = read_json(&config_path)?;
+    let raw: RawConfig =
+        serde_json::from_value(value.clone()).map_err(|e| invalid(&config_path, e))?;
+    let is_llama =
+        raw.model_type == "llama" || raw.architectures.iter().any(|a| a == "LlamaForCausalLM");
+    if !is_llama {
+        return Err(EngineError::InvalidModel(format!(
+            "{}: candle runs llama-family models here; this one is {:?} ({})",
+            config_path.display(),
+            raw.model_type,
+            raw.architectures.join(", ")
+        )));
+    }
+    let kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
+    let within = |what: &str, v: u64, max: u64| {
+        if v == 0 || v > max {
+            Err(invalid(
+                &config_path,
+                format!("{what} = {v} is outside 1..={max}"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    within("hidden_size", raw.hidden_size, MAX_HIDDEN)?;
+    within("intermediate_size", raw.intermediate_size, MAX_INTERMEDIATE)?;
+    within("vocab_size", raw.vocab_size, MAX_VOCAB)?;
+    within("num_hidden_layers", raw.num_hidden_layers, MAX_LAYERS)?;
+    within("num_attention_heads", raw.num_attention_heads, MAX_HEADS)?;
+    within("num_key_value_heads", kv_heads, MAX_HEADS)?;
+    within(
+        "max_position_embeddings",
+        raw.max_position_embeddings,
+        MAX_POSITIONS,
+    )?;
+    if raw.hidden_size % raw.num_attention_heads != 0
+        || raw.num_attention_heads % kv_heads != 0
+        || (raw.hidden_size / raw.num_attention_heads) % 2 != 0
+    {
+        return Err(invalid(
+            &config_path,
+            format!(
+                "hidden_size {} / {} heads / {kv_heads} key-value heads do not divide into even head sizes",
+                raw.hidden_size, raw.num_attention_heads
+            ),
+        ));
+    }
+    for (what, v) in [
+        ("rms_norm_eps", raw.rms_norm_eps),
+        ("rope_theta", raw.rope_theta),
+    ] {
+        if let Some(v) = v
+            && !(v.is_finite() && v > 0.0)
+        {
+            return Err(invalid(
+                &config_path,
+                format!("{what} = {v} must be a positive number"),
+            ));
+        }
+    }
+
+    let shards = shards(dir)?;
+    let mut tensors: BTreeMap<String, safetensors::TensorInfo> = BTreeMap::new();
+    let mut weights_bytes = 0u64;
+    let mut parameters = 0u64;
+    for shard in &shards {
+        let file = std::fs::File::open(shard).map_err(|e| invalid(shard, e))?;
+        let size = file.metadata().map_err(|e| invalid(shard, e))?.len();
+        let header = safetensors::read_header(std::io::BufReader::new(file), size)
+            .map_err(|e| invalid(shard, e))?;
+        weights_bytes = weights_bytes.saturating_add(size);
+        parameters = parameters.saturating_add(header.parameter_count);
+        tensors.extend(header.tensors);
+    }
+
+    let h = raw.hidden_size;
+    let hd = h / raw.num_attention_heads;
+    let q = raw.num_attention_heads * hd;
+    let kv = kv_heads * hd;
+    let inter = raw.intermediate_size;
+    let vocab = raw.vocab_size;
+    let mut expected: Vec<(String, Vec<u64>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![vocab, h]),
+        ("model.norm.weight".into(), vec![h]),
+    ];
+    if !raw.tie_word_embeddings.unwrap_or(false) {
+        expected.push(("lm_head.weight".into(), vec![vocab, h]));
+    }
+    for i in 0..raw.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        expected.extend([
+            (format!("{p}.input_layernorm.weight"), vec![h]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![q, h]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![h, q]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![inter, h]),
+            (format!("{p}.mlp.up_proj.weight"), vec![inter, h]),
+            (format!("{p}.mlp.down_proj.weight"), vec![h, inter]),
+        ]);
+    }
+    let mut dtypes = std::collections::BTreeSet::new();
+    for (name, shape) in &expected {
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| invalid(dir, format!("tensor {name} is missing")))?;
+        if &t.shape != shape {
+            return Err(invalid(
+                dir,
+                format!(
+                    "tensor {name} has shape {:?}; the config implies {shape:?}",
+                    t.shape
+                ),
+            ));
+        }
+        if !matches!(t.dtype.as_str(), "F32" | "F16" | "BF16") {
+            return Err(invalid(
+                dir,
+                format!(
+                    "tensor {name} is {}; candle here runs F32, F16 and BF16 weights",
+                    t.dtype
+                ),
+            ));
+        }
+        dtypes.insert(t.dtype.clone());
+    }
+
+    let config: LlamaConfig =
+        serde_json::from_value(value).map_err(|e| invalid(&config_path, e))?;
+    let quantization = dtypes.iter().next().cloned();
+    Ok(Checked {
+        shards,
+        config,
+        // candle's CPU kernels are fastest in F32; half-precision weights are widened.
+        dtype: DType::F32,
+        probe: ModelProbe {
+            architecture: "llama".into(),
+            parameter_count: parameters,
+            // Widened to F32 in memory.
+            weights_bytes: parameters.saturating_mul(4).max(weights_bytes),
+            context_length: u32::try_from(raw.max_position_embeddings).unwrap_or(u32::MAX),
+            vocab_size: u32::try_from(vocab).unwrap_or(u32::MAX),
+            layers: u32::try_from(raw.num_hidden_layers).unwrap_or(u32::MAX),
+            kv_heads: u32::try_from(kv_heads).unwrap_or(u32::MAX),
+            head_dim: u32::try_from(hd).unwrap_or(u32::MAX),
+            embedding_length: u32::try_from(h).unwrap_or(u32::MAX),
+            quantization,
+        },
+    })
+}
+
+/// A loaded llama over candle with its KV cache.
+pub struct LlamaForward {
+    model: Llama,
+    config: Config,
+    cache: Cache,
+    dtype: DType,
+    device: Device,
+    cached: usize,
+    pool: rayon::ThreadPool,
+}
+
+impl LlamaForward {
+    pub fn load(
+        checked: &Checked,
+        context_length: u32,
+        pool: rayon::ThreadPool,
+    ) -> Result<LlamaForward, EngineError> {
+        let device = Device::Cpu;
+        let mut config = checked.config.clone().into_config(false);
+        // The rotary tables are sized by this: only as long as the context we serve.
+        config.max_position_embeddings = context_length as usize;
+        let vb = map_weights(&checked.shards, checked.dtype, &device)?;
+        let model =
+            in_pool(&pool, || Llama::load(vb, &config)).map_err(|e| candle_error("load", e))?;
+        let cache = Cache::new(true, checked.dtype, &config, &device)
+            .map_err(|e| candle_error("cache", e))?;
+        Ok(LlamaForward {
+            model,
+            config,
+            cache,
+            dtype: checked.dtype,
+            device,
+            cached: 0,
+            pool,
+        })
+    }
+}
+
+/// Maps the shards rather than reading them: the weights are paged in from the file
+/// and never held twice, which matters on a device with little memory.
+#[allow(unsafe_code)]
+fn map_weights(
+    shards: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, EngineError> {
+    // SAFETY: a mapping is undefined behaviour only if the file changes while mapped.
+    // Model files are the store's immutable, content-addressed blobs (or files a scan
+    // registered, which the operator must not rewrite in place); their headers were
+    // checked by `check` before this point.
+    let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(shards) }
+        .map_err(|e| candle_error("weights", e))?;
+    Ok(VarBuilder::from_backend(
+        Box::new(tensors),
+        dtype,
+        device.clone(),
+    ))
+}
+
+impl Forward for LlamaForward {
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let (model, cache, device, index) =
+            (&self.model, &mut self.cache, &self.device, self.cached);
+        let logits = in_pool(&self.pool, || {
+            let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
+            model
+                .forward(&input, index, cache)?
+                .squeeze(0)?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()
+        })
+        .map_err(|e| candle_error("forward", e))?;
+        self.cached += tokens.len();
+        Ok(logits)
+    }
+
+    fn cached(&self) -> usize {
+        self.cached
+    }
+
+    fn truncate(&mut self, len: usize) -> usize {
+        if len >= self.cached {
+            return self.cached;
+        }
+        // candle's llama cache cannot be cut, only replaced.
+        match Cache::new(true, self.dtype, &self.config, &self.device) {
+            Ok(cache) => {
+                self.cache = cache;
+                self.cached = 0;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not renew the candle cache"),
+        }
+        self.cached
+    }
+}

@@ -1,0 +1,271 @@
+//! The ONNX Runtime engine: decoder-only language models exported in the Optimum /
+//! onnxruntime-genai convention (`input_ids`, `attention_mask`, `position_ids`,
+//! `past_key_values.N.key/value` in; `logits`, `present.N.key/value` out), described
+//! by a `genai_config.json` beside the graph.
+//!
+//! Files are checked before ONNX Runtime sees them: the configuration's numbers
+//! against limits, and every external-data path against the model's directory.
+//! Generation goes through engine-core's shared loop and sampler.
+
+mod config;
+mod decoder;
+pub mod external_data;
+mod library;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use modeld_engine_core::generation::SequenceRunner;
+use modeld_engine_core::{
+    Accelerator, Engine, EngineError, Flow, GenerateOutcome, GenerateRequest, LoadOptions,
+    LoadedModel, MemoryEstimate, ModelFormat, ModelInfo, ModelProbe, Runtime, Token, Tokenizer,
+};
+use ort::session::Session;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+
+pub use config::{Export, locate};
+pub use decoder::{OnnxDecoder, StepShape};
+pub use library::{REQUIRED_MINOR, configured_path, loaded_path};
+
+/// The ONNX Runtime API level this build speaks.
+pub const VERSION: &str = concat!("1.", "31", "+ (ort 2.0.0-rc.15)");
+
+/// Prompt tokens per forward pass: bounds the logits and attention scores one pass
+/// allocates.
+const PREFILL_CHUNK: usize = 256;
+
+#[derive(Debug, Clone, Default)]
+pub struct OnnxEngine {
+    /// libonnxruntime to load; `None` = `ORT_DYLIB_PATH`.
+    library: Option<PathBuf>,
+}
+
+impl OnnxEngine {
+    pub fn new(library: Option<PathBuf>) -> OnnxEngine {
+        OnnxEngine { library }
+    }
+
+    /// Opens the export at `path` as a bare decoder (no tokenizer): what `load` does
+    /// underneath, for tests that look at the cache step by step.
+    pub fn open_decoder(
+        &self,
+        path: &Path,
+        options: &LoadOptions,
+    ) -> Result<(OnnxDecoder, Export), EngineError> {
+        let export = locate(path)?;
+        external_data::check(&export.graph)?;
+        let env = library::environment(self.library.as_deref())?;
+        let mut builder = Session::builder(&env).map_err(|e| load("session", e))?;
+        builder = configure(builder, options)?;
+        let session = builder
+            .commit_from_file(&export.graph)
+            .map_err(|e| load("the graph", e))?;
+        let decoder = OnnxDecoder::new(
+            session,
+            &export.config.model.decoder,
+            export.config.model.vocab_size,
+        )?;
+        Ok((decoder, export))
+    }
+}
+
+fn load(what: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Load(format!("ONNX Runtime could not load {what}: {e}"))
+}
+
+/// Threads, graph optimization and execution providers from the load options.
+fn configure(
+    builder: SessionBuilder,
+    options: &LoadOptions,
+) -> Result<SessionBuilder, EngineError> {
+    let level = match options.optimization_level {
+        Some(0) => GraphOptimizationLevel::Disable,
+        Some(1) => GraphOptimizationLevel::Level1,
+        Some(2) => GraphOptimizationLevel::Level2,
+        None | Some(3) => GraphOptimizationLevel::Level3,
+        Some(other) => {
+            return Err(EngineError::InvalidRequest(format!(
+                "optimization_level {other} is not one of 0 (off), 1 (basic), 2 (extended), 3 (all)"
+            )));
+        }
+    };
+    let threads = if options.threads == 0 {
+        std::thread::available_parallelism().map_or(1, usize::from)
+    } else {
+        options.threads as usize
+    };
+    let providers = execution_providers(&options.execution_providers)?;
+    let step = |what: &str, e: ort::Error<SessionBuilder>| load(what, e);
+    builder
+        .with_optimization_level(level)
+        .map_err(|e| step("optimization level", e))?
+        .with_intra_threads(threads)
+        .map_err(|e| step("threads", e))?
+        .with_inter_threads(1)
+        .map_err(|e| step("threads", e))?
+        .with_execution_providers(providers)
+        .map_err(|e| step("execution providers", e))
+}
+
+/// Providers by name, best first. Core ML exists only in Apple builds.
+fn execution_providers(
+    names: &[String],
+) -> Result<Vec<ort::ep::ExecutionProviderDispatch>, EngineError> {
+    let defaults: &[&str] = if cfg!(target_vendor = "apple") {
+        &["coreml", "cpu"]
+    } else {
+        &["cpu"]
+    };
+    let wanted: Vec<String> = if names.is_empty() {
+        defaults.iter().map(|s| (*s).to_owned()).collect()
+    } else {
+        names
+            .iter()
+            .map(|s| s.trim().to_ascii_lowercase())
+            .collect()
+    };
+    wanted
+        .iter()
+        .map(|name| match name.as_str() {
+            "cpu" => Ok(ort::ep::CPU::default().build()),
+            #[cfg(target_vendor = "apple")]
+            "coreml" => Ok(ort::ep::CoreML::default().build()),
+            other => Err(EngineError::Unavailable(format!(
+                "execution provider {other:?} is not built into this agent; available: {}",
+                defaults.join(", ")
+            ))),
+        })
+        .collect()
+}
+
+impl Engine for OnnxEngine {
+    fn runtime(&self) -> Runtime {
+        Runtime::OnnxRuntime
+    }
+
+    fn formats(&self) -> &[ModelFormat] {
+        &[ModelFormat::Onnx]
+    }
+
+    fn accelerators(&self) -> Vec<Accelerator> {
+        if cfg!(target_vendor = "apple") {
+            vec![Accelerator::Cpu, Accelerator::Ane]
+        } else {
+            vec![Accelerator::Cpu]
+        }
+    }
+
+    fn probe(&self, path: &Path) -> Result<ModelProbe, EngineError> {
+        let export = locate(path)?;
+        let files = external_data::check(&export.graph)?;
+        let graph_bytes = std::fs::metadata(&export.graph)
+            .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", export.graph.display())))?
+            .len();
+        let weights_bytes = files
+            .iter()
+            .fold(graph_bytes, |sum, (_, size)| sum.saturating_add(*size));
+        let m = &export.config.model;
+        let d = &m.decoder;
+        Ok(ModelProbe {
+            architecture: m.kind.clone(),
+            // ONNX weights are float32 here; an estimate, not a count.
+            parameter_count: weights_bytes / 4,
+            weights_bytes,
+            context_length: m.context_length,
+            vocab_size: m.vocab_size,
+            layers: d.num_hidden_layers,
+            kv_heads: d.num_key_value_heads,
+            head_dim: d.head_size,
+            embedding_length: d.hidden_size,
+            quantization: Some("F32".into()),
+        })
+    }
+
+    fn estimate_memory(&self, probe: &ModelProbe, options: &LoadOptions) -> MemoryEstimate {
+        let ctx = u64::from(options.context_for(probe.context_length));
+        let kv = 2
+            * u64::from(probe.layers)
+            * u64::from(probe.kv_heads)
+            * u64::from(probe.head_dim)
+            * ctx
+            * 4;
+        let chunk = PREFILL_CHUNK as u64;
+        // Logits and attention scores of one prefill chunk; ONNX Runtime's arena
+        // rounds up, so count them twice.
+        let compute = 2
+            * (chunk * u64::from(probe.vocab_size) * 4
+                + chunk * ctx * u64::from(probe.kv_heads.max(1)) * 4 * 4);
+        MemoryEstimate {
+            weights: probe.weights_bytes,
+            // A step's presents exist beside its pasts until the pasts are dropped.
+            kv_cache: kv * 2,
+            compute,
+        }
+    }
+
+    fn load(
+        &self,
+        path: &Path,
+        options: &LoadOptions,
+    ) -> Result<Box<dyn LoadedModel>, EngineError> {
+        let probe = self.probe(path)?;
+        let (decoder, export) = self.open_decoder(path, options)?;
+        let tokenizer = modeld_tokenizer::for_model(&export.dir, ModelFormat::Onnx, None, None)?;
+        if tokenizer.vocab_size() > export.config.model.vocab_size {
+            return Err(EngineError::InvalidModel(format!(
+                "the tokenizer has {} tokens but the model's logits cover {}",
+                tokenizer.vocab_size(),
+                export.config.model.vocab_size
+            )));
+        }
+        let context_length = options.context_for(probe.context_length);
+        let estimate = self.estimate_memory(&probe, options);
+        let info = ModelInfo {
+            architecture: probe.architecture.clone(),
+            parameter_count: probe.parameter_count,
+            context_length,
+            vocab_size: export.config.model.vocab_size,
+            chat_template: None,
+            memory_bytes: estimate.total(),
+        };
+        Ok(Box::new(OnnxModel {
+            runner: SequenceRunner::new(
+                decoder,
+                tokenizer.clone(),
+                context_length,
+                PREFILL_CHUNK,
+                "onnxruntime",
+            ),
+            tokenizer,
+            info,
+        }))
+    }
+}
+
+pub struct OnnxModel {
+    runner: SequenceRunner<OnnxDecoder>,
+    tokenizer: Arc<dyn Tokenizer>,
+    info: ModelInfo,
+}
+
+impl LoadedModel for OnnxModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn tokenizer(&self) -> Arc<dyn Tokenizer> {
+        self.tokenizer.clone()
+    }
+
+    fn generate(
+        &mut self,
+        request: &GenerateRequest,
+        sink: &mut dyn FnMut(Token) -> Flow,
+    ) -> GenerateOutcome {
+        self.runner.generate(request, sink)
+    }
+
+    fn logits(&mut self, prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
+        self.runner.logits(prompt)
+    }
+}
