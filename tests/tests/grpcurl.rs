@@ -227,3 +227,50 @@ async fn grpcurl_pulls_loads_and_streams_a_generation() {
     assert!(ok, "{err}");
     assert!(out.contains("MODEL_STATE_DOWNLOADED"), "{out}");
 }
+
+/// Node.Benchmark with nothing but grpcurl: measure both runtimes that can run a
+/// GGUF, and see CheckCompatibility pick the faster.
+#[cfg(feature = "candle")]
+#[tokio::test]
+async fn grpcurl_benchmarks_runtimes_and_the_selector_follows() {
+    let assets = Assets::get();
+    let agent = Agent::start().await;
+    let spec = serde_json::json!({
+        "spec": {
+            "id": "smol",
+            "format": "MODEL_FORMAT_GGUF",
+            "files": [{
+                "name": "smol.gguf",
+                "urls": [format!("file://{}", assets.gguf.display())],
+                "sha256": modeld_e2e::SMOLLM2_SHA256,
+                "size_bytes": modeld_e2e::SMOLLM2_SIZE,
+            }],
+        }
+    });
+    let call = |data: &str, method: &str| grpcurl(&assets, &agent, Some(data), &[method]);
+    let (ok, _, err) = call(&spec.to_string(), "modeld.v1.ModelRegistry/RegisterModel");
+    assert!(ok, "{err}");
+    let (ok, _, err) = call(r#"{"model_id":"smol"}"#, "modeld.v1.Storage/Pull");
+    assert!(ok, "{err}");
+    let mut speeds = Vec::new();
+    for runtime in ["RUNTIME_LLAMA_CPP", "RUNTIME_CANDLE"] {
+        let request = format!(
+            r#"{{"model_id":"smol","runtime":"{runtime}","prompt_tokens":32,"generated_tokens":16,"repetitions":1}}"#
+        );
+        let (ok, out, err) = call(&request, "modeld.v1.Node/Benchmark");
+        assert!(ok, "{err}");
+        let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(r["runtime"], runtime, "{out}");
+        let tps = r["generationTokensPerSecond"].as_f64().unwrap();
+        assert!(tps > 0.0, "{out}");
+        speeds.push((tps, runtime));
+    }
+    speeds.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let (ok, out, err) = call(
+        r#"{"id":"smol"}"#,
+        "modeld.v1.ModelRegistry/CheckCompatibility",
+    );
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["settings"]["runtime"], speeds[0].1, "{out}");
+}

@@ -42,15 +42,25 @@ async fn capabilities_describe_this_machine_and_this_build() {
     assert_eq!(caps.disk_quota_bytes, 2_000_000_000);
     assert_eq!(caps.agent_version, env!("CARGO_PKG_VERSION"));
 
-    // The default build compiles in llama.cpp: GGUF is runnable, every other format is
+    // This build's runtimes make their formats runnable; every other format is
     // recognized but not runnable, and a controller can tell the two apart.
-    assert_eq!(caps.runtimes.len(), 1);
-    assert_eq!(caps.runtimes[0].runtime(), pb::Runtime::LlamaCpp);
+    let mut expected = vec![pb::Runtime::LlamaCpp];
+    let mut runnable = vec![pb::ModelFormat::Gguf];
+    if cfg!(feature = "onnx") {
+        expected.push(pb::Runtime::OnnxRuntime);
+        runnable.push(pb::ModelFormat::Onnx);
+    }
+    if cfg!(feature = "candle") {
+        expected.push(pb::Runtime::Candle);
+        runnable.push(pb::ModelFormat::Safetensors);
+    }
+    let runtimes: Vec<pb::Runtime> = caps.runtimes.iter().map(|r| r.runtime()).collect();
+    assert_eq!(runtimes, expected);
     assert!(caps.runtimes[0].quantizations.contains(&"Q4_1".to_owned()));
     assert_eq!(caps.formats.len(), 9);
     for f in &caps.formats {
         assert!(f.recognized);
-        assert_eq!(f.runnable, f.format() == pb::ModelFormat::Gguf, "{f:?}");
+        assert_eq!(f.runnable, runnable.contains(&f.format()), "{f:?}");
     }
 }
 
@@ -111,26 +121,38 @@ async fn watch_resources_streams_at_the_requested_interval() {
 }
 
 #[tokio::test]
-async fn later_stage_rpcs_answer_unimplemented_with_their_name() {
+async fn benchmark_refuses_what_it_cannot_measure_with_the_reason() {
     let agent = Agent::start().await;
     let client = agent.client().await;
-    let check = |status: tonic::Status, rpc: &str| {
-        assert_eq!(status.code(), Code::Unimplemented);
-        assert!(
-            status.message().contains(rpc),
-            "{} should name {rpc}",
-            status.message()
-        );
-        assert_eq!(reason(&status), "NOT_IMPLEMENTED");
+    let bench = |r: pb::BenchmarkRequest| {
+        let client = client.clone();
+        async move { client.node().benchmark(r).await.unwrap_err() }
     };
-    check(
-        client
-            .node()
-            .benchmark(pb::BenchmarkRequest::default())
-            .await
-            .unwrap_err(),
-        "modeld.v1.Node/Benchmark",
-    );
+    let err = bench(pb::BenchmarkRequest::default()).await;
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("model_id"), "{}", err.message());
+    let err = bench(pb::BenchmarkRequest {
+        model_id: "smollm2-135m-instruct".into(),
+        prompt_tokens: 1_000_000,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("prompt_tokens"), "{}", err.message());
+    let err = bench(pb::BenchmarkRequest {
+        model_id: "no-such-model".into(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // Registered (the built-in catalog) but not stored: nothing to measure yet.
+    let err = bench(pb::BenchmarkRequest {
+        model_id: "smollm2-135m-instruct".into(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(reason(&err), "MODEL_NOT_STORED");
     assert!(client.is_serving().await.unwrap());
 }
 

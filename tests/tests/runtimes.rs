@@ -12,7 +12,7 @@ use std::path::Path;
 use modeld_e2e::{Agent, AgentOptions, Assets, Client, SMOLLM2_SHA256, SMOLLM2_SIZE, pb, reason};
 use modeld_engine_candle::CandleEngine;
 use modeld_engine_core::generation::Forward;
-use modeld_engine_core::{Engine, EngineError, LoadOptions, Tokenizer as _};
+use modeld_engine_core::{Engine, EngineError, LoadOptions};
 use modeld_engine_onnx::OnnxEngine;
 use tokio_stream::StreamExt;
 use tonic::Code;

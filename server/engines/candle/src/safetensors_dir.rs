@@ -158,9 +158,9 @@ pub fn check(dir: &Path) -> Result<Checked, EngineError> {
         raw.max_position_embeddings,
         MAX_POSITIONS,
     )?;
-    if raw.hidden_size % raw.num_attention_heads != 0
-        || raw.num_attention_heads % kv_heads != 0
-        || (raw.hidden_size / raw.num_attention_heads) % 2 != 0
+    if !raw.hidden_size.is_multiple_of(raw.num_attention_heads)
+        || !raw.num_attention_heads.is_multiple_of(kv_heads)
+        || !(raw.hidden_size / raw.num_attention_heads).is_multiple_of(2)
     {
         return Err(invalid(
             &config_path,

@@ -196,7 +196,7 @@ fn check(c: &GenaiConfig) -> Result<(), String> {
         d.hidden_size,
         MAX_HEADS * MAX_HEAD_SIZE,
     )?;
-    if d.num_attention_heads % d.num_key_value_heads != 0 {
+    if !d.num_attention_heads.is_multiple_of(d.num_key_value_heads) {
         return Err(format!(
             "{} attention heads cannot share {} key/value heads",
             d.num_attention_heads, d.num_key_value_heads
