@@ -18,6 +18,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use modeld_engine_core::sampler::{self, Sampler};
 use modeld_engine_core::{
     Accelerator, ChatMessage, Engine, EngineError, FinishReason, Flow, GenerateOutcome,
     GenerateRequest, GenerateStats, JobSource, LoadOptions, LoadedModel, MemoryEstimate,
@@ -304,49 +305,91 @@ fn inference(what: &str, e: impl std::fmt::Display) -> EngineError {
     EngineError::Inference(format!("{what}: {e}"))
 }
 
-fn sampler(
-    model: &LlamaModel,
-    vocab_size: u32,
-    request: &GenerateRequest,
-) -> Result<LlamaSampler, EngineError> {
-    let s = &request.sampling;
-    let mut chain = Vec::new();
-    if let Some(grammar) = &request.grammar {
-        chain.push(LlamaSampler::grammar(model, grammar, "root").map_err(|e| {
-            EngineError::InvalidRequest(format!("grammar: {e} (GBNF with a `root` rule expected)"))
-        })?);
-    }
-    let penalties =
-        s.repeat_penalty.is_some() || s.frequency_penalty.is_some() || s.presence_penalty.is_some();
-    if penalties {
-        let last_n = if s.penalty_last_n == 0 {
-            64
-        } else {
-            i32::try_from(s.penalty_last_n).unwrap_or(i32::MAX)
+/// How a sequence picks its tokens: the sampler every engine shares, or — for a
+/// grammar, whose parse state lives inside llama.cpp's sampler chain — that chain.
+enum Picker {
+    Shared(Box<Sampler>),
+    Grammar(LlamaSampler),
+}
+
+impl Picker {
+    fn new(
+        model: &LlamaModel,
+        vocab_size: u32,
+        request: &GenerateRequest,
+    ) -> Result<Picker, EngineError> {
+        let Some(grammar) = &request.grammar else {
+            return Ok(Picker::Shared(Box::new(Sampler::new(&request.sampling))));
         };
-        chain.push(LlamaSampler::penalties(
-            i32::try_from(vocab_size).unwrap_or(i32::MAX),
-            last_n,
-            s.repeat_penalty.unwrap_or(1.0),
-            s.frequency_penalty.unwrap_or(0.0),
-            s.presence_penalty.unwrap_or(0.0),
-        ));
+        let s = &request.sampling;
+        let mut chain = vec![LlamaSampler::grammar(model, grammar, "root").map_err(|e| {
+            EngineError::InvalidRequest(format!("grammar: {e} (GBNF with a `root` rule expected)"))
+        })?];
+        if s.repeat_penalty.is_some()
+            || s.frequency_penalty.is_some()
+            || s.presence_penalty.is_some()
+        {
+            let last_n = match s.penalty_last_n {
+                0 => sampler::DEFAULT_PENALTY_LAST_N,
+                n => n,
+            };
+            chain.push(LlamaSampler::penalties(
+                i32::try_from(vocab_size).unwrap_or(i32::MAX),
+                i32::try_from(last_n).unwrap_or(i32::MAX),
+                s.repeat_penalty.unwrap_or(1.0),
+                s.frequency_penalty.unwrap_or(0.0),
+                s.presence_penalty.unwrap_or(0.0),
+            ));
+        }
+        let temperature = s.temperature.unwrap_or(sampler::DEFAULT_TEMPERATURE);
+        if temperature <= 0.0 {
+            chain.push(LlamaSampler::greedy());
+        } else {
+            chain.push(LlamaSampler::top_k(
+                i32::try_from(s.top_k.unwrap_or(sampler::DEFAULT_TOP_K)).unwrap_or(i32::MAX),
+            ));
+            chain.push(LlamaSampler::top_p(
+                s.top_p.unwrap_or(sampler::DEFAULT_TOP_P),
+                1,
+            ));
+            chain.push(LlamaSampler::min_p(
+                s.min_p.unwrap_or(sampler::DEFAULT_MIN_P),
+                1,
+            ));
+            chain.push(LlamaSampler::temp(temperature));
+            // llama.cpp seeds with 32 bits; fold the request's 64 bits into them.
+            let seed = s.seed.map_or(0xFFFF_FFFF, |v| (v ^ (v >> 32)) as u32);
+            chain.push(LlamaSampler::dist(seed));
+        }
+        Ok(Picker::Grammar(LlamaSampler::chain_simple(chain)))
     }
-    let temperature = s.temperature.unwrap_or(0.8);
-    if temperature <= 0.0 {
-        chain.push(LlamaSampler::greedy());
-    } else {
-        chain.push(LlamaSampler::top_k(
-            i32::try_from(s.top_k.unwrap_or(40)).unwrap_or(40),
-        ));
-        chain.push(LlamaSampler::top_p(s.top_p.unwrap_or(0.95), 1));
-        chain.push(LlamaSampler::min_p(s.min_p.unwrap_or(0.05), 1));
-        chain.push(LlamaSampler::temp(temperature));
-        // llama.cpp seeds with 32 bits; fold the request's 64 bits into them.
-        let seed = s.seed.map_or(0xFFFF_FFFF, |v| (v ^ (v >> 32)) as u32);
-        chain.push(LlamaSampler::dist(seed));
+
+    /// The next token from the logits at `index` of the batch just decoded, and its
+    /// log-probability when asked for.
+    fn pick(
+        &mut self,
+        ctx: &LlamaContext<'_>,
+        index: i32,
+        logprobs: bool,
+    ) -> Result<(LlamaToken, Option<f32>), EngineError> {
+        match self {
+            Picker::Shared(sampler) => {
+                let mut logits = ctx.get_logits_ith(index).to_vec();
+                let sampled = sampler.sample(&mut logits)?;
+                let id = i32::try_from(sampled.id).map_err(|_| {
+                    EngineError::Inference(format!("sampled token id {} overflows", sampled.id))
+                })?;
+                Ok((LlamaToken::new(id), logprobs.then_some(sampled.logprob)))
+            }
+            Picker::Grammar(chain) => {
+                // sample() also accepts the token into the chain (penalties, grammar).
+                let token = chain.sample(ctx, index);
+                let logprob =
+                    logprobs.then(|| log_prob(ctx.get_logits_ith(index), token_id(token)));
+                Ok((token, logprob))
+            }
+        }
     }
-    Ok(LlamaSampler::chain_simple(chain))
 }
 
 /// One request in the running batch.
@@ -356,7 +399,7 @@ struct Sequence<'s> {
     done: Box<dyn FnOnce(GenerateOutcome) + 's>,
     logprobs: bool,
     ignore_eos: bool,
-    sampler: LlamaSampler,
+    picker: Picker,
     prompt: Vec<LlamaToken>,
     /// Prompt tokens already sent to a batch.
     fed: usize,
@@ -373,6 +416,8 @@ struct Sequence<'s> {
     prompt_done: Option<Instant>,
     first_token_at: Option<Instant>,
     finish: Option<FinishReason>,
+    /// Why the sequence ended in error, if it did.
+    failed: Option<EngineError>,
 }
 
 impl Sequence<'_> {
@@ -459,9 +504,9 @@ impl LlamaLoaded {
             }
         });
         let prepared = checked.and_then(|prompt| {
-            sampler(&self.model, self.info.vocab_size, request).map(|s| (prompt, s))
+            Picker::new(&self.model, self.info.vocab_size, request).map(|p| (prompt, p))
         });
-        let (prompt, sampler) = match prepared {
+        let (prompt, picker) = match prepared {
             Ok(p) => p,
             Err(e) => {
                 (job.done)(Err(e));
@@ -482,7 +527,7 @@ impl LlamaLoaded {
             done: job.done,
             logprobs,
             ignore_eos,
-            sampler,
+            picker,
             prompt,
             fed: 0,
             next: None,
@@ -496,6 +541,7 @@ impl LlamaLoaded {
             prompt_done: None,
             first_token_at: None,
             finish: None,
+            failed: None,
         })
     }
 
@@ -504,8 +550,14 @@ impl LlamaLoaded {
     fn step(&self, ctx: &LlamaContext<'_>, seq: &mut Sequence<'_>, index: i32) {
         let now = Instant::now();
         seq.prompt_done.get_or_insert(now);
-        // sample() also accepts the token into the chain (penalties, grammar).
-        let token = seq.sampler.sample(ctx, index);
+        let (token, logprob) = match seq.picker.pick(ctx, index, seq.logprobs) {
+            Ok(picked) => picked,
+            Err(e) => {
+                seq.failed = Some(e);
+                seq.finish = Some(FinishReason::Stop);
+                return;
+            }
+        };
         seq.first_token_at.get_or_insert(now);
         let vocab = self.model.vocab();
         if !seq.ignore_eos && vocab.is_eog(token) {
@@ -513,9 +565,6 @@ impl LlamaLoaded {
             return;
         }
         seq.generated += 1;
-        let logprob = seq
-            .logprobs
-            .then(|| log_prob(ctx.get_logits_ith(index), token_id(token)));
         let text = seq.utf8.push(&vocab.token_to_piece(token, true, None));
         let (text, stopped) = match seq.stops.push(&text) {
             StopOutcome::Emit(t) => (t, false),
@@ -624,7 +673,11 @@ impl LlamaLoaded {
                     let _ = ctx.clear_kv_cache_seq(Some(seq.slot), None, None);
                     free.push(seq.slot);
                     let stats = seq.stats();
-                    (seq.done)(Ok((finish, stats)));
+                    let outcome = match seq.failed {
+                        Some(e) => Err(e),
+                        None => Ok((finish, stats)),
+                    };
+                    (seq.done)(outcome);
                 } else {
                     i += 1;
                 }
