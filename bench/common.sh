@@ -19,3 +19,27 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+# start_agent ARGS...: a release agent on a free port, its data in the work directory;
+# sets addr and agent_pid and returns once it answers. ctl talks to it.
+start_agent() {
+    addr="127.0.0.1:$(free_port)"
+    "$modeld" --listen "$addr" --data-dir "$work/data" --log warn "$@" &
+    agent_pid=$!
+    for _ in $(seq 100); do
+        "$modelctl" --addr "http://$addr" node info >/dev/null 2>&1 && return 0
+        sleep 0.2
+    done
+    echo "bench: the agent did not answer" >&2
+    return 1
+}
+ctl() { "$modelctl" --addr "http://$addr" "$@"; }
+stop_agent() { kill "$agent_pid"; wait "$agent_pid" 2>/dev/null || true; agent_pid=; }
+
+# register_smol: the test GGUF as model "smol", stored on the agent.
+register_smol() {
+    ctl models register --id smol --url "file://$MODELD_TEST_GGUF" \
+        --sha256 "$(sha256sum "$MODELD_TEST_GGUF" | cut -d' ' -f1)" \
+        --size "$(stat -c %s "$MODELD_TEST_GGUF")" >/dev/null
+    ctl pull smol >/dev/null
+}

@@ -22,21 +22,8 @@ CONTEXT=1024
 . bench/common.sh
 tools="$(bench/build-llama-tools.sh)"
 
-
-port="$(free_port)"
-addr="127.0.0.1:$port"
-"$modeld" --listen "$addr" --data-dir "$work/data" --log warn \
-    --threads "$THREADS" --parallel 8 --context-length "$CONTEXT" &
-agent_pid=$!
-for _ in $(seq 100); do
-    "$modelctl" --addr "http://$addr" node info >/dev/null 2>&1 && break
-    sleep 0.2
-done
-ctl() { "$modelctl" --addr "http://$addr" "$@"; }
-sha="$(sha256sum "$MODELD_TEST_GGUF" | cut -d' ' -f1)"
-size="$(stat -c %s "$MODELD_TEST_GGUF")"
-ctl models register --id smol --url "file://$MODELD_TEST_GGUF" --sha256 "$sha" --size "$size" >/dev/null
-ctl pull smol >/dev/null
+start_agent --threads "$THREADS" --parallel 8 --context-length "$CONTEXT"
+register_smol
 ctl load smol >/dev/null
 
 echo "bench: modeld through gRPC ($RUNS runs per level)" >&2
@@ -46,7 +33,7 @@ ctl -o json bench smol --concurrency 1 --prompt-tokens 1 --max-tokens "$GEN" \
 ctl -o json bench smol --concurrency "$LEVELS" --prompt-tokens "$PROMPT" --max-tokens "$GEN" \
     --runs "$RUNS" >"$work/modeld.json"
 agent_rss_kb="$(awk '/VmHWM/ {print $2}' "/proc/$agent_pid/status")"
-kill "$agent_pid"; wait "$agent_pid" 2>/dev/null || true; agent_pid=
+stop_agent
 
 echo "bench: llama-bench" >&2
 /usr/bin/time -f "%M" -o "$work/llama-bench.rss" "$tools/llama-bench" -m "$MODELD_TEST_GGUF" \

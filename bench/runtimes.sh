@@ -20,20 +20,9 @@ GEN=64
 
 . bench/common.sh
 
-port="$(free_port)"
-addr="127.0.0.1:$port"
-"$modeld" --listen "$addr" --data-dir "$work/data" --log warn --threads "$THREADS" \
-    --onnxruntime-library "$MODELD_TEST_ORT_LIB" --context-length 1024 --parallel 1 &
-agent_pid=$!
-for _ in $(seq 100); do
-    "$modelctl" --addr "http://$addr" node info >/dev/null 2>&1 && break
-    sleep 0.2
-done
-ctl() { "$modelctl" --addr "http://$addr" "$@"; }
-sha="$(sha256sum "$MODELD_TEST_GGUF" | cut -d' ' -f1)"
-size="$(stat -c %s "$MODELD_TEST_GGUF")"
-ctl models register --id smol --url "file://$MODELD_TEST_GGUF" --sha256 "$sha" --size "$size" >/dev/null
-ctl pull smol >/dev/null
+start_agent --threads "$THREADS" --onnxruntime-library "$MODELD_TEST_ORT_LIB" \
+    --context-length 1024 --parallel 1
+register_smol
 ctl -o json scan "$MODELD_TEST_ONNX_DIR" "$MODELD_TEST_HF_DIR" >"$work/scan.json"
 read -r onnx_id hf_id < <(python3 - "$work/scan.json" <<'PY'
 import json, sys
@@ -60,7 +49,7 @@ ctl -o json node benchmark smol --runtime llama.cpp --repetitions "$RUNS" >"$wor
 ctl -o json node benchmark smol --runtime candle --repetitions "$RUNS" >"$work/nb-candle.json"
 ctl -o json models check smol >"$work/check.json"
 agent_rss_kb="$(awk '/VmHWM/ {print $2}' "/proc/$agent_pid/status")"
-kill "$agent_pid"; wait "$agent_pid" 2>/dev/null || true; agent_pid=
+stop_agent
 
 echo "bench: ONNX Runtime from Python on the same export ($RUNS runs)" >&2
 "$MODELD_PYTHON" - "$MODELD_TEST_ONNX_DIR" "$THREADS" "$PROMPT" "$GEN" "$RUNS" >"$work/ort-python.json" <<'PY'

@@ -174,12 +174,8 @@ async fn grpcurl_lists_describes_and_calls_through_reflection_alone() {
     );
 }
 
-/// The README's walk-through: register, pull, load and generate with nothing but
-/// grpcurl and JSON, on the real SmolLM2 GGUF.
-#[tokio::test]
-async fn grpcurl_pulls_loads_and_streams_a_generation() {
-    let assets = Assets::get();
-    let agent = Agent::start().await;
+/// Registers the real SmolLM2 GGUF as "smol" and pulls it, with grpcurl alone.
+fn register_and_pull_smol(assets: &Assets, agent: &Agent) {
     let spec = serde_json::json!({
         "spec": {
             "id": "smol",
@@ -192,11 +188,21 @@ async fn grpcurl_pulls_loads_and_streams_a_generation() {
             }],
         }
     });
-    let call = |data: &str, method: &str| grpcurl(&assets, &agent, Some(data), &[method]);
+    let call = |data: &str, method: &str| grpcurl(assets, agent, Some(data), &[method]);
     let (ok, _, err) = call(&spec.to_string(), "modeld.v1.ModelRegistry/RegisterModel");
     assert!(ok, "{err}");
     let (ok, _, err) = call(r#"{"model_id":"smol"}"#, "modeld.v1.Storage/Pull");
     assert!(ok, "{err}");
+}
+
+/// The README's walk-through: register, pull, load and generate with nothing but
+/// grpcurl and JSON, on the real SmolLM2 GGUF.
+#[tokio::test]
+async fn grpcurl_pulls_loads_and_streams_a_generation() {
+    let assets = Assets::get();
+    let agent = Agent::start().await;
+    register_and_pull_smol(&assets, &agent);
+    let call = |data: &str, method: &str| grpcurl(&assets, &agent, Some(data), &[method]);
     let (ok, out, err) = call(r#"{"model_id":"smol"}"#, "modeld.v1.Lifecycle/Load");
     assert!(ok, "{err}");
     assert!(
@@ -235,23 +241,8 @@ async fn grpcurl_pulls_loads_and_streams_a_generation() {
 async fn grpcurl_benchmarks_runtimes_and_the_selector_follows() {
     let assets = Assets::get();
     let agent = Agent::start().await;
-    let spec = serde_json::json!({
-        "spec": {
-            "id": "smol",
-            "format": "MODEL_FORMAT_GGUF",
-            "files": [{
-                "name": "smol.gguf",
-                "urls": [format!("file://{}", assets.gguf.display())],
-                "sha256": modeld_e2e::SMOLLM2_SHA256,
-                "size_bytes": modeld_e2e::SMOLLM2_SIZE,
-            }],
-        }
-    });
+    register_and_pull_smol(&assets, &agent);
     let call = |data: &str, method: &str| grpcurl(&assets, &agent, Some(data), &[method]);
-    let (ok, _, err) = call(&spec.to_string(), "modeld.v1.ModelRegistry/RegisterModel");
-    assert!(ok, "{err}");
-    let (ok, _, err) = call(r#"{"model_id":"smol"}"#, "modeld.v1.Storage/Pull");
-    assert!(ok, "{err}");
     let mut speeds = Vec::new();
     for runtime in ["RUNTIME_LLAMA_CPP", "RUNTIME_CANDLE"] {
         let request = format!(

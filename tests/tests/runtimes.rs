@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use modeld_e2e::{Agent, AgentOptions, Assets, Client, SMOLLM2_SHA256, SMOLLM2_SIZE, pb, reason};
+use modeld_e2e::{Agent, AgentOptions, Assets, Client, gguf_spec, pb, reason};
 use modeld_engine_candle::CandleEngine;
 use modeld_engine_core::generation::Forward;
 use modeld_engine_core::{Engine, EngineError, LoadOptions};
@@ -42,19 +42,9 @@ async fn agent_with_three_formats(args: Vec<String>) -> (Agent, Client, String, 
     })
     .await;
     let client = agent.client().await;
+    let url = format!("file://{}", assets.gguf.display());
     client
-        .register_model(pb::ModelSpec {
-            id: "smol".into(),
-            format: pb::ModelFormat::Gguf as i32,
-            files: vec![pb::ModelFile {
-                name: "smol.gguf".into(),
-                urls: vec![format!("file://{}", assets.gguf.display())],
-                sha256: SMOLLM2_SHA256.into(),
-                size_bytes: SMOLLM2_SIZE,
-                ..Default::default()
-            }],
-            ..Default::default()
-        })
+        .register_model(gguf_spec("smol", &url))
         .await
         .unwrap();
     client.pull_to_end("smol").await.unwrap();
@@ -518,4 +508,50 @@ async fn capabilities_tell_runnable_engines_from_recognized_formats() {
             "{f:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_pulled_directory_model_is_assembled_loads_and_is_removed_whole() {
+    // The scan registers the safetensors directory in place; registering its spec
+    // again under another id makes a model whose files must be pulled into the blob
+    // store, then assembled into a directory the engine can open.
+    let assets = Assets::get();
+    let agent = Agent::start().await;
+    let client = agent.client().await;
+    let scan = client
+        .scan(vec![assets.hf_dir.display().to_string()])
+        .await
+        .unwrap();
+    let mut spec = scan.models[0].spec.clone().unwrap();
+    assert!(spec.files.len() >= 4, "{:?}", spec.files);
+    spec.id = "pulled-hf".into();
+    client.register_model(spec).await.unwrap();
+    client.pull_to_end("pulled-hf").await.unwrap();
+    let loaded = client.load_to_end("pulled-hf", None).await.unwrap();
+    assert_eq!(loaded.runtime(), pb::Runtime::Candle);
+    let (_, text) = greedy(
+        &client,
+        "pulled-hf",
+        "Tell me the capital of France.",
+        true,
+        16,
+    )
+    .await;
+    assert!(text.contains("Paris"), "{text:?}");
+    let assembled = agent.data_dir.join("models/pulled-hf");
+    assert!(assembled.join("model.safetensors").is_file());
+    assert!(assembled.join("tokenizer.json").is_file());
+
+    client.unload("pulled-hf", None).await.unwrap();
+    client
+        .storage()
+        .delete_stored(pb::DeleteStoredRequest {
+            model_id: "pulled-hf".into(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        !assembled.exists(),
+        "the assembled directory goes with the blobs"
+    );
 }

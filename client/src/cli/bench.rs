@@ -104,6 +104,21 @@ async fn prompt_of(client: &Client, id: &str, n: usize) -> anyhow::Result<String
     Ok(text)
 }
 
+/// `prompt` (from `prompt_of`) with its first word changed for every request, so no
+/// runtime can serve a run's prompt from the cache the run before left: an engine
+/// that keeps a shared prefix (ONNX Runtime, candle) would otherwise report the speed
+/// of one token as the prompt's.
+fn varied(prompt: &str) -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    const FIRST: [&str; 8] = [
+        " a", " an", " this", " that", " my", " your", " our", " one",
+    ];
+    let i = NEXT.fetch_add(1, Ordering::Relaxed);
+    let rest = prompt.strip_prefix(" the").unwrap_or(prompt);
+    format!("{}{rest}", FIRST[i % FIRST.len()])
+}
+
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
@@ -114,9 +129,9 @@ async fn level(
     prompt: &str,
     concurrency: usize,
 ) -> anyhow::Result<Level> {
-    let request = pb::GenerateRequest {
+    let request = |prompt: String| pb::GenerateRequest {
         model_id: a.id.clone(),
-        input: Some(pb::generate_request::Input::Prompt(prompt.to_owned())),
+        input: Some(pb::generate_request::Input::Prompt(prompt)),
         sampling: Some(pb::SamplingParams {
             temperature: Some(0.0),
             ..Default::default()
@@ -127,7 +142,7 @@ async fn level(
     };
     let started = Instant::now();
     let streams = futures::future::try_join_all(
-        (0..concurrency).map(|_| one_stream(client, request.clone())),
+        (0..concurrency).map(|_| one_stream(client, request(varied(prompt)))),
     )
     .await?;
     let wall = started.elapsed();

@@ -155,6 +155,18 @@ pub struct ModelProbe {
     pub quantization: Option<String>,
 }
 
+impl ModelProbe {
+    /// Bytes of K and V for `tokens` cached positions across every layer, at
+    /// `element_bytes` per value (2 for F16 caches, 4 for F32).
+    pub fn kv_cache_bytes(&self, tokens: u64, element_bytes: u64) -> u64 {
+        2u64.saturating_mul(u64::from(self.layers))
+            .saturating_mul(u64::from(self.kv_heads))
+            .saturating_mul(u64::from(self.head_dim))
+            .saturating_mul(tokens)
+            .saturating_mul(element_bytes)
+    }
+}
+
 /// Memory a load would take, by what takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MemoryEstimate {

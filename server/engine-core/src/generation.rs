@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::engine::{
-    EngineError, FinishReason, Flow, GenerateOutcome, GenerateRequest, GenerateStats, Token,
-    Tokenizer,
+    EngineError, FinishReason, Flow, GenerateOutcome, GenerateRequest, GenerateStats, LoadedModel,
+    ModelInfo, Token, Tokenizer,
 };
 use crate::sampler::Sampler;
 use crate::text::{StopMatcher, StopOutcome, Utf8Stream};
@@ -228,5 +228,59 @@ impl<F: Forward> SequenceRunner<F> {
                 },
             },
         ))
+    }
+}
+
+/// A loaded model that is a [`Forward`] behind the shared loop: what an engine that
+/// produces logits hands the agent.
+pub struct SequenceModel<F> {
+    runner: SequenceRunner<F>,
+    tokenizer: Arc<dyn Tokenizer>,
+    info: ModelInfo,
+}
+
+impl<F: Forward> SequenceModel<F> {
+    /// `info.context_length` bounds every request; see [`SequenceRunner::new`] for
+    /// `prefill_chunk`.
+    pub fn new(
+        forward: F,
+        tokenizer: Arc<dyn Tokenizer>,
+        info: ModelInfo,
+        prefill_chunk: usize,
+        runtime: &'static str,
+    ) -> Self {
+        SequenceModel {
+            runner: SequenceRunner::new(
+                forward,
+                tokenizer.clone(),
+                info.context_length,
+                prefill_chunk,
+                runtime,
+            ),
+            tokenizer,
+            info,
+        }
+    }
+}
+
+impl<F: Forward> LoadedModel for SequenceModel<F> {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn tokenizer(&self) -> Arc<dyn Tokenizer> {
+        self.tokenizer.clone()
+    }
+
+    fn generate(
+        &mut self,
+        request: &GenerateRequest,
+        sink: &mut dyn FnMut(Token) -> Flow,
+    ) -> GenerateOutcome {
+        self.runner.generate(request, sink)
+    }
+
+    fn logits(&mut self, prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
+        self.runner.logits(prompt)
     }
 }

@@ -108,7 +108,10 @@ pub struct Usage {
     pub per_model: Vec<(String, u64)>,
 }
 
+/// Bytes of the files under `path`. Hard links (assembled directory models link to
+/// their blobs) are not counted: the blob store counts those bytes once.
 fn dir_size(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(path) else {
         return 0;
     };
@@ -116,7 +119,9 @@ fn dir_size(path: &Path) -> u64 {
         .filter_map(|e| e.ok())
         .map(|e| match e.file_type() {
             Ok(t) if t.is_dir() => dir_size(&e.path()),
-            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            Ok(t) if t.is_file() => e
+                .metadata()
+                .map_or(0, |m| if m.nlink() > 1 { 0 } else { m.len() }),
             _ => 0,
         })
         .sum()
@@ -924,6 +929,12 @@ impl Storage {
             let p = PathBuf::from(&record.extracted_path);
             freed += dir_size(&p);
             let _ = tokio::fs::remove_dir_all(&p).await;
+        }
+        // A multi-file model's assembled directory holds links to the blobs just
+        // removed: without it too, their bytes would stay on disk.
+        let assembled = self.inner.models_dir.join(model_id);
+        if assembled.is_dir() {
+            let _ = tokio::fs::remove_dir_all(&assembled).await;
         }
         self.inner.store.delete_stored_model(model_id)?;
         self.inner.store.flush().await?;

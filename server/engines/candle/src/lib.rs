@@ -11,12 +11,11 @@ mod gguf_file;
 mod safetensors_dir;
 
 use std::path::Path;
-use std::sync::Arc;
 
-use modeld_engine_core::generation::{Forward, SequenceRunner};
+use modeld_engine_core::generation::{Forward, SequenceModel};
 use modeld_engine_core::{
-    Accelerator, Engine, EngineError, Flow, GenerateOutcome, GenerateRequest, LoadOptions,
-    LoadedModel, MemoryEstimate, ModelFormat, ModelInfo, ModelProbe, Runtime, Token, Tokenizer,
+    Accelerator, Engine, EngineError, LoadOptions, LoadedModel, MemoryEstimate, ModelFormat,
+    ModelInfo, ModelProbe, Runtime,
 };
 
 pub use gguf_file::QuantizedForward;
@@ -89,12 +88,7 @@ impl Engine for CandleEngine {
 
     fn estimate_memory(&self, probe: &ModelProbe, options: &LoadOptions) -> MemoryEstimate {
         let ctx = u64::from(options.context_for(probe.context_length));
-        let kv = 2
-            * u64::from(probe.layers)
-            * u64::from(probe.kv_heads)
-            * u64::from(probe.head_dim)
-            * ctx
-            * 4;
+        let kv = probe.kv_cache_bytes(ctx, 4);
         let chunk = PREFILL_CHUNK as u64;
         let heads = u64::from(probe.embedding_length / probe.head_dim.max(1));
         // Attention scores of one prefill chunk, its MLP activations and the logits;
@@ -150,44 +144,12 @@ impl Engine for CandleEngine {
             chat_template: None,
             memory_bytes: estimate.total(),
         };
-        Ok(Box::new(CandleModel {
-            runner: SequenceRunner::new(
-                forward,
-                tokenizer.clone(),
-                context_length,
-                PREFILL_CHUNK,
-                "candle",
-            ),
+        Ok(Box::new(SequenceModel::new(
+            forward,
             tokenizer,
             info,
-        }))
-    }
-}
-
-pub struct CandleModel {
-    runner: SequenceRunner<Box<dyn Forward>>,
-    tokenizer: Arc<dyn Tokenizer>,
-    info: ModelInfo,
-}
-
-impl LoadedModel for CandleModel {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn tokenizer(&self) -> Arc<dyn Tokenizer> {
-        self.tokenizer.clone()
-    }
-
-    fn generate(
-        &mut self,
-        request: &GenerateRequest,
-        sink: &mut dyn FnMut(Token) -> Flow,
-    ) -> GenerateOutcome {
-        self.runner.generate(request, sink)
-    }
-
-    fn logits(&mut self, prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
-        self.runner.logits(prompt)
+            PREFILL_CHUNK,
+            "candle",
+        )))
     }
 }

@@ -86,13 +86,7 @@ impl Engine for LlamaEngine {
         } else {
             options.batch_size
         });
-        let kv_cache = 2
-            * u64::from(probe.layers)
-            * u64::from(probe.kv_heads)
-            * u64::from(probe.head_dim)
-            * context
-            * parallel
-            * KV_ELEMENT_BYTES;
+        let kv_cache = probe.kv_cache_bytes(context * parallel, KV_ELEMENT_BYTES);
         // llama.cpp's compute buffer holds one batch's activations (a few dozen f32
         // vectors of the embedding width per token) and the logits of every output.
         let compute = batch * u64::from(probe.embedding_length) * 4 * COMPUTE_VECTORS

@@ -13,12 +13,11 @@ pub mod external_data;
 mod library;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use modeld_engine_core::generation::SequenceRunner;
+use modeld_engine_core::generation::SequenceModel;
 use modeld_engine_core::{
-    Accelerator, Engine, EngineError, Flow, GenerateOutcome, GenerateRequest, LoadOptions,
-    LoadedModel, MemoryEstimate, ModelFormat, ModelInfo, ModelProbe, Runtime, Token, Tokenizer,
+    Accelerator, Engine, EngineError, LoadOptions, LoadedModel, MemoryEstimate, ModelFormat,
+    ModelInfo, ModelProbe, Runtime,
 };
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
@@ -183,12 +182,7 @@ impl Engine for OnnxEngine {
 
     fn estimate_memory(&self, probe: &ModelProbe, options: &LoadOptions) -> MemoryEstimate {
         let ctx = u64::from(options.context_for(probe.context_length));
-        let kv = 2
-            * u64::from(probe.layers)
-            * u64::from(probe.kv_heads)
-            * u64::from(probe.head_dim)
-            * ctx
-            * 4;
+        let kv = probe.kv_cache_bytes(ctx, 4);
         let chunk = PREFILL_CHUNK as u64;
         // Logits and attention scores of one prefill chunk; ONNX Runtime's arena
         // rounds up, so count them twice.
@@ -228,44 +222,12 @@ impl Engine for OnnxEngine {
             chat_template: None,
             memory_bytes: estimate.total(),
         };
-        Ok(Box::new(OnnxModel {
-            runner: SequenceRunner::new(
-                decoder,
-                tokenizer.clone(),
-                context_length,
-                PREFILL_CHUNK,
-                "onnxruntime",
-            ),
+        Ok(Box::new(SequenceModel::new(
+            decoder,
             tokenizer,
             info,
-        }))
-    }
-}
-
-pub struct OnnxModel {
-    runner: SequenceRunner<OnnxDecoder>,
-    tokenizer: Arc<dyn Tokenizer>,
-    info: ModelInfo,
-}
-
-impl LoadedModel for OnnxModel {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn tokenizer(&self) -> Arc<dyn Tokenizer> {
-        self.tokenizer.clone()
-    }
-
-    fn generate(
-        &mut self,
-        request: &GenerateRequest,
-        sink: &mut dyn FnMut(Token) -> Flow,
-    ) -> GenerateOutcome {
-        self.runner.generate(request, sink)
-    }
-
-    fn logits(&mut self, prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
-        self.runner.logits(prompt)
+            PREFILL_CHUNK,
+            "onnxruntime",
+        )))
     }
 }
