@@ -173,7 +173,7 @@ impl<F: Forward> SequenceRunner<F> {
         let mut first_token_at = None;
         let mut generated = 0u32;
         let finish = loop {
-            let sampled = sampler.sample(&mut logits)?;
+            let sampled = sampler.sample(&mut logits, request.logprobs)?;
             first_token_at.get_or_insert_with(Instant::now);
             if !request.ignore_eos && end_of_generation.contains(&sampled.id) {
                 break FinishReason::Stop;
@@ -187,7 +187,7 @@ impl<F: Forward> SequenceRunner<F> {
             let flow = sink(Token {
                 id: sampled.id,
                 text,
-                logprob: request.logprobs.then_some(sampled.logprob),
+                logprob: sampled.logprob,
             });
             if flow == Flow::Stop {
                 break FinishReason::Cancelled;

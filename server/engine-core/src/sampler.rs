@@ -48,8 +48,9 @@ impl std::fmt::Debug for Sampler {
 pub struct Sampled {
     pub id: u32,
     /// log softmax of the raw logits at `id` (before penalties and temperature), the
-    /// number llama.cpp reports too.
-    pub logprob: f32,
+    /// number llama.cpp reports too; only when asked for (it costs a pass of `exp`
+    /// over the vocabulary).
+    pub logprob: Option<f32>,
 }
 
 impl Sampler {
@@ -81,8 +82,9 @@ impl Sampler {
     }
 
     /// Chooses the next token from `logits` (one per vocabulary entry, modified in
-    /// place) and remembers it for the penalties.
-    pub fn sample(&mut self, logits: &mut [f32]) -> Result<Sampled, EngineError> {
+    /// place) and remembers it for the penalties; with `logprob`, also its
+    /// log-probability.
+    pub fn sample(&mut self, logits: &mut [f32], logprob: bool) -> Result<Sampled, EngineError> {
         if logits.is_empty() {
             return Err(EngineError::Inference(
                 "the model returned no logits".into(),
@@ -94,8 +96,9 @@ impl Sampler {
                 *l = f32::NEG_INFINITY;
             }
         }
-        let (max, log_sum) = log_softmax_terms(logits);
-        let raw = logits.to_vec();
+        let log_softmax = logprob.then(|| log_softmax_terms(logits));
+        // Penalties change logits in place; the log-probability is of the raw ones.
+        let raw = (logprob && self.penalties).then(|| logits.to_vec());
         if self.penalties {
             self.apply_penalties(logits);
         }
@@ -105,7 +108,10 @@ impl Sampler {
             self.draw(logits)
         }
         .ok_or_else(|| EngineError::Inference("every logit is -inf or NaN".into()))?;
-        let logprob = raw.get(id).map_or(f32::NEG_INFINITY, |l| l - max - log_sum);
+        let logprob = log_softmax.map(|(max, log_sum)| {
+            let raw = raw.as_deref().unwrap_or(logits);
+            raw.get(id).map_or(f32::NEG_INFINITY, |l| l - max - log_sum)
+        });
         self.history.push(id as u32);
         Ok(Sampled {
             id: id as u32,
@@ -221,9 +227,11 @@ mod tests {
     #[test]
     fn greedy_takes_the_largest_logit() {
         let mut s = Sampler::new(&sampling(0.0, 1));
-        let got = s.sample(&mut [0.1, 3.0, f32::NAN, 2.9]).unwrap();
+        let got = s.sample(&mut [0.1, 3.0, f32::NAN, 2.9], true).unwrap();
         assert_eq!(got.id, 1);
-        assert!(got.logprob < 0.0 && got.logprob > -1.0);
+        let logprob = got.logprob.unwrap();
+        assert!(logprob < 0.0 && logprob > -1.0);
+        assert_eq!(s.sample(&mut [0.1, 3.0], false).unwrap().logprob, None);
     }
 
     #[test]
@@ -232,7 +240,7 @@ mod tests {
         let run = |seed| {
             let mut s = Sampler::new(&sampling(1.0, seed));
             (0..20)
-                .map(|_| s.sample(&mut logits.clone()).unwrap().id)
+                .map(|_| s.sample(&mut logits.clone(), false).unwrap().id)
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
@@ -246,7 +254,7 @@ mod tests {
             ..sampling(5.0, 3)
         });
         for _ in 0..20 {
-            assert_eq!(s.sample(&mut [1.0, 1.5, 0.2]).unwrap().id, 1);
+            assert_eq!(s.sample(&mut [1.0, 1.5, 0.2], false).unwrap().id, 1);
         }
     }
 
@@ -260,7 +268,7 @@ mod tests {
             ..sampling(1.0, 9)
         });
         for _ in 0..200 {
-            assert_ne!(s.sample(&mut [10.0, 10.0, 0.0]).unwrap().id, 2);
+            assert_ne!(s.sample(&mut [10.0, 10.0, 0.0], false).unwrap().id, 2);
         }
     }
 
@@ -270,15 +278,15 @@ mod tests {
             repeat_penalty: Some(2.0),
             ..sampling(0.0, 1)
         });
-        assert_eq!(s.sample(&mut [2.0, 1.5]).unwrap().id, 0);
+        assert_eq!(s.sample(&mut [2.0, 1.5], false).unwrap().id, 0);
         // 2.0 / 2 = 1.0 < 1.5 once token 0 was chosen.
-        assert_eq!(s.sample(&mut [2.0, 1.5]).unwrap().id, 1);
+        assert_eq!(s.sample(&mut [2.0, 1.5], false).unwrap().id, 1);
     }
 
     #[test]
     fn all_impossible_logits_are_an_error_not_a_panic() {
         let mut s = Sampler::new(&sampling(0.7, 1));
-        assert!(s.sample(&mut [f32::NEG_INFINITY, f32::NAN]).is_err());
-        assert!(s.sample(&mut []).is_err());
+        assert!(s.sample(&mut [f32::NEG_INFINITY, f32::NAN], false).is_err());
+        assert!(s.sample(&mut [], false).is_err());
     }
 }

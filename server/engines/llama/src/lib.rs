@@ -369,11 +369,11 @@ impl Picker {
         match self {
             Picker::Shared(sampler) => {
                 let mut logits = ctx.get_logits_ith(index).to_vec();
-                let sampled = sampler.sample(&mut logits)?;
+                let sampled = sampler.sample(&mut logits, logprobs)?;
                 let id = i32::try_from(sampled.id).map_err(|_| {
                     EngineError::Inference(format!("sampled token id {} overflows", sampled.id))
                 })?;
-                Ok((LlamaToken::new(id), logprobs.then_some(sampled.logprob)))
+                Ok((LlamaToken::new(id), sampled.logprob))
             }
             Picker::Grammar(chain) => {
                 // sample() also accepts the token into the chain (penalties, grammar).
