@@ -565,6 +565,36 @@ mod tests {
         .unwrap();
         assert_eq!(c.disk_quota, None);
     }
+
+    #[test]
+    fn the_onnxruntime_library_comes_from_the_file_unless_a_flag_names_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("modeld.toml");
+        std::fs::write(
+            &file,
+            "onnxruntime_library = \"/opt/ort/libonnxruntime.so\"\n",
+        )
+        .unwrap();
+        let from_file = Config::load(Args {
+            config: Some(file.clone()),
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!(
+            from_file.onnxruntime_library,
+            Some(PathBuf::from("/opt/ort/libonnxruntime.so"))
+        );
+        let flag = Config::load(Args {
+            config: Some(file),
+            onnxruntime_library: Some(PathBuf::from("/usr/lib/libonnxruntime.so")),
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!(
+            flag.onnxruntime_library,
+            Some(PathBuf::from("/usr/lib/libonnxruntime.so"))
+        );
+    }
 }
 
 #[cfg(test)]
