@@ -30,6 +30,31 @@ const PREFILL_CHUNK: usize = 256;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CandleEngine;
 
+impl CandleEngine {
+    /// Checks and opens the network at `path` as a bare [`Forward`] with its KV cache
+    /// (no tokenizer): what `load` does underneath, for tests that step it by hand.
+    pub fn open_forward(
+        &self,
+        path: &Path,
+        options: &LoadOptions,
+    ) -> Result<(ModelProbe, Box<dyn Forward>, ModelFormat), EngineError> {
+        let pool = thread_pool(options.threads)?;
+        Ok(match source(path) {
+            Source::Directory => {
+                let checked = safetensors_dir::check(path)?;
+                let context = options.context_for(checked.probe.context_length);
+                let forward = LlamaForward::load(&checked, context, pool)?;
+                (checked.probe, Box::new(forward), ModelFormat::Safetensors)
+            }
+            Source::Gguf => {
+                let probe = gguf_file::check(path)?;
+                let forward = QuantizedForward::load(path, pool)?;
+                (probe, Box::new(forward), ModelFormat::Gguf)
+            }
+        })
+    }
+}
+
 fn candle_error(what: &str, e: impl std::fmt::Display) -> EngineError {
     EngineError::Inference(format!("candle {what}: {e}"))
 }
@@ -108,21 +133,7 @@ impl Engine for CandleEngine {
         path: &Path,
         options: &LoadOptions,
     ) -> Result<Box<dyn LoadedModel>, EngineError> {
-        let pool = thread_pool(options.threads)?;
-        let (probe, forward, format): (ModelProbe, Box<dyn Forward>, ModelFormat) =
-            match source(path) {
-                Source::Directory => {
-                    let checked = safetensors_dir::check(path)?;
-                    let context = options.context_for(checked.probe.context_length);
-                    let forward = LlamaForward::load(&checked, context, pool)?;
-                    (checked.probe, Box::new(forward), ModelFormat::Safetensors)
-                }
-                Source::Gguf => {
-                    let probe = gguf_file::check(path)?;
-                    let forward = QuantizedForward::load(path, pool)?;
-                    (probe, Box::new(forward), ModelFormat::Gguf)
-                }
-            };
+        let (probe, forward, format) = self.open_forward(path, options)?;
         let mut context_length = options.context_for(probe.context_length);
         if format == ModelFormat::Gguf {
             context_length = context_length.min(gguf_file::MAX_CONTEXT);
