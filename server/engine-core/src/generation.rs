@@ -70,14 +70,6 @@ impl<F: Forward> SequenceRunner<F> {
         }
     }
 
-    pub fn forward_mut(&mut self) -> &mut F {
-        &mut self.forward
-    }
-
-    pub fn context_length(&self) -> u32 {
-        self.context_length
-    }
-
     /// Logits for the token after `prompt`, from an empty cache.
     pub fn logits(&mut self, prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
         self.check_prompt(prompt)?;
@@ -241,15 +233,23 @@ pub struct SequenceModel<F> {
 
 impl<F: Forward> SequenceModel<F> {
     /// `info.context_length` bounds every request; see [`SequenceRunner::new`] for
-    /// `prefill_chunk`.
+    /// `prefill_chunk`. A tokenizer with more tokens than the network has logits for
+    /// is refused: its ids would index past them.
     pub fn new(
         forward: F,
         tokenizer: Arc<dyn Tokenizer>,
         info: ModelInfo,
         prefill_chunk: usize,
         runtime: &'static str,
-    ) -> Self {
-        SequenceModel {
+    ) -> Result<Self, EngineError> {
+        if tokenizer.vocab_size() > info.vocab_size {
+            return Err(EngineError::InvalidModel(format!(
+                "the tokenizer has {} tokens but the model's logits cover {}",
+                tokenizer.vocab_size(),
+                info.vocab_size
+            )));
+        }
+        Ok(SequenceModel {
             runner: SequenceRunner::new(
                 forward,
                 tokenizer.clone(),
@@ -259,7 +259,7 @@ impl<F: Forward> SequenceModel<F> {
             ),
             tokenizer,
             info,
-        }
+        })
     }
 }
 

@@ -47,7 +47,7 @@ impl Inference {
         let format = entry.spec.format_or_err()?;
         let runtime = plan.runtime.or(entry.spec.preferred_runtime);
         let engine = self.engine_for(&id, format, runtime)?;
-        let path = model_path(entry, storage)?;
+        let path = model_path(entry, storage).await?;
         let options = LoadOptions {
             context_length: plan.prompt_tokens + plan.generated_tokens + 8,
             parallel: 1,

@@ -174,7 +174,7 @@ impl Inference {
         // The Load's choice, else the model's preference, else the best compiled in.
         let runtime = request.runtime.or(entry.spec.preferred_runtime);
         let engine = self.engine_for(id, format, runtime)?;
-        let path = model_path(entry, storage)?;
+        let path = model_path(entry, storage).await?;
         // Refused here, before any work, when the table does not allow a load from
         // where the model is.
         self.lifecycle.transition(
@@ -443,10 +443,17 @@ struct PinIntent {
     record: crate::store::PinnedLoadRecord,
 }
 
-/// Where a model is on disk for its engine: the directory a scan found, the
-/// directory its stored files were assembled into (several files, or an unpacked
-/// archive), its verified blob, or the single file a scan found.
-fn model_path(entry: &ModelEntry, storage: &Storage) -> Result<PathBuf> {
+/// Where a model is on disk for its engine (see `locate_model`), found on a blocking
+/// thread: assembling a directory model links (or copies) its files.
+async fn model_path(entry: &ModelEntry, storage: &Storage) -> Result<PathBuf> {
+    let (entry, storage) = (entry.clone(), storage.clone());
+    tokio::task::spawn_blocking(move || locate_model(&entry, &storage)).await?
+}
+
+/// The directory a scan found, the directory its stored files were assembled into
+/// (several files, or an unpacked archive), its verified blob, or the single file a
+/// scan found.
+fn locate_model(entry: &ModelEntry, storage: &Storage) -> Result<PathBuf> {
     if let Some(dir) = entry.local_path.as_ref().filter(|p| p.is_dir()) {
         return Ok(dir.clone());
     }

@@ -9,7 +9,7 @@ use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
 use modeld_engine_core::generation::Forward;
 use modeld_engine_core::{EngineError, ModelProbe, gguf};
 
-use crate::{candle_error, in_pool};
+use crate::{candle_error, logits_of};
 
 /// Checks the file and reads what the engine needs from it.
 pub fn check(path: &Path) -> Result<ModelProbe, EngineError> {
@@ -42,11 +42,12 @@ impl QuantizedForward {
     pub fn load(path: &Path, pool: rayon::ThreadPool) -> Result<QuantizedForward, EngineError> {
         let mut file = std::fs::File::open(path)
             .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
-        let model = in_pool(&pool, || {
-            let content = gguf_file::Content::read(&mut file)?;
-            ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
-        })
-        .map_err(|e| candle_error("load", e))?;
+        let model = pool
+            .install(|| {
+                let content = gguf_file::Content::read(&mut file)?;
+                ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
+            })
+            .map_err(|e| candle_error("load", e))?;
         Ok(QuantizedForward {
             model,
             cached: 0,
@@ -58,15 +59,13 @@ impl QuantizedForward {
 impl Forward for QuantizedForward {
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
         let (model, index) = (&mut self.model, self.cached);
-        let logits = in_pool(&self.pool, || {
-            let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
-            model
-                .forward(&input, index)?
-                .squeeze(0)?
-                .to_dtype(candle_core::DType::F32)?
-                .to_vec1::<f32>()
-        })
-        .map_err(|e| candle_error("forward", e))?;
+        let logits = self
+            .pool
+            .install(|| {
+                let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
+                logits_of(model.forward(&input, index)?)
+            })
+            .map_err(|e| candle_error("forward", e))?;
         self.cached += tokens.len();
         Ok(logits)
     }

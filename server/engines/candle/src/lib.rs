@@ -5,7 +5,8 @@
 //! `gguf_file`). Tokenizers come from the same providers as every runtime
 //! (tokenizer.json beside the model, else the GGUF's vocabulary), and generation goes
 //! through engine-core's shared loop and sampler. Inference runs on a thread pool
-//! this model owns, sized by the load options.
+//! this model owns, sized by the load options (`pool.install`, so candle's parallel
+//! kernels use those threads).
 
 mod gguf_file;
 mod safetensors_dir;
@@ -39,18 +40,16 @@ impl CandleEngine {
         options: &LoadOptions,
     ) -> Result<(ModelProbe, Box<dyn Forward>, ModelFormat), EngineError> {
         let pool = thread_pool(options.threads)?;
-        Ok(match source(path) {
-            Source::Directory => {
-                let checked = safetensors_dir::check(path)?;
-                let context = options.context_for(checked.probe.context_length);
-                let forward = LlamaForward::load(&checked, context, pool)?;
-                (checked.probe, Box::new(forward), ModelFormat::Safetensors)
-            }
-            Source::Gguf => {
-                let probe = gguf_file::check(path)?;
-                let forward = QuantizedForward::load(path, pool)?;
-                (probe, Box::new(forward), ModelFormat::Gguf)
-            }
+        // A directory is safetensors with config.json; a file is GGUF.
+        Ok(if path.is_dir() {
+            let checked = safetensors_dir::check(path)?;
+            let context = options.context_for(checked.probe.context_length);
+            let forward = LlamaForward::load(&checked, context, pool)?;
+            (checked.probe, Box::new(forward), ModelFormat::Safetensors)
+        } else {
+            let probe = gguf_file::check(path)?;
+            let forward = QuantizedForward::load(path, pool)?;
+            (probe, Box::new(forward), ModelFormat::Gguf)
         })
     }
 }
@@ -59,9 +58,11 @@ fn candle_error(what: &str, e: impl std::fmt::Display) -> EngineError {
     EngineError::Inference(format!("candle {what}: {e}"))
 }
 
-/// Runs `f` on `pool`, so candle's parallel kernels use this model's threads.
-fn in_pool<T: Send>(pool: &rayon::ThreadPool, f: impl FnOnce() -> T + Send) -> T {
-    pool.install(f)
+/// The logits of a forward pass (`[1, vocab]`, any dtype) as F32 values.
+fn logits_of(t: candle_core::Tensor) -> candle_core::Result<Vec<f32>> {
+    t.squeeze(0)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()
 }
 
 fn thread_pool(threads: u32) -> Result<rayon::ThreadPool, EngineError> {
@@ -75,20 +76,6 @@ fn thread_pool(threads: u32) -> Result<rayon::ThreadPool, EngineError> {
         .thread_name(|i| format!("candle-{i}"))
         .build()
         .map_err(|e| EngineError::Load(format!("candle threads: {e}")))
-}
-
-/// What kind of model `path` is: a directory (safetensors) or a file (GGUF).
-enum Source {
-    Directory,
-    Gguf,
-}
-
-fn source(path: &Path) -> Source {
-    if path.is_dir() {
-        Source::Directory
-    } else {
-        Source::Gguf
-    }
 }
 
 impl Engine for CandleEngine {
@@ -105,9 +92,10 @@ impl Engine for CandleEngine {
     }
 
     fn probe(&self, path: &Path) -> Result<ModelProbe, EngineError> {
-        match source(path) {
-            Source::Directory => safetensors_dir::check(path).map(|c| c.probe),
-            Source::Gguf => gguf_file::check(path),
+        if path.is_dir() {
+            safetensors_dir::check(path).map(|c| c.probe)
+        } else {
+            gguf_file::check(path)
         }
     }
 
@@ -139,13 +127,6 @@ impl Engine for CandleEngine {
             context_length = context_length.min(gguf_file::MAX_CONTEXT);
         }
         let tokenizer = modeld_tokenizer::for_model(path, format, None, None)?;
-        if tokenizer.vocab_size() > probe.vocab_size {
-            return Err(EngineError::InvalidModel(format!(
-                "the tokenizer has {} tokens but the model's logits cover {}",
-                tokenizer.vocab_size(),
-                probe.vocab_size
-            )));
-        }
         let estimate = self.estimate_memory(&probe, options);
         let info = ModelInfo {
             architecture: probe.architecture.clone(),
@@ -161,6 +142,6 @@ impl Engine for CandleEngine {
             info,
             PREFILL_CHUNK,
             "candle",
-        )))
+        )?))
     }
 }

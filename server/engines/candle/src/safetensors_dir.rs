@@ -16,7 +16,7 @@ use modeld_engine_core::generation::Forward;
 use modeld_engine_core::{EngineError, ModelProbe, safetensors};
 use serde::Deserialize;
 
-use crate::{candle_error, in_pool};
+use crate::{candle_error, logits_of};
 
 const MAX_JSON_BYTES: u64 = 16 << 20;
 const MAX_HIDDEN: u64 = 1 << 16;
@@ -297,8 +297,9 @@ impl LlamaForward {
         // The rotary tables are sized by this: only as long as the context we serve.
         config.max_position_embeddings = context_length as usize;
         let vb = map_weights(&checked.shards, checked.dtype, &device)?;
-        let model =
-            in_pool(&pool, || Llama::load(vb, &config)).map_err(|e| candle_error("load", e))?;
+        let model = pool
+            .install(|| Llama::load(vb, &config))
+            .map_err(|e| candle_error("load", e))?;
         let cache = Cache::new(true, checked.dtype, &config, &device)
             .map_err(|e| candle_error("cache", e))?;
         Ok(LlamaForward {
@@ -338,15 +339,13 @@ impl Forward for LlamaForward {
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
         let (model, cache, device, index) =
             (&self.model, &mut self.cache, &self.device, self.cached);
-        let logits = in_pool(&self.pool, || {
-            let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
-            model
-                .forward(&input, index, cache)?
-                .squeeze(0)?
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()
-        })
-        .map_err(|e| candle_error("forward", e))?;
+        let logits = self
+            .pool
+            .install(|| {
+                let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
+                logits_of(model.forward(&input, index, cache)?)
+            })
+            .map_err(|e| candle_error("forward", e))?;
         self.cached += tokens.len();
         Ok(logits)
     }

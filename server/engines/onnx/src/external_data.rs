@@ -101,18 +101,23 @@ fn resolve(root: &Path, location: &str) -> Result<PathBuf, String> {
 
 type Span = (u64, u64);
 
-/// The payload spans of the length-delimited fields `number` of the message at
-/// `[start, start+len)`.
-fn sub<R: Read + Seek>(r: &mut R, start: u64, len: u64, number: u32) -> Result<Vec<Span>, String> {
-    Ok(protobuf::fields(r, start, start + len)
-        .map_err(|e| e.to_string())?
-        .into_iter()
+/// The payload spans of the length-delimited fields `number` among `fields`.
+fn spans(fields: &[protobuf::Field], number: u32) -> Vec<Span> {
+    fields
+        .iter()
         .filter(|f| f.number == number)
         .filter_map(|f| match f.value {
             WireValue::Len { start, len } => Some((start, len)),
             _ => None,
         })
-        .collect())
+        .collect()
+}
+
+/// The payload spans of the length-delimited fields `number` of the message at
+/// `[start, start+len)`.
+fn sub<R: Read + Seek>(r: &mut R, start: u64, len: u64, number: u32) -> Result<Vec<Span>, String> {
+    let fields = protobuf::fields(r, start, start + len).map_err(|e| e.to_string())?;
+    Ok(spans(&fields, number))
 }
 
 fn graph<R: Read + Seek>(
@@ -185,14 +190,7 @@ fn tensor<R: Read + Seek>(
     let external = fields
         .iter()
         .any(|f| f.number == 14 && f.value == WireValue::Varint(1));
-    let entries: Vec<Span> = fields
-        .iter()
-        .filter(|f| f.number == 13)
-        .filter_map(|f| match f.value {
-            WireValue::Len { start, len } => Some((start, len)),
-            _ => None,
-        })
-        .collect();
+    let entries = spans(&fields, 13);
     if !external && entries.is_empty() {
         return Ok(());
     }

@@ -24,10 +24,10 @@ use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 
 pub use config::{Export, locate};
 pub use decoder::{OnnxDecoder, StepShape};
-pub use library::{REQUIRED_MINOR, configured_path, loaded_path};
+pub use library::REQUIRED_MINOR;
 
 /// The ONNX Runtime API level this build speaks.
-pub const VERSION: &str = concat!("1.", "31", "+ (ort 2.0.0-rc.15)");
+pub const VERSION: &str = "1.31+ (ort 2.0.0-rc.15)";
 
 /// Prompt tokens per forward pass: bounds the logits and attention scores one pass
 /// allocates.
@@ -44,15 +44,15 @@ impl OnnxEngine {
         OnnxEngine { library }
     }
 
-    /// Opens the export at `path` as a bare decoder (no tokenizer): what `load` does
-    /// underneath, for tests that look at the cache step by step.
+    /// Checks and opens the export at `path` as a bare decoder (no tokenizer): what
+    /// `load` does underneath, for tests that look at the cache step by step.
     pub fn open_decoder(
         &self,
         path: &Path,
         options: &LoadOptions,
-    ) -> Result<(OnnxDecoder, Export), EngineError> {
-        let export = locate(path)?;
-        external_data::check(&export.graph)?;
+    ) -> Result<(OnnxDecoder, Export, ModelProbe), EngineError> {
+        // Every load checks the files itself, whatever probed them before.
+        let (export, probe) = inspect(path)?;
         let env = library::environment(self.library.as_deref())?;
         let mut builder = Session::builder(&env).map_err(|e| load("session", e))?;
         builder = configure(builder, options)?;
@@ -64,8 +64,37 @@ impl OnnxEngine {
             &export.config.model.decoder,
             export.config.model.vocab_size,
         )?;
-        Ok((decoder, export))
+        Ok((decoder, export, probe))
     }
+}
+
+/// Finds the export, checks its configuration and every external-data path, and
+/// reads what the engine needs to know, before ONNX Runtime sees a file.
+fn inspect(path: &Path) -> Result<(Export, ModelProbe), EngineError> {
+    let export = locate(path)?;
+    let files = external_data::check(&export.graph)?;
+    let graph_bytes = std::fs::metadata(&export.graph)
+        .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", export.graph.display())))?
+        .len();
+    let weights_bytes = files
+        .iter()
+        .fold(graph_bytes, |sum, (_, size)| sum.saturating_add(*size));
+    let m = &export.config.model;
+    let d = &m.decoder;
+    let probe = ModelProbe {
+        architecture: m.kind.clone(),
+        // ONNX weights are float32 here; an estimate, not a count.
+        parameter_count: weights_bytes / 4,
+        weights_bytes,
+        context_length: m.context_length,
+        vocab_size: m.vocab_size,
+        layers: d.num_hidden_layers,
+        kv_heads: d.num_key_value_heads,
+        head_dim: d.head_size,
+        embedding_length: d.hidden_size,
+        quantization: Some("F32".into()),
+    };
+    Ok((export, probe))
 }
 
 fn load(what: &str, e: impl std::fmt::Display) -> EngineError {
@@ -155,29 +184,7 @@ impl Engine for OnnxEngine {
     }
 
     fn probe(&self, path: &Path) -> Result<ModelProbe, EngineError> {
-        let export = locate(path)?;
-        let files = external_data::check(&export.graph)?;
-        let graph_bytes = std::fs::metadata(&export.graph)
-            .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", export.graph.display())))?
-            .len();
-        let weights_bytes = files
-            .iter()
-            .fold(graph_bytes, |sum, (_, size)| sum.saturating_add(*size));
-        let m = &export.config.model;
-        let d = &m.decoder;
-        Ok(ModelProbe {
-            architecture: m.kind.clone(),
-            // ONNX weights are float32 here; an estimate, not a count.
-            parameter_count: weights_bytes / 4,
-            weights_bytes,
-            context_length: m.context_length,
-            vocab_size: m.vocab_size,
-            layers: d.num_hidden_layers,
-            kv_heads: d.num_key_value_heads,
-            head_dim: d.head_size,
-            embedding_length: d.hidden_size,
-            quantization: Some("F32".into()),
-        })
+        inspect(path).map(|(_, probe)| probe)
     }
 
     fn estimate_memory(&self, probe: &ModelProbe, options: &LoadOptions) -> MemoryEstimate {
@@ -202,16 +209,8 @@ impl Engine for OnnxEngine {
         path: &Path,
         options: &LoadOptions,
     ) -> Result<Box<dyn LoadedModel>, EngineError> {
-        let probe = self.probe(path)?;
-        let (decoder, export) = self.open_decoder(path, options)?;
+        let (decoder, export, probe) = self.open_decoder(path, options)?;
         let tokenizer = modeld_tokenizer::for_model(&export.dir, ModelFormat::Onnx, None, None)?;
-        if tokenizer.vocab_size() > export.config.model.vocab_size {
-            return Err(EngineError::InvalidModel(format!(
-                "the tokenizer has {} tokens but the model's logits cover {}",
-                tokenizer.vocab_size(),
-                export.config.model.vocab_size
-            )));
-        }
         let context_length = options.context_for(probe.context_length);
         let estimate = self.estimate_memory(&probe, options);
         let info = ModelInfo {
@@ -228,6 +227,6 @@ impl Engine for OnnxEngine {
             info,
             PREFILL_CHUNK,
             "onnxruntime",
-        )))
+        )?))
     }
 }

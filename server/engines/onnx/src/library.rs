@@ -13,10 +13,10 @@ use ort::environment::Environment;
 pub const REQUIRED_MINOR: u32 = ort::MINOR_VERSION;
 
 /// The process's one ONNX Runtime environment (ONNX Runtime allows one).
-static ENVIRONMENT: Mutex<Option<(Environment, PathBuf)>> = Mutex::new(None);
+static ENVIRONMENT: Mutex<Option<Environment>> = Mutex::new(None);
 
 /// Where the library is: the configured path, else `ORT_DYLIB_PATH`.
-pub fn configured_path(configured: Option<&Path>) -> Option<PathBuf> {
+fn configured_path(configured: Option<&Path>) -> Option<PathBuf> {
     configured.map(Path::to_path_buf).or_else(|| {
         std::env::var_os("ORT_DYLIB_PATH")
             .filter(|v| !v.is_empty())
@@ -28,7 +28,7 @@ pub fn configured_path(configured: Option<&Path>) -> Option<PathBuf> {
 /// first time.
 pub fn environment(configured: Option<&Path>) -> Result<Environment, EngineError> {
     let mut guard = ENVIRONMENT.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((env, _)) = guard.as_ref() {
+    if let Some(env) = guard.as_ref() {
         return Ok(env.clone());
     }
     let path = configured_path(configured).ok_or_else(|| {
@@ -58,15 +58,6 @@ pub fn environment(configured: Option<&Path>) -> Result<Environment, EngineError
         ))
     })?;
     tracing::info!(library = %path.display(), "ONNX Runtime loaded");
-    *guard = Some((env.clone(), path));
+    *guard = Some(env.clone());
     Ok(env)
-}
-
-/// The library the process loaded, if any.
-pub fn loaded_path() -> Option<PathBuf> {
-    ENVIRONMENT
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .map(|(_, p)| p.clone())
 }
