@@ -20,11 +20,12 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
-# start_agent ARGS...: a release agent on a free port, its data in the work directory;
-# sets addr and agent_pid and returns once it answers. ctl talks to it.
+# start_agent ARGS...: a release agent ($agent_bin, default the portable build) on a
+# free port, with a fresh data directory in the work directory; sets addr and
+# agent_pid and returns once it answers. ctl talks to it.
 start_agent() {
     addr="127.0.0.1:$(free_port)"
-    "$modeld" --listen "$addr" --data-dir "$work/data" --log warn "$@" &
+    "${agent_bin:-$modeld}" --listen "$addr" --data-dir "$(mktemp -d -p "$work" data.XXXX)" --log warn "$@" &
     agent_pid=$!
     for _ in $(seq 100); do
         "$modelctl" --addr "http://$addr" node info >/dev/null 2>&1 && return 0

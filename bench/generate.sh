@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
 # Inference benchmark: the agent through the full gRPC stream against llama.cpp's own
-# tools, same model (SmolLM2-135M Q4_1), same thread count, same run.
+# tools, same model (SmolLM2-135M Q4_1), same thread count, same run, for both builds
+# of the agent:
 #
-#   - prompt and generation tokens/s of one stream vs `llama-bench`;
+#   portable  the default build: every llama.cpp CPU variant, the best picked at
+#             startup; compared with llama-bench built the same way;
+#   native    scripts/build-native (tuned for this CPU, AMX off); compared with a
+#             native llama-bench.
+#
+#   - prompt and generation tokens/s of one stream vs llama-bench, in interleaved
+#     rounds (agent, reference, next build...), since this VM drifts by more than the
+#     gaps between runs; medians and the range of the per-round ratios are reported;
 #   - time to first token at the client minus the engine's own (gRPC + queueing);
-#   - aggregate tokens/s with 1, 4 and 8 concurrent streams vs `llama-batched-bench`
-#     at the same parallel levels (continuous batching);
+#   - aggregate tokens/s of the portable build with 1, 4 and 8 concurrent streams vs
+#     `llama-batched-bench` at the same parallel levels (continuous batching);
 #   - peak RSS of the agent and of llama-bench.
 #
-#   bench/generate.sh [RUNS]      (default 5 runs per level; medians are reported)
+#   bench/generate.sh [ROUNDS]      (default 4 rounds of 3 runs each)
 # Writes bench/results/generate-<date>.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUNS="${1:-5}"
+ROUNDS="${1:-4}"
+RUNS=3
 THREADS="${THREADS:-$(nproc)}"
 PROMPT=128
 GEN=64
@@ -20,39 +29,94 @@ LEVELS=1,4,8
 CONTEXT=1024
 
 . bench/common.sh
-tools="$(bench/build-llama-tools.sh)"
+native_dir="$(scripts/build-native)"
+declare -A agent_bins=([portable]="$modeld" [native]="$native_dir/modeld")
+declare -A tools=([portable]="$(bench/build-llama-tools.sh portable)" [native]="$(bench/build-llama-tools.sh native)")
 
+for round in $(seq "$ROUNDS"); do
+    for kind in portable native; do
+        echo "bench: round $round, $kind: modeld through gRPC" >&2
+        agent_bin="${agent_bins[$kind]}" start_agent --threads "$THREADS" --parallel 1 --context-length "$CONTEXT"
+        register_smol
+        ctl load smol >/dev/null
+        ctl -o json node info >"$work/$kind-caps.json"
+        # Generation from an empty context, as llama-bench's tg test measures it.
+        ctl -o json bench smol --concurrency 1 --prompt-tokens 1 --max-tokens "$GEN" \
+            --runs "$RUNS" >"$work/$kind-tg-$round.json"
+        ctl -o json bench smol --concurrency 1 --prompt-tokens "$PROMPT" --max-tokens "$GEN" \
+            --runs "$RUNS" >"$work/$kind-pp-$round.json"
+        awk '/VmHWM/ {print $2}' "/proc/$agent_pid/status" >"$work/$kind-rss-$round"
+        stop_agent
+        echo "bench: round $round, $kind: llama-bench" >&2
+        /usr/bin/time -f "%M" -o "$work/$kind-lb-rss-$round" "${tools[$kind]}/llama-bench" \
+            -m "$MODELD_TEST_GGUF" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r "$RUNS" -o json \
+            >"$work/$kind-lb-$round.json" 2>/dev/null
+    done
+done
+
+echo "bench: portable, concurrent streams" >&2
 start_agent --threads "$THREADS" --parallel 8 --context-length "$CONTEXT"
 register_smol
 ctl load smol >/dev/null
-
-echo "bench: modeld through gRPC ($RUNS runs per level)" >&2
-# Generation from an empty context, as llama-bench's tg test measures it.
-ctl -o json bench smol --concurrency 1 --prompt-tokens 1 --max-tokens "$GEN" \
-    --runs "$RUNS" >"$work/modeld-tg.json"
 ctl -o json bench smol --concurrency "$LEVELS" --prompt-tokens "$PROMPT" --max-tokens "$GEN" \
-    --runs "$RUNS" >"$work/modeld.json"
-agent_rss_kb="$(awk '/VmHWM/ {print $2}' "/proc/$agent_pid/status")"
+    --runs "$RUNS" >"$work/levels.json"
 stop_agent
-
-echo "bench: llama-bench" >&2
-/usr/bin/time -f "%M" -o "$work/llama-bench.rss" "$tools/llama-bench" -m "$MODELD_TEST_GGUF" \
-    -t "$THREADS" -p "$PROMPT" -n "$GEN" -r "$RUNS" -o json >"$work/llama-bench.json" 2>/dev/null
-echo "bench: llama-batched-bench" >&2
-"$tools/llama-batched-bench" -m "$MODELD_TEST_GGUF" -t "$THREADS" -c $((CONTEXT * 8)) -b 512 -ub 512 \
+echo "bench: llama-batched-bench (portable)" >&2
+"${tools[portable]}/llama-batched-bench" -m "$MODELD_TEST_GGUF" -t "$THREADS" -c $((CONTEXT * 8)) -b 512 -ub 512 \
     -npp "$PROMPT" -ntg "$GEN" -npl "$LEVELS" --output-format jsonl >"$work/batched.jsonl" 2>/dev/null
 
 mkdir -p bench/results
 out="bench/results/generate-$(date -u +%F).md"
-python3 - "$work" "$agent_rss_kb" "$THREADS" "$RUNS" >"$out" <<'PY'
-import json, platform, subprocess, sys, datetime
-work, agent_rss_kb, threads, runs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-ours = {l["concurrency"]: l for l in json.load(open(f"{work}/modeld.json"))}
-ours_tg = json.load(open(f"{work}/modeld-tg.json"))[0]
-lb = json.load(open(f"{work}/llama-bench.json"))
-pp = next(r["avg_ts"] for r in lb if r["n_gen"] == 0)
-tg = next(r["avg_ts"] for r in lb if r["n_prompt"] == 0)
-lb_rss_kb = int(open(f"{work}/llama-bench.rss").read().split()[-1])
+python3 - "$work" "$THREADS" "$ROUNDS" "$RUNS" >"$out" <<'PY'
+import json, platform, statistics, sys, datetime
+work, threads, rounds, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+def load(p): return json.load(open(f"{work}/{p}"))
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+flags = next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), [])
+amx = "with AMX" if "amx_int8" in flags else "without AMX"
+print(f"# Inference benchmark, {datetime.date.today()}")
+print()
+print(f"Machine: {cpu} ({amx}), {threads} threads, {platform.system()} {platform.release()}. "
+      f"Model: SmolLM2-135M-Instruct Q4_1 (98 MB). Release builds. Prompt 128 tokens, 64 generated "
+      f"(end-of-sequence ignored), greedy. {rounds} interleaved rounds of {runs} runs "
+      "(agent, its llama-bench, then the other build); per round the median of its runs, "
+      "then the median over rounds, and the range of the per-round ratios. "
+      "Generation vs llama-bench starts from an empty context (a 1-token prompt), as its tg test does; "
+      "prompt tokens/s is the prompt over the client's time to first token.")
+print()
+print("## One stream vs llama-bench, portable and native builds")
+print()
+print("| build | llama.cpp kernels chosen | | modeld (gRPC) | llama-bench | ratio (median, range) |")
+print("|---|---|---|---:|---:|---:|")
+summary = {}
+for kind in ["portable", "native"]:
+    caps = load(f"{kind}-caps.json")
+    rt = next(r for r in caps["runtimes"] if r["runtime"] == "RUNTIME_LLAMA_CPP")
+    v = rt.get("cpuVariant", {})
+    kernels = f"{v.get('name', '?')} ({v.get('dispatch', '?').replace('CPU_DISPATCH_', '').lower()})"
+    pp, tg, lpp, ltg, rss, lrss = [], [], [], [], [], []
+    for r in range(1, rounds + 1):
+        pp.append(load(f"{kind}-pp-{r}.json")[0]["prompt_tokens_per_second"])
+        tg.append(load(f"{kind}-tg-{r}.json")[0]["generation_tokens_per_second"])
+        lb = load(f"{kind}-lb-{r}.json")
+        lpp.append(next(x["avg_ts"] for x in lb if x["n_gen"] == 0))
+        ltg.append(next(x["avg_ts"] for x in lb if x["n_prompt"] == 0))
+        rss.append(int(open(f"{work}/{kind}-rss-{r}").read()))
+        lrss.append(int(open(f"{work}/{kind}-lb-rss-{r}").read().split()[-1]))
+    for what, ours, ref in [("prompt tokens/s", pp, lpp), ("generation tokens/s", tg, ltg)]:
+        ratios = [o / f for o, f in zip(ours, ref)]
+        print(f"| {kind} | {kernels} | {what} | {statistics.median(ours):.1f} | {statistics.median(ref):.1f} | "
+              f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f}) |")
+    print(f"| {kind} | | peak RSS | {max(rss)/1024:.0f} MiB | {max(lrss)/1024:.0f} MiB | |")
+    summary[kind] = (statistics.median(pp), statistics.median(tg), statistics.median(lpp), statistics.median(ltg))
+p, n = summary["portable"], summary["native"]
+print()
+print(f"Native over portable: modeld prompt {n[0]/p[0]:.2f}×, generation {n[1]/p[1]:.2f}×; "
+      f"llama-bench prompt {n[2]/p[2]:.2f}×, generation {n[3]/p[3]:.2f}×.")
+print()
+print("## Concurrent streams vs llama-batched-bench (portable builds)")
+print()
+ours = {l["concurrency"]: l for l in load("levels.json")}
 batched = {}
 for line in open(f"{work}/batched.jsonl"):
     line = line.strip()
@@ -60,29 +124,10 @@ for line in open(f"{work}/batched.jsonl"):
         r = json.loads(line)
         if "pl" in r:
             batched[r["pl"]] = r
-cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 one = ours[1]
-print(f"# Inference benchmark, {datetime.date.today()}")
-print()
-print(f"Machine: {cpu}, {threads} threads, {platform.system()} {platform.release()}. "
-      f"Model: SmolLM2-135M-Instruct Q4_1 (98 MB). Release build, `-C target-cpu=native`. "
-      f"Prompt 128 tokens, 64 generated (end-of-sequence ignored), greedy; median of {runs} runs. "
-      "Generation vs llama-bench starts from an empty context (a 1-token prompt), as its tg test does; "
-      "prompt tokens/s is the prompt over the client's time to first token.")
-print()
-print("## One stream vs llama-bench")
-print()
-print("| | modeld (gRPC) | llama-bench | ratio |")
-print("|---|---:|---:|---:|")
-print(f"| prompt tokens/s | {one['prompt_tokens_per_second']:.1f} | {pp:.1f} | {one['prompt_tokens_per_second']/pp:.2f}× |")
-print(f"| generation tokens/s | {ours_tg['generation_tokens_per_second']:.1f} | {tg:.1f} | {ours_tg['generation_tokens_per_second']/tg:.2f}× |")
-print(f"| peak RSS | {agent_rss_kb/1024:.0f} MiB | {lb_rss_kb/1024:.0f} MiB | |")
-print()
 print(f"Time to first token through gRPC: {one['time_to_first_token_ms']:.1f} ms, of which "
       f"{one['time_to_first_token_overhead_ms']:.2f} ms is outside the engine "
       "(tokenizing, gRPC, queue hand-off).")
-print()
-print("## Concurrent streams vs llama-batched-bench")
 print()
 print("Generation tokens/s summed over streams while all of them generate (batched-bench's S_TG), "
       "and all tokens over wall time (its S).")
@@ -96,9 +141,5 @@ for n in sorted(ours):
     print(f"| {n} | {o['generation_tokens_per_second']:.1f} | {b['speed_tg']:.1f} | "
           f"{o['generation_tokens_per_second']/b['speed_tg']:.2f}× | {o['total_tokens_per_second']:.1f} | "
           f"{b['speed']:.1f} | {o['total_tokens_per_second']/b['speed']:.2f}× |")
-if 1 in ours and 8 in ours:
-    print()
-    print(f"Scaling 1 → 8 streams: modeld {ours[8]['generation_tokens_per_second']/ours[1]['generation_tokens_per_second']:.2f}×, "
-          f"llama-batched-bench {batched[8]['speed_tg']/batched[1]['speed_tg']:.2f}×.")
 PY
 cat "$out"

@@ -100,6 +100,11 @@ pub struct Args {
     #[arg(long, env = "MODELD_ONNXRUNTIME_LIBRARY")]
     pub onnxruntime_library: Option<PathBuf>,
 
+    /// The directory of llama.cpp's CPU variant modules (libggml-cpu-*.so) to choose
+    /// from [default: llama-cpu-variants/ beside the modeld binary, else the build's].
+    #[arg(long, env = "MODELD_LLAMA_CPU_VARIANTS_DIR")]
+    pub llama_cpu_variants_dir: Option<PathBuf>,
+
     /// Inference threads per model [default: 0 = the engine's choice, all cores].
     #[arg(long, env = "MODELD_THREADS")]
     pub threads: Option<u32>,
@@ -242,6 +247,7 @@ struct FileConfig {
     keep_alive_secs: Option<i64>,
     memory_pressure_threshold: Option<f64>,
     onnxruntime_library: Option<PathBuf>,
+    llama_cpu_variants_dir: Option<PathBuf>,
     max_queued_requests: Option<usize>,
     threads: Option<u32>,
     context_length: Option<u32>,
@@ -276,6 +282,8 @@ pub struct Config {
     pub memory_pressure_threshold: Option<f64>,
     /// libonnxruntime for the onnx engine; `None` = `ORT_DYLIB_PATH`.
     pub onnxruntime_library: Option<PathBuf>,
+    /// llama.cpp's CPU variants; `None` = packaged beside the binary, else the build's.
+    pub llama_cpu_variants_dir: Option<PathBuf>,
     pub stall_timeout: Duration,
     pub download_retries: usize,
     pub retry_delay: Duration,
@@ -351,6 +359,7 @@ impl Config {
                 .unwrap_or(2)
                 .max(1),
             onnxruntime_library: args.onnxruntime_library.or(file.onnxruntime_library),
+            llama_cpu_variants_dir: args.llama_cpu_variants_dir.or(file.llama_cpu_variants_dir),
             memory_pressure_threshold: match args
                 .memory_pressure_threshold
                 .or(file.memory_pressure_threshold)

@@ -70,7 +70,9 @@ pub fn instances(
     #[allow(unused_mut)]
     let mut out: Vec<std::sync::Arc<dyn modeld_engine_core::Engine>> = Vec::new();
     #[cfg(feature = "llama")]
-    out.push(std::sync::Arc::new(modeld_engine_llama::LlamaEngine));
+    out.push(std::sync::Arc::new(modeld_engine_llama::LlamaEngine {
+        cpu_variants_dir: config.llama_cpu_variants_dir.clone(),
+    }));
     #[cfg(feature = "onnx")]
     out.push(std::sync::Arc::new(modeld_engine_onnx::OnnxEngine::new(
         config.onnxruntime_library.clone(),

@@ -265,6 +265,20 @@ impl Agent {
         let _ = self.child.wait();
     }
 
+    /// Waits up to `timeout` for the agent to exit by itself; `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGTERM; returns the exit status once the agent has stopped.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let status = Command::new("kill")

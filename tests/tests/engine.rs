@@ -10,7 +10,7 @@ use modeld_engine_llama::LlamaEngine;
 #[test]
 fn probe_reads_the_geometry_and_the_estimate_follows_it() {
     let assets = Assets::get();
-    let probe = LlamaEngine.probe(&assets.gguf).unwrap();
+    let probe = LlamaEngine::default().probe(&assets.gguf).unwrap();
     assert_eq!(probe.architecture, "llama");
     assert_eq!(
         (
@@ -25,7 +25,7 @@ fn probe_reads_the_geometry_and_the_estimate_follows_it() {
     assert_eq!(probe.quantization.as_deref(), Some("Q4_1"));
     assert!(probe.weights_bytes > 90_000_000 && probe.weights_bytes < 98_362_432);
 
-    let estimate = LlamaEngine.estimate_memory(
+    let estimate = LlamaEngine::default().estimate_memory(
         &probe,
         &LoadOptions {
             context_length: 4096,
@@ -36,7 +36,7 @@ fn probe_reads_the_geometry_and_the_estimate_follows_it() {
     // K and V, 30 layers, 3 KV heads of 64, 4 sequences of 4096 tokens, F16.
     assert_eq!(estimate.kv_cache, 2 * 30 * 3 * 64 * 4096 * 4 * 2);
     assert_eq!(estimate.weights, probe.weights_bytes);
-    let halved = LlamaEngine.estimate_memory(
+    let halved = LlamaEngine::default().estimate_memory(
         &probe,
         &LoadOptions {
             context_length: 2048,
@@ -46,7 +46,7 @@ fn probe_reads_the_geometry_and_the_estimate_follows_it() {
     );
     assert_eq!(halved.kv_cache * 2, estimate.kv_cache);
     // A context longer than the model was trained for is capped at the training length.
-    let capped = LlamaEngine.estimate_memory(
+    let capped = LlamaEngine::default().estimate_memory(
         &probe,
         &LoadOptions {
             context_length: 1 << 20,
@@ -57,7 +57,7 @@ fn probe_reads_the_geometry_and_the_estimate_follows_it() {
     assert_eq!(capped.kv_cache, 2 * 30 * 3 * 64 * 8192 * 2);
 
     // The loaded model reports what it holds, within the estimate's reach.
-    let model = LlamaEngine
+    let model = LlamaEngine::default()
         .load(
             &assets.gguf,
             &LoadOptions {
@@ -81,7 +81,9 @@ fn a_malformed_gguf_fails_the_probe_not_the_process() {
     let fixtures = Assets::get().fixtures;
     // A header that promises more than the file holds, and a file that is no GGUF.
     for name in ["truncated.gguf", "tiny.onnx"] {
-        let err = LlamaEngine.probe(&fixtures.join(name)).unwrap_err();
+        let err = LlamaEngine::default()
+            .probe(&fixtures.join(name))
+            .unwrap_err();
         assert!(matches!(err, EngineError::InvalidModel(_)), "{name}: {err}");
     }
 }

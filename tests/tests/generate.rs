@@ -497,7 +497,7 @@ async fn greedy_chat_through_grpc_matches_the_engine_called_directly() {
     let question = "Tell me the capital of France.";
     let direct = tokio::task::spawn_blocking(move || {
         let gguf = Assets::get().gguf;
-        let mut model = modeld_engine_llama::LlamaEngine
+        let mut model = modeld_engine_llama::LlamaEngine::default()
             .load(
                 &gguf,
                 &LoadOptions {

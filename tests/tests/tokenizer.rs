@@ -62,7 +62,7 @@ fn tokenizers() -> (
     Box<dyn modeld_engine_core::LoadedModel>,
 ) {
     let assets = Assets::get();
-    let model = LlamaEngine
+    let model = LlamaEngine::default()
         .load(
             &assets.gguf,
             &LoadOptions {

@@ -168,6 +168,12 @@ async fn info(client: &Client, out: Output) -> anyhow::Result<()> {
             runtimes.join(", ")
         },
     ]);
+    for r in &caps.runtimes {
+        t.add_row(vec![
+            format!("{} cpu kernels", runtime_name(r.runtime)),
+            cpu_kernels(r),
+        ]);
+    }
     let runnable: Vec<String> = caps
         .formats
         .iter()
@@ -195,6 +201,33 @@ async fn info(client: &Client, out: Output) -> anyhow::Result<()> {
     t.add_row(vec!["agent version".to_owned(), caps.agent_version.clone()]);
     println!("{t}");
     Ok(())
+}
+
+/// "icelake (chosen at startup; withheld: sapphirerapids)" and the like.
+fn cpu_kernels(r: &pb::RuntimeInfo) -> String {
+    if !r.unavailable_reason.is_empty() {
+        return format!("unavailable: {}", r.unavailable_reason);
+    }
+    let Some(v) = &r.cpu_variant else {
+        return "unknown".to_owned();
+    };
+    let how = match pb::CpuDispatch::try_from(v.dispatch) {
+        Ok(pb::CpuDispatch::Runtime) => "chosen at startup",
+        Ok(pb::CpuDispatch::BuildTime) => "fixed at build time",
+        Ok(pb::CpuDispatch::Library) => "the library's own dispatch",
+        _ => "unspecified",
+    };
+    let mut out = format!("{} ({how}", v.name);
+    if !v.withheld.is_empty() {
+        let names: Vec<&str> = v
+            .withheld
+            .iter()
+            .map(|w| w.split(':').next().unwrap_or(w))
+            .collect();
+        out.push_str(&format!("; withheld: {}", names.join(", ")));
+    }
+    out.push(')');
+    out
 }
 
 async fn watch(client: &Client, interval: f64, count: u64, out: Output) -> anyhow::Result<()> {

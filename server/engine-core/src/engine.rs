@@ -189,6 +189,12 @@ pub trait Engine: Send + Sync {
     fn runtime(&self) -> Runtime;
     fn formats(&self) -> &[ModelFormat];
     fn accelerators(&self) -> Vec<Accelerator>;
+    /// The CPU kernels this engine runs here and how they were chosen. The default is
+    /// what the build compiled in, which is right for engines without runtime dispatch.
+    /// May initialize the runtime (blocking).
+    fn cpu_variant(&self) -> Result<crate::CpuVariant, EngineError> {
+        Ok(crate::CpuVariant::build_target())
+    }
     /// Reads what the engine needs to know from the model's files, checking them the
     /// way a load would, but without handing anything to the runtime. A file the
     /// runtime would choke on fails here (`InvalidModel`). Blocking.

@@ -4,6 +4,7 @@
 //! and accelerators. It depends on no async runtime, no gRPC and no engine crate, so an
 //! engine can implement it without pulling in the agent.
 
+pub mod cpu;
 mod engine;
 mod format;
 pub mod generation;
@@ -14,6 +15,7 @@ pub mod safetensors;
 pub mod sampler;
 mod text;
 
+pub use cpu::{CpuDispatch, CpuVariant};
 pub use engine::{
     ChatMessage, DEFAULT_CONTEXT, Engine, EngineError, FinishReason, Flow, GenerateOutcome,
     GenerateRequest, GenerateStats, Job, JobSource, LoadOptions, LoadedModel, MemoryEstimate,

@@ -3,7 +3,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use modeld_engine_core::{Accelerator, ArchiveFormat, ModelFormat, Runtime};
+use modeld_engine_core::{
+    Accelerator, ArchiveFormat, CpuDispatch, CpuVariant, ModelFormat, Runtime,
+};
 use modeld_proto::pbjson_types::Timestamp;
 use modeld_proto::v1 as pb;
 
@@ -47,6 +49,24 @@ pub fn accelerator_from_pb(field: &str, v: i32) -> Result<Option<Accelerator>> {
 
 pub fn accelerator_to_pb(a: Accelerator) -> pb::Accelerator {
     a.into()
+}
+
+pub fn cpu_variant_to_pb(v: &CpuVariant) -> pb::CpuVariant {
+    pb::CpuVariant {
+        name: v.name.clone(),
+        dispatch: match v.dispatch {
+            CpuDispatch::Runtime => pb::CpuDispatch::Runtime,
+            CpuDispatch::BuildTime => pb::CpuDispatch::BuildTime,
+            CpuDispatch::Library => pb::CpuDispatch::Library,
+        } as i32,
+        features: v.features.clone(),
+        withheld: v.withheld.clone(),
+        module_path: v
+            .module
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+    }
 }
 
 fn archive_from_pb(field: &str, v: i32) -> Result<Option<ArchiveFormat>> {

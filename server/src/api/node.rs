@@ -62,15 +62,33 @@ impl Node for NodeApi {
         _request: Request<pb::GetCapabilitiesRequest>,
     ) -> Result<Response<pb::GetCapabilitiesResponse>, Status> {
         let agent = self.agent.clone();
-        let (memory, disk) =
-            tokio::task::spawn_blocking(move || (agent.hardware.memory(), agent.hardware.disk()))
-                .await
-                .map_err(Error::from)?;
+        // Asking an engine for its CPU kernels may start its runtime (llama.cpp loads
+        // its CPU variants once): blocking work, off the async runtime.
+        let (memory, disk, variants) = tokio::task::spawn_blocking(move || {
+            (
+                agent.hardware.memory(),
+                agent.hardware.disk(),
+                agent.inference.cpu_variants(),
+            )
+        })
+        .await
+        .map_err(Error::from)?;
         let host = self.agent.hardware.host();
         let compiled = engines::compiled();
         let runtimes = compiled
             .iter()
-            .map(|e| pb::RuntimeInfo {
+            .map(|e| {
+                let variant = variants.iter().find(|(r, _)| *r == e.runtime);
+                (e, variant.map(|(_, v)| v))
+            })
+            .map(|(e, variant)| pb::RuntimeInfo {
+                cpu_variant: variant
+                    .and_then(|v| v.as_ref().ok())
+                    .map(convert::cpu_variant_to_pb),
+                unavailable_reason: variant
+                    .and_then(|v| v.as_ref().err())
+                    .cloned()
+                    .unwrap_or_default(),
                 runtime: convert::runtime_to_pb(e.runtime) as i32,
                 version: e.version.clone(),
                 formats: e

@@ -246,6 +246,19 @@ impl Inference {
         Ok(worker)
     }
 
+    /// The CPU kernels each engine runs here. Blocking: it may start a runtime.
+    pub fn cpu_variants(
+        &self,
+    ) -> Vec<(
+        Runtime,
+        std::result::Result<modeld_engine_core::CpuVariant, String>,
+    )> {
+        self.engines
+            .iter()
+            .map(|e| (e.runtime(), e.cpu_variant().map_err(|e| e.to_string())))
+            .collect()
+    }
+
     /// The engine for a model: the one named (the Load's choice or the model's
     /// preference), else the fastest measured here for the format (see
     /// `engines::ranked`).

@@ -20,7 +20,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use modeld_engine_core::sampler::{self, Sampler};
 use modeld_engine_core::{
-    Accelerator, ChatMessage, Engine, EngineError, FinishReason, Flow, GenerateOutcome,
+    Accelerator, ChatMessage, CpuVariant, Engine, EngineError, FinishReason, Flow, GenerateOutcome,
     GenerateRequest, GenerateStats, JobSource, LoadOptions, LoadedModel, MemoryEstimate,
     ModelFormat, ModelInfo, ModelProbe, Runtime, SpecialTokens, StopMatcher, StopOutcome, Token,
     Tokenizer, Utf8Stream, gguf,
@@ -32,27 +32,62 @@ const DEFAULT_BATCH: u32 = 512;
 /// Bytes per KV-cache element (llama.cpp's default F16 cache).
 const KV_ELEMENT_BYTES: u64 = 2;
 
-/// llama.cpp's backend is process-wide and may be initialized once.
-fn backend() -> Result<&'static LlamaBackend, EngineError> {
-    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+pub mod cpu;
+
+/// llama.cpp's backend, with the CPU kernels it chose, is process-wide and may be
+/// initialized once.
+struct Backend {
+    llama: LlamaBackend,
+    cpu: CpuVariant,
+}
+
+fn backend(variants_dir: Option<&Path>) -> Result<&'static Backend, EngineError> {
+    static BACKEND: OnceLock<Result<Backend, String>> = OnceLock::new();
     BACKEND
-        .get_or_init(|| {
-            LlamaBackend::init()
-                .map(|mut b| {
-                    b.void_logs();
-                    b
-                })
-                .map_err(|e| e.to_string())
-        })
+        .get_or_init(|| init_backend(variants_dir).map_err(|e| e.to_string()))
         .as_ref()
         .map_err(|e| EngineError::Load(format!("llama.cpp backend: {e}")))
+}
+
+fn init_backend(variants_dir: Option<&Path>) -> Result<Backend, EngineError> {
+    #[cfg(feature = "cpu-variants")]
+    let dir = {
+        let dir = cpu::variants_dir(variants_dir)?;
+        // ggml dlopens every module in the directory, asks each for its score on this
+        // CPU, and registers the best one.
+        llama_cpp_2::llama_backend::load_backends_from_path(&dir);
+        Some(dir)
+    };
+    #[cfg(not(feature = "cpu-variants"))]
+    let dir: Option<std::path::PathBuf> = {
+        let _ = variants_dir;
+        None
+    };
+    let mut llama = LlamaBackend::init().map_err(|e| EngineError::Load(e.to_string()))?;
+    llama.void_logs();
+    let maps = std::fs::read_to_string("/proc/self/maps").ok();
+    let cpu = cpu::describe(dir.as_deref(), &system_info(), maps.as_deref());
+    Ok(Backend { llama, cpu })
+}
+
+/// llama.cpp's description of the CPU features its registered backend uses.
+#[allow(unsafe_code)]
+fn system_info() -> String {
+    // SAFETY: llama_print_system_info returns a NUL-terminated string in a static
+    // buffer that stays valid until the next call; it is called once, under the
+    // backend's OnceLock, and copied before returning.
+    let info = unsafe { std::ffi::CStr::from_ptr(llama_cpp_sys_2::llama_print_system_info()) };
+    info.to_string_lossy().into_owned()
 }
 
 /// The version of llama-cpp-2 (and the llama.cpp it vendors) compiled in.
 pub const VERSION: &str = "llama-cpp-2 0.1.160";
 
-#[derive(Debug, Default)]
-pub struct LlamaEngine;
+#[derive(Debug, Default, Clone)]
+pub struct LlamaEngine {
+    /// Where llama.cpp's CPU variants are; `None` searches the packaged and built ones.
+    pub cpu_variants_dir: Option<std::path::PathBuf>,
+}
 
 impl Engine for LlamaEngine {
     fn runtime(&self) -> Runtime {
@@ -65,6 +100,10 @@ impl Engine for LlamaEngine {
 
     fn accelerators(&self) -> Vec<Accelerator> {
         vec![Accelerator::Cpu]
+    }
+
+    fn cpu_variant(&self) -> Result<CpuVariant, EngineError> {
+        Ok(backend(self.cpu_variants_dir.as_deref())?.cpu.clone())
     }
 
     /// Reads the GGUF header with the bounds-checked reader: llama.cpp asserts (and
@@ -103,7 +142,7 @@ impl Engine for LlamaEngine {
         path: &Path,
         options: &LoadOptions,
     ) -> Result<Box<dyn LoadedModel>, EngineError> {
-        let backend = backend()?;
+        let backend = &backend(self.cpu_variants_dir.as_deref())?.llama;
         let params = LlamaModelParams::default()
             .with_n_gpu_layers(options.gpu_layers)
             .with_use_mmap(options.use_mmap)
@@ -474,7 +513,9 @@ impl LlamaLoaded {
             let t = i32::try_from(self.threads).unwrap_or(i32::MAX);
             params = params.with_n_threads(t).with_n_threads_batch(t);
         }
-        let backend = backend()?;
+        // A loaded model exists, so the backend was initialized by its load: the
+        // directory argument is not consulted again.
+        let backend = &backend(None)?.llama;
         model
             .new_context(backend, params)
             .map_err(|e| inference("context", e))

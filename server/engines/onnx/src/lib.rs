@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use modeld_engine_core::generation::SequenceModel;
 use modeld_engine_core::{
-    Accelerator, Engine, EngineError, LoadOptions, LoadedModel, MemoryEstimate, ModelFormat,
-    ModelInfo, ModelProbe, Runtime,
+    Accelerator, CpuDispatch, CpuVariant, Engine, EngineError, LoadOptions, LoadedModel,
+    MemoryEstimate, ModelFormat, ModelInfo, ModelProbe, Runtime,
 };
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
@@ -181,6 +181,21 @@ impl Engine for OnnxEngine {
         } else {
             vec![Accelerator::Cpu]
         }
+    }
+
+    /// ONNX Runtime's MLAS picks its kernels per operation when the library starts,
+    /// from the CPU it finds; the library file, not this build, decides.
+    fn cpu_variant(&self) -> Result<CpuVariant, EngineError> {
+        Ok(CpuVariant {
+            name: "mlas".to_owned(),
+            dispatch: CpuDispatch::Library,
+            features: Vec::new(),
+            withheld: Vec::new(),
+            module: self
+                .library
+                .clone()
+                .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from)),
+        })
     }
 
     fn probe(&self, path: &Path) -> Result<ModelProbe, EngineError> {

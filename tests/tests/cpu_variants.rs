@@ -1,0 +1,200 @@
+//! One binary for every CPU: llama.cpp's CPU kernels are chosen at startup from the
+//! variants the build compiled, the choice is reported in capabilities, and the variant
+//! whose kernels fault on this llama.cpp (AMX) is withheld.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use modeld_e2e::{Agent, AgentOptions, Assets, SMOLLM2_SHA256, SMOLLM2_SIZE, pb};
+use tokio_stream::StreamExt;
+
+fn cpu_flags() -> Vec<String> {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, f)| f.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+fn has_flag(flag: &str) -> bool {
+    cpu_flags().iter().any(|f| f == flag)
+}
+
+fn llama(caps: &pb::GetCapabilitiesResponse) -> &pb::RuntimeInfo {
+    caps.runtimes
+        .iter()
+        .find(|r| r.runtime() == pb::Runtime::LlamaCpp)
+        .expect("llama.cpp is in this build")
+}
+
+async fn register_and_load_smol(client: &modeld_e2e::Client) -> Result<(), String> {
+    let assets = Assets::get();
+    let spec = pb::ModelSpec {
+        id: "smol".into(),
+        format: pb::ModelFormat::Gguf as i32,
+        files: vec![pb::ModelFile {
+            name: "smol.gguf".into(),
+            urls: vec![format!("file://{}", assets.gguf.display())],
+            sha256: SMOLLM2_SHA256.into(),
+            size_bytes: SMOLLM2_SIZE,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    client.register_model(spec).await.unwrap();
+    client.pull_to_end("smol").await.unwrap();
+    client
+        .load_to_end("smol", None)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn capabilities_report_the_cpu_kernels_each_runtime_chose() {
+    let agent = Agent::start().await;
+    let caps = agent.client().await.capabilities().await.unwrap();
+
+    let llama = llama(&caps);
+    assert!(llama.unavailable_reason.is_empty(), "{llama:?}");
+    let v = llama
+        .cpu_variant
+        .as_ref()
+        .expect("llama.cpp reports its kernels");
+    assert_eq!(v.dispatch(), pb::CpuDispatch::Runtime, "{v:?}");
+    assert_ne!(v.name, "sapphirerapids", "the AMX variant is withheld");
+    assert_ne!(v.name, "unknown", "{v:?}");
+    let module = PathBuf::from(&v.module_path);
+    assert!(module.is_file(), "{v:?}");
+    assert_eq!(
+        modeld_engine_llama::cpu::variant_of(module.file_name().unwrap().to_str().unwrap()),
+        Some(v.name.as_str())
+    );
+    assert!(
+        v.withheld.iter().any(|w| w.starts_with("sapphirerapids: ")),
+        "{v:?}"
+    );
+    // The best kernels for this CPU, not the lowest common denominator: whatever
+    // this CPU can run, the chosen variant uses.
+    #[cfg(target_arch = "x86_64")]
+    {
+        let has = |f: &str| v.features.iter().any(|x| x == f);
+        assert_eq!(has("avx2"), has_flag("avx2"), "{v:?}");
+        assert_eq!(has("avx512"), has_flag("avx512f"), "{v:?}");
+        assert!(!has("amx_int8"), "{v:?}");
+    }
+
+    if cfg!(feature = "candle") {
+        let candle = caps
+            .runtimes
+            .iter()
+            .find(|r| r.runtime() == pb::Runtime::Candle)
+            .unwrap();
+        let v = candle.cpu_variant.as_ref().unwrap();
+        assert_eq!(v.dispatch(), pb::CpuDispatch::BuildTime);
+        assert_eq!(v.name, modeld_engine_core::cpu::build_level());
+    }
+    if cfg!(feature = "onnx") {
+        let onnx = caps
+            .runtimes
+            .iter()
+            .find(|r| r.runtime() == pb::Runtime::OnnxRuntime)
+            .unwrap();
+        let v = onnx.cpu_variant.as_ref().unwrap();
+        assert_eq!(v.dispatch(), pb::CpuDispatch::Library);
+    }
+}
+
+#[tokio::test]
+async fn a_variants_directory_without_modules_is_a_clear_error_and_the_agent_keeps_serving() {
+    let empty = tempfile::tempdir().unwrap();
+    let agent = Agent::start_with(AgentOptions {
+        args: vec![
+            "--llama-cpu-variants-dir".into(),
+            empty.path().display().to_string(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let client = agent.client().await;
+    let caps = client.capabilities().await.unwrap();
+    let reason = &llama(&caps).unavailable_reason;
+    assert!(
+        reason.contains(&empty.path().display().to_string()),
+        "{reason}"
+    );
+    assert!(reason.contains("libggml-cpu"), "{reason}");
+
+    let err = register_and_load_smol(&client).await.unwrap_err();
+    assert!(err.contains("no llama.cpp CPU variant"), "{err}");
+    assert!(client.is_serving().await.unwrap());
+}
+
+/// Upstream's AMX kernels fault on the first decode on Xeons with AMX (llama.cpp issue
+/// 20824). This checks that the withheld variant still does, so the day a llama.cpp
+/// upgrade fixes it, this test fails and says the variant can come back.
+#[tokio::test]
+async fn the_withheld_amx_variant_still_faults_where_the_cpu_has_amx() {
+    if !(has_flag("amx_tile") && has_flag("amx_int8")) {
+        eprintln!("skipped: this CPU has no AMX (amx_tile, amx_int8), so the fault cannot occur");
+        return;
+    }
+    let all = Path::new(modeld_engine_llama::cpu::BUILD_ALL_VARIANTS_DIR.unwrap());
+    let mut agent = Agent::start_with(AgentOptions {
+        args: vec!["--llama-cpu-variants-dir".into(), all.display().to_string()],
+        ..Default::default()
+    })
+    .await;
+    let client = agent.client().await;
+    let caps = client.capabilities().await.unwrap();
+    let v = llama(&caps).cpu_variant.clone().unwrap();
+    assert_eq!(
+        v.name, "sapphirerapids",
+        "offered every variant, an AMX CPU picks AMX"
+    );
+    assert!(v.withheld.is_empty());
+    register_and_load_smol(&client).await.unwrap();
+
+    let request = pb::GenerateRequest {
+        model_id: "smol".into(),
+        input: Some(pb::generate_request::Input::Prompt(
+            "The capital of France is".into(),
+        )),
+        max_tokens: 8,
+        ..Default::default()
+    };
+    let outcome = async {
+        let mut stream = client.generate().generate(request).await?.into_inner();
+        while let Some(msg) = stream.next().await {
+            msg?;
+        }
+        Ok::<(), tonic::Status>(())
+    }
+    .await;
+    let status = agent.wait_exit(Duration::from_secs(30));
+    match status {
+        Some(status) => {
+            use std::os::unix::process::ExitStatusExt;
+            assert!(
+                outcome.is_err(),
+                "the stream cannot finish if the agent died"
+            );
+            // A native build faults with SIGSEGV in ggml_backend_amx_mul_mat; the
+            // variant module, with SIGILL on the first AMX instruction.
+            assert!(
+                matches!(status.signal(), Some(4 | 11)),
+                "expected SIGILL or SIGSEGV in the AMX kernels, got {status:?}; log:\n{}",
+                agent.log()
+            );
+        }
+        None => panic!(
+            "the AMX variant decoded without faulting ({outcome:?}): this llama.cpp may \
+             have fixed upstream issue 20824; re-check and drop sapphirerapids from \
+             WITHHELD_VARIANTS (server/engines/llama/build.rs and src/cpu.rs)"
+        ),
+    }
+}
