@@ -122,6 +122,10 @@ pub struct AgentOptions {
     pub listen: Option<SocketAddr>,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Run this `modeld` instead of the build's (a packaged copy, say).
+    pub binary: Option<PathBuf>,
+    /// Variables the agent must not inherit from the test.
+    pub env_remove: Vec<String>,
 }
 
 /// A running `modeld` process.
@@ -164,7 +168,7 @@ impl Agent {
         data_dir: PathBuf,
         tmp: Option<Arc<tempfile::TempDir>>,
     ) -> Agent {
-        let mut cmd = Command::new(binary("modeld"));
+        let mut cmd = Command::new(options.binary.clone().unwrap_or_else(|| binary("modeld")));
         let listen = options
             .listen
             .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
@@ -183,6 +187,9 @@ impl Agent {
         }
         for (k, v) in &options.env {
             cmd.env(k, v);
+        }
+        for k in &options.env_remove {
+            cmd.env_remove(k);
         }
         let mut child = cmd.spawn().expect("spawn modeld");
         let stderr = child.stderr.take().expect("piped stderr");

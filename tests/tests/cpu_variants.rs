@@ -198,3 +198,83 @@ async fn the_withheld_amx_variant_still_faults_where_the_cpu_has_amx() {
         ),
     }
 }
+
+/// What ships to devices: scripts/package's directory runs on its own, with no path
+/// into the build tree, and picks its CPU kernels from the variants it carries.
+#[tokio::test]
+async fn a_packaged_agent_runs_from_its_own_directory() {
+    let built = modeld_e2e::binary("modeld");
+    let dest = tempfile::tempdir().unwrap();
+    let package = dest.path().join("modeld");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = std::process::Command::new(root.join("scripts/package"))
+        .arg("--from")
+        .arg(built.parent().unwrap())
+        .arg(&package)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for lib in ["libllama.so.0", "libggml.so.0", "libggml-base.so.0"] {
+        assert!(package.join(lib).is_file(), "{lib} is packaged");
+    }
+    assert!(
+        !package
+            .join("llama-cpu-variants/libggml-cpu-sapphirerapids.so")
+            .exists()
+    );
+
+    let agent = Agent::start_with(AgentOptions {
+        binary: Some(package.join("modeld")),
+        env_remove: vec!["LD_LIBRARY_PATH".into()],
+        ..Default::default()
+    })
+    .await;
+    let client = agent.client().await;
+    let caps = client.capabilities().await.unwrap();
+    let v = llama(&caps).cpu_variant.clone().unwrap();
+    assert!(
+        Path::new(&v.module_path).starts_with(package.join("llama-cpu-variants")),
+        "{v:?}"
+    );
+    // The build tree is still on the binary's rpath, after $ORIGIN: check the
+    // libraries really came from the package.
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", agent.pid())).unwrap();
+    let llama_libs: Vec<&str> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| p.contains("libllama") || p.contains("libggml"))
+        .collect();
+    assert!(!llama_libs.is_empty());
+    for lib in &llama_libs {
+        assert!(
+            Path::new(lib).starts_with(&package),
+            "{lib} is outside the package"
+        );
+    }
+    register_and_load_smol(&client).await.unwrap();
+    let request = pb::GenerateRequest {
+        model_id: "smol".into(),
+        input: Some(pb::generate_request::Input::Prompt(
+            "The capital of France is".into(),
+        )),
+        max_tokens: 4,
+        ..Default::default()
+    };
+    let mut stream = client
+        .generate()
+        .generate(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut summary = None;
+    while let Some(msg) = stream.next().await {
+        if let Some(pb::generate_response::Event::Summary(s)) = msg.unwrap().event {
+            summary = Some(s);
+        }
+    }
+    assert_eq!(summary.unwrap().usage.unwrap().generated_tokens, 4);
+}
