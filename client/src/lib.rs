@@ -23,8 +23,8 @@ pub use modeld_proto::v1;
 
 /// Default agent address, matching `modeld --listen`'s default.
 pub const DEFAULT_ADDR: &str = "http://127.0.0.1:7700";
-/// Largest message the client accepts (the agent's own limit).
-pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Largest message the client accepts: the agent's own limit.
+pub use modeld_proto::MAX_MESSAGE_BYTES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -99,7 +99,7 @@ impl Client {
             .tcp_nodelay(true);
         let channel = endpoint.connect().await.map_err(|e| ClientError::Connect {
             addr: addr.clone(),
-            reason: error_chain(&e),
+            reason: modeld_engine_core::error_chain(&e),
         })?;
         Ok(Client { addr, channel })
     }
@@ -323,15 +323,4 @@ impl Client {
             .await?
             .into_inner())
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(cause) = cur {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        cur = cause.source();
-    }
-    out
 }

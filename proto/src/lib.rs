@@ -20,6 +20,10 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/modeld.v1.serde.rs"));
 }
 
+/// Largest gRPC message the agent accepts or sends, and so the most its clients need
+/// to accept. Pushes and blob reads stream in smaller chunks.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Encoded `FileDescriptorSet` of every modeld proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/modeld_descriptor.bin"));

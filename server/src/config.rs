@@ -16,8 +16,6 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
 /// Share of physical memory loaded models may use when no budget is configured.
 pub const DEFAULT_MEMORY_FRACTION: f64 = 0.75;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// Largest gRPC message the agent accepts or sends. Pushes stream in smaller chunks.
-pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// modeld: the node agent that takes models from registered to streaming tokens.
 #[derive(Debug, Clone, Default, Parser)]
@@ -277,7 +275,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
     pub max_concurrent_downloads: usize,
-    pub inference: crate::inference::InferenceSettings,
+    pub inference: modeld_node::inference::InferenceSettings,
     /// PSI percent above which idle models are evicted; `None` = never.
     pub memory_pressure_threshold: Option<f64>,
     /// libonnxruntime for the onnx engine; `None` = `ORT_DYLIB_PATH`.
@@ -287,9 +285,9 @@ pub struct Config {
     pub stall_timeout: Duration,
     pub download_retries: usize,
     pub retry_delay: Duration,
-    pub extract: crate::storage::extract::Limits,
+    pub extract: modeld_node::storage::extract::Limits,
     /// Extra headers per source host; their values never print.
-    pub source_headers: crate::storage::source::HostHeaders,
+    pub source_headers: modeld_node::storage::source::HostHeaders,
 }
 
 impl Config {
@@ -363,12 +361,12 @@ impl Config {
             memory_pressure_threshold: match args
                 .memory_pressure_threshold
                 .or(file.memory_pressure_threshold)
-                .unwrap_or(crate::memory::reaper::PRESSURE_THRESHOLD)
+                .unwrap_or(modeld_node::inference::reaper::PRESSURE_THRESHOLD)
             {
                 t if t.is_finite() && t > 0.0 => Some(t),
                 _ => None,
             },
-            inference: crate::inference::InferenceSettings {
+            inference: modeld_node::inference::InferenceSettings {
                 parallel: args.parallel.or(file.parallel).unwrap_or(4).clamp(1, 64),
                 max_queued: args
                     .max_queued_requests
@@ -378,7 +376,7 @@ impl Config {
                 context_length: args.context_length.or(file.context_length).unwrap_or(0),
                 // Resolved against physical memory once the hardware is probed.
                 memory_budget: u64::MAX,
-                keep_alive: crate::memory::KeepAlive::from_secs(
+                keep_alive: modeld_node::memory::KeepAlive::from_secs(
                     args.keep_alive_secs.or(file.keep_alive_secs).unwrap_or(300),
                 ),
             },
@@ -396,14 +394,14 @@ impl Config {
                     .max(1),
             ),
             extract: {
-                let defaults = crate::storage::extract::Limits::default();
+                let defaults = modeld_node::storage::extract::Limits::default();
                 let file_bytes = file
                     .extract_max_bytes
                     .as_deref()
                     .map(ByteSize::from_str)
                     .transpose()
                     .map_err(|e| bad("extract_max_bytes", e))?;
-                crate::storage::extract::Limits {
+                modeld_node::storage::extract::Limits {
                     max_bytes: args
                         .extract_max_bytes
                         .or(file_bytes)
@@ -431,9 +429,9 @@ fn source_headers(
     flags: &[String],
     file: Option<&std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>>,
     hf_token: Option<String>,
-) -> Result<crate::storage::source::HostHeaders> {
+) -> Result<modeld_node::storage::source::HostHeaders> {
     use reqwest::header::{HeaderName, HeaderValue};
-    let mut out = crate::storage::source::HostHeaders::default();
+    let mut out = modeld_node::storage::source::HostHeaders::default();
     let mut add = |host: &str, name: &str, value: &str| -> Result<()> {
         let bad = |what: &str| {
             Error::Config(format!(
@@ -623,7 +621,7 @@ mod deploy_example_tests {
         assert_eq!((c.inference.parallel, c.inference.max_queued), (4, 8));
         assert_eq!(
             c.inference.keep_alive,
-            crate::memory::KeepAlive::For(Duration::from_secs(300))
+            modeld_node::memory::KeepAlive::For(Duration::from_secs(300))
         );
         assert_eq!(c.memory_pressure_threshold, Some(10.0));
     }

@@ -17,7 +17,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    modeld::agent::serve(config, listener, shutdown_signal()).await?;
+    modeld::serve::serve(config, listener, shutdown_signal()).await?;
     Ok(())
 }
 

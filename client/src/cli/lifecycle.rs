@@ -37,7 +37,7 @@ pub struct UnloadArgs {
     id: String,
     /// Seconds running requests get to finish before they are cancelled.
     #[arg(long)]
-    grace: Option<i64>,
+    grace: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -119,18 +119,8 @@ pub async fn load(client: &Client, a: LoadArgs, out: Output) -> anyhow::Result<(
 }
 
 pub async fn unload(client: &Client, a: UnloadArgs, out: Output) -> anyhow::Result<()> {
-    let resp = client
-        .lifecycle()
-        .unload(pb::UnloadRequest {
-            model_id: a.id.clone(),
-            grace: a.grace.map(|s| Duration {
-                seconds: s,
-                nanos: 0,
-            }),
-        })
-        .await
-        .map_err(ClientError::from)?
-        .into_inner();
+    let grace = a.grace.map(std::time::Duration::from_secs);
+    let resp = client.unload(&a.id, grace).await?;
     if out == Output::Json {
         return output::json(&resp);
     }

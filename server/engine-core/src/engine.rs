@@ -135,6 +135,8 @@ pub struct ModelInfo {
     pub chat_template: Option<String>,
     /// Bytes of memory the loaded model holds (weights, KV cache, buffers).
     pub memory_bytes: u64,
+    /// Where the model runs.
+    pub accelerator: Accelerator,
 }
 
 /// What an engine learned from a model's files without loading them.
@@ -187,7 +189,12 @@ impl MemoryEstimate {
 /// A runtime that can load models.
 pub trait Engine: Send + Sync {
     fn runtime(&self) -> Runtime;
+    /// The runtime library and binding compiled in, e.g. "llama-cpp-2 0.1.160".
+    fn version(&self) -> String;
     fn formats(&self) -> &[ModelFormat];
+    /// Weight types (GGUF names: "Q4_1", "F16"...) this engine can run.
+    fn quantizations(&self) -> &[&'static str];
+    /// Accelerators this build of the engine can drive on this platform.
     fn accelerators(&self) -> Vec<Accelerator>;
     /// The CPU kernels this engine runs here and how they were chosen. The default is
     /// what the build compiled in, which is right for engines without runtime dispatch.

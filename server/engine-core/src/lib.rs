@@ -23,4 +23,4 @@ pub use engine::{
 };
 pub use format::{ArchiveFormat, ModelFormat, ParseNameError};
 pub use runtime::{Accelerator, Runtime};
-pub use text::{StopMatcher, StopOutcome, Utf8Stream};
+pub use text::{StopMatcher, StopOutcome, Utf8Stream, error_chain};

@@ -122,9 +122,12 @@ impl FromStr for Runtime {
 }
 
 /// A compute device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Accelerator {
+    #[default]
     Cpu,
     Cuda,
     Metal,

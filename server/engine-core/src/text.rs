@@ -99,6 +99,19 @@ impl StopMatcher {
     }
 }
 
+/// An error and its causes on one line: the top-level messages of HTTP and gRPC stacks
+/// ("error sending request") hide what actually went wrong.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(cause) = cur {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        cur = cause.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

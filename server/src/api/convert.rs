@@ -1,18 +1,26 @@
 //! Conversions between `modeld.v1` messages and the agent's domain types. Incoming
 //! values are validated here; nothing below the api layer sees prost types.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use modeld_engine_core::{
-    Accelerator, ArchiveFormat, CpuDispatch, CpuVariant, ModelFormat, Runtime,
+    Accelerator, ArchiveFormat, CpuDispatch, CpuVariant, FinishReason, ModelFormat, Runtime,
 };
 use modeld_proto::pbjson_types::Timestamp;
 use modeld_proto::v1 as pb;
 
-use crate::error::{Error, Result};
-use crate::hardware::DeviceClass;
-use crate::lifecycle::ModelState;
-use crate::registry::{ModelEntry, ModelFile, ModelSpec, Origin, TokenizerKind, TokenizerSource};
+use modeld_node::error::{Error, Result};
+use modeld_node::hardware::DeviceClass;
+use modeld_node::hardware::{MemoryInfo, ResourceSnapshot};
+use modeld_node::inference::{Event, ModelWorker};
+use modeld_node::lifecycle::{EventKind, Failure, Transition};
+use modeld_node::load::LoadUpdate;
+use modeld_node::model::{ModelState, Stage};
+use modeld_node::registry::{
+    ModelEntry, ModelFile, ModelSpec, Origin, TokenizerKind, TokenizerSource,
+};
+use modeld_node::storage::progress::Stage as TransferStage;
+use modeld_node::storage::progress::{FileProgress, TransferProgress};
 
 pub fn timestamp(t: SystemTime) -> Timestamp {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -49,6 +57,32 @@ pub fn accelerator_from_pb(field: &str, v: i32) -> Result<Option<Accelerator>> {
 
 pub fn accelerator_to_pb(a: Accelerator) -> pb::Accelerator {
     a.into()
+}
+
+pub fn lifecycle_stage_to_pb(s: Stage) -> pb::LifecycleStage {
+    match s {
+        Stage::Download => pb::LifecycleStage::Download,
+        Stage::Extract => pb::LifecycleStage::Extract,
+        Stage::Validate => pb::LifecycleStage::Validate,
+        Stage::Initialize => pb::LifecycleStage::Initialize,
+        Stage::Load => pb::LifecycleStage::Load,
+        Stage::Unload => pb::LifecycleStage::Unload,
+    }
+}
+
+pub fn transfer_stage_to_pb(s: TransferStage) -> pb::TransferStage {
+    use pb::TransferStage as P;
+    match s {
+        TransferStage::Queued => P::Queued,
+        TransferStage::Connecting => P::Connecting,
+        TransferStage::Downloading => P::Downloading,
+        TransferStage::Verifying => P::Verifying,
+        TransferStage::Extracting => P::Extracting,
+        TransferStage::Done => P::Done,
+        TransferStage::Paused => P::Paused,
+        TransferStage::Failed => P::Failed,
+        TransferStage::Cancelled => P::Cancelled,
+    }
 }
 
 pub fn cpu_variant_to_pb(v: &CpuVariant) -> pb::CpuVariant {
@@ -245,6 +279,182 @@ pub fn model_to_pb(e: &ModelEntry) -> pb::Model {
             .map(|r| runtime_to_pb(r) as i32)
             .collect(),
         source: e.source.clone(),
+    }
+}
+
+pub fn failure_to_pb(f: &Failure) -> pb::FailureInfo {
+    pb::FailureInfo {
+        stage: lifecycle_stage_to_pb(f.stage) as i32,
+        code: super::status::code(f.kind) as i32,
+        reason: f.reason.clone(),
+        message: f.message.clone(),
+    }
+}
+
+pub fn transition_to_pb(t: &Transition) -> pb::StateTransition {
+    let millis = u64::try_from(t.time_unix_ms).unwrap_or(0);
+    pb::StateTransition {
+        revision: t.revision,
+        model_id: t.model_id.clone(),
+        from_state: t.from.map_or(pb::ModelState::Unspecified, state_to_pb) as i32,
+        to_state: t.to.map_or(pb::ModelState::Unspecified, state_to_pb) as i32,
+        stage: t
+            .stage
+            .map_or(pb::LifecycleStage::Unspecified, lifecycle_stage_to_pb) as i32,
+        time: Some(timestamp(
+            std::time::UNIX_EPOCH + Duration::from_millis(millis),
+        )),
+        progress: t.progress,
+        reason: t.reason.clone(),
+        failure: t.failure.as_ref().map(failure_to_pb),
+    }
+}
+
+pub fn watch_response(t: &Transition) -> pb::WatchResponse {
+    let kind = match t.kind {
+        EventKind::Transition => pb::WatchEventKind::Transition,
+        EventKind::Registered => pb::WatchEventKind::Registered,
+        EventKind::Deleted => pb::WatchEventKind::Deleted,
+        EventKind::Evicted => pb::WatchEventKind::Evicted,
+    };
+    pb::WatchResponse {
+        kind: kind as i32,
+        transition: Some(transition_to_pb(t)),
+        revision: t.revision,
+    }
+}
+
+pub fn loaded_to_pb(w: &ModelWorker) -> pb::LoadedModel {
+    pb::LoadedModel {
+        model_id: w.model_id.clone(),
+        runtime: pb::Runtime::from(w.runtime) as i32,
+        accelerator: pb::Accelerator::from(w.info.accelerator) as i32,
+        estimated_memory_bytes: w.estimate.total(),
+        actual_memory_bytes: w.info.memory_bytes,
+        in_flight_requests: u32::try_from(w.in_flight()).unwrap_or(u32::MAX),
+        last_used_time: Some(timestamp(w.last_used())),
+        expire_time: if w.pinned {
+            None
+        } else {
+            w.keep_alive.expires(w.last_used()).map(timestamp)
+        },
+        pinned: w.pinned,
+        context_length: w.info.context_length,
+        load_time: Some(timestamp(w.loaded_at)),
+    }
+}
+
+pub fn update_to_pb(u: &LoadUpdate) -> pb::LoadResponse {
+    pb::LoadResponse {
+        progress: Some(pb::LoadProgress {
+            state: state_to_pb(u.state) as i32,
+            stage: lifecycle_stage_to_pb(u.stage) as i32,
+            stage_progress: u.stage_progress,
+            overall_progress: u.overall_progress,
+            message: u.message.clone(),
+            eta_seconds: u.eta_seconds.unwrap_or(-1.0),
+        }),
+        loaded: None,
+    }
+}
+
+pub fn file_to_pb(f: &FileProgress) -> pb::FileProgress {
+    pb::FileProgress {
+        name: f.name.clone(),
+        sha256: f.sha256.clone(),
+        stage: transfer_stage_to_pb(f.stage) as i32,
+        bytes_done: f.bytes_done,
+        bytes_total: f.bytes_total,
+        bytes_per_second: f.bytes_per_second,
+        eta_seconds: f.eta_seconds.unwrap_or(-1.0),
+        attempt: f.attempt,
+        source_url: f.source_url.clone(),
+        error: f.error.clone(),
+    }
+}
+
+pub fn progress_to_pb(p: &TransferProgress) -> pb::TransferProgress {
+    pb::TransferProgress {
+        transfer_id: p.id.clone(),
+        model_id: p.model_id.clone(),
+        stage: transfer_stage_to_pb(p.stage) as i32,
+        bytes_done: p.bytes_done(),
+        bytes_total: p.bytes_total(),
+        bytes_per_second: p.bytes_per_second(),
+        eta_seconds: p.eta_seconds().unwrap_or(-1.0),
+        files: p.files.iter().map(file_to_pb).collect(),
+        start_time: Some(timestamp(p.start_time)),
+        error: p.error.as_ref().map(|e| e.to_string()).unwrap_or_default(),
+    }
+}
+
+pub fn finish_to_pb(f: FinishReason) -> pb::FinishReason {
+    match f {
+        FinishReason::Stop => pb::FinishReason::Stop,
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::Cancelled => pb::FinishReason::Cancelled,
+    }
+}
+
+pub fn event_to_pb(event: Event) -> pb::GenerateResponse {
+    let event = match event {
+        Event::Token(t) => pb::generate_response::Event::Token(pb::GeneratedToken {
+            text: t.text,
+            token_id: t.id,
+            logprob: t.logprob,
+        }),
+        Event::Done(finish, stats) => pb::generate_response::Event::Summary(pb::GenerateSummary {
+            finish_reason: finish_to_pb(finish) as i32,
+            usage: Some(pb::Usage {
+                prompt_tokens: stats.prompt_tokens,
+                generated_tokens: stats.generated_tokens,
+                time_to_first_token_seconds: stats.time_to_first_token_seconds,
+                prompt_tokens_per_second: stats.prompt_tokens_per_second,
+                generation_tokens_per_second: stats.generation_tokens_per_second,
+            }),
+            error: String::new(),
+            error_reason: String::new(),
+            error_code: 0,
+        }),
+        Event::Failed(e) => {
+            // The stream has started, so the failure travels in the summary: with the
+            // same reason and code it would carry as a status.
+            let status = super::status::of(&e);
+            let reason = tonic_types::StatusExt::get_error_details(&status)
+                .error_info()
+                .map(|i| i.reason.clone())
+                .unwrap_or_default();
+            pb::generate_response::Event::Summary(pb::GenerateSummary {
+                finish_reason: pb::FinishReason::Error as i32,
+                usage: None,
+                error: e.to_string(),
+                error_reason: reason,
+                error_code: status.code() as i32,
+            })
+        }
+    };
+    pb::GenerateResponse { event: Some(event) }
+}
+
+pub fn memory_to_pb(m: MemoryInfo) -> pb::MemoryInfo {
+    pb::MemoryInfo {
+        total_bytes: m.total_bytes,
+        available_bytes: m.available_bytes,
+        swap_total_bytes: m.swap_total_bytes,
+        swap_free_bytes: m.swap_free_bytes,
+    }
+}
+
+pub fn snapshot_to_pb(s: ResourceSnapshot) -> pb::WatchResourcesResponse {
+    pb::WatchResourcesResponse {
+        time: s.time.map(timestamp),
+        memory: Some(memory_to_pb(s.memory)),
+        memory_pressure: s.memory_pressure.unwrap_or(-1.0),
+        cpu_usage_percent: s.cpu_usage_percent,
+        agent_rss_bytes: s.agent_rss_bytes,
+        disk_free_bytes: s.disk_free_bytes,
+        // No model is loaded by this agent yet; the memory manager reports real figures.
+        loaded_models_bytes: 0,
     }
 }
 

@@ -3,20 +3,40 @@
 
 pub mod convert;
 mod generate;
+pub mod layers;
 mod lifecycle;
 mod node;
+pub mod peer;
 mod registry;
 pub mod status;
 mod storage;
+pub mod validate;
 
 use std::sync::Arc;
 
 use modeld_proto::v1 as pb;
 use tonic::service::Routes;
 
-use crate::agent::Agent;
-use crate::config::MAX_MESSAGE_BYTES;
 use crate::error::{Error, Result};
+use modeld_node::load::Loads;
+use modeld_node::node::Node;
+use modeld_proto::MAX_MESSAGE_BYTES;
+use tokio::sync::watch;
+
+/// A server stream of `T`s, as tonic's generated traits take it.
+pub type Boxed<T> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = std::result::Result<T, tonic::Status>> + Send>>;
+
+/// Everything the services share: the node, the Loads in progress, and the shutdown
+/// signal.
+#[derive(Debug)]
+pub struct Agent {
+    pub node: Arc<Node>,
+    /// The Loads in progress and who waits for them.
+    pub loads: Loads,
+    /// Flips to true when the agent starts shutting down; long streams end on it.
+    pub shutdown: watch::Receiver<bool>,
+}
 
 /// Fully-qualified names of the modeld services, for health reporting.
 pub const SERVICE_NAMES: [&str; 5] = [
@@ -66,7 +86,8 @@ pub fn routes(agent: Arc<Agent>) -> Result<Routes> {
         )
         .add_service(
             pb::lifecycle_server::LifecycleServer::new(lifecycle::LifecycleApi::new(agent.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
             pb::generate_server::GenerateServer::new(generate::GenerateApi::new(agent.clone()))

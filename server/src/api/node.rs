@@ -1,8 +1,6 @@
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
 use modeld_engine_core::{ModelFormat, Runtime};
 use modeld_proto::v1 as pb;
 use modeld_proto::v1::node_server::Node;
@@ -11,10 +9,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use crate::agent::Agent;
-use crate::engines;
-use crate::error::Error;
-use crate::hardware::{MemoryInfo, ResourceSnapshot};
+use super::{Agent, Boxed};
+use modeld_node::engines;
+use modeld_node::error::Error;
 
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
@@ -30,244 +27,234 @@ impl NodeApi {
     }
 }
 
-fn memory_to_pb(m: MemoryInfo) -> pb::MemoryInfo {
-    pb::MemoryInfo {
-        total_bytes: m.total_bytes,
-        available_bytes: m.available_bytes,
-        swap_total_bytes: m.swap_total_bytes,
-        swap_free_bytes: m.swap_free_bytes,
-    }
-}
-
-fn snapshot_to_pb(s: ResourceSnapshot) -> pb::WatchResourcesResponse {
-    pb::WatchResourcesResponse {
-        time: s.time.map(convert::timestamp),
-        memory: Some(memory_to_pb(s.memory)),
-        memory_pressure: s.memory_pressure.unwrap_or(-1.0),
-        cpu_usage_percent: s.cpu_usage_percent,
-        agent_rss_bytes: s.agent_rss_bytes,
-        disk_free_bytes: s.disk_free_bytes,
-        // No model is loaded by this agent yet; the memory manager reports real figures.
-        loaded_models_bytes: 0,
-    }
-}
-
-type SnapshotStream =
-    Pin<Box<dyn Stream<Item = Result<pb::WatchResourcesResponse, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl Node for NodeApi {
     async fn get_capabilities(
         &self,
         _request: Request<pb::GetCapabilitiesRequest>,
     ) -> Result<Response<pb::GetCapabilitiesResponse>, Status> {
-        let agent = self.agent.clone();
-        // Asking an engine for its CPU kernels may start its runtime (llama.cpp loads
-        // its CPU variants once): blocking work, off the async runtime.
-        let (memory, disk, variants) = tokio::task::spawn_blocking(move || {
-            (
-                agent.hardware.memory(),
-                agent.hardware.disk(),
-                agent.inference.cpu_variants(),
-            )
-        })
-        .await
-        .map_err(Error::from)?;
-        let host = self.agent.hardware.host();
-        let compiled = engines::compiled();
-        let runtimes = compiled
-            .iter()
-            .map(|e| {
-                let variant = variants.iter().find(|(r, _)| *r == e.runtime);
-                (e, variant.map(|(_, v)| v))
+        super::status::rpc(async move {
+            let agent = self.agent.clone();
+            // Asking an engine for its CPU kernels may start its runtime (llama.cpp loads
+            // its CPU variants once): blocking work, off the async runtime.
+            let (memory, disk, variants) = tokio::task::spawn_blocking(move || {
+                (
+                    agent.node.hardware.memory(),
+                    agent.node.hardware.disk(),
+                    agent.node.inference.cpu_variants(),
+                )
             })
-            .map(|(e, variant)| pb::RuntimeInfo {
-                cpu_variant: variant
-                    .and_then(|v| v.as_ref().ok())
-                    .map(convert::cpu_variant_to_pb),
-                unavailable_reason: variant
-                    .and_then(|v| v.as_ref().err())
-                    .cloned()
-                    .unwrap_or_default(),
-                runtime: convert::runtime_to_pb(e.runtime) as i32,
-                version: e.version.clone(),
-                formats: e
-                    .formats
-                    .iter()
-                    .map(|f| convert::format_to_pb(*f) as i32)
-                    .collect(),
-                quantizations: e.quantizations.clone(),
-                accelerators: e
+            .await
+            .map_err(Error::from)?;
+            let host = self.agent.node.hardware.host();
+            let compiled = self.agent.node.inference.engines();
+            let runtimes = compiled
+                .iter()
+                .map(|e| {
+                    let variant = variants.iter().find(|(r, _)| *r == e.runtime);
+                    (e, variant.map(|(_, v)| v))
+                })
+                .map(|(e, variant)| pb::RuntimeInfo {
+                    cpu_variant: variant
+                        .and_then(|v| v.as_ref().ok())
+                        .map(convert::cpu_variant_to_pb),
+                    unavailable_reason: variant
+                        .and_then(|v| v.as_ref().err())
+                        .cloned()
+                        .unwrap_or_default(),
+                    runtime: convert::runtime_to_pb(e.runtime) as i32,
+                    version: e.version.clone(),
+                    formats: e
+                        .formats
+                        .iter()
+                        .map(|f| convert::format_to_pb(*f) as i32)
+                        .collect(),
+                    quantizations: e.quantizations.clone(),
+                    accelerators: e
+                        .accelerators
+                        .iter()
+                        .map(|a| convert::accelerator_to_pb(*a) as i32)
+                        .collect(),
+                })
+                .collect();
+            let measured = self.agent.node.store.benchmarks()?;
+            let formats = ModelFormat::ALL
+                .into_iter()
+                .map(|f| {
+                    // Best first, as Load would pick them.
+                    let here: Vec<Runtime> = engines::ranked(compiled, f, &measured);
+                    pb::FormatSupport {
+                        format: convert::format_to_pb(f) as i32,
+                        runnable: !here.is_empty(),
+                        recognized: true,
+                        runtimes: here
+                            .into_iter()
+                            .map(|r| convert::runtime_to_pb(r) as i32)
+                            .collect(),
+                    }
+                })
+                .collect();
+            Ok(Response::new(pb::GetCapabilitiesResponse {
+                node_id: self.agent.node.store.node_id().to_owned(),
+                hostname: host.hostname.clone(),
+                os: host.os.clone(),
+                os_version: host.os_version.clone(),
+                kernel_version: host.kernel_version.clone(),
+                device_class: convert::device_class_to_pb(host.device_class) as i32,
+                cpu: Some(pb::CpuInfo {
+                    model: host.cpu.model.clone(),
+                    vendor: host.cpu.vendor.clone(),
+                    architecture: host.cpu.architecture.clone(),
+                    physical_cores: host.cpu.physical_cores,
+                    logical_cores: host.cpu.logical_cores,
+                    features: host.cpu.features.clone(),
+                    frequency_mhz: host.cpu.frequency_mhz,
+                }),
+                memory: Some(convert::memory_to_pb(memory)),
+                accelerators: host
                     .accelerators
                     .iter()
-                    .map(|a| convert::accelerator_to_pb(*a) as i32)
+                    .map(|a| pb::AcceleratorInfo {
+                        kind: convert::accelerator_to_pb(a.kind) as i32,
+                        name: a.name.clone(),
+                        vendor: a.vendor.clone(),
+                        memory_bytes: a.memory_bytes,
+                        driver_version: a.driver_version.clone(),
+                    })
                     .collect(),
-            })
-            .collect();
-        let measured = self.agent.store.benchmarks()?;
-        let formats = ModelFormat::ALL
-            .into_iter()
-            .map(|f| {
-                // Best first, as Load would pick them.
-                let here: Vec<Runtime> = engines::ranked(f, &measured);
-                pb::FormatSupport {
-                    format: convert::format_to_pb(f) as i32,
-                    runnable: !here.is_empty(),
-                    recognized: true,
-                    runtimes: here
-                        .into_iter()
-                        .map(|r| convert::runtime_to_pb(r) as i32)
-                        .collect(),
-                }
-            })
-            .collect();
-        Ok(Response::new(pb::GetCapabilitiesResponse {
-            node_id: self.agent.store.node_id().to_owned(),
-            hostname: host.hostname.clone(),
-            os: host.os.clone(),
-            os_version: host.os_version.clone(),
-            kernel_version: host.kernel_version.clone(),
-            device_class: convert::device_class_to_pb(host.device_class) as i32,
-            cpu: Some(pb::CpuInfo {
-                model: host.cpu.model.clone(),
-                vendor: host.cpu.vendor.clone(),
-                architecture: host.cpu.architecture.clone(),
-                physical_cores: host.cpu.physical_cores,
-                logical_cores: host.cpu.logical_cores,
-                features: host.cpu.features.clone(),
-                frequency_mhz: host.cpu.frequency_mhz,
-            }),
-            memory: Some(memory_to_pb(memory)),
-            accelerators: host
-                .accelerators
-                .iter()
-                .map(|a| pb::AcceleratorInfo {
-                    kind: convert::accelerator_to_pb(a.kind) as i32,
-                    name: a.name.clone(),
-                    vendor: a.vendor.clone(),
-                    memory_bytes: a.memory_bytes,
-                    driver_version: a.driver_version.clone(),
-                })
-                .collect(),
-            runtimes,
-            formats,
-            disk_free_bytes: disk.free_bytes,
-            disk_total_bytes: disk.total_bytes,
-            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            memory_budget_bytes: self.agent.memory_budget_bytes,
-            disk_quota_bytes: self.agent.config.disk_quota.unwrap_or(0),
-            start_time: Some(convert::timestamp(host.start_time)),
-        }))
+                runtimes,
+                formats,
+                disk_free_bytes: disk.free_bytes,
+                disk_total_bytes: disk.total_bytes,
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                memory_budget_bytes: self.agent.node.memory_budget_bytes,
+                disk_quota_bytes: self.agent.node.disk_quota.unwrap_or(0),
+                start_time: Some(convert::timestamp(host.start_time)),
+            }))
+        })
+        .await
     }
 
-    type WatchResourcesStream = SnapshotStream;
+    type WatchResourcesStream = Boxed<pb::WatchResourcesResponse>;
 
     async fn watch_resources(
         &self,
         request: Request<pb::WatchResourcesRequest>,
     ) -> Result<Response<Self::WatchResourcesStream>, Status> {
-        let interval = match request.into_inner().interval {
-            None => DEFAULT_INTERVAL,
-            Some(d) => {
-                let secs = u64::try_from(d.seconds).ok();
-                let nanos = u32::try_from(d.nanos).ok();
-                let parsed = secs.zip(nanos).map(|(s, n)| Duration::new(s, n));
-                match parsed {
-                    Some(i) if (MIN_INTERVAL..=MAX_INTERVAL).contains(&i) => i,
-                    _ => {
-                        return Err(Error::invalid(
-                            "interval",
-                            format!(
-                                "must be between {} ms and {} s",
-                                MIN_INTERVAL.as_millis(),
-                                MAX_INTERVAL.as_secs()
-                            ),
-                        )
-                        .into());
+        super::status::rpc(async move {
+            let interval = match request.into_inner().interval {
+                None => DEFAULT_INTERVAL,
+                Some(d) => {
+                    let secs = u64::try_from(d.seconds).ok();
+                    let nanos = u32::try_from(d.nanos).ok();
+                    let parsed = secs.zip(nanos).map(|(s, n)| Duration::new(s, n));
+                    match parsed {
+                        Some(i) if (MIN_INTERVAL..=MAX_INTERVAL).contains(&i) => i,
+                        _ => {
+                            return Err(Error::invalid(
+                                "interval",
+                                format!(
+                                    "must be between {} ms and {} s",
+                                    MIN_INTERVAL.as_millis(),
+                                    MAX_INTERVAL.as_secs()
+                                ),
+                            )
+                            .into());
+                        }
                     }
                 }
-            }
-        };
-        let (tx, rx) = mpsc::channel(4);
-        let agent = self.agent.clone();
-        let mut shutdown = self.agent.shutdown.clone();
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = ticker.tick() => {}
-                    () = async { let _ = shutdown.wait_for(|s| *s).await; } => {
-                        let _ = tx.send(Err(Error::ShuttingDown.into())).await;
-                        break;
-                    }
-                    // The client went away: stop sampling for it.
-                    () = tx.closed() => break,
-                }
-                let a = agent.clone();
-                let snapshot =
-                    match tokio::task::spawn_blocking(move || a.hardware.snapshot()).await {
-                        Ok(s) => s,
-                        Err(e) => {
-                            let _ = tx.send(Err(Error::from(e).into())).await;
+            };
+            let (tx, rx) = mpsc::channel(4);
+            let agent = self.agent.clone();
+            let mut shutdown = self.agent.shutdown.clone();
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(interval);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = ticker.tick() => {}
+                        () = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                            let _ = tx.send(Err(super::status::of(&Error::ShuttingDown))).await;
                             break;
                         }
-                    };
-                if tx.send(Ok(snapshot_to_pb(snapshot))).await.is_err() {
-                    break;
+                        // The client went away: stop sampling for it.
+                        () = tx.closed() => break,
+                    }
+                    let a = agent.clone();
+                    let snapshot =
+                        match tokio::task::spawn_blocking(move || a.node.hardware.snapshot()).await
+                        {
+                            Ok(s) => s,
+                            Err(e) => {
+                                let _ = tx.send(Err(super::status::of(&Error::from(e)))).await;
+                                break;
+                            }
+                        };
+                    if tx
+                        .send(Ok(convert::snapshot_to_pb(snapshot)))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
                 }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+            });
+            Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as Boxed<_>))
+        })
+        .await
     }
 
     async fn benchmark(
         &self,
         request: Request<pb::BenchmarkRequest>,
     ) -> Result<Response<pb::BenchmarkResponse>, Status> {
-        use crate::inference::{
-            BenchmarkPlan, MAX_GENERATED_TOKENS, MAX_PROMPT_TOKENS, MAX_REPETITIONS,
-        };
-        let r = request.into_inner();
-        let within = |field: &str, v: u32, default: u32, max: u32| match v {
-            0 => Ok(default),
-            v if v <= max => Ok(v),
-            v => Err(Error::invalid(field, format!("{v}; the limit is {max}"))),
-        };
-        let plan = BenchmarkPlan {
-            runtime: convert::runtime_from_pb("runtime", r.runtime)?,
-            prompt_tokens: within("prompt_tokens", r.prompt_tokens, 128, MAX_PROMPT_TOKENS)?,
-            generated_tokens: within(
-                "generated_tokens",
-                r.generated_tokens,
-                64,
-                MAX_GENERATED_TOKENS,
-            )?,
-            repetitions: within("repetitions", r.repetitions, 3, MAX_REPETITIONS)?,
-            threads: 0,
-        };
-        if r.model_id.is_empty() {
-            return Err(Error::invalid("model_id", "name the model to measure").into());
-        }
-        let entry = self.agent.registry.get(&r.model_id)?;
-        let agent = self.agent.clone();
-        let rss = Arc::new(move || agent.hardware.snapshot().agent_rss_bytes);
-        let record = self
-            .agent
-            .inference
-            .benchmark(&entry, &self.agent.storage, plan, rss)
-            .await?;
-        let runtime = record
-            .runtime
-            .parse::<Runtime>()
-            .map_or(pb::Runtime::Unspecified, convert::runtime_to_pb);
-        Ok(Response::new(pb::BenchmarkResponse {
-            model_id: record.model_id,
-            runtime: runtime as i32,
-            prompt_tokens_per_second: record.prompt_tokens_per_second,
-            generation_tokens_per_second: record.generation_tokens_per_second,
-            peak_memory_bytes: record.peak_memory_bytes,
-            time: Some(convert::timestamp(std::time::SystemTime::now())),
-        }))
+        super::status::rpc(async move {
+            use modeld_node::inference::{
+                BenchmarkPlan, MAX_GENERATED_TOKENS, MAX_PROMPT_TOKENS, MAX_REPETITIONS,
+            };
+            let r = request.into_inner();
+            let within = |field: &str, v: u32, default: u32, max: u32| match v {
+                0 => Ok(default),
+                v if v <= max => Ok(v),
+                v => Err(Error::invalid(field, format!("{v}; the limit is {max}"))),
+            };
+            let plan = BenchmarkPlan {
+                runtime: convert::runtime_from_pb("runtime", r.runtime)?,
+                prompt_tokens: within("prompt_tokens", r.prompt_tokens, 128, MAX_PROMPT_TOKENS)?,
+                generated_tokens: within(
+                    "generated_tokens",
+                    r.generated_tokens,
+                    64,
+                    MAX_GENERATED_TOKENS,
+                )?,
+                repetitions: within("repetitions", r.repetitions, 3, MAX_REPETITIONS)?,
+                threads: 0,
+            };
+            if r.model_id.is_empty() {
+                return Err(Error::invalid("model_id", "name the model to measure").into());
+            }
+            let entry = self.agent.node.registry.get(&r.model_id)?;
+            let agent = self.agent.clone();
+            let rss = Arc::new(move || agent.node.hardware.snapshot().agent_rss_bytes);
+            let record = self
+                .agent
+                .node
+                .inference
+                .benchmark(&entry, &self.agent.node.storage, plan, rss)
+                .await?;
+            let runtime = record
+                .runtime
+                .parse::<Runtime>()
+                .map_or(pb::Runtime::Unspecified, convert::runtime_to_pb);
+            Ok(Response::new(pb::BenchmarkResponse {
+                model_id: record.model_id,
+                runtime: runtime as i32,
+                prompt_tokens_per_second: record.prompt_tokens_per_second,
+                generation_tokens_per_second: record.generation_tokens_per_second,
+                peak_memory_bytes: record.peak_memory_bytes,
+                time: Some(convert::timestamp(std::time::SystemTime::now())),
+            }))
+        })
+        .await
     }
 }

@@ -1,211 +1,118 @@
-//! The one mapping from the agent's errors to gRPC statuses. Every status carries a
-//! `google.rpc.ErrorInfo` with a stable `reason` clients can switch on, in domain
-//! "modeld"; field errors also carry a `BadRequest` violation.
+//! The one mapping from the node's errors to gRPC statuses: each error's kind becomes
+//! its code, its reason and facts a `google.rpc.ErrorInfo` in domain "modeld", and a
+//! field at fault a `BadRequest` violation.
 
 use std::collections::HashMap;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::error::Error;
+use modeld_node::error::{Error, ErrorKind};
 
 pub const DOMAIN: &str = "modeld";
 
-impl From<Error> for Status {
-    fn from(e: Error) -> Status {
-        Status::from(&e)
+/// What a handler fails with: a node error, or a status the edge made itself. Every
+/// handler body returns it; the service method turns it into the status.
+#[derive(Debug)]
+pub enum ApiError {
+    Node(Error),
+    Status(Status),
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> ApiError {
+        ApiError::Node(e)
     }
 }
 
-/// By reference, so one failure shared by several watchers (a transfer two clients
-/// joined) becomes a status for each.
-impl From<&Error> for Status {
-    fn from(e: &Error) -> Status {
+impl From<Status> for ApiError {
+    fn from(s: Status) -> ApiError {
+        ApiError::Status(s)
+    }
+}
+
+impl From<crate::error::Error> for ApiError {
+    fn from(e: crate::error::Error) -> ApiError {
+        ApiError::Status(Status::from(e))
+    }
+}
+
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> ApiError {
+        ApiError::Node(e.into())
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        match e {
+            ApiError::Node(e) => of(&e),
+            ApiError::Status(s) => s,
+        }
+    }
+}
+
+/// Runs a handler body and answers its failure as a status.
+pub async fn rpc<T>(body: impl std::future::Future<Output = ApiResult<T>>) -> Result<T, Status> {
+    body.await.map_err(Status::from)
+}
+
+/// The status code of each kind of failure; the one place that knows tonic's codes.
+pub fn code(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
+        ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::OutOfRange => Code::OutOfRange,
+        ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+        ErrorKind::Unavailable => Code::Unavailable,
+        ErrorKind::Cancelled => Code::Cancelled,
+        ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+        ErrorKind::DataLoss => Code::DataLoss,
+        ErrorKind::Internal => Code::Internal,
+    }
+}
+
+/// Errors of starting and serving: only the node's can reach a client, but every one
+/// has its status.
+impl From<crate::error::Error> for Status {
+    fn from(e: crate::error::Error) -> Status {
+        match e {
+            crate::error::Error::Node(e) => of(&e),
+            crate::error::Error::Config(_) => Status::with_error_details(
+                Code::FailedPrecondition,
+                e.to_string(),
+                ErrorDetails::with_error_info("BAD_CONFIG", DOMAIN, HashMap::new()),
+            ),
+            crate::error::Error::Serve(_) => Status::with_error_details(
+                Code::Internal,
+                e.to_string(),
+                ErrorDetails::with_error_info("SERVER_ERROR", DOMAIN, HashMap::new()),
+            ),
+        }
+    }
+}
+
+/// A node error as a status. By reference, so one failure shared by several watchers
+/// (a transfer two clients joined) becomes a status for each.
+pub fn of(e: &Error) -> Status {
+    {
         let message = e.to_string();
-        let mut meta = HashMap::new();
-        let mut violation: Option<(String, String)> = None;
-        // No catch-all arm: a new variant must be mapped here before it compiles.
-        let (code, reason) = match e {
-            Error::Shared(inner) => return Status::from(&**inner),
-            Error::InvalidArgument { field, description } => {
-                violation = Some((field.clone(), description.clone()));
-                (Code::InvalidArgument, "INVALID_ARGUMENT")
-            }
-            Error::InvalidPageToken(why) => {
-                violation = Some(("page_token".into(), why.clone()));
-                (Code::InvalidArgument, "INVALID_PAGE_TOKEN")
-            }
-            Error::InvalidManifest(_) => (Code::InvalidArgument, "INVALID_MANIFEST"),
-            Error::ModelNotFound { id } => {
-                meta.insert("model_id".into(), id.clone());
-                (Code::NotFound, "MODEL_NOT_FOUND")
-            }
-            Error::ModelAlreadyExists { id } => {
-                meta.insert("model_id".into(), id.clone());
-                (Code::AlreadyExists, "MODEL_ALREADY_EXISTS")
-            }
-            Error::ModelInUse { id, state } => {
-                meta.insert("model_id".into(), id.clone());
-                meta.insert("state".into(), (*state).to_owned());
-                (Code::FailedPrecondition, "MODEL_IN_USE")
-            }
-            Error::PathNotFound { path } => {
-                meta.insert("path".into(), path.display().to_string());
-                (Code::NotFound, "PATH_NOT_FOUND")
-            }
-            Error::PathUnusable { path, .. } => {
-                meta.insert("path".into(), path.display().to_string());
-                (Code::FailedPrecondition, "PATH_UNUSABLE")
-            }
-            Error::CatalogUnavailable { url, .. } => {
-                meta.insert("url".into(), url.clone());
-                (Code::Unavailable, "CATALOG_UNAVAILABLE")
-            }
-            Error::CatalogRejected { url, .. } => {
-                meta.insert("url".into(), url.clone());
-                (Code::FailedPrecondition, "CATALOG_REJECTED")
-            }
-            Error::Io { .. } => (Code::Internal, "IO_ERROR"),
-            Error::Store(_) => (Code::Internal, "STORE_ERROR"),
-            Error::CorruptRecord { .. } => (Code::DataLoss, "CORRUPT_RECORD"),
-            Error::SchemaTooNew { .. } => (Code::FailedPrecondition, "SCHEMA_TOO_NEW"),
-            Error::Config(_) => (Code::FailedPrecondition, "BAD_CONFIG"),
-            Error::TaskFailed(_) => (Code::Internal, "TASK_FAILED"),
-            Error::Serve(_) => (Code::Internal, "SERVER_ERROR"),
-            Error::DigestMismatch {
-                file,
-                expected,
-                actual,
-            } => {
-                meta.insert("file".into(), file.clone());
-                meta.insert("expected_sha256".into(), expected.clone());
-                meta.insert("actual_sha256".into(), actual.clone());
-                (Code::DataLoss, "CHECKSUM_MISMATCH")
-            }
-            Error::SizeMismatch { file, .. } => {
-                meta.insert("file".into(), file.clone());
-                (Code::DataLoss, "SIZE_MISMATCH")
-            }
-            Error::SourcesExhausted { file, .. } => {
-                meta.insert("file".into(), file.clone());
-                (Code::Unavailable, "SOURCES_EXHAUSTED")
-            }
-            Error::DiskFull { .. } => (Code::ResourceExhausted, "DISK_FULL"),
-            Error::QuotaExceeded { .. } => (Code::ResourceExhausted, "QUOTA_EXCEEDED"),
-            Error::ArchiveRejected(_) => (Code::FailedPrecondition, "ARCHIVE_REJECTED"),
-            Error::ArchiveMemberNotFound { member } => {
-                meta.insert("member".into(), member.clone());
-                (Code::FailedPrecondition, "ARCHIVE_MEMBER_NOT_FOUND")
-            }
-            Error::TransferCancelled { id } => {
-                meta.insert("transfer_id".into(), id.clone());
-                (Code::Cancelled, "TRANSFER_CANCELLED")
-            }
-            Error::TransferNotFound { id } => {
-                meta.insert("transfer_id".into(), id.clone());
-                (Code::NotFound, "TRANSFER_NOT_FOUND")
-            }
-            Error::TransferFinished { id, .. } => {
-                meta.insert("transfer_id".into(), id.clone());
-                (Code::FailedPrecondition, "TRANSFER_FINISHED")
-            }
-            Error::BlobNotFound { sha256 } => {
-                meta.insert("sha256".into(), sha256.clone());
-                (Code::NotFound, "BLOB_NOT_FOUND")
-            }
-            Error::NothingStored { id } => {
-                meta.insert("model_id".into(), id.clone());
-                (Code::NotFound, "NOTHING_STORED")
-            }
-            Error::OutOfRange { field, message } => {
-                violation = Some((field.clone(), message.clone()));
-                (Code::OutOfRange, "OUT_OF_RANGE")
-            }
-            Error::PushRejected(_) => (Code::FailedPrecondition, "PUSH_REJECTED"),
-            Error::NoRuntime { id, .. } => {
-                meta.insert("model_id".into(), id.clone());
-                (Code::FailedPrecondition, "NO_RUNTIME")
-            }
-            Error::ModelNotStored { id } => {
-                meta.insert("model_id".into(), id.clone());
-                (Code::FailedPrecondition, "MODEL_NOT_STORED")
-            }
-            // The file is what the Load asked to run: a bad one is a bad argument.
-            Error::ModelInvalid { .. } => (Code::InvalidArgument, "MODEL_INVALID"),
-            Error::Engine(inner) => match inner {
-                modeld_engine_core::EngineError::Load(_) => {
-                    (Code::FailedPrecondition, "LOAD_FAILED")
-                }
-                modeld_engine_core::EngineError::InvalidRequest(_) => {
-                    (Code::InvalidArgument, "INVALID_ARGUMENT")
-                }
-                modeld_engine_core::EngineError::ContextOverflow { .. } => {
-                    (Code::InvalidArgument, "CONTEXT_OVERFLOW")
-                }
-                modeld_engine_core::EngineError::Inference(_) => {
-                    (Code::Internal, "INFERENCE_FAILED")
-                }
-                modeld_engine_core::EngineError::InvalidModel(_) => {
-                    (Code::InvalidArgument, "MODEL_INVALID")
-                }
-                modeld_engine_core::EngineError::Unavailable(_) => {
-                    (Code::FailedPrecondition, "RUNTIME_UNAVAILABLE")
-                }
-            },
-            Error::EnginePanicked { id, .. } => {
-                meta.insert("model_id".into(), id.clone());
-                (Code::Internal, "ENGINE_PANICKED")
-            }
-            Error::MemoryExhausted {
-                id,
-                needed,
-                available,
-                budget,
-            } => {
-                meta.insert("model_id".into(), id.clone());
-                meta.insert("needed_bytes".into(), needed.to_string());
-                meta.insert("available_bytes".into(), available.to_string());
-                meta.insert("budget_bytes".into(), budget.to_string());
-                (Code::ResourceExhausted, "MEMORY_EXHAUSTED")
-            }
-            Error::InvalidTransition { id, from, to } => {
-                meta.insert("model_id".into(), id.clone());
-                meta.insert("state".into(), from.as_str().to_owned());
-                meta.insert("wanted".into(), to.as_str().to_owned());
-                (Code::FailedPrecondition, "INVALID_TRANSITION")
-            }
-            Error::WatchCompacted { requested, oldest } => {
-                meta.insert("requested_revision".into(), requested.to_string());
-                meta.insert("oldest_revision".into(), oldest.to_string());
-                (Code::OutOfRange, "WATCH_RESYNC_REQUIRED")
-            }
-            Error::NotReady { id, state } => {
-                meta.insert("model_id".into(), id.clone());
-                meta.insert("state".into(), state.as_str().to_owned());
-                (Code::FailedPrecondition, "MODEL_NOT_READY")
-            }
-            Error::RuntimeUnavailable { id, runtime, .. } => {
-                meta.insert("model_id".into(), id.clone());
-                meta.insert("runtime".into(), (*runtime).to_owned());
-                (Code::FailedPrecondition, "RUNTIME_UNAVAILABLE")
-            }
-            Error::Overloaded { id, limit } => {
-                meta.insert("model_id".into(), id.clone());
-                meta.insert("limit".into(), limit.to_string());
-                (Code::ResourceExhausted, "MODEL_OVERLOADED")
-            }
-            Error::ClientCancelled(_) => (Code::Cancelled, "CLIENT_CANCELLED"),
-            Error::Unimplemented { rpc } => {
-                meta.insert("rpc".into(), (*rpc).to_owned());
-                (Code::Unimplemented, "NOT_IMPLEMENTED")
-            }
-            Error::ShuttingDown => (Code::Unavailable, "SHUTTING_DOWN"),
-        };
+        let (kind, reason) = e.classify();
+        let code = code(kind);
         if matches!(code, Code::Internal | Code::DataLoss) {
             tracing::error!(error = %message, reason, "request failed");
         }
+        let meta: HashMap<String, String> = e
+            .facts()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
         let mut details = ErrorDetails::with_error_info(reason, DOMAIN, meta);
-        if let Some((field, description)) = violation {
+        if let Some((field, description)) = e.field_violation() {
             details.add_bad_request_violation(field, description);
         }
         Status::with_error_details(code, message, details)
@@ -218,7 +125,7 @@ mod tests {
 
     #[test]
     fn status_carries_reason_and_field_violation() {
-        let status: Status = Error::invalid("spec.id", "is required").into();
+        let status = of(&Error::invalid("spec.id", "is required"));
         assert_eq!(status.code(), Code::InvalidArgument);
         assert_eq!(status.message(), "spec.id: is required");
         let details = status.get_error_details();
@@ -233,9 +140,16 @@ mod tests {
 
     #[test]
     fn not_found_names_the_model() {
-        let status: Status = Error::ModelNotFound { id: "x".into() }.into();
+        let status = of(&Error::ModelNotFound { id: "x".into() });
         assert_eq!(status.code(), Code::NotFound);
         let info = status.get_error_details().error_info().cloned().unwrap();
         assert_eq!(info.metadata.get("model_id").map(String::as_str), Some("x"));
+    }
+
+    #[test]
+    fn every_kind_has_the_code_of_its_standard_number() {
+        for kind in ErrorKind::ALL {
+            assert_eq!(code(kind) as i32, kind.rpc_code(), "{kind:?}");
+        }
     }
 }

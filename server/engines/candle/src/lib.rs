@@ -83,8 +83,19 @@ impl Engine for CandleEngine {
         Runtime::Candle
     }
 
+    fn version(&self) -> String {
+        VERSION.to_owned()
+    }
+
     fn formats(&self) -> &[ModelFormat] {
         &[ModelFormat::Safetensors, ModelFormat::Gguf]
+    }
+
+    fn quantizations(&self) -> &[&'static str] {
+        &[
+            "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
+            "Q5_K", "Q6_K",
+        ]
     }
 
     fn accelerators(&self) -> Vec<Accelerator> {
@@ -135,6 +146,7 @@ impl Engine for CandleEngine {
             vocab_size: probe.vocab_size,
             chat_template: None,
             memory_bytes: estimate.total(),
+            accelerator: Accelerator::Cpu,
         };
         Ok(Box::new(SequenceModel::new(
             forward,

@@ -94,8 +94,19 @@ impl Engine for LlamaEngine {
         Runtime::LlamaCpp
     }
 
+    fn version(&self) -> String {
+        VERSION.to_owned()
+    }
+
     fn formats(&self) -> &[ModelFormat] {
         &[ModelFormat::Gguf]
+    }
+
+    fn quantizations(&self) -> &[&'static str] {
+        &[
+            "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S",
+            "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS",
+        ]
     }
 
     fn accelerators(&self) -> Vec<Accelerator> {
@@ -164,6 +175,8 @@ impl Engine for LlamaEngine {
                 .and_then(|t| t.to_string().ok()),
             memory_bytes: model.size()
                 + kv_cache_bytes(&model, u64::from(context_length) * u64::from(parallel)),
+            // This build registers llama.cpp's CPU backends only.
+            accelerator: Accelerator::Cpu,
         };
         let model = Arc::new(model);
         Ok(Box::new(LlamaLoaded {

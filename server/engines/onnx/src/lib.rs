@@ -166,13 +166,32 @@ fn execution_providers(
         .collect()
 }
 
+/// The device the first requested provider drives (ONNX Runtime uses the providers in
+/// order and falls back to the CPU for what the first cannot run).
+fn accelerator_of(names: &[String]) -> Accelerator {
+    let first = names.first().map(|n| n.trim().to_ascii_lowercase());
+    match first.as_deref() {
+        Some("coreml") => Accelerator::Ane,
+        None if cfg!(target_vendor = "apple") => Accelerator::Ane,
+        _ => Accelerator::Cpu,
+    }
+}
+
 impl Engine for OnnxEngine {
     fn runtime(&self) -> Runtime {
         Runtime::OnnxRuntime
     }
 
+    fn version(&self) -> String {
+        VERSION.to_owned()
+    }
+
     fn formats(&self) -> &[ModelFormat] {
         &[ModelFormat::Onnx]
+    }
+
+    fn quantizations(&self) -> &[&'static str] {
+        &["F32"]
     }
 
     fn accelerators(&self) -> Vec<Accelerator> {
@@ -235,6 +254,7 @@ impl Engine for OnnxEngine {
             vocab_size: export.config.model.vocab_size,
             chat_template: None,
             memory_bytes: estimate.total(),
+            accelerator: accelerator_of(&options.execution_providers),
         };
         Ok(Box::new(SequenceModel::new(
             decoder,

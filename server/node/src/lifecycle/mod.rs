@@ -6,130 +6,15 @@
 //! the model's new state, in one atomic batch; Watch replays events from the store and
 //! follows live ones through a broadcast channel that never blocks the writer.
 
-pub mod load;
-
 use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::sync::broadcast;
 
-use crate::error::{Error, Result};
-use crate::store::{FailureRecord, LifecycleRecord, Store, TransitionRecord};
-
-/// Lifecycle state of one model. "generating" is `Ready` with requests in flight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ModelState {
-    Registered,
-    Downloading,
-    Downloaded,
-    Extracting,
-    Validating,
-    Initializing,
-    Loading,
-    Ready,
-    Unloading,
-    Failed,
-}
-
-impl ModelState {
-    pub const ALL: [ModelState; 10] = [
-        ModelState::Registered,
-        ModelState::Downloading,
-        ModelState::Downloaded,
-        ModelState::Extracting,
-        ModelState::Validating,
-        ModelState::Initializing,
-        ModelState::Loading,
-        ModelState::Ready,
-        ModelState::Unloading,
-        ModelState::Failed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ModelState::Registered => "registered",
-            ModelState::Downloading => "downloading",
-            ModelState::Downloaded => "downloaded",
-            ModelState::Extracting => "extracting",
-            ModelState::Validating => "validating",
-            ModelState::Initializing => "initializing",
-            ModelState::Loading => "loading",
-            ModelState::Ready => "ready",
-            ModelState::Unloading => "unloading",
-            ModelState::Failed => "failed",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<ModelState> {
-        ModelState::ALL.into_iter().find(|s| s.as_str() == name)
-    }
-
-    /// True while some stage holds the model's files: deleting it then would pull them
-    /// from under a download, an extraction or a running engine.
-    pub fn holds_files(self) -> bool {
-        !matches!(
-            self,
-            ModelState::Registered | ModelState::Downloaded | ModelState::Failed
-        )
-    }
-}
-
-impl fmt::Display for ModelState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The stage of the lifecycle a transition belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Stage {
-    Download,
-    Extract,
-    Validate,
-    Initialize,
-    Load,
-    Unload,
-}
-
-impl Stage {
-    pub const ALL: [Stage; 6] = [
-        Stage::Download,
-        Stage::Extract,
-        Stage::Validate,
-        Stage::Initialize,
-        Stage::Load,
-        Stage::Unload,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Download => "download",
-            Stage::Extract => "extract",
-            Stage::Validate => "validate",
-            Stage::Initialize => "initialize",
-            Stage::Load => "load",
-            Stage::Unload => "unload",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Stage> {
-        Stage::ALL.into_iter().find(|s| s.as_str() == name)
-    }
-
-    /// The stage a model is in while in `state`.
-    pub fn of(state: ModelState) -> Option<Stage> {
-        Some(match state {
-            ModelState::Downloading => Stage::Download,
-            ModelState::Extracting => Stage::Extract,
-            ModelState::Validating => Stage::Validate,
-            ModelState::Initializing => Stage::Initialize,
-            ModelState::Loading => Stage::Load,
-            ModelState::Unloading => Stage::Unload,
-            _ => return None,
-        })
-    }
-}
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::{ModelState, Stage};
+use crate::store::{FailureRecord, LifecycleRecord, Store, TransitionRecord, unix_ms};
 
 /// The one table of allowed transitions.
 pub fn allowed(from: ModelState, to: ModelState) -> bool {
@@ -162,8 +47,9 @@ pub fn allowed(from: ModelState, to: ModelState) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
     pub stage: Stage,
-    /// The google.rpc code the failure was answered with.
-    pub code: i32,
+    pub kind: ErrorKind,
+    /// The error's stable reason ("" in records older than reasons).
+    pub reason: String,
     pub message: String,
 }
 
@@ -186,13 +72,15 @@ impl EventKind {
         }
     }
 
-    fn parse(name: &str) -> EventKind {
-        match name {
+    /// Records written before events had kinds carry none: those are transitions.
+    fn parse(name: &str) -> Option<EventKind> {
+        Some(match name {
+            "" | "transition" => EventKind::Transition,
             "registered" => EventKind::Registered,
             "deleted" => EventKind::Deleted,
             "evicted" => EventKind::Evicted,
-            _ => EventKind::Transition,
-        }
+            _ => return None,
+        })
     }
 }
 
@@ -243,41 +131,77 @@ pub const RETAINED_EVENTS: u64 = 10_000;
 /// Live events buffered per watcher before it must catch up from the store.
 const LIVE_BUFFER: usize = 1024;
 
-fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 fn failure_record(f: &Failure) -> FailureRecord {
     FailureRecord {
         stage: f.stage.as_str().to_owned(),
-        code: f.code,
+        legacy_code: 0,
         message: f.message.clone(),
+        kind: f.kind.as_str().to_owned(),
+        reason: f.reason.clone(),
     }
 }
 
-fn failure_from(r: &FailureRecord) -> Option<Failure> {
-    Some(Failure {
-        stage: Stage::parse(&r.stage)?,
-        code: r.code,
+/// A record that names a state, stage or kind this agent does not know is corrupt,
+/// never silently read as some default.
+fn corrupt(tree: &'static str, key: impl Into<String>, what: &str, value: &str) -> Error {
+    Error::CorruptRecord {
+        tree,
+        key: key.into(),
+        message: format!("unknown {what} {value:?}"),
+    }
+}
+
+fn failure_from(tree: &'static str, key: &str, r: &FailureRecord) -> Result<Failure> {
+    let kind = if r.kind.is_empty() {
+        ErrorKind::from_rpc_code(r.legacy_code)
+    } else {
+        ErrorKind::parse(&r.kind).ok_or_else(|| corrupt(tree, key, "error kind", &r.kind))?
+    };
+    Ok(Failure {
+        stage: Stage::parse(&r.stage).ok_or_else(|| corrupt(tree, key, "stage", &r.stage))?,
+        kind,
+        reason: r.reason.clone(),
         message: r.message.clone(),
     })
 }
 
+/// An optional state or stage: empty means none.
+fn optional<T>(
+    key: &str,
+    what: &str,
+    value: &str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Option<T>> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    parse(value)
+        .map(Some)
+        .ok_or_else(|| corrupt(EVENTS_TREE, key, what, value))
+}
+
+const EVENTS_TREE: &str = "lifecycle_events";
+
 impl Transition {
-    fn from_record(revision: u64, r: TransitionRecord) -> Transition {
-        Transition {
+    fn from_record(revision: u64, r: TransitionRecord) -> Result<Transition> {
+        let key = revision.to_string();
+        Ok(Transition {
             revision,
-            kind: EventKind::parse(&r.kind),
+            kind: EventKind::parse(&r.kind)
+                .ok_or_else(|| corrupt(EVENTS_TREE, &key, "event kind", &r.kind))?,
+            from: optional(&key, "state", &r.from_state, ModelState::parse)?,
+            to: optional(&key, "state", &r.to_state, ModelState::parse)?,
+            stage: optional(&key, "stage", &r.stage, Stage::parse)?,
+            failure: r
+                .failure
+                .as_ref()
+                .map(|f| failure_from(EVENTS_TREE, &key, f))
+                .transpose()?,
             model_id: r.model_id,
-            from: ModelState::parse(&r.from_state),
-            to: ModelState::parse(&r.to_state),
-            stage: Stage::parse(&r.stage),
             time_unix_ms: r.time_unix_ms,
             progress: r.progress,
             reason: r.reason,
-            failure: r.failure.as_ref().and_then(failure_from),
-        }
+        })
     }
 
     fn to_record(&self) -> TransitionRecord {
@@ -344,9 +268,14 @@ impl Lifecycle {
     pub fn current(&self, id: &str) -> Result<Current> {
         Ok(match self.store().lifecycle(id)? {
             Some(r) => Current {
-                state: ModelState::parse(&r.state).unwrap_or(ModelState::Registered),
+                state: ModelState::parse(&r.state)
+                    .ok_or_else(|| corrupt("lifecycle", id, "state", &r.state))?,
                 revision: r.revision,
-                failure: r.failure.as_ref().and_then(failure_from),
+                failure: r
+                    .failure
+                    .as_ref()
+                    .map(|f| failure_from("lifecycle", id, f))
+                    .transpose()?,
             },
             None => Current {
                 state: ModelState::Registered,
@@ -387,12 +316,14 @@ impl Lifecycle {
         )
     }
 
-    /// Moves `id` to `Failed`, recording the stage, the code and the message.
+    /// Moves `id` to `Failed`, recording the stage, the error's kind and reason, and
+    /// the message.
     pub fn fail(&self, id: &str, stage: Stage, error: &Error) -> Result<Option<Transition>> {
-        let code = tonic::Status::from(error).code() as i32;
+        let (kind, reason) = error.classify();
         let failure = Failure {
             stage,
-            code,
+            kind,
+            reason: reason.to_owned(),
             message: error.to_string(),
         };
         let change = Change {
@@ -481,7 +412,10 @@ impl Lifecycle {
         let existing = self.store().lifecycle(id)?;
         let from = match (&existing, kind) {
             (_, EventKind::Registered) => None,
-            (Some(r), _) => ModelState::parse(&r.state),
+            (Some(r), _) => Some(
+                ModelState::parse(&r.state)
+                    .ok_or_else(|| corrupt("lifecycle", id, "state", &r.state))?,
+            ),
             (None, _) => Some(ModelState::Registered),
         };
         if !check(from)? {
@@ -532,7 +466,7 @@ impl Lifecycle {
             .transitions_of(id, limit)?
             .into_iter()
             .map(|(rev, r)| Transition::from_record(rev, r))
-            .collect();
+            .collect::<Result<_>>()?;
         events.reverse();
         Ok(events)
     }
@@ -556,7 +490,7 @@ impl Lifecycle {
             .transitions_after(after, limit)?
             .into_iter()
             .map(|(rev, r)| Transition::from_record(rev, r))
-            .collect()))
+            .collect::<Result<_>>()?))
     }
 
     pub fn last_revision(&self) -> Result<u64> {
@@ -576,6 +510,10 @@ impl Lifecycle {
         let mut reset = Vec::new();
         for (id, record) in self.store().lifecycles()? {
             let before = ModelState::parse(&record.state);
+            if before.is_none() {
+                // Reported where it is read (GetState, Load); the agent still starts.
+                tracing::error!(model = %id, state = %record.state, "unknown lifecycle state in the store");
+            }
             let in_memory = matches!(
                 before,
                 Some(
@@ -685,7 +623,8 @@ mod tests {
         assert_eq!(current.revision, 3);
         let failure = current.failure.unwrap();
         assert_eq!(failure.stage, Stage::Download);
-        assert_eq!(failure.code, tonic::Code::InvalidArgument as i32);
+        assert_eq!(failure.kind, crate::error::ErrorKind::InvalidArgument);
+        assert_eq!(failure.reason, "INVALID_ARGUMENT");
         let history = lc.history("m", 100).unwrap();
         assert_eq!(
             history.iter().map(|t| t.revision).collect::<Vec<_>>(),

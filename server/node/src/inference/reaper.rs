@@ -1,11 +1,13 @@
 //! Background unloading: models whose keep-alive expired, and idle models while the
-//! OS reports memory pressure (Linux PSI; the Apple memory-pressure source on Apple
-//! targets). Every unload here is an `evicted` lifecycle event with its reason.
+//! OS reports memory pressure (Linux PSI; other platforms report none yet). Every
+//! unload here is an `evicted` lifecycle event with its reason.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::agent::Agent;
+use tokio::sync::watch;
+
+use super::Inference;
 
 /// How often keep-alives and pressure are checked.
 pub const TICK: Duration = Duration::from_millis(500);
@@ -13,9 +15,13 @@ pub const TICK: Duration = Duration::from_millis(500);
 /// idle models are evicted, one per tick (`--memory-pressure-threshold`).
 pub const PRESSURE_THRESHOLD: f64 = 10.0;
 
-/// Runs until the agent shuts down.
-pub fn spawn(agent: Arc<Agent>) -> tokio::task::JoinHandle<()> {
-    let mut shutdown = agent.shutdown.clone();
+/// Runs until `shutdown` turns true. `pressure_threshold`: PSI percent above which
+/// idle models are evicted; `None` = never.
+pub fn spawn(
+    inference: Arc<Inference>,
+    pressure_threshold: Option<f64>,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -24,15 +30,17 @@ pub fn spawn(agent: Arc<Agent>) -> tokio::task::JoinHandle<()> {
                 _ = tick.tick() => {}
                 _ = shutdown.wait_for(|s| *s) => return,
             }
-            expire_keep_alives(&agent).await;
-            relieve_pressure(&agent).await;
+            expire_keep_alives(&inference).await;
+            if let Some(threshold) = pressure_threshold {
+                relieve_pressure(&inference, threshold).await;
+            }
         }
     })
 }
 
-async fn expire_keep_alives(agent: &Agent) {
+async fn expire_keep_alives(inference: &Inference) {
     let now = SystemTime::now();
-    for w in agent.inference.loaded() {
+    for w in inference.loaded() {
         if w.pinned || w.in_flight() > 0 {
             continue;
         }
@@ -41,32 +49,27 @@ async fn expire_keep_alives(agent: &Agent) {
         };
         if expires <= now {
             let reason = "keep-alive expired".to_owned();
-            if let Err(e) = agent.inference.evict(&w.model_id, &reason).await {
+            if let Err(e) = inference.evict(&w.model_id, &reason).await {
                 tracing::warn!(model = %w.model_id, error = %e, "keep-alive unload failed");
             }
         }
     }
 }
 
-async fn relieve_pressure(agent: &Agent) {
-    let Some(threshold) = agent.config.memory_pressure_threshold else {
-        return;
-    };
+async fn relieve_pressure(inference: &Inference, threshold: f64) {
     let Some(pressure) = pressure() else { return };
     if pressure < threshold {
         return;
     }
-    let mut idle: Vec<_> = agent
-        .inference
+    let mut idle: Vec<_> = inference
         .resident()
         .into_iter()
         .filter(|r| !r.pinned && r.in_flight == 0)
         .collect();
     idle.sort_by_key(|r| r.last_used);
     if let Some(victim) = idle.first() {
-        let reason =
-            format!("memory pressure: PSI some avg10 {pressure:.1}% ≥ {PRESSURE_THRESHOLD}%");
-        if let Err(e) = agent.inference.evict(&victim.model_id, &reason).await {
+        let reason = format!("memory pressure: PSI some avg10 {pressure:.1}% ≥ {threshold}%");
+        if let Err(e) = inference.evict(&victim.model_id, &reason).await {
             tracing::warn!(model = %victim.model_id, error = %e, "pressure eviction failed");
         }
     }
@@ -78,8 +81,8 @@ fn pressure() -> Option<f64> {
     crate::hardware::memory_pressure()
 }
 
-/// Apple platforms report pressure as levels, not percentages; the dispatch source
-/// that delivers them needs Apple's frameworks and is not wired in this build.
+/// Apple platforms report pressure as levels, not percentages, through a dispatch
+/// source that needs Apple's frameworks; nothing reads it yet.
 #[cfg(not(target_os = "linux"))]
 fn pressure() -> Option<f64> {
     None

@@ -100,7 +100,7 @@ async fn fetch_url(url: &str, http: &reqwest::Client) -> Result<String> {
         .timeout(FETCH_TIMEOUT)
         .send()
         .await
-        .map_err(|e| unavailable(crate::error::chain(&e)))?;
+        .map_err(|e| unavailable(modeld_engine_core::error_chain(&e)))?;
     let status = response.status();
     if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
         return Err(unavailable(format!("server answered {status}")));
@@ -117,7 +117,7 @@ async fn fetch_url(url: &str, http: &reqwest::Client) -> Result<String> {
     let mut body = Vec::new();
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| unavailable(crate::error::chain(&e)))?;
+        let chunk = chunk.map_err(|e| unavailable(modeld_engine_core::error_chain(&e)))?;
         body.extend_from_slice(&chunk);
         check_size(body.len())?;
     }
@@ -231,8 +231,8 @@ mod tests {
 mod deploy_example_tests {
     #[test]
     fn the_shipped_example_catalog_parses() {
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/catalog/example.yaml");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/catalog/example.yaml");
         let text = std::fs::read_to_string(path).unwrap();
         let specs = super::parse(&text, None).unwrap();
         assert_eq!(specs.len(), 2);

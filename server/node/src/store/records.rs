@@ -98,16 +98,23 @@ pub struct LifecycleRecord {
     pub failure: Option<FailureRecord>,
 }
 
-/// Why a model failed: the stage, the gRPC code and the message.
+/// Why a model failed: the stage, the error's kind and reason, and the message.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct FailureRecord {
     /// Lower-case stage name, e.g. "validate".
     #[prost(string, tag = "1")]
     pub stage: String,
+    /// google.rpc.Code number; only records written before `kind` carry it.
     #[prost(int32, tag = "2")]
-    pub code: i32,
+    pub legacy_code: i32,
     #[prost(string, tag = "3")]
     pub message: String,
+    /// `ErrorKind::as_str`, e.g. "invalid_argument".
+    #[prost(string, tag = "4")]
+    pub kind: String,
+    /// The error's stable reason, e.g. "MODEL_INVALID".
+    #[prost(string, tag = "5")]
+    pub reason: String,
 }
 
 /// One lifecycle event, kept in `lifecycle_events` under its revision.
@@ -250,4 +257,15 @@ pub struct BenchmarkRecord {
     pub peak_memory_bytes: u64,
     #[prost(int64, tag = "7")]
     pub time_unix_ms: i64,
+}
+
+/// A time as records store it: milliseconds since the Unix epoch (0 before it).
+pub fn unix_ms(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The inverse of `unix_ms`; negative values read as the epoch.
+pub fn from_unix_ms(ms: i64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }

@@ -13,5 +13,5 @@ pub fn build() -> Result<reqwest::Client> {
         .user_agent(concat!("modeld/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_secs(10))
         .build()
-        .map_err(|e| Error::Config(format!("HTTP client: {e}")))
+        .map_err(|e| Error::Setup(format!("HTTP client: {e}")))
 }

@@ -166,9 +166,7 @@ impl std::fmt::Debug for ModelWorker {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    u64::try_from(crate::store::unix_ms(std::time::SystemTime::now())).unwrap_or(0)
 }
 
 /// Picks a loaded model's unified tokenizer, given the engine's own.
@@ -540,8 +538,14 @@ mod tests {
         fn runtime(&self) -> Runtime {
             Runtime::Candle
         }
+        fn version(&self) -> String {
+            "echo".into()
+        }
         fn formats(&self) -> &[ModelFormat] {
             &[ModelFormat::Safetensors]
+        }
+        fn quantizations(&self) -> &[&'static str] {
+            &["F32"]
         }
         fn accelerators(&self) -> Vec<Accelerator> {
             vec![Accelerator::Cpu]

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use crate::error::{Error, Result};
 use crate::registry::spec::is_sha256_hex;
-use crate::store::{BlobRecord, Store};
+use crate::store::{BlobRecord, Store, unix_ms};
 
 #[derive(Debug, Clone)]
 pub struct BlobStore {
@@ -28,10 +28,24 @@ pub fn check_digest(field: &str, sha256: &str) -> Result<()> {
 }
 
 impl BlobStore {
+    /// Opens the blob directory and drops index entries whose file is gone or has
+    /// the wrong size (someone deleted or truncated it while the agent was down), so
+    /// those blobs are fetched again rather than served broken. Blocking.
     pub fn open(data_dir: &Path, store: Store) -> Result<BlobStore> {
         let root = data_dir.join("blobs").join("sha256");
         std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
-        Ok(BlobStore { root, store })
+        let blobs = BlobStore { root, store };
+        for (sha256, record) in blobs.store.blobs()? {
+            if blobs.file_size(&sha256)? != Some(record.size_bytes) {
+                tracing::warn!(%sha256, "blob file missing or damaged; it will be fetched again");
+                blobs.store.delete_blob(&sha256)?;
+            }
+        }
+        Ok(blobs)
+    }
+
+    fn file_size(&self, sha256: &str) -> Result<Option<u64>> {
+        Ok(std::fs::metadata(self.path(sha256)?).ok().map(|m| m.len()))
     }
 
     /// Path of a blob; the digest must already be validated.
@@ -40,20 +54,13 @@ impl BlobStore {
         Ok(self.root.join(sha256))
     }
 
-    /// Size of a stored blob, when it is present both in the index and on disk.
+    /// Size of a stored blob, when it is present both in the index and on disk with
+    /// the size the index recorded. A query: it changes nothing.
     pub fn size(&self, sha256: &str) -> Result<Option<u64>> {
         let Some(record) = self.store.blob(sha256)? else {
             return Ok(None);
         };
-        match std::fs::metadata(self.path(sha256)?) {
-            Ok(m) if m.len() == record.size_bytes => Ok(Some(record.size_bytes)),
-            // Index says stored but the file is gone or wrong: forget it so it is
-            // fetched again rather than served broken.
-            _ => {
-                self.store.delete_blob(sha256)?;
-                Ok(None)
-            }
-        }
+        Ok((self.file_size(sha256)? == Some(record.size_bytes)).then_some(record.size_bytes))
     }
 
     /// Moves a verified file into place. `verified` must be on the same filesystem.
@@ -87,10 +94,4 @@ impl BlobStore {
     pub fn total_bytes(&self) -> Result<u64> {
         Ok(self.store.blobs()?.iter().map(|(_, b)| b.size_bytes).sum())
     }
-}
-
-pub fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }

@@ -10,7 +10,7 @@ pub mod filter;
 pub mod spec;
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use tokio::sync::Mutex;
 
@@ -19,8 +19,8 @@ pub use filter::ListFilter;
 pub use spec::{ModelFile, ModelSpec, TokenizerKind, TokenizerSource};
 
 use crate::error::{Error, Result};
-use crate::lifecycle::ModelState;
-use crate::store::{ModelRecord, Store};
+use crate::model::ModelState;
+use crate::store::{ModelRecord, Store, from_unix_ms, unix_ms};
 
 /// How a model came to be registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,13 +41,14 @@ impl Origin {
         }
     }
 
-    fn parse(s: &str) -> Origin {
-        match s {
+    fn parse(s: &str) -> Option<Origin> {
+        Some(match s {
             "builtin" => Origin::Builtin,
             "imported" => Origin::Imported,
             "discovered" => Origin::Discovered,
-            _ => Origin::Registered,
-        }
+            "registered" => Origin::Registered,
+            _ => return None,
+        })
     }
 }
 
@@ -63,16 +64,6 @@ pub struct ModelEntry {
     pub local_path: Option<PathBuf>,
     pub source: String,
     pub state: ModelState,
-}
-
-fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-fn from_unix_ms(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
 impl ModelEntry {
@@ -184,9 +175,14 @@ impl Registry {
         })?;
         let spec = ModelSpec::try_from(spec_record)?;
         let state = self.state_of(&spec.id)?;
+        let origin = Origin::parse(&record.origin).ok_or_else(|| Error::CorruptRecord {
+            tree: "models",
+            key: spec.id.clone(),
+            message: format!("unknown origin {:?}", record.origin),
+        })?;
         Ok(ModelEntry {
             spec,
-            origin: Origin::parse(&record.origin),
+            origin,
             create_time: from_unix_ms(record.create_time_unix_ms),
             update_time: from_unix_ms(record.update_time_unix_ms),
             generation: record.generation,
@@ -255,7 +251,7 @@ impl Registry {
 
     /// One page of models matching `filter`, in id order.
     pub fn list(&self, filter: &ListFilter, page_size: usize, page_token: &str) -> Result<Page> {
-        let after = filter::decode_token(page_token, filter)?;
+        let after = crate::page::decode_token(page_token, &filter.page_scope())?;
         let mut models = Vec::new();
         let mut total_size = 0;
         let mut before_cursor = 0;
@@ -277,7 +273,7 @@ impl Registry {
         }
         let next_page_token = match models.last() {
             Some(last) if before_cursor + models.len() < total_size => {
-                filter::encode_token(&last.spec.id, filter)
+                crate::page::encode_token(&last.spec.id, &filter.page_scope())
             }
             _ => String::new(),
         };
@@ -329,7 +325,7 @@ impl Registry {
         if files_change && existing.state.holds_files() {
             return Err(Error::ModelInUse {
                 id: existing.spec.id.clone(),
-                state: existing.state.as_str(),
+                state: existing.state,
             });
         }
         Ok(())
@@ -345,7 +341,7 @@ impl Registry {
         if existing.state.holds_files() {
             return Err(Error::ModelInUse {
                 id: id.to_owned(),
-                state: existing.state.as_str(),
+                state: existing.state,
             });
         }
         if existing.origin == Origin::Builtin {

@@ -1,9 +1,7 @@
 //! The memory manager: admits a load only within the budget, evicting idle models in
 //! least-recently-used order to make room; a pinned model, or one with requests in
 //! flight, is never evicted. Keep-alive and OS memory pressure unload idle models in
-//! the background (`reaper`).
-
-pub mod reaper;
+//! the background (`inference::reaper`, which drives the unloads).
 
 use std::time::{Duration, SystemTime};
 

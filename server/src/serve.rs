@@ -1,5 +1,5 @@
-//! The agent: opens the store, builds the services, serves gRPC, and shuts down
-//! gracefully.
+//! The composition root: opens the store, builds the node from the configuration with
+//! the engines of this build, serves the gRPC services, and shuts down gracefully.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,59 +12,40 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
-use crate::api;
+use crate::api::{self, Agent};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::hardware::Hardware;
-use crate::registry::Registry;
-use crate::registry::compat::NodeResources;
-use crate::storage::source::SourceContext;
-use crate::storage::{Storage, StorageSettings};
-use crate::store::Store;
+use modeld_node::hardware::Hardware;
+use modeld_node::load::Loads;
+use modeld_node::node::Node;
+use modeld_node::registry::Registry;
+use modeld_node::storage::source::SourceContext;
+use modeld_node::storage::{Storage, StorageSettings};
+use modeld_node::store::Store;
 
-/// Everything the services share.
-#[derive(Debug)]
-pub struct Agent {
-    pub config: Config,
-    pub store: Store,
-    pub registry: Registry,
-    pub storage: Storage,
-    pub inference: crate::inference::Inference,
-    pub hardware: Hardware,
-    /// The memory budget resolved against this machine's physical memory.
-    pub memory_budget_bytes: u64,
-    /// Flips to true when the agent starts shutting down; long streams end on it.
-    pub shutdown: watch::Receiver<bool>,
-}
-
-impl Agent {
-    /// Current resources for compatibility checks.
-    pub fn node_resources(&self) -> NodeResources {
-        let memory = self.hardware.memory();
-        let disk = self.hardware.disk();
-        let mut accelerators: Vec<_> = self
-            .hardware
-            .host()
-            .accelerators
-            .iter()
-            .map(|a| a.kind)
-            .collect();
-        accelerators.push(modeld_engine_core::Accelerator::Cpu);
-        NodeResources {
-            memory_budget_bytes: self.memory_budget_bytes,
-            memory_available_bytes: memory.available_bytes,
-            disk_free_bytes: disk.free_bytes,
-            disk_quota_bytes: self.config.disk_quota,
-            disk_used_bytes: self.storage.used_bytes().unwrap_or(0),
-            physical_cores: self.hardware.host().cpu.physical_cores,
-            accelerators,
-        }
-    }
+/// The engines compiled into this build, one Cargo feature each, in the order
+/// capabilities list them. Adding an engine: its crate, its feature, one line here.
+#[allow(clippy::vec_init_then_push)] // one push per engine feature; none may be enabled
+fn engines(config: &Config) -> Vec<Arc<dyn modeld_engine_core::Engine>> {
+    let _ = config;
+    #[allow(unused_mut)]
+    let mut out: Vec<Arc<dyn modeld_engine_core::Engine>> = Vec::new();
+    #[cfg(feature = "llama")]
+    out.push(Arc::new(modeld_engine_llama::LlamaEngine {
+        cpu_variants_dir: config.llama_cpu_variants_dir.clone(),
+    }));
+    #[cfg(feature = "onnx")]
+    out.push(Arc::new(modeld_engine_onnx::OnnxEngine::new(
+        config.onnxruntime_library.clone(),
+    )));
+    #[cfg(feature = "candle")]
+    out.push(Arc::new(modeld_engine_candle::CandleEngine));
+    out
 }
 
 /// Loads again the pinned models that were READY when the agent stopped.
-async fn reload_pinned(agent: &Agent, reset: &[(String, crate::lifecycle::ModelState)]) {
-    let pinned = match agent.store.pinned() {
+async fn reload_pinned(node: &Node, reset: &[(String, modeld_node::model::ModelState)]) {
+    let pinned = match node.store.pinned() {
         Ok(p) => p,
         Err(e) => {
             warn!(error = %e, "pinned models could not be read");
@@ -74,14 +55,14 @@ async fn reload_pinned(agent: &Agent, reset: &[(String, crate::lifecycle::ModelS
     for (id, record) in pinned {
         let was_ready = reset
             .iter()
-            .any(|(r, s)| *r == id && *s == crate::lifecycle::ModelState::Ready);
+            .any(|(r, s)| *r == id && *s == modeld_node::model::ModelState::Ready);
         if !was_ready {
             continue;
         }
-        let Ok(entry) = agent.registry.get(&id) else {
+        let Ok(entry) = node.registry.get(&id) else {
             continue;
         };
-        let request = crate::inference::LoadRequest {
+        let request = modeld_node::inference::LoadRequest {
             runtime: record.runtime.parse().ok(),
             options: modeld_engine_core::LoadOptions {
                 context_length: record.context_length,
@@ -95,7 +76,7 @@ async fn reload_pinned(agent: &Agent, reset: &[(String, crate::lifecycle::ModelS
             keep_alive: None,
         };
         let (updates, _ignored) = tokio::sync::mpsc::channel(1);
-        match crate::lifecycle::load::drive(agent, &entry, request, &updates).await {
+        match modeld_node::load::drive(node, &entry, request, &updates).await {
             Ok(_) => info!(model = %id, "pinned model reloaded"),
             Err(e) => warn!(model = %id, error = %e, "pinned model could not be reloaded"),
         }
@@ -124,7 +105,7 @@ pub async fn serve(
     );
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let http = crate::http_client::build()?;
+    let http = modeld_node::http_client::build()?;
     let registry = Registry::new(store.clone(), config.models_dirs.clone(), http.clone());
     let lifecycle = registry.lifecycle().clone();
     // Nothing is in memory after a restart, whatever the store last recorded.
@@ -143,6 +124,7 @@ pub async fn serve(
             http,
             headers: config.source_headers.clone(),
             stall_timeout: config.stall_timeout,
+            peers: Some(Arc::new(api::peer::GrpcPeers)),
         },
         StorageSettings {
             max_concurrent_downloads: config.max_concurrent_downloads,
@@ -155,20 +137,26 @@ pub async fn serve(
     let grace = config.shutdown_grace;
     let mut inference_settings = config.inference.clone();
     inference_settings.memory_budget = memory_budget_bytes;
-    let engines = crate::engines::instances(&config);
-    let agent = Arc::new(Agent {
-        config,
+    let engines = engines(&config);
+    let node = Arc::new(Node {
         store: store.clone(),
         registry,
         storage,
-        inference: crate::inference::Inference::new(
+        inference: Arc::new(modeld_node::inference::Inference::new(
             engines,
             store.clone(),
             lifecycle.clone(),
             inference_settings,
-        ),
+        )),
         hardware,
         memory_budget_bytes,
+        disk_quota: config.disk_quota,
+    });
+    let pressure_threshold = config.memory_pressure_threshold;
+    let scan_on_start = config.scan_on_start && !config.models_dirs.is_empty();
+    let agent = Arc::new(Agent {
+        node: node.clone(),
+        loads: Loads::default(),
         shutdown: shutdown_rx.clone(),
     });
 
@@ -178,12 +166,16 @@ pub async fn serve(
             .set_service_status(*name, ServingStatus::NotServing)
             .await;
     }
-    let reaper = crate::memory::reaper::spawn(agent.clone());
+    let reaper = modeld_node::inference::reaper::spawn(
+        node.inference.clone(),
+        pressure_threshold,
+        shutdown_rx.clone(),
+    );
     let startup = {
         let agent = agent.clone();
         let health = health.clone();
         tokio::spawn(async move {
-            match agent.registry.load_builtin().await {
+            match agent.node.registry.load_builtin().await {
                 Ok(o) => info!(
                     created = o.created.len(),
                     updated = o.updated.len(),
@@ -191,8 +183,8 @@ pub async fn serve(
                 ),
                 Err(e) => warn!(error = %e, "built-in catalog could not be registered"),
             }
-            if agent.config.scan_on_start && !agent.config.models_dirs.is_empty() {
-                match agent.registry.scan(Vec::new()).await {
+            if scan_on_start {
+                match agent.node.registry.scan(Vec::new()).await {
                     Ok(o) => info!(
                         models = o.models.len(),
                         skipped = o.skipped.len(),
@@ -201,8 +193,8 @@ pub async fn serve(
                     Err(e) => warn!(error = %e, "models directories could not be scanned"),
                 }
             }
-            let lookup = |id: &str| agent.registry.get(id).ok().map(|e| e.spec);
-            match agent.storage.resume_unfinished(lookup).await {
+            let lookup = |id: &str| agent.node.registry.get(id).ok().map(|e| e.spec);
+            match agent.node.storage.resume_unfinished(lookup).await {
                 Ok(0) => {}
                 Ok(n) => info!(transfers = n, "unfinished transfers resumed"),
                 Err(e) => warn!(error = %e, "unfinished transfers could not be resumed"),
@@ -214,7 +206,7 @@ pub async fn serve(
             }
             info!("serving");
             // Pinned models that were ready before the restart come back by themselves.
-            reload_pinned(&agent, &reset).await;
+            reload_pinned(&agent.node, &reset).await;
         })
     };
 
@@ -227,6 +219,7 @@ pub async fn serve(
     let server = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .layer(api::layers::DeadlineLayer)
         .add_routes(api::routes(agent.clone())?)
         .add_service(health_service)
         // Nodelay on accepted sockets: without it small answers wait for the peer's
@@ -258,7 +251,7 @@ pub async fn serve(
         }
     }
     reaper.abort();
-    agent.inference.unload_all(Duration::from_secs(1)).await;
+    node.inference.unload_all(Duration::from_secs(1)).await;
     store.flush().await?;
     info!("store flushed; bye");
     Ok(())

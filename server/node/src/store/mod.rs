@@ -18,6 +18,7 @@ pub use records::{
     PinnedLoadRecord, PushRecord, SpecRecord, StoredFileRecord, StoredModelRecord,
     TransferFileRecord, TransferRecord, TransitionRecord,
 };
+pub use records::{from_unix_ms, unix_ms};
 
 /// Schema version this agent writes. Bump it when a record changes meaning, not when a
 /// field is added.
@@ -27,7 +28,7 @@ const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 const META_NODE_ID: &[u8] = b"node_id";
 const META_BUILTIN_DELETED: &str = "builtin_deleted/";
 
-/// Names of the typed trees. Later stages (transfers, blobs, events) get theirs here too.
+/// Names of the typed trees, as corrupt-record errors report them.
 mod tree {
     pub const META: &str = "meta";
     pub const MODELS: &str = "models";
@@ -325,11 +326,6 @@ impl Store {
         put(&self.benchmarks, &key, record)
     }
 
-    pub fn delete_lifecycle(&self, id: &str) -> Result<()> {
-        self.lifecycle.remove(id.as_bytes())?;
-        Ok(())
-    }
-
     pub fn blob(&self, sha256: &str) -> Result<Option<BlobRecord>> {
         get(&self.blobs, tree::BLOBS, sha256)
     }
@@ -399,12 +395,6 @@ impl Store {
     pub fn mark_builtin_deleted(&self, id: &str) -> Result<()> {
         self.meta
             .insert(format!("{META_BUILTIN_DELETED}{id}").as_bytes(), &[])?;
-        Ok(())
-    }
-
-    pub fn clear_builtin_deleted(&self, id: &str) -> Result<()> {
-        self.meta
-            .remove(format!("{META_BUILTIN_DELETED}{id}").as_bytes())?;
         Ok(())
     }
 

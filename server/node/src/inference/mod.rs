@@ -6,6 +6,7 @@
 //! here or answers FAILED_PRECONDITION naming the model's state.
 
 mod benchmark;
+pub mod reaper;
 mod worker;
 
 pub use benchmark::{BenchmarkPlan, MAX_GENERATED_TOKENS, MAX_PROMPT_TOKENS, MAX_REPETITIONS};
@@ -20,8 +21,9 @@ use modeld_engine_core::{Engine, LoadOptions, ModelFormat, Runtime};
 pub use worker::{Event, ModelWorker, WorkerSpec};
 
 use crate::error::{Error, Result};
-use crate::lifecycle::{Change, Lifecycle, ModelState, Stage};
+use crate::lifecycle::{Change, Lifecycle};
 use crate::memory::{self, KeepAlive, Resident};
+use crate::model::{ModelState, Stage};
 use crate::registry::ModelEntry;
 use crate::storage::Storage;
 use crate::store::Store;
@@ -59,6 +61,8 @@ impl Default for InferenceSettings {
 
 pub struct Inference {
     engines: Vec<Arc<dyn Engine>>,
+    /// What each of `engines` says of itself, in the same order.
+    described: Vec<crate::engines::CompiledEngine>,
     store: Store,
     lifecycle: Lifecycle,
     loaded: Mutex<HashMap<String, Arc<ModelWorker>>>,
@@ -97,6 +101,10 @@ impl Inference {
         settings: InferenceSettings,
     ) -> Inference {
         Inference {
+            described: engines
+                .iter()
+                .map(|e| crate::engines::CompiledEngine::describe(e.as_ref()))
+                .collect(),
             engines,
             store,
             lifecycle,
@@ -246,6 +254,11 @@ impl Inference {
         Ok(worker)
     }
 
+    /// The engines of this build, as they describe themselves, in build order.
+    pub fn engines(&self) -> &[crate::engines::CompiledEngine] {
+        &self.described
+    }
+
     /// The CPU kernels each engine runs here. Blocking: it may start a runtime.
     pub fn cpu_variants(
         &self,
@@ -277,7 +290,7 @@ impl Inference {
             Some(r) => fits().find(|e| e.runtime() == r).cloned(),
             None => {
                 let measured = self.store.benchmarks()?;
-                crate::engines::ranked(format, &measured)
+                crate::engines::ranked(&self.described, format, &measured)
                     .into_iter()
                     .find_map(|r| fits().find(|e| e.runtime() == r).cloned())
                     .or_else(|| fits().next().cloned())
@@ -345,7 +358,7 @@ impl Inference {
             options,
             max_queued: s.max_queued,
             tokenizer: Box::new(move |model| {
-                crate::tokenizer::for_model(
+                modeld_tokenizer::for_model(
                     &tokenizer_path,
                     format,
                     Some(model.tokenizer()),

@@ -3,17 +3,18 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use modeld_proto::v1 as pb;
+use futures::future::BoxFuture;
 use reqwest::StatusCode;
 use reqwest::header::{
     CONTENT_RANGE, ETAG, HeaderValue, IF_RANGE, LAST_MODIFIED, RANGE, RETRY_AFTER,
 };
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use crate::error::chain;
+use modeld_engine_core::error_chain as chain;
 
 /// How opening or reading a source went wrong, classified by what to do next. These
 /// never reach a client directly: the transfer turns them into retries, a move to the
@@ -42,7 +43,8 @@ impl fmt::Display for SourceFault {
     }
 }
 
-fn retryable(message: impl Into<String>) -> SourceFault {
+/// A fault worth another attempt, with no advice on when.
+pub fn retryable(message: impl Into<String>) -> SourceFault {
     SourceFault::Retryable {
         message: message.into(),
         retry_after: None,
@@ -84,19 +86,54 @@ impl HostHeaders {
             .and_then(|h| self.by_host.get(&h.to_ascii_lowercase()))
             .map_or(&[], Vec::as_slice)
     }
-
-    pub fn hosts(&self) -> impl Iterator<Item = &str> {
-        self.by_host.keys().map(String::as_str)
-    }
 }
 
 /// What every fetch needs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SourceContext {
     pub http: reqwest::Client,
     pub headers: HostHeaders,
     /// No bytes for this long counts as a stall.
     pub stall_timeout: Duration,
+    /// Reads blobs from other agents (`modeld://` sources); `None` refuses them.
+    pub peers: Option<Arc<dyn PeerSource>>,
+}
+
+impl std::fmt::Debug for SourceContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceContext")
+            .field("stall_timeout", &self.stall_timeout)
+            .field("peers", &self.peers.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Another agent's blobs, by digest: what a `modeld://host:port` source reads. The
+/// protocol is the agent's own API, so the edge that speaks it implements this.
+pub trait PeerSource: Send + Sync {
+    /// Opens blob `sha256` on the peer at `host:port` from byte `offset`.
+    fn open<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+        sha256: &'a str,
+        offset: u64,
+    ) -> BoxFuture<'a, Result<PeerBlob, SourceFault>>;
+}
+
+/// A blob being read from a peer.
+pub struct PeerBlob {
+    /// Where the bytes begin (the peer may only serve from another offset).
+    pub start: u64,
+    /// The blob's size, when the peer said.
+    pub total: Option<u64>,
+    pub chunks: Box<dyn PeerChunks>,
+}
+
+/// The chunks of a peer's blob, in order.
+pub trait PeerChunks: Send {
+    /// The next chunk; `None` at the end.
+    fn next(&mut self) -> BoxFuture<'_, Result<Option<Bytes>, SourceFault>>;
 }
 
 /// An open body, positioned at `start`.
@@ -113,14 +150,12 @@ pub struct Opened {
 pub enum Body {
     Http(reqwest::Response),
     File(tokio::fs::File),
-    Peer {
-        /// The first message, read to learn the blob's size, not yet handed out.
-        pending: Option<Bytes>,
-        stream: tonic::Streaming<pb::ReadBlobResponse>,
-    },
+    Peer(Box<dyn PeerChunks>),
 }
 
 const FILE_CHUNK: usize = 1 << 20;
+/// The port of a `modeld://host` source that names none: the agent's default.
+const PEER_PORT: u16 = 7700;
 
 impl Body {
     /// The next chunk; `None` at the end.
@@ -141,31 +176,11 @@ impl Body {
                 buf.truncate(n);
                 Ok((n > 0).then(|| Bytes::from(buf)))
             }
-            Body::Peer { pending, stream } => {
-                if let Some(first) = pending.take() {
-                    return Ok(Some(first));
-                }
-                match tokio::time::timeout(stall, stream.message()).await {
-                    Err(_) => Err(stalled()),
-                    Ok(Ok(msg)) => Ok(msg.map(|m| Bytes::from(m.data))),
-                    Ok(Err(status)) => Err(peer_error(&status)),
-                }
-            }
+            Body::Peer(chunks) => match tokio::time::timeout(stall, chunks.next()).await {
+                Err(_) => Err(stalled()),
+                Ok(result) => result,
+            },
         }
-    }
-}
-
-fn peer_error(status: &tonic::Status) -> SourceFault {
-    use tonic::Code;
-    let message = format!("peer answered {:?}: {}", status.code(), status.message());
-    match status.code() {
-        Code::Unavailable
-        | Code::DeadlineExceeded
-        | Code::ResourceExhausted
-        | Code::Aborted
-        | Code::Internal
-        | Code::Unknown => retryable(message),
-        _ => SourceFault::Permanent(message),
     }
 }
 
@@ -182,7 +197,7 @@ pub async fn open(
     match url.scheme() {
         "http" | "https" => open_http(ctx, url, offset, validator).await,
         "file" => open_file(&url, offset, validator).await,
-        "modeld" => open_peer(&url, sha256, offset).await,
+        "modeld" => open_peer(ctx, &url, sha256, offset).await,
         other => Err(SourceFault::Permanent(format!(
             "unsupported URL scheme {other:?}"
         ))),
@@ -322,44 +337,31 @@ async fn open_file(url: &url::Url, offset: u64, validator: &str) -> Result<Opene
     })
 }
 
-async fn open_peer(url: &url::Url, sha256: &str, offset: u64) -> Result<Opened, SourceFault> {
+async fn open_peer(
+    ctx: &SourceContext,
+    url: &url::Url,
+    sha256: &str,
+    offset: u64,
+) -> Result<Opened, SourceFault> {
+    let peers = ctx
+        .peers
+        .as_ref()
+        .ok_or_else(|| SourceFault::Permanent("this agent does not read from peers".to_owned()))?;
     let host = url
         .host_str()
         .ok_or_else(|| SourceFault::Permanent(format!("{url} has no host")))?;
-    let port = url.port().unwrap_or(7700);
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}"))
-        .map_err(|e| SourceFault::Permanent(format!("bad peer address: {e}")))?
-        .connect_timeout(Duration::from_secs(10));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| retryable(format!("cannot reach peer {host}:{port}: {}", chain(&e))))?;
-    let mut client = pb::storage_client::StorageClient::new(channel)
-        .max_decoding_message_size(crate::config::MAX_MESSAGE_BYTES);
-    let mut stream = client
-        .read_blob(pb::ReadBlobRequest {
-            sha256: sha256.to_owned(),
-            offset,
-        })
-        .await
-        .map_err(|s| peer_error(&s))?
-        .into_inner();
-    // The first message tells the size; keep its bytes for the reader.
-    let first = stream.message().await.map_err(|s| peer_error(&s))?;
-    let total = first.as_ref().map(|m| m.size_bytes);
-    let start = first.as_ref().map_or(offset, |m| m.offset);
-    if start != offset {
+    let port = url.port().unwrap_or(PEER_PORT);
+    let blob = peers.open(host, port, sha256, offset).await?;
+    if blob.start != offset {
         return Err(SourceFault::RestartFromZero(format!(
-            "peer answered from byte {start}, not {offset}"
+            "peer answered from byte {}, not {offset}",
+            blob.start
         )));
     }
     Ok(Opened {
-        body: Body::Peer {
-            pending: first.map(|m| Bytes::from(m.data)).filter(|b| !b.is_empty()),
-            stream,
-        },
-        start,
-        total,
+        body: Body::Peer(blob.chunks),
+        start: blob.start,
+        total: blob.total,
         validator: String::new(),
     })
 }

@@ -1,0 +1,29 @@
+//! modeld-node: the node's domain. The registry, storage, the lifecycle and its Load,
+//! inference and the memory manager, the store, and what the node knows of its
+//! hardware, wired together by [`node::Node`]. Nothing here knows gRPC or the
+//! command line: the `modeld` binary converts requests into calls on these modules
+//! and their results and errors back into messages and statuses.
+//!
+//! Modules import downward only, in this order from the top:
+//! `load` → `node` → `inference` → `storage` → `registry` → `lifecycle` → `store`,
+//! with `engines`, `memory`, `hardware`, `formats`, `page`, `model` and `error` below.
+
+pub mod engines;
+pub mod error;
+pub mod formats;
+pub mod hardware;
+pub mod http_client;
+pub mod inference;
+pub mod lifecycle;
+pub mod load;
+pub mod memory;
+pub mod model;
+pub mod node;
+pub mod page;
+pub mod registry;
+pub mod storage;
+pub mod store;
+pub use modeld_tokenizer as tokenizer;
+
+pub use error::{Error, ErrorKind, Result};
+pub use node::Node;

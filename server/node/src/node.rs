@@ -1,0 +1,48 @@
+//! The node: the domain parts every service and background task shares, wired together.
+//! It knows nothing of gRPC or of the command line; the agent builds it from settings
+//! and hands it to the services.
+
+use crate::hardware::Hardware;
+use crate::inference::Inference;
+use crate::registry::Registry;
+use crate::registry::compat::NodeResources;
+use crate::storage::Storage;
+use crate::store::Store;
+
+#[derive(Debug)]
+pub struct Node {
+    pub store: Store,
+    pub registry: Registry,
+    pub storage: Storage,
+    pub inference: std::sync::Arc<Inference>,
+    pub hardware: Hardware,
+    /// The memory budget resolved against this machine's physical memory.
+    pub memory_budget_bytes: u64,
+    /// Bytes the store may hold; `None` = the disk's free space.
+    pub disk_quota: Option<u64>,
+}
+
+impl Node {
+    /// Current resources for compatibility checks.
+    pub fn resources(&self) -> NodeResources {
+        let memory = self.hardware.memory();
+        let disk = self.hardware.disk();
+        let mut accelerators: Vec<_> = self
+            .hardware
+            .host()
+            .accelerators
+            .iter()
+            .map(|a| a.kind)
+            .collect();
+        accelerators.push(modeld_engine_core::Accelerator::Cpu);
+        NodeResources {
+            memory_budget_bytes: self.memory_budget_bytes,
+            memory_available_bytes: memory.available_bytes,
+            disk_free_bytes: disk.free_bytes,
+            disk_quota_bytes: self.disk_quota,
+            disk_used_bytes: self.storage.used_bytes().unwrap_or(0),
+            physical_cores: self.hardware.host().cpu.physical_cores,
+            accelerators,
+        }
+    }
+}

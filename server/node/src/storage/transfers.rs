@@ -1,0 +1,552 @@
+//! The transfer scheduler: one transfer per model at a time (a second Pull joins it),
+//! a bounded queue of running downloads, pause/resume/cancel, and transfers that
+//! outlive a restart.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use super::Storage;
+use super::fetch::{FetchJob, Outcome, PartialFile};
+use super::progress::{FileProgress, Stage, TransferProgress};
+use crate::error::{Error, Result};
+use crate::lifecycle::Change;
+use crate::model::{ModelState, Stage as LifecycleStage};
+use crate::registry::ModelSpec;
+use crate::store::{TransferFileRecord, TransferRecord, unix_ms};
+
+/// What a running transfer is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Run,
+    Pause,
+    Cancel,
+}
+
+/// A transfer in this process: its progress channel and its control channel.
+pub struct TransferHandle {
+    pub id: String,
+    pub model_id: String,
+    pub progress: watch::Sender<TransferProgress>,
+    control: watch::Sender<Control>,
+}
+
+/// The unfinished transfer of `model_id` in a locked transfer map.
+pub(super) fn running_in<'m>(
+    map: &'m HashMap<String, Arc<TransferHandle>>,
+    model_id: &str,
+) -> Option<&'m Arc<TransferHandle>> {
+    map.values()
+        .find(|h| h.model_id == model_id && !h.progress.borrow().stage.is_final())
+}
+
+/// What a transfer record keeps of its state across a restart: running transfers are
+/// stored as queued and start again; paused ones wait for a Resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StoredState {
+    Queued,
+    Paused,
+}
+
+impl StoredState {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            StoredState::Queued => "queued",
+            StoredState::Paused => "paused",
+        }
+    }
+}
+
+impl Storage {
+    /// The progress of the transfer running for `model_id`, if one is.
+    pub(super) fn running(&self, model_id: &str) -> Option<watch::Receiver<TransferProgress>> {
+        running_in(&self.lock(), model_id).map(|h| h.progress.subscribe())
+    }
+
+    /// Starts downloading every missing file of `spec`, or joins the transfer already
+    /// running for it. Returns the progress channel and whether this call started it.
+    pub async fn pull(
+        &self,
+        spec: &ModelSpec,
+    ) -> Result<(watch::Receiver<TransferProgress>, bool)> {
+        if let Some(rx) = self.running(&spec.id) {
+            return Ok((rx, false));
+        }
+        // Which files are missing and whether they fit: both read the disk, so they
+        // run on a blocking thread, and without the transfer map's lock held.
+        let missing = {
+            let storage = self.clone();
+            let spec = spec.clone();
+            tokio::task::spawn_blocking(move || -> Result<Vec<usize>> {
+                let mut missing = Vec::new();
+                for (i, f) in spec.files.iter().enumerate() {
+                    if !storage.file_stored(&spec.id, f)? {
+                        missing.push(i);
+                    }
+                }
+                if !missing.is_empty() {
+                    let needed: u64 = missing.iter().map(|i| spec.files[*i].size_bytes).sum();
+                    storage.check_space(needed)?;
+                }
+                Ok(missing)
+            })
+            .await??
+        };
+        let id = uuid::Uuid::new_v4().to_string();
+        let record = TransferRecord {
+            id: id.clone(),
+            model_id: spec.id.clone(),
+            state: StoredState::Queued.as_str().into(),
+            files: missing
+                .iter()
+                .map(|i| TransferFileRecord {
+                    index: u32::try_from(*i).unwrap_or(u32::MAX),
+                    ..Default::default()
+                })
+                .collect(),
+            create_time_unix_ms: unix_ms(SystemTime::now()),
+        };
+        if missing.is_empty() {
+            return self.already_stored(record, spec);
+        }
+        let handle = {
+            let mut map = self.lock();
+            // Another Pull of the model may have started while the disk was read.
+            if let Some(h) = running_in(&map, &spec.id) {
+                return Ok((h.progress.subscribe(), false));
+            }
+            self.register_handle(&mut map, &record, spec, Control::Run)
+        };
+        self.inner.store.put_transfer(&record)?;
+        self.inner.lifecycle.transition(
+            &spec.id,
+            ModelState::Downloading,
+            Change::because("pull started"),
+        )?;
+        self.inner.store.flush().await?;
+        let rx = handle.progress.subscribe();
+        self.spawn(handle, record, spec.clone());
+        Ok((rx, true))
+    }
+
+    /// Everything is stored: answer with a finished transfer, and make sure the stored
+    /// record says so.
+    pub(super) fn already_stored(
+        &self,
+        record: TransferRecord,
+        spec: &ModelSpec,
+    ) -> Result<(watch::Receiver<TransferProgress>, bool)> {
+        let progress = initial_progress(&record, spec, Stage::Done);
+        let (tx, rx) = watch::channel(progress);
+        drop(tx);
+        if self.inner.store.stored_model(&spec.id)?.is_none() {
+            let storage = self.clone();
+            let spec = spec.clone();
+            tokio::spawn(async move {
+                if let Err(e) = storage.record_stored(&spec).await {
+                    tracing::warn!(model = %spec.id, error = %e, "could not record stored model");
+                }
+            });
+        }
+        Ok((rx, true))
+    }
+
+    pub(super) fn register_handle(
+        &self,
+        map: &mut HashMap<String, Arc<TransferHandle>>,
+        record: &TransferRecord,
+        spec: &ModelSpec,
+        control: Control,
+    ) -> Arc<TransferHandle> {
+        let stage = if control == Control::Pause {
+            Stage::Paused
+        } else {
+            Stage::Queued
+        };
+        let (progress, _) = watch::channel(initial_progress(record, spec, stage));
+        let (control, _) = watch::channel(control);
+        let handle = Arc::new(TransferHandle {
+            id: record.id.clone(),
+            model_id: record.model_id.clone(),
+            progress,
+            control,
+        });
+        map.insert(record.id.clone(), handle.clone());
+        handle
+    }
+
+    pub(super) fn spawn(
+        &self,
+        handle: Arc<TransferHandle>,
+        record: TransferRecord,
+        spec: ModelSpec,
+    ) {
+        let storage = self.clone();
+        tokio::spawn(async move {
+            let id = handle.id.clone();
+            let result = storage.run(&handle, record, &spec).await;
+            storage.finish(&handle, &spec, result).await;
+            // Keep finished transfers listed briefly so late joiners see the outcome.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            storage.lock().remove(&id);
+        });
+    }
+
+    /// Restarts the transfers a previous run left unfinished.
+    pub async fn resume_unfinished(
+        &self,
+        lookup: impl Fn(&str) -> Option<ModelSpec>,
+    ) -> Result<usize> {
+        let mut resumed = 0;
+        for (_, record) in self.inner.store.transfers()? {
+            let Some(spec) = lookup(&record.model_id) else {
+                self.discard(&record).await?;
+                continue;
+            };
+            let control = if record.state == StoredState::Paused.as_str() {
+                Control::Pause
+            } else {
+                Control::Run
+            };
+            let handle = {
+                let mut map = self.lock();
+                self.register_handle(&mut map, &record, &spec, control)
+            };
+            tracing::info!(transfer = %record.id, model = %record.model_id, "resuming transfer");
+            self.spawn(handle, record, spec);
+            resumed += 1;
+        }
+        Ok(resumed)
+    }
+
+    pub(super) fn partial_path(&self, transfer_id: &str, index: u32) -> PathBuf {
+        self.inner
+            .partial_dir
+            .join(format!("{transfer_id}-{index}"))
+    }
+
+    pub(super) async fn discard(&self, record: &TransferRecord) -> Result<()> {
+        self.discard_unflushed(record).await?;
+        self.inner.store.flush().await
+    }
+
+    pub(super) async fn discard_unflushed(&self, record: &TransferRecord) -> Result<()> {
+        for f in &record.files {
+            let p = self.partial_path(&record.id, f.index);
+            let _ = tokio::fs::remove_file(&p).await;
+            let _ = tokio::fs::remove_file(p.with_extension("member")).await;
+        }
+        self.inner.store.delete_transfer(&record.id)
+    }
+
+    /// Runs a transfer to its end: Ok(true) done, Ok(false) cancelled.
+    pub(super) async fn run(
+        &self,
+        handle: &TransferHandle,
+        mut record: TransferRecord,
+        spec: &ModelSpec,
+    ) -> Result<bool> {
+        let mut control = handle.control.subscribe();
+        self.inner.lifecycle.transition(
+            &spec.id,
+            ModelState::Downloading,
+            Change::because("transfer running"),
+        )?;
+        'wait: loop {
+            // Queue: wait for a slot, or for pause/cancel.
+            let permit = loop {
+                let wanted = *control.borrow_and_update();
+                match wanted {
+                    Control::Cancel => return Ok(false),
+                    Control::Pause => {
+                        self.set_stage(handle, Stage::Paused);
+                        record.state = StoredState::Paused.as_str().into();
+                        self.inner.store.put_transfer(&record)?;
+                        self.inner.store.flush().await?;
+                        if control.changed().await.is_err() {
+                            return Ok(false);
+                        }
+                        continue;
+                    }
+                    Control::Run => {}
+                }
+                self.set_stage(handle, Stage::Queued);
+                tokio::select! {
+                    p = self.inner.queue.clone().acquire_owned() => {
+                        break p.map_err(|_| Error::ShuttingDown)?;
+                    }
+                    r = control.changed() => if r.is_err() { return Ok(false) },
+                }
+            };
+            record.state = StoredState::Queued.as_str().into();
+            for slot in 0..record.files.len() {
+                if record.files[slot].done {
+                    continue;
+                }
+                let index = record.files[slot].index;
+                let file = spec
+                    .files
+                    .get(index as usize)
+                    .ok_or_else(|| {
+                        Error::TaskFailed(format!(
+                            "transfer names file #{index} the model does not have"
+                        ))
+                    })?
+                    .clone();
+                // Another model may have stored the same bytes meanwhile.
+                if self.file_stored(&spec.id, &file)? {
+                    record.files[slot].done = true;
+                    self.mark_file_done(handle, slot, file.size_bytes);
+                    continue;
+                }
+                let path = self.partial_path(&record.id, index);
+                let mut partial = PartialFile::open(path, record.files[slot].offset).await?;
+                let outcome = FetchJob {
+                    inner: &self.inner,
+                    handle,
+                    record: &mut record,
+                    slot,
+                    file: &file,
+                    partial: &mut partial,
+                    control: &mut control,
+                }
+                .run()
+                .await?;
+                match outcome {
+                    Outcome::Cancelled => return Ok(false),
+                    Outcome::Paused => {
+                        drop(permit);
+                        continue 'wait;
+                    }
+                    Outcome::Complete => {
+                        self.set_file_stage(handle, slot, Stage::Extracting);
+                        let unpacking = file.member.is_some() || file.archive.is_some();
+                        if unpacking {
+                            self.inner.lifecycle.transition(
+                                &spec.id,
+                                ModelState::Extracting,
+                                Change::because(format!("unpacking {}", file.name)),
+                            )?;
+                        }
+                        self.place(&spec.id, &file, &partial.path).await?;
+                        if unpacking && slot + 1 < record.files.len() {
+                            self.inner.lifecycle.transition(
+                                &spec.id,
+                                ModelState::Downloading,
+                                Change::because("next file"),
+                            )?;
+                        }
+                        record.files[slot].done = true;
+                        // Not flushed on its own: after a crash the resumed transfer
+                        // finds the blob and skips the file anyway.
+                        self.inner.store.put_transfer(&record)?;
+                        self.mark_file_done(handle, slot, file.size_bytes);
+                    }
+                }
+            }
+            drop(permit);
+            return Ok(true);
+        }
+    }
+
+    pub(super) async fn finish(
+        &self,
+        handle: &TransferHandle,
+        spec: &ModelSpec,
+        result: Result<bool>,
+    ) {
+        let record = self.inner.store.transfer(&handle.id).ok().flatten();
+        let mut outcome = match result {
+            Ok(true) => self.put_stored_record(spec),
+            Ok(false) => Err(Error::TransferCancelled {
+                id: handle.id.clone(),
+            }),
+            Err(e) => Err(e),
+        };
+        if let Some(record) = &record
+            && let Err(e) = self.discard_unflushed(record).await
+        {
+            tracing::error!(transfer = %handle.id, error = %e, "could not clean up the transfer");
+        }
+        // One flush makes the stored record and the transfer's removal durable together.
+        if let Err(e) = self.inner.store.flush().await
+            && outcome.is_ok()
+        {
+            outcome = Err(e);
+        }
+        match outcome {
+            Ok(()) => {
+                tracing::info!(transfer = %handle.id, model = %spec.id, "transfer done");
+                handle.progress.send_modify(|p| {
+                    p.stage = Stage::Done;
+                    for f in &mut p.files {
+                        f.stage = Stage::Done;
+                        f.bytes_done = f.bytes_total;
+                        f.eta_seconds = Some(0.0);
+                        f.bytes_per_second = 0.0;
+                    }
+                });
+            }
+            Err(e) => {
+                let cancelled = matches!(e, Error::TransferCancelled { .. });
+                if cancelled {
+                    tracing::info!(transfer = %handle.id, model = %spec.id, "transfer cancelled");
+                } else {
+                    tracing::warn!(transfer = %handle.id, model = %spec.id, error = %e, "transfer failed");
+                }
+                // A cancelled transfer leaves the model as it was before it; a failed
+                // one records why.
+                let recorded = if cancelled {
+                    self.inner.lifecycle.transition(
+                        &spec.id,
+                        ModelState::Registered,
+                        Change::because("transfer cancelled"),
+                    )
+                } else {
+                    self.inner
+                        .lifecycle
+                        .fail(&spec.id, LifecycleStage::Download, &e)
+                };
+                if let Err(le) = recorded {
+                    tracing::error!(model = %spec.id, error = %le, "could not record the transfer's end");
+                }
+                let _ = self.inner.store.flush().await;
+                let message = e.to_string();
+                let stage = if cancelled {
+                    Stage::Cancelled
+                } else {
+                    Stage::Failed
+                };
+                handle.progress.send_modify(|p| {
+                    p.stage = stage;
+                    p.error = Some(Arc::new(e));
+                    for f in &mut p.files {
+                        if !f.stage.is_final() {
+                            f.stage = stage;
+                            f.error.clone_from(&message);
+                            f.bytes_per_second = 0.0;
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    pub(super) fn set_stage(&self, handle: &TransferHandle, stage: Stage) {
+        handle.progress.send_modify(|p| {
+            p.stage = stage;
+            for f in &mut p.files {
+                if !f.stage.is_final() {
+                    f.stage = stage;
+                }
+            }
+        });
+    }
+
+    pub(super) fn set_file_stage(&self, handle: &TransferHandle, slot: usize, stage: Stage) {
+        handle.progress.send_modify(|p| {
+            if let Some(f) = p.files.get_mut(slot) {
+                f.stage = stage;
+            }
+            p.stage = stage;
+        });
+    }
+
+    pub(super) fn mark_file_done(&self, handle: &TransferHandle, slot: usize, size: u64) {
+        handle.progress.send_modify(|p| {
+            if let Some(f) = p.files.get_mut(slot) {
+                f.stage = Stage::Done;
+                f.bytes_done = size;
+                f.bytes_total = size;
+                f.bytes_per_second = 0.0;
+                f.eta_seconds = Some(0.0);
+            }
+            p.stage = Stage::Downloading;
+        });
+    }
+
+    pub(super) fn handle(&self, id: &str) -> Result<Arc<TransferHandle>> {
+        self.lock()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::TransferNotFound { id: id.to_owned() })
+    }
+
+    pub fn list_transfers(&self) -> Vec<TransferProgress> {
+        let mut out: Vec<TransferProgress> = self
+            .lock()
+            .values()
+            .map(|h| h.progress.borrow().clone())
+            .collect();
+        out.sort_by(|a, b| a.start_time.cmp(&b.start_time).then(a.id.cmp(&b.id)));
+        out
+    }
+
+    pub fn transfer(&self, id: &str) -> Result<TransferProgress> {
+        Ok(self.handle(id)?.progress.borrow().clone())
+    }
+
+    pub(super) fn control(&self, id: &str, wanted: Control) -> Result<TransferProgress> {
+        let h = self.handle(id)?;
+        if h.progress.borrow().stage.is_final() {
+            return Err(Error::TransferFinished {
+                id: id.to_owned(),
+                stage: format!("{:?}", h.progress.borrow().stage).to_lowercase(),
+            });
+        }
+        h.control.send_replace(wanted);
+        Ok(h.progress.borrow().clone())
+    }
+
+    pub fn pause(&self, id: &str) -> Result<TransferProgress> {
+        self.control(id, Control::Pause)
+    }
+
+    pub fn resume(&self, id: &str) -> Result<TransferProgress> {
+        self.control(id, Control::Run)
+    }
+
+    /// Cancels a transfer; its partial files are removed. Returns once it stopped.
+    pub async fn cancel(&self, id: &str) -> Result<()> {
+        let h = self.handle(id)?;
+        let mut rx = h.progress.subscribe();
+        self.control(id, Control::Cancel)?;
+        let _ = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|p| p.stage.is_final()))
+            .await;
+        Ok(())
+    }
+}
+
+pub(super) fn initial_progress(
+    record: &TransferRecord,
+    spec: &ModelSpec,
+    stage: Stage,
+) -> TransferProgress {
+    TransferProgress {
+        id: record.id.clone(),
+        model_id: record.model_id.clone(),
+        stage,
+        start_time: crate::store::from_unix_ms(record.create_time_unix_ms),
+        error: None,
+        files: record
+            .files
+            .iter()
+            .filter_map(|f| spec.files.get(f.index as usize).map(|sf| (f, sf)))
+            .map(|(f, sf)| FileProgress {
+                name: sf.name.clone(),
+                sha256: sf.sha256.clone(),
+                stage,
+                bytes_done: f.offset,
+                bytes_total: sf.size_bytes,
+                bytes_per_second: 0.0,
+                eta_seconds: None,
+                attempt: 0,
+                source_url: f.source_url.clone(),
+                error: String::new(),
+            })
+            .collect(),
+    }
+}
