@@ -219,7 +219,12 @@ pub async fn serve(
     let server = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .layer(api::layers::DeadlineLayer)
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(api::layers::RequestIdLayer)
+                .layer(api::layers::SpanLayer)
+                .layer(api::layers::DeadlineLayer),
+        )
         .add_routes(api::routes(agent.clone())?)
         .add_service(health_service)
         // Nodelay on accepted sockets: without it small answers wait for the peer's

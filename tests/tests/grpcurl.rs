@@ -265,3 +265,33 @@ async fn grpcurl_benchmarks_runtimes_and_the_selector_follows() {
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["settings"]["runtime"], speeds[0].1, "{out}");
 }
+
+#[tokio::test]
+async fn every_rpc_answers_with_its_request_id() {
+    let assets = Assets::get();
+    let agent = Agent::start().await;
+    let call = |extra: &[&str]| {
+        let out = Command::new(&assets.grpcurl)
+            .args(["-plaintext", "-v"])
+            .args(extra)
+            .arg(agent.addr.to_string())
+            .arg("modeld.v1.Node/GetCapabilities")
+            .output()
+            .expect("run grpcurl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = call(&["-H", "x-request-id: req-from-grpcurl-7"]);
+    assert!(out.contains("x-request-id: req-from-grpcurl-7"), "{out}");
+    // Without one, the agent makes one up and says which.
+    let out = call(&[]);
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap_or_else(|| panic!("no request id in:\n{out}"));
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+}

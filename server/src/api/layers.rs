@@ -1,13 +1,156 @@
-//! Tower layers for what crosses every RPC, in front of all services. Today: the
-//! client's deadline, read once from the `grpc-timeout` header and handed to the
-//! handlers as a request extension (tonic enforces the header only until a response
-//! starts, which for a stream is at once; the handlers enforce it to the end).
+//! Tower layers for what crosses every RPC, in front of all services:
+//! - `RequestIdLayer`: every RPC has an id, the caller's `x-request-id` when it sent a
+//!   usable one, else a new UUID; handlers see it as an extension, the caller gets it
+//!   back in the response headers, and log lines carry it;
+//! - `SpanLayer`: every RPC runs in a `rpc` tracing span (service, method, request id),
+//!   and its answer is logged with its gRPC status and duration;
+//! - `DeadlineLayer`: the client's deadline, read once from `grpc-timeout` and handed to
+//!   the handlers as an extension (tonic enforces the header only until a response
+//!   starts, which for a stream is at once; the handlers enforce it to the end).
 
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use tonic::codegen::http;
 use tower::{Layer, Service};
+use tracing::Instrument as _;
+
+/// The header a request id travels in, both ways.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// The longest caller-chosen request id kept; a longer or odd one is replaced.
+pub const REQUEST_ID_MAX_LEN: usize = 128;
+
+/// The id of one RPC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
+/// A caller's id is kept when it is short printable ASCII without spaces: it ends up
+/// in log lines and response headers.
+fn usable_request_id(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= REQUEST_ID_MAX_LEN
+        && value.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Gives every RPC a [`RequestId`] and echoes it in the response headers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestIdLayer;
+
+impl<S> Layer<S> for RequestIdLayer {
+    type Service = WithRequestId<S>;
+
+    fn layer(&self, inner: S) -> WithRequestId<S> {
+        WithRequestId { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WithRequestId<S> {
+    inner: S,
+}
+
+impl<S, B, R> Service<http::Request<B>> for WithRequestId<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let id = request
+            .headers()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| usable_request_id(v))
+            .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+        request.extensions_mut().insert(RequestId(id.clone()));
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = response.await?;
+            if let Ok(value) = http::HeaderValue::from_str(&id) {
+                response.headers_mut().insert(REQUEST_ID_HEADER, value);
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// Runs every RPC in a `rpc` span and logs its answer (at debug level; failures that
+/// are the agent's fault are logged where they are mapped, in `status`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SpanLayer;
+
+impl<S> Layer<S> for SpanLayer {
+    type Service = WithSpan<S>;
+
+    fn layer(&self, inner: S) -> WithSpan<S> {
+        WithSpan { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WithSpan<S> {
+    inner: S,
+}
+
+impl<S, B, R> Service<http::Request<B>> for WithSpan<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // gRPC paths are /package.Service/Method.
+        let path = request.uri().path().trim_start_matches('/');
+        let (service, method) = path.split_once('/').unwrap_or((path, ""));
+        let request_id = request
+            .extensions()
+            .get::<RequestId>()
+            .map(|r| r.0.clone())
+            .unwrap_or_default();
+        let span = tracing::info_span!("rpc", service, method, request_id);
+        let started = Instant::now();
+        let response = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        Box::pin(
+            async move {
+                let result = response.await;
+                if let Ok(response) = &result {
+                    // A stream's status comes in its trailers, after this; an RPC that
+                    // failed before answering has it here.
+                    let status = response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("0 (or in the trailers)");
+                    tracing::debug!(
+                        grpc_status = status,
+                        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                        "rpc answered"
+                    );
+                }
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
 
 /// The instant a client's deadline passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +227,67 @@ where
 mod tests {
     use super::*;
     use tower::ServiceExt;
+
+    #[test]
+    fn caller_request_ids_are_kept_only_when_printable_and_short() {
+        assert!(usable_request_id("req-42"));
+        assert!(usable_request_id(&"x".repeat(REQUEST_ID_MAX_LEN)));
+        assert!(!usable_request_id(&"x".repeat(REQUEST_ID_MAX_LEN + 1)));
+        assert!(!usable_request_id(""));
+        assert!(!usable_request_id("two words"));
+        assert!(!usable_request_id("tab\there"));
+    }
+
+    /// What the inner service saw and what the caller got back.
+    async fn through_request_id(sent: Option<&'static str>) -> (String, String) {
+        let service = RequestIdLayer.layer(tower::service_fn(|r: http::Request<()>| async move {
+            let seen = r.extensions().get::<RequestId>().map(|i| i.0.clone());
+            Ok::<_, std::convert::Infallible>(http::Response::new(seen.unwrap_or_default()))
+        }));
+        let mut request = http::Request::new(());
+        if let Some(id) = sent {
+            request
+                .headers_mut()
+                .insert(REQUEST_ID_HEADER, id.parse().unwrap());
+        }
+        let response = service.oneshot(request).await.unwrap();
+        let echoed = response.headers()[REQUEST_ID_HEADER]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        (response.into_body(), echoed)
+    }
+
+    #[tokio::test]
+    async fn every_rpc_has_a_request_id_that_comes_back() {
+        let (seen, echoed) = through_request_id(Some("req-42")).await;
+        assert_eq!((seen.as_str(), echoed.as_str()), ("req-42", "req-42"));
+        let (seen, echoed) = through_request_id(None).await;
+        assert_eq!(seen, echoed);
+        assert!(uuid::Uuid::parse_str(&seen).is_ok(), "{seen}");
+        let (seen, _) = through_request_id(Some("has space")).await;
+        assert!(
+            uuid::Uuid::parse_str(&seen).is_ok(),
+            "a bad id is replaced: {seen}"
+        );
+        let (other, _) = through_request_id(None).await;
+        assert_ne!(seen, other, "generated ids differ");
+    }
+
+    #[tokio::test]
+    async fn handlers_run_inside_the_rpc_span() {
+        let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
+        let service = SpanLayer.layer(tower::service_fn(|_: http::Request<()>| async move {
+            let name = tracing::Span::current().metadata().map(|m| m.name());
+            Ok::<_, std::convert::Infallible>(http::Response::new(name))
+        }));
+        let request = http::Request::builder()
+            .uri("/modeld.v1.Node/GetCapabilities")
+            .body(())
+            .unwrap();
+        let response = service.oneshot(request).await.unwrap();
+        assert_eq!(response.into_body(), Some("rpc"));
+    }
 
     #[test]
     fn timeouts_parse_in_every_unit_and_nothing_else() {
