@@ -356,6 +356,24 @@ async fn a_missing_or_too_old_onnx_runtime_is_failed_precondition_and_the_agent_
         (assets.ort_old_lib.as_path(), "1.20.1".to_owned()),
     ] {
         let (_agent, client, onnx, _) = agent_with_three_formats(ort_args(lib)).await;
+        let caps = client.capabilities().await.unwrap();
+        let runtime = caps
+            .runtimes
+            .iter()
+            .find(|r| r.runtime() == pb::Runtime::OnnxRuntime)
+            .unwrap();
+        if lib == missing {
+            assert!(runtime.cpu_variant.is_none());
+            assert!(
+                runtime.unavailable_reason.contains("does not exist"),
+                "{runtime:?}"
+            );
+        } else {
+            // A library that exists is only checked by a load.
+            let v = runtime.cpu_variant.as_ref().unwrap();
+            assert_eq!(v.dispatch(), pb::CpuDispatch::Library);
+            assert_eq!(v.module_path, lib.display().to_string());
+        }
         let err = client.load_to_end(&onnx, None).await.unwrap_err();
         let status = err.status().unwrap();
         assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");

@@ -203,17 +203,34 @@ impl Engine for OnnxEngine {
     }
 
     /// ONNX Runtime's MLAS picks its kernels per operation when the library starts,
-    /// from the CPU it finds; the library file, not this build, decides.
+    /// from the CPU it finds; the library file, not this build, decides. Without a
+    /// library file the runtime is unavailable here, and capabilities say why, so a
+    /// fleet does not send ONNX models to this node. (The library is not loaded here:
+    /// its version is checked by the first ONNX load.)
     fn cpu_variant(&self) -> Result<CpuVariant, EngineError> {
+        let library = self
+            .library
+            .clone()
+            .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+            .ok_or_else(|| {
+                EngineError::Unavailable(
+                    "no ONNX Runtime library is configured: set --onnxruntime-library \
+                     (or ORT_DYLIB_PATH) to libonnxruntime 1.31 or newer"
+                        .to_owned(),
+                )
+            })?;
+        if !library.is_file() {
+            return Err(EngineError::Unavailable(format!(
+                "{}: the ONNX Runtime library does not exist",
+                library.display()
+            )));
+        }
         Ok(CpuVariant {
             name: "mlas".to_owned(),
             dispatch: CpuDispatch::Library,
             features: Vec::new(),
             withheld: Vec::new(),
-            module: self
-                .library
-                .clone()
-                .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from)),
+            module: Some(library),
         })
     }
 
