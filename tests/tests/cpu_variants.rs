@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use modeld_e2e::{Agent, AgentOptions, Assets, SMOLLM2_SHA256, SMOLLM2_SIZE, pb};
+use modeld_e2e::{Agent, AgentOptions, Assets, gguf_spec, pb};
 use tokio_stream::StreamExt;
 
 fn cpu_flags() -> Vec<String> {
@@ -31,22 +31,18 @@ fn llama(caps: &pb::GetCapabilitiesResponse) -> &pb::RuntimeInfo {
         .expect("llama.cpp is in this build")
 }
 
+/// Registers the test GGUF as "smol", stores it and loads it; any failure (the agent
+/// may die on the way) is returned as its message.
 async fn register_and_load_smol(client: &modeld_e2e::Client) -> Result<(), String> {
-    let assets = Assets::get();
-    let spec = pb::ModelSpec {
-        id: "smol".into(),
-        format: pb::ModelFormat::Gguf as i32,
-        files: vec![pb::ModelFile {
-            name: "smol.gguf".into(),
-            urls: vec![format!("file://{}", assets.gguf.display())],
-            sha256: SMOLLM2_SHA256.into(),
-            size_bytes: SMOLLM2_SIZE,
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    client.register_model(spec).await.unwrap();
-    client.pull_to_end("smol").await.unwrap();
+    let url = format!("file://{}", Assets::get().gguf.display());
+    client
+        .register_model(gguf_spec("smol", &url))
+        .await
+        .map_err(|e| e.to_string())?;
+    client
+        .pull_to_end("smol")
+        .await
+        .map_err(|e| e.to_string())?;
     client
         .load_to_end("smol", None)
         .await
