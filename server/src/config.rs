@@ -103,6 +103,12 @@ pub struct Args {
     #[arg(long, env = "MODELD_LLAMA_CPU_VARIANTS_DIR")]
     pub llama_cpu_variants_dir: Option<PathBuf>,
 
+    /// Where models run: "process" starts an engine process per loaded model, so a
+    /// crash in a runtime ends that model alone; "in-process" runs them inside the
+    /// agent, for platforms that cannot start processes [default: process].
+    #[arg(long, env = "MODELD_ENGINE_ISOLATION")]
+    pub engine_isolation: Option<EngineIsolation>,
+
     /// Inference threads per model [default: 0 = the engine's choice, all cores].
     #[arg(long, env = "MODELD_THREADS")]
     pub threads: Option<u32>,
@@ -214,6 +220,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where loaded models run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EngineIsolation {
+    /// One engine process per loaded model, confined to the model's files.
+    #[default]
+    Process,
+    /// Inside the agent: a crash in a runtime ends the agent.
+    InProcess,
+}
+
 impl FromStr for LogFormat {
     type Err = String;
 
@@ -246,6 +263,7 @@ struct FileConfig {
     memory_pressure_threshold: Option<f64>,
     onnxruntime_library: Option<PathBuf>,
     llama_cpu_variants_dir: Option<PathBuf>,
+    engine_isolation: Option<EngineIsolation>,
     max_queued_requests: Option<usize>,
     threads: Option<u32>,
     context_length: Option<u32>,
@@ -282,6 +300,7 @@ pub struct Config {
     pub onnxruntime_library: Option<PathBuf>,
     /// llama.cpp's CPU variants; `None` = packaged beside the binary, else the build's.
     pub llama_cpu_variants_dir: Option<PathBuf>,
+    pub engine_isolation: EngineIsolation,
     pub stall_timeout: Duration,
     pub download_retries: usize,
     pub retry_delay: Duration,
@@ -358,6 +377,10 @@ impl Config {
                 .max(1),
             onnxruntime_library: args.onnxruntime_library.or(file.onnxruntime_library),
             llama_cpu_variants_dir: args.llama_cpu_variants_dir.or(file.llama_cpu_variants_dir),
+            engine_isolation: args
+                .engine_isolation
+                .or(file.engine_isolation)
+                .unwrap_or_default(),
             memory_pressure_threshold: match args
                 .memory_pressure_threshold
                 .or(file.memory_pressure_threshold)

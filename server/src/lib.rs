@@ -4,6 +4,8 @@
 
 pub mod api;
 pub mod config;
+pub mod engine_host;
+pub mod engines;
 pub mod error;
 pub mod serve;
 pub mod telemetry;

@@ -3,6 +3,9 @@ use clap::Parser as _;
 use modeld::{Args, Config};
 
 fn main() -> anyhow::Result<()> {
+    if modeld::engine_host::is_engine_role() {
+        return modeld::engine_host::main();
+    }
     let config = Config::load(Args::parse())?;
     modeld::telemetry::init(&config.log, config.log_format)?;
     tokio::runtime::Builder::new_multi_thread()

@@ -23,26 +23,6 @@ use modeld_node::storage::source::SourceContext;
 use modeld_node::storage::{Storage, StorageSettings};
 use modeld_node::store::Store;
 
-/// The engines compiled into this build, one Cargo feature each, in the order
-/// capabilities list them. Adding an engine: its crate, its feature, one line here.
-#[allow(clippy::vec_init_then_push)] // one push per engine feature; none may be enabled
-fn engines(config: &Config) -> Vec<Arc<dyn modeld_engine_core::Engine>> {
-    let _ = config;
-    #[allow(unused_mut)]
-    let mut out: Vec<Arc<dyn modeld_engine_core::Engine>> = Vec::new();
-    #[cfg(feature = "llama")]
-    out.push(Arc::new(modeld_engine_llama::LlamaEngine {
-        cpu_variants_dir: config.llama_cpu_variants_dir.clone(),
-    }));
-    #[cfg(feature = "onnx")]
-    out.push(Arc::new(modeld_engine_onnx::OnnxEngine::new(
-        config.onnxruntime_library.clone(),
-    )));
-    #[cfg(feature = "candle")]
-    out.push(Arc::new(modeld_engine_candle::CandleEngine));
-    out
-}
-
 /// Loads again the pinned models that were READY when the agent stopped.
 async fn reload_pinned(node: &Node, reset: &[(String, modeld_node::model::ModelState)]) {
     let pinned = match node.store.pinned() {
@@ -62,19 +42,7 @@ async fn reload_pinned(node: &Node, reset: &[(String, modeld_node::model::ModelS
         let Ok(entry) = node.registry.get(&id) else {
             continue;
         };
-        let request = modeld_node::inference::LoadRequest {
-            runtime: record.runtime.parse().ok(),
-            options: modeld_engine_core::LoadOptions {
-                context_length: record.context_length,
-                parallel: record.parallel,
-                threads: record.threads,
-                batch_size: record.batch_size,
-                use_mmap: true,
-                ..modeld_engine_core::LoadOptions::default()
-            },
-            pin: true,
-            keep_alive: None,
-        };
+        let request = modeld_node::inference::LoadRequest::pinned_again(&record);
         let (updates, _ignored) = tokio::sync::mpsc::channel(1);
         match modeld_node::load::drive(node, &entry, request, &updates).await {
             Ok(_) => info!(model = %id, "pinned model reloaded"),
@@ -137,7 +105,7 @@ pub async fn serve(
     let grace = config.shutdown_grace;
     let mut inference_settings = config.inference.clone();
     inference_settings.memory_budget = memory_budget_bytes;
-    let engines = engines(&config);
+    let engines = crate::engines::for_agent(&config)?;
     let node = Arc::new(Node {
         store: store.clone(),
         registry,
@@ -166,6 +134,7 @@ pub async fn serve(
             .set_service_status(*name, ServingStatus::NotServing)
             .await;
     }
+    let supervisor = modeld_node::supervise::spawn(node.clone(), shutdown_rx.clone());
     let reaper = modeld_node::inference::reaper::spawn(
         node.inference.clone(),
         pressure_threshold,
@@ -256,6 +225,8 @@ pub async fn serve(
         }
     }
     reaper.abort();
+    // No restart may race the unloads below.
+    supervisor.abort();
     node.inference.unload_all(Duration::from_secs(1)).await;
     store.flush().await?;
     info!("store flushed; bye");

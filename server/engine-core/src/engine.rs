@@ -1,13 +1,15 @@
 //! The engine boundary: what the agent asks of a runtime, in plain synchronous Rust.
 //! The agent owns the threads; an engine never spawns onto an async runtime.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 use crate::format::ModelFormat;
 use crate::runtime::{Accelerator, Runtime};
 
 /// How to load a model. Zero means "the engine's default".
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct LoadOptions {
     /// Tokens each sequence may hold.
     pub context_length: u32,
@@ -24,6 +26,10 @@ pub struct LoadOptions {
     pub execution_providers: Vec<String>,
     /// Graph optimization: 0 = off, 1 = basic, 2 = extended, 3 = all; `None` = all.
     pub optimization_level: Option<u8>,
+    /// Private memory the model may take, in bytes; 0 = no limit. The agent sets it
+    /// from what the memory manager admitted. An engine in its own process is held to
+    /// it by the operating system; an engine inside the agent cannot be.
+    pub memory_limit_bytes: u64,
 }
 
 /// The context a load gets when neither the request nor the model says: enough for
@@ -43,7 +49,7 @@ impl LoadOptions {
 }
 
 /// Sampling settings, validated by the api layer. `None` takes the engine's default.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Sampling {
     /// 0 = greedy.
     pub temperature: Option<f32>,
@@ -58,7 +64,7 @@ pub struct Sampling {
 }
 
 /// One generation request, already tokenized.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct GenerateRequest {
     pub prompt: Vec<u32>,
     pub sampling: Sampling,
@@ -73,7 +79,7 @@ pub struct GenerateRequest {
 }
 
 /// One generated token as the engine hands it out.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Token {
     pub id: u32,
     /// Text this token completes; empty while a UTF-8 character is still incomplete.
@@ -81,7 +87,7 @@ pub struct Token {
     pub logprob: Option<f32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FinishReason {
     Stop,
     Length,
@@ -96,7 +102,7 @@ pub enum Flow {
     Stop,
 }
 
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct GenerateStats {
     pub prompt_tokens: u32,
     pub generated_tokens: u32,
@@ -106,7 +112,7 @@ pub struct GenerateStats {
 }
 
 /// Why an engine call failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum EngineError {
     #[error("the model cannot be loaded: {0}")]
     Load(String),
@@ -123,10 +129,23 @@ pub enum EngineError {
     /// library, an execution provider not built for this platform).
     #[error("the runtime is not available: {0}")]
     Unavailable(String),
+    /// The process the engine ran in ended under it (a signal, an abort, an
+    /// out-of-memory kill): what it held is gone, the agent is not.
+    #[error("the engine process {0}")]
+    Crashed(String),
+}
+
+/// The signal's name ("SIGKILL") in a [`EngineError::Crashed`] description, for
+/// the failure's machine-readable fields.
+pub fn signal_name(description: &str) -> Option<&str> {
+    let start = description.find("(SIG")? + 1;
+    let rest = &description[start..];
+    let end = rest.find([':', ')', ','])?;
+    Some(&rest[..end])
 }
 
 /// Facts about a loaded model.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ModelInfo {
     pub architecture: String,
     pub parameter_count: u64,
@@ -208,6 +227,12 @@ pub trait Engine: Send + Sync {
     fn probe(&self, path: &Path) -> Result<ModelProbe, EngineError>;
     /// The memory loading `probe`'s model with `options` would take.
     fn estimate_memory(&self, probe: &ModelProbe, options: &LoadOptions) -> MemoryEstimate;
+    /// Files and directories the runtime reads once a load has started, besides the
+    /// model (libraries it opens at run time): what a confined engine process must
+    /// still be allowed to read.
+    fn runtime_paths(&self) -> Vec<PathBuf> {
+        Vec::new()
+    }
     /// Loads the model at `path`. Blocking: call it on a thread the agent owns.
     fn load(&self, path: &Path, options: &LoadOptions)
     -> Result<Box<dyn LoadedModel>, EngineError>;
@@ -215,7 +240,7 @@ pub trait Engine: Send + Sync {
 
 /// Token ids with a special role. `end_of_generation` holds every id that ends a
 /// turn (eos, eot, `<|im_end|>`...), which is more than `eos` alone for chat models.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct SpecialTokens {
     pub bos: Option<u32>,
     pub eos: Option<u32>,
@@ -238,7 +263,7 @@ pub enum Truncation {
 }
 
 /// One chat message, as a chat template sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
@@ -372,6 +397,16 @@ pub trait LoadedModel: Send {
     /// Bytes the loaded model holds now (weights, caches, buffers).
     fn memory_bytes(&self) -> u64 {
         self.info().memory_bytes
+    }
+    /// The operating-system process the model runs in, when it is not the agent's.
+    fn process_id(&self) -> Option<u32> {
+        None
+    }
+    /// Registers who hears, once, that the model died outside any call (its engine
+    /// process ended). A model inside the agent cannot die alone, so the default
+    /// drops the handler.
+    fn on_crash(&mut self, handler: Box<dyn FnOnce(EngineError) + Send>) {
+        drop(handler);
     }
     /// Generates one request, handing each token to `sink` as soon as it is sampled.
     fn generate(

@@ -20,6 +20,7 @@ pub use engine::{
     ChatMessage, DEFAULT_CONTEXT, Engine, EngineError, FinishReason, Flow, GenerateOutcome,
     GenerateRequest, GenerateStats, Job, JobSource, LoadOptions, LoadedModel, MemoryEstimate,
     ModelInfo, ModelProbe, Sampling, SpecialTokens, Token, TokenDecoder, Tokenizer, Truncation,
+    signal_name,
 };
 pub use format::{ArchiveFormat, ModelFormat, ParseNameError};
 pub use runtime::{Accelerator, Runtime};

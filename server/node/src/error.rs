@@ -152,6 +152,20 @@ pub enum Error {
     EnginePanicked { id: String, during: &'static str },
 
     #[error(
+        "model {id:?} crashed {crashes} times within {window_minutes} minutes and is no longer \
+         restarted by itself: find the cause in the agent's log, then load it again"
+    )]
+    CrashLoop {
+        id: String,
+        crashes: usize,
+        window_minutes: u64,
+    },
+
+    /// The model's engine process ended under it; the agent and other models serve on.
+    #[error("model {id:?} failed: its engine process {how}; load it again to start a fresh one")]
+    EngineCrashed { id: String, how: String },
+
+    #[error(
         "model {id:?} is {state}, not ready: load it first (Lifecycle.Load, or `modelctl load {id}`)"
     )]
     NotReady {
@@ -364,8 +378,11 @@ impl Error {
                 E::Inference(_) => (K::Internal, "INFERENCE_FAILED"),
                 E::InvalidModel(_) => (K::InvalidArgument, "MODEL_INVALID"),
                 E::Unavailable(_) => (K::FailedPrecondition, "RUNTIME_UNAVAILABLE"),
+                E::Crashed(_) => (K::Unavailable, "ENGINE_CRASHED"),
             },
             Error::EnginePanicked { .. } => (K::Internal, "ENGINE_PANICKED"),
+            Error::EngineCrashed { .. } => (K::Unavailable, "ENGINE_CRASHED"),
+            Error::CrashLoop { .. } => (K::Unavailable, "ENGINE_CRASH_LOOP"),
             Error::MemoryExhausted { .. } => (K::ResourceExhausted, "MEMORY_EXHAUSTED"),
             Error::InvalidTransition { .. } => (K::FailedPrecondition, "INVALID_TRANSITION"),
             Error::WatchCompacted { .. } => (K::OutOfRange, "WATCH_RESYNC_REQUIRED"),
@@ -389,6 +406,16 @@ impl Error {
             | Error::NoRuntime { id, .. }
             | Error::ModelNotStored { id }
             | Error::EnginePanicked { id, .. } => vec![("model_id", id.clone())],
+            Error::CrashLoop { id, crashes, .. } => {
+                vec![("model_id", id.clone()), ("crashes", crashes.to_string())]
+            }
+            Error::EngineCrashed { id, how } => {
+                let mut facts = vec![("model_id", id.clone())];
+                if let Some(signal) = modeld_engine_core::signal_name(how) {
+                    facts.push(("signal", signal.to_owned()));
+                }
+                facts
+            }
             Error::ModelInUse { id, state } | Error::NotReady { id, state } => vec![
                 ("model_id", id.clone()),
                 ("state", state.as_str().to_owned()),

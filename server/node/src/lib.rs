@@ -23,6 +23,7 @@ pub mod page;
 pub mod registry;
 pub mod storage;
 pub mod store;
+pub mod supervise;
 pub use modeld_tokenizer as tokenizer;
 
 pub use error::{Error, ErrorKind, Result};

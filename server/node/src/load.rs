@@ -50,6 +50,8 @@ impl Loads {
         deadline: Option<Instant>,
     ) -> Result<mpsc::Receiver<Result<LoadEvent>>> {
         let entry = node.registry.get(id)?;
+        // An operator's Load is the action a crash-looping model waits for.
+        node.inference.clear_crashes(id);
         let (tx, rx) = mpsc::channel(16);
         let waiter = Waiter::join(&self.waiters, id);
         let model_id = id.to_owned();
@@ -193,7 +195,7 @@ impl Plan {
             Stage::Download | Stage::Extract => within * DOWNLOAD_SHARE,
             Stage::Validate => after_download(0.1 * within),
             Stage::Initialize => after_download(0.1 + 0.1 * within),
-            Stage::Load | Stage::Unload => after_download(0.2 + 0.8 * within),
+            Stage::Load | Stage::Unload | Stage::Serve => after_download(0.2 + 0.8 * within),
         }
     }
 }

@@ -78,16 +78,19 @@ pub enum Stage {
     Initialize,
     Load,
     Unload,
+    /// Serving requests, once READY.
+    Serve,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 6] = [
+    pub const ALL: [Stage; 7] = [
         Stage::Download,
         Stage::Extract,
         Stage::Validate,
         Stage::Initialize,
         Stage::Load,
         Stage::Unload,
+        Stage::Serve,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -98,6 +101,7 @@ impl Stage {
             Stage::Initialize => "initialize",
             Stage::Load => "load",
             Stage::Unload => "unload",
+            Stage::Serve => "serve",
         }
     }
 

@@ -67,6 +67,7 @@ pub fn lifecycle_stage_to_pb(s: Stage) -> pb::LifecycleStage {
         Stage::Initialize => pb::LifecycleStage::Initialize,
         Stage::Load => pb::LifecycleStage::Load,
         Stage::Unload => pb::LifecycleStage::Unload,
+        Stage::Serve => pb::LifecycleStage::Serve,
     }
 }
 
@@ -324,13 +325,18 @@ pub fn watch_response(t: &Transition) -> pb::WatchResponse {
     }
 }
 
+/// Blocking: measuring a process's proportional memory reads its page tables.
 pub fn loaded_to_pb(w: &ModelWorker) -> pb::LoadedModel {
+    let memory = w.memory();
     pb::LoadedModel {
+        engine_process_id: w.process_id.unwrap_or(0),
+        proportional_memory_bytes: memory.proportional_bytes.unwrap_or(0),
+        memory_measured: memory.measured,
         model_id: w.model_id.clone(),
         runtime: pb::Runtime::from(w.runtime) as i32,
         accelerator: pb::Accelerator::from(w.info.accelerator) as i32,
         estimated_memory_bytes: w.estimate.total(),
-        actual_memory_bytes: w.info.memory_bytes,
+        actual_memory_bytes: memory.resident_bytes,
         in_flight_requests: u32::try_from(w.in_flight()).unwrap_or(u32::MAX),
         last_used_time: Some(timestamp(w.last_used())),
         expire_time: if w.pinned {

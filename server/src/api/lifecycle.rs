@@ -159,15 +159,27 @@ impl pb::lifecycle_server::Lifecycle for LifecycleApi {
         _: Request<pb::ListLoadedRequest>,
     ) -> Result<Response<pb::ListLoadedResponse>, Status> {
         super::status::rpc(async move {
-            let models: Vec<pb::LoadedModel> = self
-                .agent
-                .node
-                .inference
-                .loaded()
+            let inference = self.agent.node.inference.clone();
+            // Reading each engine process's memory is file I/O.
+            let models: Vec<pb::LoadedModel> = tokio::task::spawn_blocking(move || {
+                inference
+                    .loaded()
+                    .iter()
+                    .map(|w| convert::loaded_to_pb(w))
+                    .collect()
+            })
+            .await
+            .map_err(|e| modeld_node::error::Error::TaskFailed(e.to_string()))?;
+            let used = models
                 .iter()
-                .map(|w| convert::loaded_to_pb(w))
-                .collect();
-            let used = models.iter().map(|m| m.actual_memory_bytes).sum();
+                .map(|m| {
+                    if m.proportional_memory_bytes > 0 {
+                        m.proportional_memory_bytes
+                    } else {
+                        m.actual_memory_bytes
+                    }
+                })
+                .sum();
             Ok(Response::new(pb::ListLoadedResponse {
                 models,
                 memory_budget_bytes: self.agent.node.inference.budget(),

@@ -278,6 +278,8 @@ pub fn load_request(options: Option<pb::LoadOptions>) -> Result<LoadRequest> {
             use_mlock: o.use_mlock,
             execution_providers: o.execution_providers,
             optimization_level,
+            // The agent sets it from what the memory manager admits.
+            memory_limit_bytes: 0,
         },
     })
 }

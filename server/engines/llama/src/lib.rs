@@ -98,6 +98,17 @@ impl Engine for LlamaEngine {
         VERSION.to_owned()
     }
 
+    fn runtime_paths(&self) -> Vec<std::path::PathBuf> {
+        // ggml opens its CPU variant module when the backend starts, after the
+        // engine process is confined.
+        #[cfg(feature = "cpu-variants")]
+        return cpu::variants_dir(self.cpu_variants_dir.as_deref())
+            .map(|d| vec![d])
+            .unwrap_or_default();
+        #[cfg(not(feature = "cpu-variants"))]
+        Vec::new()
+    }
+
     fn formats(&self) -> &[ModelFormat] {
         &[ModelFormat::Gguf]
     }

@@ -186,6 +186,15 @@ impl Engine for OnnxEngine {
         VERSION.to_owned()
     }
 
+    fn runtime_paths(&self) -> Vec<std::path::PathBuf> {
+        // The library is opened at the first load, and it opens its provider
+        // libraries from its own directory.
+        library::configured_path(self.library.as_deref())
+            .and_then(|p| p.parent().map(std::path::Path::to_path_buf))
+            .into_iter()
+            .collect()
+    }
+
     fn formats(&self) -> &[ModelFormat] {
         &[ModelFormat::Onnx]
     }

@@ -16,7 +16,7 @@ pub const REQUIRED_MINOR: u32 = ort::MINOR_VERSION;
 static ENVIRONMENT: Mutex<Option<Environment>> = Mutex::new(None);
 
 /// Where the library is: the configured path, else `ORT_DYLIB_PATH`.
-fn configured_path(configured: Option<&Path>) -> Option<PathBuf> {
+pub fn configured_path(configured: Option<&Path>) -> Option<PathBuf> {
     configured.map(Path::to_path_buf).or_else(|| {
         std::env::var_os("ORT_DYLIB_PATH")
             .filter(|v| !v.is_empty())

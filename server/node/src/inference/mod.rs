@@ -9,6 +9,11 @@ mod benchmark;
 pub mod reaper;
 mod worker;
 
+/// Crashes of one model within [`CRASH_WINDOW`] after which it is no longer
+/// restarted by itself: it stays FAILED until an operator loads it again.
+pub const CRASH_LIMIT: usize = 3;
+pub const CRASH_WINDOW: Duration = Duration::from_secs(600);
+
 pub use benchmark::{BenchmarkPlan, MAX_GENERATED_TOKENS, MAX_PROMPT_TOKENS, MAX_REPETITIONS};
 
 use std::collections::HashMap;
@@ -71,6 +76,11 @@ pub struct Inference {
     settings: InferenceSettings,
     /// Bytes per second the last load read, for load ETAs.
     load_rate: Mutex<Option<f64>>,
+    /// When each model's engine last crashed, within the crash window.
+    crashes: Arc<Mutex<HashMap<String, Vec<std::time::Instant>>>>,
+    /// Models that failed while serving, for the supervisor.
+    failures: tokio::sync::mpsc::UnboundedSender<String>,
+    failures_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
 }
 
 impl std::fmt::Debug for Inference {
@@ -93,6 +103,33 @@ pub struct LoadRequest {
     pub keep_alive: Option<KeepAlive>,
 }
 
+impl LoadRequest {
+    /// The load a pinned model had, to repeat after a restart or a crash.
+    pub fn pinned_again(record: &crate::store::PinnedLoadRecord) -> LoadRequest {
+        LoadRequest {
+            runtime: record.runtime.parse().ok(),
+            options: LoadOptions {
+                context_length: record.context_length,
+                parallel: record.parallel,
+                threads: record.threads,
+                batch_size: record.batch_size,
+                use_mmap: true,
+                ..LoadOptions::default()
+            },
+            pin: true,
+            keep_alive: None,
+        }
+    }
+}
+
+/// Private memory an engine process may take for a load admitted at `admitted`
+/// bytes: room above the estimate for what estimates miss (runtime buffers, thread
+/// stacks, allocator slack), so only a model far past its estimate is stopped.
+pub fn engine_memory_limit(admitted: u64) -> u64 {
+    const SLACK: u64 = 512 << 20;
+    admitted.saturating_add(admitted / 2).saturating_add(SLACK)
+}
+
 impl Inference {
     pub fn new(
         engines: Vec<Arc<dyn Engine>>,
@@ -100,7 +137,11 @@ impl Inference {
         lifecycle: Lifecycle,
         settings: InferenceSettings,
     ) -> Inference {
+        let (failures, failures_rx) = tokio::sync::mpsc::unbounded_channel();
         Inference {
+            crashes: Arc::default(),
+            failures,
+            failures_rx: Mutex::new(Some(failures_rx)),
             described: engines
                 .iter()
                 .map(|e| crate::engines::CompiledEngine::describe(e.as_ref()))
@@ -138,6 +179,43 @@ impl Inference {
                 state: self.lifecycle.state(id)?,
             }),
         }
+    }
+
+    /// Models that fail while serving, as they fail. One taker: the supervisor.
+    pub fn take_failures(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<String>> {
+        self.failures_rx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Drops a failed model's worker (its process is already gone).
+    pub fn forget_failed(&self, id: &str) {
+        let mut map = self.map();
+        if map.get(id).is_some_and(|w| w.failed()) {
+            map.remove(id);
+        }
+    }
+
+    /// Records a crash of `id` now; returns how many fell within the crash window.
+    pub fn record_crash(&self, id: &str) -> usize {
+        let now = std::time::Instant::now();
+        let mut crashes = self
+            .crashes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let times = crashes.entry(id.to_owned()).or_default();
+        times.retain(|t| now.duration_since(*t) < CRASH_WINDOW);
+        times.push(now);
+        times.len()
+    }
+
+    /// An operator acted on the model: its crash history starts over.
+    pub fn clear_crashes(&self, id: &str) {
+        self.crashes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
     }
 
     /// Seconds a load of `entry` should take, from the rate the last load measured.
@@ -336,7 +414,7 @@ impl Inference {
         let s = &self.settings;
         let o = request.options;
         let or = |v: u32, default: u32| if v == 0 { default } else { v };
-        let options = LoadOptions {
+        let mut options = LoadOptions {
             context_length: or(o.context_length, s.context_length),
             parallel: or(o.parallel, s.parallel),
             threads: or(o.threads, s.threads),
@@ -344,10 +422,12 @@ impl Inference {
         };
         let estimate = engine.estimate_memory(&probe, &options);
         self.admit(id, estimate.total()).await?;
+        options.memory_limit_bytes = engine_memory_limit(estimate.total());
         let tokenizer_path = path.clone();
         let store = self.store.clone();
         let lifecycle = self.lifecycle.clone();
-        let panicked_id = id.to_owned();
+        let failed_id = id.to_owned();
+        let failures = self.failures.clone();
         ModelWorker::spawn(WorkerSpec {
             estimate,
             pinned: request.pin,
@@ -365,13 +445,13 @@ impl Inference {
                     model.info().chat_template.as_deref(),
                 )
             }),
-            on_panic: Box::new(move || {
-                let error = Error::EnginePanicked {
-                    id: panicked_id.clone(),
-                    during: "generation",
-                };
-                let _ = lifecycle.fail(&panicked_id, Stage::Load, &error);
+            on_failure: Box::new(move |error| {
+                tracing::error!(model = %failed_id, error = %error, "model failed while serving");
+                if let Err(e) = lifecycle.fail(&failed_id, Stage::Serve, &error) {
+                    tracing::warn!(model = %failed_id, error = %e, "the failure could not be recorded");
+                }
                 let _ = store.flush_blocking();
+                let _ = failures.send(failed_id);
             }),
         })
         .await
@@ -383,7 +463,7 @@ impl Inference {
             .iter()
             .map(|w| Resident {
                 model_id: w.model_id.clone(),
-                bytes: w.info.memory_bytes,
+                bytes: w.memory().charged_bytes(),
                 in_flight: w.in_flight(),
                 pinned: w.pinned,
                 last_used: w.last_used(),

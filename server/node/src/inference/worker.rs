@@ -1,8 +1,9 @@
 //! One loaded model on one thread the agent owns. Requests arrive through a bounded
 //! queue; the engine takes them between decode steps, up to its parallel slots
 //! (continuous batching). A full queue is an immediate RESOURCE_EXHAUSTED, never an
-//! unbounded wait. A panic in the engine ends every request it held, marks the model
-//! failed, and leaves the agent and other models serving.
+//! unbounded wait. A panic in the engine, or the end of the engine process the model
+//! runs in, ends every request it held, marks the model failed, and leaves the agent
+//! and other models serving.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,6 +42,18 @@ struct Queue {
     /// Set when an unload's grace time ran out: every running request stops.
     cancel: Arc<AtomicBool>,
     failed: Arc<AtomicBool>,
+    model_id: Arc<str>,
+}
+
+/// The agent's error for an engine's: a crashed engine process names the model.
+fn engine_failure(model_id: &str, e: EngineError) -> Error {
+    match e {
+        EngineError::Crashed(how) => Error::EngineCrashed {
+            id: model_id.to_owned(),
+            how,
+        },
+        e => Error::Engine(e),
+    }
 }
 
 /// Ends a request's event stream with its outcome. Dropped unsent while the engine
@@ -91,6 +104,7 @@ impl Queue {
             _permit: permit,
         };
         let cancel = self.cancel.clone();
+        let model_id = self.model_id.clone();
         Some(Job {
             request,
             sink: Box::new(move |token| {
@@ -108,7 +122,7 @@ impl Queue {
             done: Box::new(move |result| {
                 outcome.send(match result {
                     Ok((finish, stats)) => Event::Done(finish, stats),
-                    Err(e) => Event::Failed(Error::Engine(e)),
+                    Err(e) => Event::Failed(engine_failure(&model_id, e)),
                 });
             }),
         })
@@ -155,6 +169,8 @@ pub struct ModelWorker {
     /// Resolves when the worker thread has dropped the model.
     exited: std::sync::Mutex<Option<oneshot::Receiver<()>>>,
     pub loaded_at: std::time::SystemTime,
+    /// The engine process the model runs in; `None` when it runs inside the agent.
+    pub process_id: Option<u32>,
 }
 
 impl std::fmt::Debug for ModelWorker {
@@ -187,7 +203,9 @@ pub struct WorkerSpec {
     /// Requests that may wait for a free slot.
     pub max_queued: usize,
     pub tokenizer: PickTokenizer,
-    pub on_panic: Box<dyn FnOnce() + Send>,
+    /// Records the model's failure (a panic in the engine, or its process ending);
+    /// called at most once.
+    pub on_failure: Box<dyn FnOnce(Error) + Send>,
 }
 
 /// What the worker thread reports once the model is loaded.
@@ -195,6 +213,7 @@ pub struct Loaded {
     pub info: ModelInfo,
     pub tokenizer: Arc<dyn Tokenizer>,
     pub parallel: usize,
+    pub process_id: Option<u32>,
 }
 
 impl ModelWorker {
@@ -212,8 +231,19 @@ impl ModelWorker {
             options,
             max_queued,
             tokenizer: wrap_tokenizer,
-            on_panic,
+            on_failure,
         } = spec;
+        // Whichever failure comes first reports; the other finds the handler gone.
+        let on_failure = Arc::new(std::sync::Mutex::new(Some(on_failure)));
+        let report = move |error: Error| {
+            let handler = on_failure
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(handler) = handler {
+                handler(error);
+            }
+        };
         let runtime = engine.runtime();
         // The semaphore below is the limit; the channel only needs room for it.
         let room = max_queued + options.parallel.max(1) as usize;
@@ -236,16 +266,23 @@ impl ModelWorker {
                     Ok::<_, EngineError>((model, tokenizer))
                 }));
                 let mut model = match model {
-                    Ok(Ok((model, tokenizer))) => {
+                    Ok(Ok((mut model, tokenizer))) => {
+                        let (failed, report, id) =
+                            (thread_failed.clone(), report.clone(), name.clone());
+                        model.on_crash(Box::new(move |e| {
+                            failed.store(true, Ordering::SeqCst);
+                            report(engine_failure(&id, e));
+                        }));
                         let _ = ready.send(Ok(Loaded {
                             info: model.info().clone(),
                             tokenizer,
                             parallel: model.parallel().max(1),
+                            process_id: model.process_id(),
                         }));
                         model
                     }
                     Ok(Err(e)) => {
-                        let _ = ready.send(Err(Error::Engine(e)));
+                        let _ = ready.send(Err(engine_failure(&name, e)));
                         return;
                     }
                     Err(_) => {
@@ -261,6 +298,7 @@ impl ModelWorker {
                     cancel: thread_cancel,
                     failed: thread_failed.clone(),
                     last_used,
+                    model_id: Arc::from(name.as_str()),
                 };
                 let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     model.serve(&mut queue);
@@ -270,7 +308,10 @@ impl ModelWorker {
                     // their streams; queued ones go with the queue.
                     tracing::error!(model = %name, "the engine panicked; the model is marked failed");
                     thread_failed.store(true, Ordering::SeqCst);
-                    on_panic();
+                    report(Error::EnginePanicked {
+                        id: name.clone(),
+                        during: "generation",
+                    });
                 }
                 // Free the model's memory before telling an unload it is done.
                 drop(queue);
@@ -301,6 +342,7 @@ impl ModelWorker {
             cancel,
             exited: std::sync::Mutex::new(Some(exited)),
             loaded_at: std::time::SystemTime::now(),
+            process_id: loaded.process_id,
         })
     }
 
@@ -327,6 +369,19 @@ impl ModelWorker {
         cancel.store(true, Ordering::SeqCst);
         let _ = exited.await;
         in_flight
+    }
+
+    /// Memory the model holds: measured from its engine process where it has one
+    /// (resident, and proportional where the weights are shared), else what the
+    /// engine reported at load.
+    pub fn memory(&self) -> crate::memory::process::Measured {
+        self.process_id
+            .and_then(crate::memory::process::measure)
+            .unwrap_or(crate::memory::process::Measured {
+                resident_bytes: self.info.memory_bytes,
+                proportional_bytes: None,
+                measured: false,
+            })
     }
 
     pub fn failed(&self) -> bool {
@@ -582,7 +637,7 @@ mod tests {
             options: LoadOptions::default(),
             max_queued: 2,
             tokenizer: Box::new(|m| Ok(m.tokenizer())),
-            on_panic: Box::new(move || panicked.store(true, Ordering::SeqCst)),
+            on_failure: Box::new(move |_| panicked.store(true, Ordering::SeqCst)),
         })
         .await
         .unwrap()

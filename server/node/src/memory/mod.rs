@@ -3,6 +3,8 @@
 //! flight, is never evicted. Keep-alive and OS memory pressure unload idle models in
 //! the background (`inference::reaper`, which drives the unloads).
 
+pub mod process;
+
 use std::time::{Duration, SystemTime};
 
 /// What the manager needs to know about one loaded model.
