@@ -4,7 +4,7 @@
 
 scripts/fetch-test-assets >/dev/null
 . "${MODELD_CACHE_DIR:-$HOME/.cache/modeld}/assets/env"
-cargo build --release --bins --locked -q
+cargo build --release --locked -q -p modeld -p modelctl
 target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
 modeld="$target/release/modeld"
 modelctl="$target/release/modelctl"
@@ -25,7 +25,8 @@ median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a
 # agent_pid and returns once it answers. ctl talks to it.
 start_agent() {
     addr="127.0.0.1:$(free_port)"
-    "${agent_bin:-$modeld}" --listen "$addr" --data-dir "$(mktemp -d -p "$work" data.XXXX)" --log warn "$@" &
+    "${agent_bin:-$modeld}" --listen "$addr" --data-dir "$(mktemp -d -p "$work" data.XXXX)" --log warn \
+        --allow-dir "${MODELD_CACHE_DIR:-$HOME/.cache/modeld}" "$@" &
     agent_pid=$!
     for _ in $(seq 100); do
         "$modelctl" --addr "http://$addr" node info >/dev/null 2>&1 && return 0

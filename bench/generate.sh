@@ -14,7 +14,11 @@
 #   - time to first token at the client minus the engine's own (gRPC + queueing);
 #   - aggregate tokens/s of the portable build with 1, 4 and 8 concurrent streams vs
 #     `llama-batched-bench` at the same parallel levels (continuous batching);
-#   - peak RSS of the agent and of llama-bench.
+#   - the cost of the process boundary: the portable build with its models in
+#     engine processes (the default) against the same build with
+#     --engine-isolation in-process, in the same rounds: generation tokens/s and
+#     time to first token;
+#   - peak RSS of the agent (plus its engine process) and of llama-bench.
 #
 #   bench/generate.sh [ROUNDS]      (default 4 rounds of 3 runs each)
 # Writes bench/results/generate-<date>.md.
@@ -30,13 +34,15 @@ CONTEXT=1024
 
 . bench/common.sh
 native_dir="$(scripts/build-native)"
-declare -A agent_bins=([portable]="$modeld" [native]="$native_dir/modeld")
+declare -A agent_bins=([portable]="$modeld" [inproc]="$modeld" [native]="$native_dir/modeld")
+declare -A agent_args=([portable]="" [inproc]="--engine-isolation in-process" [native]="")
 declare -A tools=([portable]="$(bench/build-llama-tools.sh portable)" [native]="$(bench/build-llama-tools.sh native)")
 
 for round in $(seq "$ROUNDS"); do
-    for kind in portable native; do
+    for kind in portable inproc native; do
         echo "bench: round $round, $kind: modeld through gRPC" >&2
-        agent_bin="${agent_bins[$kind]}" start_agent --threads "$THREADS" --parallel 1 --context-length "$CONTEXT"
+        # shellcheck disable=SC2086 # the extra arguments are words
+        agent_bin="${agent_bins[$kind]}" start_agent --threads "$THREADS" --parallel 1 --context-length "$CONTEXT" ${agent_args[$kind]}
         register_smol
         ctl load smol >/dev/null
         ctl -o json node info >"$work/$kind-caps.json"
@@ -45,8 +51,14 @@ for round in $(seq "$ROUNDS"); do
             --runs "$RUNS" >"$work/$kind-tg-$round.json"
         ctl -o json bench smol --concurrency 1 --prompt-tokens "$PROMPT" --max-tokens "$GEN" \
             --runs "$RUNS" >"$work/$kind-pp-$round.json"
-        awk '/VmHWM/ {print $2}' "/proc/$agent_pid/status" >"$work/$kind-rss-$round"
+        # The agent's peak plus its engine process's, when the model runs in one.
+        engine_pid="$(ctl -o json ps | python3 -c 'import json,sys; m=json.load(sys.stdin).get("models",[]); print(m[0].get("engineProcessId",0) if m else 0)')"
+        peaks="/proc/$agent_pid/status"
+        if [[ "$engine_pid" != 0 ]]; then peaks="$peaks /proc/$engine_pid/status"; fi
+        # shellcheck disable=SC2086 # one or two paths
+        awk '/VmHWM/ {s+=$2} END {print s}' $peaks >"$work/$kind-rss-$round"
         stop_agent
+        if [[ "$kind" == inproc ]]; then continue; fi
         echo "bench: round $round, $kind: llama-bench" >&2
         /usr/bin/time -f "%M" -o "$work/$kind-lb-rss-$round" "${tools[$kind]}/llama-bench" \
             -m "$MODELD_TEST_GGUF" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r "$RUNS" -o json \
@@ -113,6 +125,30 @@ p, n = summary["portable"], summary["native"]
 print()
 print(f"Native over portable: modeld prompt {n[0]/p[0]:.2f}×, generation {n[1]/p[1]:.2f}×; "
       f"llama-bench prompt {n[2]/p[2]:.2f}×, generation {n[3]/p[3]:.2f}×.")
+print()
+print("## The process boundary (portable build)")
+print()
+print("Each model runs in its own engine process by default; `--engine-isolation in-process` "
+      "runs it inside the agent. Same binary, same rounds.")
+print()
+print("| | engine process | in-process | ratio or difference (median, range) |")
+print("|---|---:|---:|---:|")
+def per_round(kind, test, field):
+    return [load(f"{kind}-{test}-{r}.json")[0][field] for r in range(1, rounds + 1)]
+for what, test, field in [("generation tokens/s", "tg", "generation_tokens_per_second"),
+                          ("prompt tokens/s", "pp", "prompt_tokens_per_second")]:
+    a, b = per_round("portable", test, field), per_round("inproc", test, field)
+    ratios = [x / y for x, y in zip(a, b)]
+    print(f"| {what} | {statistics.median(a):.1f} | {statistics.median(b):.1f} | "
+          f"{statistics.median(ratios):.3f}× ({min(ratios):.3f}–{max(ratios):.3f}) |")
+a = per_round("portable", "tg", "time_to_first_token_ms")
+b = per_round("inproc", "tg", "time_to_first_token_ms")
+diffs = [x - y for x, y in zip(a, b)]
+print(f"| time to first token, 1-token prompt | {statistics.median(a):.2f} ms | {statistics.median(b):.2f} ms | "
+      f"{statistics.median(diffs):+.2f} ms ({min(diffs):+.2f} to {max(diffs):+.2f}) |")
+rp = max(int(open(f"{work}/portable-rss-{r}").read()) for r in range(1, rounds + 1))
+ri = max(int(open(f"{work}/inproc-rss-{r}").read()) for r in range(1, rounds + 1))
+print(f"| peak RSS (agent + engine process) | {rp/1024:.0f} MiB | {ri/1024:.0f} MiB | {(rp-ri)/1024:+.0f} MiB |")
 print()
 print("## Concurrent streams vs llama-batched-bench (portable builds)")
 print()

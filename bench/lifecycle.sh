@@ -40,7 +40,8 @@ for i in $(seq "$RUNS"); do
 done
 
 # Load-to-READY.
-"$modeld" --listen "$addr" --data-dir "$work/data" --log warn --context-length 512 --parallel 1 &
+"$modeld" --listen "$addr" --data-dir "$work/data" --log warn --context-length 512 --parallel 1 \
+    --allow-dir "$(dirname "$MODELD_TEST_GGUF")" &
 agent_pid=$!
 for _ in $(seq 100); do ctl node info >/dev/null 2>&1 && break; sleep 0.1; done
 sha="$(sha256sum "$MODELD_TEST_GGUF" | cut -d' ' -f1)"

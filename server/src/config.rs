@@ -53,6 +53,12 @@ pub struct Args {
     #[arg(long = "models-dir", env = "MODELD_MODELS_DIRS", value_delimiter = ',')]
     pub models_dirs: Vec<PathBuf>,
 
+    /// A directory requests may name local files in (repeatable; the env variable
+    /// takes a comma-separated list): `file://` sources, scan directories, catalog
+    /// files. The models directories count too; nothing else on the host does.
+    #[arg(long = "allow-dir", env = "MODELD_ALLOW_DIRS", value_delimiter = ',')]
+    pub allow_dirs: Vec<PathBuf>,
+
     /// Scan the models directories at start-up [default: true].
     #[arg(long, env = "MODELD_SCAN_ON_START", action = clap::ArgAction::Set)]
     pub scan_on_start: Option<bool>,
@@ -253,6 +259,7 @@ struct FileConfig {
     memory_budget: Option<String>,
     disk_quota: Option<String>,
     models_dirs: Option<Vec<PathBuf>>,
+    allow_dirs: Option<Vec<PathBuf>>,
     scan_on_start: Option<bool>,
     log: Option<String>,
     log_format: Option<LogFormat>,
@@ -288,6 +295,8 @@ pub struct Config {
     /// None = no quota.
     pub disk_quota: Option<u64>,
     pub models_dirs: Vec<PathBuf>,
+    /// Where requests may name local files, besides `models_dirs`.
+    pub allow_dirs: Vec<PathBuf>,
     pub scan_on_start: bool,
     pub log: String,
     pub log_format: LogFormat,
@@ -349,6 +358,14 @@ impl Config {
             .into_iter()
             .map(absolute)
             .collect::<Result<Vec<_>>>()?;
+        let allow_dirs = if args.allow_dirs.is_empty() {
+            file.allow_dirs.unwrap_or_default()
+        } else {
+            args.allow_dirs
+        }
+        .into_iter()
+        .map(absolute)
+        .collect::<Result<Vec<_>>>()?;
         let disk_quota = args
             .disk_quota
             .or(file_quota)
@@ -363,6 +380,7 @@ impl Config {
                 .unwrap_or(MemoryBudget::Fraction(DEFAULT_MEMORY_FRACTION)),
             disk_quota,
             models_dirs,
+            allow_dirs,
             scan_on_start: args.scan_on_start.or(file.scan_on_start).unwrap_or(true),
             log: args.log.or(file.log).unwrap_or_else(|| "info".to_owned()),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),

@@ -7,10 +7,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 
 use crate::config::LogFormat;
-use crate::engines::{self, EngineSettings};
-
-/// The first argument that selects this role.
-pub const ROLE: &str = "engine-host";
+use crate::engines::{self, ENGINE_ROLE, EngineSettings};
 
 #[derive(Debug, clap::Parser)]
 #[command(
@@ -30,7 +27,7 @@ struct HostArgs {
 
 /// True when the process was started in the engine role.
 pub fn is_engine_role() -> bool {
-    std::env::args_os().nth(1).is_some_and(|a| a == ROLE)
+    std::env::args_os().nth(1).is_some_and(|a| a == ENGINE_ROLE)
 }
 
 /// Runs the engine process to its end. No async runtime and no thread starts before

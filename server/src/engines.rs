@@ -10,6 +10,10 @@ use modeld_engine_core::Engine;
 use crate::config::{Config, EngineIsolation, LogFormat};
 use crate::error::{Error, Result};
 
+/// The first argument that starts the binary as an engine process
+/// (`crate::engine_host`).
+pub const ENGINE_ROLE: &str = "engine-host";
+
 /// What the engines need from the configuration, in both roles of the binary.
 #[derive(Debug, Clone, Default)]
 pub struct EngineSettings {
@@ -62,7 +66,7 @@ fn isolated(
         ))
     })?;
     let mut args: Vec<OsString> = vec![
-        crate::engine_host::ROLE.into(),
+        ENGINE_ROLE.into(),
         "--log".into(),
         config.log.clone().into(),
         "--log-format".into(),

@@ -74,7 +74,16 @@ pub async fn serve(
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let http = modeld_node::http_client::build()?;
-    let registry = Registry::new(store.clone(), config.models_dirs.clone(), http.clone());
+    let roots = modeld_node::access::LocalRoots::new(
+        config.allow_dirs.iter().chain(&config.models_dirs).cloned(),
+    );
+    info!(roots = ?roots.roots(), "local paths allowed under");
+    let registry = Registry::new(
+        store.clone(),
+        config.models_dirs.clone(),
+        roots.clone(),
+        http.clone(),
+    );
     let lifecycle = registry.lifecycle().clone();
     // Nothing is in memory after a restart, whatever the store last recorded.
     let reset = lifecycle.recover()?;
@@ -93,6 +102,7 @@ pub async fn serve(
             headers: config.source_headers.clone(),
             stall_timeout: config.stall_timeout,
             peers: Some(Arc::new(api::peer::GrpcPeers)),
+            roots,
         },
         StorageSettings {
             max_concurrent_downloads: config.max_concurrent_downloads,

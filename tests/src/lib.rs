@@ -54,11 +54,7 @@ pub struct Assets {
 impl Assets {
     /// Reads asset locations from the environment, else from the cache's `env` file.
     pub fn get() -> Assets {
-        let cache = std::env::var_os("MODELD_CACHE_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/modeld")
-            });
+        let cache = cache_dir();
         let env_file = cache.join("assets/env");
         let text = std::fs::read_to_string(&env_file).unwrap_or_default();
         let lookup = |key: &str| -> String {
@@ -126,6 +122,19 @@ pub struct AgentOptions {
     pub binary: Option<PathBuf>,
     /// Variables the agent must not inherit from the test.
     pub env_remove: Vec<String>,
+    /// The only directories requests may name local files in (`--allow-dir`).
+    /// `None`: the test assets' cache and the temporary directory, where the tests
+    /// keep the models they register by `file://`.
+    pub allow_dirs: Option<Vec<PathBuf>>,
+}
+
+/// Where the test assets live (`MODELD_CACHE_DIR`, else `~/.cache/modeld`).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("MODELD_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/modeld")
+        })
 }
 
 /// A running `modeld` process.
@@ -184,6 +193,13 @@ impl Agent {
             .stderr(Stdio::piped());
         for d in &options.models_dirs {
             cmd.arg("--models-dir").arg(d);
+        }
+        let allowed = options
+            .allow_dirs
+            .clone()
+            .unwrap_or_else(|| vec![cache_dir(), std::env::temp_dir()]);
+        for d in allowed {
+            cmd.arg("--allow-dir").arg(d);
         }
         for (k, v) in &options.env {
             cmd.env(k, v);

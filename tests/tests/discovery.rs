@@ -248,8 +248,10 @@ async fn configured_models_dirs_are_scanned_before_serving() {
 async fn scan_of_bad_directories_is_refused() {
     let agent = Agent::start().await;
     let client = agent.client().await;
+    // Inside an allowed directory, a missing one is named.
+    let inside = std::env::temp_dir().join("modeld-no-such-models");
     let missing = client
-        .scan(vec!["/nonexistent/models".into()])
+        .scan(vec![inside.display().to_string()])
         .await
         .unwrap_err();
     assert_eq!(missing.status().unwrap().code(), Code::NotFound);
@@ -258,8 +260,18 @@ async fn scan_of_bad_directories_is_refused() {
             .status()
             .unwrap()
             .message()
-            .contains("/nonexistent/models")
+            .contains("modeld-no-such-models")
     );
+    // Outside, an existing and a missing directory get the same refusal.
+    let mut outside = Vec::new();
+    for d in ["/etc", "/nonexistent/models"] {
+        let e = client.scan(vec![d.into()]).await.unwrap_err();
+        let status = e.status().unwrap();
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        outside.push(status.message().to_owned());
+    }
+    assert_eq!(outside[0], outside[1]);
+    assert!(!outside[0].contains("/etc"), "{}", outside[0]);
     let relative = client.scan(vec!["models".into()]).await.unwrap_err();
     assert_eq!(relative.status().unwrap().code(), Code::InvalidArgument);
     let none = client.scan(Vec::new()).await.unwrap_err();

@@ -262,6 +262,27 @@ async fn an_engine_that_aborts_fails_its_model_with_the_signal_and_the_agent_ser
 }
 
 #[tokio::test]
+async fn an_engine_that_dies_while_loading_fails_the_load_and_nothing_else() {
+    let agent = Agent::start_with(AgentOptions {
+        env: vec![("MODELD_ENGINE_TEST_HOOK".into(), "abort-on-load".into())],
+        ..Default::default()
+    })
+    .await;
+    let client = agent.client().await;
+    register(&client, "smol").await;
+    let refused = client.load_to_end("smol", None).await.unwrap_err();
+    let status = refused.status().unwrap();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(reason(status), "ENGINE_CRASHED");
+    assert!(status.message().contains("SIGABRT") && status.message().contains("while loading"));
+    let failed = failure(&client, "smol").await;
+    assert_eq!(failed.stage(), pb::LifecycleStage::Load);
+    assert_eq!(failed.reason, "ENGINE_CRASHED");
+    assert!(client.is_serving().await.unwrap());
+    assert!(client.list_loaded().await.unwrap().models.is_empty());
+}
+
+#[tokio::test]
 async fn a_pinned_model_restarts_after_crashes_until_the_crash_loop_limit() {
     // Each engine process aborts 300 ms after its model loads.
     let agent = Agent::start_with(AgentOptions {

@@ -326,8 +326,20 @@ async fn bad_input_is_refused_clearly_and_the_agent_keeps_serving() {
                 format: 0,
             })
             .await,
+        // Outside the allowed directories: refused without a word about the file.
+        Code::PermissionDenied,
+        "allows",
+    );
+    let inside = std::env::temp_dir().join("modeld-no-such-catalog.yaml");
+    check(
+        registry
+            .import_catalog(pb::ImportCatalogRequest {
+                source: Some(Source::Path(inside.display().to_string())),
+                format: 0,
+            })
+            .await,
         Code::FailedPrecondition,
-        "/nonexistent/catalog.yaml",
+        "modeld-no-such-catalog.yaml",
     );
     check(
         registry

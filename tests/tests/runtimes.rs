@@ -486,6 +486,8 @@ async fn benchmarks_rank_the_runtimes_and_load_follows_the_ranking() {
             r.prompt_tokens_per_second > 0.0 && r.generation_tokens_per_second > 0.0,
             "{r:?}"
         );
+        // Measured in the engine process that held the model: at least its weights.
+        assert!(r.peak_memory_bytes > 50_000_000, "{r:?}");
         measured.push((runtime, r.generation_tokens_per_second));
     }
     measured.sort_by(|a, b| b.1.total_cmp(&a.1));

@@ -145,6 +145,7 @@ pub async fn ps(client: &Client, out: Output) -> anyhow::Result<()> {
         "MODEL",
         "RUNTIME",
         "CONTEXT",
+        "ENGINE PID",
         "MEMORY (EST.)",
         "IN FLIGHT",
         "IDLE",
@@ -169,9 +170,24 @@ pub async fn ps(client: &Client, out: Output) -> anyhow::Result<()> {
             m.model_id.clone(),
             output::runtime_name(m.runtime),
             m.context_length.to_string(),
+            if m.engine_process_id == 0 {
+                "in agent".to_owned()
+            } else {
+                m.engine_process_id.to_string()
+            },
+            // Measured resident memory (proportional where it differs), then the
+            // estimate; "reported" when the engine runs inside the agent.
             format!(
-                "{} ({})",
+                "{}{}{} ({})",
                 output::bytes(m.actual_memory_bytes),
+                if m.proportional_memory_bytes > 0
+                    && m.proportional_memory_bytes < m.actual_memory_bytes
+                {
+                    format!(", {} PSS", output::bytes(m.proportional_memory_bytes))
+                } else {
+                    String::new()
+                },
+                if m.memory_measured { "" } else { " reported" },
                 output::bytes(m.estimated_memory_bytes)
             ),
             m.in_flight_requests.to_string(),

@@ -6,6 +6,7 @@
 //! generations, marks cancellations and answers tokenizer calls.
 
 use std::collections::HashSet;
+use std::io::BufReader;
 use std::os::fd::AsFd as _;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -42,7 +43,8 @@ impl Out {
 /// runtimes compiled in; the Load names one. Returns when the model is unloaded, or
 /// with what stopped it from loading (already reported to the agent).
 pub fn serve(engines: &[Arc<dyn Engine>], channel: UnixStream) -> Result<(), String> {
-    let mut input = channel.try_clone().map_err(|e| e.to_string())?;
+    // Buffered: a frame is one read, not two.
+    let mut input = BufReader::new(channel.try_clone().map_err(|e| e.to_string())?);
     let out = Out(Arc::new(Mutex::new(channel)));
     let Some(first) = protocol::read::<_, ToEngine>(&mut input).map_err(|e| e.to_string())? else {
         return Ok(());
@@ -85,6 +87,7 @@ fn load(
         .apply()
         .map_err(|e| EngineError::Load(format!("cannot confine the engine process: {e}")))?;
     tracing::info!(model = %path.display(), confinement = %applied, "engine process confined");
+    hooks::before_load();
     let model = engine.load(path, options)?;
     hooks::after_load();
     Ok((model, applied.to_string()))
@@ -93,7 +96,7 @@ fn load(
 fn run(
     mut model: Box<dyn LoadedModel>,
     confinement: String,
-    mut input: UnixStream,
+    mut input: BufReader<UnixStream>,
     out: Out,
 ) -> Result<(), String> {
     let tokenizer = model.tokenizer();
@@ -136,7 +139,7 @@ fn run(
 /// Takes frames until the agent closes its end; closing `queue` then ends `serve`
 /// once the running generations finish.
 fn read_frames(
-    input: &mut UnixStream,
+    input: &mut BufReader<UnixStream>,
     queue: &mpsc::Sender<(CallId, GenerateRequest)>,
     cancelled: &Mutex<HashSet<CallId>>,
     out: &Out,
@@ -256,14 +259,21 @@ impl JobSource for Jobs {
 }
 
 /// Faults on request, for the tests that prove the agent outlives its engines:
-/// `MODELD_ENGINE_TEST_HOOK` = `abort-on-generate`, `abort-after-load`, or
-/// `read-on-generate:PATH` (the generation fails with what reading PATH gave).
+/// `MODELD_ENGINE_TEST_HOOK` = `abort-on-load`, `abort-on-generate`,
+/// `abort-after-load`, or `read-on-generate:PATH` (the generation fails with what
+/// reading PATH gave).
 #[cfg(feature = "test-hooks")]
 mod hooks {
     use modeld_engine_core::EngineError;
 
     fn hook() -> String {
         std::env::var("MODELD_ENGINE_TEST_HOOK").unwrap_or_default()
+    }
+
+    pub fn before_load() {
+        if hook() == "abort-on-load" {
+            std::process::abort();
+        }
     }
 
     pub fn after_load() {
@@ -296,6 +306,7 @@ mod hooks {
 
 #[cfg(not(feature = "test-hooks"))]
 mod hooks {
+    pub fn before_load() {}
     pub fn after_load() {}
     pub fn on_generate() {}
     pub fn refuse_generate() -> Option<modeld_engine_core::EngineError> {

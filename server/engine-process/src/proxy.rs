@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
+use std::io::BufReader;
 use std::os::fd::AsFd as _;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt as _;
@@ -191,7 +192,7 @@ impl Link {
 
     /// Handles frames until the process closes its end, then reaps it and ends
     /// whatever still waits.
-    fn read_until_exit(&self, mut input: UnixStream) {
+    fn read_until_exit(&self, mut input: BufReader<UnixStream>) {
         loop {
             match protocol::read::<_, ToAgent>(&mut input) {
                 Ok(Some(frame)) => self.dispatch(frame),
@@ -338,9 +339,12 @@ impl RemoteModel {
             .spawn()
             .map_err(|e| unavailable(&command.program.display().to_string(), e))?;
         let pid = child.id();
-        let mut input = agent_end
-            .try_clone()
-            .map_err(|e| unavailable("socket", e))?;
+        // Buffered: a frame is one read, not two.
+        let mut input = BufReader::new(
+            agent_end
+                .try_clone()
+                .map_err(|e| unavailable("socket", e))?,
+        );
         let load = ToEngine::Load {
             runtime,
             path: path.to_path_buf(),

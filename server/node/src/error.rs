@@ -38,6 +38,14 @@ pub enum Error {
     #[error("{path}: no such file or directory on the agent's host")]
     PathNotFound { path: PathBuf },
 
+    /// A request named a local path outside the allowed roots. Says nothing of the
+    /// file itself.
+    #[error(
+        "{field}: a local path must be under a directory this agent allows (--allow-dir, \
+         or a --models-dir); this one is not, or leads outside through a link"
+    )]
+    PathNotAllowed { field: String },
+
     /// A path the operator named (scan directory, catalog file) cannot be used.
     #[error("{path}: {reason}")]
     PathUnusable { path: PathBuf, reason: String },
@@ -262,10 +270,11 @@ pub enum ErrorKind {
     DeadlineExceeded,
     DataLoss,
     Internal,
+    PermissionDenied,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::InvalidArgument,
         ErrorKind::NotFound,
         ErrorKind::AlreadyExists,
@@ -277,6 +286,7 @@ impl ErrorKind {
         ErrorKind::DeadlineExceeded,
         ErrorKind::DataLoss,
         ErrorKind::Internal,
+        ErrorKind::PermissionDenied,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -292,6 +302,7 @@ impl ErrorKind {
             ErrorKind::DeadlineExceeded => "deadline_exceeded",
             ErrorKind::DataLoss => "data_loss",
             ErrorKind::Internal => "internal",
+            ErrorKind::PermissionDenied => "permission_denied",
         }
     }
 
@@ -308,6 +319,7 @@ impl ErrorKind {
             ErrorKind::DeadlineExceeded => 4,
             ErrorKind::NotFound => 5,
             ErrorKind::AlreadyExists => 6,
+            ErrorKind::PermissionDenied => 7,
             ErrorKind::ResourceExhausted => 8,
             ErrorKind::FailedPrecondition => 9,
             ErrorKind::OutOfRange => 11,
@@ -342,6 +354,7 @@ impl Error {
             Error::ModelAlreadyExists { .. } => (K::AlreadyExists, "MODEL_ALREADY_EXISTS"),
             Error::ModelInUse { .. } => (K::FailedPrecondition, "MODEL_IN_USE"),
             Error::PathNotFound { .. } => (K::NotFound, "PATH_NOT_FOUND"),
+            Error::PathNotAllowed { .. } => (K::PermissionDenied, "PATH_NOT_ALLOWED"),
             Error::PathUnusable { .. } => (K::FailedPrecondition, "PATH_UNUSABLE"),
             Error::CatalogUnavailable { .. } => (K::Unavailable, "CATALOG_UNAVAILABLE"),
             Error::CatalogRejected { .. } => (K::FailedPrecondition, "CATALOG_REJECTED"),
@@ -420,6 +433,7 @@ impl Error {
                 ("model_id", id.clone()),
                 ("state", state.as_str().to_owned()),
             ],
+            Error::PathNotAllowed { field } => vec![("field", field.clone())],
             Error::PathNotFound { path } | Error::PathUnusable { path, .. } => {
                 vec![("path", path.display().to_string())]
             }

@@ -8,6 +8,7 @@
 //! `load` → `node` → `inference` → `storage` → `registry` → `lifecycle` → `store`,
 //! with `engines`, `memory`, `hardware`, `formats`, `page`, `model` and `error` below.
 
+pub mod access;
 pub mod engines;
 pub mod error;
 pub mod formats;

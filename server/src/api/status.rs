@@ -73,6 +73,7 @@ pub fn code(kind: ErrorKind) -> Code {
         ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
         ErrorKind::DataLoss => Code::DataLoss,
         ErrorKind::Internal => Code::Internal,
+        ErrorKind::PermissionDenied => Code::PermissionDenied,
     }
 }
 

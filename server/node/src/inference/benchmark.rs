@@ -48,7 +48,7 @@ impl Inference {
         let runtime = plan.runtime.or(entry.spec.preferred_runtime);
         let engine = self.engine_for(&id, format, runtime)?;
         let path = model_path(entry, storage).await?;
-        let options = LoadOptions {
+        let mut options = LoadOptions {
             context_length: plan.prompt_tokens + plan.generated_tokens + 8,
             parallel: 1,
             threads: if plan.threads == 0 {
@@ -63,8 +63,9 @@ impl Inference {
             let (engine, path) = (engine.clone(), path.clone());
             tokio::task::spawn_blocking(move || engine.probe(&path)).await??
         };
-        self.admit(&id, engine.estimate_memory(&probe, &options).total())
-            .await?;
+        let estimate = engine.estimate_memory(&probe, &options).total();
+        self.admit(&id, estimate).await?;
+        options.memory_limit_bytes = super::engine_memory_limit(estimate);
         let runtime = engine.runtime();
         let (prompt_tps, generation_tps, peak) = tokio::task::spawn_blocking(move || {
             let before = rss();
@@ -88,11 +89,17 @@ impl Inference {
             let mut prompt_rates = Vec::new();
             let mut generation_rates = Vec::new();
             let mut peak = 0u64;
+            // In an engine process the whole process is the model; inside the agent,
+            // what the agent grew by.
+            let held = |model: &dyn modeld_engine_core::LoadedModel| match model.process_id() {
+                Some(pid) => crate::memory::process::measure(pid).map_or(0, |m| m.resident_bytes),
+                None => rss().saturating_sub(before),
+            };
             for _ in 0..plan.repetitions {
                 let (_, stats) = model.generate(&request, &mut |_| Flow::Continue)?;
                 prompt_rates.push(stats.prompt_tokens_per_second);
                 generation_rates.push(stats.generation_tokens_per_second);
-                peak = peak.max(rss().saturating_sub(before));
+                peak = peak.max(held(model.as_ref()));
             }
             drop(model);
             Ok::<_, Error>((median(prompt_rates), median(generation_rates), peak))

@@ -43,6 +43,8 @@ struct Walk {
     found: Vec<Found>,
     skipped: Vec<(String, String)>,
     visited: usize,
+    /// Links are followed only where they stay inside these.
+    allowed: crate::access::LocalRoots,
 }
 
 impl Registry {
@@ -72,6 +74,8 @@ impl Registry {
                     ),
                 ));
             }
+            // Before the path is looked at, so one outside the roots reveals nothing.
+            self.roots().check(&format!("directories[{i}]"), d)?;
             let c = fs::canonicalize(d).map_err(|e| match e.kind() {
                 io::ErrorKind::NotFound => Error::PathNotFound { path: d.clone() },
                 _ => Error::PathUnusable {
@@ -88,8 +92,12 @@ impl Registry {
             canonical.push(c);
         }
         let roots = canonical.clone();
+        let allowed = self.roots().clone();
         let walk = tokio::task::spawn_blocking(move || {
-            let mut walk = Walk::default();
+            let mut walk = Walk {
+                allowed,
+                ..Walk::default()
+            };
             for root in &roots {
                 walk_dir(root, 0, &mut walk);
             }
@@ -160,6 +168,13 @@ fn walk_dir(dir: &Path, depth: usize, walk: &mut Walk) {
             continue;
         };
         let is_link = entry.file_type().is_ok_and(|t| t.is_symlink());
+        if is_link && walk.allowed.check("", &path).is_err() {
+            walk.skipped.push((
+                path.display().to_string(),
+                "a link leading outside the allowed directories".into(),
+            ));
+            continue;
+        }
         if meta.is_dir() {
             if !is_link && depth < MAX_DEPTH {
                 walk_dir(&path, depth + 1, walk);

@@ -128,6 +128,8 @@ pub struct Registry {
     lifecycle: crate::lifecycle::Lifecycle,
     write_lock: Mutex<()>,
     models_dirs: Vec<PathBuf>,
+    /// Where `file://` sources, scans and catalog files may point.
+    roots: crate::access::LocalRoots,
     http: reqwest::Client,
 }
 
@@ -140,14 +142,57 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    pub fn new(store: Store, models_dirs: Vec<PathBuf>, http: reqwest::Client) -> Registry {
+    pub fn new(
+        store: Store,
+        models_dirs: Vec<PathBuf>,
+        roots: crate::access::LocalRoots,
+        http: reqwest::Client,
+    ) -> Registry {
         Registry {
             lifecycle: crate::lifecycle::Lifecycle::new(store.clone()),
             store,
             write_lock: Mutex::new(()),
             models_dirs,
+            roots,
             http,
         }
+    }
+
+    pub fn roots(&self) -> &crate::access::LocalRoots {
+        &self.roots
+    }
+
+    /// Refuses a spec whose `file://` sources lead outside the allowed roots, before
+    /// anything is stored or read: the caller learns nothing about such a file.
+    async fn check_local_sources(&self, specs: &[ModelSpec], prefix: &str) -> Result<()> {
+        let urls: Vec<(String, String)> = specs
+            .iter()
+            .enumerate()
+            .flat_map(|(m, spec)| {
+                let at = if specs.len() == 1 {
+                    prefix.to_owned()
+                } else {
+                    format!("models[{m}]")
+                };
+                spec.files.iter().enumerate().flat_map(move |(f, file)| {
+                    let at = at.clone();
+                    file.urls
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, u)| u.starts_with("file:"))
+                        .map(move |(u, url)| (format!("{at}.files[{f}].urls[{u}]"), url.clone()))
+                })
+            })
+            .collect();
+        if urls.is_empty() {
+            return Ok(());
+        }
+        let roots = self.roots.clone();
+        tokio::task::spawn_blocking(move || {
+            urls.iter()
+                .try_for_each(|(field, url)| roots.check_url(field, url))
+        })
+        .await?
     }
 
     pub fn models_dirs(&self) -> &[PathBuf] {
@@ -215,6 +260,8 @@ impl Registry {
         origin: Origin,
         source: &str,
     ) -> Result<(ModelEntry, bool)> {
+        self.check_local_sources(std::slice::from_ref(&spec), "spec")
+            .await?;
         let _guard = self.write_lock.lock().await;
         if let Some(existing) = self.find(&spec.id)? {
             if existing.spec == spec {
@@ -308,6 +355,8 @@ impl Registry {
         if merged == existing.spec {
             return Ok(existing);
         }
+        self.check_local_sources(std::slice::from_ref(&merged), "spec")
+            .await?;
         self.refuse_file_change_in_use(&existing, &merged)?;
         let entry = ModelEntry {
             spec: merged,
@@ -360,10 +409,27 @@ impl Registry {
         source: &CatalogSource,
         format: Option<CatalogFormat>,
     ) -> Result<ImportOutcome> {
+        self.check_catalog_source(source).await?;
         let text = catalog::fetch(source, &self.http).await?;
         let specs = catalog::parse(&text, format)?;
+        self.check_local_sources(&specs, "catalog").await?;
         self.import_specs(specs, Origin::Imported, &source.describe())
             .await
+    }
+
+    async fn check_catalog_source(&self, source: &CatalogSource) -> Result<()> {
+        let roots = self.roots.clone();
+        match source {
+            CatalogSource::Path(path) => {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || roots.check("path", &path).map(drop)).await?
+            }
+            CatalogSource::Url(url) => {
+                let url = url.clone();
+                tokio::task::spawn_blocking(move || roots.check_url("url", &url)).await?
+            }
+            CatalogSource::Inline(_) => Ok(()),
+        }
     }
 
     async fn import_specs(
@@ -530,7 +596,12 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         (
             dir,
-            Registry::new(store, Vec::new(), crate::http_client::build().unwrap()),
+            Registry::new(
+                store,
+                Vec::new(),
+                crate::access::LocalRoots::default(),
+                crate::http_client::build().unwrap(),
+            ),
         )
     }
 

@@ -97,6 +97,9 @@ pub struct SourceContext {
     pub stall_timeout: Duration,
     /// Reads blobs from other agents (`modeld://` sources); `None` refuses them.
     pub peers: Option<Arc<dyn PeerSource>>,
+    /// Where `file://` sources may lead, checked again when read: a link may have
+    /// changed since the model was registered.
+    pub roots: crate::access::LocalRoots,
 }
 
 impl std::fmt::Debug for SourceContext {
@@ -196,7 +199,7 @@ pub async fn open(
         url::Url::parse(raw_url).map_err(|e| SourceFault::Permanent(format!("bad URL: {e}")))?;
     match url.scheme() {
         "http" | "https" => open_http(ctx, url, offset, validator).await,
-        "file" => open_file(&url, offset, validator).await,
+        "file" => open_file(&ctx.roots, &url, offset, validator).await,
         "modeld" => open_peer(ctx, &url, sha256, offset).await,
         other => Err(SourceFault::Permanent(format!(
             "unsupported URL scheme {other:?}"
@@ -300,10 +303,22 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
     Some(d.min(CAP))
 }
 
-async fn open_file(url: &url::Url, offset: u64, validator: &str) -> Result<Opened, SourceFault> {
+async fn open_file(
+    roots: &crate::access::LocalRoots,
+    url: &url::Url,
+    offset: u64,
+    validator: &str,
+) -> Result<Opened, SourceFault> {
     let path = url
         .to_file_path()
         .map_err(|()| SourceFault::Permanent(format!("{url} is not a local file path")))?;
+    let path = {
+        let (roots, path) = (roots.clone(), path.clone());
+        tokio::task::spawn_blocking(move || roots.check("url", &path))
+            .await
+            .map_err(|e| SourceFault::Permanent(e.to_string()))?
+            .map_err(|e| SourceFault::Permanent(e.to_string()))?
+    };
     let meta = tokio::fs::metadata(&path)
         .await
         .map_err(|e| SourceFault::Permanent(format!("{}: {e}", path.display())))?;

@@ -1,0 +1,143 @@
+//! What a request may touch on the agent's host: local paths only under the allowed
+//! directories (`--allow-dir` and the models directories), resolved through links,
+//! and a refusal that says nothing about the file.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use modeld_e2e::{Agent, AgentOptions, Assets, gguf_spec, pb, reason};
+use tonic::Code;
+
+/// The exfiltration this closes: register a file the agent can read, learn its real
+/// size and digest from the mismatch, register again, pull, read it back. The first
+/// step is refused and tells nothing, whether the file exists or not.
+#[tokio::test]
+async fn a_file_outside_the_allowed_directories_is_refused_at_registration() {
+    let allowed = tempfile::tempdir().unwrap();
+    let agent = Agent::start_with(AgentOptions {
+        allow_dirs: Some(vec![allowed.path().to_path_buf()]),
+        ..Default::default()
+    })
+    .await;
+    let client = agent.client().await;
+    let mut messages = Vec::new();
+    for (id, path) in [("passwd", "/etc/passwd"), ("ghost", "/etc/no-such-file")] {
+        let spec = gguf_spec(id, &format!("file://{path}"));
+        let e = client.register_model(spec).await.unwrap_err();
+        let status = e.status().unwrap();
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert_eq!(reason(status), "PATH_NOT_ALLOWED");
+        assert!(!status.message().contains(path), "{}", status.message());
+        messages.push(status.message().to_owned());
+    }
+    assert_eq!(
+        messages[0], messages[1],
+        "an existing and a missing file read the same"
+    );
+    assert!(
+        client.get_model("passwd").await.is_err(),
+        "nothing was registered"
+    );
+
+    // A catalog cannot smuggle one in either, nor be read from outside.
+    let manifest = r#"[{"id":"cat","format":"gguf","files":[{"name":"p","urls":["file:///etc/passwd"],"sha256":"0000000000000000000000000000000000000000000000000000000000000000","size":1}]}]"#;
+    let e = client
+        .import_catalog(
+            pb::import_catalog_request::Source::Content(manifest.into()),
+            pb::CatalogFormat::Json,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.status().unwrap().code(), Code::PermissionDenied);
+    let e = client
+        .import_catalog(
+            pb::import_catalog_request::Source::Path("/etc/passwd".into()),
+            pb::CatalogFormat::Unspecified,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.status().unwrap().code(), Code::PermissionDenied);
+    assert!(client.is_serving().await.unwrap());
+}
+
+#[tokio::test]
+async fn a_link_inside_an_allowed_directory_that_leads_outside_is_refused() {
+    let allowed = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret.gguf");
+    std::fs::copy(Assets::get().gguf, &secret).unwrap();
+    std::os::unix::fs::symlink(&secret, allowed.path().join("link.gguf")).unwrap();
+    let agent = Agent::start_with(AgentOptions {
+        allow_dirs: Some(vec![allowed.path().to_path_buf()]),
+        ..Default::default()
+    })
+    .await;
+    let client = agent.client().await;
+    let url = format!("file://{}", allowed.path().join("link.gguf").display());
+    let e = client
+        .register_model(gguf_spec("link", &url))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status().unwrap().code(), Code::PermissionDenied);
+
+    // Registered while it was a real file, swapped for a link before the pull: the
+    // pull checks again, stores nothing and says nothing of the target.
+    let real = allowed.path().join("real.gguf");
+    std::fs::copy(Assets::get().gguf, &real).unwrap();
+    let url = format!("file://{}", real.display());
+    client
+        .register_model(gguf_spec("swapped", &url))
+        .await
+        .unwrap();
+    std::fs::remove_file(&real).unwrap();
+    std::os::unix::fs::symlink(&secret, &real).unwrap();
+    let e = client.pull_to_end("swapped").await.unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("allows"), "{text}");
+    assert!(!text.contains("secret"), "{text}");
+    let stored = client
+        .storage()
+        .list_stored(pb::ListStoredRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        stored
+            .models
+            .iter()
+            .all(|m| m.model_id != "swapped" || !m.complete),
+        "{stored:?}"
+    );
+
+    // A scan follows links only where they stay inside.
+    let scan = client
+        .scan(vec![allowed.path().display().to_string()])
+        .await
+        .unwrap();
+    assert!(
+        scan.models
+            .iter()
+            .all(|m| m.spec.as_ref().is_none_or(|s| !s.id.contains("link")))
+    );
+    assert!(
+        scan.skipped.iter().any(|s| s.reason.contains("outside")),
+        "{:?}",
+        scan.skipped
+    );
+}
+
+#[tokio::test]
+async fn a_model_under_an_allowed_directory_registers_and_pulls() {
+    let assets = Assets::get();
+    let agent = Agent::start_with(AgentOptions {
+        allow_dirs: Some(vec![assets.gguf.parent().unwrap().to_path_buf()]),
+        ..Default::default()
+    })
+    .await;
+    let client = agent.client().await;
+    let url = format!("file://{}", assets.gguf.display());
+    client
+        .register_model(gguf_spec("smol", &url))
+        .await
+        .unwrap();
+    client.pull_to_end("smol").await.unwrap();
+}
