@@ -16,6 +16,7 @@ use modeld_proto::v1::lifecycle_client::LifecycleClient;
 use modeld_proto::v1::model_registry_client::ModelRegistryClient;
 use modeld_proto::v1::node_client::NodeClient;
 use modeld_proto::v1::storage_client::StorageClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt;
 
@@ -38,7 +39,32 @@ pub enum ClientError {
     // printing the chain would show the message twice.
     #[error("{}", describe_status(.0))]
     Rpc(tonic::Status),
+    #[error("the token is not usable in a header: {0}")]
+    InvalidToken(String),
 }
+
+/// Adds the caller's credentials to every call.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// What the service clients run over: the connection, with credentials added.
+pub type Transport = InterceptedService<Channel, Credentials>;
 
 impl From<tonic::Status> for ClientError {
     fn from(s: tonic::Status) -> Self {
@@ -79,6 +105,7 @@ pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 pub struct Client {
     addr: String,
     channel: Channel,
+    credentials: Credentials,
 }
 
 impl Client {
@@ -101,33 +128,50 @@ impl Client {
             addr: addr.clone(),
             reason: modeld_engine_core::error_chain(&e),
         })?;
-        Ok(Client { addr, channel })
+        Ok(Client {
+            addr,
+            channel,
+            credentials: Credentials::default(),
+        })
+    }
+
+    /// Sends `token` as `authorization: Bearer TOKEN` on every call.
+    pub fn with_token(mut self, token: &str) -> Result<Client> {
+        let value = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| ClientError::InvalidToken("only visible ASCII is allowed".into()))?;
+        self.credentials.authorization = Some(value);
+        Ok(self)
     }
 
     pub fn addr(&self) -> &str {
         &self.addr
     }
 
-    pub fn registry(&self) -> ModelRegistryClient<Channel> {
-        ModelRegistryClient::new(self.channel.clone())
+    pub fn registry(&self) -> ModelRegistryClient<Transport> {
+        ModelRegistryClient::with_interceptor(self.channel.clone(), self.credentials.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
-    pub fn node(&self) -> NodeClient<Channel> {
-        NodeClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES)
+    pub fn node(&self) -> NodeClient<Transport> {
+        NodeClient::with_interceptor(self.channel.clone(), self.credentials.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 
-    pub fn storage(&self) -> StorageClient<Channel> {
-        StorageClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES)
+    pub fn storage(&self) -> StorageClient<Transport> {
+        StorageClient::with_interceptor(self.channel.clone(), self.credentials.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 
-    pub fn lifecycle(&self) -> LifecycleClient<Channel> {
-        LifecycleClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES)
+    pub fn lifecycle(&self) -> LifecycleClient<Transport> {
+        LifecycleClient::with_interceptor(self.channel.clone(), self.credentials.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 
-    pub fn generate(&self) -> GenerateClient<Channel> {
-        GenerateClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES)
+    pub fn generate(&self) -> GenerateClient<Transport> {
+        GenerateClient::with_interceptor(self.channel.clone(), self.credentials.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     /// True when the agent's health service reports SERVING.

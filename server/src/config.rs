@@ -22,8 +22,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 #[command(name = "modeld", version, about, long_about = None)]
 pub struct Args {
     /// Address to serve gRPC on [default: 127.0.0.1:7700]. Port 0 picks a free port; the
-    /// agent logs the address it bound. Use 0.0.0.0 only behind a firewall or mesh: the
-    /// API has no authentication of its own.
+    /// agent logs the address it bound. A non-loopback address needs TLS and
+    /// credentials; this version has no TLS yet, so it also needs --insecure.
     #[arg(long, env = "MODELD_LISTEN")]
     pub listen: Option<SocketAddr>,
 
@@ -52,6 +52,17 @@ pub struct Args {
     /// comma-separated list). Models found there are used in place, never copied.
     #[arg(long = "models-dir", env = "MODELD_MODELS_DIRS", value_delimiter = ',')]
     pub models_dirs: Vec<PathBuf>,
+
+    /// A TOML file of accepted bearer tokens, each a name, a role (admin, operator,
+    /// inference) and the SHA-256 of the token. With none, every caller is an
+    /// anonymous admin, which the agent allows on a loopback address only.
+    #[arg(long, env = "MODELD_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+
+    /// Serve a non-loopback address without TLS and credentials. Anyone who can
+    /// reach the port can then do anything; the agent says so at every start.
+    #[arg(long, env = "MODELD_INSECURE")]
+    pub insecure: bool,
 
     /// A directory requests may name local files in (repeatable; the env variable
     /// takes a comma-separated list): `file://` sources, scan directories, catalog
@@ -260,6 +271,8 @@ struct FileConfig {
     disk_quota: Option<String>,
     models_dirs: Option<Vec<PathBuf>>,
     allow_dirs: Option<Vec<PathBuf>>,
+    tokens_file: Option<PathBuf>,
+    insecure: Option<bool>,
     scan_on_start: Option<bool>,
     log: Option<String>,
     log_format: Option<LogFormat>,
@@ -297,6 +310,10 @@ pub struct Config {
     pub models_dirs: Vec<PathBuf>,
     /// Where requests may name local files, besides `models_dirs`.
     pub allow_dirs: Vec<PathBuf>,
+    /// Accepted bearer tokens; `None` = no credentials (loopback only).
+    pub tokens_file: Option<PathBuf>,
+    /// Serve a non-loopback address without TLS and credentials.
+    pub insecure: bool,
     pub scan_on_start: bool,
     pub log: String,
     pub log_format: LogFormat,
@@ -381,6 +398,12 @@ impl Config {
             disk_quota,
             models_dirs,
             allow_dirs,
+            tokens_file: args
+                .tokens_file
+                .or(file.tokens_file)
+                .map(absolute)
+                .transpose()?,
+            insecure: args.insecure || file.insecure.unwrap_or(false),
             scan_on_start: args.scan_on_start.or(file.scan_on_start).unwrap_or(true),
             log: args.log.or(file.log).unwrap_or_else(|| "info".to_owned()),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),

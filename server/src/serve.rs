@@ -23,6 +23,45 @@ use modeld_node::storage::source::SourceContext;
 use modeld_node::storage::{Storage, StorageSettings};
 use modeld_node::store::Store;
 
+/// The credentials to serve `addr` with, or why the agent must not serve it. On
+/// loopback anything goes; anywhere else the agent needs TLS and credentials, which
+/// only `--insecure` waives (and then it says so at every start).
+fn exposure(config: &Config, addr: std::net::SocketAddr) -> Result<api::auth::Credentials> {
+    let credentials = match &config.tokens_file {
+        Some(path) => api::auth::Credentials::from_file(path)?,
+        None => api::auth::Credentials::default(),
+    };
+    if !credentials.is_empty() {
+        info!(tokens = credentials.len(), "callers need a token");
+    }
+    if addr.ip().is_loopback() {
+        return Ok(credentials);
+    }
+    if !config.insecure {
+        return Err(Error::Config(format!(
+            "refusing to serve {addr}, which other hosts can reach, without TLS and \
+             credentials. This version has no TLS yet: keep the agent on 127.0.0.1 (behind \
+             a TLS proxy or mesh), or pass --insecure to serve {addr} anyway{}",
+            if credentials.is_empty() {
+                " (and add --tokens-file so callers need a token)"
+            } else {
+                ""
+            }
+        )));
+    }
+    warn!(
+        %addr,
+        tokens = credentials.len(),
+        "INSECURE: serving a non-loopback address without TLS{}",
+        if credentials.is_empty() {
+            " and without credentials: anyone who can reach it can do anything"
+        } else {
+            ": tokens cross the network in clear text"
+        }
+    );
+    Ok(credentials)
+}
+
 /// Loads again the pinned models that were READY when the agent stopped.
 async fn reload_pinned(node: &Node, reset: &[(String, modeld_node::model::ModelState)]) {
     let pinned = match node.store.pinned() {
@@ -192,6 +231,7 @@ pub async fn serve(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Serve(format!("listener: {e}")))?;
+    let credentials = exposure(&config, addr)?;
     info!(%addr, "modeld listening");
 
     let (stop_tx, mut stop_rx) = watch::channel(false);
@@ -202,7 +242,8 @@ pub async fn serve(
             tower::ServiceBuilder::new()
                 .layer(api::layers::RequestIdLayer)
                 .layer(api::layers::SpanLayer)
-                .layer(api::layers::DeadlineLayer),
+                .layer(api::layers::DeadlineLayer)
+                .layer(api::auth::AuthLayer::new(credentials)),
         )
         .add_routes(api::routes(agent.clone())?)
         .add_service(health_service)

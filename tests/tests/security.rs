@@ -141,3 +141,130 @@ async fn a_model_under_an_allowed_directory_registers_and_pulls() {
         .unwrap();
     client.pull_to_end("smol").await.unwrap();
 }
+
+const APP_TOKEN: &str = "app-0c3f9b2e5d7a41e8";
+const CI_TOKEN: &str = "ci-5e8a1d4b7c2f9036";
+
+/// An agent that accepts two tokens: "app" (inference) and "ci" (operator).
+async fn agent_with_tokens() -> (Agent, tempfile::TempDir) {
+    use sha2::Digest as _;
+    let dir = tempfile::tempdir().unwrap();
+    let hash = |t: &str| hex::encode(sha2::Sha256::digest(t.as_bytes()));
+    let path = dir.path().join("tokens.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[tokens]]\nname = \"app\"\nrole = \"inference\"\nsha256 = \"{}\"\n\n\
+             [[tokens]]\nname = \"ci\"\nrole = \"operator\"\nsha256 = \"{}\"\n",
+            hash(APP_TOKEN),
+            hash(CI_TOKEN)
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start_with(AgentOptions {
+        args: vec!["--tokens-file".into(), path.display().to_string()],
+        ..Default::default()
+    })
+    .await;
+    (agent, dir)
+}
+
+#[tokio::test]
+async fn tokens_and_roles_decide_who_may_call_what() {
+    let (agent, _dir) = agent_with_tokens().await;
+    let anonymous = agent.client().await;
+    // Health is open: load balancers and orchestrators probe without a token.
+    assert!(anonymous.is_serving().await.unwrap());
+
+    let e = anonymous.capabilities().await.unwrap_err();
+    let status = e.status().unwrap();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(reason(status), "CREDENTIALS_MISSING");
+
+    let wrong = agent.client().await.with_token("not-a-token").unwrap();
+    let e = wrong.capabilities().await.unwrap_err();
+    assert_eq!(e.status().unwrap().code(), Code::Unauthenticated);
+    assert_eq!(reason(e.status().unwrap()), "CREDENTIALS_INVALID");
+
+    let app = agent.client().await.with_token(APP_TOKEN).unwrap();
+    app.capabilities().await.unwrap();
+    let url = format!("file://{}", Assets::get().gguf.display());
+    let e = app
+        .register_model(gguf_spec("smol", &url))
+        .await
+        .unwrap_err();
+    let status = e.status().unwrap();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(reason(status), "ROLE_REQUIRED");
+    assert!(
+        status.message().contains("operator"),
+        "{}",
+        status.message()
+    );
+
+    let ci = agent.client().await.with_token(CI_TOKEN).unwrap();
+    ci.register_model(gguf_spec("smol", &url)).await.unwrap();
+    // The app may read what the operator wrote.
+    assert_eq!(
+        app.get_model("smol").await.unwrap().spec.unwrap().id,
+        "smol"
+    );
+
+    // modelctl carries the token from --token or MODELD_TOKEN.
+    let (ok, _, err) = modeld_e2e::modelctl(&agent, &["models", "list"]);
+    assert!(!ok && err.contains("token"), "{err}");
+    let (ok, out, err) = modeld_e2e::modelctl(&agent, &["--token", APP_TOKEN, "models", "list"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("smol"), "{out}");
+
+    // grpcurl, with the header on the call and on reflection.
+    let assets = Assets::get();
+    let grpcurl = |headers: &[&str]| {
+        let mut cmd = std::process::Command::new(&assets.grpcurl);
+        cmd.arg("-plaintext");
+        for h in headers {
+            cmd.args(["-H", h]);
+        }
+        cmd.arg(agent.addr.to_string())
+            .arg("modeld.v1.Node/GetCapabilities")
+            .output()
+            .unwrap()
+    };
+    let out = grpcurl(&[]);
+    assert!(!out.status.success());
+    let bearer = format!("authorization: Bearer {APP_TOKEN}");
+    let out = grpcurl(&[&bearer]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // No token ever reaches the log.
+    let log = agent.log();
+    assert!(!log.contains(APP_TOKEN) && !log.contains(CI_TOKEN));
+    assert!(log.contains("call refused"), "{log}");
+}
+
+#[tokio::test]
+async fn a_reachable_address_needs_explicit_insecure_until_tls() {
+    let refused = std::process::Command::new(modeld_e2e::binary("modeld"))
+        .args(["--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("refusing to serve") && err.contains("--insecure"),
+        "{err}"
+    );
+
+    let agent = Agent::start_with(AgentOptions {
+        listen: Some("0.0.0.0:0".parse().unwrap()),
+        args: vec!["--insecure".into()],
+        ..Default::default()
+    })
+    .await;
+    assert!(agent.log().contains("INSECURE"), "{}", agent.log());
+}

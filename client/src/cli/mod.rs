@@ -19,6 +19,10 @@ pub struct Cli {
     #[arg(long, env = "MODELD_ADDR", default_value = modelctl::DEFAULT_ADDR, global = true)]
     addr: String,
 
+    /// Bearer token for agents that require one (never printed).
+    #[arg(long, env = "MODELD_TOKEN", global = true, hide_env_values = true)]
+    token: Option<Token>,
+
     /// Output format: human-readable tables, or JSON (the proto3 JSON mapping, as
     /// grpcurl prints it) for scripts.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
@@ -26,6 +30,24 @@ pub struct Cli {
 
     #[command(subcommand)]
     command: Command,
+}
+
+/// A token that never shows in debug output.
+#[derive(Clone)]
+struct Token(String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(redacted)")
+    }
+}
+
+impl std::str::FromStr for Token {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Token(s.to_owned()))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -75,7 +97,10 @@ enum Command {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = Client::connect(&cli.addr).await?;
+    let mut client = Client::connect(&cli.addr).await?;
+    if let Some(token) = &cli.token {
+        client = client.with_token(&token.0)?;
+    }
     match cli.command {
         Command::Node(cmd) => node::run(&client, cmd, cli.output).await,
         Command::Models(cmd) => models::run(&client, cmd, cli.output).await,
