@@ -41,6 +41,8 @@ pub enum ClientError {
     Rpc(tonic::Status),
     #[error("the token is not usable in a header: {0}")]
     InvalidToken(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Adds the caller's credentials to every call.
@@ -60,6 +62,43 @@ impl tonic::service::Interceptor for Credentials {
                 .insert("authorization", value.clone());
         }
         Ok(request)
+    }
+}
+
+/// TLS material for connecting to an agent.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    /// PEM CA bundle the agent's certificate must chain to; `None` = system roots.
+    pub ca: Option<std::path::PathBuf>,
+    /// PEM client certificate and key, for agents that require one (mTLS).
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl Tls {
+    pub fn is_empty(&self) -> bool {
+        self.ca.is_none() && self.cert.is_none() && self.key.is_none()
+    }
+
+    fn client_config(&self) -> Result<tonic::transport::ClientTlsConfig> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| ClientError::Tls(format!("{}: {e}", p.display())))
+        };
+        let mut config = tonic::transport::ClientTlsConfig::new();
+        config = match &self.ca {
+            Some(ca) => config.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?)),
+            None => config.with_native_roots(),
+        };
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Ok(config.identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ))),
+            (None, None) => Ok(config),
+            _ => Err(ClientError::Tls(
+                "a client certificate needs its key, and a key its certificate".into(),
+            )),
+        }
     }
 }
 
@@ -112,18 +151,37 @@ impl Client {
     /// Connects to an agent at `addr` (`http://host:port`; a bare `host:port` is taken
     /// as http).
     pub async fn connect(addr: &str) -> Result<Client> {
+        Client::connect_with_tls(addr, &Tls::default()).await
+    }
+
+    /// Connects over TLS when `addr` is `https://` (or any TLS file is given): the
+    /// agent's certificate checked against `tls.ca` (else the system's roots), and
+    /// `tls.cert`/`tls.key` presented when the agent asks for a client certificate.
+    pub async fn connect_with_tls(addr: &str, tls: &Tls) -> Result<Client> {
         let addr = if addr.contains("://") {
             addr.to_owned()
         } else {
             format!("http://{addr}")
         };
-        let endpoint = Endpoint::from_shared(addr.clone())
-            .map_err(|e| ClientError::InvalidAddress {
-                addr: addr.clone(),
-                reason: e.to_string(),
-            })?
+        let invalid = |reason: String| ClientError::InvalidAddress {
+            addr: addr.clone(),
+            reason,
+        };
+        let mut endpoint = Endpoint::from_shared(addr.clone())
+            .map_err(|e| invalid(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
+        let secure = addr.starts_with("https://");
+        if !secure && !tls.is_empty() {
+            return Err(invalid(
+                "TLS files were given: use an https:// address".into(),
+            ));
+        }
+        if secure {
+            endpoint = endpoint
+                .tls_config(tls.client_config()?)
+                .map_err(|e| invalid(e.to_string()))?;
+        }
         let channel = endpoint.connect().await.map_err(|e| ClientError::Connect {
             addr: addr.clone(),
             reason: modeld_engine_core::error_chain(&e),

@@ -23,7 +23,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub struct Args {
     /// Address to serve gRPC on [default: 127.0.0.1:7700]. Port 0 picks a free port; the
     /// agent logs the address it bound. A non-loopback address needs TLS and
-    /// credentials; this version has no TLS yet, so it also needs --insecure.
+    /// credentials (--tls-cert/--tls-key, and --tokens-file or --tls-client-ca), or
+    /// --insecure.
     #[arg(long, env = "MODELD_LISTEN")]
     pub listen: Option<SocketAddr>,
 
@@ -58,6 +59,21 @@ pub struct Args {
     /// anonymous admin, which the agent allows on a loopback address only.
     #[arg(long, env = "MODELD_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
+
+    /// PEM certificate chain to serve TLS with (with --tls-key). Read again when the
+    /// file changes, so a rotation needs no restart.
+    #[arg(long, env = "MODELD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "MODELD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: every client must present a certificate from it (mTLS); its
+    /// subject common name (or SAN URI) is its identity, given a role by the tokens
+    /// file's [[clients]].
+    #[arg(long, env = "MODELD_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
 
     /// Serve a non-loopback address without TLS and credentials. Anyone who can
     /// reach the port can then do anything; the agent says so at every start.
@@ -273,6 +289,9 @@ struct FileConfig {
     allow_dirs: Option<Vec<PathBuf>>,
     tokens_file: Option<PathBuf>,
     insecure: Option<bool>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
     scan_on_start: Option<bool>,
     log: Option<String>,
     log_format: Option<LogFormat>,
@@ -314,6 +333,8 @@ pub struct Config {
     pub tokens_file: Option<PathBuf>,
     /// Serve a non-loopback address without TLS and credentials.
     pub insecure: bool,
+    /// TLS for the listener; `None` = plaintext.
+    pub tls: Option<crate::tls::TlsFiles>,
     pub scan_on_start: bool,
     pub log: String,
     pub log_format: LogFormat,
@@ -404,6 +425,25 @@ impl Config {
                 .map(absolute)
                 .transpose()?,
             insecure: args.insecure || file.insecure.unwrap_or(false),
+            tls: match (
+                args.tls_cert.or(file.tls_cert),
+                args.tls_key.or(file.tls_key),
+                args.tls_client_ca.or(file.tls_client_ca),
+            ) {
+                (Some(cert), Some(key), client_ca) => Some(crate::tls::TlsFiles {
+                    cert: absolute(cert)?,
+                    key: absolute(key)?,
+                    client_ca: client_ca.map(absolute).transpose()?,
+                }),
+                (None, None, None) => None,
+                _ => {
+                    return Err(Error::Config(
+                        "TLS needs both a certificate and a key (--tls-cert, --tls-key); a \
+                         client CA needs them too"
+                            .into(),
+                    ));
+                }
+            },
             scan_on_start: args.scan_on_start.or(file.scan_on_start).unwrap_or(true),
             log: args.log.or(file.log).unwrap_or_else(|| "info".to_owned()),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),

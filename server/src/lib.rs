@@ -9,6 +9,7 @@ pub mod engines;
 pub mod error;
 pub mod serve;
 pub mod telemetry;
+pub mod tls;
 pub use modeld_tokenizer as tokenizer;
 
 pub use config::{Args, Config};

@@ -24,41 +24,38 @@ use modeld_node::storage::{Storage, StorageSettings};
 use modeld_node::store::Store;
 
 /// The credentials to serve `addr` with, or why the agent must not serve it. On
-/// loopback anything goes; anywhere else the agent needs TLS and credentials, which
-/// only `--insecure` waives (and then it says so at every start).
+/// loopback anything goes; anywhere else the agent needs TLS and credentials (tokens,
+/// or client certificates), which only `--insecure` waives, and then it says so at
+/// every start.
 fn exposure(config: &Config, addr: std::net::SocketAddr) -> Result<api::auth::Credentials> {
-    let credentials = match &config.tokens_file {
+    let mut credentials = match &config.tokens_file {
         Some(path) => api::auth::Credentials::from_file(path)?,
         None => api::auth::Credentials::default(),
     };
-    if !credentials.is_empty() {
-        info!(tokens = credentials.len(), "callers need a token");
+    if config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) {
+        credentials = credentials.require_certificates();
     }
-    if addr.ip().is_loopback() {
+    if !credentials.is_empty() {
+        info!(tokens = credentials.len(), "callers need credentials");
+    }
+    let tls = config.tls.is_some();
+    if addr.ip().is_loopback() || (tls && !credentials.is_empty()) {
         return Ok(credentials);
     }
+    let missing = match (tls, credentials.is_empty()) {
+        (false, true) => {
+            "TLS (--tls-cert, --tls-key) and credentials (--tokens-file or --tls-client-ca)"
+        }
+        (false, false) => "TLS (--tls-cert, --tls-key)",
+        _ => "credentials (--tokens-file or --tls-client-ca)",
+    };
     if !config.insecure {
         return Err(Error::Config(format!(
-            "refusing to serve {addr}, which other hosts can reach, without TLS and \
-             credentials. This version has no TLS yet: keep the agent on 127.0.0.1 (behind \
-             a TLS proxy or mesh), or pass --insecure to serve {addr} anyway{}",
-            if credentials.is_empty() {
-                " (and add --tokens-file so callers need a token)"
-            } else {
-                ""
-            }
+            "refusing to serve {addr}, which other hosts can reach, without {missing}; \
+             configure them, or pass --insecure to serve it anyway"
         )));
     }
-    warn!(
-        %addr,
-        tokens = credentials.len(),
-        "INSECURE: serving a non-loopback address without TLS{}",
-        if credentials.is_empty() {
-            " and without credentials: anyone who can reach it can do anything"
-        } else {
-            ": tokens cross the network in clear text"
-        }
-    );
+    warn!(%addr, missing, "INSECURE: serving a non-loopback address without {missing}");
     Ok(credentials)
 }
 
@@ -232,7 +229,11 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| Error::Serve(format!("listener: {e}")))?;
     let credentials = exposure(&config, addr)?;
-    info!(%addr, "modeld listening");
+    let tls = match &config.tls {
+        Some(files) => Some(crate::tls::Tls::start(files.clone(), shutdown_rx.clone())?),
+        None => None,
+    };
+    info!(%addr, tls = tls.is_some(), "modeld listening");
 
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let server = Server::builder()
@@ -246,15 +247,21 @@ pub async fn serve(
                 .layer(api::auth::AuthLayer::new(credentials)),
         )
         .add_routes(api::routes(agent.clone())?)
-        .add_service(health_service)
+        .add_service(health_service);
+    let stopped = async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    };
+    let server: std::pin::Pin<
+        Box<dyn Future<Output = std::result::Result<(), tonic::transport::Error>> + Send>,
+    > = match tls {
+        Some(tls) => Box::pin(server.serve_with_incoming_shutdown(tls.incoming(listener), stopped)),
         // Nodelay on accepted sockets: without it small answers wait for the peer's
         // delayed ACK (40 ms on Linux).
-        .serve_with_incoming_shutdown(
+        None => Box::pin(server.serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            },
-        );
+            stopped,
+        )),
+    };
     tokio::pin!(server);
 
     tokio::select! {

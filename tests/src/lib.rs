@@ -126,6 +126,10 @@ pub struct AgentOptions {
     /// `None`: the test assets' cache and the temporary directory, where the tests
     /// keep the models they register by `file://`.
     pub allow_dirs: Option<Vec<PathBuf>>,
+    /// Connect over TLS (`https://localhost:PORT`) with this CA and client identity.
+    pub client_tls: Option<modelctl::Tls>,
+    /// Send this bearer token on every call of `client()`.
+    pub token: Option<String>,
 }
 
 /// Where the test assets live (`MODELD_CACHE_DIR`, else `~/.cache/modeld`).
@@ -250,7 +254,7 @@ impl Agent {
     pub async fn wait_serving(&self) {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Ok(c) = Client::connect(&self.url()).await
+            if let Ok(c) = self.try_client().await
                 && c.is_serving().await.unwrap_or(false)
             {
                 return;
@@ -265,13 +269,25 @@ impl Agent {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.options.client_tls.is_some() {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(&self.url())
-            .await
-            .expect("connect to agent")
+        self.try_client().await.expect("connect to agent")
+    }
+
+    /// A client as the options say: TLS and token when given.
+    pub async fn try_client(&self) -> modelctl::Result<Client> {
+        let tls = self.options.client_tls.clone().unwrap_or_default();
+        let client = Client::connect_with_tls(&self.url(), &tls).await?;
+        match &self.options.token {
+            Some(t) => client.with_token(t),
+            None => Ok(client),
+        }
     }
 
     pub fn pid(&self) -> u32 {

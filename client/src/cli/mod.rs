@@ -23,6 +23,19 @@ pub struct Cli {
     #[arg(long, env = "MODELD_TOKEN", global = true, hide_env_values = true)]
     token: Option<Token>,
 
+    /// PEM CA bundle to check an https:// agent's certificate against [default: the
+    /// system's roots].
+    #[arg(long, env = "MODELD_TLS_CA", global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+
+    /// PEM client certificate, for agents that require one (with --tls-key).
+    #[arg(long, env = "MODELD_CLIENT_CERT", global = true)]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM key of --tls-cert.
+    #[arg(long, env = "MODELD_CLIENT_KEY", global = true)]
+    tls_key: Option<std::path::PathBuf>,
+
     /// Output format: human-readable tables, or JSON (the proto3 JSON mapping, as
     /// grpcurl prints it) for scripts.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
@@ -97,7 +110,12 @@ enum Command {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut client = Client::connect(&cli.addr).await?;
+    let tls = modelctl::Tls {
+        ca: cli.tls_ca.clone(),
+        cert: cli.tls_cert.clone(),
+        key: cli.tls_key.clone(),
+    };
+    let mut client = Client::connect_with_tls(&cli.addr, &tls).await?;
     if let Some(token) = &cli.token {
         client = client.with_token(&token.0)?;
     }

@@ -22,6 +22,7 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 use tonic::codegen::http;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 use tower::{Layer, Service};
@@ -97,6 +98,16 @@ struct TokenEntry {
 struct TokensFile {
     #[serde(default)]
     tokens: Vec<TokenLine>,
+    #[serde(default)]
+    clients: Vec<ClientLine>,
+}
+
+/// A client certificate's identity (subject common name or SAN URI) and its role.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientLine {
+    identity: String,
+    role: Role,
 }
 
 #[derive(Debug, Deserialize)]
@@ -112,6 +123,10 @@ struct TokenLine {
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {
     tokens: Vec<TokenEntry>,
+    /// Roles of client-certificate identities (mTLS).
+    clients: Vec<(String, Role)>,
+    /// Clients must present a certificate from the configured CA.
+    certificates_required: bool,
 }
 
 impl Credentials {
@@ -150,11 +165,36 @@ impl Credentials {
                 sha256,
             });
         }
-        Ok(Credentials { tokens })
+        let clients = file
+            .clients
+            .into_iter()
+            .map(|c| (c.identity, c.role))
+            .collect();
+        Ok(Credentials {
+            tokens,
+            clients,
+            certificates_required: false,
+        })
     }
 
+    /// Every connection presents a certificate the TLS layer verified against the
+    /// client CA; its identity gets the role `[[clients]]` gives it.
+    pub fn require_certificates(mut self) -> Credentials {
+        self.certificates_required = true;
+        self
+    }
+
+    /// No credentials at all: every caller is trusted (loopback only).
     pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
+        self.tokens.is_empty() && !self.certificates_required
+    }
+
+    /// The role a certificate identity has.
+    fn client_role(&self, identity: &str) -> Option<Role> {
+        self.clients
+            .iter()
+            .find(|(name, _)| name == identity)
+            .map(|(_, role)| *role)
     }
 
     pub fn len(&self) -> usize {
@@ -196,6 +236,7 @@ pub fn authorize(
     credentials: &Credentials,
     path: &str,
     authorization: Option<&str>,
+    certificate: Option<&str>,
 ) -> std::result::Result<Option<Identity>, Status> {
     let needed = match access(path) {
         Access::Open => return Ok(None),
@@ -207,17 +248,39 @@ pub fn authorize(
             role: Role::Admin,
         }));
     }
-    let Some(token) = authorization.and_then(|v| v.strip_prefix("Bearer ")) else {
-        return Err(refusal(
-            Code::Unauthenticated,
-            "CREDENTIALS_MISSING",
-            "this agent needs a token: send `authorization: Bearer TOKEN` (modelctl \
-             --token, or MODELD_TOKEN)"
-                .into(),
-            &[],
-        ));
+    let token = authorization.and_then(|v| v.strip_prefix("Bearer "));
+    let identity = match (token, certificate) {
+        // A token names the caller more precisely than a shared device certificate.
+        (Some(token), _) => credentials.identify(token.trim()),
+        (None, Some(subject)) => match credentials.client_role(subject) {
+            Some(role) => Some(Identity {
+                name: subject.to_owned(),
+                role,
+            }),
+            None => {
+                return Err(refusal(
+                    Code::PermissionDenied,
+                    "ROLE_REQUIRED",
+                    format!(
+                        "the client certificate {subject:?} has no role here: give it one \
+                         in the tokens file's [[clients]]"
+                    ),
+                    &[("required_role", needed.as_str()), ("identity", subject)],
+                ));
+            }
+        },
+        (None, None) => {
+            return Err(refusal(
+                Code::Unauthenticated,
+                "CREDENTIALS_MISSING",
+                "this agent needs a token: send `authorization: Bearer TOKEN` (modelctl \
+                 --token, or MODELD_TOKEN)"
+                    .into(),
+                &[],
+            ));
+        }
     };
-    let Some(identity) = credentials.identify(token.trim()) else {
+    let Some(identity) = identity else {
         return Err(refusal(
             Code::Unauthenticated,
             "CREDENTIALS_INVALID",
@@ -294,7 +357,22 @@ where
             .headers()
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        match authorize(&self.credentials, request.uri().path(), authorization) {
+        // Present only when the TLS layer verified the client's certificate.
+        let certificate = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(TlsConnectInfo::peer_certs)
+            .and_then(|chain| {
+                chain
+                    .first()
+                    .and_then(|leaf| crate::tls::certificate_identity(leaf))
+            });
+        match authorize(
+            &self.credentials,
+            request.uri().path(),
+            authorization,
+            certificate.as_deref(),
+        ) {
             Ok(identity) => {
                 if let Some(identity) = identity {
                     request.extensions_mut().insert(identity);
@@ -331,6 +409,8 @@ mod tests {
                 entry("ci", Role::Operator, "operator-token"),
                 entry("root", Role::Admin, "admin-token"),
             ],
+            clients: vec![("fleet-controller".into(), Role::Operator)],
+            certificates_required: false,
         }
     }
 
@@ -364,7 +444,7 @@ mod tests {
     #[test]
     fn tokens_grant_their_role_and_no_more() {
         let c = creds();
-        let call = |path: &str, auth: Option<&str>| authorize(&c, path, auth);
+        let call = |path: &str, auth: Option<&str>| authorize(&c, path, auth, None);
         let generate = "/modeld.v1.Generate/Generate";
         let register = "/modeld.v1.ModelRegistry/RegisterModel";
 
@@ -402,10 +482,30 @@ mod tests {
     #[test]
     fn without_credentials_every_caller_is_an_anonymous_admin() {
         let c = Credentials::default();
-        let id = authorize(&c, "/modeld.v1.Storage/Push", None)
+        let id = authorize(&c, "/modeld.v1.Storage/Push", None, None)
             .unwrap()
             .unwrap();
         assert_eq!(id.role, Role::Admin);
+    }
+
+    #[test]
+    fn a_verified_certificate_gets_the_role_its_identity_has() {
+        let c = creds();
+        let register = "/modeld.v1.ModelRegistry/RegisterModel";
+        let id = authorize(&c, register, None, Some("fleet-controller"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(id.role, Role::Operator);
+        let unknown = authorize(&c, register, None, Some("laptop")).unwrap_err();
+        assert_eq!(unknown.code(), Code::PermissionDenied);
+        // A token beside the certificate decides.
+        let app = authorize(
+            &c,
+            register,
+            Some("Bearer inference-token"),
+            Some("fleet-controller"),
+        );
+        assert_eq!(app.unwrap_err().code(), Code::PermissionDenied);
     }
 
     #[test]
