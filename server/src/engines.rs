@@ -83,12 +83,17 @@ fn isolated(
         args.extend(["--onnxruntime-library".into(), lib.clone().into()]);
     }
     let command = modeld_engine_process::EngineCommand { program, args };
+    // Each engine's socket is served on the agent's runtime.
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+        Error::Config("engine processes are started from within the agent's runtime".into())
+    })?;
     Ok(engines
         .into_iter()
         .map(|inner| {
             Arc::new(modeld_engine_process::ProcessEngine::new(
                 inner,
                 command.clone(),
+                runtime.clone(),
             )) as Arc<dyn Engine>
         })
         .collect())

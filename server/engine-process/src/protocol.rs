@@ -93,8 +93,8 @@ pub enum Reply {
     Text(String),
 }
 
-/// Writes one frame.
-pub fn write<W: Write, T: Serialize>(out: &mut W, message: &T) -> io::Result<()> {
+/// One message as a frame: its length, then its body.
+pub fn encode<T: Serialize>(message: &T) -> io::Result<Vec<u8>> {
     let body = postcard::to_stdvec(message).map_err(io::Error::other)?;
     if body.len() > MAX_FRAME_BYTES {
         return Err(io::Error::other(format!(
@@ -103,12 +103,44 @@ pub fn write<W: Write, T: Serialize>(out: &mut W, message: &T) -> io::Result<()>
         )));
     }
     let len = u32::try_from(body.len()).map_err(io::Error::other)?;
-    // One write per frame: a token is one syscall on the way out.
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&len.to_le_bytes());
     frame.extend_from_slice(&body);
-    out.write_all(&frame)?;
+    Ok(frame)
+}
+
+/// Writes one frame.
+pub fn write<W: Write, T: Serialize>(out: &mut W, message: &T) -> io::Result<()> {
+    // One write per frame: a token is one syscall on the way out.
+    out.write_all(&encode(message)?)?;
     out.flush()
+}
+
+/// Reads one frame on the async runtime; `Ok(None)` at a clean end of stream.
+pub async fn read_async<R, T>(input: &mut R) -> io::Result<Option<T>>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    use tokio::io::AsyncReadExt as _;
+    let mut len = [0u8; 4];
+    match input.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a {len}-byte frame is over the {MAX_FRAME_BYTES}-byte limit"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    input.read_exact(&mut body).await?;
+    postcard::from_bytes(&body)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Reads one frame; `Ok(None)` at a clean end of stream.

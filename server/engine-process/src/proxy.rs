@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::io::BufReader;
 use std::os::fd::AsFd as _;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt as _;
@@ -42,11 +41,23 @@ pub struct EngineCommand {
 pub struct ProcessEngine {
     inner: Arc<dyn Engine>,
     command: EngineCommand,
+    /// The agent's async runtime: each model's socket is read and written there, so a
+    /// token costs the wake-up of a runtime thread the client's stream needs anyway,
+    /// not one more thread's.
+    runtime: tokio::runtime::Handle,
 }
 
 impl ProcessEngine {
-    pub fn new(inner: Arc<dyn Engine>, command: EngineCommand) -> ProcessEngine {
-        ProcessEngine { inner, command }
+    pub fn new(
+        inner: Arc<dyn Engine>,
+        command: EngineCommand,
+        runtime: tokio::runtime::Handle,
+    ) -> ProcessEngine {
+        ProcessEngine {
+            inner,
+            command,
+            runtime,
+        }
     }
 }
 
@@ -83,8 +94,14 @@ impl Engine for ProcessEngine {
         path: &Path,
         options: &LoadOptions,
     ) -> Result<Box<dyn LoadedModel>, EngineError> {
-        RemoteModel::start(&self.command, self.runtime(), path, options)
-            .map(|m| Box::new(m) as Box<dyn LoadedModel>)
+        RemoteModel::start(
+            &self.command,
+            &self.runtime,
+            self.inner.runtime(),
+            path,
+            options,
+        )
+        .map(|m| Box::new(m) as Box<dyn LoadedModel>)
     }
 }
 
@@ -115,7 +132,9 @@ struct Calls {
 /// The channel to one engine process, shared by the model, its tokenizer and the
 /// reader thread.
 struct Link {
-    writer: Mutex<UnixStream>,
+    /// Frames to the engine process, written by a task on the runtime; `None` once the
+    /// agent closed the channel.
+    outgoing: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Vec<u8>>>>,
     calls: Mutex<Calls>,
     /// Signalled when a generation ends or the process does.
     generation_ended: Condvar,
@@ -132,8 +151,28 @@ impl Link {
     }
 
     fn send(&self, message: &ToEngine) -> std::io::Result<()> {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        protocol::write(&mut *w, message)
+        let frame = protocol::encode(message)?;
+        let closed = || {
+            std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the engine process's channel is closed",
+            )
+        };
+        let outgoing = self.outgoing.lock().unwrap_or_else(|p| p.into_inner());
+        outgoing
+            .as_ref()
+            .ok_or_else(closed)?
+            .send(frame)
+            .map_err(|_| closed())
+    }
+
+    /// Ends the channel: the writer shuts the socket's sending side, which tells the
+    /// engine process to finish and exit.
+    fn close(&self) {
+        self.outgoing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 
     /// Registers a waiting call under a fresh id and sends what `message` builds,
@@ -190,11 +229,12 @@ impl Link {
         })
     }
 
-    /// Handles frames until the process closes its end, then reaps it and ends
-    /// whatever still waits.
-    fn read_until_exit(&self, mut input: BufReader<UnixStream>) {
+    /// Handles frames until the process closes its end; then, off the runtime, reaps
+    /// it and ends whatever still waits.
+    async fn read_frames(self: Arc<Self>, input: tokio::net::unix::OwnedReadHalf) {
+        let mut input = tokio::io::BufReader::new(input);
         loop {
-            match protocol::read::<_, ToAgent>(&mut input) {
+            match protocol::read_async::<_, ToAgent>(&mut input).await {
                 Ok(Some(frame)) => self.dispatch(frame),
                 Ok(None) => break,
                 Err(e) => {
@@ -204,6 +244,10 @@ impl Link {
                 }
             }
         }
+    }
+
+    /// Reaps the process and ends every call still waiting. Blocking.
+    fn finish(&self) {
         let status = self
             .child
             .lock()
@@ -314,6 +358,7 @@ pub struct RemoteModel {
 impl RemoteModel {
     fn start(
         command: &EngineCommand,
+        handle: &tokio::runtime::Handle,
         runtime: Runtime,
         path: &Path,
         options: &LoadOptions,
@@ -339,12 +384,9 @@ impl RemoteModel {
             .spawn()
             .map_err(|e| unavailable(&command.program.display().to_string(), e))?;
         let pid = child.id();
-        // Buffered: a frame is one read, not two.
-        let mut input = BufReader::new(
-            agent_end
-                .try_clone()
-                .map_err(|e| unavailable("socket", e))?,
-        );
+        // The load is a blocking exchange on this thread; the socket moves to the
+        // runtime once the model is up.
+        let mut input = &agent_end;
         let load = ToEngine::Load {
             runtime,
             path: path.to_path_buf(),
@@ -378,8 +420,9 @@ impl RemoteModel {
             }
         };
         tracing::info!(pid, model = %path.display(), %confinement, "model loaded in its engine process");
+        let (outgoing, frames) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
         let link = Arc::new(Link {
-            writer: Mutex::new(agent_end),
+            outgoing: Mutex::new(Some(outgoing)),
             calls: Mutex::default(),
             generation_ended: Condvar::new(),
             on_crash: Mutex::new(None),
@@ -388,15 +431,32 @@ impl RemoteModel {
             pid,
         });
         let (reaped_tx, reaped) = mpsc::channel();
+        let socket = {
+            let _runtime = handle.enter();
+            agent_end
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixStream::from_std(agent_end))
+        };
+        let (read_half, write_half) = match socket {
+            Ok(socket) => socket.into_split(),
+            Err(e) => {
+                link.kill();
+                link.finish();
+                return Err(unavailable("socket", e));
+            }
+        };
+        handle.spawn(write_frames(frames, write_half));
         {
             let link = link.clone();
-            std::thread::Builder::new()
-                .name(format!("modeld-engine-{pid}"))
-                .spawn(move || {
-                    link.read_until_exit(input);
+            handle.spawn(async move {
+                link.clone().read_frames(read_half).await;
+                // Waiting for the process and telling the worker block.
+                let _ = tokio::task::spawn_blocking(move || {
+                    link.finish();
                     let _ = reaped_tx.send(());
                 })
-                .map_err(|e| unavailable("reader thread", e))?;
+                .await;
+            });
         }
         Ok(RemoteModel {
             tokenizer: Arc::new(RemoteTokenizer {
@@ -515,16 +575,26 @@ impl LoadedModel for RemoteModel {
     }
 }
 
+/// Writes frames to the engine process until the agent closes the channel, then
+/// shuts the socket's sending side: the engine process's signal to finish and exit.
+async fn write_frames(
+    mut frames: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    mut output: tokio::net::unix::OwnedWriteHalf,
+) {
+    use tokio::io::AsyncWriteExt as _;
+    while let Some(frame) = frames.recv().await {
+        if output.write_all(&frame).await.is_err() {
+            // The process is gone; the reader reports how.
+            return;
+        }
+    }
+    let _ = output.shutdown().await;
+}
+
 impl Drop for RemoteModel {
     fn drop(&mut self) {
         self.link.closing.store(true, Ordering::SeqCst);
-        // Closing our end is the engine process's signal to finish and exit.
-        let _ = self
-            .link
-            .writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .shutdown(std::net::Shutdown::Write);
+        self.link.close();
         if self.reaped.recv_timeout(EXIT_GRACE).is_err() {
             tracing::warn!(
                 pid = self.link.pid,

@@ -45,6 +45,27 @@ struct Queue {
     model_id: Arc<str>,
 }
 
+/// Sends `event`, waiting while the client's channel is full. Engines inside the agent
+/// call this from their own thread; an engine process's frames are handed over on the
+/// async runtime, where waiting must first leave the worker thread.
+fn send_waiting(events: &mpsc::Sender<Event>, event: Event) -> std::result::Result<(), ()> {
+    match events.try_send(event) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+        Err(mpsc::error::TrySendError::Full(event)) => {
+            match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+                Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                    tokio::task::block_in_place(|| events.blocking_send(event)).map_err(drop)
+                }
+                Err(_) => events.blocking_send(event).map_err(drop),
+                // A single-threaded runtime cannot wait here without stopping itself:
+                // the generation stops instead (the agent's runtime is multi-threaded).
+                Ok(_) => Err(()),
+            }
+        }
+    }
+}
+
 /// The agent's error for an engine's: a crashed engine process names the model.
 fn engine_failure(model_id: &str, e: EngineError) -> Error {
     match e {
@@ -70,7 +91,7 @@ impl Outcome {
     fn send(mut self, event: Event) {
         self.last_used.store(now_ms(), Ordering::Relaxed);
         if let Some(events) = self.events.take() {
-            let _ = events.blocking_send(event);
+            let _ = send_waiting(&events, event);
         }
     }
 }
@@ -112,7 +133,7 @@ impl Queue {
                 // generation ends with this token.
                 if deadline.is_some_and(|d| Instant::now() >= d)
                     || cancel.load(Ordering::Relaxed)
-                    || events.blocking_send(Event::Token(token)).is_err()
+                    || send_waiting(&events, Event::Token(token)).is_err()
                 {
                     Flow::Stop
                 } else {
