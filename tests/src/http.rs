@@ -30,6 +30,8 @@ pub enum Fault {
     Corrupt(u64),
     /// Like DropAfter, and the file gets this new ETag (it "changed" on the server).
     DropAndChangeEtag(u64, String),
+    /// Answer 302 with this Location.
+    Redirect(String),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -50,6 +52,8 @@ pub struct Seen {
     pub range: Option<String>,
     pub if_range: Option<String>,
     pub authorization: Option<String>,
+    /// The `x-api-key` header, for tests of headers scoped to a host.
+    pub api_key: Option<String>,
     pub status: u16,
     pub at: std::time::Instant,
 }
@@ -175,6 +179,7 @@ async fn handle(
             range: header(header::RANGE),
             if_range: header(header::IF_RANGE),
             authorization: header(header::AUTHORIZATION),
+            api_key: header(header::HeaderName::from_static("x-api-key")),
             status,
             at: std::time::Instant::now(),
         });
@@ -184,6 +189,14 @@ async fn handle(
         return Response::builder().status(400).body(Body::empty()).unwrap();
     }
     for f in &faults {
+        if let Fault::Redirect(to) = f {
+            record(302);
+            return Response::builder()
+                .status(302)
+                .header(header::LOCATION, to)
+                .body(Body::empty())
+                .unwrap();
+        }
         if let Fault::Status(code, retry_after) = f {
             record(*code);
             let mut b = Response::builder().status(*code);

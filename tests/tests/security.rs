@@ -268,3 +268,69 @@ async fn a_reachable_address_needs_explicit_insecure_until_tls() {
     .await;
     assert!(agent.log().contains("INSECURE"), "{}", agent.log());
 }
+
+/// Remote sources follow at most 5 redirects, to http(s) only, and a header configured
+/// for one host is never sent to the host a redirect points to.
+#[tokio::test]
+async fn redirects_are_bounded_and_headers_stay_with_their_host() {
+    use modeld_e2e::{Fault, model_server};
+    let assets = Assets::get();
+    let (_dir_a, origin) = model_server(&assets).await;
+    let (_dir_b, mirror) = model_server(&assets).await;
+    let agent = Agent::start_with(AgentOptions {
+        args: vec![
+            "--source-header".into(),
+            "127.0.0.1=X-Api-Key: origin-secret".into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let client = agent.client().await;
+
+    // The origin (127.0.0.1) sends the download to a mirror named differently.
+    let to_mirror = format!("http://localhost:{}/smol.gguf", mirror.addr.port());
+    origin.fault("smol.gguf", Fault::Redirect(to_mirror));
+    client
+        .register_model(gguf_spec("redirected", &origin.url("smol.gguf")))
+        .await
+        .unwrap();
+    client.pull_to_end("redirected").await.unwrap();
+    let at_origin = origin.seen("smol.gguf");
+    assert_eq!(at_origin[0].status, 302);
+    assert_eq!(at_origin[0].api_key.as_deref(), Some("origin-secret"));
+    let at_mirror = mirror.seen("smol.gguf");
+    assert!(!at_mirror.is_empty(), "the redirect was followed");
+    assert!(
+        at_mirror.iter().all(|s| s.api_key.is_none()),
+        "the origin's header reached the mirror: {at_mirror:?}"
+    );
+
+    // To another scheme: refused, nothing read. (A fresh agent each: the file is
+    // already stored on the first one, content-addressed.)
+    let scheme_agent = Agent::start().await;
+    let client = scheme_agent.client().await;
+    let (_dir_c, server) = model_server(&assets).await;
+    server.always("smol.gguf", Fault::Redirect("file:///etc/passwd".into()));
+    client
+        .register_model(gguf_spec("to-file", &server.url("smol.gguf")))
+        .await
+        .unwrap();
+    let e = client.pull_to_end("to-file").await.unwrap_err().to_string();
+    assert!(e.contains("only http and https"), "{e}");
+
+    // A loop: refused after 5.
+    let looping_agent = Agent::start().await;
+    let client = looping_agent.client().await;
+    let (_dir_d, looping) = model_server(&assets).await;
+    looping.always("smol.gguf", Fault::Redirect(looping.url("smol.gguf")));
+    client
+        .register_model(gguf_spec("looping", &looping.url("smol.gguf")))
+        .await
+        .unwrap();
+    let e = client.pull_to_end("looping").await.unwrap_err().to_string();
+    assert!(e.contains("more than 5 redirects"), "{e}");
+    assert!(
+        looping.seen("smol.gguf").len() <= 6 * 6,
+        "retried without end"
+    );
+}

@@ -95,12 +95,19 @@ async fn fetch_url(url: &str, http: &reqwest::Client) -> Result<String> {
         url: url.to_owned(),
         message,
     };
-    let response = http
-        .get(url)
-        .timeout(FETCH_TIMEOUT)
-        .send()
-        .await
-        .map_err(|e| unavailable(modeld_engine_core::error_chain(&e)))?;
+    let parsed = url::Url::parse(url).map_err(|e| unavailable(format!("bad URL: {e}")))?;
+    let response =
+        crate::http_client::get_following(http, parsed, |req, _| req.timeout(FETCH_TIMEOUT))
+            .await
+            .map_err(|e| match e {
+                crate::http_client::FetchError::Http(e) => {
+                    unavailable(modeld_engine_core::error_chain(&e))
+                }
+                crate::http_client::FetchError::Redirect(why) => Error::CatalogRejected {
+                    url: url.to_owned(),
+                    message: why,
+                },
+            })?;
     let status = response.status();
     if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
         return Err(unavailable(format!("server answered {status}")));

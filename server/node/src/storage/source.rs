@@ -213,20 +213,31 @@ async fn open_http(
     offset: u64,
     validator: &str,
 ) -> Result<Opened, SourceFault> {
-    let mut req = ctx.http.get(url.clone());
-    for (name, value) in ctx.headers.for_url(&url) {
-        req = req.header(name, value.0.clone());
-    }
-    if offset > 0 {
-        req = req.header(RANGE, format!("bytes={offset}-"));
-        if !validator.is_empty() {
-            req = req.header(IF_RANGE, validator);
+    // Headers are chosen per hop: a redirect to another host gets that host's own.
+    let prepare = |mut req: reqwest::RequestBuilder, hop: &url::Url| {
+        for (name, value) in ctx.headers.for_url(hop) {
+            req = req.header(name, value.0.clone());
         }
-    }
-    let resp = tokio::time::timeout(ctx.stall_timeout.max(Duration::from_secs(10)), req.send())
-        .await
-        .map_err(|_| retryable("no response headers before the stall timeout"))?
-        .map_err(|e| retryable(format!("request failed: {}", chain(&e))))?;
+        if offset > 0 {
+            req = req.header(RANGE, format!("bytes={offset}-"));
+            if !validator.is_empty() {
+                req = req.header(IF_RANGE, validator);
+            }
+        }
+        req
+    };
+    let resp = tokio::time::timeout(
+        ctx.stall_timeout.max(Duration::from_secs(10)),
+        crate::http_client::get_following(&ctx.http, url, prepare),
+    )
+    .await
+    .map_err(|_| retryable("no response headers before the stall timeout"))?
+    .map_err(|e| match e {
+        crate::http_client::FetchError::Http(e) => {
+            retryable(format!("request failed: {}", chain(&e)))
+        }
+        crate::http_client::FetchError::Redirect(why) => SourceFault::Permanent(why),
+    })?;
     let status = resp.status();
     let headers = resp.headers();
     let new_validator = headers
