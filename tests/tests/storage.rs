@@ -704,6 +704,22 @@ async fn file_urls_and_peer_agents_are_sources_too() {
         .await
         .unwrap_err();
     assert_eq!(past.code(), Code::OutOfRange);
+
+    // Only blobs of registered models are served: once no model lists the digest, the
+    // blob reads as absent even while its file is still on disk.
+    a_client.delete_model("smol").await.unwrap();
+    let unlisted = storage
+        .read_blob(pb::ReadBlobRequest {
+            sha256: SMOLLM2_SHA256.into(),
+            offset: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unlisted.code(), Code::NotFound, "{unlisted:?}");
+    assert_eq!(
+        unlisted.message().replace(SMOLLM2_SHA256, "X"),
+        missing.message().replace(&"0".repeat(64), "X")
+    );
 }
 
 #[tokio::test]

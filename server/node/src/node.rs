@@ -23,6 +23,23 @@ pub struct Node {
 }
 
 impl Node {
+    /// Opens a stored blob for a reader (a peer's fetch, an operator): only blobs that
+    /// belong to a registered model are served. Any other digest reads as not stored,
+    /// whether the file is there or not.
+    pub async fn open_model_blob(
+        &self,
+        sha256: &str,
+        offset: u64,
+    ) -> crate::error::Result<(tokio::fs::File, u64)> {
+        crate::storage::blobs::check_digest("sha256", sha256)?;
+        if !self.registry.references_blob(sha256)? {
+            return Err(crate::error::Error::BlobNotFound {
+                sha256: sha256.to_owned(),
+            });
+        }
+        self.storage.open_blob(sha256, offset).await
+    }
+
     /// Current resources for compatibility checks.
     pub fn resources(&self) -> NodeResources {
         let memory = self.hardware.memory();

@@ -298,12 +298,7 @@ impl StorageRpc for StorageApi {
     ) -> Result<Response<Self::ReadBlobStream>, Status> {
         super::status::rpc(async move {
             let r = request.into_inner();
-            let (mut file, size) = self
-                .agent
-                .node
-                .storage
-                .open_blob(&r.sha256, r.offset)
-                .await?;
+            let (mut file, size) = self.agent.node.open_model_blob(&r.sha256, r.offset).await?;
             let (tx, rx) = mpsc::channel(4);
             let mut offset = r.offset;
             tokio::spawn(async move {

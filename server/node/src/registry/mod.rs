@@ -195,6 +195,22 @@ impl Registry {
         .await?
     }
 
+    /// Whether any registered model lists a file with this digest.
+    pub fn references_blob(&self, sha256: &str) -> Result<bool> {
+        for record in self.store.models_after(None) {
+            let entry = self.entry_from_record(record?)?;
+            if entry
+                .spec
+                .files
+                .iter()
+                .any(|f| f.sha256.eq_ignore_ascii_case(sha256))
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     pub fn models_dirs(&self) -> &[PathBuf] {
         &self.models_dirs
     }
