@@ -60,6 +60,15 @@ pub struct Args {
     #[arg(long, env = "MODELD_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
 
+    /// RPCs served at once across all connections, streams included [default: 256];
+    /// one more is answered RESOURCE_EXHAUSTED at once. Health checks do not count.
+    #[arg(long, env = "MODELD_MAX_CONCURRENT_RPCS")]
+    pub max_concurrent_rpcs: Option<usize>,
+
+    /// HTTP/2 streams one connection may have open [default: 128].
+    #[arg(long, env = "MODELD_MAX_STREAMS_PER_CONNECTION")]
+    pub max_streams_per_connection: Option<u32>,
+
     /// PEM certificate chain to serve TLS with (with --tls-key). Read again when the
     /// file changes, so a rotation needs no restart.
     #[arg(long, env = "MODELD_TLS_CERT")]
@@ -292,6 +301,8 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
+    max_concurrent_rpcs: Option<usize>,
+    max_streams_per_connection: Option<u32>,
     scan_on_start: Option<bool>,
     log: Option<String>,
     log_format: Option<LogFormat>,
@@ -335,6 +346,10 @@ pub struct Config {
     pub insecure: bool,
     /// TLS for the listener; `None` = plaintext.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// RPCs served at once; one more is RESOURCE_EXHAUSTED.
+    pub max_concurrent_rpcs: usize,
+    /// HTTP/2 streams per connection.
+    pub max_streams_per_connection: u32,
     pub scan_on_start: bool,
     pub log: String,
     pub log_format: LogFormat,
@@ -425,6 +440,16 @@ impl Config {
                 .map(absolute)
                 .transpose()?,
             insecure: args.insecure || file.insecure.unwrap_or(false),
+            max_concurrent_rpcs: args
+                .max_concurrent_rpcs
+                .or(file.max_concurrent_rpcs)
+                .unwrap_or(crate::api::layers::DEFAULT_MAX_CONCURRENT_RPCS)
+                .max(1),
+            max_streams_per_connection: args
+                .max_streams_per_connection
+                .or(file.max_streams_per_connection)
+                .unwrap_or(128)
+                .max(1),
             tls: match (
                 args.tls_cert.or(file.tls_cert),
                 args.tls_key.or(file.tls_key),

@@ -238,11 +238,15 @@ pub async fn serve(
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let server = Server::builder()
         .tcp_nodelay(true)
+        // A peer that stops answering pings is dropped, with its streams.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .max_concurrent_streams(Some(config.max_streams_per_connection))
         .layer(
             tower::ServiceBuilder::new()
                 .layer(api::layers::RequestIdLayer)
                 .layer(api::layers::SpanLayer)
+                .layer(api::layers::RpcLimitLayer::new(config.max_concurrent_rpcs))
                 .layer(api::layers::DeadlineLayer)
                 .layer(api::auth::AuthLayer::new(credentials)),
         )

@@ -334,3 +334,53 @@ async fn redirects_are_bounded_and_headers_stay_with_their_host() {
         "retried without end"
     );
 }
+
+/// Past `--max-concurrent-rpcs`, a call is refused at once, never queued; streams count
+/// while open; health is never refused.
+#[tokio::test]
+async fn the_rpc_limit_refuses_at_once_and_frees_with_the_streams() {
+    let agent = Agent::start_with(AgentOptions {
+        args: vec!["--max-concurrent-rpcs".into(), "2".into()],
+        ..Default::default()
+    })
+    .await;
+    let client = agent.client().await;
+    let watch = || {
+        let client = client.clone();
+        async move {
+            client
+                .lifecycle()
+                .watch(pb::WatchRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let first = watch().await;
+    let second = watch().await;
+    let started = std::time::Instant::now();
+    let e = client.capabilities().await.unwrap_err();
+    let status = e.status().unwrap();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(status), "TOO_MANY_RPCS");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "refused at once"
+    );
+    assert!(
+        client.is_serving().await.unwrap(),
+        "health is never refused"
+    );
+
+    drop(first);
+    // The server sees the stream end when the client resets it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while client.capabilities().await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the permit never came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(second);
+}

@@ -4,6 +4,8 @@
 //!   back in the response headers, and log lines carry it;
 //! - `SpanLayer`: every RPC runs in a `rpc` tracing span (service, method, request id),
 //!   and its answer is logged with its gRPC status and duration;
+//! - `RpcLimitLayer`: at most `--max-concurrent-rpcs` RPCs in flight, streams included;
+//!   one more is RESOURCE_EXHAUSTED at once;
 //! - `DeadlineLayer`: the client's deadline, read once from `grpc-timeout` and handed to
 //!   the handlers as an extension (tonic enforces the header only until a response
 //!   starts, which for a stream is at once; the handlers enforce it to the end).
@@ -220,6 +222,121 @@ where
             request.extensions_mut().insert(Deadline(d));
         }
         self.inner.call(request)
+    }
+}
+
+/// The most RPCs the agent serves at once, streams included, unless configured.
+pub const DEFAULT_MAX_CONCURRENT_RPCS: usize = 256;
+
+/// Caps the RPCs in flight across every connection: one over the cap is answered
+/// RESOURCE_EXHAUSTED at once, never queued. A stream counts until its body ends.
+/// Health checks are not counted, so probes see an overloaded agent as alive.
+#[derive(Debug, Clone)]
+pub struct RpcLimitLayer {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    limit: usize,
+}
+
+impl RpcLimitLayer {
+    pub fn new(limit: usize) -> RpcLimitLayer {
+        RpcLimitLayer {
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(limit)),
+            limit,
+        }
+    }
+}
+
+impl<S> Layer<S> for RpcLimitLayer {
+    type Service = WithRpcLimit<S>;
+
+    fn layer(&self, inner: S) -> WithRpcLimit<S> {
+        WithRpcLimit {
+            inner,
+            limit: self.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WithRpcLimit<S> {
+    inner: S,
+    limit: RpcLimitLayer,
+}
+
+/// A response body that holds its RPC's permit until it is done.
+struct Permitted {
+    body: tonic::body::Body,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl http_body::Body for Permitted {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<S, B> Service<http::Request<B>> for WithRpcLimit<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path().starts_with("/grpc.health.") {
+            return Box::pin(self.inner.call(request));
+        }
+        let Ok(permit) = self.limit.permits.clone().try_acquire_owned() else {
+            use tonic_types::StatusExt as _;
+            let status = tonic::Status::with_error_details(
+                tonic::Code::ResourceExhausted,
+                format!(
+                    "the agent is serving its limit of {} RPCs at once; retry shortly \
+                     (--max-concurrent-rpcs)",
+                    self.limit.limit
+                ),
+                tonic_types::ErrorDetails::with_error_info(
+                    "TOO_MANY_RPCS",
+                    super::status::DOMAIN,
+                    std::collections::HashMap::from([(
+                        "limit".to_owned(),
+                        self.limit.limit.to_string(),
+                    )]),
+                ),
+            );
+            let response = status.into_http::<tonic::body::Body>();
+            return Box::pin(async move { Ok(response) });
+        };
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| {
+                tonic::body::Body::new(Permitted {
+                    body,
+                    _permit: permit,
+                })
+            }))
+        })
     }
 }
 
