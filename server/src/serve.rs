@@ -248,6 +248,7 @@ pub async fn serve(
                 .layer(api::layers::SpanLayer)
                 .layer(api::layers::RpcLimitLayer::new(config.max_concurrent_rpcs))
                 .layer(api::layers::DeadlineLayer)
+                .layer(api::audit::AuditLayer::new(store.clone()))
                 .layer(api::auth::AuthLayer::new(credentials)),
         )
         .add_routes(api::routes(agent.clone())?)

@@ -384,3 +384,105 @@ async fn the_rpc_limit_refuses_at_once_and_frees_with_the_streams() {
     }
     drop(second);
 }
+
+/// Every state-changing call lands in the audit log with who made it and how it
+/// ended, refusals included; only an admin reads it, and it survives a restart.
+#[tokio::test]
+async fn the_audit_log_records_who_changed_what() {
+    use sha2::Digest as _;
+    let dir = tempfile::tempdir().unwrap();
+    let hash = |t: &str| hex::encode(sha2::Sha256::digest(t.as_bytes()));
+    let path = dir.path().join("tokens.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[tokens]]\nname = \"app\"\nrole = \"inference\"\nsha256 = \"{}\"\n\
+             [[tokens]]\nname = \"ci\"\nrole = \"operator\"\nsha256 = \"{}\"\n\
+             [[tokens]]\nname = \"root\"\nrole = \"admin\"\nsha256 = \"{}\"\n",
+            hash(APP_TOKEN),
+            hash(CI_TOKEN),
+            hash("root-token-77")
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start_with(AgentOptions {
+        args: vec!["--tokens-file".into(), path.display().to_string()],
+        ..Default::default()
+    })
+    .await;
+    let as_ = |token: &'static str| {
+        let agent = &agent;
+        async move { agent.client().await.with_token(token).unwrap() }
+    };
+    let (app, ci, root) = (
+        as_(APP_TOKEN).await,
+        as_(CI_TOKEN).await,
+        as_("root-token-77").await,
+    );
+    let url = format!("file://{}", Assets::get().gguf.display());
+    assert!(
+        agent
+            .client()
+            .await
+            .register_model(gguf_spec("smol", &url))
+            .await
+            .is_err()
+    );
+    ci.register_model(gguf_spec("smol", &url)).await.unwrap();
+    app.get_model("smol").await.unwrap();
+    assert!(app.delete_model("smol").await.is_err());
+    ci.pull_to_end("smol").await.unwrap();
+
+    for (who, client) in [("app", &app), ("ci", &ci)] {
+        let e = client
+            .node()
+            .list_audit(pb::ListAuditRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{who}");
+    }
+    let read = |client: modeld_e2e::Client| async move {
+        client
+            .node()
+            .list_audit(pb::ListAuditRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(|e| {
+                let call = e.method.rsplit('/').next().unwrap().to_owned();
+                (e.identity, call, e.code, e.reason)
+            })
+            .collect::<Vec<_>>()
+    };
+    let expected = vec![
+        ("ci".to_owned(), "Pull".to_owned(), 0, String::new()),
+        (
+            "app".into(),
+            "DeleteModel".into(),
+            Code::PermissionDenied as i32,
+            "ROLE_REQUIRED".into(),
+        ),
+        ("ci".into(), "RegisterModel".into(), 0, String::new()),
+        (
+            String::new(),
+            "RegisterModel".into(),
+            Code::Unauthenticated as i32,
+            "CREDENTIALS_MISSING".into(),
+        ),
+    ];
+    // Newest first; the read-only GetModel is not there.
+    assert_eq!(read(root.clone()).await, expected);
+
+    let (ok, out, err) = modeld_e2e::modelctl(&agent, &["--token", "root-token-77", "audit"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("RegisterModel") && out.contains("ROLE_REQUIRED"),
+        "{out}"
+    );
+
+    let agent = agent.restart().await;
+    let root = agent.client().await.with_token("root-token-77").unwrap();
+    assert_eq!(read(root).await, expected, "kept across a restart");
+}

@@ -1,5 +1,6 @@
 //! The `modelctl` command line.
 
+mod audit;
 mod bench;
 mod generate;
 mod lifecycle;
@@ -94,6 +95,9 @@ enum Command {
     Unload(lifecycle::UnloadArgs),
     /// Models in memory, with their runtime, memory and requests in flight.
     Ps,
+    /// Who changed what on the node: every state-changing call and how it ended,
+    /// newest first (needs the admin role).
+    Audit(audit::AuditArgs),
     /// A model's lifecycle state and the history of its transitions.
     State(lifecycle::StateArgs),
     /// Follow lifecycle events; resumes by revision when the agent restarts.
@@ -137,6 +141,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Load(args) => lifecycle::load(&client, args, cli.output).await,
         Command::Unload(args) => lifecycle::unload(&client, args, cli.output).await,
         Command::Ps => lifecycle::ps(&client, cli.output).await,
+        Command::Audit(args) => audit::run(&client, args, cli.output).await,
         Command::State(args) => lifecycle::state(&client, args, cli.output).await,
         Command::Watch(args) => lifecycle::watch(&client, args, cli.output).await,
         Command::Generate(args) => generate::generate(&client, args, cli.output).await,

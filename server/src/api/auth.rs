@@ -73,9 +73,32 @@ pub fn access(path: &str) -> Access {
         // Describing the API reveals nothing a reader of the protos lacks, but only
         // to callers the agent knows.
         p if p.starts_with("/grpc.reflection.") => Access::Needs(Role::Inference),
+        // Who did what is for admins.
+        "/modeld.v1.Node/ListAudit" => Access::Needs(Role::Admin),
         p if p.starts_with("/modeld.v1.") => Access::Needs(Role::Operator),
         _ => Access::Needs(Role::Admin),
     }
+}
+
+/// The calls that change the node, which the audit log records.
+pub fn changes_state(path: &str) -> bool {
+    matches!(
+        path,
+        "/modeld.v1.ModelRegistry/RegisterModel"
+            | "/modeld.v1.ModelRegistry/UpdateModel"
+            | "/modeld.v1.ModelRegistry/DeleteModel"
+            | "/modeld.v1.ModelRegistry/ImportCatalog"
+            | "/modeld.v1.ModelRegistry/ScanModels"
+            | "/modeld.v1.Storage/Pull"
+            | "/modeld.v1.Storage/PauseTransfer"
+            | "/modeld.v1.Storage/ResumeTransfer"
+            | "/modeld.v1.Storage/CancelTransfer"
+            | "/modeld.v1.Storage/Push"
+            | "/modeld.v1.Storage/DeleteStored"
+            | "/modeld.v1.Lifecycle/Load"
+            | "/modeld.v1.Lifecycle/Unload"
+            | "/modeld.v1.Node/Benchmark"
+    )
 }
 
 /// The caller of one RPC, as handlers see it (a request extension).
@@ -374,10 +397,18 @@ where
             certificate.as_deref(),
         ) {
             Ok(identity) => {
-                if let Some(identity) = identity {
-                    request.extensions_mut().insert(identity);
+                if let Some(identity) = &identity {
+                    request.extensions_mut().insert(identity.clone());
                 }
-                Box::pin(self.inner.call(request))
+                let response = self.inner.call(request);
+                Box::pin(async move {
+                    let mut response = response.await?;
+                    // For the audit layer outside this one.
+                    if let Some(identity) = identity {
+                        response.extensions_mut().insert(identity);
+                    }
+                    Ok(response)
+                })
             }
             Err(status) => {
                 tracing::warn!(
@@ -430,6 +461,7 @@ mod tests {
             ("/modeld.v1.Storage/Push", Needs(Operator)),
             ("/modeld.v1.Lifecycle/Load", Needs(Operator)),
             ("/modeld.v1.Node/Benchmark", Needs(Operator)),
+            ("/modeld.v1.Node/ListAudit", Needs(Admin)),
             (
                 "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
                 Needs(Inference),

@@ -464,6 +464,20 @@ pub fn snapshot_to_pb(s: ResourceSnapshot) -> pb::WatchResourcesResponse {
     }
 }
 
+pub fn audit_to_pb(sequence: u64, r: modeld_node::store::AuditRecord) -> pb::AuditEntry {
+    pb::AuditEntry {
+        sequence,
+        time: Some(timestamp(modeld_node::store::from_unix_ms(r.time_unix_ms))),
+        identity: r.identity,
+        role: r.role,
+        method: r.method,
+        request_id: r.request_id,
+        peer: r.peer,
+        code: r.code,
+        reason: r.reason,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! The gRPC surface: thin tonic services that convert requests into validated domain
 //! calls and domain results back into messages. Errors map to statuses in [`status`].
 
+pub mod audit;
 pub mod auth;
 pub mod convert;
 mod generate;

@@ -257,4 +257,30 @@ impl Node for NodeApi {
         })
         .await
     }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        super::status::rpc(async move {
+            let limit = match request.into_inner().limit {
+                0 => 100,
+                n @ 1..=1000 => n as usize,
+                n => {
+                    return Err(Error::invalid("limit", format!("{n}; use 1 to 1000")).into());
+                }
+            };
+            let store = self.agent.node.store.clone();
+            let entries = tokio::task::spawn_blocking(move || store.audit(limit))
+                .await
+                .map_err(Error::from)??;
+            Ok(Response::new(pb::ListAuditResponse {
+                entries: entries
+                    .into_iter()
+                    .map(|(sequence, r)| convert::audit_to_pb(sequence, r))
+                    .collect(),
+            }))
+        })
+        .await
+    }
 }

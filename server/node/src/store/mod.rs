@@ -14,8 +14,8 @@ use prost::Message;
 use crate::error::{Error, Result};
 
 pub use records::{
-    BenchmarkRecord, BlobRecord, FailureRecord, FileRecord, LifecycleRecord, ModelRecord,
-    PinnedLoadRecord, PushRecord, SpecRecord, StoredFileRecord, StoredModelRecord,
+    AuditRecord, BenchmarkRecord, BlobRecord, FailureRecord, FileRecord, LifecycleRecord,
+    ModelRecord, PinnedLoadRecord, PushRecord, SpecRecord, StoredFileRecord, StoredModelRecord,
     TransferFileRecord, TransferRecord, TransitionRecord,
 };
 pub use records::{from_unix_ms, unix_ms};
@@ -40,7 +40,11 @@ mod tree {
     pub const TRANSFERS: &str = "transfers";
     pub const PUSHES: &str = "pushes";
     pub const BENCHMARKS: &str = "benchmarks";
+    pub const AUDIT: &str = "audit";
 }
+
+/// Entries the audit log keeps; older ones are dropped as new ones come.
+pub const AUDIT_KEEP: usize = 10_000;
 
 #[derive(Clone)]
 pub struct Store {
@@ -55,6 +59,7 @@ pub struct Store {
     transfers: sled::Tree,
     pushes: sled::Tree,
     benchmarks: sled::Tree,
+    audit: sled::Tree,
     node_id: String,
     path: PathBuf,
 }
@@ -110,6 +115,7 @@ impl Store {
             lifecycle_events: db.open_tree(tree::LIFECYCLE_EVENTS)?,
             pinned: db.open_tree(tree::PINNED)?,
             benchmarks: db.open_tree(tree::BENCHMARKS)?,
+            audit: db.open_tree(tree::AUDIT)?,
             blobs: db.open_tree(tree::BLOBS)?,
             stored: db.open_tree(tree::STORED)?,
             transfers: db.open_tree(tree::TRANSFERS)?,
@@ -321,6 +327,32 @@ impl Store {
     }
 
     /// Records a measurement, replacing the previous one for its format and runtime.
+    /// Appends to the audit log, dropping the oldest entries past [`AUDIT_KEEP`].
+    pub fn append_audit(&self, record: &AuditRecord) -> Result<()> {
+        let id = self.db.generate_id()?;
+        self.audit
+            .insert(id.to_be_bytes(), record.encode_to_vec())?;
+        while self.audit.len() > AUDIT_KEEP {
+            if self.audit.pop_min()?.is_none() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` audit entries, newest first, with their sequence numbers.
+    pub fn audit(&self, limit: usize) -> Result<Vec<(u64, AuditRecord)>> {
+        self.audit
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((revision_of(&k), decode(tree::AUDIT, &k, &v)?))
+            })
+            .collect()
+    }
+
     pub fn put_benchmark(&self, record: &BenchmarkRecord) -> Result<()> {
         let key = format!("{}/{}", record.format, record.runtime);
         put(&self.benchmarks, &key, record)

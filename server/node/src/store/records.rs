@@ -269,3 +269,28 @@ pub fn unix_ms(t: std::time::SystemTime) -> i64 {
 pub fn from_unix_ms(ms: i64) -> std::time::SystemTime {
     std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
+
+/// One state-changing call, as the audit log keeps it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AuditRecord {
+    #[prost(int64, tag = "1")]
+    pub time_unix_ms: i64,
+    /// The caller's name (a token's name, a certificate's identity, "anonymous").
+    #[prost(string, tag = "2")]
+    pub identity: String,
+    #[prost(string, tag = "3")]
+    pub role: String,
+    /// The gRPC method, e.g. "/modeld.v1.ModelRegistry/RegisterModel".
+    #[prost(string, tag = "4")]
+    pub method: String,
+    #[prost(string, tag = "5")]
+    pub request_id: String,
+    #[prost(string, tag = "6")]
+    pub peer: String,
+    /// google.rpc.Code of the outcome (0 = OK).
+    #[prost(int32, tag = "7")]
+    pub code: i32,
+    /// The ErrorInfo reason of a failure.
+    #[prost(string, tag = "8")]
+    pub reason: String,
+}
