@@ -228,7 +228,10 @@ pub async fn serve(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Serve(format!("listener: {e}")))?;
-    let credentials = exposure(&config, addr)?;
+    let credentials = api::auth::SharedCredentials::new(exposure(&config, addr)?);
+    if let Some(path) = &config.tokens_file {
+        credentials.watch(path.clone(), crate::tls::RELOAD_CHECK, shutdown_rx.clone());
+    }
     let tls = match &config.tls {
         Some(files) => Some(crate::tls::Tls::start(files.clone(), shutdown_rx.clone())?),
         None => None,

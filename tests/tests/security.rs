@@ -486,3 +486,56 @@ async fn the_audit_log_records_who_changed_what() {
     let root = agent.client().await.with_token("root-token-77").unwrap();
     assert_eq!(read(root).await, expected, "kept across a restart");
 }
+
+/// Tokens are added and revoked by editing the file, without a restart; emptying it
+/// does not open the agent.
+#[tokio::test]
+async fn the_tokens_file_is_read_again_when_it_changes() {
+    use sha2::Digest as _;
+    let (agent, dir) = agent_with_tokens().await;
+    let path = dir.path().join("tokens.toml");
+    let app = agent.client().await.with_token(APP_TOKEN).unwrap();
+    app.capabilities().await.unwrap();
+
+    // Revoke "app", add "new".
+    let new_token = "new-token-93";
+    std::fs::write(
+        &path,
+        format!(
+            "[[tokens]]\nname = \"new\"\nrole = \"inference\"\nsha256 = \"{}\"\n",
+            hex::encode(sha2::Sha256::digest(new_token.as_bytes()))
+        ),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while app.capabilities().await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked token still works"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let new = agent.client().await.with_token(new_token).unwrap();
+    new.capabilities().await.unwrap();
+
+    // An emptied file keeps the tokens in force.
+    std::fs::write(&path, "").unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let anonymous = agent.client().await;
+    assert_eq!(
+        anonymous
+            .capabilities()
+            .await
+            .unwrap_err()
+            .status()
+            .unwrap()
+            .code(),
+        Code::Unauthenticated
+    );
+    new.capabilities().await.unwrap();
+    assert!(
+        agent.log().contains("holds no credentials"),
+        "{}",
+        agent.log()
+    );
+}

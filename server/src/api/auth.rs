@@ -330,17 +330,86 @@ pub fn authorize(
     Ok(Some(identity))
 }
 
+/// The credentials in force, swapped whole when the tokens file changes.
+#[derive(Debug, Clone, Default)]
+pub struct SharedCredentials(Arc<std::sync::RwLock<Arc<Credentials>>>);
+
+impl SharedCredentials {
+    pub fn new(credentials: Credentials) -> SharedCredentials {
+        SharedCredentials(Arc::new(std::sync::RwLock::new(Arc::new(credentials))))
+    }
+
+    pub fn current(&self) -> Arc<Credentials> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn replace(&self, credentials: Credentials) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(credentials);
+    }
+
+    /// Reads `path` again whenever it changes (checked every `every`), so tokens are
+    /// added and revoked without a restart. A file that does not parse is reported
+    /// and the credentials in force stay.
+    pub fn watch(
+        &self,
+        path: std::path::PathBuf,
+        every: std::time::Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let shared = self.clone();
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        tokio::spawn(async move {
+            let mut seen = modified(&path);
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+                let now = modified(&path);
+                if now == seen {
+                    continue;
+                }
+                let file = path.clone();
+                match tokio::task::spawn_blocking(move || Credentials::from_file(&file)).await {
+                    Ok(Ok(mut fresh)) => {
+                        fresh.certificates_required = shared.current().certificates_required;
+                        seen = now;
+                        // An emptied file would let every caller in as admin.
+                        if fresh.is_empty() && !shared.current().is_empty() {
+                            tracing::warn!(
+                                "the tokens file now holds no credentials; keeping the ones in \
+                                 force (restart the agent to serve without credentials)"
+                            );
+                            continue;
+                        }
+                        tracing::info!(tokens = fresh.len(), "tokens file reloaded");
+                        shared.replace(fresh);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "tokens file not reloaded; the tokens in force stay");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "tokens reload task failed"),
+                }
+            }
+        });
+    }
+}
+
 /// Checks every RPC against [`access`] before any service sees it.
 #[derive(Debug, Clone, Default)]
 pub struct AuthLayer {
-    credentials: Arc<Credentials>,
+    credentials: SharedCredentials,
 }
 
 impl AuthLayer {
-    pub fn new(credentials: Credentials) -> AuthLayer {
-        AuthLayer {
-            credentials: Arc::new(credentials),
-        }
+    pub fn new(credentials: SharedCredentials) -> AuthLayer {
+        AuthLayer { credentials }
     }
 }
 
@@ -358,7 +427,7 @@ impl<S> Layer<S> for AuthLayer {
 #[derive(Debug, Clone)]
 pub struct WithAuth<S> {
     inner: S,
-    credentials: Arc<Credentials>,
+    credentials: SharedCredentials,
 }
 
 impl<S, B, R> Service<http::Request<B>> for WithAuth<S>
@@ -391,7 +460,7 @@ where
                     .and_then(|leaf| crate::tls::certificate_identity(leaf))
             });
         match authorize(
-            &self.credentials,
+            &self.credentials.current(),
             request.uri().path(),
             authorization,
             certificate.as_deref(),
