@@ -60,6 +60,11 @@ pub struct Args {
     #[arg(long, env = "MODELD_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
 
+    /// Serve gRPC server reflection (what grpcurl lists and describes with)
+    /// [default: true on a loopback address, false elsewhere].
+    #[arg(long, env = "MODELD_REFLECTION")]
+    pub reflection: Option<bool>,
+
     /// RPCs served at once across all connections, streams included [default: 256];
     /// one more is answered RESOURCE_EXHAUSTED at once. Health checks do not count.
     #[arg(long, env = "MODELD_MAX_CONCURRENT_RPCS")]
@@ -303,6 +308,7 @@ struct FileConfig {
     tls_client_ca: Option<PathBuf>,
     max_concurrent_rpcs: Option<usize>,
     max_streams_per_connection: Option<u32>,
+    reflection: Option<bool>,
     scan_on_start: Option<bool>,
     log: Option<String>,
     log_format: Option<LogFormat>,
@@ -346,6 +352,8 @@ pub struct Config {
     pub insecure: bool,
     /// TLS for the listener; `None` = plaintext.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// Serve reflection; `None` = only on a loopback address.
+    pub reflection: Option<bool>,
     /// RPCs served at once; one more is RESOURCE_EXHAUSTED.
     pub max_concurrent_rpcs: usize,
     /// HTTP/2 streams per connection.
@@ -440,6 +448,7 @@ impl Config {
                 .map(absolute)
                 .transpose()?,
             insecure: args.insecure || file.insecure.unwrap_or(false),
+            reflection: args.reflection.or(file.reflection),
             max_concurrent_rpcs: args
                 .max_concurrent_rpcs
                 .or(file.max_concurrent_rpcs)

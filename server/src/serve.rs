@@ -254,7 +254,10 @@ pub async fn serve(
                 .layer(api::audit::AuditLayer::new(store.clone()))
                 .layer(api::auth::AuthLayer::new(credentials)),
         )
-        .add_routes(api::routes(agent.clone())?)
+        .add_routes(api::routes(
+            agent.clone(),
+            config.reflection.unwrap_or(addr.ip().is_loopback()),
+        )?)
         .add_service(health_service);
     let stopped = async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;

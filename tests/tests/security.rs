@@ -247,7 +247,7 @@ async fn tokens_and_roles_decide_who_may_call_what() {
 }
 
 #[tokio::test]
-async fn a_reachable_address_needs_explicit_insecure_until_tls() {
+async fn a_reachable_address_needs_tls_and_credentials_or_explicit_insecure() {
     let refused = std::process::Command::new(modeld_e2e::binary("modeld"))
         .args(["--listen", "0.0.0.0:0", "--data-dir"])
         .arg(tempfile::tempdir().unwrap().path())
@@ -267,6 +267,19 @@ async fn a_reachable_address_needs_explicit_insecure_until_tls() {
     })
     .await;
     assert!(agent.log().contains("INSECURE"), "{}", agent.log());
+    // Reflection is off by default away from loopback.
+    let listed = std::process::Command::new(&Assets::get().grpcurl)
+        .args([
+            "-plaintext",
+            &format!("127.0.0.1:{}", agent.addr.port()),
+            "list",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !listed.status.success(),
+        "reflection answered on a reachable address"
+    );
 }
 
 /// Remote sources follow at most 5 redirects, to http(s) only, and a header configured

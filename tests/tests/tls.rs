@@ -112,6 +112,9 @@ async fn tls_with_tokens_serves_a_reachable_address_and_rotates_without_a_restar
             key_path.display().to_string(),
             "--tokens-file".into(),
             tokens.display().to_string(),
+            // Off by default off loopback; grpcurl below needs it.
+            "--reflection".into(),
+            "true".into(),
         ],
         client_tls: Some(tls(Some(&ca1_path), None, None)),
         token: Some(TOKEN.into()),

@@ -49,9 +49,9 @@ pub const SERVICE_NAMES: [&str; 5] = [
     pb::node_server::SERVICE_NAME,
 ];
 
-/// Every modeld service plus server reflection (v1 and v1alpha: grpcurl 1.8 only
-/// speaks v1alpha), with explicit message size limits.
-pub fn routes(agent: Arc<Agent>) -> Result<Routes> {
+/// Every modeld service, with explicit message size limits, plus server reflection
+/// (v1 and v1alpha: grpcurl 1.8 only speaks v1alpha) when `reflection` is on.
+pub fn routes(agent: Arc<Agent>, reflection: bool) -> Result<Routes> {
     let reflection_err =
         |e: tonic_reflection::server::Error| Error::Serve(format!("reflection: {e}"));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -66,9 +66,12 @@ pub fn routes(agent: Arc<Agent>) -> Result<Routes> {
         .map_err(reflection_err)?;
 
     let mut builder = Routes::builder();
+    if reflection {
+        builder
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+    }
     builder
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
         .add_service(
             pb::model_registry_server::ModelRegistryServer::new(registry::RegistryApi::new(
                 agent.clone(),
