@@ -60,6 +60,24 @@ pub struct Args {
     #[arg(long, env = "MODELD_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
 
+    /// A host http(s) sources and catalog URLs may reach (repeatable; `.example.com`
+    /// covers the domain and its subdomains). With none, any host not denied.
+    #[arg(
+        long = "source-allow-host",
+        env = "MODELD_SOURCE_ALLOW_HOSTS",
+        value_delimiter = ','
+    )]
+    pub source_allow_hosts: Vec<String>,
+
+    /// A host http(s) sources and catalog URLs may never reach, redirects included
+    /// (repeatable; wins over --source-allow-host).
+    #[arg(
+        long = "source-deny-host",
+        env = "MODELD_SOURCE_DENY_HOSTS",
+        value_delimiter = ','
+    )]
+    pub source_deny_hosts: Vec<String>,
+
     /// Serve gRPC server reflection (what grpcurl lists and describes with)
     /// [default: true on a loopback address, false elsewhere].
     #[arg(long, env = "MODELD_REFLECTION")]
@@ -309,6 +327,8 @@ struct FileConfig {
     max_concurrent_rpcs: Option<usize>,
     max_streams_per_connection: Option<u32>,
     reflection: Option<bool>,
+    source_allow_hosts: Option<Vec<String>>,
+    source_deny_hosts: Option<Vec<String>>,
     scan_on_start: Option<bool>,
     log: Option<String>,
     log_format: Option<LogFormat>,
@@ -354,6 +374,8 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsFiles>,
     /// Serve reflection; `None` = only on a loopback address.
     pub reflection: Option<bool>,
+    /// Which hosts remote sources may reach.
+    pub source_hosts: modeld_node::http_client::HostPolicy,
     /// RPCs served at once; one more is RESOURCE_EXHAUSTED.
     pub max_concurrent_rpcs: usize,
     /// HTTP/2 streams per connection.
@@ -449,6 +471,18 @@ impl Config {
                 .transpose()?,
             insecure: args.insecure || file.insecure.unwrap_or(false),
             reflection: args.reflection.or(file.reflection),
+            source_hosts: modeld_node::http_client::HostPolicy::new(
+                if args.source_allow_hosts.is_empty() {
+                    file.source_allow_hosts.unwrap_or_default()
+                } else {
+                    args.source_allow_hosts
+                },
+                if args.source_deny_hosts.is_empty() {
+                    file.source_deny_hosts.unwrap_or_default()
+                } else {
+                    args.source_deny_hosts
+                },
+            ),
             max_concurrent_rpcs: args
                 .max_concurrent_rpcs
                 .or(file.max_concurrent_rpcs)

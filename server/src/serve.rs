@@ -119,7 +119,8 @@ pub async fn serve(
         config.models_dirs.clone(),
         roots.clone(),
         http.clone(),
-    );
+    )
+    .with_hosts(config.source_hosts.clone());
     let lifecycle = registry.lifecycle().clone();
     // Nothing is in memory after a restart, whatever the store last recorded.
     let reset = lifecycle.recover()?;
@@ -139,6 +140,7 @@ pub async fn serve(
             stall_timeout: config.stall_timeout,
             peers: Some(Arc::new(api::peer::GrpcPeers)),
             roots,
+            hosts: config.source_hosts.clone(),
         },
         StorageSettings {
             max_concurrent_downloads: config.max_concurrent_downloads,

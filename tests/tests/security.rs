@@ -552,3 +552,46 @@ async fn the_tokens_file_is_read_again_when_it_changes() {
         agent.log()
     );
 }
+
+/// `--source-allow-host` and `--source-deny-host` decide which hosts downloads reach,
+/// redirects included.
+#[tokio::test]
+async fn source_host_rules_hold_for_every_hop() {
+    use modeld_e2e::{Fault, model_server};
+    let assets = Assets::get();
+    let (_a, origin) = model_server(&assets).await;
+    let (_b, mirror) = model_server(&assets).await;
+    // Only 127.0.0.1: "localhost" (the same machine, another name) is out.
+    let agent = Agent::start_with(AgentOptions {
+        args: vec!["--source-allow-host".into(), "127.0.0.1".into()],
+        ..Default::default()
+    })
+    .await;
+    let client = agent.client().await;
+    let to_mirror = format!("http://localhost:{}/smol.gguf", mirror.addr.port());
+    origin.always("smol.gguf", Fault::Redirect(to_mirror.clone()));
+    client
+        .register_model(gguf_spec("hop", &origin.url("smol.gguf")))
+        .await
+        .unwrap();
+    let e = client.pull_to_end("hop").await.unwrap_err().to_string();
+    assert!(e.contains("--source-allow-host"), "{e}");
+    assert!(
+        mirror.seen("smol.gguf").is_empty(),
+        "the mirror was reached"
+    );
+
+    let denied = Agent::start_with(AgentOptions {
+        args: vec!["--source-deny-host".into(), "localhost".into()],
+        ..Default::default()
+    })
+    .await;
+    let client = denied.client().await;
+    client
+        .register_model(gguf_spec("direct", &to_mirror))
+        .await
+        .unwrap();
+    let e = client.pull_to_end("direct").await.unwrap_err().to_string();
+    assert!(e.contains("--source-deny-host"), "{e}");
+    assert!(mirror.seen("smol.gguf").is_empty());
+}

@@ -56,7 +56,11 @@ struct Wrapped {
 }
 
 /// Reads the manifest's bytes from its source, within [`MAX_MANIFEST_BYTES`].
-pub async fn fetch(source: &CatalogSource, http: &reqwest::Client) -> Result<String> {
+pub async fn fetch(
+    source: &CatalogSource,
+    http: &reqwest::Client,
+    hosts: &crate::http_client::HostPolicy,
+) -> Result<String> {
     match source {
         CatalogSource::Inline(text) => {
             check_size(text.len())?;
@@ -77,7 +81,7 @@ pub async fn fetch(source: &CatalogSource, http: &reqwest::Client) -> Result<Str
                     reason: format!("cannot read catalog: {e}"),
                 })
         }
-        CatalogSource::Url(url) => fetch_url(url, http).await,
+        CatalogSource::Url(url) => fetch_url(url, http, hosts).await,
     }
 }
 
@@ -90,20 +94,24 @@ fn check_size(len: usize) -> Result<()> {
     Ok(())
 }
 
-async fn fetch_url(url: &str, http: &reqwest::Client) -> Result<String> {
+async fn fetch_url(
+    url: &str,
+    http: &reqwest::Client,
+    hosts: &crate::http_client::HostPolicy,
+) -> Result<String> {
     let unavailable = |message: String| Error::CatalogUnavailable {
         url: url.to_owned(),
         message,
     };
     let parsed = url::Url::parse(url).map_err(|e| unavailable(format!("bad URL: {e}")))?;
     let response =
-        crate::http_client::get_following(http, parsed, |req, _| req.timeout(FETCH_TIMEOUT))
+        crate::http_client::get_following(http, hosts, parsed, |req, _| req.timeout(FETCH_TIMEOUT))
             .await
             .map_err(|e| match e {
                 crate::http_client::FetchError::Http(e) => {
                     unavailable(modeld_engine_core::error_chain(&e))
                 }
-                crate::http_client::FetchError::Redirect(why) => Error::CatalogRejected {
+                crate::http_client::FetchError::Refused(why) => Error::CatalogRejected {
                     url: url.to_owned(),
                     message: why,
                 },

@@ -130,6 +130,8 @@ pub struct Registry {
     models_dirs: Vec<PathBuf>,
     /// Where `file://` sources, scans and catalog files may point.
     roots: crate::access::LocalRoots,
+    /// Which hosts catalog URLs may reach.
+    hosts: crate::http_client::HostPolicy,
     http: reqwest::Client,
 }
 
@@ -154,8 +156,15 @@ impl Registry {
             write_lock: Mutex::new(()),
             models_dirs,
             roots,
+            hosts: crate::http_client::HostPolicy::default(),
             http,
         }
+    }
+
+    /// Limits the hosts catalog URLs may reach.
+    pub fn with_hosts(mut self, hosts: crate::http_client::HostPolicy) -> Registry {
+        self.hosts = hosts;
+        self
     }
 
     pub fn roots(&self) -> &crate::access::LocalRoots {
@@ -426,7 +435,7 @@ impl Registry {
         format: Option<CatalogFormat>,
     ) -> Result<ImportOutcome> {
         self.check_catalog_source(source).await?;
-        let text = catalog::fetch(source, &self.http).await?;
+        let text = catalog::fetch(source, &self.http, &self.hosts).await?;
         let specs = catalog::parse(&text, format)?;
         self.check_local_sources(&specs, "catalog").await?;
         self.import_specs(specs, Origin::Imported, &source.describe())

@@ -100,6 +100,8 @@ pub struct SourceContext {
     /// Where `file://` sources may lead, checked again when read: a link may have
     /// changed since the model was registered.
     pub roots: crate::access::LocalRoots,
+    /// Which hosts http(s) sources may reach, redirects included.
+    pub hosts: crate::http_client::HostPolicy,
 }
 
 impl std::fmt::Debug for SourceContext {
@@ -228,7 +230,7 @@ async fn open_http(
     };
     let resp = tokio::time::timeout(
         ctx.stall_timeout.max(Duration::from_secs(10)),
-        crate::http_client::get_following(&ctx.http, url, prepare),
+        crate::http_client::get_following(&ctx.http, &ctx.hosts, url, prepare),
     )
     .await
     .map_err(|_| retryable("no response headers before the stall timeout"))?
@@ -236,7 +238,7 @@ async fn open_http(
         crate::http_client::FetchError::Http(e) => {
             retryable(format!("request failed: {}", chain(&e)))
         }
-        crate::http_client::FetchError::Redirect(why) => SourceFault::Permanent(why),
+        crate::http_client::FetchError::Refused(why) => SourceFault::Permanent(why),
     })?;
     let status = resp.status();
     let headers = resp.headers();
