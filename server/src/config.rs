@@ -78,6 +78,25 @@ pub struct Args {
     )]
     pub source_deny_hosts: Vec<String>,
 
+    /// PEM CA bundle for peers (`modeld://` sources): when set, peers are reached over
+    /// TLS and their certificates checked against it.
+    #[arg(long, env = "MODELD_PEER_TLS_CA")]
+    pub peer_tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate to present to peers that require one (with
+    /// --peer-tls-key).
+    #[arg(long, env = "MODELD_PEER_TLS_CERT")]
+    pub peer_tls_cert: Option<PathBuf>,
+
+    /// PEM key of --peer-tls-cert.
+    #[arg(long, env = "MODELD_PEER_TLS_KEY")]
+    pub peer_tls_key: Option<PathBuf>,
+
+    /// Bearer token sent to peers (their ReadBlob needs the operator role). Never
+    /// logged.
+    #[arg(long, env = "MODELD_PEER_TOKEN", hide_env_values = true)]
+    pub peer_token: Option<String>,
+
     /// Serve gRPC server reflection (what grpcurl lists and describes with)
     /// [default: true on a loopback address, false elsewhere].
     #[arg(long, env = "MODELD_REFLECTION")]
@@ -327,6 +346,10 @@ struct FileConfig {
     max_concurrent_rpcs: Option<usize>,
     max_streams_per_connection: Option<u32>,
     reflection: Option<bool>,
+    peer_tls_ca: Option<PathBuf>,
+    peer_tls_cert: Option<PathBuf>,
+    peer_tls_key: Option<PathBuf>,
+    peer_token: Option<String>,
     source_allow_hosts: Option<Vec<String>>,
     source_deny_hosts: Option<Vec<String>>,
     scan_on_start: Option<bool>,
@@ -376,6 +399,8 @@ pub struct Config {
     pub reflection: Option<bool>,
     /// Which hosts remote sources may reach.
     pub source_hosts: modeld_node::http_client::HostPolicy,
+    /// How peers (`modeld://` sources) are reached.
+    pub peers: crate::api::peer::PeerSettings,
     /// RPCs served at once; one more is RESOURCE_EXHAUSTED.
     pub max_concurrent_rpcs: usize,
     /// HTTP/2 streams per connection.
@@ -471,6 +496,12 @@ impl Config {
                 .transpose()?,
             insecure: args.insecure || file.insecure.unwrap_or(false),
             reflection: args.reflection.or(file.reflection),
+            peers: crate::api::peer::PeerSettings {
+                tls_ca: args.peer_tls_ca.or(file.peer_tls_ca),
+                tls_cert: args.peer_tls_cert.or(file.peer_tls_cert),
+                tls_key: args.peer_tls_key.or(file.peer_tls_key),
+                token: args.peer_token.or(file.peer_token),
+            },
             source_hosts: modeld_node::http_client::HostPolicy::new(
                 if args.source_allow_hosts.is_empty() {
                     file.source_allow_hosts.unwrap_or_default()

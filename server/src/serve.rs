@@ -138,7 +138,7 @@ pub async fn serve(
             http,
             headers: config.source_headers.clone(),
             stall_timeout: config.stall_timeout,
-            peers: Some(Arc::new(api::peer::GrpcPeers)),
+            peers: Some(Arc::new(api::peer::GrpcPeers::new(&config.peers)?)),
             roots,
             hosts: config.source_hosts.clone(),
         },

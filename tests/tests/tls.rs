@@ -241,3 +241,70 @@ async fn with_a_client_ca_a_certificate_is_the_callers_identity() {
     // A token still works beside a certificate.
     assert!(call(&agent, &controller, Some(TOKEN)).await.is_ok());
 }
+
+/// A peer fetch (`modeld://`) from an agent that serves TLS and needs a token: the
+/// fetching agent checks the peer's certificate and sends its token.
+#[tokio::test]
+async fn peers_fetch_over_tls_with_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = ca("peer CA");
+    let ca_path = write(dir.path(), "ca.pem", &server_ca.pem);
+    let (cert, key) = leaf(&server_ca, "modeld", false);
+    let cert_path = write(dir.path(), "server.pem", &cert);
+    let key_path = write(dir.path(), "server.key", &key);
+    let tokens = tokens_file(dir.path(), &[]);
+    let a = Agent::start_with(AgentOptions {
+        args: vec![
+            "--tls-cert".into(),
+            cert_path.display().to_string(),
+            "--tls-key".into(),
+            key_path.display().to_string(),
+            "--tokens-file".into(),
+            tokens.display().to_string(),
+        ],
+        client_tls: Some(tls(Some(&ca_path), None, None)),
+        token: Some(TOKEN.into()),
+        ..Default::default()
+    })
+    .await;
+    let url = format!("file://{}", modeld_e2e::Assets::get().gguf.display());
+    let a_client = a.client().await;
+    a_client
+        .register_model(modeld_e2e::gguf_spec("smol", &url))
+        .await
+        .unwrap();
+    a_client.pull_to_end("smol").await.unwrap();
+
+    let peer = format!("modeld://localhost:{}", a.addr.port());
+    let fetch = |args: Vec<String>| {
+        let peer = peer.clone();
+        async move {
+            let b = Agent::start_with(AgentOptions {
+                args,
+                ..Default::default()
+            })
+            .await;
+            let client = b.client().await;
+            client
+                .register_model(modeld_e2e::gguf_spec("smol", &peer))
+                .await
+                .unwrap();
+            let result = client
+                .pull_to_end("smol")
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string());
+            (b, result)
+        }
+    };
+    let ca_arg = vec!["--peer-tls-ca".to_owned(), ca_path.display().to_string()];
+    // The CA but no token: the peer refuses.
+    let (_b, without) = fetch(ca_arg.clone()).await;
+    assert!(without.unwrap_err().contains("Unauthenticated"));
+    // CA and token: fetched, verified, stored.
+    let mut with_token = ca_arg;
+    with_token.extend(["--peer-token".to_owned(), TOKEN.to_owned()]);
+    let (b, with) = fetch(with_token).await;
+    with.unwrap();
+    assert!(!b.log().contains(TOKEN), "the peer token was logged");
+}

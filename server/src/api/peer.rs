@@ -13,8 +13,77 @@ use modeld_node::storage::source::{PeerBlob, PeerChunks, PeerSource, SourceFault
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Default)]
-pub struct GrpcPeers;
+/// How this agent reaches its peers: plaintext, or TLS against a CA (with a client
+/// certificate for peers that require one), with a bearer token for their ReadBlob.
+#[derive(Default)]
+pub struct GrpcPeers {
+    tls: Option<tonic::transport::ClientTlsConfig>,
+    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl std::fmt::Debug for GrpcPeers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcPeers")
+            .field("tls", &self.tls.is_some())
+            .field("token", &self.token.is_some())
+            .finish()
+    }
+}
+
+/// Where the peer credentials are (`--peer-tls-ca`, `--peer-tls-cert`,
+/// `--peer-tls-key`, `--peer-token`).
+#[derive(Clone, Default)]
+pub struct PeerSettings {
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for PeerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerSettings")
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("token", &self.token.as_ref().map(|_| "redacted"))
+            .finish()
+    }
+}
+
+impl GrpcPeers {
+    pub fn new(settings: &PeerSettings) -> crate::error::Result<GrpcPeers> {
+        let bad =
+            |what: &str, e: String| crate::error::Error::Config(format!("peers: {what}: {e}"));
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| bad(&p.display().to_string(), e.to_string()))
+        };
+        let tls = match &settings.tls_ca {
+            None => None,
+            Some(ca) => {
+                let mut config = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+                if let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) {
+                    config = config.identity(tonic::transport::Identity::from_pem(
+                        read(cert)?,
+                        read(key)?,
+                    ));
+                }
+                Some(config)
+            }
+        };
+        let token = settings
+            .token
+            .as_ref()
+            .map(|t| {
+                format!("Bearer {}", t.trim())
+                    .parse()
+                    .map_err(|_| bad("token", "only visible ASCII is allowed".into()))
+            })
+            .transpose()?;
+        Ok(GrpcPeers { tls, token })
+    }
+}
 
 impl PeerSource for GrpcPeers {
     fn open<'a>(
@@ -25,9 +94,16 @@ impl PeerSource for GrpcPeers {
         offset: u64,
     ) -> BoxFuture<'a, Result<PeerBlob, SourceFault>> {
         Box::pin(async move {
-            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}"))
-                .map_err(|e| SourceFault::Permanent(format!("bad peer address: {e}")))?
-                .connect_timeout(CONNECT_TIMEOUT);
+            let scheme = if self.tls.is_some() { "https" } else { "http" };
+            let mut endpoint =
+                tonic::transport::Endpoint::from_shared(format!("{scheme}://{host}:{port}"))
+                    .map_err(|e| SourceFault::Permanent(format!("bad peer address: {e}")))?
+                    .connect_timeout(CONNECT_TIMEOUT);
+            if let Some(tls) = &self.tls {
+                endpoint = endpoint
+                    .tls_config(tls.clone())
+                    .map_err(|e| SourceFault::Permanent(format!("peer TLS: {e}")))?;
+            }
             let channel = endpoint.connect().await.map_err(|e| {
                 retryable(format!(
                     "cannot reach peer {host}:{port}: {}",
@@ -36,11 +112,17 @@ impl PeerSource for GrpcPeers {
             })?;
             let mut client = pb::storage_client::StorageClient::new(channel)
                 .max_decoding_message_size(modeld_proto::MAX_MESSAGE_BYTES);
+            let mut request = tonic::Request::new(pb::ReadBlobRequest {
+                sha256: sha256.to_owned(),
+                offset,
+            });
+            if let Some(token) = &self.token {
+                request
+                    .metadata_mut()
+                    .insert("authorization", token.clone());
+            }
             let mut stream = client
-                .read_blob(pb::ReadBlobRequest {
-                    sha256: sha256.to_owned(),
-                    offset,
-                })
+                .read_blob(request)
                 .await
                 .map_err(|s| fault(&s))?
                 .into_inner();
