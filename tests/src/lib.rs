@@ -366,6 +366,7 @@ pub fn modelctl(agent: &Agent, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+pub mod certs;
 pub mod http;
 pub use http::{Fault, FileServer};
 

@@ -44,6 +44,11 @@ print("python client ok:", caps.node_id)
 /// Generates Python stubs from the committed protos and runs `script` against the
 /// agent (its address is `sys.argv[1]`); returns stdout, failing on a non-zero exit.
 fn run_python(agent: &Agent, script: &str) -> String {
+    run_python_with(agent, script, &[])
+}
+
+/// `run_python` with more arguments after the address (`sys.argv[2:]`).
+fn run_python_with(agent: &Agent, script: &str, extra: &[&str]) -> String {
     let assets = Assets::get();
     let out_dir = tempfile::tempdir().unwrap();
     let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
@@ -68,6 +73,7 @@ fn run_python(agent: &Agent, script: &str) -> String {
     );
     let run = Command::new(&assets.python)
         .args(["-c", script, &agent.addr.to_string()])
+        .args(extra)
         .env("PYTHONPATH", out_dir.path())
         .output()
         .unwrap();
@@ -152,4 +158,67 @@ async fn a_python_client_deadline_stops_generation_and_frees_the_slot() {
     client.load_to_end("smol", None).await.unwrap();
     let stdout = run_python(&agent, DEADLINE_SCRIPT);
     assert!(stdout.contains("deadline ok"), "{stdout}");
+}
+
+const TLS_SCRIPT: &str = r#"
+import sys
+import grpc
+from modeld.v1 import node_pb2, node_pb2_grpc
+
+port = sys.argv[1].rsplit(":", 1)[1]
+ca_path, token = sys.argv[2], sys.argv[3]
+credentials = grpc.ssl_channel_credentials(open(ca_path, "rb").read())
+channel = grpc.secure_channel(f"localhost:{port}", credentials)
+node = node_pb2_grpc.NodeStub(channel)
+try:
+    node.GetCapabilities(node_pb2.GetCapabilitiesRequest())
+    raise SystemExit("answered without a token")
+except grpc.RpcError as e:
+    assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e.code()
+caps = node.GetCapabilities(
+    node_pb2.GetCapabilitiesRequest(), metadata=[("authorization", f"Bearer {token}")]
+)
+assert caps.cpu.logical_cores >= 1, caps
+print("python tls ok")
+"#;
+
+/// The Python client over TLS with a token, as the README shows it.
+#[tokio::test]
+async fn python_grpc_client_over_tls_with_a_token() {
+    use modeld_e2e::certs::{ca, leaf, write};
+    use sha2::Digest as _;
+    let dir = tempfile::tempdir().unwrap();
+    let authority = ca("python test CA");
+    let ca_path = write(dir.path(), "ca.pem", &authority.pem);
+    let (cert, key) = leaf(&authority, "modeld", false);
+    let cert_path = write(dir.path(), "server.pem", &cert);
+    let key_path = write(dir.path(), "server.key", &key);
+    let token = "python-token-51";
+    let tokens = write(
+        dir.path(),
+        "tokens.toml",
+        &format!(
+            "[[tokens]]\nname = \"py\"\nrole = \"inference\"\nsha256 = \"{}\"\n",
+            hex::encode(sha2::Sha256::digest(token.as_bytes()))
+        ),
+    );
+    let agent = Agent::start_with(modeld_e2e::AgentOptions {
+        args: vec![
+            "--tls-cert".into(),
+            cert_path.display().to_string(),
+            "--tls-key".into(),
+            key_path.display().to_string(),
+            "--tokens-file".into(),
+            tokens.display().to_string(),
+        ],
+        client_tls: Some(modelctl::Tls {
+            ca: Some(ca_path.clone()),
+            ..Default::default()
+        }),
+        token: Some(token.into()),
+        ..Default::default()
+    })
+    .await;
+    let stdout = run_python_with(&agent, TLS_SCRIPT, &[&ca_path.display().to_string(), token]);
+    assert!(stdout.contains("python tls ok"), "{stdout}");
 }
