@@ -282,6 +282,16 @@ async fn random_operations_survive_kill_9_at_random_moments() {
                 }
                 assert!(stored.contains(id), "{context}: stored {id} was lost");
             }
+            // An acknowledged store is a whole blob on disk, under the file's digest.
+            for id in &l.stored {
+                if deleting.contains(id) {
+                    continue;
+                }
+                let (sha, size) = &l.files[id];
+                let blob = data.join("blobs/sha256").join(sha);
+                let on_disk = std::fs::metadata(&blob).map(|m| m.len());
+                assert_eq!(on_disk.ok(), Some(*size), "{context}: {id}'s blob {sha}");
+            }
             // What the delete in flight did is now known.
             l.registered.retain(|id| states.contains_key(id));
             l.stored.retain(|id| stored.contains(id));

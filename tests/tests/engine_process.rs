@@ -152,7 +152,7 @@ async fn kill_9_of_an_engine_process_mid_stream_ends_only_its_model() {
     assert!(pid != 0 && pid != agent.pid() && pid != bystander.engine_process_id);
     assert!(victim.memory_measured);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss_kb = rss_bytes(pid) / 1024;
+    let rss_kb = modeld_e2e::rss_bytes(pid) / 1024;
     // The same process, read a moment apart: within a quarter of each other.
     let reported = victim.actual_memory_bytes / 1024;
     assert!(
@@ -435,22 +435,11 @@ async fn in_process_engines_give_the_same_tokens_as_engine_processes() {
     assert_eq!(m.engine_process_id, 0, "in-process: no engine process");
     assert!(!m.memory_measured);
     // Inside the agent, unloading gives the agent's own memory back.
-    let before = rss_bytes(inside.pid());
+    let before = modeld_e2e::rss_bytes(inside.pid());
     inside_client.unload("smol", None).await.unwrap();
-    let after = rss_bytes(inside.pid());
+    let after = modeld_e2e::rss_bytes(inside.pid());
     assert!(
         after + 64 * 1024 * 1024 < before,
         "RSS {before} before unload, {after} after"
     );
-}
-
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb * 1024
 }

@@ -685,17 +685,6 @@ async fn an_overlong_prompt_is_refused_or_truncated_as_asked() {
     }
 }
 
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
 /// Unload gives the memory back: the weights are unmapped and the context freed, and
 /// the model says so in its state.
 #[tokio::test]
@@ -723,7 +712,7 @@ async fn unloading_frees_the_model_and_reports_its_state() {
     // The model lives in its engine process: that is what unloading must free.
     let engine = loaded.engine_process_id;
     assert!(engine != 0 && engine != agent.pid());
-    assert!(rss_bytes(engine) > 98_000_000);
+    assert!(modeld_e2e::rss_bytes(engine) > 98_000_000);
 
     let unloaded = client.unload("smol", None).await.unwrap();
     assert_eq!(unloaded.state(), pb::ModelState::Downloaded);
