@@ -722,6 +722,47 @@ def gen_absurd_config(d: Path) -> None:
     write(d / "model.safetensors", safetensors_bytes(tensors, {"format": "pt"}))
 
 
+# --------------------------------------------------------------------------- catalogs
+
+def gen_catalogs(d: Path) -> None:
+    """Catalog manifests in each accepted shape: seeds for the catalog fuzz target, and
+    valid input for anyone trying ImportCatalog by hand."""
+    entry = {
+        "id": "tiny-gguf",
+        "display_name": "Tiny GGUF fixture",
+        "format": "gguf",
+        "architecture": "llama",
+        "context_length": 64,
+        "tokenizer": {"kind": "embedded"},
+        "tags": ["fixture", "tiny"],
+        "files": [{"name": "tiny.gguf", "urls": ["file:///models/tiny.gguf"],
+                   "sha256": hashlib.sha256(b"tiny").hexdigest(), "size_bytes": 1152}],
+    }
+    archived = {
+        "id": "tiny-bundle",
+        "format": "gguf",
+        "files": [{"name": "bundle.zip", "urls": ["https://models.example.invalid/bundle.zip"],
+                   "archive": "zip", "member": "models/tiny.gguf"}],
+    }
+    write(d / "list.json", jdump([entry, archived]))
+    write(d / "wrapped.json", jdump({"name": "fixtures", "description": "two models",
+                                     "models": [entry, archived]}))
+    # YAML with an anchor and an alias, so the YAML-only paths have a seed too.
+    write(d / "anchors.yaml", (
+        "name: fixtures\n"
+        "models:\n"
+        "  - &base\n"
+        "    id: tiny-a\n"
+        "    format: gguf\n"
+        "    tokenizer: {kind: embedded}\n"
+        "    files:\n"
+        "      - name: tiny.gguf\n"
+        "        urls: [\"file:///models/tiny.gguf\"]\n"
+        "  - <<: *base\n"
+        "    id: tiny-b\n"
+    ).encode())
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[1] in ("-h", "--help"):
         print(__doc__.strip(), file=sys.stderr)
@@ -787,6 +828,10 @@ def main(argv: list[str]) -> int:
                                 "header (< 24 bytes); must not be reported as a valid gguf"}
 
     gen_corrupt_ggufs(out / "corrupt", out / "tiny.gguf", expect)
+
+    gen_catalogs(out / "catalogs")
+    for name in ("list.json", "wrapped.json", "anchors.yaml"):
+        expect[f"catalogs/{name}"] = {"format": "none", "note": "a catalog manifest"}
 
     hm = out / "hostile-models"
     gen_onnx_escape(hm / "onnx-escape")

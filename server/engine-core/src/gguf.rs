@@ -573,7 +573,16 @@ pub fn read_header_keeping<R: Read>(
         });
     }
 
-    let data_offset = r.pos.div_ceil(alignment) * alignment;
+    let data_offset = r
+        .pos
+        .div_ceil(alignment)
+        .checked_mul(alignment)
+        .filter(|start| tensors.is_empty() || *start <= size)
+        .ok_or_else(|| {
+            GgufError::Invalid(format!(
+                "the tensor data section (aligned to {alignment}) starts past the end of the {size}-byte file"
+            ))
+        })?;
     let data_size = size.saturating_sub(data_offset);
     for t in &tensors {
         let end = t.offset.checked_add(t.size_bytes);
@@ -597,8 +606,8 @@ pub fn read_header_keeping<R: Read>(
 mod tests {
     use super::*;
 
-    /// Builds a small GGUF in memory: one string KV, one u32 KV, one F32 tensor.
-    fn tiny_gguf(tensor_offset: u64, tensor_len_elems: u64, data_bytes: usize) -> Vec<u8> {
+    /// A GGUF header with three KVs and one F32 tensor, without padding or data.
+    fn tiny_gguf_header(tensor_offset: u64, tensor_len_elems: u64) -> Vec<u8> {
         let mut b = Vec::new();
         b.extend_from_slice(MAGIC);
         b.extend_from_slice(&3u32.to_le_bytes());
@@ -625,7 +634,13 @@ mod tests {
         b.extend_from_slice(&tensor_len_elems.to_le_bytes());
         b.extend_from_slice(&0u32.to_le_bytes());
         b.extend_from_slice(&tensor_offset.to_le_bytes());
-        while b.len() % 32 != 0 {
+        b
+    }
+
+    /// [`tiny_gguf_header`], padded to its data section and followed by `data_bytes`.
+    fn tiny_gguf(tensor_offset: u64, tensor_len_elems: u64, data_bytes: usize) -> Vec<u8> {
+        let mut b = tiny_gguf_header(tensor_offset, tensor_len_elems);
+        while !b.len().is_multiple_of(32) {
             b.push(0);
         }
         b.extend(std::iter::repeat_n(0u8, data_bytes));
@@ -656,6 +671,23 @@ mod tests {
     fn tensor_past_end_of_file_is_rejected() {
         let err = parse(&tiny_gguf(0, 64, 32)).unwrap_err();
         assert!(err.to_string().contains("runs past the end"), "{err}");
+    }
+
+    /// Found by fuzzing (bench/fuzz.sh, target gguf): an empty tensor in a file that ends
+    /// before the aligned start of its data section was accepted, with a data offset past
+    /// the end of the file.
+    #[test]
+    fn data_section_past_end_of_file_is_rejected() {
+        let bytes = tiny_gguf_header(0, 0);
+        assert!(
+            !bytes.len().is_multiple_of(32),
+            "the header must end off alignment"
+        );
+        let err = parse(&bytes).unwrap_err();
+        assert!(err.to_string().contains("starts past the end"), "{err}");
+        // The same file padded to its data section is a valid (if odd) GGUF.
+        let padded = tiny_gguf(0, 0, 0);
+        assert_eq!(parse(&padded).unwrap().data_offset, padded.len() as u64);
     }
 
     #[test]
