@@ -1,5 +1,6 @@
-//! Compiles `modeld/v1/*.proto` with protox (pure Rust), so the build needs neither protoc
-//! nor a network. It also writes the descriptor set that server reflection serves, and
+//! Compiles `modeld/v1/*.proto` and `modeld/fleet/v1/*.proto` with protox (pure Rust),
+//! so the build needs neither protoc nor a network. It also writes the descriptor sets
+//! that server reflection serves, and
 //! serde impls (pbjson) that follow the canonical proto3 JSON mapping, so `--output json`
 //! prints what grpcurl would.
 
@@ -7,7 +8,7 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const PROTOS: &[&str] = &[
+const AGENT_PROTOS: &[&str] = &[
     "modeld/v1/model.proto",
     "modeld/v1/registry.proto",
     "modeld/v1/storage.proto",
@@ -16,14 +17,22 @@ const PROTOS: &[&str] = &[
     "modeld/v1/node.proto",
 ];
 
+const FLEET_PROTOS: &[&str] = &["modeld/fleet/v1/fleet.proto"];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    for proto in PROTOS {
+    let all: Vec<&str> = AGENT_PROTOS.iter().chain(FLEET_PROTOS).copied().collect();
+    for proto in &all {
         println!("cargo:rerun-if-changed={proto}");
     }
-    let fds = protox::compile(PROTOS, ["."])?;
+    let fds = protox::compile(&all, ["."])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     let descriptor_bytes = fds.encode_to_vec();
-    std::fs::write(out_dir.join("modeld_descriptor.bin"), &descriptor_bytes)?;
+    // Reflection on each binary lists only the services it serves: the agent's set
+    // holds modeld.v1, the controller's modeld.fleet.v1 and the files it imports.
+    let agent = protox::compile(AGENT_PROTOS, ["."])?;
+    std::fs::write(out_dir.join("modeld_descriptor.bin"), agent.encode_to_vec())?;
+    let fleet = protox::compile(FLEET_PROTOS, ["."])?;
+    std::fs::write(out_dir.join("fleet_descriptor.bin"), fleet.encode_to_vec())?;
 
     tonic_prost_build::configure()
         .build_client(true)
@@ -34,6 +43,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     pbjson_build::Builder::new()
         .register_descriptors(&descriptor_bytes)?
-        .build(&[".modeld.v1"])?;
+        .build(&[".modeld.v1", ".modeld.fleet.v1"])?;
     Ok(())
 }

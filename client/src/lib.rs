@@ -20,10 +20,15 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt;
 
+pub use modeld_proto::fleet;
 pub use modeld_proto::v1;
+
+pub mod deployment;
 
 /// Default agent address, matching `modeld --listen`'s default.
 pub const DEFAULT_ADDR: &str = "http://127.0.0.1:7700";
+/// Default fleet controller address, matching `modeld-fleet --listen`'s default.
+pub const DEFAULT_FLEET_ADDR: &str = "http://127.0.0.1:7800";
 /// Largest message the client accepts: the agent's own limit.
 pub use modeld_proto::MAX_MESSAGE_BYTES;
 
@@ -225,6 +230,19 @@ impl Client {
     pub fn lifecycle(&self) -> LifecycleClient<Transport> {
         LifecycleClient::with_interceptor(self.channel.clone(), self.credentials.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// The fleet controller's operator service (for a client connected to a
+    /// `modeld-fleet` address).
+    pub fn fleet(
+        &self,
+    ) -> modeld_proto::fleet::v1::fleet_service_client::FleetServiceClient<Transport> {
+        modeld_proto::fleet::v1::fleet_service_client::FleetServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.credentials.clone(),
+        )
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     pub fn generate(&self) -> GenerateClient<Transport> {

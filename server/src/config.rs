@@ -247,6 +247,97 @@ pub struct Args {
     /// Hugging Face token, sent as "Authorization: Bearer ..." to huggingface.co only.
     #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
     pub hf_token: Option<String>,
+
+    /// Fleet controller to dial out to, e.g. "https://fleet.example:7800". The agent
+    /// introduces itself, reports its models and converges to the models the
+    /// controller assigns it; while the controller is away it keeps serving, keeps
+    /// converging to the assignments it holds, and retries with backoff.
+    #[arg(long, env = "MODELD_FLEET")]
+    pub fleet: Option<String>,
+
+    /// The site this device belongs to, for deployments that select by site.
+    #[arg(long, env = "MODELD_SITE")]
+    pub site: Option<String>,
+
+    /// A label KEY=VALUE deployments can select on (repeatable; the env variable takes
+    /// a comma-separated list).
+    #[arg(long = "label", env = "MODELD_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
+
+    /// Bearer token the agent presents to the fleet controller.
+    #[arg(long, env = "MODELD_FLEET_TOKEN", hide_env_values = true)]
+    pub fleet_token: Option<String>,
+
+    /// CA bundle (PEM) the controller's certificate must chain to (https:// only).
+    #[arg(long, env = "MODELD_FLEET_TLS_CA")]
+    pub fleet_tls_ca: Option<PathBuf>,
+
+    /// Client certificate and key (PEM) for a controller that requires one.
+    #[arg(long, env = "MODELD_FLEET_TLS_CERT", requires = "fleet_tls_key")]
+    pub fleet_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "MODELD_FLEET_TLS_KEY", requires = "fleet_tls_cert")]
+    pub fleet_tls_key: Option<PathBuf>,
+
+    /// Testing and simulation: a TOML file that makes the agent report another
+    /// device (class, OS, memory, accelerators) and budget its memory, so a fleet of
+    /// different devices can run on one machine. Everything else stays real.
+    #[arg(long, env = "MODELD_DEVICE_PROFILE")]
+    pub device_profile: Option<PathBuf>,
+}
+
+/// How the agent takes part in a fleet (`--fleet`).
+#[derive(Clone, Default)]
+pub struct FleetSettings {
+    pub url: String,
+    pub site: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub token: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for FleetSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetSettings")
+            .field("url", &self.url)
+            .field("site", &self.site)
+            .field("labels", &self.labels)
+            .field("token", &self.token.as_ref().map(|_| "redacted"))
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses "KEY=VALUE" labels: keys are 1-63 characters of [a-z0-9._/-], values at
+/// most 63 printable characters.
+pub fn parse_labels<'a>(
+    items: impl IntoIterator<Item = &'a str>,
+) -> std::result::Result<std::collections::BTreeMap<String, String>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for item in items {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("label {item:?} is not KEY=VALUE"))?;
+        let (key, value) = (key.trim(), value.trim());
+        let key_ok = (1..=63).contains(&key.len())
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._/-".contains(&b));
+        if !key_ok {
+            return Err(format!(
+                "label key {key:?} must be 1-63 characters of a-z, 0-9, '.', '_', '/', '-'"
+            ));
+        }
+        if value.len() > 63 || value.chars().any(char::is_control) {
+            return Err(format!(
+                "label {key:?}: the value must be at most 63 printable characters"
+            ));
+        }
+        out.insert(key.to_owned(), value.to_owned());
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -327,6 +418,16 @@ impl FromStr for LogFormat {
     }
 }
 
+/// Reads and checks a device profile (TOML).
+fn read_profile(path: &Path) -> Result<modeld_node::hardware::DeviceProfile> {
+    let bad = |e: String| Error::Config(format!("device profile {}: {e}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let profile: modeld_node::hardware::DeviceProfile =
+        toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    profile.validate().map_err(bad)?;
+    Ok(profile)
+}
+
 /// The TOML file's shape: every key optional, unknown keys refused (a typo must not
 /// silently fall back to a default).
 #[derive(Debug, Default, Deserialize)]
@@ -376,6 +477,14 @@ struct FileConfig {
     source_headers:
         Option<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>>,
     hf_token: Option<String>,
+    fleet: Option<String>,
+    site: Option<String>,
+    labels: Option<std::collections::BTreeMap<String, String>>,
+    fleet_token: Option<String>,
+    fleet_tls_ca: Option<PathBuf>,
+    fleet_tls_cert: Option<PathBuf>,
+    fleet_tls_key: Option<PathBuf>,
+    device_profile: Option<PathBuf>,
 }
 
 /// The effective configuration.
@@ -424,6 +533,10 @@ pub struct Config {
     pub extract: modeld_node::storage::extract::Limits,
     /// Extra headers per source host; their values never print.
     pub source_headers: modeld_node::storage::source::HostHeaders,
+    /// The fleet controller this agent reports to; `None` = standalone.
+    pub fleet: Option<FleetSettings>,
+    /// The device this agent reports instead of itself (simulation and tests).
+    pub device_profile: Option<modeld_node::hardware::DeviceProfile>,
 }
 
 impl Config {
@@ -624,6 +737,53 @@ impl Config {
                 file.source_headers.as_ref(),
                 args.hf_token.or(file.hf_token),
             )?,
+            fleet: match args.fleet.or(file.fleet) {
+                None => None,
+                Some(url) => {
+                    let parsed = url::Url::parse(&url)
+                        .map_err(|e| Error::Config(format!("--fleet {url:?}: {e}")))?;
+                    if !matches!(parsed.scheme(), "http" | "https") {
+                        return Err(Error::Config(format!(
+                            "--fleet {url:?}: use an http:// or https:// address"
+                        )));
+                    }
+                    // The file's labels first, so a flag's value for a key wins.
+                    let mut items: Vec<String> = file
+                        .labels
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    items.extend(args.labels);
+                    let labels = parse_labels(items.iter().map(String::as_str))
+                        .map_err(|e| Error::Config(format!("labels: {e}")))?;
+                    Some(FleetSettings {
+                        url,
+                        site: args.site.or(file.site).unwrap_or_default(),
+                        labels,
+                        token: args.fleet_token.or(file.fleet_token),
+                        tls_ca: args
+                            .fleet_tls_ca
+                            .or(file.fleet_tls_ca)
+                            .map(absolute)
+                            .transpose()?,
+                        tls_cert: args
+                            .fleet_tls_cert
+                            .or(file.fleet_tls_cert)
+                            .map(absolute)
+                            .transpose()?,
+                        tls_key: args
+                            .fleet_tls_key
+                            .or(file.fleet_tls_key)
+                            .map(absolute)
+                            .transpose()?,
+                    })
+                }
+            },
+            device_profile: match args.device_profile.or(file.device_profile) {
+                None => None,
+                Some(path) => Some(read_profile(&path)?),
+            },
         })
     }
 }
@@ -827,5 +987,71 @@ mod deploy_example_tests {
             modeld_node::memory::KeepAlive::For(Duration::from_secs(300))
         );
         assert_eq!(c.memory_pressure_threshold, Some(10.0));
+    }
+}
+
+#[cfg(test)]
+mod fleet_config_tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_device_profiles_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/fleet/profiles");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let profile = read_profile(&path).unwrap();
+            assert!(profile.memory_budget.is_some(), "{}", path.display());
+            seen += 1;
+        }
+        assert_eq!(seen, 3);
+    }
+
+    #[test]
+    fn fleet_flags_and_labels_are_checked() {
+        let config = |args: Args| Config::load(args).map(|c| c.fleet);
+        let fleet = config(Args {
+            fleet: Some("http://127.0.0.1:7800".into()),
+            site: Some("lab".into()),
+            labels: vec!["tier=edge".into(), "zone=a".into()],
+            ..Args::default()
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(fleet.site, "lab");
+        assert_eq!(fleet.labels.get("tier").map(String::as_str), Some("edge"));
+        let bad = |args: Args| config(args).unwrap_err().to_string();
+        assert!(
+            bad(Args {
+                fleet: Some("ftp://x".into()),
+                ..Args::default()
+            })
+            .contains("http://")
+        );
+        assert!(
+            bad(Args {
+                fleet: Some("http://x".into()),
+                labels: vec!["Tier=edge".into()],
+                ..Args::default()
+            })
+            .contains("label key")
+        );
+        assert!(
+            bad(Args {
+                fleet: Some("http://x".into()),
+                labels: vec!["noequals".into()],
+                ..Args::default()
+            })
+            .contains("KEY=VALUE")
+        );
+        // A token never shows in the settings' debug output.
+        let with_token = config(Args {
+            fleet: Some("http://x".into()),
+            fleet_token: Some("s3cret".into()),
+            ..Args::default()
+        })
+        .unwrap()
+        .unwrap();
+        assert!(!format!("{with_token:?}").contains("s3cret"));
     }
 }

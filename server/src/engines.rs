@@ -23,7 +23,7 @@ pub struct EngineSettings {
 
 /// The engines compiled into this build, one Cargo feature each, in the order
 /// capabilities list them. Adding an engine: its crate, its feature, one line here.
-#[allow(clippy::vec_init_then_push)] // one push per engine feature; none may be enabled
+#[allow(clippy::vec_init_then_push, unused_mut)] // one push per engine feature; none may be enabled
 pub fn compiled(settings: &EngineSettings) -> Vec<Arc<dyn Engine>> {
     let _ = settings;
     let mut out: Vec<Arc<dyn Engine>> = Vec::new();

@@ -7,6 +7,7 @@ pub mod config;
 pub mod engine_host;
 pub mod engines;
 pub mod error;
+pub mod fleet;
 pub mod serve;
 pub mod telemetry;
 pub mod tls;

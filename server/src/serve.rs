@@ -98,8 +98,21 @@ pub async fn serve(
     let db_dir = data_dir.join("db");
     let store = tokio::task::spawn_blocking(move || Store::open(&db_dir)).await??;
     let probe_dir = data_dir.clone();
-    let hardware = tokio::task::spawn_blocking(move || Hardware::probe(&probe_dir)).await?;
-    let memory_budget_bytes = config.memory_budget.resolve(hardware.memory().total_bytes);
+    let mut hardware = tokio::task::spawn_blocking(move || Hardware::probe(&probe_dir)).await?;
+    let mut memory_budget_bytes = config.memory_budget.resolve(hardware.memory().total_bytes);
+    if let Some(profile) = &config.device_profile {
+        hardware = hardware.with_profile(profile);
+        memory_budget_bytes = match profile.memory_budget {
+            Some(budget) => budget.as_u64(),
+            None => config.memory_budget.resolve(hardware.memory().total_bytes),
+        };
+        warn!(
+            device_class = hardware.host().device_class.as_str(),
+            os = %hardware.host().os,
+            memory_budget_bytes,
+            "SIMULATION: reporting the device of --device-profile instead of this machine"
+        );
+    }
     info!(
         node_id = store.node_id(),
         data_dir = %data_dir.display(),
@@ -183,6 +196,25 @@ pub async fn serve(
             .await;
     }
     let supervisor = modeld_node::supervise::spawn(node.clone(), shutdown_rx.clone());
+    let fleet = match &config.fleet {
+        Some(settings) => {
+            let link = crate::fleet::link::Link::new(settings.clone())?;
+            let reconciler = modeld_node::fleet::spawn(
+                node.clone(),
+                agent.loads.clone(),
+                crate::fleet::link::stored_assignments(&node),
+                shutdown_rx.clone(),
+            );
+            info!(url = %settings.url, site = %settings.site, "fleet: reporting to the controller");
+            Some(crate::fleet::link::spawn(
+                link,
+                node.clone(),
+                reconciler,
+                shutdown_rx.clone(),
+            ))
+        }
+        None => None,
+    };
     let reaper = modeld_node::inference::reaper::spawn(
         node.inference.clone(),
         pressure_threshold,
@@ -296,6 +328,9 @@ pub async fn serve(
         }
     }
     reaper.abort();
+    if let Some(fleet) = fleet {
+        fleet.abort();
+    }
     // No restart may race the unloads below.
     supervisor.abort();
     node.inference.unload_all(Duration::from_secs(1)).await;

@@ -367,6 +367,7 @@ pub fn modelctl(agent: &Agent, args: &[&str]) -> (bool, String, String) {
 }
 
 pub mod certs;
+pub mod fleet;
 pub mod http;
 pub use http::{Fault, FileServer};
 

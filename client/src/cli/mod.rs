@@ -2,6 +2,7 @@
 
 mod audit;
 mod bench;
+mod fleet;
 mod generate;
 mod lifecycle;
 mod models;
@@ -111,6 +112,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Show how a model's tokenizer splits a text.
     Tokenize(generate::TokenizeArgs),
+    /// The fleet controller (--fleet-addr): devices, deployments and their status.
+    Fleet(fleet::FleetArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -119,6 +122,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         cert: cli.tls_cert.clone(),
         key: cli.tls_key.clone(),
     };
+    if let Command::Fleet(args) = cli.command {
+        let token = cli.token.as_ref().map(|t| t.0.as_str());
+        return fleet::run(args, &tls, token, cli.output).await;
+    }
     let mut client = Client::connect_with_tls(&cli.addr, &tls).await?;
     if let Some(token) = &cli.token {
         client = client.with_token(&token.0)?;
@@ -148,5 +155,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat(args) => generate::chat(&client, args).await,
         Command::Bench(args) => bench::bench(&client, args, cli.output).await,
         Command::Tokenize(args) => generate::tokenize(&client, args, cli.output).await,
+        Command::Fleet(_) => unreachable!("handled above"),
     }
 }

@@ -5,12 +5,13 @@
 //! and their results and errors back into messages and statuses.
 //!
 //! Modules import downward only, in this order from the top:
-//! `load` → `node` → `inference` → `storage` → `registry` → `lifecycle` → `store`,
+//! `fleet` → `load` → `node` → `inference` → `storage` → `registry` → `lifecycle` → `store`,
 //! with `engines`, `memory`, `hardware`, `formats`, `page`, `model` and `error` below.
 
 pub mod access;
 pub mod engines;
 pub mod error;
+pub mod fleet;
 pub mod formats;
 pub mod hardware;
 pub mod http_client;

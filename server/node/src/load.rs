@@ -31,8 +31,9 @@ pub enum LoadEvent {
     Loaded(Arc<ModelWorker>),
 }
 
-/// The Loads in progress and who waits for each.
-#[derive(Debug, Default)]
+/// The Loads in progress and who waits for each. Clones share the waiters, so every
+/// caller (the API, the fleet reconciler) counts in the same place.
+#[derive(Debug, Default, Clone)]
 pub struct Loads {
     /// Callers waiting on each model: the last one to leave cancels the download.
     waiters: Arc<Mutex<HashMap<String, usize>>>,

@@ -40,6 +40,16 @@ impl Node {
         self.storage.open_blob(sha256, offset).await
     }
 
+    /// Removes a model from the registry and then its stored files, except blobs
+    /// another model uses. A model in memory or being downloaded is refused.
+    pub async fn delete_model(&self, id: &str) -> crate::error::Result<()> {
+        self.registry.delete(id).await?;
+        if let Err(e) = self.storage.forget(id).await {
+            tracing::warn!(model = %id, error = %e, "stored files of a deleted model could not be removed");
+        }
+        Ok(())
+    }
+
     /// Current resources for compatibility checks.
     pub fn resources(&self) -> NodeResources {
         let memory = self.hardware.memory();

@@ -7,7 +7,7 @@ pub mod convert;
 mod generate;
 pub mod layers;
 mod lifecycle;
-mod node;
+pub mod node;
 pub mod peer;
 mod registry;
 pub mod status;

@@ -33,106 +33,8 @@ impl Node for NodeApi {
         &self,
         _request: Request<pb::GetCapabilitiesRequest>,
     ) -> Result<Response<pb::GetCapabilitiesResponse>, Status> {
-        super::status::rpc(async move {
-            let agent = self.agent.clone();
-            // Asking an engine for its CPU kernels may start its runtime (llama.cpp loads
-            // its CPU variants once): blocking work, off the async runtime.
-            let (memory, disk, variants) = tokio::task::spawn_blocking(move || {
-                (
-                    agent.node.hardware.memory(),
-                    agent.node.hardware.disk(),
-                    agent.node.inference.cpu_variants(),
-                )
-            })
+        super::status::rpc(async move { Ok(Response::new(capabilities(&self.agent.node).await?)) })
             .await
-            .map_err(Error::from)?;
-            let host = self.agent.node.hardware.host();
-            let compiled = self.agent.node.inference.engines();
-            let runtimes = compiled
-                .iter()
-                .map(|e| {
-                    let variant = variants.iter().find(|(r, _)| *r == e.runtime);
-                    (e, variant.map(|(_, v)| v))
-                })
-                .map(|(e, variant)| pb::RuntimeInfo {
-                    cpu_variant: variant
-                        .and_then(|v| v.as_ref().ok())
-                        .map(convert::cpu_variant_to_pb),
-                    unavailable_reason: variant
-                        .and_then(|v| v.as_ref().err())
-                        .cloned()
-                        .unwrap_or_default(),
-                    runtime: convert::runtime_to_pb(e.runtime) as i32,
-                    version: e.version.clone(),
-                    formats: e
-                        .formats
-                        .iter()
-                        .map(|f| convert::format_to_pb(*f) as i32)
-                        .collect(),
-                    quantizations: e.quantizations.clone(),
-                    accelerators: e
-                        .accelerators
-                        .iter()
-                        .map(|a| convert::accelerator_to_pb(*a) as i32)
-                        .collect(),
-                })
-                .collect();
-            let measured = self.agent.node.store.benchmarks()?;
-            let formats = ModelFormat::ALL
-                .into_iter()
-                .map(|f| {
-                    // Best first, as Load would pick them.
-                    let here: Vec<Runtime> = engines::ranked(compiled, f, &measured);
-                    pb::FormatSupport {
-                        format: convert::format_to_pb(f) as i32,
-                        runnable: !here.is_empty(),
-                        recognized: true,
-                        runtimes: here
-                            .into_iter()
-                            .map(|r| convert::runtime_to_pb(r) as i32)
-                            .collect(),
-                    }
-                })
-                .collect();
-            Ok(Response::new(pb::GetCapabilitiesResponse {
-                node_id: self.agent.node.store.node_id().to_owned(),
-                hostname: host.hostname.clone(),
-                os: host.os.clone(),
-                os_version: host.os_version.clone(),
-                kernel_version: host.kernel_version.clone(),
-                device_class: convert::device_class_to_pb(host.device_class) as i32,
-                cpu: Some(pb::CpuInfo {
-                    model: host.cpu.model.clone(),
-                    vendor: host.cpu.vendor.clone(),
-                    architecture: host.cpu.architecture.clone(),
-                    physical_cores: host.cpu.physical_cores,
-                    logical_cores: host.cpu.logical_cores,
-                    features: host.cpu.features.clone(),
-                    frequency_mhz: host.cpu.frequency_mhz,
-                }),
-                memory: Some(convert::memory_to_pb(memory)),
-                accelerators: host
-                    .accelerators
-                    .iter()
-                    .map(|a| pb::AcceleratorInfo {
-                        kind: convert::accelerator_to_pb(a.kind) as i32,
-                        name: a.name.clone(),
-                        vendor: a.vendor.clone(),
-                        memory_bytes: a.memory_bytes,
-                        driver_version: a.driver_version.clone(),
-                    })
-                    .collect(),
-                runtimes,
-                formats,
-                disk_free_bytes: disk.free_bytes,
-                disk_total_bytes: disk.total_bytes,
-                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-                memory_budget_bytes: self.agent.node.memory_budget_bytes,
-                disk_quota_bytes: self.agent.node.disk_quota.unwrap_or(0),
-                start_time: Some(convert::timestamp(host.start_time)),
-            }))
-        })
-        .await
     }
 
     type WatchResourcesStream = Boxed<pb::WatchResourcesResponse>;
@@ -283,4 +185,108 @@ impl Node for NodeApi {
         })
         .await
     }
+}
+
+/// What this node is and can run, as GetCapabilities answers and as the agent
+/// introduces itself to a fleet controller.
+pub async fn capabilities(
+    node: &Arc<modeld_node::Node>,
+) -> Result<pb::GetCapabilitiesResponse, Error> {
+    let shared = node.clone();
+    // Asking an engine for its CPU kernels may start its runtime (llama.cpp loads
+    // its CPU variants once): blocking work, off the async runtime.
+    let (memory, disk, variants) = tokio::task::spawn_blocking(move || {
+        (
+            shared.hardware.memory(),
+            shared.hardware.disk(),
+            shared.inference.cpu_variants(),
+        )
+    })
+    .await
+    .map_err(Error::from)?;
+    let host = node.hardware.host();
+    let compiled = node.inference.engines();
+    let runtimes = compiled
+        .iter()
+        .map(|e| {
+            let variant = variants.iter().find(|(r, _)| *r == e.runtime);
+            (e, variant.map(|(_, v)| v))
+        })
+        .map(|(e, variant)| pb::RuntimeInfo {
+            cpu_variant: variant
+                .and_then(|v| v.as_ref().ok())
+                .map(convert::cpu_variant_to_pb),
+            unavailable_reason: variant
+                .and_then(|v| v.as_ref().err())
+                .cloned()
+                .unwrap_or_default(),
+            runtime: convert::runtime_to_pb(e.runtime) as i32,
+            version: e.version.clone(),
+            formats: e
+                .formats
+                .iter()
+                .map(|f| convert::format_to_pb(*f) as i32)
+                .collect(),
+            quantizations: e.quantizations.clone(),
+            accelerators: e
+                .accelerators
+                .iter()
+                .map(|a| convert::accelerator_to_pb(*a) as i32)
+                .collect(),
+        })
+        .collect();
+    let measured = node.store.benchmarks()?;
+    let formats = ModelFormat::ALL
+        .into_iter()
+        .map(|f| {
+            // Best first, as Load would pick them.
+            let here: Vec<Runtime> = engines::ranked(compiled, f, &measured);
+            pb::FormatSupport {
+                format: convert::format_to_pb(f) as i32,
+                runnable: !here.is_empty(),
+                recognized: true,
+                runtimes: here
+                    .into_iter()
+                    .map(|r| convert::runtime_to_pb(r) as i32)
+                    .collect(),
+            }
+        })
+        .collect();
+    Ok(pb::GetCapabilitiesResponse {
+        node_id: node.store.node_id().to_owned(),
+        hostname: host.hostname.clone(),
+        os: host.os.clone(),
+        os_version: host.os_version.clone(),
+        kernel_version: host.kernel_version.clone(),
+        device_class: convert::device_class_to_pb(host.device_class) as i32,
+        cpu: Some(pb::CpuInfo {
+            model: host.cpu.model.clone(),
+            vendor: host.cpu.vendor.clone(),
+            architecture: host.cpu.architecture.clone(),
+            physical_cores: host.cpu.physical_cores,
+            logical_cores: host.cpu.logical_cores,
+            features: host.cpu.features.clone(),
+            frequency_mhz: host.cpu.frequency_mhz,
+        }),
+        memory: Some(convert::memory_to_pb(memory)),
+        accelerators: host
+            .accelerators
+            .iter()
+            .map(|a| pb::AcceleratorInfo {
+                kind: convert::accelerator_to_pb(a.kind) as i32,
+                name: a.name.clone(),
+                vendor: a.vendor.clone(),
+                memory_bytes: a.memory_bytes,
+                driver_version: a.driver_version.clone(),
+            })
+            .collect(),
+        runtimes,
+        formats,
+        disk_free_bytes: disk.free_bytes,
+        disk_total_bytes: disk.total_bytes,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        memory_budget_bytes: node.memory_budget_bytes,
+        disk_quota_bytes: node.disk_quota.unwrap_or(0),
+        start_time: Some(convert::timestamp(host.start_time)),
+    })
 }

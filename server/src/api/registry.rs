@@ -126,14 +126,10 @@ impl ModelRegistry for RegistryApi {
         request: Request<pb::DeleteModelRequest>,
     ) -> Result<Response<pb::DeleteModelResponse>, Status> {
         super::status::rpc(async move {
-        let id = request.into_inner().id;
-        self.agent.node.registry.delete(&id).await?;
-        // The registry entry is gone; its files go too, except blobs another model uses.
-        if let Err(e) = self.agent.node.storage.forget(&id).await {
-            tracing::warn!(model = %id, error = %e, "stored files of a deleted model could not be removed");
-        }
-        Ok(Response::new(pb::DeleteModelResponse {}))
-    })
+            let id = request.into_inner().id;
+            self.agent.node.delete_model(&id).await?;
+            Ok(Response::new(pb::DeleteModelResponse {}))
+        })
         .await
     }
 

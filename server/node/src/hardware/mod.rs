@@ -6,6 +6,7 @@
 mod accelerators;
 mod cpu;
 mod device;
+mod profile;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -15,6 +16,7 @@ use modeld_engine_core::Accelerator;
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 
 pub use device::DeviceClass;
+pub use profile::DeviceProfile;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CpuInfo {
@@ -78,6 +80,8 @@ pub struct ResourceSnapshot {
 pub struct Hardware {
     host: HostInfo,
     data_dir: PathBuf,
+    /// Physical memory a device profile reports instead of the real one.
+    memory_total: Option<u64>,
     // sysinfo needs &mut for refreshes; samples are cheap and rare, so a Mutex is fine.
     sys: Mutex<System>,
 }
@@ -110,8 +114,49 @@ impl Hardware {
         Hardware {
             host,
             data_dir: data_dir.to_path_buf(),
+            memory_total: None,
             sys: Mutex::new(sys),
         }
+    }
+
+    /// Reports the device `profile` describes instead of this one (simulation and
+    /// tests). Available memory stays real, capped at the profile's total.
+    pub fn with_profile(mut self, profile: &DeviceProfile) -> Hardware {
+        if let Some(class) = profile.device_class.as_deref().and_then(|c| c.parse().ok()) {
+            self.host.device_class = class;
+        }
+        if let Some(os) = &profile.os {
+            self.host.os.clone_from(os);
+        }
+        if let Some(version) = &profile.os_version {
+            self.host.os_version.clone_from(version);
+        }
+        if let Some(hostname) = &profile.hostname {
+            self.host.hostname.clone_from(hostname);
+        }
+        if let Some(accelerators) = &profile.accelerators {
+            self.host.accelerators = accelerators
+                .iter()
+                .filter(|a| **a != Accelerator::Cpu)
+                .map(|a| AcceleratorInfo {
+                    kind: *a,
+                    name: format!("{} (device profile)", a.as_str()),
+                    vendor: String::new(),
+                    memory_bytes: 0,
+                    driver_version: String::new(),
+                })
+                .collect();
+        }
+        self.memory_total = profile.memory.map(|m| m.as_u64());
+        self
+    }
+
+    fn profiled(&self, mut memory: MemoryInfo) -> MemoryInfo {
+        if let Some(total) = self.memory_total {
+            memory.total_bytes = total;
+            memory.available_bytes = memory.available_bytes.min(total);
+        }
+        memory
     }
 
     pub fn host(&self) -> &HostInfo {
@@ -126,7 +171,7 @@ impl Hardware {
     }
 
     pub fn memory(&self) -> MemoryInfo {
-        self.with_sys(|sys| {
+        let memory = self.with_sys(|sys| {
             sys.refresh_memory();
             MemoryInfo {
                 total_bytes: sys.total_memory(),
@@ -134,7 +179,8 @@ impl Hardware {
                 swap_total_bytes: sys.total_swap(),
                 swap_free_bytes: sys.free_swap(),
             }
-        })
+        });
+        self.profiled(memory)
     }
 
     /// Free and total bytes of the filesystem holding the data directory.
@@ -169,7 +215,7 @@ impl Hardware {
         });
         ResourceSnapshot {
             time: Some(SystemTime::now()),
-            memory,
+            memory: self.profiled(memory),
             memory_pressure: memory_pressure(),
             cpu_usage_percent,
             agent_rss_bytes,

@@ -62,6 +62,21 @@ pub fn estimate_memory(spec: &ModelSpec, context: u32) -> u64 {
     weights + kv + compute
 }
 
+/// The context a Load would use: the requested one capped at the model's, else the
+/// model's capped at [`DEFAULT_CONTEXT`]. The fleet controller places models by
+/// [`estimate_memory`] at this context, the figure CheckCompatibility gives.
+pub fn load_context(spec: &ModelSpec, requested: Option<u32>) -> u32 {
+    let model_context = if spec.context_length > 0 {
+        spec.context_length
+    } else {
+        DEFAULT_CONTEXT
+    };
+    match requested {
+        Some(c) if c > 0 => c.min(model_context),
+        _ => model_context.min(DEFAULT_CONTEXT),
+    }
+}
+
 fn human(bytes: u64) -> String {
     bytesize::ByteSize::b(bytes).to_string()
 }
@@ -122,15 +137,7 @@ pub fn check(
     };
     out.runtime_available = chosen.is_some();
 
-    let model_context = if spec.context_length > 0 {
-        spec.context_length
-    } else {
-        DEFAULT_CONTEXT
-    };
-    let context = match requested_context {
-        Some(c) if c > 0 => c.min(model_context),
-        _ => model_context.min(DEFAULT_CONTEXT),
-    };
+    let context = load_context(spec, requested_context);
     out.memory_required_bytes = estimate_memory(spec, context);
     out.memory_available_bytes = node.memory_budget_bytes.min(node.memory_available_bytes);
     out.fits_memory = out.memory_required_bytes <= out.memory_available_bytes;

@@ -14,9 +14,9 @@ use prost::Message;
 use crate::error::{Error, Result};
 
 pub use records::{
-    AuditRecord, BenchmarkRecord, BlobRecord, FailureRecord, FileRecord, LifecycleRecord,
-    ModelRecord, PinnedLoadRecord, PushRecord, SpecRecord, StoredFileRecord, StoredModelRecord,
-    TransferFileRecord, TransferRecord, TransitionRecord,
+    AuditRecord, BenchmarkRecord, BlobRecord, FailureRecord, FileRecord, FleetModelRecord,
+    LifecycleRecord, ModelRecord, PinnedLoadRecord, PushRecord, SpecRecord, StoredFileRecord,
+    StoredModelRecord, TransferFileRecord, TransferRecord, TransitionRecord,
 };
 pub use records::{from_unix_ms, unix_ms};
 
@@ -41,7 +41,13 @@ mod tree {
     pub const PUSHES: &str = "pushes";
     pub const BENCHMARKS: &str = "benchmarks";
     pub const AUDIT: &str = "audit";
+    pub const FLEET: &str = "fleet";
 }
+
+/// Key of the assignments last received from a fleet controller, in the fleet tree.
+const FLEET_ASSIGNMENTS: &[u8] = b"assignments";
+/// Prefix of the models the fleet placed on this node, in the fleet tree.
+const FLEET_OWNED: &str = "owned/";
 
 /// Entries the audit log keeps; older ones are dropped as new ones come.
 pub const AUDIT_KEEP: usize = 10_000;
@@ -60,6 +66,7 @@ pub struct Store {
     pushes: sled::Tree,
     benchmarks: sled::Tree,
     audit: sled::Tree,
+    fleet: sled::Tree,
     node_id: String,
     path: PathBuf,
 }
@@ -116,6 +123,7 @@ impl Store {
             pinned: db.open_tree(tree::PINNED)?,
             benchmarks: db.open_tree(tree::BENCHMARKS)?,
             audit: db.open_tree(tree::AUDIT)?,
+            fleet: db.open_tree(tree::FLEET)?,
             blobs: db.open_tree(tree::BLOBS)?,
             stored: db.open_tree(tree::STORED)?,
             transfers: db.open_tree(tree::TRANSFERS)?,
@@ -303,6 +311,38 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// The encoded assignments last received from the fleet controller. The store
+    /// keeps them as bytes: their wire format belongs to the edge, not to the node.
+    pub fn fleet_assignments(&self) -> Result<Option<Vec<u8>>> {
+        Ok(self.fleet.get(FLEET_ASSIGNMENTS)?.map(|v| v.to_vec()))
+    }
+
+    pub fn put_fleet_assignments(&self, encoded: &[u8]) -> Result<()> {
+        self.fleet.insert(FLEET_ASSIGNMENTS, encoded)?;
+        Ok(())
+    }
+
+    /// Models the fleet placed on this node, by id.
+    pub fn fleet_models(&self) -> Result<Vec<(String, FleetModelRecord)>> {
+        self.fleet
+            .scan_prefix(FLEET_OWNED.as_bytes())
+            .map(|kv| {
+                let (k, v) = kv?;
+                let id = String::from_utf8_lossy(&k[FLEET_OWNED.len()..]).into_owned();
+                Ok((id, decode(tree::FLEET, &k, &v)?))
+            })
+            .collect()
+    }
+
+    pub fn put_fleet_model(&self, id: &str, record: &FleetModelRecord) -> Result<()> {
+        put(&self.fleet, &format!("{FLEET_OWNED}{id}"), record)
+    }
+
+    pub fn delete_fleet_model(&self, id: &str) -> Result<()> {
+        self.fleet.remove(format!("{FLEET_OWNED}{id}").as_bytes())?;
+        Ok(())
     }
 
     pub fn pinned(&self) -> Result<Vec<(String, PinnedLoadRecord)>> {

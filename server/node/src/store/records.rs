@@ -220,6 +220,17 @@ pub struct PushRecord {
     pub offset: u64,
 }
 
+/// A model a fleet deployment placed on this node: the reconciler removes it when no
+/// assignment names it any more, and leaves every other model alone.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FleetModelRecord {
+    #[prost(string, tag = "1")]
+    pub deployment: String,
+    /// Delete its files when it leaves.
+    #[prost(bool, tag = "2")]
+    pub prune: bool,
+}
+
 /// How a pinned model was loaded, so a restart can load it again the same way.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct PinnedLoadRecord {

@@ -1,0 +1,548 @@
+//! The controller's state and every change to it. One lock guards the in-memory view
+//! (deployments, devices, assignments, the open streams); every change is written to
+//! the store and flushed before the caller hears of it, then placement runs again from
+//! scratch and devices whose assignments changed get them at once on their stream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+
+use modeld_proto::fleet::v1 as fpb;
+use modeld_proto::pbjson_types::Timestamp;
+use modeld_proto::v1 as pb;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::deployment;
+use crate::error::{Error, Result};
+use crate::placement::{self, Needs, Placeable};
+use crate::store::Store;
+
+/// What the controller sends down one device's stream.
+pub type Outbox = mpsc::Sender<std::result::Result<fpb::ConnectResponse, tonic::Status>>;
+
+/// Live events buffered per watcher before it must resume from the store.
+const LIVE_BUFFER: usize = 1024;
+
+fn now() -> Timestamp {
+    modeld::api::convert::timestamp(SystemTime::now())
+}
+
+struct Session {
+    outbox: Outbox,
+    /// Tells this stream from a newer one of the same device.
+    epoch: u64,
+}
+
+#[derive(Default)]
+struct State {
+    deployments: BTreeMap<String, (fpb::Deployment, Vec<Needs>)>,
+    devices: BTreeMap<String, fpb::Device>,
+    assignments: HashMap<String, fpb::Assignments>,
+    results: BTreeMap<String, fpb::PlacementResult>,
+    sessions: HashMap<String, Session>,
+    /// Last phase seen per (deployment, device, model), for MODEL_PHASE events.
+    phases: HashMap<(String, String, String), i32>,
+    revision: u64,
+    epochs: u64,
+}
+
+pub struct Controller {
+    store: Store,
+    state: Mutex<State>,
+    events: broadcast::Sender<fpb::WatchResponse>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller").finish_non_exhaustive()
+    }
+}
+
+impl Controller {
+    /// Loads the state a previous run left. Every device starts disconnected.
+    pub fn open(store: Store) -> Result<Arc<Controller>> {
+        let mut state = State {
+            revision: store.last_revision()?,
+            ..State::default()
+        };
+        for d in store.deployments()? {
+            // Checked when applied; a record that no longer passes is kept but logged.
+            match deployment::check(&d) {
+                Ok(needs) => {
+                    state.deployments.insert(d.name.clone(), (d, needs));
+                }
+                Err(e) => {
+                    tracing::error!(deployment = %d.name, error = %e, "stored deployment no longer valid; ignoring it")
+                }
+            }
+        }
+        let stamp = now();
+        for mut d in store.devices()? {
+            if d.connected {
+                d.connected = false;
+                d.disconnected_since = Some(stamp);
+            }
+            state.devices.insert(d.id.clone(), d);
+        }
+        for (id, a) in store.assignments()? {
+            state.assignments.insert(id, a);
+        }
+        let (events, _) = broadcast::channel(LIVE_BUFFER);
+        let controller = Arc::new(Controller {
+            store,
+            state: Mutex::new(state),
+            events,
+        });
+        controller.with_state(|c, s| c.replan(s))?;
+        Ok(controller)
+    }
+
+    fn with_state<T>(&self, f: impl FnOnce(&Controller, &mut State) -> Result<T>) -> Result<T> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        f(self, &mut state)
+    }
+
+    fn emit(&self, state: &mut State, mut event: fpb::WatchResponse) -> Result<()> {
+        state.revision += 1;
+        event.revision = state.revision;
+        event.time = Some(now());
+        self.store.append_event(&event)?;
+        let _ = self.events.send(event);
+        Ok(())
+    }
+
+    /// Places everything again and sends changed assignments to connected devices.
+    fn replan(&self, state: &mut State) -> Result<()> {
+        let plan = plan_for(state);
+        state.results = plan.results;
+        for (device, items) in plan.assignments {
+            let current = state.assignments.get(&device);
+            if current.is_some_and(|c| c.assignments == items) {
+                continue;
+            }
+            let generation = current.map_or(0, |c| c.generation) + 1;
+            let next = fpb::Assignments {
+                generation,
+                assignments: items,
+            };
+            self.store.put_assignments(&device, &next)?;
+            if let Some(d) = state.devices.get_mut(&device) {
+                d.assigned_generation = generation;
+            }
+            if let Some(session) = state.sessions.get(&device) {
+                send(&session.outbox, &next);
+            }
+            state.assignments.insert(device, next);
+        }
+        self.refresh_phases(state)
+    }
+
+    /// Emits MODEL_PHASE events for every (deployment, device, model) whose phase moved.
+    fn refresh_phases(&self, state: &mut State) -> Result<()> {
+        let statuses = statuses(state, None);
+        let mut seen = HashMap::new();
+        let mut changed = Vec::new();
+        for status in statuses {
+            for d in &status.devices {
+                let key = (status.name.clone(), d.device_id.clone(), d.model_id.clone());
+                if state.phases.get(&key) != Some(&d.phase) {
+                    changed.push((status.name.clone(), d.clone()));
+                }
+                seen.insert(key, d.phase);
+            }
+        }
+        state.phases = seen;
+        for (deployment, status) in changed {
+            self.emit(
+                state,
+                fpb::WatchResponse {
+                    kind: fpb::EventKind::ModelPhase as i32,
+                    deployment,
+                    device_id: status.device_id.clone(),
+                    status: Some(status),
+                    ..Default::default()
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Creates or replaces a deployment (or, with `dry_run`, shows what it would do).
+    pub async fn apply(
+        &self,
+        mut d: fpb::Deployment,
+        dry_run: bool,
+    ) -> Result<fpb::ApplyDeploymentResponse> {
+        let needs = deployment::check(&d)?;
+        let response = self.with_state(|c, state| {
+            let existing = state.deployments.get(&d.name).map(|(e, _)| e.clone());
+            let changed = existing
+                .as_ref()
+                .is_none_or(|e| deployment::as_written(e) != deployment::as_written(&d));
+            let stamp = now();
+            d.create_time = existing
+                .as_ref()
+                .and_then(|e| e.create_time)
+                .or(Some(stamp));
+            d.generation = existing.as_ref().map_or(0, |e| e.generation) + u64::from(changed);
+            d.update_time = if changed {
+                Some(stamp)
+            } else {
+                existing.as_ref().and_then(|e| e.update_time)
+            };
+            if dry_run {
+                let mut trial = State {
+                    deployments: state.deployments.clone(),
+                    devices: state.devices.clone(),
+                    assignments: state.assignments.clone(),
+                    ..State::default()
+                };
+                trial
+                    .deployments
+                    .insert(d.name.clone(), (d.clone(), needs.clone()));
+                let placement = plan_for(&trial).results.remove(&d.name).unwrap_or_default();
+                return Ok(fpb::ApplyDeploymentResponse {
+                    deployment: Some(d.clone()),
+                    placement: Some(placement),
+                    changed,
+                });
+            }
+            if changed {
+                c.store.put_deployment(&d)?;
+                state
+                    .deployments
+                    .insert(d.name.clone(), (d.clone(), needs.clone()));
+                c.emit(
+                    state,
+                    fpb::WatchResponse {
+                        kind: fpb::EventKind::DeploymentApplied as i32,
+                        deployment: d.name.clone(),
+                        ..Default::default()
+                    },
+                )?;
+                c.replan(state)?;
+            }
+            Ok(fpb::ApplyDeploymentResponse {
+                deployment: Some(d.clone()),
+                placement: state.results.get(&d.name).cloned(),
+                changed,
+            })
+        })?;
+        self.store.flush().await?;
+        Ok(response)
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        self.with_state(|c, state| {
+            if state.deployments.remove(name).is_none() {
+                return Err(Error::DeploymentNotFound(name.to_owned()));
+            }
+            c.store.delete_deployment(name)?;
+            c.emit(
+                state,
+                fpb::WatchResponse {
+                    kind: fpb::EventKind::DeploymentDeleted as i32,
+                    deployment: name.to_owned(),
+                    ..Default::default()
+                },
+            )?;
+            c.replan(state)
+        })?;
+        self.store.flush().await
+    }
+
+    pub fn deployment(&self, name: &str) -> Result<fpb::GetDeploymentResponse> {
+        self.with_state(|_, state| {
+            let (d, _) = state
+                .deployments
+                .get(name)
+                .ok_or_else(|| Error::DeploymentNotFound(name.to_owned()))?;
+            Ok(fpb::GetDeploymentResponse {
+                deployment: Some(d.clone()),
+                placement: state.results.get(name).cloned(),
+            })
+        })
+    }
+
+    pub fn deployments(&self) -> Vec<fpb::Deployment> {
+        self.with_state(|_, state| Ok(state.deployments.values().map(|(d, _)| d.clone()).collect()))
+            .unwrap_or_default()
+    }
+
+    pub fn devices(&self) -> Vec<fpb::Device> {
+        self.with_state(|_, state| Ok(state.devices.values().cloned().collect()))
+            .unwrap_or_default()
+    }
+
+    pub fn device(&self, id: &str) -> Result<fpb::Device> {
+        self.with_state(|_, state| {
+            state
+                .devices
+                .get(id)
+                .cloned()
+                .ok_or_else(|| Error::DeviceNotFound(id.to_owned()))
+        })
+    }
+
+    pub fn status(&self, name: Option<&str>) -> Result<Vec<fpb::DeploymentStatus>> {
+        self.with_state(|_, state| {
+            if let Some(name) = name
+                && !state.deployments.contains_key(name)
+            {
+                return Err(Error::DeploymentNotFound(name.to_owned()));
+            }
+            Ok(statuses(state, name))
+        })
+    }
+
+    /// A device's stream opened: records what it said of itself and sends its
+    /// assignments. Returns the stream's epoch for [`Controller::detach`].
+    pub async fn attach(&self, hello: fpb::Hello, outbox: Outbox) -> Result<(String, u64)> {
+        let capabilities = hello
+            .capabilities
+            .ok_or_else(|| Error::invalid("hello.capabilities", "is required"))?;
+        let id = capabilities.node_id.clone();
+        if id.is_empty() || id.len() > 128 || id.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                "hello.capabilities.node_id",
+                "must be 1-128 printable characters",
+            ));
+        }
+        let epoch = self.with_state(|c, state| {
+            state.epochs += 1;
+            let epoch = state.epochs;
+            let report = hello.report.unwrap_or_default();
+            let previous = state.devices.remove(&id).unwrap_or_default();
+            let mut caps = capabilities;
+            caps.disk_free_bytes = report.disk_free_bytes.max(caps.disk_free_bytes);
+            let device = fpb::Device {
+                id: id.clone(),
+                site: hello.site,
+                labels: hello.labels,
+                capabilities: Some(caps),
+                measurements: hello.measurements,
+                models: report.models,
+                connected: true,
+                last_seen: Some(now()),
+                disconnected_since: None,
+                applied_generation: report.applied_generation.max(hello.applied_generation),
+                assigned_generation: previous.assigned_generation,
+            };
+            c.store.put_device(&device)?;
+            state.devices.insert(id.clone(), device);
+            state.sessions.insert(
+                id.clone(),
+                Session {
+                    outbox: outbox.clone(),
+                    epoch,
+                },
+            );
+            c.emit(
+                state,
+                fpb::WatchResponse {
+                    kind: fpb::EventKind::DeviceConnected as i32,
+                    device_id: id.clone(),
+                    ..Default::default()
+                },
+            )?;
+            c.replan(state)?;
+            // A device that reconnects gets its assignments even if nothing changed.
+            if let Some(a) = state.assignments.get(&id) {
+                send(&outbox, a);
+            }
+            Ok(epoch)
+        })?;
+        self.store.flush().await?;
+        tracing::info!(device = %id, "device connected");
+        Ok((id, epoch))
+    }
+
+    /// A report from a connected device.
+    pub fn report(&self, id: &str, report: fpb::Report) -> Result<()> {
+        self.with_state(|c, state| {
+            let Some(device) = state.devices.get_mut(id) else {
+                return Err(Error::DeviceNotFound(id.to_owned()));
+            };
+            device.models = report.models;
+            device.applied_generation = report.applied_generation;
+            device.last_seen = Some(now());
+            if let Some(caps) = device.capabilities.as_mut() {
+                caps.disk_free_bytes = report.disk_free_bytes;
+            }
+            c.store.put_device(device)?;
+            c.refresh_phases(state)
+        })
+    }
+
+    /// A device's stream ended. A newer stream of the same device is left alone.
+    pub async fn detach(&self, id: &str, epoch: u64) {
+        let result = self.with_state(|c, state| {
+            if state.sessions.get(id).is_none_or(|s| s.epoch != epoch) {
+                return Ok(());
+            }
+            state.sessions.remove(id);
+            if let Some(device) = state.devices.get_mut(id) {
+                device.connected = false;
+                device.disconnected_since = Some(now());
+                c.store.put_device(device)?;
+            }
+            c.emit(
+                state,
+                fpb::WatchResponse {
+                    kind: fpb::EventKind::DeviceDisconnected as i32,
+                    device_id: id.to_owned(),
+                    ..Default::default()
+                },
+            )?;
+            c.refresh_phases(state)
+        });
+        if let Err(e) = result {
+            tracing::warn!(device = %id, error = %e, "the disconnection could not be recorded");
+        }
+        let _ = self.store.flush().await;
+        tracing::info!(device = %id, "device disconnected");
+    }
+
+    /// Events after `since` from the store, then live ones; `since == 0` = live only.
+    pub fn watch(
+        &self,
+        since: u64,
+    ) -> Result<(
+        Vec<fpb::WatchResponse>,
+        broadcast::Receiver<fpb::WatchResponse>,
+    )> {
+        // Subscribing under the lock means no event falls between replay and live.
+        self.with_state(|c, state| {
+            let live = c.events.subscribe();
+            if since == 0 {
+                return Ok((Vec::new(), live));
+            }
+            let (past, first) = c.store.events_after(since)?;
+            if first > since + 1 && since < state.revision {
+                return Err(Error::RevisionCompacted { since, first });
+            }
+            Ok((past, live))
+        })
+    }
+}
+
+fn send(outbox: &Outbox, assignments: &fpb::Assignments) {
+    let message = fpb::ConnectResponse {
+        message: Some(fpb::connect_response::Message::Assignments(
+            assignments.clone(),
+        )),
+    };
+    // A full outbox means the device is not reading; it gets everything again when
+    // it reconnects.
+    if outbox.try_send(Ok(message)).is_err() {
+        tracing::warn!("a device's stream is full or closed; it catches up on reconnect");
+    }
+}
+
+/// Placement of every deployment (oldest first) on every known device.
+fn plan_for(state: &State) -> placement::Plan {
+    let mut ordered: Vec<&(fpb::Deployment, Vec<Needs>)> = state.deployments.values().collect();
+    ordered.sort_by(|a, b| {
+        let key = |d: &fpb::Deployment| d.create_time.map(|t| (t.seconds, t.nanos));
+        key(&a.0)
+            .cmp(&key(&b.0))
+            .then_with(|| a.0.name.cmp(&b.0.name))
+    });
+    let placeable: Vec<Placeable<'_>> = ordered
+        .iter()
+        .map(|(d, needs)| Placeable {
+            deployment: d,
+            needs,
+        })
+        .collect();
+    let devices: Vec<&fpb::Device> = state.devices.values().collect();
+    let previous = state
+        .assignments
+        .iter()
+        .map(|(id, a)| (id.clone(), a.assignments.clone()))
+        .collect();
+    placement::plan(&placeable, &devices, &previous)
+}
+
+/// Where a model stands on a device, from the device's last report.
+fn phase<'a>(
+    device: &'a fpb::Device,
+    model_id: &str,
+    wanted: i32,
+) -> (fpb::ModelPhase, Option<&'a fpb::ModelReport>) {
+    if !device.connected {
+        return (fpb::ModelPhase::Unreachable, None);
+    }
+    let Some(report) = device.models.iter().find(|m| m.model_id == model_id) else {
+        return (fpb::ModelPhase::Pending, None);
+    };
+    let state = pb::ModelState::try_from(report.state).unwrap_or(pb::ModelState::Unspecified);
+    let stored_is_enough = wanted == fpb::WantedState::Stored as i32;
+    let phase = match state {
+        pb::ModelState::Ready => fpb::ModelPhase::Ready,
+        pb::ModelState::Downloaded if stored_is_enough => fpb::ModelPhase::Stored,
+        pb::ModelState::Downloading | pb::ModelState::Extracting => fpb::ModelPhase::Downloading,
+        pb::ModelState::Validating | pb::ModelState::Initializing | pb::ModelState::Loading => {
+            fpb::ModelPhase::Loading
+        }
+        pb::ModelState::Failed => fpb::ModelPhase::Failed,
+        _ if !report.error.is_empty() => fpb::ModelPhase::Failed,
+        _ => fpb::ModelPhase::Pending,
+    };
+    (phase, Some(report))
+}
+
+fn statuses(state: &State, only: Option<&str>) -> Vec<fpb::DeploymentStatus> {
+    let mut out = Vec::new();
+    for (name, (d, _)) in &state.deployments {
+        if only.is_some_and(|o| o != name) {
+            continue;
+        }
+        let result = state.results.get(name).cloned().unwrap_or_default();
+        let mut status = fpb::DeploymentStatus {
+            name: name.clone(),
+            generation: d.generation,
+            unplaced: result.unplaced.clone(),
+            warning: result.warning.clone(),
+            converged: true,
+            ..Default::default()
+        };
+        for device_id in &result.device_ids {
+            let Some(device) = state.devices.get(device_id) else {
+                continue;
+            };
+            let up_to_date = device.applied_generation >= device.assigned_generation;
+            for model in &d.models {
+                let model_id = model
+                    .spec
+                    .as_ref()
+                    .map(|s| s.id.clone())
+                    .unwrap_or_default();
+                let (phase, report) = phase(device, &model_id, model.state);
+                let reached = matches!(phase, fpb::ModelPhase::Ready | fpb::ModelPhase::Stored);
+                if !(reached && up_to_date) {
+                    status.converged = false;
+                }
+                status.devices.push(fpb::DeviceModelStatus {
+                    device_id: device_id.clone(),
+                    model_id,
+                    wanted: model.state,
+                    phase: phase as i32,
+                    bytes_done: report.map_or(0, |r| r.bytes_done),
+                    bytes_total: report.map_or(0, |r| r.bytes_total),
+                    error: report.map(|r| r.error.clone()).unwrap_or_default(),
+                    since: if phase == fpb::ModelPhase::Unreachable {
+                        device.disconnected_since
+                    } else {
+                        device.last_seen
+                    },
+                });
+            }
+        }
+        if result.device_ids.is_empty() {
+            status.converged = false;
+        }
+        out.push(status);
+    }
+    out
+}

@@ -1,0 +1,97 @@
+//! Between `modeld.fleet.v1` messages and the node's fleet types.
+
+use std::sync::Arc;
+
+use modeld_node::Node;
+use modeld_node::fleet::{Assignment, Assignments, ModelReport, Report, Wanted};
+use modeld_proto::fleet::v1 as fpb;
+
+use crate::api::{convert, validate};
+
+/// Checks the controller's assignments as strictly as the public RPCs check a
+/// RegisterModel and a Load: a bad one is refused whole, and the node keeps the
+/// assignments it had.
+pub fn assignments_from_pb(p: fpb::Assignments) -> modeld_node::Result<Assignments> {
+    let mut items = Vec::with_capacity(p.assignments.len());
+    for (i, a) in p.assignments.into_iter().enumerate() {
+        let field = format!("assignments[{i}]");
+        let spec = a
+            .spec
+            .ok_or_else(|| modeld_node::Error::invalid(format!("{field}.spec"), "is required"))?;
+        let spec = convert::spec_from_pb(spec, &format!("{field}.spec"))?
+            .validate(&format!("{field}.spec"))?;
+        let wanted = match fpb::WantedState::try_from(a.state) {
+            Ok(fpb::WantedState::Stored) => Wanted::Stored,
+            Ok(fpb::WantedState::Loaded) => Wanted::Loaded,
+            Ok(fpb::WantedState::Pinned) => Wanted::Pinned,
+            _ => {
+                return Err(modeld_node::Error::invalid(
+                    format!("{field}.state"),
+                    format!("{} is not a wanted state", a.state),
+                ));
+            }
+        };
+        let load = validate::load_request(a.load_options)?;
+        items.push(Assignment {
+            deployment: a.deployment,
+            spec,
+            wanted,
+            load,
+            prune: a.prune,
+        });
+    }
+    Ok(Assignments {
+        generation: p.generation,
+        items,
+    })
+}
+
+pub fn report_to_pb(r: &Report) -> fpb::Report {
+    fpb::Report {
+        models: r.models.iter().map(model_report_to_pb).collect(),
+        applied_generation: r.applied_generation,
+        disk_free_bytes: r.disk_free_bytes,
+    }
+}
+
+fn model_report_to_pb(m: &ModelReport) -> fpb::ModelReport {
+    fpb::ModelReport {
+        model_id: m.model_id.clone(),
+        state: convert::state_to_pb(m.state) as i32,
+        deployment: m.deployment.clone(),
+        bytes_done: m.bytes_done,
+        bytes_total: m.bytes_total,
+        error: m.error.clone(),
+        memory_bytes: m.memory_bytes,
+    }
+}
+
+/// The speeds this node measured, with the size of the model each was measured on.
+pub fn measurements(node: &Arc<Node>) -> modeld_node::Result<Vec<fpb::Measurement>> {
+    Ok(node
+        .store
+        .benchmarks()?
+        .into_iter()
+        .map(|b| fpb::Measurement {
+            format: b
+                .format
+                .parse()
+                .map_or(0, |f| convert::format_to_pb(f) as i32),
+            runtime: b
+                .runtime
+                .parse()
+                .map_or(0, |r| convert::runtime_to_pb(r) as i32),
+            model_bytes: node
+                .registry
+                .get(&b.model_id)
+                .map_or(0, |e| e.spec.total_size()),
+            model_id: b.model_id,
+            prompt_tokens_per_second: b.prompt_tokens_per_second,
+            generation_tokens_per_second: b.generation_tokens_per_second,
+            peak_memory_bytes: b.peak_memory_bytes,
+            time: Some(convert::timestamp(modeld_node::store::from_unix_ms(
+                b.time_unix_ms,
+            ))),
+        })
+        .collect())
+}

@@ -1,0 +1,173 @@
+//! A real `modeld-fleet` controller process, device profiles for the agents that dial
+//! into it, and deployments built in code.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use modeld_proto::fleet::v1 as fpb;
+
+use crate::{Client, binary};
+
+pub struct Controller {
+    child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl Controller {
+    /// Starts a controller on `listen` (a free port when `None`) keeping its state in
+    /// `data_dir`.
+    pub fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Controller {
+        let mut child = Command::new(binary("modeld-fleet"))
+            .arg("--listen")
+            .arg(listen.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string()))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn modeld-fleet");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("modeld-fleet listening")
+                    && let Some(addr) = line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("addr="))
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let Ok(addr) = rx.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            panic!(
+                "modeld-fleet did not start; log:\n{}",
+                log.lock().unwrap().join("\n")
+            );
+        };
+        Controller {
+            child,
+            addr: addr.parse().expect("listening address"),
+            data_dir: data_dir.to_path_buf(),
+            log,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(
+        &self,
+    ) -> fpb::fleet_service_client::FleetServiceClient<modelctl::Transport> {
+        Client::connect(&self.url())
+            .await
+            .expect("connect to the controller")
+            .fleet()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills the controller and starts a new one on the same address and state.
+    pub fn restart(mut self) -> Controller {
+        self.kill9();
+        Controller::start(&self.data_dir.clone(), Some(self.addr))
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a device profile (TOML) into `dir` and returns its path.
+pub fn profile(dir: &Path, name: &str, toml: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml).expect("write the device profile");
+    path
+}
+
+/// One model of a deployment.
+pub fn model(spec: modeld_proto::v1::ModelSpec, state: fpb::WantedState) -> fpb::DeploymentModel {
+    fpb::DeploymentModel {
+        spec: Some(spec),
+        state: state as i32,
+        load_options: Some(modeld_proto::v1::LoadOptions {
+            context_length: 512,
+            ..Default::default()
+        }),
+        min_generation_tokens_per_second: 0.0,
+    }
+}
+
+/// Polls the controller until `check` accepts the deployment's status, or panics
+/// with the last status after `timeout`.
+pub async fn wait_status(
+    controller: &Controller,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(&fpb::DeploymentStatus) -> bool,
+) -> fpb::DeploymentStatus {
+    let deadline = Instant::now() + timeout;
+    let mut fleet = controller.client().await;
+    loop {
+        let status = fleet
+            .get_deployment_status(fpb::GetDeploymentStatusRequest {
+                name: name.to_owned(),
+            })
+            .await
+            .expect("deployment status")
+            .into_inner()
+            .deployments
+            .into_iter()
+            .next()
+            .expect("the deployment's status");
+        if check(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last status: {status:#?}\ncontroller log:\n{}",
+            controller.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The phase of `model` on `device` in `status`.
+pub fn phase(status: &fpb::DeploymentStatus, device: &str, model: &str) -> Option<fpb::ModelPhase> {
+    status
+        .devices
+        .iter()
+        .find(|d| d.device_id == device && d.model_id == model)
+        .and_then(|d| fpb::ModelPhase::try_from(d.phase).ok())
+}

@@ -1,0 +1,603 @@
+//! The fleet end to end: a real `modeld-fleet` controller, real agents dialing in with
+//! device profiles (a Linux edge box, an iPhone-class phone, a Mac-class laptop), and
+//! the real SmolLM2 model served over HTTP.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use modeld_e2e::fleet::{Controller, model, phase, profile, wait_status};
+use modeld_e2e::{
+    Agent, AgentOptions, Assets, SMOLLM2_SIZE, gguf_spec, model_server, modelctl, pb,
+};
+use modeld_proto::fleet::v1 as fpb;
+use tonic::Code;
+use tonic_types::StatusExt as _;
+
+const EDGE: &str =
+    "device_class = \"edge-box\"\nos = \"linux\"\nmemory = \"8 GiB\"\nmemory_budget = \"1 GiB\"\n";
+const PHONE: &str = "device_class = \"phone\"\nos = \"ios\"\nmemory = \"6 GiB\"\nmemory_budget = \"120 MiB\"\naccelerators = [\"metal\", \"ane\"]\n";
+const MAC: &str = "device_class = \"laptop\"\nos = \"macos\"\nmemory = \"16 GiB\"\nmemory_budget = \"4 GiB\"\naccelerators = [\"metal\"]\n";
+const CONVERGE: Duration = Duration::from_secs(120);
+
+/// An agent reporting to `controller` as the device `profile` describes.
+async fn device(controller: &Controller, profile: &Path, tier: &str) -> Agent {
+    Agent::start_with(AgentOptions {
+        args: vec![
+            "--fleet".into(),
+            controller.url(),
+            "--site".into(),
+            "lab".into(),
+            "--label".into(),
+            format!("tier={tier}"),
+            "--device-profile".into(),
+            profile.display().to_string(),
+        ],
+        ..AgentOptions::default()
+    })
+    .await
+}
+
+async fn node_id(agent: &Agent) -> String {
+    agent.client().await.capabilities().await.unwrap().node_id
+}
+
+/// Waits until the controller lists `n` connected devices.
+async fn wait_connected(controller: &Controller, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut fleet = controller.client().await;
+    loop {
+        let devices = fleet
+            .list_devices(fpb::ListDevicesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .devices;
+        if devices.iter().filter(|d| d.connected).count() >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} devices never connected: {devices:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn deployment(
+    name: &str,
+    selector: fpb::Selector,
+    models: Vec<fpb::DeploymentModel>,
+) -> fpb::Deployment {
+    fpb::Deployment {
+        name: name.into(),
+        models,
+        selector: Some(selector),
+        prune: true,
+        ..Default::default()
+    }
+}
+
+fn tier(value: &str) -> fpb::Selector {
+    fpb::Selector {
+        labels: [("tier".to_owned(), value.to_owned())].into(),
+        ..Default::default()
+    }
+}
+
+async fn loaded(agent: &Agent) -> Vec<String> {
+    agent
+        .client()
+        .await
+        .list_loaded()
+        .await
+        .unwrap()
+        .models
+        .into_iter()
+        .map(|m| m.model_id)
+        .collect()
+}
+
+/// Polls `agent` until `check` holds, or panics naming `what`.
+async fn wait_agent<F, Fut>(agent: &Agent, what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + CONVERGE;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; agent log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deployments_land_where_they_match_and_fit_and_follow_changes() {
+    let assets = Assets::get();
+    let (_files, server) = model_server(&assets).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&tmp.path().join("controller"), None);
+    let edge_profile = profile(tmp.path(), "edge", EDGE);
+    let edge = device(&controller, &edge_profile, "edge").await;
+    let phone = device(&controller, &profile(tmp.path(), "phone", PHONE), "edge").await;
+    let mac = device(&controller, &profile(tmp.path(), "mac", MAC), "desk").await;
+    let (edge_id, phone_id, mac_id) = (
+        node_id(&edge).await,
+        node_id(&phone).await,
+        node_id(&mac).await,
+    );
+    wait_connected(&controller, 3).await;
+    let mut fleet = controller.client().await;
+
+    // The devices say what the profiles make them.
+    let devices = fleet
+        .list_devices(fpb::ListDevicesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .devices;
+    let phone_seen = devices.iter().find(|d| d.id == phone_id).unwrap();
+    let caps = phone_seen.capabilities.clone().unwrap();
+    assert_eq!(caps.device_class, pb::DeviceClass::Phone as i32);
+    assert_eq!(caps.os, "ios");
+    assert_eq!(caps.memory_budget_bytes, 120 << 20);
+    assert_eq!(
+        phone_seen.labels.get("tier").map(String::as_str),
+        Some("edge")
+    );
+
+    // One model, loaded, on every edge-tier device that fits: the edge box. The phone
+    // matches but its budget is too small; the laptop does not match.
+    let smol = gguf_spec("smol", &server.url("smol.gguf"));
+    let chat = deployment(
+        "edge-chat",
+        tier("edge"),
+        vec![model(smol.clone(), fpb::WantedState::Loaded)],
+    );
+    let applied = fleet
+        .apply_deployment(fpb::ApplyDeploymentRequest {
+            deployment: Some(chat.clone()),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let placement = applied.placement.unwrap();
+    assert_eq!(placement.device_ids, vec![edge_id.clone()]);
+    assert_eq!(placement.matching_devices, 2);
+    let refused = placement
+        .unplaced
+        .iter()
+        .find(|u| u.device_id == phone_id)
+        .expect("the phone is listed");
+    assert!(
+        refused.reason.contains("memory") && refused.reason.contains("left"),
+        "{}",
+        refused.reason
+    );
+    assert!(placement.unplaced.iter().all(|u| u.device_id != mac_id));
+
+    let status = wait_status(
+        &controller,
+        "edge-chat",
+        CONVERGE,
+        "smol READY on the edge box",
+        |s| phase(s, &edge_id, "smol") == Some(fpb::ModelPhase::Ready),
+    )
+    .await;
+    assert!(status.converged, "{status:#?}");
+    assert_eq!(loaded(&edge).await, vec!["smol".to_owned()]);
+    assert!(loaded(&phone).await.is_empty());
+    let err = phone.client().await.get_model("smol").await.unwrap_err();
+    assert_eq!(
+        err.status().unwrap().code(),
+        Code::NotFound,
+        "the phone got nothing"
+    );
+
+    // A second deployment that would overflow the edge box's budget goes to the laptop,
+    // and the edge box is listed with the reason.
+    let mut big = gguf_spec("smol-big", &server.url("smol.gguf"));
+    big.estimated_memory_bytes = 900 << 20;
+    let wide = fpb::Selector {
+        device_classes: vec!["edge-box".into(), "laptop".into()],
+        ..Default::default()
+    };
+    let big_deployment = deployment("big", wide, vec![model(big, fpb::WantedState::Loaded)]);
+    let applied = fleet
+        .apply_deployment(fpb::ApplyDeploymentRequest {
+            deployment: Some(big_deployment),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let placement = applied.placement.unwrap();
+    assert_eq!(placement.device_ids, vec![mac_id.clone()]);
+    let edge_refusal = placement
+        .unplaced
+        .iter()
+        .find(|u| u.device_id == edge_id)
+        .unwrap();
+    assert!(
+        edge_refusal.reason.contains("needs 900.0 MiB of memory"),
+        "{}",
+        edge_refusal.reason
+    );
+    wait_status(
+        &controller,
+        "big",
+        CONVERGE,
+        "smol-big READY on the laptop",
+        |s| phase(s, &mac_id, "smol-big") == Some(fpb::ModelPhase::Ready),
+    )
+    .await;
+
+    // Replacing the deployment's model: the old one is unloaded and, with prune,
+    // deleted; the new one is only stored.
+    let disk_only = gguf_spec("smol-disk", &server.url("smol.gguf"));
+    let changed = deployment(
+        "edge-chat",
+        tier("edge"),
+        vec![model(disk_only, fpb::WantedState::Stored)],
+    );
+    fleet
+        .apply_deployment(fpb::ApplyDeploymentRequest {
+            deployment: Some(changed),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    wait_status(
+        &controller,
+        "edge-chat",
+        CONVERGE,
+        "smol-disk STORED on the edge box",
+        |s| phase(s, &edge_id, "smol-disk") == Some(fpb::ModelPhase::Stored) && s.converged,
+    )
+    .await;
+    let client = edge.client().await;
+    wait_agent(&edge, "smol pruned from the edge box", || async {
+        client.get_model("smol").await.is_err()
+    })
+    .await;
+    assert!(loaded(&edge).await.is_empty());
+
+    // A device that arrives after the apply gets the deployment too.
+    let late = device(&controller, &edge_profile, "edge").await;
+    let late_id = node_id(&late).await;
+    wait_status(
+        &controller,
+        "edge-chat",
+        CONVERGE,
+        "smol-disk STORED on the late device",
+        |s| phase(s, &late_id, "smol-disk") == Some(fpb::ModelPhase::Stored),
+    )
+    .await;
+
+    // The operator's view through the CLI.
+    let out = std::process::Command::new(modeld_e2e::binary("modelctl"))
+        .args([
+            "fleet",
+            "--fleet-addr",
+            &controller.url(),
+            "status",
+            "edge-chat",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("smol-disk") && text.contains("stored") && text.contains(&phone_id),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn controller_and_agents_survive_each_others_outages() {
+    let assets = Assets::get();
+    let (_files, server) = model_server(&assets).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&tmp.path().join("controller"), None);
+    let agent = device(&controller, &profile(tmp.path(), "edge", EDGE), "edge").await;
+    let id = node_id(&agent).await;
+    wait_connected(&controller, 1).await;
+    let smol = gguf_spec("smol", &server.url("smol.gguf"));
+    controller
+        .client()
+        .await
+        .apply_deployment(fpb::ApplyDeploymentRequest {
+            deployment: Some(deployment(
+                "keep",
+                tier("edge"),
+                vec![model(smol, fpb::WantedState::Loaded)],
+            )),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    wait_status(&controller, "keep", CONVERGE, "smol READY", |s| {
+        phase(s, &id, "smol") == Some(fpb::ModelPhase::Ready)
+    })
+    .await;
+
+    // The controller dies. The agent keeps serving, and keeps converging to the
+    // assignments it holds: an operator's unload is undone.
+    let mut controller = controller;
+    controller.kill9();
+    let (ok, out, err) = modelctl(
+        &agent,
+        &[
+            "generate",
+            "smol",
+            "The capital of France is",
+            "--max-tokens",
+            "4",
+        ],
+    );
+    assert!(ok, "generation without the controller: {out}{err}");
+    agent.client().await.unload("smol", None).await.unwrap();
+    wait_agent(&agent, "smol loaded again by the reconciler", || async {
+        loaded(&agent).await == vec!["smol".to_owned()]
+    })
+    .await;
+
+    // The controller comes back with its deployments and devices; the agent
+    // reconnects and its status catches up.
+    let controller = controller.restart();
+    let mut fleet = controller.client().await;
+    let names: Vec<String> = fleet
+        .list_deployments(fpb::ListDeploymentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .deployments
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(names, vec!["keep".to_owned()]);
+    let device = fleet
+        .get_device(fpb::GetDeviceRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .device
+        .unwrap();
+    assert_eq!(device.site, "lab", "the device survived the restart");
+    wait_connected(&controller, 1).await;
+    let status = wait_status(
+        &controller,
+        "keep",
+        CONVERGE,
+        "the agent's status after reconnecting",
+        |s| s.converged,
+    )
+    .await;
+    assert_eq!(phase(&status, &id, "smol"), Some(fpb::ModelPhase::Ready));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_killed_mid_download_resumes_and_reports_it() {
+    let assets = Assets::get();
+    let (_files, server) = model_server(&assets).await;
+    // Slow enough to be caught half-way.
+    server.throttle("smol.gguf", 8 << 20);
+    let tmp = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&tmp.path().join("controller"), None);
+    let agent = device(&controller, &profile(tmp.path(), "edge", EDGE), "edge").await;
+    let id = node_id(&agent).await;
+    wait_connected(&controller, 1).await;
+    let smol = gguf_spec("smol", &server.url("smol.gguf"));
+    controller
+        .client()
+        .await
+        .apply_deployment(fpb::ApplyDeploymentRequest {
+            deployment: Some(deployment(
+                "prefetch",
+                tier("edge"),
+                vec![model(smol, fpb::WantedState::Stored)],
+            )),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    let downloading = wait_status(
+        &controller,
+        "prefetch",
+        CONVERGE,
+        "a download in progress",
+        |s| {
+            s.devices.iter().any(|d| {
+                d.phase == fpb::ModelPhase::Downloading as i32
+                    && d.bytes_done > 0
+                    && d.bytes_total == SMOLLM2_SIZE
+            })
+        },
+    )
+    .await;
+    assert!(!downloading.converged);
+    let agent = agent.restart().await;
+    server.throttle("smol.gguf", 0);
+    let status = wait_status(
+        &controller,
+        "prefetch",
+        CONVERGE,
+        "STORED after the restart",
+        |s| s.converged,
+    )
+    .await;
+    assert_eq!(phase(&status, &id, "smol"), Some(fpb::ModelPhase::Stored));
+    let resumed = server.seen("smol.gguf").iter().any(|s| {
+        s.range
+            .as_deref()
+            .is_some_and(|r| !r.starts_with("bytes=0-"))
+    });
+    assert!(
+        resumed,
+        "the restarted agent resumed with a range request: {:?}",
+        server.seen("smol.gguf")
+    );
+    drop(agent);
+}
+
+fn field_of(status: &tonic::Status) -> String {
+    status
+        .get_error_details()
+        .bad_request()
+        .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_deployments_are_refused_whole_with_the_field_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&tmp.path().join("controller"), None);
+    let _agent = device(&controller, &profile(tmp.path(), "edge", EDGE), "edge").await;
+    wait_connected(&controller, 1).await;
+    let mut fleet = controller.client().await;
+    let good = gguf_spec("smol", "http://127.0.0.1:9/smol.gguf");
+    let apply = |d: fpb::Deployment| fpb::ApplyDeploymentRequest {
+        deployment: Some(d),
+        dry_run: false,
+    };
+
+    let mut bad_digest = good.clone();
+    bad_digest.files[0].sha256 = "not-hex".into();
+    let cases = [
+        (
+            deployment(
+                "Bad_Name",
+                tier("edge"),
+                vec![model(good.clone(), fpb::WantedState::Stored)],
+            ),
+            "deployment.name",
+        ),
+        (
+            deployment(
+                "digest",
+                tier("edge"),
+                vec![model(bad_digest, fpb::WantedState::Stored)],
+            ),
+            "deployment.models[0].spec.files[0].sha256",
+        ),
+        (
+            deployment(
+                "no-state",
+                tier("edge"),
+                vec![model(good.clone(), fpb::WantedState::Unspecified)],
+            ),
+            "deployment.models[0].state",
+        ),
+        (
+            deployment("empty", tier("edge"), vec![]),
+            "deployment.models",
+        ),
+        (
+            deployment(
+                "twice",
+                tier("edge"),
+                vec![
+                    model(good.clone(), fpb::WantedState::Stored),
+                    model(good.clone(), fpb::WantedState::Loaded),
+                ],
+            ),
+            "deployment.models[1].spec.id",
+        ),
+    ];
+    for (d, field) in cases {
+        let status = fleet.apply_deployment(apply(d.clone())).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{}: {status:?}",
+            d.name
+        );
+        assert_eq!(field_of(&status), field, "{}: {}", d.name, status.message());
+    }
+
+    // A selector that matches nothing and a memory floor no device has: accepted
+    // (devices may come), with a status that says why nothing lands.
+    let nowhere = deployment(
+        "nowhere",
+        tier("moon"),
+        vec![model(good.clone(), fpb::WantedState::Stored)],
+    );
+    let placement = fleet
+        .apply_deployment(apply(nowhere))
+        .await
+        .unwrap()
+        .into_inner()
+        .placement
+        .unwrap();
+    assert_eq!(placement.warning, "no device matches the selector");
+    let huge = fpb::Selector {
+        min_memory_bytes: 1 << 50,
+        ..Default::default()
+    };
+    let placement = fleet
+        .apply_deployment(apply(deployment(
+            "huge",
+            huge,
+            vec![model(good.clone(), fpb::WantedState::Stored)],
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .placement
+        .unwrap();
+    assert_eq!(placement.warning, "no device matches the selector");
+    let status = wait_status(
+        &controller,
+        "huge",
+        Duration::from_secs(5),
+        "the status",
+        |_| true,
+    )
+    .await;
+    assert!(!status.converged && status.warning.contains("no device"));
+
+    // Nothing of the refused ones was stored.
+    let names: Vec<String> = fleet
+        .list_deployments(fpb::ListDeploymentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .deployments
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(names, vec!["huge".to_owned(), "nowhere".to_owned()]);
+    let missing = fleet
+        .delete_deployment(fpb::DeleteDeploymentRequest {
+            name: "ghost".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    assert_eq!(modeld_e2e::reason(&missing), "DEPLOYMENT_NOT_FOUND");
+
+    // The CLI names an unknown field in a deployment file and applies nothing.
+    let file = tmp.path().join("typo.yaml");
+    std::fs::write(&file, "name: typo\nmodles: []\n").unwrap();
+    let out = std::process::Command::new(modeld_e2e::binary("modelctl"))
+        .args(["fleet", "--fleet-addr", &controller.url(), "apply"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("modles"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
