@@ -278,6 +278,12 @@ pub struct Args {
     #[arg(long, env = "MODELD_FLEET_TLS_KEY", requires = "fleet_tls_cert")]
     pub fleet_tls_key: Option<PathBuf>,
 
+    /// Kubernetes: keep a Node Feature Discovery feature file here (e.g.
+    /// /etc/kubernetes/node-feature-discovery/features.d/modeld), so the node gets
+    /// labels such as modeld.io/runtime.llama-cpp and modeld.io/model.ID=ready.
+    #[arg(long, env = "MODELD_NFD_FEATURES_FILE")]
+    pub nfd_features_file: Option<PathBuf>,
+
     /// Testing and simulation: a TOML file that makes the agent report another
     /// device (class, OS, memory, accelerators) and budget its memory, so a fleet of
     /// different devices can run on one machine. Everything else stays real.
@@ -485,6 +491,7 @@ struct FileConfig {
     fleet_tls_cert: Option<PathBuf>,
     fleet_tls_key: Option<PathBuf>,
     device_profile: Option<PathBuf>,
+    nfd_features_file: Option<PathBuf>,
 }
 
 /// The effective configuration.
@@ -537,6 +544,8 @@ pub struct Config {
     pub fleet: Option<FleetSettings>,
     /// The device this agent reports instead of itself (simulation and tests).
     pub device_profile: Option<modeld_node::hardware::DeviceProfile>,
+    /// Node Feature Discovery feature file to keep current.
+    pub nfd_features_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -780,6 +789,11 @@ impl Config {
                     })
                 }
             },
+            nfd_features_file: args
+                .nfd_features_file
+                .or(file.nfd_features_file)
+                .map(absolute)
+                .transpose()?,
             device_profile: match args.device_profile.or(file.device_profile) {
                 None => None,
                 Some(path) => Some(read_profile(&path)?),

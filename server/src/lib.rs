@@ -8,6 +8,7 @@ pub mod engine_host;
 pub mod engines;
 pub mod error;
 pub mod fleet;
+pub mod nfd;
 pub mod serve;
 pub mod telemetry;
 pub mod tls;

@@ -196,6 +196,10 @@ pub async fn serve(
             .await;
     }
     let supervisor = modeld_node::supervise::spawn(node.clone(), shutdown_rx.clone());
+    let nfd = config
+        .nfd_features_file
+        .clone()
+        .map(|path| crate::nfd::spawn(path, node.clone(), shutdown_rx.clone()));
     let fleet = match &config.fleet {
         Some(settings) => {
             let link = crate::fleet::link::Link::new(settings.clone())?;
@@ -330,6 +334,10 @@ pub async fn serve(
     reaper.abort();
     if let Some(fleet) = fleet {
         fleet.abort();
+    }
+    if let Some(nfd) = nfd {
+        // It removes its file when it sees the shutdown; give it the moment.
+        let _ = tokio::time::timeout(Duration::from_secs(1), nfd).await;
     }
     // No restart may race the unloads below.
     supervisor.abort();

@@ -16,6 +16,7 @@ pub struct Controller {
     child: Child,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
+    args: Vec<String>,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -31,11 +32,21 @@ impl Controller {
     /// Starts a controller on `listen` (a free port when `None`) keeping its state in
     /// `data_dir`.
     pub fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Controller {
+        Controller::start_with(data_dir, listen, Vec::new())
+    }
+
+    /// Like [`Controller::start`], with more flags (TLS, tokens).
+    pub fn start_with(
+        data_dir: &Path,
+        listen: Option<SocketAddr>,
+        args: Vec<String>,
+    ) -> Controller {
         let mut child = Command::new(binary("modeld-fleet"))
             .arg("--listen")
             .arg(listen.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string()))
             .arg("--data-dir")
             .arg(data_dir)
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -67,6 +78,7 @@ impl Controller {
             child,
             addr: addr.parse().expect("listening address"),
             data_dir: data_dir.to_path_buf(),
+            args,
             log,
         }
     }
@@ -97,7 +109,7 @@ impl Controller {
     /// Kills the controller and starts a new one on the same address and state.
     pub fn restart(mut self) -> Controller {
         self.kill9();
-        Controller::start(&self.data_dir.clone(), Some(self.addr))
+        Controller::start_with(&self.data_dir.clone(), Some(self.addr), self.args.clone())
     }
 }
 

@@ -526,7 +526,13 @@ async fn bad_deployments_are_refused_whole_with_the_field_named() {
     }
 
     // A selector that matches nothing and a memory floor no device has: accepted
-    // (devices may come), with a status that says why nothing lands.
+    // (devices may come), with a status that says why nothing lands. A watcher sees
+    // the apply, and one resuming from before it sees it again.
+    let mut live = fleet
+        .watch(fpb::WatchRequest { since_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
     let nowhere = deployment(
         "nowhere",
         tier("moon"),
@@ -540,6 +546,19 @@ async fn bad_deployments_are_refused_whole_with_the_field_named() {
         .placement
         .unwrap();
     assert_eq!(placement.warning, "no device matches the selector");
+    let event = live.message().await.unwrap().unwrap();
+    assert_eq!(
+        (event.kind, event.deployment.as_str()),
+        (fpb::EventKind::DeploymentApplied as i32, "nowhere")
+    );
+    let mut resumed = fleet
+        .watch(fpb::WatchRequest {
+            since_revision: event.revision - 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resumed.message().await.unwrap().unwrap(), event);
     let huge = fpb::Selector {
         min_memory_bytes: 1 << 50,
         ..Default::default()
@@ -600,4 +619,193 @@ async fn bad_deployments_are_refused_whole_with_the_field_named() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn devices_and_operators_need_their_credentials() {
+    use modeld_e2e::certs;
+    use sha2::Digest as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = certs::ca("fleet test CA");
+    let (cert, key) = certs::leaf(&ca, "controller", false);
+    let ca_path = certs::write(dir, "ca.pem", &ca.pem);
+    let hash = |t: &str| hex::encode(sha2::Sha256::digest(t.as_bytes()));
+    let tokens = certs::write(
+        dir,
+        "tokens.toml",
+        &format!(
+            "[[tokens]]\nname = \"edge-7\"\nrole = \"device\"\nsha256 = \"{}\"\n\n\
+             [[tokens]]\nname = \"ops\"\nrole = \"operator\"\nsha256 = \"{}\"\n",
+            hash("device-secret"),
+            hash("operator-secret")
+        ),
+    );
+    let controller = Controller::start_with(
+        &dir.join("controller"),
+        None,
+        vec![
+            "--tls-cert".into(),
+            certs::write(dir, "cert.pem", &cert).display().to_string(),
+            "--tls-key".into(),
+            certs::write(dir, "key.pem", &key).display().to_string(),
+            "--tokens-file".into(),
+            tokens.display().to_string(),
+        ],
+    );
+    let url = format!("https://localhost:{}", controller.addr.port());
+    let tls = modelctl::Tls {
+        ca: Some(ca_path.clone()),
+        ..Default::default()
+    };
+    let operator = |token: Option<&'static str>| {
+        let (url, tls) = (url.clone(), tls.clone());
+        async move {
+            let client = modelctl::Client::connect_with_tls(&url, &tls)
+                .await
+                .unwrap();
+            match token {
+                Some(t) => client.with_token(t).unwrap().fleet(),
+                None => client.fleet(),
+            }
+        }
+    };
+    let list = |mut fleet: fpb::fleet_service_client::FleetServiceClient<modelctl::Transport>| async move {
+        fleet
+            .list_devices(fpb::ListDevicesRequest {})
+            .await
+            .map(|r| r.into_inner().devices)
+    };
+    assert_eq!(
+        list(operator(None).await).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        list(operator(Some("wrong")).await)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    let device_as_operator = list(operator(Some("device-secret")).await)
+        .await
+        .unwrap_err();
+    assert_eq!(device_as_operator.code(), Code::PermissionDenied);
+    assert_eq!(modeld_e2e::reason(&device_as_operator), "ROLE_REQUIRED");
+    assert!(
+        list(operator(Some("operator-secret")).await)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // An agent with an operator's token is no device; one with the device token is.
+    let agent_with = |token: &str| {
+        let args = vec![
+            "--fleet".to_owned(),
+            url.clone(),
+            "--fleet-tls-ca".into(),
+            ca_path.display().to_string(),
+            "--fleet-token".into(),
+            token.to_owned(),
+            "--label".into(),
+            "tier=edge".into(),
+        ];
+        Agent::start_with(AgentOptions {
+            args,
+            ..AgentOptions::default()
+        })
+    };
+    let impostor = agent_with("operator-secret").await;
+    let device = agent_with("device-secret").await;
+    let device_id = node_id(&device).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let devices = loop {
+        let devices = list(operator(Some("operator-secret")).await).await.unwrap();
+        if !devices.is_empty() || Instant::now() > deadline {
+            break devices;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        devices.iter().map(|d| d.id.clone()).collect::<Vec<_>>(),
+        vec![device_id]
+    );
+    let refused = Instant::now() + Duration::from_secs(10);
+    while !impostor.log().contains("PermissionDenied") {
+        assert!(
+            Instant::now() < refused,
+            "the impostor was not refused; log:\n{}",
+            impostor.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !impostor.log().contains("operator-secret"),
+        "the token is never logged"
+    );
+}
+
+/// Waits until the file at `path` holds `line` (or, with `line` empty, is gone).
+async fn wait_file(path: &Path, line: &str) {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let text = std::fs::read_to_string(path).ok();
+        let done = match text.as_deref() {
+            Some(t) => !line.is_empty() && t.lines().any(|l| l == line),
+            None => line.is_empty(),
+        };
+        if done {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never showed {line:?}: {text:?}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_node_feature_discovery_file_follows_the_models() {
+    let assets = Assets::get();
+    let (_files, server) = model_server(&assets).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let features = tmp.path().join("modeld");
+    let mut agent = Agent::start_with(AgentOptions {
+        args: vec![
+            "--nfd-features-file".into(),
+            features.display().to_string(),
+            "--device-profile".into(),
+            profile(tmp.path(), "edge", EDGE).display().to_string(),
+        ],
+        ..AgentOptions::default()
+    })
+    .await;
+    wait_file(&features, "modeld.io/agent=true").await;
+    let text = std::fs::read_to_string(&features).unwrap();
+    for line in [
+        "modeld.io/runtime.llama-cpp=true",
+        "modeld.io/device-class=edge-box",
+        "modeld.io/memory-gib=8",
+        "modeld.io/memory-budget-gib=1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing from:\n{text}"
+        );
+    }
+    let client = agent.client().await;
+    client
+        .register_model(gguf_spec("smol", &server.url("smol.gguf")))
+        .await
+        .unwrap();
+    client.load_to_end("smol", None).await.unwrap();
+    wait_file(&features, "modeld.io/model.smol=ready").await;
+    client.unload("smol", None).await.unwrap();
+    wait_file(&features, "modeld.io/model.smol=stored").await;
+    // A stopped agent advertises nothing.
+    assert!(agent.terminate().success());
+    wait_file(&features, "").await;
 }

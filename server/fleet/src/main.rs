@@ -17,8 +17,24 @@ struct Args {
     #[arg(long, env = "MODELD_FLEET_DATA_DIR")]
     data_dir: Option<PathBuf>,
 
-    /// Serve a non-loopback address although the controller has no TLS or credentials
-    /// of its own yet.
+    /// TOML file of accepted bearer tokens, as the agent's `--tokens-file`: agents hold
+    /// the `device` role, operators `operator` (or `admin`). Without it every caller
+    /// is an anonymous admin, which only a loopback address allows.
+    #[arg(long, env = "MODELD_FLEET_TOKENS_FILE")]
+    tokens_file: Option<PathBuf>,
+
+    /// PEM certificate chain and key to serve TLS; reloaded when they change.
+    #[arg(long, env = "MODELD_FLEET_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, env = "MODELD_FLEET_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: every client must present a certificate from it (its subject CN
+    /// or SAN URI is its identity, whose role the tokens file's [[clients]] gives).
+    #[arg(long, env = "MODELD_FLEET_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+
+    /// Serve a non-loopback address without TLS and credentials.
     #[arg(long, env = "MODELD_FLEET_INSECURE")]
     insecure: bool,
 
@@ -52,6 +68,15 @@ fn main() -> anyhow::Result<()> {
             modeld_fleet::serve::serve(
                 modeld_fleet::serve::Settings {
                     data_dir,
+                    tokens_file: args.tokens_file,
+                    tls: match (args.tls_cert, args.tls_key) {
+                        (Some(cert), Some(key)) => Some(modeld::tls::TlsFiles {
+                            cert,
+                            key,
+                            client_ca: args.tls_client_ca,
+                        }),
+                        _ => None,
+                    },
                     insecure: args.insecure,
                 },
                 listener,

@@ -228,6 +228,8 @@ pub fn plan(
 ) -> Plan {
     let mut out = Plan::default();
     let mut room: HashMap<&str, Room> = HashMap::new();
+    // Which deployment placed each model id on each device: one id, one owner.
+    let mut taken: HashMap<&str, HashMap<&str, &str>> = HashMap::new();
     for d in devices {
         let caps = d.capabilities.clone().unwrap_or_default();
         room.insert(
@@ -265,6 +267,16 @@ pub fn plan(
             let mut after = left;
             let mut refused = None;
             for need in p.needs {
+                let owner = taken
+                    .get(device.id.as_str())
+                    .and_then(|t| t.get(need.model_id.as_str()));
+                if let Some(owner) = owner {
+                    refused = Some((
+                        need.model_id.clone(),
+                        format!("deployment {owner} already places {} here", need.model_id),
+                    ));
+                    break;
+                }
                 if let Some(reason) = misfit(device, need, after) {
                     refused = Some((need.model_id.clone(), reason));
                     break;
@@ -293,6 +305,10 @@ pub fn plan(
                 continue;
             }
             room.insert(device.id.as_str(), after);
+            let owned = taken.entry(device.id.as_str()).or_default();
+            for need in p.needs {
+                owned.insert(need.model_id.as_str(), deployment.name.as_str());
+            }
             result.device_ids.push(device.id.clone());
             let assigned = out.assignments.entry(device.id.clone()).or_default();
             for model in &deployment.models {
@@ -459,6 +475,26 @@ mod tests {
         let n2_stored = [need("m2", 800 * MIB, fpb::WantedState::Stored)];
         let plan = run(&[(&first, &n1), (&second, &n2_stored)], &devices[..1]);
         assert_eq!(plan.results["second"].device_ids, vec!["a".to_owned()]);
+    }
+
+    #[test]
+    fn one_model_id_has_one_deployment_per_device() {
+        let devices = [device(
+            "a",
+            pb::DeviceClass::EdgeBox,
+            1024 * MIB,
+            10_000 * MIB,
+        )];
+        let first = deployment("first", &["m"], None);
+        let second = deployment("second", &["m"], None);
+        let needs = [need("m", 100 * MIB, fpb::WantedState::Loaded)];
+        let plan = run(&[(&first, &needs), (&second, &needs)], &devices);
+        assert_eq!(plan.results["first"].device_ids, vec!["a".to_owned()]);
+        assert_eq!(
+            plan.results["second"].unplaced[0].reason,
+            "deployment first already places m here"
+        );
+        assert_eq!(plan.assignments["a"].len(), 1);
     }
 
     #[test]

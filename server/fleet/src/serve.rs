@@ -17,15 +17,43 @@ use crate::api::{device::DeviceApi, operator::OperatorApi};
 use crate::controller::Controller;
 use crate::error::{Error, Result};
 use crate::store::Store;
+use modeld::api::auth::{Credentials, SharedCredentials};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7800";
 
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub data_dir: PathBuf,
-    /// Serve a non-loopback address anyway (the controller has no TLS or
-    /// credentials of its own yet).
+    /// Accepted tokens (the agent's format; agents hold the `device` role).
+    pub tokens_file: Option<PathBuf>,
+    pub tls: Option<modeld::tls::TlsFiles>,
+    /// Serve a non-loopback address without TLS and credentials.
     pub insecure: bool,
+}
+
+/// The credentials to serve `addr` with, or why the controller must not serve it: the
+/// agent's rule, since the controller tells every device what to run.
+fn exposure(settings: &Settings, addr: SocketAddr) -> Result<Credentials> {
+    let mut credentials = match &settings.tokens_file {
+        Some(path) => Credentials::from_file(path).map_err(|e| Error::Config(e.to_string()))?,
+        None => Credentials::default(),
+    };
+    if settings.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) {
+        credentials = credentials.require_certificates();
+    }
+    let tls = settings.tls.is_some();
+    if addr.ip().is_loopback() || (tls && !credentials.is_empty()) {
+        return Ok(credentials);
+    }
+    if !settings.insecure {
+        return Err(Error::Config(format!(
+            "refusing to serve {addr}, which other hosts can reach, without TLS \
+             (--tls-cert, --tls-key) and credentials (--tokens-file or --tls-client-ca); \
+             configure them, or pass --insecure to serve it anyway"
+        )));
+    }
+    warn!(%addr, "INSECURE: serving a non-loopback address without TLS and credentials");
+    Ok(credentials)
 }
 
 /// Serves on `listener` until `shutdown` resolves.
@@ -37,16 +65,18 @@ pub async fn serve(
     let addr: SocketAddr = listener
         .local_addr()
         .map_err(|e| Error::Serve(format!("listener: {e}")))?;
-    if !addr.ip().is_loopback() {
-        if !settings.insecure {
-            return Err(Error::Config(format!(
-                "refusing to serve {addr}, which other hosts can reach: the controller has no \
-                 TLS or credentials yet; serve a loopback address behind a TLS proxy, or pass \
-                 --insecure"
-            )));
-        }
-        warn!(%addr, "INSECURE: serving a non-loopback address without TLS or credentials");
+    let credentials = SharedCredentials::new(exposure(&settings, addr)?);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(path) = &settings.tokens_file {
+        credentials.watch(path.clone(), modeld::tls::RELOAD_CHECK, stop_rx.clone());
     }
+    let tls = match &settings.tls {
+        Some(files) => Some(
+            modeld::tls::Tls::start(files.clone(), stop_rx.clone())
+                .map_err(|e| Error::Config(e.to_string()))?,
+        ),
+        None => None,
+    };
     let db = settings.data_dir.join("db");
     let store = tokio::task::spawn_blocking(move || Store::open(&db))
         .await
@@ -81,11 +111,15 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(reflection_err)?;
-    info!(%addr, "modeld-fleet listening");
-    Server::builder()
+    info!(%addr, tls = tls.is_some(), "modeld-fleet listening");
+    let server = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(modeld::api::auth::AuthLayer::with_rules(
+            credentials,
+            crate::api::access,
+        ))
         .add_service(
             fpb::fleet_service_server::FleetServiceServer::new(OperatorApi::new(
                 controller.clone(),
@@ -100,13 +134,24 @@ pub async fn serve(
         )
         .add_service(health_service)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await
-        .map_err(|e| Error::Serve(e.to_string()))?;
+        .add_service(reflection_v1alpha);
+    let served = match tls {
+        Some(tls) => {
+            server
+                .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                .await
+        }
+        None => {
+            server
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown,
+                )
+                .await
+        }
+    };
+    let _ = stop_tx.send(true);
+    served.map_err(|e| Error::Serve(e.to_string()))?;
     store.flush().await?;
     info!("store flushed; bye");
     Ok(())

@@ -29,10 +29,13 @@ use tower::{Layer, Service};
 
 use crate::error::{Error, Result};
 
-/// What a caller may do, from least to most.
+/// What a caller may do, from least to most. `device` is apart: a fleet agent's
+/// credential, good for the fleet controller's device stream and nothing else (an
+/// admin may do that too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    Device,
     Inference,
     Operator,
     Admin,
@@ -41,6 +44,7 @@ pub enum Role {
 impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
+            Role::Device => "device",
             Role::Inference => "inference",
             Role::Operator => "operator",
             Role::Admin => "admin",
@@ -54,6 +58,10 @@ pub enum Access {
     Open,
     Needs(Role),
 }
+
+/// Which role each RPC needs, by its gRPC path: the agent's table is [`access`], the
+/// fleet controller has its own.
+pub type Rules = fn(&str) -> Access;
 
 /// THE rule table: the role each RPC needs, by its gRPC path. Anything not named
 /// (a new service, a typo) needs admin, so a new RPC is closed until placed here.
@@ -257,11 +265,12 @@ fn refusal(code: Code, reason: &str, message: String, meta: &[(&str, &str)]) -> 
 /// Decides one call: the identity it runs as, or the status that refuses it.
 pub fn authorize(
     credentials: &Credentials,
+    rules: Rules,
     path: &str,
     authorization: Option<&str>,
     certificate: Option<&str>,
 ) -> std::result::Result<Option<Identity>, Status> {
-    let needed = match access(path) {
+    let needed = match rules(path) {
         Access::Open => return Ok(None),
         Access::Needs(role) => role,
     };
@@ -311,7 +320,13 @@ pub fn authorize(
             &[],
         ));
     };
-    if identity.role < needed {
+    // The device role is apart from the others: only it (or an admin) may take a
+    // device's place, and it may do nothing else.
+    let allowed = match needed {
+        Role::Device => matches!(identity.role, Role::Device | Role::Admin),
+        _ => identity.role >= needed,
+    };
+    if !allowed {
         return Err(refusal(
             Code::PermissionDenied,
             "ROLE_REQUIRED",
@@ -401,15 +416,21 @@ impl SharedCredentials {
     }
 }
 
-/// Checks every RPC against [`access`] before any service sees it.
-#[derive(Debug, Clone, Default)]
+/// Checks every RPC against a rule table ([`access`] on the agent) before any service
+/// sees it.
+#[derive(Debug, Clone)]
 pub struct AuthLayer {
     credentials: SharedCredentials,
+    rules: Rules,
 }
 
 impl AuthLayer {
     pub fn new(credentials: SharedCredentials) -> AuthLayer {
-        AuthLayer { credentials }
+        AuthLayer::with_rules(credentials, access)
+    }
+
+    pub fn with_rules(credentials: SharedCredentials, rules: Rules) -> AuthLayer {
+        AuthLayer { credentials, rules }
     }
 }
 
@@ -420,6 +441,7 @@ impl<S> Layer<S> for AuthLayer {
         WithAuth {
             inner,
             credentials: self.credentials.clone(),
+            rules: self.rules,
         }
     }
 }
@@ -428,6 +450,7 @@ impl<S> Layer<S> for AuthLayer {
 pub struct WithAuth<S> {
     inner: S,
     credentials: SharedCredentials,
+    rules: Rules,
 }
 
 impl<S, B, R> Service<http::Request<B>> for WithAuth<S>
@@ -461,6 +484,7 @@ where
             });
         match authorize(
             &self.credentials.current(),
+            self.rules,
             request.uri().path(),
             authorization,
             certificate.as_deref(),
@@ -545,7 +569,7 @@ mod tests {
     #[test]
     fn tokens_grant_their_role_and_no_more() {
         let c = creds();
-        let call = |path: &str, auth: Option<&str>| authorize(&c, path, auth, None);
+        let call = |path: &str, auth: Option<&str>| authorize(&c, access, path, auth, None);
         let generate = "/modeld.v1.Generate/Generate";
         let register = "/modeld.v1.ModelRegistry/RegisterModel";
 
@@ -583,7 +607,7 @@ mod tests {
     #[test]
     fn without_credentials_every_caller_is_an_anonymous_admin() {
         let c = Credentials::default();
-        let id = authorize(&c, "/modeld.v1.Storage/Push", None, None)
+        let id = authorize(&c, access, "/modeld.v1.Storage/Push", None, None)
             .unwrap()
             .unwrap();
         assert_eq!(id.role, Role::Admin);
@@ -593,20 +617,71 @@ mod tests {
     fn a_verified_certificate_gets_the_role_its_identity_has() {
         let c = creds();
         let register = "/modeld.v1.ModelRegistry/RegisterModel";
-        let id = authorize(&c, register, None, Some("fleet-controller"))
+        let id = authorize(&c, access, register, None, Some("fleet-controller"))
             .unwrap()
             .unwrap();
         assert_eq!(id.role, Role::Operator);
-        let unknown = authorize(&c, register, None, Some("laptop")).unwrap_err();
+        let unknown = authorize(&c, access, register, None, Some("laptop")).unwrap_err();
         assert_eq!(unknown.code(), Code::PermissionDenied);
         // A token beside the certificate decides.
         let app = authorize(
             &c,
+            access,
             register,
             Some("Bearer inference-token"),
             Some("fleet-controller"),
         );
         assert_eq!(app.unwrap_err().code(), Code::PermissionDenied);
+    }
+
+    #[test]
+    fn the_device_role_opens_only_what_a_table_gives_it() {
+        let mut c = creds();
+        c.tokens.push(TokenEntry {
+            name: "edge-7".into(),
+            role: Role::Device,
+            sha256: Sha256::digest(b"device-token").into(),
+        });
+        let device_only = |path: &str| {
+            if path == "/fleet/Connect" {
+                Access::Needs(Role::Device)
+            } else {
+                Access::Needs(Role::Operator)
+            }
+        };
+        let call = |path: &str, token: &str| {
+            authorize(
+                &c,
+                device_only,
+                path,
+                Some(&format!("Bearer {token}")),
+                None,
+            )
+        };
+        assert!(call("/fleet/Connect", "device-token").is_ok());
+        assert!(call("/fleet/Connect", "admin-token").is_ok());
+        for token in ["operator-token", "inference-token"] {
+            let refused = call("/fleet/Connect", token).unwrap_err();
+            assert_eq!(refused.code(), Code::PermissionDenied, "{token}");
+            assert!(
+                refused.message().contains("device"),
+                "{}",
+                refused.message()
+            );
+        }
+        assert_eq!(
+            call("/fleet/Apply", "device-token").unwrap_err().code(),
+            Code::PermissionDenied
+        );
+        // On the agent a device credential opens nothing.
+        let agent = authorize(
+            &c,
+            access,
+            "/modeld.v1.Generate/Generate",
+            Some("Bearer device-token"),
+            None,
+        );
+        assert_eq!(agent.unwrap_err().code(), Code::PermissionDenied);
     }
 
     #[test]
