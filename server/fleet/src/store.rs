@@ -57,8 +57,13 @@ impl Store {
         })
     }
 
+    /// Writes everything to disk on a blocking thread: sled's `flush_async` futures
+    /// polled at nearly the same time may never be woken (sled issues 1241, 1308).
     pub async fn flush(&self) -> Result<()> {
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| Error::Serve(format!("flush task: {e}")))??;
         Ok(())
     }
 

@@ -236,19 +236,22 @@ async fn take(node: &Node, reconciler: &Reconciler, assignments: fpb::Assignment
     let encoded = assignments.encode_to_vec();
     match convert::assignments_from_pb(assignments) {
         Ok(domain) => {
-            let kept = match node.store.put_fleet_assignments(&encoded) {
-                Ok(()) => node.store.flush().await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = kept {
-                warn!(error = %e, "fleet: the assignments could not be stored; applying them anyway");
-            }
             info!(
                 generation,
                 models = domain.items.len(),
                 "fleet: new assignments"
             );
+            // Work starts at once; the copy on disk follows (the controller sends the
+            // assignments again on every reconnect, so none is lost meanwhile).
+            let kept = node.store.put_fleet_assignments(&encoded);
             reconciler.assign(domain);
+            let flushed = match kept {
+                Ok(()) => node.store.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = flushed {
+                warn!(error = %e, "fleet: the assignments could not be stored; applying them anyway");
+            }
         }
         Err(e) => {
             warn!(generation, error = %e, "fleet: refusing the controller's assignments; keeping the ones held");

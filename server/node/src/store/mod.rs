@@ -143,8 +143,14 @@ impl Store {
     }
 
     /// Makes every write so far durable. Call before acknowledging a state change.
+    /// Writes everything to disk, on a blocking thread. Not sled's `flush_async`:
+    /// futures of it polled at nearly the same time may never be woken (sled issues
+    /// 1241 and 1308), which stalled agents that flushed from two tasks at once.
     pub async fn flush(&self) -> Result<()> {
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| Error::TaskFailed(e.to_string()))??;
         Ok(())
     }
 
@@ -515,6 +521,31 @@ fn decode<M: Message + Default>(tree: &'static str, key: &[u8], value: &[u8]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// sled's own `flush_async` never wakes some of many flushes polled at once (sled
+    /// issue 1241); the fleet's reconciler and its stream flushing together hung
+    /// agents that way. Every one of many concurrent flushes must finish.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_flushes_all_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut flushes = tokio::task::JoinSet::new();
+        for i in 0..64 {
+            let store = store.clone();
+            flushes.spawn(async move {
+                store.put_model(&record(&format!("m{i}")))?;
+                store.flush().await
+            });
+        }
+        // A hang detector, not a speed assertion: 64 flushes take milliseconds.
+        let all = tokio::time::timeout(std::time::Duration::from_secs(120), async {
+            while let Some(done) = flushes.join_next().await {
+                done.unwrap().unwrap();
+            }
+        })
+        .await;
+        assert!(all.is_ok(), "some flushes never completed");
+    }
 
     fn record(id: &str) -> ModelRecord {
         ModelRecord {
