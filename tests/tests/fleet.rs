@@ -312,6 +312,16 @@ async fn controller_and_agents_survive_each_others_outages() {
     let agent = device(&controller, &profile(tmp.path(), "edge", EDGE), "edge").await;
     let id = node_id(&agent).await;
     wait_connected(&controller, 1).await;
+    // A model an operator put there by hand, which no deployment claims.
+    let by_hand = gguf_spec("by-hand", &server.url("smol.gguf"));
+    agent.client().await.register_model(by_hand).await.unwrap();
+    let mut events = controller
+        .client()
+        .await
+        .watch(fpb::WatchRequest { since_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
     let smol = gguf_spec("smol", &server.url("smol.gguf"));
     controller
         .client()
@@ -326,6 +336,14 @@ async fn controller_and_agents_survive_each_others_outages() {
         })
         .await
         .unwrap();
+    // The device confirms the assignments; watchers see it.
+    loop {
+        let event = events.message().await.unwrap().expect("the watch goes on");
+        if event.kind == fpb::EventKind::AssignmentsApplied as i32 && event.device_id == id {
+            assert!(event.generation >= 1);
+            break;
+        }
+    }
     wait_status(&controller, "keep", CONVERGE, "smol READY", |s| {
         phase(s, &id, "smol") == Some(fpb::ModelPhase::Ready)
     })
@@ -384,6 +402,24 @@ async fn controller_and_agents_survive_each_others_outages() {
     )
     .await;
     assert_eq!(phase(&status, &id, "smol"), Some(fpb::ModelPhase::Ready));
+
+    // Deleting the deployment (it prunes) removes its model and leaves the one put
+    // there by hand.
+    fleet
+        .delete_deployment(fpb::DeleteDeploymentRequest {
+            name: "keep".into(),
+        })
+        .await
+        .unwrap();
+    let client = agent.client().await;
+    wait_agent(&agent, "smol pruned", || async {
+        client.get_model("smol").await.is_err()
+    })
+    .await;
+    assert!(
+        client.get_model("by-hand").await.is_ok(),
+        "the hand-placed model stays"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -363,6 +363,7 @@ impl Controller {
             let Some(device) = state.devices.get_mut(id) else {
                 return Err(Error::DeviceNotFound(id.to_owned()));
             };
+            let newly_applied = report.applied_generation > device.applied_generation;
             device.models = report.models;
             device.applied_generation = report.applied_generation;
             device.last_seen = Some(now());
@@ -370,6 +371,17 @@ impl Controller {
                 caps.disk_free_bytes = report.disk_free_bytes;
             }
             c.store.put_device(device)?;
+            if newly_applied {
+                c.emit(
+                    state,
+                    fpb::WatchResponse {
+                        kind: fpb::EventKind::AssignmentsApplied as i32,
+                        device_id: id.to_owned(),
+                        generation: report.applied_generation,
+                        ..Default::default()
+                    },
+                )?;
+            }
             c.refresh_phases(state)
         })
     }
