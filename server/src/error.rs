@@ -16,6 +16,10 @@ pub enum Error {
     /// The gRPC server itself failed (listener, transport, reflection).
     #[error("gRPC server: {0}")]
     Serve(String),
+
+    /// The stream to the fleet controller failed; the agent dials again.
+    #[error("fleet controller: {0}")]
+    Fleet(String),
 }
 
 impl From<tokio::task::JoinError> for Error {

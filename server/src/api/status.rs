@@ -93,6 +93,11 @@ impl From<crate::error::Error> for Status {
                 e.to_string(),
                 ErrorDetails::with_error_info("SERVER_ERROR", DOMAIN, HashMap::new()),
             ),
+            crate::error::Error::Fleet(_) => Status::with_error_details(
+                Code::Unavailable,
+                e.to_string(),
+                ErrorDetails::with_error_info("FLEET_UNREACHABLE", DOMAIN, HashMap::new()),
+            ),
         }
     }
 }

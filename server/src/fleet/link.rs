@@ -157,7 +157,7 @@ fn describe(status: &tonic::Status) -> String {
 /// One stream, from hello to its end.
 async fn session(link: &Link, node: &Arc<Node>, reconciler: &Reconciler) -> Result<()> {
     let channel = link.endpoint.connect().await.map_err(|e| {
-        Error::Serve(format!(
+        Error::Fleet(format!(
             "cannot reach {}: {}",
             link.settings.url,
             modeld_engine_core::error_chain(&e)
@@ -197,7 +197,7 @@ async fn session(link: &Link, node: &Arc<Node>, reconciler: &Reconciler) -> Resu
         .connect(ReceiverStream::new(outbound_rx))
         .await
         .map_err(|s| {
-            Error::Serve(format!(
+            Error::Fleet(format!(
                 "the controller refused the stream: {}",
                 describe(&s)
             ))
@@ -207,7 +207,7 @@ async fn session(link: &Link, node: &Arc<Node>, reconciler: &Reconciler) -> Resu
     loop {
         tokio::select! {
             message = inbound.message() => {
-                let message = message.map_err(|s| Error::Serve(format!("the stream failed: {}", describe(&s))))?;
+                let message = message.map_err(|s| Error::Fleet(format!("the stream failed: {}", describe(&s))))?;
                 let Some(message) = message else { return Ok(()) };
                 if let Some(fpb::connect_response::Message::Assignments(assignments)) = message.message {
                     take(node, reconciler, assignments).await;
@@ -215,7 +215,7 @@ async fn session(link: &Link, node: &Arc<Node>, reconciler: &Reconciler) -> Resu
             }
             changed = reports.changed() => {
                 if changed.is_err() {
-                    return Err(Error::Serve("the reconciler stopped".into()));
+                    return Err(Error::Fleet("the reconciler stopped".into()));
                 }
                 tokio::time::sleep(REPORT_COALESCE).await;
                 let report = convert::report_to_pb(&reports.borrow_and_update());
@@ -223,7 +223,7 @@ async fn session(link: &Link, node: &Arc<Node>, reconciler: &Reconciler) -> Resu
                     message: Some(fpb::connect_request::Message::Report(report)),
                 }).await;
                 if sent.is_err() {
-                    return Err(Error::Serve("the stream to the controller closed".into()));
+                    return Err(Error::Fleet("the stream to the controller closed".into()));
                 }
             }
         }
