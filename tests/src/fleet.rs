@@ -1,23 +1,21 @@
 //! A real `modeld-fleet` controller process, device profiles for the agents that dial
 //! into it, and deployments built in code.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use modeld_proto::fleet::v1 as fpb;
 
-use crate::{Client, binary};
+use crate::{Client, Log, binary, spawn_logged};
 
 pub struct Controller {
     child: Child,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     args: Vec<String>,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Log,
 }
 
 impl std::fmt::Debug for Controller {
@@ -41,42 +39,18 @@ impl Controller {
         listen: Option<SocketAddr>,
         args: Vec<String>,
     ) -> Controller {
-        let mut child = Command::new(binary("modeld-fleet"))
-            .arg("--listen")
+        let mut cmd = Command::new(binary("modeld-fleet"));
+        cmd.arg("--listen")
             .arg(listen.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string()))
             .arg("--data-dir")
             .arg(data_dir)
             .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn modeld-fleet");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("modeld-fleet listening")
-                    && let Some(addr) = line
-                        .split_whitespace()
-                        .find_map(|w| w.strip_prefix("addr="))
-                {
-                    let _ = tx.send(addr.to_owned());
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let Ok(addr) = rx.recv_timeout(Duration::from_secs(30)) else {
-            let _ = child.kill();
-            panic!(
-                "modeld-fleet did not start; log:\n{}",
-                log.lock().unwrap().join("\n")
-            );
-        };
+            .stdout(Stdio::null());
+        let (child, addr, log) =
+            spawn_logged(cmd, "modeld-fleet listening", Duration::from_secs(30));
         Controller {
             child,
-            addr: addr.parse().expect("listening address"),
+            addr,
             data_dir: data_dir.to_path_buf(),
             args,
             log,

@@ -147,7 +147,7 @@ pub struct Agent {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     options: AgentOptions,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Log,
     _tmp: Option<Arc<tempfile::TempDir>>,
 }
 
@@ -211,33 +211,7 @@ impl Agent {
         for k in &options.env_remove {
             cmd.env_remove(k);
         }
-        let mut child = cmd.spawn().expect("spawn modeld");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("modeld listening")
-                    && let Some(addr) = line
-                        .split_whitespace()
-                        .find_map(|w| w.strip_prefix("addr="))
-                {
-                    let _ = tx.send(addr.to_owned());
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let addr: SocketAddr = match rx.recv_timeout(START_TIMEOUT) {
-            Ok(a) => a.parse().expect("listening address"),
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "modeld did not start; log:\n{}",
-                    log.lock().unwrap().join("\n")
-                );
-            }
-        };
+        let (child, addr, log) = spawn_logged(cmd, "modeld listening", START_TIMEOUT);
         let agent = Agent {
             child,
             addr,
@@ -348,6 +322,47 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The shared log of a process [`spawn_logged`] started.
+pub type Log = Arc<Mutex<Vec<String>>>;
+
+/// Starts `cmd` with its stderr collected into a log, and waits until a line holding
+/// `marker` names the address it listens on (`addr=…`). Panics with the log when none
+/// comes within `timeout`.
+pub fn spawn_logged(mut cmd: Command, marker: &str, timeout: Duration) -> (Child, SocketAddr, Log) {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
+    let stderr = child.stderr.take().expect("piped stderr");
+    let log: Log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = mpsc::channel();
+    let sink = log.clone();
+    let marker = marker.to_owned();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains(&marker)
+                && let Some(addr) = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr="))
+            {
+                let _ = tx.send(addr.to_owned());
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(addr) => (child, addr.parse().expect("listening address"), log),
+        Err(_) => {
+            let _ = child.kill();
+            panic!(
+                "{program} did not start; log:\n{}",
+                log.lock().unwrap().join("\n")
+            );
+        }
     }
 }
 
