@@ -278,6 +278,11 @@ pub struct Args {
     #[arg(long, env = "MODELD_FLEET_TLS_KEY", requires = "fleet_tls_cert")]
     pub fleet_tls_key: Option<PathBuf>,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464. A
+    /// non-loopback address needs --insecure (the endpoint is plain HTTP).
+    #[arg(long, env = "MODELD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Kubernetes: keep a Node Feature Discovery feature file here (e.g.
     /// /etc/kubernetes/node-feature-discovery/features.d/modeld), so the node gets
     /// labels such as modeld.io/runtime.llama-cpp and modeld.io/model.ID=ready.
@@ -492,6 +497,7 @@ struct FileConfig {
     fleet_tls_key: Option<PathBuf>,
     device_profile: Option<PathBuf>,
     nfd_features_file: Option<PathBuf>,
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// The effective configuration.
@@ -546,6 +552,8 @@ pub struct Config {
     pub device_profile: Option<modeld_node::hardware::DeviceProfile>,
     /// Node Feature Discovery feature file to keep current.
     pub nfd_features_file: Option<PathBuf>,
+    /// Where `/metrics` is served; `None` = nowhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -789,6 +797,7 @@ impl Config {
                     })
                 }
             },
+            metrics_listen: args.metrics_listen.or(file.metrics_listen),
             nfd_features_file: args
                 .nfd_features_file
                 .or(file.nfd_features_file)

@@ -183,11 +183,33 @@ pub async fn serve(
     });
     let pressure_threshold = config.memory_pressure_threshold;
     let scan_on_start = config.scan_on_start && !config.models_dirs.is_empty();
+    let metrics = Arc::new(crate::telemetry::metrics::Metrics::new(&node)?);
     let agent = Arc::new(Agent {
         node: node.clone(),
         loads: Loads::default(),
         shutdown: shutdown_rx.clone(),
+        metrics: metrics.clone(),
     });
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => {
+            if !addr.ip().is_loopback() && !config.insecure {
+                return Err(Error::Config(format!(
+                    "refusing to serve metrics on {addr}, which other hosts can reach, in \
+                     plain HTTP: serve them on loopback (behind a proxy with TLS), or pass \
+                     --insecure"
+                )));
+            }
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Config(format!("--metrics-listen {addr}: {e}")))?;
+            Some(crate::telemetry::metrics::serve(
+                metrics,
+                listener,
+                shutdown_rx.clone(),
+            )?)
+        }
+        None => None,
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in api::SERVICE_NAMES.iter().chain(std::iter::once(&"")) {
@@ -332,6 +354,9 @@ pub async fn serve(
         }
     }
     reaper.abort();
+    if let Some(listener) = metrics_listener {
+        listener.abort();
+    }
     if let Some(fleet) = fleet {
         fleet.abort();
     }

@@ -100,12 +100,14 @@ impl Generate for GenerateApi {
         };
         let events = worker.generate(request, deadline)?;
         let model_id = worker.model_id.clone();
+        let metrics = self.agent.metrics.clone();
         drop(worker);
         // The stream maps engine events as tonic polls it: no task or channel hop per
         // token, so a token costs one wake-up on the way out. Dropping the stream (the
         // client left) drops `events`, which stops the engine within one token.
         let stream = futures::stream::unfold(Some((events, false)), move |state| {
             let model_id = model_id.clone();
+            let metrics = metrics.clone();
             async move {
                 let (mut events, finished) = state?;
                 let Some(event) = events.recv().await else {
@@ -125,6 +127,11 @@ impl Generate for GenerateApi {
                         "the request's deadline passed; generation stopped",
                     );
                     return Some((Err(super::status::of(&e)), None));
+                }
+                match &event {
+                    Event::Done(reason, stats) => metrics.generate_done(&model_id, *reason, stats),
+                    Event::Failed(_) => metrics.generate_failed(&model_id),
+                    Event::Token(_) => {}
                 }
                 let last = matches!(event, Event::Done(..) | Event::Failed(_));
                 Some((Ok(convert::event_to_pb(event)), Some((events, finished || last))))

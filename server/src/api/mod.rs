@@ -38,6 +38,8 @@ pub struct Agent {
     pub loads: Loads,
     /// Flips to true when the agent starts shutting down; long streams end on it.
     pub shutdown: watch::Receiver<bool>,
+    /// What the services record for `/metrics`.
+    pub metrics: Arc<crate::telemetry::metrics::Metrics>,
 }
 
 /// Fully-qualified names of the modeld services, for health reporting.

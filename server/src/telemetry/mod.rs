@@ -1,4 +1,7 @@
-//! Structured logs through `tracing`, to stderr, as text or JSON.
+//! Structured logs through `tracing`, to stderr, as text or JSON; metrics in
+//! [`metrics`].
+
+pub mod metrics;
 
 use std::io::IsTerminal;
 
