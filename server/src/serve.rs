@@ -308,7 +308,7 @@ pub async fn serve(
         .layer(
             tower::ServiceBuilder::new()
                 .layer(api::layers::RequestIdLayer)
-                .layer(api::layers::SpanLayer)
+                .layer(api::layers::SpanLayer::with_metrics(agent.metrics.clone()))
                 .layer(api::layers::RpcLimitLayer::new(config.max_concurrent_rpcs))
                 .layer(api::layers::DeadlineLayer)
                 .layer(api::audit::AuditLayer::new(store.clone()))

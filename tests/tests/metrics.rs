@@ -121,6 +121,26 @@ async fn generation_shows_in_prometheus_metrics() {
         after.contains("# TYPE gen_ai_server_time_per_output_token_seconds histogram"),
         "{after}"
     );
+
+    // Every RPC is timed with its service, method and (for a refusal) status code.
+    let generate = [
+        "rpc_service=\"modeld.v1.Generate\"",
+        "rpc_method=\"Generate\"",
+    ];
+    let count = sample(&after, "rpc_server_call_duration_seconds_count", &generate).unwrap();
+    assert!(count >= 2.0, "{after}");
+    client.get_model("no-such-model").await.unwrap_err();
+    let refused = scrape(metrics);
+    let not_found = ["rpc_method=\"GetModel\"", "rpc_grpc_status_code=\"5\""];
+    assert_eq!(
+        sample(
+            &refused,
+            "rpc_server_call_duration_seconds_count",
+            &not_found
+        ),
+        Some(1.0),
+        "{refused}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

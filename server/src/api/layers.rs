@@ -84,22 +84,37 @@ where
     }
 }
 
-/// Runs every RPC in a `rpc` span and logs its answer (at debug level; failures that
-/// are the agent's fault are logged where they are mapped, in `status`).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SpanLayer;
+/// Runs every RPC in a `rpc` span, logs its answer (at debug level; failures that
+/// are the agent's fault are logged where they are mapped, in `status`), and records
+/// its duration in the metrics when there are any.
+#[derive(Debug, Clone, Default)]
+pub struct SpanLayer {
+    metrics: Option<std::sync::Arc<crate::telemetry::metrics::Metrics>>,
+}
+
+impl SpanLayer {
+    pub fn with_metrics(metrics: std::sync::Arc<crate::telemetry::metrics::Metrics>) -> SpanLayer {
+        SpanLayer {
+            metrics: Some(metrics),
+        }
+    }
+}
 
 impl<S> Layer<S> for SpanLayer {
     type Service = WithSpan<S>;
 
     fn layer(&self, inner: S) -> WithSpan<S> {
-        WithSpan { inner }
+        WithSpan {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct WithSpan<S> {
     inner: S,
+    metrics: Option<std::sync::Arc<crate::telemetry::metrics::Metrics>>,
 }
 
 impl<S, B, R> Service<http::Request<B>> for WithSpan<S>
@@ -126,6 +141,10 @@ where
             .unwrap_or_default();
         let span = tracing::info_span!("rpc", service, method, request_id);
         let started = Instant::now();
+        let recorded = self
+            .metrics
+            .clone()
+            .map(|m| (m, service.to_owned(), method.to_owned()));
         let response = {
             let _entered = span.enter();
             self.inner.call(request)
@@ -136,11 +155,19 @@ where
                 if let Ok(response) = &result {
                     // A stream's status comes in its trailers, after this; an RPC that
                     // failed before answering has it here.
-                    let status = response
+                    let code = response
                         .headers()
                         .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("0 (or in the trailers)");
+                        .and_then(|v| v.to_str().ok());
+                    if let Some((metrics, service, method)) = &recorded {
+                        metrics.rpc_answered(
+                            service,
+                            method,
+                            code.and_then(|c| c.parse().ok()).unwrap_or(0),
+                            started.elapsed(),
+                        );
+                    }
+                    let status = code.unwrap_or("0 (or in the trailers)");
                     tracing::debug!(
                         grpc_status = status,
                         elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
@@ -394,10 +421,11 @@ mod tests {
     #[tokio::test]
     async fn handlers_run_inside_the_rpc_span() {
         let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
-        let service = SpanLayer.layer(tower::service_fn(|_: http::Request<()>| async move {
-            let name = tracing::Span::current().metadata().map(|m| m.name());
-            Ok::<_, std::convert::Infallible>(http::Response::new(name))
-        }));
+        let service =
+            SpanLayer::default().layer(tower::service_fn(|_: http::Request<()>| async move {
+                let name = tracing::Span::current().metadata().map(|m| m.name());
+                Ok::<_, std::convert::Infallible>(http::Response::new(name))
+            }));
         let request = http::Request::builder()
             .uri("/modeld.v1.Node/GetCapabilities")
             .body(())

@@ -34,6 +34,7 @@ pub struct Metrics {
     tokens: Counter<u64>,
     time_to_first_token: Histogram<f64>,
     time_per_output_token: Histogram<f64>,
+    rpc_duration: Histogram<f64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -96,6 +97,12 @@ impl Metrics {
                 .with_description("Time per output token after the first")
                 .with_boundaries(LATENCY_BUCKETS.to_vec())
                 .build(),
+            rpc_duration: meter
+                .f64_histogram("rpc.server.call.duration")
+                .with_unit("s")
+                .with_description("Time to answer an RPC; for a stream, until its response headers")
+                .with_boundaries(LATENCY_BUCKETS.to_vec())
+                .build(),
             _provider: provider,
             registry,
         })
@@ -126,6 +133,26 @@ impl Metrics {
                     .record(1.0 / stats.generation_tokens_per_second, &attrs);
             }
         }
+    }
+
+    /// Records an RPC's answer. `code` is the gRPC status when the answer carries it
+    /// in its headers (an RPC refused before any message), else 0.
+    pub fn rpc_answered(
+        &self,
+        service: &str,
+        method: &str,
+        code: i64,
+        elapsed: std::time::Duration,
+    ) {
+        self.rpc_duration.record(
+            elapsed.as_secs_f64(),
+            &[
+                KeyValue::new("rpc.system", "grpc"),
+                KeyValue::new("rpc.service", service.to_owned()),
+                KeyValue::new("rpc.method", method.to_owned()),
+                KeyValue::new("rpc.grpc.status_code", code),
+            ],
+        );
     }
 
     /// Records a Generate request that failed after it started.
