@@ -171,11 +171,23 @@ fn pass(
     in_flight: &mut HashSet<String>,
     failures: &HashMap<String, Failure>,
 ) {
+    // Read once per pass: every assignment and every release below consults it.
+    let owned = match node.store.fleet_models() {
+        Ok(owned) => owned,
+        Err(e) => {
+            tracing::warn!(error = %e, "fleet: the models placed by the fleet could not be read");
+            return;
+        }
+    };
     let now = Instant::now();
     let waiting = |id: &str| failures.get(id).is_some_and(|f| f.retry_at > now);
     for a in &wanted.items {
         let id = a.spec.id.clone();
-        if in_flight.contains(&id) || waiting(&id) || converged(node, a) || crash_looping(node, &id)
+        let claimed = owned.iter().any(|(m, _)| *m == id);
+        if in_flight.contains(&id)
+            || waiting(&id)
+            || (claimed && converged(node, a))
+            || crash_looping(node, &id)
         {
             continue;
         }
@@ -186,13 +198,6 @@ fn pass(
             (id, Work::Converge, outcome)
         });
     }
-    let owned = match node.store.fleet_models() {
-        Ok(owned) => owned,
-        Err(e) => {
-            tracing::warn!(error = %e, "fleet: the models placed by the fleet could not be read");
-            return;
-        }
-    };
     for (id, record) in owned {
         let assigned = wanted.items.iter().any(|a| a.spec.id == id);
         if assigned || in_flight.contains(&id) || waiting(&id) {
@@ -207,17 +212,13 @@ fn pass(
     }
 }
 
-/// True when the node already holds the model as assigned.
+/// True when the node already holds the model, which the fleet claimed, as assigned.
 fn converged(node: &Node, a: &Assignment) -> bool {
     let id = &a.spec.id;
     let Ok(entry) = node.registry.get(id) else {
         return false;
     };
-    let owned = node
-        .store
-        .fleet_models()
-        .is_ok_and(|owned| owned.iter().any(|(m, _)| m == id));
-    if entry.spec != a.spec || !owned {
+    if entry.spec != a.spec {
         return false;
     }
     match a.wanted {
