@@ -283,6 +283,44 @@ pub struct Args {
     #[arg(long, env = "MODELD_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Export traces and metrics over OTLP to this collector, e.g.
+    /// http://127.0.0.1:4317 (grpc) or http://127.0.0.1:4318 (http/protobuf). The
+    /// standard OTEL_EXPORTER_OTLP_ENDPOINT (and its _TRACES_/_METRICS_ forms) work too.
+    /// Off when neither is set, or when OTEL_SDK_DISABLED=true.
+    #[arg(long, env = "MODELD_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// OTLP protocol: grpc or http/protobuf [default: OTEL_EXPORTER_OTLP_PROTOCOL, else
+    /// grpc].
+    #[arg(long, env = "MODELD_OTLP_PROTOCOL")]
+    pub otlp_protocol: Option<OtlpProtocol>,
+
+    /// A header KEY=VALUE sent with every OTLP export, e.g. a collector's API key
+    /// (repeatable; the env variable takes a comma-separated list). Values are never
+    /// logged. Without any, OTEL_EXPORTER_OTLP_HEADERS applies.
+    #[arg(
+        long = "otlp-header",
+        env = "MODELD_OTLP_HEADERS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub otlp_headers: Vec<String>,
+
+    /// Milliseconds between OTLP metric exports [default: OTEL_METRIC_EXPORT_INTERVAL,
+    /// else 60000].
+    #[arg(long, env = "MODELD_OTLP_EXPORT_INTERVAL_MS")]
+    pub otlp_export_interval_ms: Option<u64>,
+
+    /// A resource attribute KEY=VALUE added to every trace and metric (repeatable),
+    /// on top of service.name=modeld, service.instance.id=<node id>, the device class,
+    /// the site and the labels. OTEL_RESOURCE_ATTRIBUTES works too.
+    #[arg(
+        long = "resource-attribute",
+        env = "MODELD_RESOURCE_ATTRIBUTES",
+        value_delimiter = ','
+    )]
+    pub resource_attributes: Vec<String>,
+
     /// Kubernetes: keep a Node Feature Discovery feature file here (e.g.
     /// /etc/kubernetes/node-feature-discovery/features.d/modeld), so the node gets
     /// labels such as modeld.io/runtime.llama-cpp and modeld.io/model.ID=ready.
@@ -498,6 +536,84 @@ struct FileConfig {
     device_profile: Option<PathBuf>,
     nfd_features_file: Option<PathBuf>,
     metrics_listen: Option<SocketAddr>,
+    otlp_endpoint: Option<String>,
+    otlp_protocol: Option<OtlpProtocol>,
+    /// header name → value
+    otlp_headers: Option<std::collections::BTreeMap<String, String>>,
+    otlp_export_interval_ms: Option<u64>,
+    resource_attributes: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// The wire OTLP is exported over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum OtlpProtocol {
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+impl FromStr for OtlpProtocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "grpc" => Ok(OtlpProtocol::Grpc),
+            "http/protobuf" => Ok(OtlpProtocol::HttpProtobuf),
+            other => Err(format!(
+                "OTLP protocol {other:?}: use grpc or http/protobuf (http/json is not built in)"
+            )),
+        }
+    }
+}
+
+/// Where and how traces and metrics leave the agent. Headers may hold credentials:
+/// Debug shows their names only.
+#[derive(Clone, Default)]
+pub struct TelemetrySettings {
+    /// `None`: only the standard OTEL_EXPORTER_OTLP_* variables can turn export on.
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: Option<OtlpProtocol>,
+    pub otlp_headers: Vec<(String, String)>,
+    pub otlp_export_interval: Option<Duration>,
+    pub resource_attributes: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for TelemetrySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TelemetrySettings")
+            .field("otlp_endpoint", &self.otlp_endpoint)
+            .field("otlp_protocol", &self.otlp_protocol)
+            .field(
+                "otlp_headers",
+                &self.otlp_headers.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .field("otlp_export_interval", &self.otlp_export_interval)
+            .field("resource_attributes", &self.resource_attributes)
+            .finish()
+    }
+}
+
+/// Splits "KEY=VALUE" items; `what` names them in the error.
+fn key_values(
+    what: &str,
+    file: Option<std::collections::BTreeMap<String, String>>,
+    flags: Vec<String>,
+) -> Result<Vec<(String, String)>> {
+    // The file's first, so a flag's value for a key wins.
+    let mut out: std::collections::BTreeMap<String, String> = file.unwrap_or_default();
+    for item in flags {
+        let (k, v) = item
+            .split_once('=')
+            .filter(|(k, _)| !k.trim().is_empty())
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "{what}: an item is not KEY=VALUE (value not shown)"
+                ))
+            })?;
+        out.insert(k.trim().to_owned(), v.trim().to_owned());
+    }
+    Ok(out.into_iter().collect())
 }
 
 /// The effective configuration.
@@ -546,6 +662,10 @@ pub struct Config {
     pub extract: modeld_node::storage::extract::Limits,
     /// Extra headers per source host; their values never print.
     pub source_headers: modeld_node::storage::source::HostHeaders,
+    /// The site this device belongs to (`--site`); empty = none.
+    pub site: String,
+    /// The device's labels (`--label`).
+    pub labels: std::collections::BTreeMap<String, String>,
     /// The fleet controller this agent reports to; `None` = standalone.
     pub fleet: Option<FleetSettings>,
     /// The device this agent reports instead of itself (simulation and tests).
@@ -554,6 +674,8 @@ pub struct Config {
     pub nfd_features_file: Option<PathBuf>,
     /// Where `/metrics` is served; `None` = nowhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// OTLP export of traces and metrics.
+    pub telemetry: TelemetrySettings,
 }
 
 impl Config {
@@ -609,6 +731,18 @@ impl Config {
             .or(file_quota)
             .map(|q| q.as_u64())
             .filter(|q| *q > 0);
+        // The file's labels first, so a flag's value for a key wins.
+        let mut items: Vec<String> = file
+            .labels
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        items.extend(args.labels.iter().cloned());
+        let labels = parse_labels(items.iter().map(String::as_str))
+            .map_err(|e| Error::Config(format!("labels: {e}")))?;
+        let site = args.site.clone().or(file.site.clone()).unwrap_or_default();
         Ok(Config {
             listen,
             data_dir,
@@ -754,6 +888,8 @@ impl Config {
                 file.source_headers.as_ref(),
                 args.hf_token.or(file.hf_token),
             )?,
+            site: site.clone(),
+            labels: labels.clone(),
             fleet: match args.fleet.or(file.fleet) {
                 None => None,
                 Some(url) => {
@@ -764,19 +900,9 @@ impl Config {
                             "--fleet {url:?}: use an http:// or https:// address"
                         )));
                     }
-                    // The file's labels first, so a flag's value for a key wins.
-                    let mut items: Vec<String> = file
-                        .labels
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect();
-                    items.extend(args.labels);
-                    let labels = parse_labels(items.iter().map(String::as_str))
-                        .map_err(|e| Error::Config(format!("labels: {e}")))?;
                     Some(FleetSettings {
                         url,
-                        site: args.site.or(file.site).unwrap_or_default(),
+                        site,
                         labels,
                         token: args.fleet_token.or(file.fleet_token),
                         tls_ca: args
@@ -798,6 +924,29 @@ impl Config {
                 }
             },
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
+            telemetry: TelemetrySettings {
+                otlp_endpoint: args.otlp_endpoint.or(file.otlp_endpoint),
+                otlp_protocol: args.otlp_protocol.or(file.otlp_protocol),
+                otlp_headers: key_values("otlp headers", file.otlp_headers, args.otlp_headers)?,
+                otlp_export_interval: args
+                    .otlp_export_interval_ms
+                    .or(file.otlp_export_interval_ms)
+                    .map(|ms| {
+                        if ms == 0 {
+                            Err(Error::Config(
+                                "otlp_export_interval_ms must be above 0".into(),
+                            ))
+                        } else {
+                            Ok(Duration::from_millis(ms))
+                        }
+                    })
+                    .transpose()?,
+                resource_attributes: key_values(
+                    "resource attributes",
+                    file.resource_attributes,
+                    args.resource_attributes,
+                )?,
+            },
             nfd_features_file: args
                 .nfd_features_file
                 .or(file.nfd_features_file)
@@ -1028,6 +1177,67 @@ mod fleet_config_tests {
             seen += 1;
         }
         assert_eq!(seen, 3);
+    }
+
+    #[test]
+    fn otlp_settings_merge_flags_over_the_file_and_never_show_header_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("modeld.toml");
+        std::fs::write(
+            &file,
+            "otlp_endpoint = \"http://file:4317\"\notlp_protocol = \"http/protobuf\"\n\
+             otlp_export_interval_ms = 5000\n\
+             [otlp_headers]\nx-api-key = \"from-file\"\nx-tenant = \"t1\"\n\
+             [resource_attributes]\n\"deployment.environment\" = \"prod\"\n",
+        )
+        .unwrap();
+        let config = Config::load(Args {
+            config: Some(file.clone()),
+            otlp_headers: vec!["x-api-key=from-flag".into()],
+            resource_attributes: vec!["team=edge".into()],
+            ..Args::default()
+        })
+        .unwrap();
+        let t = &config.telemetry;
+        assert_eq!(t.otlp_endpoint.as_deref(), Some("http://file:4317"));
+        assert_eq!(t.otlp_protocol, Some(OtlpProtocol::HttpProtobuf));
+        assert_eq!(t.otlp_export_interval, Some(Duration::from_secs(5)));
+        assert_eq!(
+            t.otlp_headers,
+            vec![
+                ("x-api-key".to_owned(), "from-flag".to_owned()),
+                ("x-tenant".to_owned(), "t1".to_owned())
+            ]
+        );
+        assert_eq!(t.resource_attributes.len(), 2);
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("from-flag") && !shown.contains("t1\""),
+            "{shown}"
+        );
+        assert!(shown.contains("x-api-key"), "{shown}");
+
+        let bad = |args: Args| Config::load(args).unwrap_err().to_string();
+        assert!(
+            bad(Args {
+                otlp_headers: vec!["no-equals-sign".into()],
+                ..Args::default()
+            })
+            .contains("KEY=VALUE")
+        );
+        assert!(
+            bad(Args {
+                otlp_export_interval_ms: Some(0),
+                ..Args::default()
+            })
+            .contains("above 0")
+        );
+        assert!(
+            "http/json"
+                .parse::<OtlpProtocol>()
+                .unwrap_err()
+                .contains("grpc")
+        );
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub fn is_engine_role() -> bool {
 #[cfg(unix)]
 pub fn main() -> anyhow::Result<()> {
     let args = HostArgs::parse_from(std::env::args_os().skip(1));
-    crate::telemetry::init(&args.log, args.log_format)?;
+    crate::telemetry::init(&args.log, args.log_format, None)?;
     let engines = engines::compiled(&EngineSettings {
         llama_cpu_variants_dir: args.llama_cpu_variants_dir,
         onnxruntime_library: args.onnxruntime_library,

@@ -7,7 +7,7 @@ fn main() -> anyhow::Result<()> {
         return modeld::engine_host::main();
     }
     let config = Config::load(Args::parse())?;
-    modeld::telemetry::init(&config.log, config.log_format)?;
+    modeld::telemetry::init(&config.log, config.log_format, Some(&config.telemetry))?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("modeld-rt")

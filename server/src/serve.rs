@@ -123,6 +123,34 @@ pub async fn serve(
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let http = modeld_node::http_client::build()?;
+    // Before the node is built: its modules bind their instruments to the global
+    // meter provider installed here.
+    let telemetry = {
+        let settings = config.telemetry.clone();
+        let identity = crate::telemetry::Identity {
+            node_id: store.node_id().to_owned(),
+            device_class: hardware.host().device_class.as_str(),
+            site: Some(config.site.clone()),
+            labels: config.labels.clone(),
+        };
+        let prometheus = config.metrics_listen.is_some();
+        Arc::new(
+            tokio::task::spawn_blocking(move || {
+                crate::telemetry::Telemetry::start(&settings, &identity, prometheus)
+            })
+            .await??,
+        )
+    };
+    if let Some(to) = &telemetry.exporting_to {
+        info!(otlp = %to, "exporting traces and metrics");
+    }
+    if telemetry.exporting_to.is_some() || telemetry.prometheus.is_some() {
+        let threads = usize::try_from(hardware.host().cpu.logical_cores).unwrap_or(1);
+        tokio::task::spawn_blocking(move || {
+            let rate = modeld_node::hardware::bandwidth::measure(threads);
+            info!(bytes_per_second = rate, "memory read bandwidth measured");
+        });
+    }
     let roots = modeld_node::access::LocalRoots::new(
         config.allow_dirs.iter().chain(&config.models_dirs).cloned(),
     );
@@ -183,7 +211,7 @@ pub async fn serve(
     });
     let pressure_threshold = config.memory_pressure_threshold;
     let scan_on_start = config.scan_on_start && !config.models_dirs.is_empty();
-    let metrics = Arc::new(crate::telemetry::metrics::Metrics::new(&node)?);
+    let metrics = Arc::new(crate::telemetry::metrics::Metrics::new(&node, &telemetry));
     let agent = Arc::new(Agent {
         node: node.clone(),
         loads: Loads::default(),
@@ -368,6 +396,8 @@ pub async fn serve(
     supervisor.abort();
     node.inference.unload_all(Duration::from_secs(1)).await;
     store.flush().await?;
+    // What is buffered reaches the collector before the process ends.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     info!("store flushed; bye");
     Ok(())
 }

@@ -384,6 +384,7 @@ pub fn modelctl(agent: &Agent, args: &[&str]) -> (bool, String, String) {
 pub mod certs;
 pub mod fleet;
 pub mod http;
+pub mod otlp;
 pub use http::{Fault, FileServer};
 
 /// A directory served over HTTP holding the real model (`smol.gguf`) and wheel

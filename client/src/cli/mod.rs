@@ -9,6 +9,7 @@ mod models;
 mod node;
 mod output;
 mod storage;
+mod top;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use modelctl::Client;
@@ -114,6 +115,9 @@ enum Command {
     Tokenize(generate::TokenizeArgs),
     /// The fleet controller (--fleet-addr): devices, deployments and their status.
     Fleet(fleet::FleetArgs),
+    /// A live view of the agent: loaded models with their recent tokens/s and time to
+    /// first token, queues, memory and transfers; q quits.
+    Top(top::TopArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -155,6 +159,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat(args) => generate::chat(&client, args).await,
         Command::Bench(args) => bench::bench(&client, args, cli.output).await,
         Command::Tokenize(args) => generate::tokenize(&client, args, cli.output).await,
+        Command::Top(args) => top::top(&client, &cli.addr, args).await,
         Command::Fleet(_) => unreachable!("handled above"),
     }
 }

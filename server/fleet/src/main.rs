@@ -45,7 +45,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    modeld::telemetry::init(&args.log, modeld::config::LogFormat::Text)?;
+    modeld::telemetry::init(&args.log, modeld::config::LogFormat::Text, None)?;
     let data_dir = match args.data_dir {
         Some(d) => d,
         None => std::env::var_os("HOME")

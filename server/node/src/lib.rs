@@ -6,7 +6,8 @@
 //!
 //! Modules import downward only, in this order from the top:
 //! `fleet` → `load` → `node` → `inference` → `storage` → `registry` → `lifecycle` → `store`,
-//! with `engines`, `memory`, `hardware`, `formats`, `page`, `model` and `error` below.
+//! with `engines`, `memory`, `hardware`, `formats`, `page`, `model`, `metrics` and `error`
+//! below.
 
 pub mod access;
 pub mod engines;
@@ -19,6 +20,7 @@ pub mod inference;
 pub mod lifecycle;
 pub mod load;
 pub mod memory;
+pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod page;

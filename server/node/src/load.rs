@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 use crate::error::{Error, Result};
 use crate::inference::{LoadRequest, ModelWorker};
@@ -59,7 +60,22 @@ impl Loads {
         let (updates, mut reports) = mpsc::channel::<LoadUpdate>(16);
         let mut work = {
             let node = node.clone();
-            tokio::spawn(async move { drive(&node, &entry, request, &updates).await })
+            // A child of the caller's span (the Load RPC, the fleet's reconcile pass):
+            // the load runs to its end even when that caller leaves.
+            let span =
+                tracing::info_span!("load_model", model = %id, result = tracing::field::Empty);
+            tokio::spawn(
+                async move {
+                    let result = drive(&node, &entry, request, &updates).await;
+                    let outcome = match &result {
+                        Ok(_) => "ready",
+                        Err(e) => e.classify().1,
+                    };
+                    tracing::Span::current().record("result", outcome);
+                    result
+                }
+                .instrument(span),
+            )
         };
         tokio::spawn(async move {
             let expired = async {

@@ -491,6 +491,9 @@ where
         ) {
             Ok(identity) => {
                 if let Some(identity) = &identity {
+                    // The credential's name, never the credential: traces and logs
+                    // of this RPC say who called.
+                    tracing::Span::current().record("enduser.id", identity.name.as_str());
                     request.extensions_mut().insert(identity.clone());
                 }
                 let response = self.inner.call(request);

@@ -325,6 +325,30 @@ pub fn watch_response(t: &Transition) -> pb::WatchResponse {
     }
 }
 
+/// A progress report as a Watch event: the model stays in its state (`from` = `to`),
+/// at the revision of its last stored event.
+pub fn progress_response(p: &modeld_node::lifecycle::Progress) -> pb::WatchResponse {
+    let state = state_to_pb(p.state) as i32;
+    pb::WatchResponse {
+        kind: pb::WatchEventKind::Progress as i32,
+        transition: Some(pb::StateTransition {
+            revision: p.revision,
+            model_id: p.model_id.clone(),
+            from_state: state,
+            to_state: state,
+            stage: lifecycle_stage_to_pb(p.stage) as i32,
+            time: Some(timestamp(
+                std::time::UNIX_EPOCH
+                    + Duration::from_millis(u64::try_from(p.time_unix_ms).unwrap_or(0)),
+            )),
+            progress: p.progress,
+            reason: p.message.clone(),
+            failure: None,
+        }),
+        revision: p.revision,
+    }
+}
+
 /// Blocking: measuring a process's proportional memory reads its page tables.
 pub fn loaded_to_pb(w: &ModelWorker) -> pb::LoadedModel {
     let memory = w.memory();
@@ -347,6 +371,21 @@ pub fn loaded_to_pb(w: &ModelWorker) -> pb::LoadedModel {
         pinned: w.pinned,
         context_length: w.info.context_length,
         load_time: Some(timestamp(w.loaded_at)),
+        parallel_slots: u32::try_from(w.parallel).unwrap_or(u32::MAX),
+        queued_requests: u32::try_from(w.in_flight().saturating_sub(w.parallel))
+            .unwrap_or(u32::MAX),
+        recent: None,
+    }
+}
+
+pub fn recent_to_pb(r: &crate::telemetry::metrics::Recent) -> pb::RecentRequests {
+    pb::RecentRequests {
+        requests: r.requests,
+        time_to_first_token_p50_seconds: r.time_to_first_token_p50,
+        time_to_first_token_p95_seconds: r.time_to_first_token_p95,
+        prompt_tokens_per_second: r.prompt_tokens_per_second,
+        generation_tokens_per_second: r.generation_tokens_per_second,
+        generated_tokens: r.generated_tokens,
     }
 }
 

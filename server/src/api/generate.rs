@@ -1,6 +1,8 @@
 use std::sync::Arc;
 
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::telemetry::metrics::Served;
 
 use modeld_engine_core::{EngineError, FinishReason, GenerateRequest};
 use modeld_proto::v1 as pb;
@@ -61,6 +63,7 @@ impl Generate for GenerateApi {
             )
             .into());
         }
+        let chat = matches!(r.input, validate::Input::Chat(_));
         let (text, parse_special) = match r.input {
             validate::Input::Prompt(p) => (p, false),
             validate::Input::Chat(messages) => (worker.render_chat(messages).await?, true),
@@ -98,18 +101,40 @@ impl Generate for GenerateApi {
             grammar: r.grammar,
             ignore_eos: r.ignore_eos,
         };
+        let span = tracing::info_span!(
+            "generate",
+            "otel.name" = format!("generate {}", worker.model_id),
+            "gen_ai.operation.name" = if chat { "chat" } else { "text_completion" },
+            "gen_ai.request.model" = %worker.model_id,
+            "gen_ai.request.max_tokens" = request.max_tokens,
+            "modeld.runtime" = worker.runtime.as_str(),
+            "gen_ai.usage.input_tokens" = request.prompt.len(),
+            "gen_ai.usage.output_tokens" = tracing::field::Empty,
+            "gen_ai.response.finish_reasons" = tracing::field::Empty,
+            "gen_ai.server.time_to_first_token" = tracing::field::Empty,
+        );
+        let submitted = SystemTime::now();
         let events = worker.generate(request, deadline)?;
         let model_id = worker.model_id.clone();
+        let runtime = worker.runtime.as_str();
+        let weight_bytes = worker.estimate.weights;
         let metrics = self.agent.metrics.clone();
         drop(worker);
         // The stream maps engine events as tonic polls it: no task or channel hop per
         // token, so a token costs one wake-up on the way out. Dropping the stream (the
         // client left) drops `events`, which stops the engine within one token.
-        let stream = futures::stream::unfold(Some((events, false)), move |state| {
+        let first_token: Option<SystemTime> = None;
+        let stream = futures::stream::unfold(Some((events, false, first_token)), move |state| {
             let model_id = model_id.clone();
             let metrics = metrics.clone();
+            let span = span.clone();
             async move {
-                let (mut events, finished) = state?;
+                let (mut events, finished, mut first_token) = state?;
+                let served = Served {
+                    model: &model_id,
+                    runtime,
+                    weight_bytes,
+                };
                 let Some(event) = events.recv().await else {
                     // The engine dropped the request without an outcome: it crashed.
                     return (!finished).then(|| {
@@ -129,12 +154,38 @@ impl Generate for GenerateApi {
                     return Some((Err(super::status::of(&e)), None));
                 }
                 match &event {
-                    Event::Done(reason, stats) => metrics.generate_done(&model_id, *reason, stats),
-                    Event::Failed(_) => metrics.generate_failed(&model_id),
-                    Event::Token(_) => {}
+                    Event::Done(reason, stats) => {
+                        metrics.generate_done(&served, *reason, stats);
+                        span.record("gen_ai.usage.output_tokens", stats.generated_tokens);
+                        span.record("gen_ai.response.finish_reasons", format!("{reason:?}").to_lowercase());
+                        span.record("gen_ai.server.time_to_first_token", stats.time_to_first_token_seconds);
+                        crate::telemetry::trace::generate_phases(
+                            &span,
+                            crate::telemetry::trace::GeneratePhases {
+                                submitted,
+                                first_token,
+                                done: SystemTime::now(),
+                                time_to_first_token: Duration::try_from_secs_f64(
+                                    stats.time_to_first_token_seconds,
+                                )
+                                .unwrap_or_default(),
+                            },
+                            stats.prompt_tokens,
+                            stats.generated_tokens,
+                        );
+                    }
+                    Event::Failed(e) => {
+                        metrics.generate_failed(&served);
+                        span.record("gen_ai.response.finish_reasons", "error");
+                        let _entered = span.enter();
+                        tracing::warn!(error = %e, "generation failed");
+                    }
+                    Event::Token(_) => {
+                        first_token.get_or_insert_with(SystemTime::now);
+                    }
                 }
                 let last = matches!(event, Event::Done(..) | Event::Failed(_));
-                Some((Ok(convert::event_to_pb(event)), Some((events, finished || last))))
+                Some((Ok(convert::event_to_pb(event)), Some((events, finished || last, first_token))))
             }
         });
         Ok(Response::new(Box::pin(stream) as Boxed<_>))

@@ -84,9 +84,11 @@ where
     }
 }
 
-/// Runs every RPC in a `rpc` span, logs its answer (at debug level; failures that
-/// are the agent's fault are logged where they are mapped, in `status`), and records
-/// its duration in the metrics when there are any.
+/// Runs every RPC in a `rpc` span that continues the caller's W3C trace context
+/// (`traceparent` in the metadata) and lasts until the response's last frame; logs
+/// its answer (at debug level; failures that are the agent's fault are logged where
+/// they are mapped, in `status`), and records its duration and status code in the
+/// metrics when there are any.
 #[derive(Debug, Clone, Default)]
 pub struct SpanLayer {
     metrics: Option<std::sync::Arc<crate::telemetry::metrics::Metrics>>,
@@ -117,9 +119,97 @@ pub struct WithSpan<S> {
     metrics: Option<std::sync::Arc<crate::telemetry::metrics::Metrics>>,
 }
 
-impl<S, B, R> Service<http::Request<B>> for WithSpan<S>
+/// How an RPC's answer is recorded when it ends.
+struct Answer {
+    span: tracing::Span,
+    started: Instant,
+    metrics: Option<std::sync::Arc<crate::telemetry::metrics::Metrics>>,
+    service: String,
+    method: String,
+    recorded: bool,
+}
+
+impl Answer {
+    fn record(&mut self, code: i64) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        let elapsed = self.started.elapsed();
+        if let Some(metrics) = &self.metrics {
+            metrics.rpc_answered(&self.service, &self.method, code, elapsed);
+        }
+        self.span.record("rpc.grpc.status_code", code);
+        if code != 0 {
+            self.span.record("otel.status_code", "ERROR");
+        }
+        let _entered = self.span.enter();
+        tracing::debug!(
+            grpc_status = code,
+            elapsed_ms = elapsed.as_secs_f64() * 1e3,
+            "rpc answered"
+        );
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        // The response ended without a status: the client went away mid-stream.
+        self.record(i64::from(tonic::Code::Cancelled as i32));
+    }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<i64> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A response body that keeps its RPC's span open until its last frame and records
+/// the status the trailers carry.
+struct Traced {
+    body: tonic::body::Body,
+    answer: Answer,
+}
+
+impl http_body::Body for Traced {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        // Streams run as they are polled: their work belongs to the RPC's span.
+        let span = this.answer.span.clone();
+        let _entered = span.enter();
+        let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                    this.answer.record(code);
+                }
+            }
+            Poll::Ready(Some(Err(status))) => this.answer.record(status.code() as i64),
+            Poll::Ready(None) => this.answer.record(0),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<S, B> Service<http::Request<B>> for WithSpan<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -139,42 +229,44 @@ where
             .get::<RequestId>()
             .map(|r| r.0.clone())
             .unwrap_or_default();
-        let span = tracing::info_span!("rpc", service, method, request_id);
-        let started = Instant::now();
-        let recorded = self
-            .metrics
-            .clone()
-            .map(|m| (m, service.to_owned(), method.to_owned()));
+        let span = tracing::info_span!(
+            "rpc",
+            "otel.name" = path,
+            "otel.kind" = "server",
+            "otel.status_code" = tracing::field::Empty,
+            "rpc.system" = "grpc",
+            "rpc.service" = service,
+            "rpc.method" = method,
+            "rpc.grpc.status_code" = tracing::field::Empty,
+            "enduser.id" = tracing::field::Empty,
+            request_id,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        );
+        crate::telemetry::trace::adopt(
+            &span,
+            crate::telemetry::trace::caller_context(request.headers()),
+        );
+        let mut answer = Answer {
+            span: span.clone(),
+            started: Instant::now(),
+            metrics: self.metrics.clone(),
+            service: service.to_owned(),
+            method: method.to_owned(),
+            recorded: false,
+        };
         let response = {
             let _entered = span.enter();
             self.inner.call(request)
         };
         Box::pin(
             async move {
-                let result = response.await;
-                if let Ok(response) = &result {
-                    // A stream's status comes in its trailers, after this; an RPC that
-                    // failed before answering has it here.
-                    let code = response
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok());
-                    if let Some((metrics, service, method)) = &recorded {
-                        metrics.rpc_answered(
-                            service,
-                            method,
-                            code.and_then(|c| c.parse().ok()).unwrap_or(0),
-                            started.elapsed(),
-                        );
-                    }
-                    let status = code.unwrap_or("0 (or in the trailers)");
-                    tracing::debug!(
-                        grpc_status = status,
-                        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-                        "rpc answered"
-                    );
+                let response = response.await?;
+                // Refused before any message: the status is in the headers.
+                if let Some(code) = grpc_status(response.headers()) {
+                    answer.record(code);
                 }
-                result
+                Ok(response.map(|body| tonic::body::Body::new(Traced { body, answer })))
             }
             .instrument(span),
         )
@@ -424,14 +516,14 @@ mod tests {
         let service =
             SpanLayer::default().layer(tower::service_fn(|_: http::Request<()>| async move {
                 let name = tracing::Span::current().metadata().map(|m| m.name());
-                Ok::<_, std::convert::Infallible>(http::Response::new(name))
+                assert_eq!(name, Some("rpc"));
+                Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
             }));
         let request = http::Request::builder()
             .uri("/modeld.v1.Node/GetCapabilities")
             .body(())
             .unwrap();
-        let response = service.oneshot(request).await.unwrap();
-        assert_eq!(response.into_body(), Some("rpc"));
+        service.oneshot(request).await.unwrap();
     }
 
     #[test]

@@ -160,12 +160,17 @@ impl pb::lifecycle_server::Lifecycle for LifecycleApi {
     ) -> Result<Response<pb::ListLoadedResponse>, Status> {
         super::status::rpc(async move {
             let inference = self.agent.node.inference.clone();
+            let metrics = self.agent.metrics.clone();
             // Reading each engine process's memory is file I/O.
             let models: Vec<pb::LoadedModel> = tokio::task::spawn_blocking(move || {
                 inference
                     .loaded()
                     .iter()
-                    .map(|w| convert::loaded_to_pb(w))
+                    .map(|w| {
+                        let mut m = convert::loaded_to_pb(w);
+                        m.recent = Some(convert::recent_to_pb(&metrics.recent(&w.model_id)));
+                        m
+                    })
                     .collect()
             })
             .await
@@ -204,6 +209,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleApi {
             let lifecycle = self.agent.node.registry.lifecycle().clone();
             // Subscribe before reading the store, so no event falls between the two.
             let mut live = lifecycle.subscribe();
+            let mut progress = lifecycle.subscribe_progress();
             let mut last = match r.since_revision {
                 0 => lifecycle.last_revision()?,
                 n => n,
@@ -242,6 +248,18 @@ impl pb::lifecycle_server::Lifecycle for LifecycleApi {
                                     return;
                                 }
                             }
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                        },
+                        // Progress is live only: one missed is replaced by the next.
+                        report = progress.recv() => match report {
+                            Ok(p) => {
+                                if model.is_none_or(|m| p.model_id == m)
+                                    && tx.send(Ok(convert::progress_response(&p))).await.is_err()
+                                {
+                                    return;
+                                }
+                            }
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                         },
                         () = async { let _ = shutdown.wait_for(|s| *s).await; } => {

@@ -4,6 +4,7 @@
 //! on every call, since a fleet controller places models on them.
 
 mod accelerators;
+pub mod bandwidth;
 mod cpu;
 mod device;
 mod profile;

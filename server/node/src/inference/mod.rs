@@ -19,15 +19,17 @@ pub use benchmark::{BenchmarkPlan, MAX_GENERATED_TOKENS, MAX_PROMPT_TOKENS, MAX_
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use modeld_engine_core::{Engine, LoadOptions, ModelFormat, Runtime};
+use tracing::Instrument as _;
 
 pub use worker::{Event, ModelWorker, WorkerSpec};
 
 use crate::error::{Error, Result};
 use crate::lifecycle::{Change, Lifecycle};
 use crate::memory::{self, KeepAlive, Resident};
+use crate::metrics::EvictionReason;
 use crate::model::{ModelState, Stage};
 use crate::registry::ModelEntry;
 use crate::storage::Storage;
@@ -282,9 +284,19 @@ impl Inference {
             },
         };
         let started = std::time::Instant::now();
+        let runtime = engine.runtime().as_str();
         let result = self
             .validate_and_spawn(id, format, engine, path, request)
             .await;
+        crate::metrics::node().load_ended(
+            id,
+            runtime,
+            match &result {
+                Ok(_) => crate::metrics::LoadResult::Ok,
+                Err(Error::MemoryExhausted { .. }) => crate::metrics::LoadResult::MemoryExhausted,
+                Err(_) => crate::metrics::LoadResult::Error,
+            },
+        );
         if result.is_ok() {
             let seconds = started.elapsed().as_secs_f64();
             #[allow(clippy::cast_precision_loss)]
@@ -395,12 +407,23 @@ impl Inference {
         path: PathBuf,
         request: LoadRequest,
     ) -> Result<ModelWorker> {
+        let metrics = crate::metrics::node();
         // The engine's probe checks the files with our own readers before the
         // runtime sees them.
+        let stage = Instant::now();
         let probe = {
             let (engine, path) = (engine.clone(), path.clone());
-            tokio::task::spawn_blocking(move || engine.probe(&path)).await??
+            tokio::task::spawn_blocking(move || engine.probe(&path))
+                .instrument(tracing::info_span!("validate", model = id))
+                .await??
         };
+        metrics.load_stage(id, "validate", stage.elapsed());
+        let stage = Instant::now();
+        let initialize = tracing::info_span!(
+            "initialize",
+            model = id,
+            estimated_bytes = tracing::field::Empty
+        );
         self.lifecycle.transition(
             id,
             ModelState::Initializing,
@@ -421,14 +444,21 @@ impl Inference {
             ..o
         };
         let estimate = engine.estimate_memory(&probe, &options);
-        self.admit(id, estimate.total()).await?;
+        initialize.record("estimated_bytes", estimate.total());
+        self.admit(id, estimate.total())
+            .instrument(initialize.clone())
+            .await?;
+        drop(initialize);
+        metrics.load_stage(id, "initialize", stage.elapsed());
         options.memory_limit_bytes = engine_memory_limit(estimate.total());
+        let stage = Instant::now();
+        let runtime = engine.runtime().as_str();
         let tokenizer_path = path.clone();
         let store = self.store.clone();
         let lifecycle = self.lifecycle.clone();
         let failed_id = id.to_owned();
         let failures = self.failures.clone();
-        ModelWorker::spawn(WorkerSpec {
+        let loaded = ModelWorker::spawn(WorkerSpec {
             estimate,
             pinned: request.pin,
             keep_alive: request.keep_alive.unwrap_or(s.keep_alive),
@@ -454,7 +484,10 @@ impl Inference {
                 let _ = failures.send(failed_id);
             }),
         })
-        .await
+        .instrument(tracing::info_span!("load", model = id, runtime))
+        .await?;
+        metrics.load_stage(id, "load", stage.elapsed());
+        Ok(loaded)
     }
 
     /// What every loaded model holds, for the memory manager.
@@ -489,16 +522,25 @@ impl Inference {
         })?;
         for victim in evict {
             let reason = format!("evicted (least recently used) to make room for {id:?}");
-            self.evict(&victim, &reason).await?;
+            self.evict(&victim, EvictionReason::MakeRoom, &reason)
+                .await?;
         }
         Ok(())
     }
 
-    /// Unloads an idle model for memory, recording why.
-    pub async fn evict(&self, id: &str, reason: &str) -> Result<usize> {
-        tracing::info!(model = id, reason, "evicting");
-        self.lifecycle.evicted(id, reason)?;
-        self.unload(id, Duration::ZERO).await
+    /// Unloads an idle model for memory or idleness, recording why.
+    pub async fn evict(&self, id: &str, kind: EvictionReason, reason: &str) -> Result<usize> {
+        let span =
+            tracing::info_span!("evict", model = id, reason = kind.as_str(), detail = reason);
+        async {
+            tracing::info!(model = id, reason, "evicting");
+            self.lifecycle.evicted(id, reason)?;
+            let cancelled = self.unload(id, Duration::ZERO).await?;
+            crate::metrics::node().evicted(id, kind);
+            Ok(cancelled)
+        }
+        .instrument(span)
+        .await
     }
 
     /// Unloads the model: running requests get `grace` to finish, then are

@@ -49,7 +49,10 @@ async fn expire_keep_alives(inference: &Inference) {
         };
         if expires <= now {
             let reason = "keep-alive expired".to_owned();
-            if let Err(e) = inference.evict(&w.model_id, &reason).await {
+            if let Err(e) = inference
+                .evict(&w.model_id, crate::metrics::EvictionReason::Idle, &reason)
+                .await
+            {
                 tracing::warn!(model = %w.model_id, error = %e, "keep-alive unload failed");
             }
         }
@@ -69,7 +72,14 @@ async fn relieve_pressure(inference: &Inference, threshold: f64) {
     idle.sort_by_key(|r| r.last_used);
     if let Some(victim) = idle.first() {
         let reason = format!("memory pressure: PSI some avg10 {pressure:.1}% ≥ {threshold}%");
-        if let Err(e) = inference.evict(&victim.model_id, &reason).await {
+        if let Err(e) = inference
+            .evict(
+                &victim.model_id,
+                crate::metrics::EvictionReason::Pressure,
+                &reason,
+            )
+            .await
+        {
             tracing::warn!(model = %victim.model_id, error = %e, "pressure eviction failed");
         }
     }

@@ -437,9 +437,12 @@ impl ModelWorker {
                 during: "an earlier request",
             });
         }
-        let overloaded = || Error::Overloaded {
-            id: self.model_id.clone(),
-            limit: self.max_requests,
+        let overloaded = || {
+            crate::metrics::node().generate_rejected(&self.model_id);
+            Error::Overloaded {
+                id: self.model_id.clone(),
+                limit: self.max_requests,
+            }
         };
         let permit = self
             .capacity

@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::broadcast;
 
@@ -82,6 +82,23 @@ impl EventKind {
             _ => return None,
         })
     }
+}
+
+/// Progress events a watcher gets per model and second, at most.
+pub const PROGRESS_PER_SECOND: u32 = 4;
+
+/// How far a model is within its state: sent to watchers, never stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub model_id: String,
+    pub state: ModelState,
+    /// The revision of the model's last stored event.
+    pub revision: u64,
+    pub stage: Stage,
+    /// 0..1 within the stage.
+    pub progress: f64,
+    pub time_unix_ms: i64,
+    pub message: String,
 }
 
 /// One lifecycle event.
@@ -238,6 +255,11 @@ pub struct Lifecycle {
 struct Inner {
     store: Store,
     live: broadcast::Sender<Arc<Transition>>,
+    /// Progress within a state: sent live, never stored, at most
+    /// [`PROGRESS_PER_SECOND`] per model.
+    progress: broadcast::Sender<Arc<Progress>>,
+    /// When each model's last progress event went out.
+    progress_sent: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Serializes writers so revisions are handed out in order.
     write: std::sync::Mutex<()>,
 }
@@ -251,10 +273,13 @@ impl fmt::Debug for Lifecycle {
 impl Lifecycle {
     pub fn new(store: Store) -> Lifecycle {
         let (live, _) = broadcast::channel(LIVE_BUFFER);
+        let (progress, _) = broadcast::channel(LIVE_BUFFER);
         Lifecycle {
             inner: Arc::new(Inner {
                 store,
                 live,
+                progress,
+                progress_sent: std::sync::Mutex::default(),
                 write: std::sync::Mutex::new(()),
             }),
         }
@@ -501,6 +526,59 @@ impl Lifecycle {
     /// catches up from the store; the writer never waits for it.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Transition>> {
         self.inner.live.subscribe()
+    }
+
+    /// Live progress from now on. Progress is not history: a receiver that falls
+    /// behind skips what it missed.
+    pub fn subscribe_progress(&self) -> broadcast::Receiver<Arc<Progress>> {
+        self.inner.progress.subscribe()
+    }
+
+    /// Reports how far `id` is within its current state (a download's bytes), for
+    /// watchers. Reports closer together than `1 / PROGRESS_PER_SECOND` are dropped,
+    /// unless `last` says this one closes the stage. Cheap when nobody watches.
+    pub fn progress(
+        &self,
+        id: &str,
+        stage: Stage,
+        progress: f64,
+        message: impl FnOnce() -> String,
+        last: bool,
+    ) {
+        if self.inner.progress.receiver_count() == 0 {
+            return;
+        }
+        let now = std::time::Instant::now();
+        {
+            let mut sent = self
+                .inner
+                .progress_sent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let due = sent.get(id).is_none_or(|t| {
+                now.duration_since(*t) >= Duration::from_secs(1) / PROGRESS_PER_SECOND
+            });
+            if !due && !last {
+                return;
+            }
+            if last {
+                sent.remove(id);
+            } else {
+                sent.insert(id.to_owned(), now);
+            }
+        }
+        let Ok(current) = self.current(id) else {
+            return;
+        };
+        let _ = self.inner.progress.send(Arc::new(Progress {
+            model_id: id.to_owned(),
+            state: current.state,
+            revision: current.revision,
+            stage,
+            progress: progress.clamp(0.0, 1.0),
+            time_unix_ms: unix_ms(SystemTime::now()),
+            message: message(),
+        }));
     }
 
     /// After a restart nothing is in memory: models caught loading, loaded or

@@ -13,6 +13,7 @@ use super::progress::{RateMeter, Stage};
 use super::source::{self, SourceFault};
 use super::{Control, Inner, TransferHandle};
 use crate::error::{Error, Result};
+use crate::metrics::SourceKind;
 use crate::registry::ModelFile;
 use crate::store::{TransferFileRecord, TransferRecord};
 
@@ -417,6 +418,23 @@ impl FetchJob<'_> {
         });
     }
 
+    /// Tells the model's watchers how far its download is (rate-limited there).
+    fn report_progress(&self, last: bool) {
+        let (done, total) = {
+            let p = self.handle.progress.borrow();
+            (p.bytes_done(), p.bytes_total())
+        };
+        #[allow(clippy::cast_precision_loss)]
+        let fraction = done as f64 / total.max(1) as f64;
+        self.inner.lifecycle.progress(
+            &self.record.model_id,
+            crate::model::Stage::Download,
+            fraction,
+            || format!("{done} of {total} bytes"),
+            last,
+        );
+    }
+
     /// What the control channel asks for right now, if it is not "run".
     fn stop_requested(&self) -> Option<Outcome> {
         match *self.control.borrow() {
@@ -482,7 +500,9 @@ impl FetchJob<'_> {
         };
         let mut validator = self.record.files[self.slot].validator.clone();
 
-        'sources: for url in urls.iter().skip(start) {
+        let metrics = crate::metrics::node();
+        'sources: for (index, url) in urls.iter().enumerate().skip(start) {
+            let kind = SourceKind::of(url, index);
             let mut backoff = self.backoff();
             let mut attempt = 0u32;
             let mut restarts = 0u32;
@@ -495,6 +515,9 @@ impl FetchJob<'_> {
                     return Ok(stop);
                 }
                 attempt += 1;
+                if attempt > 1 {
+                    metrics.download_retried(kind);
+                }
                 let offset = self.partial.offset;
                 self.publish(|p| {
                     p.stage = Stage::Connecting;
@@ -542,6 +565,9 @@ impl FetchJob<'_> {
                 };
                 if opened.start != self.partial.offset {
                     self.partial.reset().await?;
+                }
+                if self.partial.offset > 0 {
+                    metrics.download_resumed(kind);
                 }
                 validator.clone_from(&opened.validator);
                 {
@@ -595,6 +621,7 @@ impl FetchJob<'_> {
                                     let left = p.bytes_total.saturating_sub(done) as f64;
                                     p.eta_seconds = (rate > 0.0).then(|| left / rate);
                                 });
+                                self.report_progress(false);
                             }
                             if self.partial.checkpoint_due() {
                                 self.checkpoint().await?;
@@ -609,11 +636,13 @@ impl FetchJob<'_> {
                         Err(fault) => break Some(fault.to_string()),
                     }
                 };
+                metrics.downloaded(kind, received);
                 let done = self.partial.offset;
                 self.publish(|p| {
                     p.bytes_done = done;
                     p.bytes_per_second = 0.0;
                 });
+                self.report_progress(interrupted.is_none());
                 if let Some(message) = interrupted {
                     if plain && self.partial.offset > expected_size {
                         // Too many bytes: fall through to verification, which fails it.
@@ -667,6 +696,7 @@ impl FetchJob<'_> {
                         actual,
                     }
                 };
+                metrics.checksum_failed();
                 tracing::warn!(file = %self.file.name, url = %url, error = %mismatch, "verification failed");
                 *self.partial = PartialFile::open(self.partial.path.clone(), 0).await?;
                 validator.clear();

@@ -43,6 +43,21 @@ impl fmt::Display for SourceFault {
     }
 }
 
+/// A source URL as traces may show it: no user, password, query or fragment, where
+/// signed URLs and tokens travel.
+pub fn shown(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.set_fragment(None);
+            u.to_string()
+        }
+        Err(_) => "(not a URL)".to_owned(),
+    }
+}
+
 /// A fault worth another attempt, with no advice on when.
 pub fn retryable(message: impl Into<String>) -> SourceFault {
     SourceFault::Retryable {
@@ -397,6 +412,16 @@ async fn open_peer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shown_urls_carry_no_credentials() {
+        assert_eq!(
+            shown("https://user:pw@host.example/m.gguf?X-Amz-Signature=abc#f"),
+            "https://host.example/m.gguf"
+        );
+        assert_eq!(shown("modeld://peer:7700/blob"), "modeld://peer:7700/blob");
+        assert_eq!(shown("::"), "(not a URL)");
+    }
 
     #[test]
     fn content_range_and_retry_after_parse() {

@@ -5,15 +5,17 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 use super::Storage;
 use super::fetch::{FetchJob, Outcome, PartialFile};
 use super::progress::{FileProgress, Stage, TransferProgress};
 use crate::error::{Error, Result};
 use crate::lifecycle::Change;
+use crate::metrics::SourceKind;
 use crate::model::{ModelState, Stage as LifecycleStage};
 use crate::registry::ModelSpec;
 use crate::store::{TransferFileRecord, TransferRecord, unix_ms};
@@ -185,10 +187,16 @@ impl Storage {
         spec: ModelSpec,
     ) {
         let storage = self.clone();
+        // A child of whatever started it (a Load, a Pull, the restart that resumed it).
+        let span = tracing::info_span!("transfer", model = %spec.id, transfer = %handle.id);
         tokio::spawn(async move {
             let id = handle.id.clone();
-            let result = storage.run(&handle, record, &spec).await;
-            storage.finish(&handle, &spec, result).await;
+            async {
+                let result = storage.run(&handle, record, &spec).await;
+                storage.finish(&handle, &spec, result).await;
+            }
+            .instrument(span)
+            .await;
             // Keep finished transfers listed briefly so late joiners see the outcome.
             tokio::time::sleep(Duration::from_secs(60)).await;
             storage.lock().remove(&id);
@@ -304,6 +312,16 @@ impl Storage {
                 }
                 let path = self.partial_path(&record.id, index);
                 let mut partial = PartialFile::open(path, record.files[slot].offset).await?;
+                let started = Instant::now();
+                let download = tracing::info_span!(
+                    "download",
+                    model = %spec.id,
+                    file = %file.name,
+                    bytes = file.size_bytes,
+                    resumed_at = partial.offset,
+                    source = tracing::field::Empty,
+                    source_kind = tracing::field::Empty,
+                );
                 let outcome = FetchJob {
                     inner: &self.inner,
                     handle,
@@ -314,7 +332,13 @@ impl Storage {
                     control: &mut control,
                 }
                 .run()
+                .instrument(download.clone())
                 .await?;
+                let source = &record.files[slot].source_url;
+                let index = file.urls.iter().position(|u| u == source).unwrap_or(0);
+                download.record("source", super::source::shown(source).as_str());
+                download.record("source_kind", SourceKind::of(source, index).as_str());
+                drop(download);
                 match outcome {
                     Outcome::Cancelled => return Ok(false),
                     Outcome::Paused => {
@@ -322,6 +346,8 @@ impl Storage {
                         continue 'wait;
                     }
                     Outcome::Complete => {
+                        let metrics = crate::metrics::node();
+                        metrics.load_stage(&spec.id, "download", started.elapsed());
                         self.set_file_stage(handle, slot, Stage::Extracting);
                         let unpacking = file.member.is_some() || file.archive.is_some();
                         if unpacking {
@@ -331,7 +357,18 @@ impl Storage {
                                 Change::because(format!("unpacking {}", file.name)),
                             )?;
                         }
-                        self.place(&spec.id, &file, &partial.path).await?;
+                        let started = Instant::now();
+                        self.place(&spec.id, &file, &partial.path)
+                            .instrument(tracing::info_span!(
+                                "extract",
+                                model = %spec.id,
+                                file = %file.name,
+                                unpacking
+                            ))
+                            .await?;
+                        if unpacking {
+                            metrics.load_stage(&spec.id, "extract", started.elapsed());
+                        }
                         if unpacking && slot + 1 < record.files.len() {
                             self.inner.lifecycle.transition(
                                 &spec.id,

@@ -1,0 +1,57 @@
+//! How fast this machine reads memory, measured once. Decoding a token reads every
+//! weight of the model, so a model's bytes times its tokens per second, against this
+//! figure, says how close a device runs to its limit.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// Bytes each thread scans per pass: far beyond any cache here, small enough for a
+/// phone to spare for a moment.
+const BUFFER_BYTES: usize = 64 << 20;
+const PASSES: usize = 3;
+
+static MEASURED: OnceLock<f64> = OnceLock::new();
+
+/// The measured read bandwidth in bytes per second, if it was measured.
+pub fn read_bandwidth() -> Option<f64> {
+    MEASURED.get().copied()
+}
+
+/// Measures the read bandwidth with one thread per logical core, once per process.
+/// Blocking: it takes a fraction of a second and `threads × 64 MiB` for that time.
+pub fn measure(threads: usize) -> f64 {
+    *MEASURED.get_or_init(|| scan(threads.max(1)))
+}
+
+/// Every thread scans its own buffer for a byte it does not hold (SIMD, so the scan
+/// is bound by memory, not by the core); the best of a few passes counts.
+fn scan(threads: usize) -> f64 {
+    let mut best = 0.0f64;
+    let buffers: Vec<Vec<u8>> = (0..threads).map(|_| vec![0u8; BUFFER_BYTES]).collect();
+    for _ in 0..PASSES {
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            for buffer in &buffers {
+                s.spawn(|| std::hint::black_box(memchr::memchr(1, std::hint::black_box(buffer))));
+            }
+        });
+        let seconds = started.elapsed().as_secs_f64();
+        #[allow(clippy::cast_precision_loss)]
+        let bytes = (BUFFER_BYTES * threads) as f64;
+        if seconds > 0.0 {
+            best = best.max(bytes / seconds);
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_measurement_is_a_plausible_rate_and_is_kept() {
+        let rate = super::measure(2);
+        // Slower than 100 MB/s or faster than 10 TB/s is no real memory.
+        assert!((1e8..1e13).contains(&rate), "{rate}");
+        assert_eq!(super::read_bandwidth(), Some(rate));
+    }
+}
