@@ -180,4 +180,14 @@ async fn an_idle_model_unloads_when_its_keep_alive_expires() {
             .iter()
             .any(|t| t.reason.contains("keep-alive expired"))
     );
+    // The unload finishes: the model is back to DOWNLOADED, not stuck unloading.
+    let mut state = pb::ModelState::Unspecified;
+    for _ in 0..100 {
+        state = client.state("a", 0).await.unwrap().state();
+        if state == pb::ModelState::Downloaded {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state, pb::ModelState::Downloaded);
 }

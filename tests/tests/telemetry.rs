@@ -587,3 +587,68 @@ print(json.dumps(out))
     );
     assert_eq!(samples["type:modeld_download_received_bytes"], "counter");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_eviction_is_a_span_with_its_reason_and_is_counted() {
+    let assets = Assets::get();
+    let (_files, server) = model_server(&assets).await;
+    let receiver = Receiver::start().await;
+    let agent = Agent::start_with(AgentOptions {
+        args: vec![
+            "--otlp-endpoint".into(),
+            receiver.url(),
+            "--otlp-export-interval-ms".into(),
+            "300".into(),
+        ],
+        env: vec![("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into())],
+        ..AgentOptions::default()
+    })
+    .await;
+    let client = agent.client().await;
+    client
+        .register_model(gguf_spec("smol", &server.url("smol.gguf")))
+        .await
+        .unwrap();
+    client
+        .load_to_end(
+            "smol",
+            Some(pb::LoadOptions {
+                keep_alive: Some(modeld_proto::pbjson_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+    // The keep-alive runs out: the reaper evicts the idle model.
+    let evictions = receiver
+        .wait_for("eviction count", Duration::from_secs(20), |r| {
+            let p = r.metric("modeld.evictions");
+            (!p.is_empty()).then_some(p)
+        })
+        .await;
+    assert_eq!(
+        sum(
+            &evictions,
+            &[
+                ("gen_ai.request.model", "smol"),
+                ("modeld.eviction.reason", "idle")
+            ]
+        ),
+        1.0
+    );
+    let evict = receiver
+        .wait_for("evict span", Duration::from_secs(30), |r| {
+            r.spans().into_iter().find(|s| s.name == "evict")
+        })
+        .await;
+    assert_eq!(evict.attributes["model"], "smol");
+    assert_eq!(evict.attributes["reason"], "idle");
+    assert!(
+        evict.attributes["detail"].contains("keep-alive"),
+        "{evict:?}"
+    );
+    assert!(client.list_loaded().await.unwrap().models.is_empty());
+}

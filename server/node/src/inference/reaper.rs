@@ -40,21 +40,26 @@ pub fn spawn(
 
 async fn expire_keep_alives(inference: &Inference) {
     let now = SystemTime::now();
-    for w in inference.loaded() {
-        if w.pinned || w.in_flight() > 0 {
-            continue;
-        }
-        let Some(expires) = w.keep_alive.expires(w.last_used()) else {
-            continue;
-        };
-        if expires <= now {
-            let reason = "keep-alive expired".to_owned();
-            if let Err(e) = inference
-                .evict(&w.model_id, crate::metrics::EvictionReason::Idle, &reason)
-                .await
-            {
-                tracing::warn!(model = %w.model_id, error = %e, "keep-alive unload failed");
-            }
+    // Ids, not workers: a worker handle held across the eviction would keep its
+    // queue open, and the unload would wait forever for the worker to end.
+    let expired: Vec<String> = inference
+        .loaded()
+        .iter()
+        .filter(|w| !w.pinned && w.in_flight() == 0)
+        .filter(|w| {
+            w.keep_alive
+                .expires(w.last_used())
+                .is_some_and(|e| e <= now)
+        })
+        .map(|w| w.model_id.clone())
+        .collect();
+    for id in expired {
+        let reason = "keep-alive expired".to_owned();
+        if let Err(e) = inference
+            .evict(&id, crate::metrics::EvictionReason::Idle, &reason)
+            .await
+        {
+            tracing::warn!(model = %id, error = %e, "keep-alive unload failed");
         }
     }
 }
