@@ -39,7 +39,8 @@ pub struct Args {
     pub config: Option<PathBuf>,
 
     /// Memory loaded models may use: a size such as "300MB" or "4GiB", or a share of
-    /// physical memory such as "75%" [default: 75%]. A larger budget keeps more models
+    /// memory such as "75%" [default: 75%]: of physical memory, or of the agent's
+    /// cgroup memory limit (a container's) when that is smaller. A larger budget keeps more models
     /// warm; a smaller one leaves room for other software on the device.
     #[arg(long, env = "MODELD_MEMORY_BUDGET")]
     pub memory_budget: Option<MemoryBudget>,

@@ -99,12 +99,16 @@ pub async fn serve(
     let store = tokio::task::spawn_blocking(move || Store::open(&db_dir)).await??;
     let probe_dir = data_dir.clone();
     let mut hardware = tokio::task::spawn_blocking(move || Hardware::probe(&probe_dir)).await?;
-    let mut memory_budget_bytes = config.memory_budget.resolve(hardware.memory().total_bytes);
+    let mut memory_budget_bytes = config
+        .memory_budget
+        .resolve(hardware.memory().usable_bytes());
     if let Some(profile) = &config.device_profile {
         hardware = hardware.with_profile(profile);
         memory_budget_bytes = match profile.memory_budget {
             Some(budget) => budget.as_u64(),
-            None => config.memory_budget.resolve(hardware.memory().total_bytes),
+            None => config
+                .memory_budget
+                .resolve(hardware.memory().usable_bytes()),
         };
         warn!(
             device_class = hardware.host().device_class.as_str(),

@@ -191,3 +191,94 @@ async fn an_idle_model_unloads_when_its_keep_alive_expires() {
     }
     assert_eq!(state, pb::ModelState::Downloaded);
 }
+
+/// A memory cgroup of this test's own under the one it runs in, limited to `limit`
+/// bytes; `None` (and why) where no cgroup can be created here.
+fn limited_cgroup(limit: u64) -> Result<std::path::PathBuf, String> {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+    // v1: the memory controller's own hierarchy; v2: the unified one.
+    let (base, own, file) = if let Some(path) = cgroups
+        .lines()
+        .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_owned()))
+    {
+        (
+            std::path::PathBuf::from("/sys/fs/cgroup/memory"),
+            path,
+            "memory.limit_in_bytes",
+        )
+    } else if let Some(path) = cgroups.lines().find_map(|l| l.strip_prefix("0::")) {
+        (
+            std::path::PathBuf::from("/sys/fs/cgroup"),
+            path.to_owned(),
+            "memory.max",
+        )
+    } else {
+        return Err("no memory cgroup in /proc/self/cgroup".into());
+    };
+    let dir = base
+        .join(own.trim_start_matches('/'))
+        .join(format!("modeld-e2e-{}", std::process::id()));
+    std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if let Err(e) = std::fs::write(dir.join(file), limit.to_string()) {
+        let _ = std::fs::remove_dir(&dir);
+        return Err(format!("{}: {e}", dir.join(file).display()));
+    }
+    Ok(dir)
+}
+
+#[tokio::test]
+async fn the_default_budget_follows_the_cgroup_memory_limit() {
+    const LIMIT: u64 = 1 << 30;
+    let cgroup = match limited_cgroup(LIMIT) {
+        Ok(dir) => dir,
+        Err(why) => {
+            // The reading itself is covered by hardware::cgroup's tests on a fake
+            // cgroup filesystem; this one needs a real cgroup to put the agent in.
+            eprintln!("no cgroup can be created here ({why}): skipping the real-cgroup test");
+            return;
+        }
+    };
+    // The agent starts inside the cgroup: a wrapper moves itself in, then execs it.
+    let tmp = tempfile::tempdir().unwrap();
+    let wrapper = tmp.path().join("modeld-in-cgroup");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho $$ > '{}/cgroup.procs' || exit 99\nexec '{}' \"$@\"\n",
+            cgroup.display(),
+            modeld_e2e::binary("modeld").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut agent = Agent::start_with(AgentOptions {
+        binary: Some(wrapper),
+        ..AgentOptions::default()
+    })
+    .await;
+    let caps = agent.client().await.capabilities().await.unwrap();
+    let memory = caps.memory.unwrap();
+    assert_eq!(memory.cgroup_limit_bytes, LIMIT, "{memory:?}");
+    assert!(
+        memory.total_bytes > LIMIT,
+        "the host has more than the cgroup allows"
+    );
+    assert_eq!(
+        caps.memory_budget_bytes,
+        LIMIT * 3 / 4,
+        "the default budget is 75% of the cgroup's limit, not of the host's memory"
+    );
+    agent.terminate();
+    drop(agent);
+    // Empty now: the cgroup can go.
+    for _ in 0..50 {
+        if std::fs::remove_dir(&cgroup).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

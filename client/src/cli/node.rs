@@ -122,6 +122,12 @@ async fn info(client: &Client, out: Output) -> anyhow::Result<()> {
             bytes(mem.total_bytes)
         ),
     ]);
+    if mem.cgroup_limit_bytes > 0 {
+        t.add_row(vec![
+            "cgroup memory limit".to_owned(),
+            bytes(mem.cgroup_limit_bytes),
+        ]);
+    }
     t.add_row(vec![
         "memory budget".to_owned(),
         bytes(caps.memory_budget_bytes),

@@ -487,6 +487,7 @@ pub fn memory_to_pb(m: MemoryInfo) -> pb::MemoryInfo {
         available_bytes: m.available_bytes,
         swap_total_bytes: m.swap_total_bytes,
         swap_free_bytes: m.swap_free_bytes,
+        cgroup_limit_bytes: m.cgroup_limit_bytes.unwrap_or(0),
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod accelerators;
 pub mod bandwidth;
+pub mod cgroup;
 mod cpu;
 mod device;
 mod profile;
@@ -45,6 +46,17 @@ pub struct MemoryInfo {
     pub available_bytes: u64,
     pub swap_total_bytes: u64,
     pub swap_free_bytes: u64,
+    /// The memory limit of the agent's control group (a container's), if any.
+    pub cgroup_limit_bytes: Option<u64>,
+}
+
+impl MemoryInfo {
+    /// What the agent's processes may use at most: physical memory, or the cgroup's
+    /// limit when that is smaller.
+    pub fn usable_bytes(&self) -> u64 {
+        self.cgroup_limit_bytes
+            .map_or(self.total_bytes, |limit| limit.min(self.total_bytes))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -83,6 +95,8 @@ pub struct Hardware {
     data_dir: PathBuf,
     /// Physical memory a device profile reports instead of the real one.
     memory_total: Option<u64>,
+    /// The cgroup memory limit, read once at start-up.
+    cgroup_limit: Option<u64>,
     // sysinfo needs &mut for refreshes; samples are cheap and rare, so a Mutex is fine.
     sys: Mutex<System>,
 }
@@ -116,6 +130,7 @@ impl Hardware {
             host,
             data_dir: data_dir.to_path_buf(),
             memory_total: None,
+            cgroup_limit: cgroup::memory_limit(),
             sys: Mutex::new(sys),
         }
     }
@@ -179,6 +194,7 @@ impl Hardware {
                 available_bytes: sys.available_memory(),
                 swap_total_bytes: sys.total_swap(),
                 swap_free_bytes: sys.free_swap(),
+                cgroup_limit_bytes: self.cgroup_limit,
             }
         });
         self.profiled(memory)
@@ -209,6 +225,7 @@ impl Hardware {
                     available_bytes: sys.available_memory(),
                     swap_total_bytes: sys.total_swap(),
                     swap_free_bytes: sys.free_swap(),
+                    cgroup_limit_bytes: self.cgroup_limit,
                 },
                 f64::from(sys.global_cpu_usage()),
                 rss,
