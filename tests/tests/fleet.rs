@@ -266,7 +266,10 @@ async fn deployments_land_where_they_match_and_fit_and_follow_changes() {
         client.get_model("smol").await.is_err()
     })
     .await;
-    assert!(loaded(&edge).await.is_empty());
+    wait_agent(&edge, "smol unloaded from the edge box", || async {
+        loaded(&edge).await.is_empty()
+    })
+    .await;
 
     // A device that arrives after the apply gets the deployment too.
     let late = device(&controller, &edge_profile, "edge").await;
