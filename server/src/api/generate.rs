@@ -157,7 +157,10 @@ impl Generate for GenerateApi {
                     Event::Done(reason, stats) => {
                         metrics.generate_done(&served, *reason, stats);
                         span.record("gen_ai.usage.output_tokens", stats.generated_tokens);
-                        span.record("gen_ai.response.finish_reasons", format!("{reason:?}").to_lowercase());
+                        span.record(
+                            "gen_ai.response.finish_reasons",
+                            crate::telemetry::metrics::finish_reason(*reason),
+                        );
                         span.record("gen_ai.server.time_to_first_token", stats.time_to_first_token_seconds);
                         crate::telemetry::trace::generate_phases(
                             &span,

@@ -118,7 +118,8 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-fn finish_reason(reason: FinishReason) -> &'static str {
+/// The name OpenTelemetry's `gen_ai.response.finish_reason` uses.
+pub fn finish_reason(reason: FinishReason) -> &'static str {
     match reason {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use opentelemetry::KeyValue;
-use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _, WithTonicConfig as _};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::PeriodicReader;
 use opentelemetry_sdk::resource::{EnvResourceDetector, ResourceDetector as _};
@@ -162,30 +162,35 @@ impl Export {
         self.headers.iter().cloned().collect()
     }
 
+    /// A gRPC exporter builder with the endpoint and headers configured here.
+    fn tonic<B: WithExportConfig + WithTonicConfig>(&self, mut b: B) -> Result<B> {
+        if let Some(e) = &self.endpoint {
+            b = b.with_endpoint(e.clone());
+        }
+        if !self.headers.is_empty() {
+            b = b.with_metadata(self.metadata()?);
+        }
+        Ok(b)
+    }
+
+    /// An HTTP/protobuf exporter builder with the endpoint (plus `signal_path`) and
+    /// headers configured here.
+    fn http<B: WithExportConfig + WithHttpConfig>(&self, b: B, signal_path: &str) -> B {
+        let mut b = b.with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+        if let Some(e) = self.http_endpoint(signal_path) {
+            b = b.with_endpoint(e);
+        }
+        if !self.headers.is_empty() {
+            b = b.with_headers(self.http_headers());
+        }
+        b
+    }
+
     pub fn span_exporter(&self) -> Result<opentelemetry_otlp::SpanExporter> {
+        let builder = opentelemetry_otlp::SpanExporter::builder();
         let built = match self.protocol {
-            OtlpProtocol::Grpc => {
-                let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
-                if let Some(e) = &self.endpoint {
-                    b = b.with_endpoint(e.clone());
-                }
-                if !self.headers.is_empty() {
-                    b = b.with_metadata(self.metadata()?);
-                }
-                b.build()
-            }
-            OtlpProtocol::HttpProtobuf => {
-                let mut b = opentelemetry_otlp::SpanExporter::builder()
-                    .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
-                if let Some(e) = self.http_endpoint("/v1/traces") {
-                    b = b.with_endpoint(e);
-                }
-                if !self.headers.is_empty() {
-                    b = b.with_headers(self.http_headers());
-                }
-                b.build()
-            }
+            OtlpProtocol::Grpc => self.tonic(builder.with_tonic())?.build(),
+            OtlpProtocol::HttpProtobuf => self.http(builder.with_http(), "/v1/traces").build(),
         };
         built.map_err(|e| Error::Config(format!("OTLP trace exporter: {e}")))
     }
@@ -196,29 +201,10 @@ impl Export {
         if !self.metrics {
             return Ok(None);
         }
+        let builder = opentelemetry_otlp::MetricExporter::builder();
         let built = match self.protocol {
-            OtlpProtocol::Grpc => {
-                let mut b = opentelemetry_otlp::MetricExporter::builder().with_tonic();
-                if let Some(e) = &self.endpoint {
-                    b = b.with_endpoint(e.clone());
-                }
-                if !self.headers.is_empty() {
-                    b = b.with_metadata(self.metadata()?);
-                }
-                b.build()
-            }
-            OtlpProtocol::HttpProtobuf => {
-                let mut b = opentelemetry_otlp::MetricExporter::builder()
-                    .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
-                if let Some(e) = self.http_endpoint("/v1/metrics") {
-                    b = b.with_endpoint(e);
-                }
-                if !self.headers.is_empty() {
-                    b = b.with_headers(self.http_headers());
-                }
-                b.build()
-            }
+            OtlpProtocol::Grpc => self.tonic(builder.with_tonic())?.build(),
+            OtlpProtocol::HttpProtobuf => self.http(builder.with_http(), "/v1/metrics").build(),
         };
         let exporter = built.map_err(|e| Error::Config(format!("OTLP metric exporter: {e}")))?;
         let mut reader = PeriodicReader::builder(exporter);
