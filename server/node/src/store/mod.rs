@@ -559,11 +559,25 @@ mod tests {
         }
     }
 
+    /// Opens the store again once the previous handle's lock is gone: sled's flusher
+    /// thread lets go of the database file a moment after the last handle drops.
+    fn reopen(dir: &Path) -> Store {
+        for _ in 0..100 {
+            match Store::open(dir) {
+                Err(e) if e.to_string().contains("could not acquire lock") => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other.unwrap(),
+            }
+        }
+        panic!("the store's lock was never released");
+    }
+
     #[test]
     fn node_id_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let first = Store::open(dir.path()).unwrap().node_id().to_owned();
-        let second = Store::open(dir.path()).unwrap().node_id().to_owned();
+        let second = reopen(dir.path()).node_id().to_owned();
         assert_eq!(first, second);
         assert_eq!(first.len(), 36);
     }
