@@ -3,7 +3,132 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use modeld_e2e::{Agent, Assets, SMOLLM2_SHA256, modelctl};
+use std::process::{Command, ExitStatus, Stdio};
+
+use modeld_e2e::{Agent, Assets, SMOLLM2_SHA256, binary, modelctl};
+
+/// Runs modelctl with its stdout a pipe nobody reads any more (`modelctl ... | head`
+/// after head has exited); returns its exit status and stderr.
+fn into_closed_pipe(agent: &Agent, args: &[&str]) -> (ExitStatus, String) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(binary("modelctl"))
+        .arg("--addr")
+        .arg(agent.url())
+        .args(args)
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn modelctl_ends_quietly_when_its_reader_goes_away() {
+    let agent = Agent::start().await;
+    for args in [
+        &["node", "info"][..],
+        &["node", "info", "-o", "json"],
+        &["models", "list"],
+        &["models", "list", "-o", "json"],
+        &["storage"],
+        &["ps"],
+        &["man"],
+        &["completions", "bash"],
+    ] {
+        let (status, err) = into_closed_pipe(&agent, args);
+        assert!(status.success(), "{args:?}: {status}: {err}");
+        assert!(err.is_empty(), "{args:?} said: {err}");
+    }
+    // The same verbs into a pipe that is read print as usual.
+    let (ok, out, err) = modelctl(&agent, &["models", "list"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("smollm2-135m-instruct"), "{out}");
+}
+
+#[test]
+fn modelctl_completes_in_bash_and_has_man_pages() {
+    let modelctl = binary("modelctl");
+    let script = Command::new(&modelctl)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(script.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let script_path = dir.path().join("modelctl.bash");
+    std::fs::write(&script_path, &script.stdout).unwrap();
+    // What bash's completion machinery does on TAB: call the registered function
+    // with the words so far and read COMPREPLY.
+    let complete = |words: &str, cword: usize| -> String {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source {}; COMP_WORDS=({words}); COMP_CWORD={cword}; \
+                 _modelctl modelctl \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"; \
+                 echo \"${{COMPREPLY[*]}}\"",
+                script_path.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(complete("modelctl ge", 1), "generate");
+    let flags = complete("modelctl generate --te", 2);
+    assert_eq!(flags, "--temperature", "{flags}");
+    for (shell, marker) in [
+        ("zsh", "#compdef modelctl"),
+        ("fish", "complete -c modelctl"),
+    ] {
+        let out = Command::new(&modelctl)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(marker),
+            "{shell}"
+        );
+    }
+
+    let pages = dir.path().join("man");
+    let out = Command::new(&modelctl)
+        .arg("man")
+        .arg("--dir")
+        .arg(&pages)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(pages.join("modelctl.1").exists());
+    // The real man renders the generate page, flags and all.
+    let rendered = Command::new("man")
+        .args(["-l", "-P", "cat"])
+        .arg(pages.join("modelctl-generate.1"))
+        .env("MANWIDTH", "100")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&rendered.stdout);
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    assert!(
+        text.contains("modelctl-generate") && text.contains("--temperature"),
+        "{text}"
+    );
+}
 
 #[tokio::test]
 async fn modelctl_covers_node_and_registry_verbs() {
@@ -314,6 +439,21 @@ async fn modelctl_generates_and_tokenizes() {
     let (ok, _, err) = run(&["generate", "nope", "hi"]);
     assert!(!ok);
     assert!(err.contains("model_id"), "{err}");
+    // A negative number is a value, not a flag: the agent's range check names the
+    // field instead of the argument parser rejecting "-1".
+    let (ok, _, err) = run(&["generate", "smol", "hi", "--temperature", "-1"]);
+    assert!(!ok);
+    assert!(
+        err.contains("sampling.temperature") && err.contains("INVALID_ARGUMENT"),
+        "{err}"
+    );
+    // A token stream whose reader has gone ends quietly.
+    let (status, err) = into_closed_pipe(
+        &agent,
+        &["generate", "smol", "--max-tokens", "8", "Count to ten."],
+    );
+    assert!(status.success(), "{status}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
 
     // chat keeps the conversation: the second turn sees the first.
     let mut child = std::process::Command::new(modeld_e2e::binary("modelctl"))

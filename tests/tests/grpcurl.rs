@@ -139,6 +139,30 @@ async fn grpcurl_lists_describes_and_calls_through_reflection_alone() {
     );
     assert!(!ok);
     assert!(err.contains("NotFound") && err.contains("nope"), "{err}");
+    // Their details resolve through reflection too, so grpcurl prints the reason and
+    // the field at fault as JSON rather than as opaque bytes.
+    assert!(!err.contains("is not recognized"), "{err}");
+    let compact = err.replace(' ', "");
+    assert!(
+        compact.contains("\"@type\":\"type.googleapis.com/google.rpc.ErrorInfo\"")
+            && compact.contains("\"reason\":\"MODEL_NOT_FOUND\"")
+            && compact.contains("\"domain\":\"modeld\""),
+        "{err}"
+    );
+    let (ok, _, err) = grpcurl(
+        &assets,
+        &agent,
+        Some(r#"{"spec":{"format":"MODEL_FORMAT_GGUF"}}"#),
+        &["modeld.v1.ModelRegistry/RegisterModel"],
+    );
+    assert!(!ok);
+    let compact = err.replace(' ', "");
+    assert!(
+        err.contains("InvalidArgument")
+            && compact.contains("\"@type\":\"type.googleapis.com/google.rpc.BadRequest\"")
+            && compact.contains("\"field\":\"spec.id\""),
+        "{err}"
+    );
     let (ok, _, err) = grpcurl(
         &assets,
         &agent,

@@ -50,6 +50,6 @@ pub async fn run(client: &Client, a: AuditArgs, out: Output) -> anyhow::Result<(
             e.peer.clone(),
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
     Ok(())
 }

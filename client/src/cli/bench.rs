@@ -219,6 +219,6 @@ pub async fn bench(client: &Client, a: BenchArgs, out: Output) -> anyhow::Result
             format!("{:.2}", l.time_to_first_token_overhead_ms),
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
     Ok(())
 }

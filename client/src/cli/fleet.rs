@@ -149,7 +149,7 @@ pub async fn run(
                     seen,
                 ]);
             }
-            println!("{t}");
+            outln!("{t}");
         }
         FleetCommand::Apply { file, dry_run } => {
             let text = std::fs::read_to_string(&file)
@@ -172,7 +172,7 @@ pub async fn run(
                 (false, true) => "applied",
                 (false, false) => "unchanged",
             };
-            println!("deployment {} {verb} (generation {})", d.name, d.generation);
+            outln!("deployment {} {verb} (generation {})", d.name, d.generation);
             print_placement(&response.placement.unwrap_or_default());
         }
         FleetCommand::Status { deployment } => {
@@ -186,7 +186,7 @@ pub async fn run(
                 return json(&response);
             }
             for s in response.deployments {
-                println!(
+                outln!(
                     "deployment {} (generation {}): {}",
                     s.name,
                     s.generation,
@@ -197,7 +197,7 @@ pub async fn run(
                     }
                 );
                 if !s.warning.is_empty() {
-                    println!("  {}", s.warning);
+                    outln!("  {}", s.warning);
                 }
                 let mut t = table(&["DEVICE", "MODEL", "WANTED", "PHASE", "DETAIL"]);
                 for d in &s.devices {
@@ -228,7 +228,7 @@ pub async fn run(
                         u.reason.clone(),
                     ]);
                 }
-                println!("{t}");
+                outln!("{t}");
             }
         }
         FleetCommand::Get { deployment } => {
@@ -240,7 +240,7 @@ pub async fn run(
                 return json(&response);
             }
             let d = response.deployment.clone().unwrap_or_default();
-            print!("{}", serde_yaml_ng::to_string(&d)?);
+            out!("{}", serde_yaml_ng::to_string(&d)?);
             print_placement(&response.placement.unwrap_or_default());
         }
         FleetCommand::Delete { deployment } => {
@@ -252,7 +252,7 @@ pub async fn run(
             if output == Output::Json {
                 return json(&serde_json::json!({}));
             }
-            println!("deployment {deployment} deleted");
+            outln!("deployment {deployment} deleted");
         }
         FleetCommand::Watch { since } => {
             let mut stream = fleet
@@ -263,7 +263,7 @@ pub async fn run(
                 .into_inner();
             while let Some(event) = stream.message().await? {
                 if output == Output::Json {
-                    println!("{}", serde_json::to_string(&event)?);
+                    outln!("{}", serde_json::to_string(&event)?);
                     continue;
                 }
                 let kind = enum_name(
@@ -275,7 +275,7 @@ pub async fn run(
                 let detail = event.status.as_ref().map_or_else(String::new, |s| {
                     format!("{} {}", s.model_id, phase_name(s.phase))
                 });
-                println!(
+                outln!(
                     "{:>6} {} {kind} {} {} {detail}",
                     event.revision,
                     time(event.time.as_ref()),
@@ -289,7 +289,7 @@ pub async fn run(
 }
 
 fn print_placement(p: &fpb::PlacementResult) {
-    println!(
+    outln!(
         "{} of {} matching device(s) placed: {}",
         p.device_ids.len(),
         p.matching_devices,
@@ -300,7 +300,7 @@ fn print_placement(p: &fpb::PlacementResult) {
         }
     );
     if !p.warning.is_empty() {
-        println!("warning: {}", p.warning);
+        outln!("warning: {}", p.warning);
     }
     for u in &p.unplaced {
         let model = if u.model_id.is_empty() {
@@ -308,6 +308,6 @@ fn print_placement(p: &fpb::PlacementResult) {
         } else {
             format!(" ({})", u.model_id)
         };
-        println!("not placed on {}{model}: {}", u.device_id, u.reason);
+        outln!("not placed on {}{model}: {}", u.device_id, u.reason);
     }
 }

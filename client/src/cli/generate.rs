@@ -1,5 +1,3 @@
-use std::io::Write;
-
 use clap::Args;
 use modelctl::{Client, ClientError};
 use modeld_proto::v1 as pb;
@@ -68,19 +66,18 @@ async fn stream_to_stdout(
         .await
         .map_err(ClientError::from)?
         .into_inner();
-    let mut stdout = std::io::stdout();
     let mut text = String::new();
     let mut summary = None;
     while let Some(msg) = stream.next().await {
         let msg = msg.map_err(ClientError::from)?;
         if out == Output::Json {
-            println!("{}", serde_json::to_string(&msg)?);
+            outln!("{}", serde_json::to_string(&msg)?);
         }
         match msg.event {
             Some(pb::generate_response::Event::Token(t)) => {
                 if out != Output::Json {
-                    write!(stdout, "{}", t.text)?;
-                    stdout.flush()?;
+                    out!("{}", t.text);
+                    output::flush_stdout();
                 }
                 text.push_str(&t.text);
             }
@@ -89,7 +86,7 @@ async fn stream_to_stdout(
         }
     }
     if out != Output::Json {
-        writeln!(stdout)?;
+        outln!();
     }
     if let Some(s) = &summary
         && s.finish_reason() == pb::FinishReason::Error
@@ -239,6 +236,6 @@ pub async fn tokenize(client: &Client, a: TokenizeArgs, out: Output) -> anyhow::
     for (i, (id, piece)) in resp.token_ids.iter().zip(&resp.pieces).enumerate() {
         t.add_row(vec![i.to_string(), id.to_string(), format!("{piece:?}")]);
     }
-    println!("{t}");
+    outln!("{t}");
     Ok(())
 }

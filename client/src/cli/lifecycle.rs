@@ -86,12 +86,12 @@ pub async fn load(client: &Client, a: LoadArgs, out: Output) -> anyhow::Result<(
     let mut last_state = String::new();
     while let Some(msg) = stream.message().await.map_err(ClientError::from)? {
         if out == Output::Json {
-            println!("{}", serde_json::to_string(&msg)?);
+            outln!("{}", serde_json::to_string(&msg)?);
             continue;
         }
         if let Some(loaded) = msg.loaded {
             bar.finish_and_clear();
-            println!(
+            outln!(
                 "{} is ready: {}, {} context, {} (estimated {})",
                 loaded.model_id,
                 output::runtime_name(loaded.runtime),
@@ -124,9 +124,10 @@ pub async fn unload(client: &Client, a: UnloadArgs, out: Output) -> anyhow::Resu
     if out == Output::Json {
         return output::json(&resp);
     }
-    println!(
+    outln!(
         "{} unloaded ({} requests cancelled)",
-        a.id, resp.cancelled_requests
+        a.id,
+        resp.cancelled_requests
     );
     Ok(())
 }
@@ -195,8 +196,8 @@ pub async fn ps(client: &Client, out: Output) -> anyhow::Result<()> {
             expires,
         ]);
     }
-    println!("{t}");
-    println!(
+    outln!("{t}");
+    outln!(
         "memory: {} of {} budget",
         output::bytes(resp.memory_used_bytes),
         output::bytes(resp.memory_budget_bytes)
@@ -222,14 +223,14 @@ pub async fn state(client: &Client, a: StateArgs, out: Output) -> anyhow::Result
     if out == Output::Json {
         return output::json(&resp);
     }
-    println!(
+    outln!(
         "{}: {} ({} requests in flight)",
         a.id,
         state_name(resp.state),
         resp.in_flight_requests
     );
     if let Some(f) = &resp.failure {
-        println!(
+        outln!(
             "failed in {}: {} ({:?})",
             output::short_enum(f.stage().as_str_name(), "LIFECYCLE_STAGE_"),
             f.message,
@@ -240,7 +241,7 @@ pub async fn state(client: &Client, a: StateArgs, out: Output) -> anyhow::Result
     for h in &resp.history {
         t.add_row(transition_row(h));
     }
-    println!("{t}");
+    outln!("{t}");
     Ok(())
 }
 
@@ -303,16 +304,22 @@ pub async fn watch(client: &Client, a: WatchArgs, out: Output) -> anyhow::Result
                             last = event.revision;
                             seen += 1;
                             if out == Output::Json {
-                                println!("{}", serde_json::to_string(&event)?);
+                                outln!("{}", serde_json::to_string(&event)?);
                             } else if let Some(t) = &event.transition {
                                 let kind = output::short_enum(
                                     event.kind().as_str_name(),
                                     "WATCH_EVENT_KIND_",
                                 );
                                 let row = transition_row(t);
-                                println!(
+                                outln!(
                                     "{:>6}  {:<10} {:<24} {} -> {}  {}  {}",
-                                    row[0], kind, t.model_id, row[2], row[3], row[4], row[5]
+                                    row[0],
+                                    kind,
+                                    t.model_id,
+                                    row[2],
+                                    row[3],
+                                    row[4],
+                                    row[5]
                                 );
                             }
                             if a.max_events.is_some_and(|m| seen >= m) {

@@ -1,5 +1,8 @@
 //! The `modelctl` command line.
 
+// First, so its `out!`/`outln!` macros are in scope in the modules below.
+#[macro_use]
+mod output;
 mod audit;
 mod bench;
 mod fleet;
@@ -7,16 +10,16 @@ mod generate;
 mod lifecycle;
 mod models;
 mod node;
-mod output;
 mod storage;
 mod top;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use modelctl::Client;
 
-/// modelctl: operate modeld agents.
+/// Operate modeld agents: a node's registry, storage, lifecycle and generation, and
+/// the fleet controller.
 #[derive(Debug, Parser)]
-#[command(name = "modelctl", version, about, long_about = None)]
+#[command(name = "modelctl", version)]
 pub struct Cli {
     /// Agent address.
     #[arg(long, env = "MODELD_ADDR", default_value = modelctl::DEFAULT_ADDR, global = true)]
@@ -118,6 +121,55 @@ enum Command {
     /// A live view of the agent: loaded models with their recent tokens/s and time to
     /// first token, queues, memory and transfers; q quits.
     Top(top::TopArgs),
+    /// Print a shell completion script: `source <(modelctl completions bash)`.
+    Completions(CompletionsArgs),
+    /// Print modelctl's man page, or write one page per command into a directory.
+    Man(ManArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CompletionsArgs {
+    shell: clap_complete::Shell,
+}
+
+#[derive(Debug, clap::Args)]
+struct ManArgs {
+    /// Write modelctl.1 and modelctl-COMMAND.1 for every command here instead.
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+}
+
+/// The command line's definition, as parsing, completions and the man page see it.
+/// Every command takes negative numbers as values (`--temperature -1`), so an
+/// out-of-range value reaches the agent, whose error names the field, instead of
+/// being mistaken for a flag.
+pub fn command() -> clap::Command {
+    fn negatives(cmd: clap::Command) -> clap::Command {
+        cmd.allow_negative_numbers(true).mut_subcommands(negatives)
+    }
+    negatives(Cli::command())
+}
+
+fn completions(args: &CompletionsArgs) {
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut command(), "modelctl", &mut script);
+    out!("{}", String::from_utf8_lossy(&script));
+}
+
+fn man(args: &ManArgs) -> anyhow::Result<()> {
+    let cmd = command();
+    match &args.dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            clap_mangen::generate_to(cmd, dir)?;
+        }
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut page)?;
+            out!("{}", String::from_utf8_lossy(&page));
+        }
+    }
+    Ok(())
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -126,6 +178,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         cert: cli.tls_cert.clone(),
         key: cli.tls_key.clone(),
     };
+    match &cli.command {
+        Command::Completions(args) => {
+            completions(args);
+            return Ok(());
+        }
+        Command::Man(args) => return man(args),
+        _ => {}
+    }
     if let Command::Fleet(args) = cli.command {
         let token = cli.token.as_ref().map(|t| t.0.as_str());
         return fleet::run(args, &tls, token, cli.output).await;
@@ -160,6 +220,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::bench(&client, args, cli.output).await,
         Command::Tokenize(args) => generate::tokenize(&client, args, cli.output).await,
         Command::Top(args) => top::top(&client, &cli.addr, args).await,
-        Command::Fleet(_) => unreachable!("handled above"),
+        Command::Fleet(_) | Command::Completions(_) | Command::Man(_) => {
+            unreachable!("handled above")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        super::command().debug_assert();
     }
 }

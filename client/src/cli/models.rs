@@ -166,7 +166,7 @@ pub async fn run(client: &Client, cmd: ModelsCommand, out: Output) -> anyhow::Re
             if out == Output::Json {
                 return output::json(&serde_json::json!({ "deleted": id }));
             }
-            println!("deleted {id}");
+            outln!("deleted {id}");
             Ok(())
         }
         ModelsCommand::Import(args) => import(client, args, out).await,
@@ -215,8 +215,8 @@ async fn list(client: &Client, a: ListArgs, out: Output) -> anyhow::Result<()> {
             short_enum(m.origin().as_str_name(), "MODEL_ORIGIN_"),
         ]);
     }
-    println!("{t}");
-    println!("{} model(s)", models.len());
+    outln!("{t}");
+    outln!("{} model(s)", models.len());
     Ok(())
 }
 
@@ -277,7 +277,7 @@ fn print_model_detail(m: &pb::Model) {
         );
     }
     row("description", spec.description.clone());
-    println!("{t}");
+    outln!("{t}");
 }
 
 /// The format a file name suggests, for `register` without --format. The agent checks
@@ -325,9 +325,9 @@ async fn register(client: &Client, a: RegisterArgs, out: Output) -> anyhow::Resu
         .map(|s| s.id)
         .unwrap_or_default();
     if resp.created {
-        println!("registered {id}");
+        outln!("registered {id}");
     } else {
-        println!("{id} was already registered with this spec; nothing changed");
+        outln!("{id} was already registered with this spec; nothing changed");
     }
     Ok(())
 }
@@ -419,7 +419,7 @@ async fn update(client: &Client, a: UpdateArgs, out: Output) -> anyhow::Result<(
     if out == Output::Json {
         return output::json(&model);
     }
-    println!("updated {} (generation {})", a.id, model.generation);
+    outln!("updated {} (generation {})", a.id, model.generation);
     Ok(())
 }
 
@@ -449,17 +449,17 @@ async fn import(client: &Client, a: ImportArgs, out: Output) -> anyhow::Result<(
     if out == Output::Json {
         return output::json(&resp);
     }
-    println!(
+    outln!(
         "{} created, {} updated, {} unchanged",
         resp.created_ids.len(),
         resp.updated_ids.len(),
         resp.unchanged_ids.len()
     );
     for id in &resp.created_ids {
-        println!("  + {id}");
+        outln!("  + {id}");
     }
     for id in &resp.updated_ids {
-        println!("  ~ {id}");
+        outln!("  ~ {id}");
     }
     Ok(())
 }
@@ -475,7 +475,7 @@ async fn check(client: &Client, a: CheckArgs, out: Output) -> anyhow::Result<()>
     if out == Output::Json {
         return output::json(&resp);
     }
-    println!(
+    outln!(
         "{}: {}",
         a.id,
         if resp.compatible {
@@ -485,7 +485,7 @@ async fn check(client: &Client, a: CheckArgs, out: Output) -> anyhow::Result<()>
         }
     );
     if let Some(s) = &resp.settings {
-        println!(
+        outln!(
             "  runtime {} on {}, context {}, {} threads",
             output::runtime_name(s.runtime),
             output::accelerator_name(s.accelerator),
@@ -493,18 +493,18 @@ async fn check(client: &Client, a: CheckArgs, out: Output) -> anyhow::Result<()>
             s.threads
         );
     }
-    println!(
+    outln!(
         "  memory: needs {}, {} available",
         bytes(resp.memory_required_bytes),
         bytes(resp.memory_available_bytes)
     );
-    println!(
+    outln!(
         "  disk:   needs {}, {} available",
         bytes(resp.disk_required_bytes),
         bytes(resp.disk_available_bytes)
     );
     for r in &resp.reasons {
-        println!("  - {r}");
+        outln!("  - {r}");
     }
     Ok(())
 }
@@ -514,7 +514,7 @@ pub async fn scan(client: &Client, a: ScanArgs, out: Output) -> anyhow::Result<(
     if out == Output::Json {
         return output::json(&resp);
     }
-    println!("scanned {}", resp.directories.join(", "));
+    outln!("scanned {}", resp.directories.join(", "));
     let mut t = output::table(&["ID", "FORMAT", "QUANT", "SIZE", "PATH"]);
     for m in &resp.models {
         let spec = m.spec.clone().unwrap_or_default();
@@ -530,12 +530,12 @@ pub async fn scan(client: &Client, a: ScanArgs, out: Output) -> anyhow::Result<(
             m.local_path.clone(),
         ]);
     }
-    println!("{t}");
-    println!("{} model(s) registered or refreshed", resp.models.len());
+    outln!("{t}");
+    outln!("{} model(s) registered or refreshed", resp.models.len());
     if !resp.skipped.is_empty() {
-        println!("skipped:");
+        outln!("skipped:");
         for s in &resp.skipped {
-            println!("  {}: {}", s.path, s.reason);
+            outln!("  {}: {}", s.path, s.reason);
         }
     }
     Ok(())

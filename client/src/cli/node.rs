@@ -74,7 +74,7 @@ pub async fn run(client: &Client, cmd: NodeCommand, out: Output) -> anyhow::Resu
             if out == Output::Json {
                 return output::json(&r);
             }
-            println!(
+            outln!(
                 "{} on {}: prompt {:.1} tokens/s, generation {:.1} tokens/s, peak memory {}",
                 r.model_id,
                 runtime_name(r.runtime),
@@ -205,7 +205,7 @@ async fn info(client: &Client, out: Output) -> anyhow::Result<()> {
         recognized.join(", "),
     ]);
     t.add_row(vec!["agent version".to_owned(), caps.agent_version.clone()]);
-    println!("{t}");
+    outln!("{t}");
     Ok(())
 }
 
@@ -257,7 +257,7 @@ async fn watch(client: &Client, interval: f64, count: u64, out: Output) -> anyho
     while let Some(item) = stream.next().await {
         let snap = item.map_err(modelctl::ClientError::from)?;
         if out == Output::Json {
-            println!("{}", serde_json::to_string(&snap)?);
+            outln!("{}", serde_json::to_string(&snap)?);
         } else {
             let mem = snap.memory.unwrap_or_default();
             let pressure = if snap.memory_pressure < 0.0 {
@@ -265,7 +265,7 @@ async fn watch(client: &Client, interval: f64, count: u64, out: Output) -> anyho
             } else {
                 format!("{:.2}%", snap.memory_pressure)
             };
-            println!(
+            outln!(
                 "mem avail {:>10}  pressure {:>7}  cpu {:>5.1}%  agent rss {:>10}  disk free {:>10}",
                 bytes(mem.available_bytes),
                 pressure,

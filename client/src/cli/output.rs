@@ -1,12 +1,59 @@
 //! Printing: tables for people, proto3 JSON for scripts.
+//!
+//! Everything bound for stdout goes through `out!`/`outln!` rather than `print!`,
+//! which panics when the reader has gone: `modelctl ... | head` must end as quietly
+//! as any Unix tool does.
+
+use std::io::Write as _;
 
 use comfy_table::{ContentArrangement, Table, presets::UTF8_BORDERS_ONLY};
 use modeld_engine_core::{Accelerator, ModelFormat, Runtime};
 use modeld_proto::v1 as pb;
 use serde::Serialize;
 
+/// `print!` that ends the command quietly when stdout's reader has gone.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::output::stdout(format_args!($($arg)*))
+    };
+}
+
+/// `println!` that ends the command quietly when stdout's reader has gone.
+macro_rules! outln {
+    () => {
+        $crate::cli::output::stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::output::stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+pub fn stdout(args: std::fmt::Arguments<'_>) {
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        stdout_failed(&e)
+    }
+}
+
+/// Shows what was written so far (a token stream has no newline to flush it).
+pub fn flush_stdout() {
+    if let Err(e) = std::io::stdout().lock().flush() {
+        stdout_failed(&e)
+    }
+}
+
+/// A failed write to stdout ends the command: with success when the reader closed the
+/// pipe (it has read what it wanted, as `head` does), with the error otherwise (a full
+/// disk under a redirect).
+pub fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0)
+    }
+    eprintln!("error: writing to standard output: {e}");
+    std::process::exit(1)
+}
+
 pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 

@@ -116,7 +116,7 @@ pub async fn pull(client: &Client, a: PullArgs, out: Output) -> anyhow::Result<(
         };
         let Some(p) = msg.progress else { continue };
         if out == Output::Json {
-            println!("{}", serde_json::to_string(&p)?);
+            outln!("{}", serde_json::to_string(&p)?);
         } else {
             for f in &p.files {
                 let bar = by_file.entry(f.name.clone()).or_insert_with(|| {
@@ -146,7 +146,7 @@ pub async fn pull(client: &Client, a: PullArgs, out: Output) -> anyhow::Result<(
     }
     let last = last.context("the agent sent no progress")?;
     if out == Output::Table {
-        println!(
+        outln!(
             "{} {} ({})",
             a.id,
             stage(last.stage),
@@ -270,7 +270,7 @@ pub async fn push(client: &Client, a: PushArgs, out: Output) -> anyhow::Result<(
     if out == Output::Json {
         return output::json(&resp);
     }
-    println!(
+    outln!(
         "{}: {} {} (sha256 {})",
         a.id,
         if resp.stored_new {
@@ -325,7 +325,7 @@ pub async fn transfers(client: &Client, cmd: TransfersCommand, out: Output) -> a
                     p.error.clone(),
                 ]);
             }
-            println!("{t}");
+            outln!("{t}");
             return Ok(());
         }
         TransfersCommand::Pause { transfer_id } => {
@@ -351,7 +351,7 @@ pub async fn transfers(client: &Client, cmd: TransfersCommand, out: Output) -> a
                 })
                 .await
                 .map_err(ClientError::from)?;
-            println!("cancelled {transfer_id}");
+            outln!("cancelled {transfer_id}");
             return Ok(());
         }
     };
@@ -359,7 +359,7 @@ pub async fn transfers(client: &Client, cmd: TransfersCommand, out: Output) -> a
     if out == Output::Json {
         return output::json(&p);
     }
-    println!("{} {}: {}", p.transfer_id, p.model_id, stage(p.stage));
+    outln!("{} {}: {}", p.transfer_id, p.model_id, stage(p.stage));
     Ok(())
 }
 
@@ -376,7 +376,7 @@ pub async fn storage(client: &Client, a: StorageArgs, out: Output) -> anyhow::Re
         if out == Output::Json {
             return output::json(&resp);
         }
-        println!(
+        outln!(
             "deleted the stored files of {id}; freed {}",
             bytes(resp.freed_bytes)
         );
@@ -403,7 +403,7 @@ pub async fn storage(client: &Client, a: StorageArgs, out: Output) -> anyhow::Re
     } else {
         bytes(usage.quota_bytes)
     };
-    println!(
+    outln!(
         "used {} (partial downloads {}), free {}, quota {quota}",
         bytes(usage.used_bytes),
         bytes(usage.partial_bytes),
@@ -422,6 +422,6 @@ pub async fn storage(client: &Client, a: StorageArgs, out: Output) -> anyhow::Re
             m.blobs.len().to_string(),
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
     Ok(())
 }

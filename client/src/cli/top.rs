@@ -190,7 +190,7 @@ fn quits(key: &KeyEvent) -> bool {
 
 pub async fn top(client: &Client, addr: &str, args: TopArgs) -> anyhow::Result<()> {
     if args.once || !std::io::stdout().is_terminal() {
-        print!("{}", frame(client, addr).await?);
+        out!("{}", frame(client, addr).await?);
         return Ok(());
     }
     let _screen = Screen::enter()?;

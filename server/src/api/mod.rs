@@ -53,17 +53,22 @@ pub const SERVICE_NAMES: [&str; 5] = [
 
 /// Every modeld service, with explicit message size limits, plus server reflection
 /// (v1 and v1alpha: grpcurl 1.8 only speaks v1alpha) when `reflection` is on.
+/// Reflection also carries `google/rpc/error_details.proto`: the agent's errors
+/// attach ErrorInfo and BadRequest details, and a client that finds their types by
+/// reflection (grpcurl) prints them as JSON instead of opaque bytes.
 pub fn routes(agent: Arc<Agent>, reflection: bool) -> Result<Routes> {
     let reflection_err =
         |e: tonic_reflection::server::Error| Error::Serve(format!("reflection: {e}"));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(modeld_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(reflection_err)?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(modeld_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(reflection_err)?;
 
