@@ -284,6 +284,12 @@ pub struct Args {
     #[arg(long, env = "MODELD_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Also serve an OpenAI-compatible HTTP API (/v1/models, /v1/completions,
+    /// /v1/chat/completions) here, e.g. 127.0.0.1:8080. Off by default. It takes the
+    /// same TLS, tokens (the API key is the bearer token) and roles as the gRPC listener.
+    #[arg(long, env = "MODELD_OPENAI_LISTEN")]
+    pub openai_listen: Option<SocketAddr>,
+
     /// Export traces and metrics over OTLP to this collector, e.g.
     /// http://127.0.0.1:4317 (grpc) or http://127.0.0.1:4318 (http/protobuf). The
     /// standard OTEL_EXPORTER_OTLP_ENDPOINT (and its _TRACES_/_METRICS_ forms) work too.
@@ -537,6 +543,7 @@ struct FileConfig {
     device_profile: Option<PathBuf>,
     nfd_features_file: Option<PathBuf>,
     metrics_listen: Option<SocketAddr>,
+    openai_listen: Option<SocketAddr>,
     otlp_endpoint: Option<String>,
     otlp_protocol: Option<OtlpProtocol>,
     /// header name → value
@@ -675,6 +682,8 @@ pub struct Config {
     pub nfd_features_file: Option<PathBuf>,
     /// Where `/metrics` is served; `None` = nowhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the OpenAI-compatible HTTP API is served; `None` = nowhere.
+    pub openai_listen: Option<SocketAddr>,
     /// OTLP export of traces and metrics.
     pub telemetry: TelemetrySettings,
 }
@@ -925,6 +934,7 @@ impl Config {
                 }
             },
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
+            openai_listen: args.openai_listen.or(file.openai_listen),
             telemetry: TelemetrySettings {
                 otlp_endpoint: args.otlp_endpoint.or(file.otlp_endpoint),
                 otlp_protocol: args.otlp_protocol.or(file.otlp_protocol),

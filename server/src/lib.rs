@@ -9,6 +9,7 @@ pub mod engines;
 pub mod error;
 pub mod fleet;
 pub mod nfd;
+pub mod openai;
 pub mod serve;
 pub mod telemetry;
 pub mod tls;

@@ -325,10 +325,53 @@ pub async fn serve(
         credentials.watch(path.clone(), crate::tls::RELOAD_CHECK, shutdown_rx.clone());
     }
     let tls = match &config.tls {
-        Some(files) => Some(crate::tls::Tls::start(files.clone(), shutdown_rx.clone())?),
+        Some(files) => Some(crate::tls::Tls::start(
+            files.clone(),
+            crate::tls::GRPC,
+            shutdown_rx.clone(),
+        )?),
         None => None,
     };
     info!(%addr, tls = tls.is_some(), "modeld listening");
+
+    // One stack for every way in: the gRPC listener, and the OpenAI-compatible API,
+    // which calls the same services in-process through it.
+    let layers = tower::ServiceBuilder::new()
+        .layer(api::layers::RequestIdLayer)
+        .layer(api::layers::SpanLayer::with_metrics(agent.metrics.clone()))
+        .layer(api::layers::RpcLimitLayer::new(config.max_concurrent_rpcs))
+        .layer(api::layers::DeadlineLayer)
+        .layer(api::audit::AuditLayer::new(store.clone()))
+        .layer(api::auth::AuthLayer::new(credentials.clone()));
+    let routes = api::routes(
+        agent.clone(),
+        config.reflection.unwrap_or(addr.ip().is_loopback()),
+    )?;
+    let openai = match config.openai_listen {
+        Some(openai_addr) => {
+            let listener = TcpListener::bind(openai_addr)
+                .await
+                .map_err(|e| Error::Config(format!("--openai-listen {openai_addr}: {e}")))?;
+            // The same rule as the gRPC listener: off loopback, TLS and credentials.
+            exposure(&config, openai_addr)?;
+            let tls = match &config.tls {
+                Some(files) => Some(crate::tls::Tls::start(
+                    files.clone(),
+                    crate::tls::HTTP1,
+                    shutdown_rx.clone(),
+                )?),
+                None => None,
+            };
+            let in_process = crate::openai::in_process(layers.service(routes.clone()));
+            Some(crate::openai::serve(
+                in_process,
+                listener,
+                tls,
+                shutdown_rx.clone(),
+            )?)
+        }
+        None => None,
+    };
 
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let server = Server::builder()
@@ -337,19 +380,8 @@ pub async fn serve(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .max_concurrent_streams(Some(config.max_streams_per_connection))
-        .layer(
-            tower::ServiceBuilder::new()
-                .layer(api::layers::RequestIdLayer)
-                .layer(api::layers::SpanLayer::with_metrics(agent.metrics.clone()))
-                .layer(api::layers::RpcLimitLayer::new(config.max_concurrent_rpcs))
-                .layer(api::layers::DeadlineLayer)
-                .layer(api::audit::AuditLayer::new(store.clone()))
-                .layer(api::auth::AuthLayer::new(credentials)),
-        )
-        .add_routes(api::routes(
-            agent.clone(),
-            config.reflection.unwrap_or(addr.ip().is_loopback()),
-        )?)
+        .layer(layers)
+        .add_routes(routes)
         .add_service(health_service);
     let stopped = async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
@@ -387,6 +419,9 @@ pub async fn serve(
     }
     reaper.abort();
     if let Some(listener) = metrics_listener {
+        listener.abort();
+    }
+    if let Some(listener) = openai {
         listener.abort();
     }
     if let Some(fleet) = fleet {

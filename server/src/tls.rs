@@ -81,9 +81,19 @@ pub struct Tls {
     acceptor: TlsAcceptor,
 }
 
+/// ALPN for gRPC listeners.
+pub const GRPC: &[&[u8]] = &[b"h2"];
+/// ALPN for the plain HTTP listener (the OpenAI-compatible API).
+pub const HTTP1: &[&[u8]] = &[b"http/1.1"];
+
 impl Tls {
     /// Reads the files (a bad file is a start-up error) and starts watching them.
-    pub fn start(files: TlsFiles, mut shutdown: watch::Receiver<bool>) -> Result<Tls> {
+    /// `protocols` is what the listener speaks, offered in ALPN ([`GRPC`], [`HTTP1`]).
+    pub fn start(
+        files: TlsFiles,
+        protocols: &[&[u8]],
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<Tls> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let resolver = Arc::new(Reloading {
             current: RwLock::new(Arc::new(read_certified_key(&files)?)),
@@ -108,7 +118,7 @@ impl Tls {
             }
         };
         let mut config = builder.with_cert_resolver(resolver.clone());
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
         let watched = files.clone();
         tokio::spawn(async move {
             let mut seen = modified(&watched);

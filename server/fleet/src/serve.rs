@@ -72,7 +72,7 @@ pub async fn serve(
     }
     let tls = match &settings.tls {
         Some(files) => Some(
-            modeld::tls::Tls::start(files.clone(), stop_rx.clone())
+            modeld::tls::Tls::start(files.clone(), modeld::tls::GRPC, stop_rx.clone())
                 .map_err(|e| Error::Config(e.to_string()))?,
         ),
         None => None,

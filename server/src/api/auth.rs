@@ -109,6 +109,12 @@ pub fn changes_state(path: &str) -> bool {
     )
 }
 
+/// A client certificate identity that an in-process front end (the OpenAI-compatible
+/// listener) verified on its own TLS connection, passed on as a request extension.
+/// Only code in the agent can set an extension; a remote caller cannot forge it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedCertificate(pub String);
+
 /// The caller of one RPC, as handlers see it (a request extension).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -481,6 +487,12 @@ where
                 chain
                     .first()
                     .and_then(|leaf| crate::tls::certificate_identity(leaf))
+            })
+            .or_else(|| {
+                request
+                    .extensions()
+                    .get::<VerifiedCertificate>()
+                    .map(|c| c.0.clone())
             });
         match authorize(
             &self.credentials.current(),
