@@ -413,6 +413,16 @@ async fn modelctl_generates_and_tokenizes() {
     let (ok, out, err) = run(&["load", "smol"]);
     assert!(ok, "{err}");
     assert!(out.contains("smol is ready"), "{out}");
+    // Storing its files again (a second pull, a push of the same file) leaves a loaded
+    // model loaded.
+    let (ok, _, err) = run(&["pull", "smol"]);
+    assert!(ok, "{err}");
+    let gguf = assets.gguf.display().to_string();
+    let (ok, _, err) = run(&["push", "smol", &gguf]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = run(&["state", "smol"]);
+    assert!(ok);
+    assert!(out.starts_with("smol: ready"), "{out}");
     let (ok, out, _) = run(&["ps"]);
     assert!(ok);
     assert!(out.contains("smol") && out.contains("llama.cpp"), "{out}");

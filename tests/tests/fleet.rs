@@ -456,9 +456,12 @@ async fn an_agent_killed_mid_download_resumes_and_reports_it() {
         CONVERGE,
         "a download in progress",
         |s| {
+            // Past 16 MiB at 8 MiB/s the download has run for two seconds, so the
+            // agent has checkpointed its partial file (every second) and has
+            // something to resume from.
             s.devices.iter().any(|d| {
                 d.phase == fpb::ModelPhase::Downloading as i32
-                    && d.bytes_done > 0
+                    && d.bytes_done > 16 << 20
                     && d.bytes_total == SMOLLM2_SIZE
             })
         },

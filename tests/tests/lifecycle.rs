@@ -601,6 +601,14 @@ async fn a_model_inside_an_archive_is_extracted_on_the_way_to_ready() {
         "{states:?}"
     );
     assert_eq!(progress.last().unwrap().state(), pb::ModelState::Ready);
+    assert_eq!(
+        progress
+            .iter()
+            .filter(|p| p.state() == pb::ModelState::Ready)
+            .count(),
+        1,
+        "READY is said once, by the last message: {progress:?}"
+    );
 }
 
 /// A Load whose client leaves (here: its deadline passes) cancels the download it

@@ -6,7 +6,7 @@
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 
-use modeld_e2e::{Agent, AgentOptions, Assets, gguf_spec, model_server, modelctl};
+use modeld_e2e::{Agent, AgentOptions, Assets, gguf_spec, model_server, modelctl, pb};
 
 fn scrape(addr: SocketAddr) -> String {
     let mut stream = TcpStream::connect(addr).unwrap();
@@ -120,6 +120,49 @@ async fn generation_shows_in_prometheus_metrics() {
     assert!(
         after.contains("# TYPE gen_ai_server_time_per_output_token_seconds histogram"),
         "{after}"
+    );
+
+    // A client that leaves mid-stream: the generation is counted as cancelled, with
+    // the tokens it got.
+    let mut stream = client
+        .generate()
+        .generate(pb::GenerateRequest {
+            model_id: "smol".into(),
+            input: Some(pb::generate_request::Input::Prompt(
+                "Count from one to one hundred:".into(),
+            )),
+            max_tokens: 200,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..2 {
+        stream.message().await.unwrap().unwrap();
+    }
+    drop(stream);
+    let cancelled = [model, "gen_ai_response_finish_reason=\"cancelled\""];
+    let waited = std::time::Instant::now();
+    let left = loop {
+        let text = scrape(metrics);
+        if sample(&text, "modeld_generate_requests_total", &cancelled) == Some(1.0) {
+            break text;
+        }
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(20),
+            "the cancelled generation was never counted: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(
+        sample(
+            &left,
+            "modeld_generate_tokens_total",
+            &[model, "gen_ai_token_type=\"output\""]
+        )
+        .unwrap()
+            >= 12.0,
+        "the two tokens it got count too: {left}"
     );
 
     // Every RPC is timed with its service, method and (for a refusal) status code.

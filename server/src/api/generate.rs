@@ -16,6 +16,97 @@ use modeld_node::error::{Error, Result};
 use modeld_node::inference::{Event, ModelWorker};
 use modeld_node::registry::spec;
 
+/// What one Generate has done so far, recorded in metrics and its span when it ends:
+/// by the engine's outcome, or, when the client leaves first (or its deadline
+/// passes), as cancelled with the tokens it got.
+struct Tally {
+    metrics: Arc<crate::telemetry::metrics::Metrics>,
+    model_id: String,
+    runtime: &'static str,
+    weight_bytes: u64,
+    span: tracing::Span,
+    submitted: SystemTime,
+    prompt_tokens: u32,
+    generated: u32,
+    first_token: Option<SystemTime>,
+    outcome_recorded: bool,
+}
+
+impl Tally {
+    fn served(&self) -> Served<'_> {
+        Served {
+            model: &self.model_id,
+            runtime: self.runtime,
+            weight_bytes: self.weight_bytes,
+        }
+    }
+
+    fn done(&mut self, reason: FinishReason, stats: &modeld_engine_core::GenerateStats) {
+        self.outcome_recorded = true;
+        self.metrics.generate_done(&self.served(), reason, stats);
+        let span = &self.span;
+        span.record("gen_ai.usage.output_tokens", stats.generated_tokens);
+        span.record(
+            "gen_ai.response.finish_reasons",
+            crate::telemetry::metrics::finish_reason(reason),
+        );
+        span.record(
+            "gen_ai.server.time_to_first_token",
+            stats.time_to_first_token_seconds,
+        );
+        crate::telemetry::trace::generate_phases(
+            span,
+            crate::telemetry::trace::GeneratePhases {
+                submitted: self.submitted,
+                first_token: self.first_token,
+                done: SystemTime::now(),
+                time_to_first_token: Duration::try_from_secs_f64(stats.time_to_first_token_seconds)
+                    .unwrap_or_default(),
+            },
+            stats.prompt_tokens,
+            stats.generated_tokens,
+        );
+    }
+
+    fn failed(&mut self, e: &Error) {
+        self.outcome_recorded = true;
+        self.metrics.generate_failed(&self.served());
+        self.span.record("gen_ai.response.finish_reasons", "error");
+        let _entered = self.span.enter();
+        tracing::warn!(error = %e, "generation failed");
+    }
+
+    /// The engine's numbers as far as the stream saw them.
+    fn so_far(&self) -> modeld_engine_core::GenerateStats {
+        let now = SystemTime::now();
+        let since = |t: SystemTime| now.duration_since(t).unwrap_or_default().as_secs_f64();
+        let decoding = self.first_token.map(since).unwrap_or_default();
+        modeld_engine_core::GenerateStats {
+            prompt_tokens: self.prompt_tokens,
+            generated_tokens: self.generated,
+            time_to_first_token_seconds: self
+                .first_token
+                .and_then(|t| t.duration_since(self.submitted).ok())
+                .map_or(0.0, |d| d.as_secs_f64()),
+            prompt_tokens_per_second: 0.0,
+            generation_tokens_per_second: if self.generated > 1 && decoding > 0.0 {
+                f64::from(self.generated - 1) / decoding
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        if !self.outcome_recorded {
+            let stats = self.so_far();
+            self.done(FinishReason::Cancelled, &stats);
+        }
+    }
+}
+
 pub struct GenerateApi {
     agent: Arc<Agent>,
 }
@@ -114,82 +205,55 @@ impl Generate for GenerateApi {
             "gen_ai.server.time_to_first_token" = tracing::field::Empty,
         );
         let submitted = SystemTime::now();
+        let prompt_tokens = u32::try_from(request.prompt.len()).unwrap_or(u32::MAX);
         let events = worker.generate(request, deadline)?;
-        let model_id = worker.model_id.clone();
-        let runtime = worker.runtime.as_str();
-        let weight_bytes = worker.estimate.weights;
-        let metrics = self.agent.metrics.clone();
+        let tally = Tally {
+            metrics: self.agent.metrics.clone(),
+            model_id: worker.model_id.clone(),
+            runtime: worker.runtime.as_str(),
+            weight_bytes: worker.estimate.weights,
+            span,
+            submitted,
+            prompt_tokens,
+            generated: 0,
+            first_token: None,
+            outcome_recorded: false,
+        };
         drop(worker);
         // The stream maps engine events as tonic polls it: no task or channel hop per
         // token, so a token costs one wake-up on the way out. Dropping the stream (the
-        // client left) drops `events`, which stops the engine within one token.
-        let first_token: Option<SystemTime> = None;
-        let stream = futures::stream::unfold(Some((events, false, first_token)), move |state| {
-            let model_id = model_id.clone();
-            let metrics = metrics.clone();
-            let span = span.clone();
-            async move {
-                let (mut events, finished, mut first_token) = state?;
-                let served = Served {
-                    model: &model_id,
-                    runtime,
-                    weight_bytes,
-                };
-                let Some(event) = events.recv().await else {
-                    // The engine dropped the request without an outcome: it crashed.
-                    return (!finished).then(|| {
-                        let e = Error::EnginePanicked {
-                            id: model_id,
-                            during: "this request",
-                        };
-                        (Err(super::status::of(&e)), None)
-                    });
-                };
-                if let Event::Done(FinishReason::Cancelled, _) = &event
-                    && deadline.is_some_and(|d| Instant::now() >= d)
-                {
-                    let e = Error::DeadlineExceeded(
-                        "the request's deadline passed; generation stopped",
-                    );
-                    return Some((Err(super::status::of(&e)), None));
+        // client left) drops `events`, which stops the engine within one token, and
+        // the tally, which records the generation as cancelled.
+        let stream = futures::stream::unfold(Some((events, tally)), move |state| async move {
+            let (mut events, mut tally) = state?;
+            let Some(event) = events.recv().await else {
+                // The engine dropped the request without an outcome: it crashed.
+                if tally.outcome_recorded {
+                    return None;
                 }
-                match &event {
-                    Event::Done(reason, stats) => {
-                        metrics.generate_done(&served, *reason, stats);
-                        span.record("gen_ai.usage.output_tokens", stats.generated_tokens);
-                        span.record(
-                            "gen_ai.response.finish_reasons",
-                            crate::telemetry::metrics::finish_reason(*reason),
-                        );
-                        span.record("gen_ai.server.time_to_first_token", stats.time_to_first_token_seconds);
-                        crate::telemetry::trace::generate_phases(
-                            &span,
-                            crate::telemetry::trace::GeneratePhases {
-                                submitted,
-                                first_token,
-                                done: SystemTime::now(),
-                                time_to_first_token: Duration::try_from_secs_f64(
-                                    stats.time_to_first_token_seconds,
-                                )
-                                .unwrap_or_default(),
-                            },
-                            stats.prompt_tokens,
-                            stats.generated_tokens,
-                        );
-                    }
-                    Event::Failed(e) => {
-                        metrics.generate_failed(&served);
-                        span.record("gen_ai.response.finish_reasons", "error");
-                        let _entered = span.enter();
-                        tracing::warn!(error = %e, "generation failed");
-                    }
-                    Event::Token(_) => {
-                        first_token.get_or_insert_with(SystemTime::now);
-                    }
-                }
-                let last = matches!(event, Event::Done(..) | Event::Failed(_));
-                Some((Ok(convert::event_to_pb(event)), Some((events, finished || last, first_token))))
+                let e = Error::EnginePanicked {
+                    id: tally.model_id.clone(),
+                    during: "this request",
+                };
+                tally.failed(&e);
+                return Some((Err(super::status::of(&e)), None));
+            };
+            if let Event::Done(FinishReason::Cancelled, stats) = &event
+                && deadline.is_some_and(|d| Instant::now() >= d)
+            {
+                tally.done(FinishReason::Cancelled, stats);
+                let e = Error::DeadlineExceeded("the request's deadline passed; generation stopped");
+                return Some((Err(super::status::of(&e)), None));
             }
+            match &event {
+                Event::Done(reason, stats) => tally.done(*reason, stats),
+                Event::Failed(e) => tally.failed(e),
+                Event::Token(_) => {
+                    tally.generated = tally.generated.saturating_add(1);
+                    tally.first_token.get_or_insert_with(SystemTime::now);
+                }
+            }
+            Some((Ok(convert::event_to_pb(event)), Some((events, tally))))
         });
         Ok(Response::new(Box::pin(stream) as Boxed<_>))
     })

@@ -88,7 +88,13 @@ impl pb::lifecycle_server::Lifecycle for LifecycleApi {
             let load = validate::load_request(r.options)?;
             let node = self.agent.node.clone();
             let events = self.agent.loads.start(node, &r.model_id, load, deadline)?;
-            let stream = ReceiverStream::new(events).map(|event| match event {
+            // The last message says READY with the loaded model; the lifecycle's own
+            // READY update before it would say it twice.
+            let stream = ReceiverStream::new(events)
+                .filter(|event| {
+                    !matches!(event, Ok(LoadEvent::Progress(u)) if u.state == ModelState::Ready)
+                })
+                .map(|event| match event {
                 Ok(LoadEvent::Progress(u)) => Ok(convert::update_to_pb(&u)),
                 Ok(LoadEvent::Loaded(worker)) => Ok(pb::LoadResponse {
                     progress: Some(pb::LoadProgress {

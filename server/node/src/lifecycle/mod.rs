@@ -341,6 +341,32 @@ impl Lifecycle {
         )
     }
 
+    /// Records that every file of `id` is stored: DOWNLOADED, unless the model is
+    /// already past that (validating, loading, loaded or unloading), which storing its
+    /// files again (a second push, a pull of what is here) does not change.
+    pub fn stored(&self, id: &str, change: Change) -> Result<Option<Transition>> {
+        use ModelState::{Downloaded, Initializing, Loading, Ready, Unloading, Validating};
+        self.write(
+            id,
+            Some(Downloaded),
+            change,
+            None,
+            EventKind::Transition,
+            |from| match from {
+                Some(Downloaded | Validating | Initializing | Loading | Ready | Unloading) => {
+                    Ok(false)
+                }
+                Some(from) if allowed(from, Downloaded) => Ok(true),
+                Some(from) => Err(Error::InvalidTransition {
+                    id: id.to_owned(),
+                    from,
+                    to: Downloaded,
+                }),
+                None => Ok(true),
+            },
+        )
+    }
+
     /// Moves `id` to `Failed`, recording the stage, the error's kind and reason, and
     /// the message.
     pub fn fail(&self, id: &str, stage: Stage, error: &Error) -> Result<Option<Transition>> {
@@ -668,6 +694,27 @@ mod tests {
                 assert!(allowed(s, Failed) || s == Failed, "{s} can fail");
             }
         }
+    }
+
+    #[test]
+    fn files_stored_again_leave_a_loaded_model_loaded() {
+        let (_dir, lc) = lifecycle();
+        lc.registered("m", "test").unwrap();
+        assert!(lc.stored("m", Change::because("push")).unwrap().is_some());
+        for to in [
+            ModelState::Validating,
+            ModelState::Initializing,
+            ModelState::Loading,
+            ModelState::Ready,
+        ] {
+            lc.transition("m", to, Change::default()).unwrap();
+        }
+        assert!(
+            lc.stored("m", Change::because("push again"))
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(lc.state("m").unwrap(), ModelState::Ready);
     }
 
     #[test]

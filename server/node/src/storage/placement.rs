@@ -10,7 +10,7 @@ use modeld_engine_core::ArchiveFormat;
 use super::{Storage, extract};
 use crate::error::{Error, Result};
 use crate::lifecycle::Change;
-use crate::model::{ModelState, Stage as LifecycleStage};
+use crate::model::Stage as LifecycleStage;
 use crate::registry::ModelSpec;
 use crate::store::{StoredFileRecord, StoredModelRecord, unix_ms};
 
@@ -185,9 +185,8 @@ impl Storage {
         self.inner.store.put_stored_model(&spec.id, &record)?;
         self.inner
             .lifecycle
-            .transition(
+            .stored(
                 &spec.id,
-                ModelState::Downloaded,
                 Change {
                     stage: Some(LifecycleStage::Download),
                     progress: 1.0,
