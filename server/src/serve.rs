@@ -79,8 +79,7 @@ async fn reload_pinned(node: &Node, reset: &[(String, modeld_node::model::ModelS
             continue;
         };
         let request = modeld_node::inference::LoadRequest::pinned_again(&record);
-        let (updates, _ignored) = tokio::sync::mpsc::channel(1);
-        match modeld_node::load::drive(node, &entry, request, &updates).await {
+        match modeld_node::load::drive_unwatched(node, &entry, request).await {
             Ok(_) => info!(model = %id, "pinned model reloaded"),
             Err(e) => warn!(model = %id, error = %e, "pinned model could not be reloaded"),
         }

@@ -739,3 +739,112 @@ async fn unloading_frees_the_model_and_reports_its_state() {
     // And it loads again.
     client.load_to_end("smol", None).await.unwrap();
 }
+
+/// A quantized KV cache (llama.cpp): the estimate shrinks by what the cache saves,
+/// ListLoaded says what was applied, greedy answers stay right, a pinned model keeps
+/// it across a restart, and combinations llama.cpp cannot run are refused up front.
+#[tokio::test]
+async fn a_q8_0_kv_cache_halves_the_cache_and_still_answers() {
+    let (agent, client) = agent_with_smol().await;
+    let options = |kv: pb::KvCacheType, fa: pb::FlashAttention, pin: bool| {
+        Some(pb::LoadOptions {
+            context_length: 8192,
+            max_concurrent_requests: 1,
+            kv_cache_type: kv as i32,
+            flash_attention: fa as i32,
+            pin,
+            ..Default::default()
+        })
+    };
+    client.unload("smol", None).await.unwrap();
+    let f16 = client
+        .load_to_end(
+            "smol",
+            options(
+                pb::KvCacheType::Unspecified,
+                pb::FlashAttention::Unspecified,
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(f16.kv_cache_type(), pb::KvCacheType::F16);
+    assert_eq!(f16.flash_attention(), pb::FlashAttention::Auto);
+    client.unload("smol", None).await.unwrap();
+    let q8 = client
+        .load_to_end(
+            "smol",
+            options(pb::KvCacheType::Q80, pb::FlashAttention::Auto, true),
+        )
+        .await
+        .unwrap();
+    assert_eq!(q8.kv_cache_type(), pb::KvCacheType::Q80);
+    // SmolLM2-135M: 30 layers x 3 KV heads x 64 wide, K and V, 8192 positions:
+    // 188.7 MB at f16, 100.3 MB at q8_0 (34 bytes per 32 values).
+    let saved = f16.estimated_memory_bytes - q8.estimated_memory_bytes;
+    let values: u64 = 2 * 30 * 3 * 64 * u64::from(f16.context_length);
+    assert_eq!(saved, values * 2 - values / 32 * 34, "{f16:?}\n{q8:?}");
+    let listed = client.list_loaded().await.unwrap();
+    assert_eq!(listed.models[0].kv_cache_type(), pb::KvCacheType::Q80);
+    let request = pb::GenerateRequest {
+        model_id: "smol".into(),
+        input: chat("Tell me the capital of France."),
+        sampling: greedy(),
+        max_tokens: 24,
+        ..Default::default()
+    };
+    let (text, _, _) = run(&client, request).await;
+    assert!(text.contains("Paris"), "{text:?}");
+
+    // Pinned: the restart brings it back with the same cache.
+    let agent = agent.restart().await;
+    let client = agent.client().await;
+    let waited = std::time::Instant::now();
+    let back = loop {
+        let listed = client.list_loaded().await.unwrap();
+        if let Some(m) = listed.models.into_iter().next() {
+            break m;
+        }
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(60),
+            "the pinned model never came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(back.kv_cache_type(), pb::KvCacheType::Q80);
+    // A model reloaded with nobody watching unloads like any other (its load once
+    // waited forever on a progress channel nobody read).
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        client.unload("smol", None),
+    )
+    .await
+    .expect("the unload of the reloaded model finished")
+    .unwrap();
+
+    // A quantized V cache needs the fused attention kernel.
+    let refused = client
+        .load_to_end(
+            "smol",
+            options(pb::KvCacheType::Q40, pb::FlashAttention::Off, false),
+        )
+        .await
+        .unwrap_err();
+    let status = refused.status().unwrap();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("options.kv_cache_type"),
+        "{status:?}"
+    );
+    // Another runtime has no such option, and says so rather than ignoring it.
+    if cfg!(feature = "candle") {
+        let mut candle = options(pb::KvCacheType::Q80, pb::FlashAttention::Auto, false).unwrap();
+        candle.runtime = pb::Runtime::Candle as i32;
+        let refused = client
+            .load_to_end("smol", Some(candle))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("llama.cpp options"), "{refused}");
+    }
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use modeld_e2e::{
     Agent, AgentOptions, Assets, Client, Fault, FileServer, SMOLLM2_SHA256, SMOLLM2_SIZE,
-    model_server, pb, reason,
+    model_server, modelctl, pb, reason,
 };
 use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
@@ -994,4 +994,113 @@ async fn running_out_of_disk_mid_download_fails_cleanly() {
     // The store is intact, the failure is recorded, and the agent serves on.
     assert_failed_in_download(&client, "smol", Code::ResourceExhausted).await;
     assert!(client.is_serving().await.unwrap());
+}
+
+async fn list_stored(client: &Client) -> pb::ListStoredResponse {
+    client
+        .storage()
+        .list_stored(pb::ListStoredRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A file of `size` bytes whose content depends on `seed`, so every model has its own
+/// blob; registered as a model by file:// and returned as its spec.
+fn distinct_model(dir: &Path, id: &str, seed: u8, size: usize) -> pb::ModelSpec {
+    let path = dir.join(format!("{id}.gguf"));
+    let bytes: Vec<u8> = (0..size)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ ((i >> 12) as u8))
+        .collect();
+    std::fs::write(&path, bytes).unwrap();
+    pb::ModelSpec {
+        id: id.into(),
+        format: pb::ModelFormat::Gguf as i32,
+        files: vec![pb::ModelFile {
+            name: format!("{id}.gguf"),
+            urls: vec![format!("file://{}", path.display())],
+            sha256: sha256_file(&path),
+            size_bytes: size as u64,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Under a small quota, a pull that does not fit removes stored models nothing needs
+/// (least recently used first, each removal an event with its reason), keeps a loaded
+/// one, and refuses without removing anything when even that would not make room.
+#[tokio::test]
+async fn a_pull_that_does_not_fit_removes_stored_models_least_recently_used_first() {
+    let assets = Assets::get();
+    let files = tempfile::tempdir().unwrap();
+    // The loaded SmolLM2 (93.8 MiB) and two 4 MiB models fit; a third does not.
+    let agent = Agent::start_with(quick(&["--disk-quota", "104MiB"])).await;
+    let client = agent.client().await;
+    let smol = modeld_e2e::gguf_spec("smol", &format!("file://{}", assets.gguf.display()));
+    client.register_model(smol).await.unwrap();
+    client.load_to_end("smol", None).await.unwrap();
+    let four = 4 * MB as usize;
+    for (id, seed) in [("old", 1), ("recent", 2)] {
+        register_and_pull(&client, distinct_model(files.path(), id, seed, four))
+            .await
+            .unwrap();
+    }
+    let listed = list_stored(&client).await;
+    let row = |id: &str| listed.models.iter().find(|m| m.model_id == id).cloned();
+    assert!(row("old").unwrap().evictable);
+    let smol_row = row("smol").unwrap();
+    assert!(
+        !smol_row.evictable && smol_row.kept_because == "ready",
+        "{smol_row:?}"
+    );
+    let (ok, out, err) = modelctl(&agent, &["storage"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("no: ready"), "{out}");
+
+    register_and_pull(&client, distinct_model(files.path(), "new", 3, four))
+        .await
+        .unwrap();
+    let stored: Vec<String> = list_stored(&client)
+        .await
+        .models
+        .into_iter()
+        .map(|m| m.model_id)
+        .collect();
+    assert!(
+        !stored.contains(&"old".to_owned())
+            && stored.contains(&"recent".to_owned())
+            && stored.contains(&"new".to_owned())
+            && stored.contains(&"smol".to_owned()),
+        "the least recently used model makes room: {stored:?}"
+    );
+    let old = client.state("old", 10).await.unwrap();
+    assert_eq!(old.state(), pb::ModelState::Registered);
+    let last = old.history.last().unwrap();
+    assert!(
+        last.reason.contains("make room for new"),
+        "the removal is an event with its reason: {last:?}"
+    );
+
+    // 20 MiB cannot fit even with every unused model gone: refused, nothing removed.
+    let err = register_and_pull(&client, distinct_model(files.path(), "huge", 4, 5 * four))
+        .await
+        .unwrap_err();
+    let status = err.status().unwrap();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(reason(status), "QUOTA_EXCEEDED");
+    assert!(
+        status.message().contains("kept: smol (ready)"),
+        "{}",
+        status.message()
+    );
+    let after = list_stored(&client).await.models.len();
+    assert_eq!(
+        after, 3,
+        "nothing was removed for a pull that could not fit"
+    );
+    assert_eq!(
+        client.state("smol", 0).await.unwrap().state(),
+        pb::ModelState::Ready
+    );
 }

@@ -30,6 +30,13 @@ pub struct LoadArgs {
     /// never; default: the agent's).
     #[arg(long, allow_negative_numbers = true)]
     keep_alive: Option<i64>,
+    /// KV cache element type: f16, q8_0 (half the memory) or q4_0 (a quarter);
+    /// llama.cpp only.
+    #[arg(long, value_parser = ["f16", "q8_0", "q4_0"])]
+    kv_cache_type: Option<String>,
+    /// Flash attention: auto, on or off; llama.cpp only.
+    #[arg(long, value_parser = ["auto", "on", "off"])]
+    flash_attention: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +77,18 @@ pub async fn load(client: &Client, a: LoadArgs, out: Output) -> anyhow::Result<(
                     seconds: s,
                     nanos: 0,
                 }),
+                kv_cache_type: match a.kv_cache_type.as_deref() {
+                    Some("q8_0") => pb::KvCacheType::Q80,
+                    Some("q4_0") => pb::KvCacheType::Q40,
+                    Some(_) => pb::KvCacheType::F16,
+                    None => pb::KvCacheType::Unspecified,
+                } as i32,
+                flash_attention: match a.flash_attention.as_deref() {
+                    Some("on") => pb::FlashAttention::On,
+                    Some("off") => pb::FlashAttention::Off,
+                    Some(_) => pb::FlashAttention::Auto,
+                    None => pb::FlashAttention::Unspecified,
+                } as i32,
                 ..Default::default()
             }),
         })
@@ -170,7 +189,12 @@ pub async fn ps(client: &Client, out: Output) -> anyhow::Result<()> {
         t.add_row(vec![
             m.model_id.clone(),
             output::runtime_name(m.runtime),
-            m.context_length.to_string(),
+            // The KV cache type when it is not the default f16.
+            match m.kv_cache_type() {
+                pb::KvCacheType::Q80 => format!("{} (q8_0 KV)", m.context_length),
+                pb::KvCacheType::Q40 => format!("{} (q4_0 KV)", m.context_length),
+                _ => m.context_length.to_string(),
+            },
             if m.engine_process_id == 0 {
                 "in agent".to_owned()
             } else {

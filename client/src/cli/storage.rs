@@ -409,7 +409,7 @@ pub async fn storage(client: &Client, a: StorageArgs, out: Output) -> anyhow::Re
         bytes(usage.partial_bytes),
         bytes(usage.free_bytes)
     );
-    let mut t = output::table(&["MODEL", "SIZE", "COMPLETE", "FILES"]);
+    let mut t = output::table(&["MODEL", "SIZE", "COMPLETE", "FILES", "EVICTABLE"]);
     for m in &stored.models {
         t.add_row(vec![
             m.model_id.clone(),
@@ -420,6 +420,12 @@ pub async fn storage(client: &Client, a: StorageArgs, out: Output) -> anyhow::Re
                 "no".into()
             },
             m.blobs.len().to_string(),
+            // What a pull that does not fit may remove, least recently used first.
+            if m.evictable {
+                "yes".into()
+            } else {
+                format!("no: {}", m.kept_because)
+            },
         ]);
     }
     outln!("{t}");

@@ -30,6 +30,104 @@ pub struct LoadOptions {
     /// from what the memory manager admitted. An engine in its own process is held to
     /// it by the operating system; an engine inside the agent cannot be.
     pub memory_limit_bytes: u64,
+    /// Element type of the KV cache (llama.cpp only; the others keep theirs).
+    #[serde(default)]
+    pub kv_cache_type: KvCacheType,
+    /// Flash attention (llama.cpp only).
+    #[serde(default)]
+    pub flash_attention: FlashAttention,
+}
+
+/// For engines without a choice of KV cache type or attention kernel: asking for one
+/// is an error, not a silent default.
+pub fn refuse_llama_only_options(options: &LoadOptions) -> Result<(), EngineError> {
+    if options.kv_cache_type != KvCacheType::F16 || options.flash_attention == FlashAttention::On {
+        return Err(EngineError::InvalidRequest(format!(
+            "kv_cache_type {} and flash_attention {} are llama.cpp options; load a GGUF with \
+             the llama.cpp runtime to use them",
+            options.kv_cache_type.as_str(),
+            options.flash_attention.as_str()
+        )));
+    }
+    Ok(())
+}
+
+/// What the KV cache stores each value as: f16 is llama.cpp's default; q8_0 halves
+/// the cache at little cost in quality, q4_0 quarters it at more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum KvCacheType {
+    #[default]
+    F16,
+    Q8_0,
+    Q4_0,
+}
+
+impl KvCacheType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvCacheType::F16 => "f16",
+            KvCacheType::Q8_0 => "q8_0",
+            KvCacheType::Q4_0 => "q4_0",
+        }
+    }
+
+    /// Bytes of `values` cached values: ggml's q8_0 and q4_0 store blocks of 32
+    /// values in 34 and 18 bytes.
+    pub fn bytes_for(self, values: u64) -> u64 {
+        match self {
+            KvCacheType::F16 => values.saturating_mul(2),
+            KvCacheType::Q8_0 => values.div_ceil(32).saturating_mul(34),
+            KvCacheType::Q4_0 => values.div_ceil(32).saturating_mul(18),
+        }
+    }
+}
+
+impl std::str::FromStr for KvCacheType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" => Ok(KvCacheType::F16),
+            "q8_0" => Ok(KvCacheType::Q8_0),
+            "q4_0" => Ok(KvCacheType::Q4_0),
+            other => Err(format!(
+                "{other:?} is not a KV cache type (f16, q8_0, q4_0)"
+            )),
+        }
+    }
+}
+
+/// Whether attention runs as one fused kernel: `Auto` lets llama.cpp decide for the
+/// device; a quantized KV cache needs it on (or auto).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum FlashAttention {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl FlashAttention {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlashAttention::Auto => "auto",
+            FlashAttention::On => "on",
+            FlashAttention::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for FlashAttention {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(FlashAttention::Auto),
+            "on" => Ok(FlashAttention::On),
+            "off" => Ok(FlashAttention::Off),
+            other => Err(format!("{other:?} is not auto, on or off")),
+        }
+    }
 }
 
 /// The context a load gets when neither the request nor the model says: enough for
@@ -156,6 +254,12 @@ pub struct ModelInfo {
     pub memory_bytes: u64,
     /// Where the model runs.
     pub accelerator: Accelerator,
+    /// The KV cache type and flash attention the engine applied (f16 and auto for
+    /// engines without the choice).
+    #[serde(default)]
+    pub kv_cache_type: KvCacheType,
+    #[serde(default)]
+    pub flash_attention: FlashAttention,
 }
 
 /// What an engine learned from a model's files without loading them.
@@ -180,11 +284,15 @@ impl ModelProbe {
     /// Bytes of K and V for `tokens` cached positions across every layer, at
     /// `element_bytes` per value (2 for F16 caches, 4 for F32).
     pub fn kv_cache_bytes(&self, tokens: u64, element_bytes: u64) -> u64 {
+        self.kv_values(tokens).saturating_mul(element_bytes)
+    }
+
+    /// Values K and V hold for `tokens` cached positions across every layer.
+    pub fn kv_values(&self, tokens: u64) -> u64 {
         2u64.saturating_mul(u64::from(self.layers))
             .saturating_mul(u64::from(self.kv_heads))
             .saturating_mul(u64::from(self.head_dim))
             .saturating_mul(tokens)
-            .saturating_mul(element_bytes)
     }
 }
 

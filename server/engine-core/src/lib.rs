@@ -17,10 +17,10 @@ mod text;
 
 pub use cpu::{CpuDispatch, CpuVariant};
 pub use engine::{
-    ChatMessage, DEFAULT_CONTEXT, Engine, EngineError, FinishReason, Flow, GenerateOutcome,
-    GenerateRequest, GenerateStats, Job, JobSource, LoadOptions, LoadedModel, MemoryEstimate,
-    ModelInfo, ModelProbe, Sampling, SpecialTokens, Token, TokenDecoder, Tokenizer, Truncation,
-    signal_name,
+    ChatMessage, DEFAULT_CONTEXT, Engine, EngineError, FinishReason, FlashAttention, Flow,
+    GenerateOutcome, GenerateRequest, GenerateStats, Job, JobSource, KvCacheType, LoadOptions,
+    LoadedModel, MemoryEstimate, ModelInfo, ModelProbe, Sampling, SpecialTokens, Token,
+    TokenDecoder, Tokenizer, Truncation, refuse_llama_only_options, signal_name,
 };
 pub use format::{ArchiveFormat, ModelFormat, ParseNameError};
 pub use runtime::{Accelerator, Runtime};

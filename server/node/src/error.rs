@@ -100,16 +100,23 @@ pub enum Error {
     #[error("{file}: every source failed: {attempts}")]
     SourcesExhausted { file: String, attempts: String },
 
-    #[error("not enough disk: {needed} bytes needed, {available} bytes free")]
-    DiskFull { needed: u64, available: u64 },
+    #[error("not enough disk: {needed} bytes needed, {available} bytes free{kept}")]
+    DiskFull {
+        needed: u64,
+        available: u64,
+        /// What stays stored and why ("" when nothing could be removed anyway).
+        kept: String,
+    },
 
     #[error(
-        "disk quota exceeded: {needed} bytes needed, {available} bytes left of the {quota}-byte quota"
+        "disk quota exceeded: {needed} bytes needed, {available} bytes left of the {quota}-byte quota{kept}"
     )]
     QuotaExceeded {
         needed: u64,
         available: u64,
         quota: u64,
+        /// What stays stored and why ("" when nothing could be removed anyway).
+        kept: String,
     },
 
     #[error("archive rejected: {0}; nothing was extracted")]

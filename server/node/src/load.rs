@@ -217,6 +217,26 @@ impl Plan {
     }
 }
 
+/// Drives `entry` to READY when nobody watches (a pinned model coming back after a
+/// restart or a crash). `drive` waits for room on its progress channel, so the
+/// reports are read and dropped here: a channel nobody reads would hold the load
+/// forever once full, and with it the model, which then could not be unloaded.
+pub async fn drive_unwatched(
+    node: &Node,
+    entry: &ModelEntry,
+    request: LoadRequest,
+) -> Result<Arc<ModelWorker>> {
+    let (updates, mut reports) = mpsc::channel::<LoadUpdate>(16);
+    let drain = async move { while reports.recv().await.is_some() {} };
+    let load = async move {
+        let result = drive(node, entry, request, &updates).await;
+        drop(updates);
+        result
+    };
+    let (result, ()) = tokio::join!(load, drain);
+    result
+}
+
 /// Drives `entry` to READY, reporting progress on `updates` (dropped reports are
 /// fine: a client that left does not stop a load another client may join).
 pub async fn drive(

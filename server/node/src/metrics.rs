@@ -23,6 +23,8 @@ pub struct NodeMetrics {
     loads: Counter<u64>,
     load_stage: Histogram<f64>,
     evictions: Counter<u64>,
+    disk_evictions: Counter<u64>,
+    disk_evicted_bytes: Counter<u64>,
     download_bytes: Counter<u64>,
     download_retries: Counter<u64>,
     download_resumes: Counter<u64>,
@@ -59,6 +61,18 @@ pub fn node() -> &'static NodeMetrics {
             evictions: meter
                 .u64_counter("modeld.evictions")
                 .with_description("Models unloaded for memory or idleness, by reason")
+                .build(),
+            disk_evictions: meter
+                .u64_counter("modeld.storage.evictions")
+                .with_description(
+                    "Stored models removed, least recently used first, to make room on \
+                     the disk or under the quota",
+                )
+                .build(),
+            disk_evicted_bytes: meter
+                .u64_counter("modeld.storage.evicted")
+                .with_unit("By")
+                .with_description("Bytes freed by removing stored models to make room")
                 .build(),
             download_bytes: meter
                 .u64_counter("modeld.download.received")
@@ -198,6 +212,11 @@ impl NodeMetrics {
                 KeyValue::new("modeld.eviction.reason", reason.as_str()),
             ],
         );
+    }
+
+    pub fn disk_evicted(&self, model_id: &str, bytes: u64) {
+        self.disk_evictions.add(1, &[model(model_id)]);
+        self.disk_evicted_bytes.add(bytes, &[model(model_id)]);
     }
 
     pub fn downloaded(&self, source: SourceKind, bytes: u64) {

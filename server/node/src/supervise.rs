@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder as _, ExponentialBuilder};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::error::Error;
 use crate::inference::{CRASH_LIMIT, CRASH_WINDOW, LoadRequest};
@@ -97,8 +97,7 @@ async fn recover(node: &Node, id: &str, mut shutdown: watch::Receiver<bool>) {
         let Ok(entry) = node.registry.get(id) else {
             return;
         };
-        let (updates, _unheard) = mpsc::channel(1);
-        match crate::load::drive(node, &entry, LoadRequest::pinned_again(&record), &updates).await {
+        match crate::load::drive_unwatched(node, &entry, LoadRequest::pinned_again(&record)).await {
             Ok(_) => {
                 tracing::info!(model = id, "pinned model restarted");
                 return;

@@ -372,6 +372,16 @@ pub fn loaded_to_pb(w: &ModelWorker) -> pb::LoadedModel {
         context_length: w.info.context_length,
         load_time: Some(timestamp(w.loaded_at)),
         parallel_slots: u32::try_from(w.parallel).unwrap_or(u32::MAX),
+        kv_cache_type: match w.info.kv_cache_type {
+            modeld_engine_core::KvCacheType::F16 => pb::KvCacheType::F16,
+            modeld_engine_core::KvCacheType::Q8_0 => pb::KvCacheType::Q80,
+            modeld_engine_core::KvCacheType::Q4_0 => pb::KvCacheType::Q40,
+        } as i32,
+        flash_attention: match w.info.flash_attention {
+            modeld_engine_core::FlashAttention::Auto => pb::FlashAttention::Auto,
+            modeld_engine_core::FlashAttention::On => pb::FlashAttention::On,
+            modeld_engine_core::FlashAttention::Off => pb::FlashAttention::Off,
+        } as i32,
         queued_requests: u32::try_from(w.in_flight().saturating_sub(w.parallel))
             .unwrap_or(u32::MAX),
         recent: None,

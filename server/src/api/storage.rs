@@ -215,28 +215,39 @@ impl StorageRpc for StorageApi {
                         .push(m.model_id.clone());
                 }
             }
+            let storage = &self.agent.node.storage;
             let models: Vec<pb::StoredModel> = stored
                 .iter()
-                .map(|m| pb::StoredModel {
-                    blobs: m
-                        .files
-                        .iter()
-                        .map(|(_, sha, size)| pb::StoredBlob {
-                            sha256: sha.clone(),
-                            size_bytes: *size,
-                            model_ids: users.get(sha.as_str()).cloned().unwrap_or_default(),
-                        })
-                        .collect(),
-                    model_id: m.model_id.clone(),
-                    size_bytes: m.size_bytes,
-                    complete: m.complete,
-                    path: m
-                        .extracted_path
-                        .as_ref()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_default(),
+                .map(|m| {
+                    let evictability = storage.evictability(&m.model_id)?;
+                    Ok(pb::StoredModel {
+                        blobs: m
+                            .files
+                            .iter()
+                            .map(|(_, sha, size)| pb::StoredBlob {
+                                sha256: sha.clone(),
+                                size_bytes: *size,
+                                model_ids: users.get(sha.as_str()).cloned().unwrap_or_default(),
+                            })
+                            .collect(),
+                        model_id: m.model_id.clone(),
+                        size_bytes: m.size_bytes,
+                        complete: m.complete,
+                        path: m
+                            .extracted_path
+                            .as_ref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default(),
+                        evictable: evictability.kept_because.is_none(),
+                        kept_because: evictability.kept_because.unwrap_or_default(),
+                        last_used_time: (evictability.last_used_unix_ms > 0).then(|| {
+                            convert::timestamp(modeld_node::store::from_unix_ms(
+                                evictability.last_used_unix_ms,
+                            ))
+                        }),
+                    })
                 })
-                .collect();
+                .collect::<Result<_>>()?;
             let (models, next_page_token) = page::paginate(
                 models,
                 |m| m.model_id.clone(),

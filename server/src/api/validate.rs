@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use modeld_engine_core::{ChatMessage, LoadOptions, Runtime, Sampling, Truncation};
+use modeld_engine_core::{
+    ChatMessage, FlashAttention, KvCacheType, LoadOptions, Runtime, Sampling, Truncation,
+};
 use modeld_proto::v1 as pb;
 
 use modeld_node::error::{Error, Result};
@@ -264,6 +266,39 @@ pub fn load_request(options: Option<pb::LoadOptions>) -> Result<LoadRequest> {
             ));
         }
     };
+    let kv_cache_type = match pb::KvCacheType::try_from(o.kv_cache_type) {
+        Ok(pb::KvCacheType::Unspecified | pb::KvCacheType::F16) => KvCacheType::F16,
+        Ok(pb::KvCacheType::Q80) => KvCacheType::Q8_0,
+        Ok(pb::KvCacheType::Q40) => KvCacheType::Q4_0,
+        Err(_) => {
+            return Err(Error::invalid(
+                "options.kv_cache_type",
+                format!("unknown enum value {}", o.kv_cache_type),
+            ));
+        }
+    };
+    let flash_attention = match pb::FlashAttention::try_from(o.flash_attention) {
+        Ok(pb::FlashAttention::Unspecified | pb::FlashAttention::Auto) => FlashAttention::Auto,
+        Ok(pb::FlashAttention::On) => FlashAttention::On,
+        Ok(pb::FlashAttention::Off) => FlashAttention::Off,
+        Err(_) => {
+            return Err(Error::invalid(
+                "options.flash_attention",
+                format!("unknown enum value {}", o.flash_attention),
+            ));
+        }
+    };
+    // llama.cpp stores a quantized V cache only through its fused attention kernel.
+    if kv_cache_type != KvCacheType::F16 && flash_attention == FlashAttention::Off {
+        return Err(Error::invalid(
+            "options.kv_cache_type",
+            format!(
+                "a {} KV cache needs flash attention: set flash_attention to auto or on, or \
+                 keep the f16 cache",
+                kv_cache_type.as_str()
+            ),
+        ));
+    }
     Ok(LoadRequest {
         pin: o.pin,
         keep_alive,
@@ -280,6 +315,8 @@ pub fn load_request(options: Option<pb::LoadOptions>) -> Result<LoadRequest> {
             optimization_level,
             // The agent sets it from what the memory manager admits.
             memory_limit_bytes: 0,
+            kv_cache_type,
+            flash_attention,
         },
     })
 }

@@ -132,6 +132,7 @@ impl Engine for CandleEngine {
         path: &Path,
         options: &LoadOptions,
     ) -> Result<Box<dyn LoadedModel>, EngineError> {
+        modeld_engine_core::refuse_llama_only_options(options)?;
         let (probe, forward, format) = self.open_forward(path, options)?;
         let mut context_length = options.context_for(probe.context_length);
         if format == ModelFormat::Gguf {
@@ -147,6 +148,7 @@ impl Engine for CandleEngine {
             chat_template: None,
             memory_bytes: estimate.total(),
             accelerator: Accelerator::Cpu,
+            ..ModelInfo::default()
         };
         Ok(Box::new(SequenceModel::new(
             forward,

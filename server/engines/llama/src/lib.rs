@@ -20,17 +20,15 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use modeld_engine_core::sampler::{self, Sampler};
 use modeld_engine_core::{
-    Accelerator, ChatMessage, CpuVariant, Engine, EngineError, FinishReason, Flow, GenerateOutcome,
-    GenerateRequest, GenerateStats, JobSource, LoadOptions, LoadedModel, MemoryEstimate,
-    ModelFormat, ModelInfo, ModelProbe, Runtime, SpecialTokens, StopMatcher, StopOutcome, Token,
-    Tokenizer, Utf8Stream, gguf,
+    Accelerator, ChatMessage, CpuVariant, Engine, EngineError, FinishReason, FlashAttention, Flow,
+    GenerateOutcome, GenerateRequest, GenerateStats, JobSource, KvCacheType, LoadOptions,
+    LoadedModel, MemoryEstimate, ModelFormat, ModelInfo, ModelProbe, Runtime, SpecialTokens,
+    StopMatcher, StopOutcome, Token, Tokenizer, Utf8Stream, gguf,
 };
 
 /// Sequences decoded together when the load options do not say.
 pub const DEFAULT_PARALLEL: u32 = 4;
 const DEFAULT_BATCH: u32 = 512;
-/// Bytes per KV-cache element (llama.cpp's default F16 cache).
-const KV_ELEMENT_BYTES: u64 = 2;
 
 pub mod cpu;
 
@@ -147,7 +145,9 @@ impl Engine for LlamaEngine {
         } else {
             options.batch_size
         });
-        let kv_cache = probe.kv_cache_bytes(context * parallel, KV_ELEMENT_BYTES);
+        let kv_cache = options
+            .kv_cache_type
+            .bytes_for(probe.kv_values(context * parallel));
         // llama.cpp's compute buffer holds one batch's activations (a few dozen f32
         // vectors of the embedding width per token) and the logits of every output.
         let compute = batch * u64::from(probe.embedding_length) * 4 * COMPUTE_VECTORS
@@ -185,9 +185,15 @@ impl Engine for LlamaEngine {
                 .ok()
                 .and_then(|t| t.to_string().ok()),
             memory_bytes: model.size()
-                + kv_cache_bytes(&model, u64::from(context_length) * u64::from(parallel)),
+                + kv_cache_bytes(
+                    &model,
+                    u64::from(context_length) * u64::from(parallel),
+                    options.kv_cache_type,
+                ),
             // This build registers llama.cpp's CPU backends only.
             accelerator: Accelerator::Cpu,
+            kv_cache_type: options.kv_cache_type,
+            flash_attention: options.flash_attention,
         };
         let model = Arc::new(model);
         Ok(Box::new(LlamaLoaded {
@@ -205,6 +211,15 @@ impl Engine for LlamaEngine {
     }
 }
 
+fn kv_type(kv: KvCacheType) -> llama_cpp_2::context::params::KvCacheType {
+    use llama_cpp_2::context::params::KvCacheType as Ggml;
+    match kv {
+        KvCacheType::F16 => Ggml::F16,
+        KvCacheType::Q8_0 => Ggml::Q8_0,
+        KvCacheType::Q4_0 => Ggml::Q4_0,
+    }
+}
+
 /// Per-token f32 vectors of the embedding width in llama.cpp's compute buffer.
 const COMPUTE_VECTORS: u64 = 24;
 
@@ -217,11 +232,11 @@ fn parallel_for(requested: u32) -> u32 {
 }
 
 /// KV cache for `tokens` positions: K and V, per layer, per KV head.
-fn kv_cache_bytes(model: &LlamaModel, tokens: u64) -> u64 {
+fn kv_cache_bytes(model: &LlamaModel, tokens: u64, kv: KvCacheType) -> u64 {
     let n_head = u64::from(model.n_head().max(1));
     let head_dim = u64::try_from(model.n_embd()).unwrap_or(0) / n_head;
     let kv_dim = head_dim * u64::from(model.n_head_kv());
-    2 * u64::from(model.n_layer()) * kv_dim * tokens * KV_ELEMENT_BYTES
+    kv.bytes_for(2 * u64::from(model.n_layer()) * kv_dim * tokens)
 }
 
 /// Provider (c): the model's own tokenizer in llama.cpp, usable from any thread
@@ -532,7 +547,14 @@ impl LlamaLoaded {
             .with_n_seq_max(parallel)
             // One KV stream per sequence: each request gets its full context length
             // and attends only to its own cache.
-            .with_kv_unified(false);
+            .with_kv_unified(false)
+            .with_type_k(kv_type(self.info.kv_cache_type))
+            .with_type_v(kv_type(self.info.kv_cache_type))
+            .with_flash_attention_policy(match self.info.flash_attention {
+                FlashAttention::Auto => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
+                FlashAttention::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                FlashAttention::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            });
         if self.threads > 0 {
             let t = i32::try_from(self.threads).unwrap_or(i32::MAX);
             params = params.with_n_threads(t).with_n_threads_batch(t);

@@ -269,6 +269,7 @@ impl Engine for OnnxEngine {
         path: &Path,
         options: &LoadOptions,
     ) -> Result<Box<dyn LoadedModel>, EngineError> {
+        modeld_engine_core::refuse_llama_only_options(options)?;
         let (decoder, export, probe) = self.open_decoder(path, options)?;
         let tokenizer = modeld_tokenizer::for_model(&export.dir, ModelFormat::Onnx, None, None)?;
         let context_length = options.context_for(probe.context_length);
@@ -281,6 +282,7 @@ impl Engine for OnnxEngine {
             chat_template: None,
             memory_bytes: estimate.total(),
             accelerator: accelerator_of(&options.execution_providers),
+            ..ModelInfo::default()
         };
         Ok(Box::new(SequenceModel::new(
             decoder,

@@ -116,6 +116,9 @@ impl LoadRequest {
                 threads: record.threads,
                 batch_size: record.batch_size,
                 use_mmap: true,
+                // Records from before these options were kept say nothing: the defaults.
+                kv_cache_type: record.kv_cache_type.parse().unwrap_or_default(),
+                flash_attention: record.flash_attention.parse().unwrap_or_default(),
                 ..LoadOptions::default()
             },
             pin: true,
@@ -259,8 +262,14 @@ impl Inference {
             return Ok(w);
         }
         let format = entry.spec.format_or_err()?;
-        // The Load's choice, else the model's preference, else the best compiled in.
-        let runtime = request.runtime.or(entry.spec.preferred_runtime);
+        // The Load's choice, else the model's preference, else the best compiled in;
+        // a KV cache type or flash attention setting is llama.cpp's alone.
+        let llama_only = request.options.kv_cache_type != modeld_engine_core::KvCacheType::F16
+            || request.options.flash_attention != modeld_engine_core::FlashAttention::Auto;
+        let runtime = request
+            .runtime
+            .or(entry.spec.preferred_runtime)
+            .or((llama_only && format == ModelFormat::Gguf).then_some(Runtime::LlamaCpp));
         let engine = self.engine_for(id, format, runtime)?;
         let path = model_path(entry, storage).await?;
         // Refused here, before any work, when the table does not allow a load from
@@ -281,6 +290,8 @@ impl Inference {
                     .runtime
                     .map(|r| r.as_str().to_owned())
                     .unwrap_or_default(),
+                kv_cache_type: request.options.kv_cache_type.as_str().to_owned(),
+                flash_attention: request.options.flash_attention.as_str().to_owned(),
             },
         };
         let started = std::time::Instant::now();

@@ -379,6 +379,7 @@ fn disk_error(path: &Path, e: std::io::Error) -> Error {
         Error::DiskFull {
             needed: 0,
             available: fs4::available_space(path).unwrap_or(0),
+            kept: String::new(),
         }
     } else {
         Error::io(path, e)

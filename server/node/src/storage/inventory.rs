@@ -66,6 +66,7 @@ impl Storage {
                     needed,
                     available,
                     quota,
+                    kept: String::new(),
                 });
             }
         }
@@ -74,6 +75,7 @@ impl Storage {
             return Err(Error::DiskFull {
                 needed,
                 available: free,
+                kept: String::new(),
             });
         }
         Ok(())

@@ -14,6 +14,7 @@
 //!   models/<id>/         unpacked archive models
 
 pub mod blobs;
+mod eviction;
 pub mod extract;
 mod fetch;
 mod inventory;
@@ -37,6 +38,7 @@ use crate::lifecycle::Lifecycle;
 use crate::registry::ModelSpec;
 use crate::store::Store;
 
+pub use eviction::Evictability;
 pub use inventory::{StoredModel, Usage};
 pub use push::PushHeader;
 pub use transfers::{Control, TransferHandle};
@@ -64,6 +66,8 @@ pub struct Inner {
     settings: StorageSettings,
     queue: Arc<Semaphore>,
     transfers: Mutex<HashMap<String, Arc<TransferHandle>>>,
+    /// Held while room is made, so two requests do not count the same free bytes.
+    room: tokio::sync::Mutex<()>,
 }
 
 #[derive(Clone)]
@@ -114,6 +118,7 @@ impl Storage {
                 ctx,
                 settings,
                 transfers: Mutex::new(HashMap::new()),
+                room: tokio::sync::Mutex::new(()),
             }),
         })
     }

@@ -98,7 +98,7 @@ impl Storage {
                 ),
             });
         }
-        self.check_space(file.size_bytes - held)?;
+        self.make_room(&spec.id, file.size_bytes - held).await?;
         let path = self.push_path(&spec.id, index);
         let mut partial = PartialFile::open(path.clone(), held).await?;
         let record = |offset| PushRecord {

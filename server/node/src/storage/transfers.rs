@@ -89,14 +89,14 @@ impl Storage {
                         missing.push(i);
                     }
                 }
-                if !missing.is_empty() {
-                    let needed: u64 = missing.iter().map(|i| spec.files[*i].size_bytes).sum();
-                    storage.check_space(needed)?;
-                }
                 Ok(missing)
             })
             .await??
         };
+        if !missing.is_empty() {
+            let needed: u64 = missing.iter().map(|i| spec.files[*i].size_bytes).sum();
+            self.make_room(&spec.id, needed).await?;
+        }
         let id = uuid::Uuid::new_v4().to_string();
         let record = TransferRecord {
             id: id.clone(),

@@ -245,6 +245,12 @@ pub struct PinnedLoadRecord {
     /// Empty = the best runtime for the format.
     #[prost(string, tag = "5")]
     pub runtime: String,
+    /// "f16", "q8_0" or "q4_0"; empty in records older than the option = f16.
+    #[prost(string, tag = "6")]
+    pub kv_cache_type: String,
+    /// "auto", "on" or "off"; empty in older records = auto.
+    #[prost(string, tag = "7")]
+    pub flash_attention: String,
 }
 
 /// Speed measured by Node.Benchmark for one runtime on one format, on this node.
