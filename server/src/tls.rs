@@ -180,6 +180,11 @@ impl Tls {
                         Ok(Ok(tls)) => {
                             let _ = to_server.send(Ok(tls)).await;
                         }
+                        // A connection closed before any ClientHello is a TCP
+                        // probe (a load balancer's, kubelet's): not worth a line.
+                        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                            tracing::debug!(%peer, "connection closed before a TLS handshake");
+                        }
                         Ok(Err(e)) => {
                             info!(%peer, error = %e, "TLS handshake refused");
                         }

@@ -104,6 +104,24 @@ async fn tls_with_tokens_serves_a_reachable_address_and_rotates_without_a_restar
             "plaintext gets nothing"
         );
     }
+    // A refused handshake is logged; a bare TCP connect and close (a load balancer's
+    // or kubelet's probe) is not, or probes would fill the log.
+    let refusals = |log: &str| log.matches("TLS handshake refused").count();
+    let waited = Instant::now();
+    while refusals(&agent.log()) == 0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(5),
+            "the plaintext client's refusal is logged: {}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = refusals(&agent.log());
+    for _ in 0..3 {
+        drop(std::net::TcpStream::connect(agent.addr).unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(refusals(&agent.log()), before, "{}", agent.log());
 
     // grpcurl, as the README shows it.
     let assets = modeld_e2e::Assets::get();
