@@ -646,7 +646,7 @@ pub struct Config {
     /// Which hosts remote sources may reach.
     pub source_hosts: modeld_node::http_client::HostPolicy,
     /// How peers (`modeld://` sources) are reached.
-    pub peers: crate::api::peer::PeerSettings,
+    pub peers: PeerSettings,
     /// RPCs served at once; one more is RESOURCE_EXHAUSTED.
     pub max_concurrent_rpcs: usize,
     /// HTTP/2 streams per connection.
@@ -770,7 +770,7 @@ impl Config {
                 .transpose()?,
             insecure: args.insecure || file.insecure.unwrap_or(false),
             reflection: args.reflection.or(file.reflection),
-            peers: crate::api::peer::PeerSettings {
+            peers: PeerSettings {
                 tls_ca: args.peer_tls_ca.or(file.peer_tls_ca),
                 tls_cert: args.peer_tls_cert.or(file.peer_tls_cert),
                 tls_key: args.peer_tls_key.or(file.peer_tls_key),
@@ -791,7 +791,7 @@ impl Config {
             max_concurrent_rpcs: args
                 .max_concurrent_rpcs
                 .or(file.max_concurrent_rpcs)
-                .unwrap_or(crate::api::layers::DEFAULT_MAX_CONCURRENT_RPCS)
+                .unwrap_or(DEFAULT_MAX_CONCURRENT_RPCS)
                 .max(1),
             max_streams_per_connection: args
                 .max_streams_per_connection
@@ -1042,6 +1042,30 @@ fn default_data_dir() -> PathBuf {
         None => PathBuf::from("modeld-data"),
     }
 }
+
+/// Where the peer credentials are (`--peer-tls-ca`, `--peer-tls-cert`,
+/// `--peer-tls-key`, `--peer-token`).
+#[derive(Clone, Default)]
+pub struct PeerSettings {
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for PeerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerSettings")
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("token", &self.token.as_ref().map(|_| "redacted"))
+            .finish()
+    }
+}
+
+/// The most RPCs the agent serves at once, streams included, unless configured.
+pub const DEFAULT_MAX_CONCURRENT_RPCS: usize = 256;
 
 #[cfg(test)]
 mod tests {

@@ -1,8 +1,8 @@
-//! TLS for the gRPC listener, with rustls: the certificate and key come from files
-//! and are read again when they change on disk, so a rotated certificate takes effect
-//! for new connections without a restart; optionally every client must present a
-//! certificate from a CA bundle (mTLS), and its identity is the certificate's subject
-//! common name or a SAN URI.
+//! TLS for the agent's listeners (gRPC, and the OpenAI-compatible HTTP API), with
+//! rustls: the certificate and key come from files and are read again when they
+//! change on disk, so a rotated certificate takes effect for new connections without
+//! a restart; optionally every client must present a certificate from a CA bundle
+//! (mTLS), and its identity is the certificate's subject common name or a SAN URI.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};

@@ -344,9 +344,6 @@ where
     }
 }
 
-/// The most RPCs the agent serves at once, streams included, unless configured.
-pub const DEFAULT_MAX_CONCURRENT_RPCS: usize = 256;
-
 /// Caps the RPCs in flight across every connection: one over the cap is answered
 /// RESOURCE_EXHAUSTED at once, never queued. A stream counts until its body ends.
 /// Health checks are not counted, so probes see an overloaded agent as alive.

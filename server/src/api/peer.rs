@@ -9,6 +9,7 @@ use modeld_engine_core::error_chain;
 use modeld_proto::v1 as pb;
 use tonic::Code;
 
+use crate::config::PeerSettings;
 use modeld_node::storage::source::{PeerBlob, PeerChunks, PeerSource, SourceFault, retryable};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,27 +27,6 @@ impl std::fmt::Debug for GrpcPeers {
         f.debug_struct("GrpcPeers")
             .field("tls", &self.tls.is_some())
             .field("token", &self.token.is_some())
-            .finish()
-    }
-}
-
-/// Where the peer credentials are (`--peer-tls-ca`, `--peer-tls-cert`,
-/// `--peer-tls-key`, `--peer-token`).
-#[derive(Clone, Default)]
-pub struct PeerSettings {
-    pub tls_ca: Option<std::path::PathBuf>,
-    pub tls_cert: Option<std::path::PathBuf>,
-    pub tls_key: Option<std::path::PathBuf>,
-    pub token: Option<String>,
-}
-
-impl std::fmt::Debug for PeerSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerSettings")
-            .field("tls_ca", &self.tls_ca)
-            .field("tls_cert", &self.tls_cert)
-            .field("tls_key", &self.tls_key)
-            .field("token", &self.token.as_ref().map(|_| "redacted"))
             .finish()
     }
 }
