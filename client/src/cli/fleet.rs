@@ -41,12 +41,86 @@ pub enum FleetCommand {
     Get { deployment: String },
     /// Delete a deployment: its models leave the devices (deleted there with prune).
     Delete { deployment: String },
+    /// A deployment's rollout: status (wave, each device's gates, why it stopped),
+    /// pause, resume, abort, rollback.
+    Rollout {
+        #[arg(value_enum)]
+        action: RolloutAction,
+        deployment: String,
+    },
     /// Follow changes to deployments, devices and models; resumable by revision.
     Watch {
         /// Replay events after this revision first.
         #[arg(long, default_value_t = 0)]
         since: u64,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum RolloutAction {
+    Status,
+    Pause,
+    Resume,
+    Abort,
+    Rollback,
+}
+
+fn print_rollout(r: &fpb::Rollout) {
+    let state = enum_name(
+        fpb::RolloutState::try_from(r.state)
+            .ok()
+            .map(|s| s.as_str_name()),
+        "ROLLOUT_STATE_",
+    );
+    outln!(
+        "rollout of {}: revision {} → {}, {state}, wave {} of {}, {} failed",
+        r.deployment,
+        r.from_revision,
+        r.to_revision,
+        (r.wave + 1).min(r.waves),
+        r.waves,
+        r.failed_devices
+    );
+    if !r.reason.is_empty() {
+        outln!("  {}", r.reason);
+    }
+    let mut t = table(&["DEVICE", "WAVE", "PHASE", "GATES", "SINCE"]);
+    for d in &r.devices {
+        let phase = enum_name(
+            fpb::DeviceRolloutPhase::try_from(d.phase)
+                .ok()
+                .map(|p| p.as_str_name()),
+            "DEVICE_ROLLOUT_PHASE_",
+        );
+        let mut gates: Vec<String> = d
+            .gates
+            .iter()
+            .map(|g| {
+                format!(
+                    "{} {} {}: {}",
+                    g.model_id,
+                    g.gate,
+                    if g.passed { "passed" } else { "FAILED" },
+                    g.detail
+                )
+            })
+            .collect();
+        if !d.reason.is_empty() && gates.is_empty() {
+            gates.push(d.reason.clone());
+        }
+        t.add_row(vec![
+            d.device_id.clone(),
+            if d.wave == 0 {
+                "canary".to_owned()
+            } else {
+                d.wave.to_string()
+            },
+            phase,
+            gates.join("\n"),
+            time(d.since.as_ref()),
+        ]);
+    }
+    outln!("{t}");
 }
 
 fn enum_name(name: Option<&str>, prefix: &str) -> String {
@@ -253,6 +327,21 @@ pub async fn run(
                 return json(&serde_json::json!({}));
             }
             outln!("deployment {deployment} deleted");
+        }
+        FleetCommand::Rollout { action, deployment } => {
+            let request = fpb::RolloutRequest { deployment };
+            let response = match action {
+                RolloutAction::Status => fleet.get_rollout(request).await?,
+                RolloutAction::Pause => fleet.pause_rollout(request).await?,
+                RolloutAction::Resume => fleet.resume_rollout(request).await?,
+                RolloutAction::Abort => fleet.abort_rollout(request).await?,
+                RolloutAction::Rollback => fleet.rollback_rollout(request).await?,
+            }
+            .into_inner();
+            if output == Output::Json {
+                return json(&response);
+            }
+            print_rollout(&response.rollout.unwrap_or_default());
         }
         FleetCommand::Watch { since } => {
             let mut stream = fleet

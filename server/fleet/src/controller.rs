@@ -15,6 +15,7 @@ use tokio::sync::{broadcast, mpsc};
 use crate::deployment;
 use crate::error::{Error, Result};
 use crate::placement::{self, Needs, Placeable};
+use crate::rollout;
 use crate::store::Store;
 
 /// What the controller sends down one device's stream.
@@ -39,6 +40,7 @@ struct State {
     devices: BTreeMap<String, fpb::Device>,
     assignments: HashMap<String, fpb::Assignments>,
     results: BTreeMap<String, fpb::PlacementResult>,
+    rollouts: BTreeMap<String, fpb::Rollout>,
     sessions: HashMap<String, Session>,
     /// Last phase seen per (deployment, device, model), for MODEL_PHASE events.
     phases: HashMap<(String, String, String), i32>,
@@ -87,6 +89,9 @@ impl Controller {
         for (id, a) in store.assignments()? {
             state.assignments.insert(id, a);
         }
+        for r in store.rollouts()? {
+            state.rollouts.insert(r.deployment.clone(), r);
+        }
         let (events, _) = broadcast::channel(LIVE_BUFFER);
         let controller = Arc::new(Controller {
             store,
@@ -113,7 +118,14 @@ impl Controller {
 
     /// Places everything again and sends changed assignments to connected devices.
     fn replan(&self, state: &mut State) -> Result<()> {
-        let plan = plan_for(state);
+        let mut plan = plan_for(state);
+        rollout::shape(&mut plan.assignments, &state.rollouts, |name| {
+            state
+                .deployments
+                .get(name)
+                .and_then(|(d, _)| d.rollout.clone())
+                .unwrap_or_default()
+        });
         state.results = plan.results;
         for (device, items) in plan.assignments {
             let current = state.assignments.get(&device);
@@ -212,6 +224,7 @@ impl Controller {
                 state
                     .deployments
                     .insert(d.name.clone(), (d.clone(), needs.clone()));
+                c.begin_rollout(state, existing.as_ref(), &d)?;
                 c.emit(
                     state,
                     fpb::WatchResponse {
@@ -238,6 +251,9 @@ impl Controller {
                 return Err(Error::DeploymentNotFound(name.to_owned()));
             }
             c.store.delete_deployment(name)?;
+            if state.rollouts.remove(name).is_some() {
+                c.store.delete_rollout(name)?;
+            }
             c.emit(
                 state,
                 fpb::WatchResponse {
@@ -346,6 +362,7 @@ impl Controller {
                 },
             )?;
             c.replan(state)?;
+            c.progress(state)?;
             // A device that reconnects gets its assignments even if nothing changed.
             if let Some(a) = state.assignments.get(&id) {
                 send(&outbox, a);
@@ -382,7 +399,8 @@ impl Controller {
                     },
                 )?;
             }
-            c.refresh_phases(state)
+            c.refresh_phases(state)?;
+            c.progress(state)
         })
     }
 
@@ -406,13 +424,197 @@ impl Controller {
                     ..Default::default()
                 },
             )?;
-            c.refresh_phases(state)
+            c.refresh_phases(state)?;
+            c.progress(state)
         });
         if let Err(e) = result {
             tracing::warn!(device = %id, error = %e, "the disconnection could not be recorded");
         }
         let _ = self.store.flush().await;
         tracing::info!(device = %id, "device disconnected");
+    }
+
+    /// Starts a rollout when an apply changed a deployment that has a strategy and ran
+    /// somewhere; a change without a strategy ends any rollout (every device takes it).
+    fn begin_rollout(
+        &self,
+        state: &mut State,
+        existing: Option<&fpb::Deployment>,
+        next: &fpb::Deployment,
+    ) -> Result<()> {
+        let name = next.name.as_str();
+        let (Some(existing), Some(_)) = (existing, next.rollout.as_ref()) else {
+            if state.rollouts.remove(name).is_some() {
+                self.store.delete_rollout(name)?;
+            }
+            return Ok(());
+        };
+        // A change during a rollout starts over from the revision devices fall back to.
+        let previous = state
+            .rollouts
+            .get(name)
+            .filter(|r| rollout::active(r))
+            .and_then(|r| r.previous.clone())
+            .unwrap_or_else(|| existing.clone());
+        let placed = plan_for(state)
+            .results
+            .remove(name)
+            .unwrap_or_default()
+            .device_ids;
+        let devices: Vec<&fpb::Device> = placed
+            .iter()
+            .filter_map(|id| state.devices.get(id))
+            .collect();
+        let r = rollout::begin(&previous, next, &devices, SystemTime::now());
+        tracing::info!(
+            deployment = name,
+            from = r.from_revision,
+            to = r.to_revision,
+            waves = r.waves,
+            devices = r.devices.len(),
+            "rollout started"
+        );
+        self.save_rollout(state, r)
+    }
+
+    fn save_rollout(&self, state: &mut State, r: fpb::Rollout) -> Result<()> {
+        self.store.put_rollout(&r)?;
+        let summary = fpb::Rollout {
+            devices: Vec::new(),
+            previous: None,
+            ..r.clone()
+        };
+        state.rollouts.insert(r.deployment.clone(), r);
+        self.emit(
+            state,
+            fpb::WatchResponse {
+                kind: fpb::EventKind::Rollout as i32,
+                deployment: summary.deployment.clone(),
+                rollout: Some(summary),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Moves every rollout on from what devices reported.
+    fn progress(&self, state: &mut State) -> Result<()> {
+        let names: Vec<String> = state.rollouts.keys().cloned().collect();
+        let mut replan = false;
+        for name in names {
+            let (Some(mut r), Some((next, _))) = (
+                state.rollouts.get(&name).cloned(),
+                state.deployments.get(&name).cloned(),
+            ) else {
+                continue;
+            };
+            let moved = rollout::advance(&mut r, &next, &state.devices, SystemTime::now());
+            if moved.rolling_back {
+                self.restore_previous(state, &r)?;
+            }
+            if moved.changed {
+                tracing::info!(deployment = %name, state = r.state().as_str_name(), wave = r.wave, failed = r.failed_devices, reason = %r.reason, "rollout moved");
+                self.save_rollout(state, r)?;
+            }
+            replan |= moved.replan;
+        }
+        if replan {
+            self.replan(state)?;
+        }
+        Ok(())
+    }
+
+    /// The deployment goes back to the previous revision's content, under a new
+    /// revision number (numbers only grow, so a device never mistakes the old gates
+    /// for the new).
+    fn restore_previous(&self, state: &mut State, r: &fpb::Rollout) -> Result<()> {
+        let Some(previous) = r.previous.clone() else {
+            return Ok(());
+        };
+        let Some((current, _)) = state.deployments.get(&r.deployment) else {
+            return Ok(());
+        };
+        let restored = fpb::Deployment {
+            generation: current.generation + 1,
+            update_time: Some(now()),
+            ..previous
+        };
+        let needs = deployment::check(&restored)?;
+        self.store.put_deployment(&restored)?;
+        state
+            .deployments
+            .insert(restored.name.clone(), (restored, needs));
+        Ok(())
+    }
+
+    /// Moves rollouts on with the clock (wave intervals, devices lost too long).
+    pub async fn tick(&self) -> Result<()> {
+        self.with_state(|c, state| c.progress(state))?;
+        self.store.flush().await
+    }
+
+    pub fn rollout(&self, name: &str) -> Result<fpb::Rollout> {
+        self.with_state(|_, state| {
+            if !state.deployments.contains_key(name) {
+                return Err(Error::DeploymentNotFound(name.to_owned()));
+            }
+            state
+                .rollouts
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Error::RolloutNotFound(name.to_owned()))
+        })
+    }
+
+    /// An operator's command on a rollout.
+    pub async fn control(&self, name: &str, command: RolloutCommand) -> Result<fpb::Rollout> {
+        use fpb::RolloutState as S;
+        let r = self.with_state(|c, state| {
+            let mut r = state
+                .rollouts
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Error::RolloutNotFound(name.to_owned()))?;
+            let current = r.state();
+            let refuse = || {
+                Err(Error::RolloutState(format!(
+                    "the rollout of {name:?} is {}; {} needs one that is {}",
+                    current
+                        .as_str_name()
+                        .trim_start_matches("ROLLOUT_STATE_")
+                        .to_ascii_lowercase(),
+                    command.as_str(),
+                    command.allowed_from()
+                )))
+            };
+            let now = SystemTime::now();
+            match command {
+                RolloutCommand::Pause if current == S::Progressing => {
+                    r.state = S::Paused as i32;
+                    r.reason = "paused by an operator".into();
+                }
+                RolloutCommand::Resume if current == S::Paused => {
+                    r.state = S::Progressing as i32;
+                    r.reason = String::new();
+                }
+                RolloutCommand::Abort if matches!(current, S::Progressing | S::Paused) => {
+                    r.state = S::Aborted as i32;
+                    r.reason = "aborted by an operator".into();
+                }
+                RolloutCommand::Rollback if rollout::active(&r) => {
+                    r.reason = "rolled back by an operator".into();
+                    rollout::start_rollback(&mut r, now);
+                    c.restore_previous(state, &r)?;
+                }
+                _ => return refuse(),
+            }
+            r.update_time = Some(modeld::api::convert::timestamp(now));
+            c.save_rollout(state, r.clone())?;
+            c.replan(state)?;
+            c.progress(state)?;
+            Ok(state.rollouts.get(name).cloned().unwrap_or(r))
+        })?;
+        self.store.flush().await?;
+        Ok(r)
     }
 
     /// Events after `since` from the store, then live ones; `since == 0` = live only.
@@ -435,6 +637,35 @@ impl Controller {
             }
             Ok((past, live))
         })
+    }
+}
+
+/// What an operator can do to a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutCommand {
+    Pause,
+    Resume,
+    Abort,
+    Rollback,
+}
+
+impl RolloutCommand {
+    fn as_str(self) -> &'static str {
+        match self {
+            RolloutCommand::Pause => "pause",
+            RolloutCommand::Resume => "resume",
+            RolloutCommand::Abort => "abort",
+            RolloutCommand::Rollback => "rollback",
+        }
+    }
+
+    fn allowed_from(self) -> &'static str {
+        match self {
+            RolloutCommand::Pause => "progressing",
+            RolloutCommand::Resume => "paused",
+            RolloutCommand::Abort => "progressing or paused",
+            RolloutCommand::Rollback => "progressing, paused or aborted",
+        }
     }
 }
 

@@ -106,6 +106,108 @@ fn check_placement(p: &fpb::Placement) -> Result<()> {
     Ok(())
 }
 
+/// Most smoke tests one rollout may run.
+pub const MAX_SMOKE_TESTS: usize = 16;
+/// Longest smoke-test prompt, in bytes.
+pub const MAX_PROMPT_BYTES: usize = 4096;
+
+fn check_fraction(field: &str, f: f64) -> Result<()> {
+    if f.is_finite() && (0.0..=1.0).contains(&f) {
+        Ok(())
+    } else {
+        Err(Error::invalid(field, format!("{f} must be from 0 to 1")))
+    }
+}
+
+fn check_rollout(r: &fpb::RolloutStrategy, model_ids: &[String]) -> Result<()> {
+    let f = |name: &str| format!("deployment.rollout.{name}");
+    let canary = r.canary.clone().unwrap_or_default();
+    if canary.devices > 0 && canary.fraction != 0.0 {
+        return Err(Error::invalid(
+            f("canary"),
+            "set devices or fraction, not both",
+        ));
+    }
+    check_fraction(&f("canary.fraction"), canary.fraction)?;
+    check_fraction(&f("max_failed_fraction"), r.max_failed_fraction)?;
+    if !(r.growth_factor == 0.0 || (r.growth_factor.is_finite() && r.growth_factor >= 1.0)) {
+        return Err(Error::invalid(
+            f("growth_factor"),
+            format!("{} must be 0 (= 2) or at least 1", r.growth_factor),
+        ));
+    }
+    for (name, value) in [("swap", r.swap), ("device_lost", r.device_lost)] {
+        let known = match name {
+            "swap" => fpb::SwapPolicy::try_from(value).is_ok(),
+            _ => fpb::DeviceLostPolicy::try_from(value).is_ok(),
+        };
+        if !known {
+            return Err(Error::invalid(f(name), format!("unknown policy {value}")));
+        }
+    }
+    let gates = r.gates.clone().unwrap_or_default();
+    if !(gates.max_slowdown == 0.0 || (gates.max_slowdown.is_finite() && gates.max_slowdown >= 1.0))
+    {
+        return Err(Error::invalid(
+            f("gates.max_slowdown"),
+            format!(
+                "{} must be 0 (not checked) or at least 1",
+                gates.max_slowdown
+            ),
+        ));
+    }
+    check_fraction(&f("gates.max_error_rate"), gates.max_error_rate)?;
+    if gates.smoke_tests.len() > MAX_SMOKE_TESTS {
+        return Err(Error::invalid(
+            f("gates.smoke_tests"),
+            format!(
+                "{} tests; the limit is {MAX_SMOKE_TESTS}",
+                gates.smoke_tests.len()
+            ),
+        ));
+    }
+    for (i, t) in gates.smoke_tests.iter().enumerate() {
+        let field = |name: &str| f(&format!("gates.smoke_tests[{i}].{name}"));
+        if t.prompt.trim().is_empty() {
+            return Err(Error::invalid(field("prompt"), "is required"));
+        }
+        if t.prompt.len() > MAX_PROMPT_BYTES {
+            return Err(Error::invalid(
+                field("prompt"),
+                format!("{} bytes; the limit is {MAX_PROMPT_BYTES}", t.prompt.len()),
+            ));
+        }
+        if t.max_tokens > modeld_node::fleet::gates::MAX_SMOKE_TOKENS {
+            return Err(Error::invalid(
+                field("max_tokens"),
+                format!(
+                    "{} is more than {}",
+                    t.max_tokens,
+                    modeld_node::fleet::gates::MAX_SMOKE_TOKENS
+                ),
+            ));
+        }
+        if !t.model_id.is_empty() && !model_ids.contains(&t.model_id) {
+            return Err(Error::invalid(
+                field("model_id"),
+                format!("{:?} is not a model of this deployment", t.model_id),
+            ));
+        }
+        if !t.matches.is_empty()
+            && let Err(e) = regex::Regex::new(&t.matches)
+        {
+            return Err(Error::invalid(field("matches"), e.to_string()));
+        }
+        if t.contains.is_empty() && t.equals.is_empty() && t.matches.is_empty() && !t.json {
+            return Err(Error::invalid(
+                field("contains"),
+                "say what the answer must satisfy: contains, equals, matches or json",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks `d` and works out what each of its models needs from a device. Fields the
 /// controller owns (generation, times) are ignored here and set by the caller.
 pub fn check(d: &fpb::Deployment) -> Result<Vec<Needs>> {
@@ -135,6 +237,16 @@ pub fn check(d: &fpb::Deployment) -> Result<Vec<Needs>> {
         // deployment the controller accepts is one every agent accepts.
         let spec = modeld::api::convert::spec_from_pb(spec_pb, &field("spec"))?
             .validate(&field("spec"))?;
+        // The device stages a new revision under `<id>.standby`, which must be a
+        // valid id too.
+        if let Err(e) =
+            modeld_node::registry::spec::validate_id("", &modeld_node::fleet::standby_id(&spec.id))
+        {
+            return Err(Error::invalid(
+                field("spec.id"),
+                format!("too long to stage a rollout beside it: {e}"),
+            ));
+        }
         if needs.iter().any(|n| n.model_id == spec.id) {
             return Err(Error::invalid(
                 field("spec.id"),
@@ -179,6 +291,10 @@ pub fn check(d: &fpb::Deployment) -> Result<Vec<Needs>> {
             wanted,
             min_generation_tokens_per_second: m.min_generation_tokens_per_second,
         });
+    }
+    if let Some(r) = &d.rollout {
+        let ids: Vec<String> = needs.iter().map(|n| n.model_id.clone()).collect();
+        check_rollout(r, &ids)?;
     }
     Ok(needs)
 }

@@ -19,6 +19,13 @@ pub enum Error {
     #[error("device {0:?} not found")]
     DeviceNotFound(String),
 
+    #[error("deployment {0:?} has no rollout: it has not changed under a rollout strategy")]
+    RolloutNotFound(String),
+
+    /// A rollout command that its state does not allow (resuming a completed one).
+    #[error("{0}")]
+    RolloutState(String),
+
     /// A device broke the stream's protocol (no hello first, say).
     #[error("{0}")]
     Protocol(String),
@@ -55,6 +62,8 @@ impl Error {
             Error::Invalid { .. } => (Code::InvalidArgument, "INVALID_ARGUMENT"),
             Error::DeploymentNotFound(_) => (Code::NotFound, "DEPLOYMENT_NOT_FOUND"),
             Error::DeviceNotFound(_) => (Code::NotFound, "DEVICE_NOT_FOUND"),
+            Error::RolloutNotFound(_) => (Code::NotFound, "ROLLOUT_NOT_FOUND"),
+            Error::RolloutState(_) => (Code::FailedPrecondition, "ROLLOUT_STATE"),
             Error::Protocol(_) => (Code::FailedPrecondition, "DEVICE_PROTOCOL"),
             Error::RevisionCompacted { .. } => (Code::OutOfRange, "REVISION_COMPACTED"),
             Error::Store(_) => (Code::Unavailable, "STORE_UNAVAILABLE"),

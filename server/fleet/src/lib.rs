@@ -7,13 +7,14 @@
 //! changes down each device's stream; [`api`] holds the two gRPC services.
 //!
 //! Modules import downward only: `serve` → `api` → `controller` → `placement`,
-//! `deployment` → `store` → `error`.
+//! `deployment`, `rollout` → `store` → `error`.
 
 pub mod api;
 pub mod controller;
 pub mod deployment;
 pub mod error;
 pub mod placement;
+pub mod rollout;
 pub mod serve;
 pub mod store;
 

@@ -201,6 +201,27 @@ fn misfit(device: &fpb::Device, need: &Needs, room: Room) -> Option<String> {
     None
 }
 
+/// What a device that gets `deployment` holds for it, at the deployment's revision.
+pub fn assignments_of(deployment: &fpb::Deployment) -> Vec<fpb::Assignment> {
+    deployment
+        .models
+        .iter()
+        .map(|model| {
+            let mut load_options = model.load_options.clone().unwrap_or_default();
+            load_options.pin = model.state == fpb::WantedState::Pinned as i32;
+            fpb::Assignment {
+                deployment: deployment.name.clone(),
+                spec: model.spec.clone(),
+                state: model.state,
+                load_options: Some(load_options),
+                prune: deployment.prune,
+                revision: deployment.generation,
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
 /// How many of `matching` fitting devices the rule takes.
 fn quota(placement: Option<&fpb::Placement>, matching: usize) -> usize {
     match placement {
@@ -310,18 +331,10 @@ pub fn plan(
                 owned.insert(need.model_id.as_str(), deployment.name.as_str());
             }
             result.device_ids.push(device.id.clone());
-            let assigned = out.assignments.entry(device.id.clone()).or_default();
-            for model in &deployment.models {
-                let mut load_options = model.load_options.clone().unwrap_or_default();
-                load_options.pin = model.state == fpb::WantedState::Pinned as i32;
-                assigned.push(fpb::Assignment {
-                    deployment: deployment.name.clone(),
-                    spec: model.spec.clone(),
-                    state: model.state,
-                    load_options: Some(load_options),
-                    prune: deployment.prune,
-                });
-            }
+            out.assignments
+                .entry(device.id.clone())
+                .or_default()
+                .extend(assignments_of(deployment));
         }
         if result.matching_devices == 0 {
             result.warning = if devices.is_empty() {

@@ -20,6 +20,8 @@ use crate::store::Store;
 use modeld::api::auth::{Credentials, SharedCredentials};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7800";
+/// How often rollouts are moved on when no report arrives.
+const ROLLOUT_TICK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -82,6 +84,24 @@ pub async fn serve(
         .await
         .map_err(|e| Error::Serve(e.to_string()))??;
     let controller = Controller::open(store.clone())?;
+    let (stop_tx, stop_rx) = (stop_tx, stop_rx);
+    {
+        // Rollouts also move with the clock: wave intervals, devices lost too long.
+        let controller = controller.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(ROLLOUT_TICK);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                if let Err(e) = controller.tick().await {
+                    warn!(error = %e, "rollouts could not be moved on");
+                }
+            }
+        });
+    }
     info!(
         deployments = controller.deployments().len(),
         devices = controller.devices().len(),

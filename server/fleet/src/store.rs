@@ -20,6 +20,7 @@ pub struct Store {
     deployments: sled::Tree,
     devices: sled::Tree,
     assignments: sled::Tree,
+    rollouts: sled::Tree,
     events: sled::Tree,
 }
 
@@ -52,6 +53,7 @@ impl Store {
             deployments: db.open_tree("deployments")?,
             devices: db.open_tree("devices")?,
             assignments: db.open_tree("assignments")?,
+            rollouts: db.open_tree("rollouts")?,
             events: db.open_tree("events")?,
             db,
         })
@@ -107,6 +109,21 @@ impl Store {
     pub fn put_assignments(&self, device: &str, a: &fpb::Assignments) -> Result<()> {
         self.assignments
             .insert(device.as_bytes(), a.encode_to_vec())?;
+        Ok(())
+    }
+
+    pub fn rollouts(&self) -> Result<Vec<fpb::Rollout>> {
+        all(&self.rollouts, "rollouts")
+    }
+
+    pub fn put_rollout(&self, r: &fpb::Rollout) -> Result<()> {
+        self.rollouts
+            .insert(r.deployment.as_bytes(), r.encode_to_vec())?;
+        Ok(())
+    }
+
+    pub fn delete_rollout(&self, deployment: &str) -> Result<()> {
+        self.rollouts.remove(deployment.as_bytes())?;
         Ok(())
     }
 

@@ -50,6 +50,20 @@ impl Node {
         Ok(())
     }
 
+    /// Swaps two models' ids, loaded workers included: what was `b` serves as `a`
+    /// from the next request on, and `a`'s former model stays reachable as `b`
+    /// (requests already running on either finish where they started). A fleet
+    /// rollout stages a new revision under a second id and swaps it in this way, so
+    /// the model never stops answering. Refused while either is downloading.
+    pub async fn exchange(&self, a: &str, b: &str) -> crate::error::Result<()> {
+        let dirs = self.storage.exchange_dirs(a, b)?;
+        self.registry.exchange(a, b).await?;
+        self.inference.exchange(a, b);
+        dirs.keep();
+        tracing::info!(a, b, "models exchanged");
+        Ok(())
+    }
+
     /// Current resources for compatibility checks.
     pub fn resources(&self) -> NodeResources {
         let memory = self.hardware.memory();

@@ -356,7 +356,7 @@ pub fn loaded_to_pb(w: &ModelWorker) -> pb::LoadedModel {
         engine_process_id: w.process_id.unwrap_or(0),
         proportional_memory_bytes: memory.proportional_bytes.unwrap_or(0),
         memory_measured: memory.measured,
-        model_id: w.model_id.clone(),
+        model_id: w.model_id(),
         runtime: pb::Runtime::from(w.runtime) as i32,
         accelerator: pb::Accelerator::from(w.info.accelerator) as i32,
         estimated_memory_bytes: w.estimate.total(),

@@ -194,9 +194,9 @@ impl Generate for GenerateApi {
         };
         let span = tracing::info_span!(
             "generate",
-            "otel.name" = format!("generate {}", worker.model_id),
+            "otel.name" = format!("generate {}", worker.model_id()),
             "gen_ai.operation.name" = if chat { "chat" } else { "text_completion" },
-            "gen_ai.request.model" = %worker.model_id,
+            "gen_ai.request.model" = %worker.model_id(),
             "gen_ai.request.max_tokens" = request.max_tokens,
             "modeld.runtime" = worker.runtime.as_str(),
             "gen_ai.usage.input_tokens" = request.prompt.len(),
@@ -209,7 +209,7 @@ impl Generate for GenerateApi {
         let events = worker.generate(request, deadline)?;
         let tally = Tally {
             metrics: self.agent.metrics.clone(),
-            model_id: worker.model_id.clone(),
+            model_id: worker.model_id(),
             runtime: worker.runtime.as_str(),
             weight_bytes: worker.estimate.weights,
             span,

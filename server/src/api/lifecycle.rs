@@ -174,7 +174,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleApi {
                     .iter()
                     .map(|w| {
                         let mut m = convert::loaded_to_pb(w);
-                        m.recent = Some(convert::recent_to_pb(&metrics.recent(&w.model_id)));
+                        m.recent = Some(convert::recent_to_pb(&metrics.recent(&w.model_id())));
                         m
                     })
                     .collect()

@@ -3,7 +3,12 @@
 use std::sync::Arc;
 
 use modeld_node::Node;
-use modeld_node::fleet::{Assignment, Assignments, ModelReport, Report, Wanted};
+use std::time::Duration;
+
+use modeld_node::fleet::{
+    Assignment, Assignments, GateReport, GateResult, GateState, Gates, ModelReport, Report,
+    SmokeTest, SwapPolicy, Wanted,
+};
 use modeld_proto::fleet::v1 as fpb;
 
 use crate::api::{convert, validate};
@@ -32,18 +37,85 @@ pub fn assignments_from_pb(p: fpb::Assignments) -> modeld_node::Result<Assignmen
             }
         };
         let load = validate::load_request(a.load_options)?;
+        let retain = a
+            .retain
+            .map(|r| {
+                convert::spec_from_pb(r, &format!("{field}.retain"))?
+                    .validate(&format!("{field}.retain"))
+            })
+            .transpose()?;
         items.push(Assignment {
             deployment: a.deployment,
             spec,
             wanted,
             load,
             prune: a.prune,
+            revision: a.revision,
+            gates: a.gates.map(gates_from_pb),
+            retain,
+            swap: if a.swap == fpb::SwapPolicy::SkipDevice as i32 {
+                SwapPolicy::SkipDevice
+            } else {
+                SwapPolicy::AllowGap
+            },
         });
     }
     Ok(Assignments {
         generation: p.generation,
         items,
     })
+}
+
+/// Defaults as the protocol states them (0 = 600 s to be ready, 32 tokens).
+pub fn gates_from_pb(g: fpb::Gates) -> Gates {
+    Gates {
+        ready_within: Duration::from_secs(match g.ready_within_seconds {
+            0 => 600,
+            s => u64::from(s),
+        }),
+        smoke_tests: g
+            .smoke_tests
+            .into_iter()
+            .map(|t| SmokeTest {
+                model_id: t.model_id,
+                prompt: t.prompt,
+                max_tokens: t.max_tokens,
+                contains: Some(t.contains).filter(|s| !s.is_empty()),
+                equals: Some(t.equals).filter(|s| !s.is_empty()),
+                matches: Some(t.matches).filter(|s| !s.is_empty()),
+                json: t.json,
+            })
+            .collect(),
+        max_slowdown: g.max_slowdown,
+        soak: Duration::from_secs(u64::from(g.soak_seconds)),
+        max_error_rate: g.max_error_rate,
+    }
+}
+
+fn gate_state_to_pb(s: GateState) -> fpb::GateState {
+    match s {
+        GateState::Running => fpb::GateState::Running,
+        GateState::Passed => fpb::GateState::Passed,
+        GateState::Failed => fpb::GateState::Failed,
+        GateState::Skipped => fpb::GateState::Skipped,
+    }
+}
+
+fn gate_result_to_pb(r: &GateResult) -> fpb::GateResult {
+    fpb::GateResult {
+        model_id: r.model_id.clone(),
+        gate: r.gate.clone(),
+        passed: r.passed,
+        detail: r.detail.clone(),
+    }
+}
+
+fn gate_report_to_pb(r: &GateReport) -> fpb::GateReport {
+    fpb::GateReport {
+        revision: r.revision,
+        state: gate_state_to_pb(r.state) as i32,
+        results: r.results.iter().map(gate_result_to_pb).collect(),
+    }
 }
 
 pub fn report_to_pb(r: &Report) -> fpb::Report {
@@ -63,6 +135,8 @@ fn model_report_to_pb(m: &ModelReport) -> fpb::ModelReport {
         bytes_total: m.bytes_total,
         error: m.error.clone(),
         memory_bytes: m.memory_bytes,
+        revision: m.revision,
+        gates: m.gates.as_ref().map(gate_report_to_pb),
     }
 }
 

@@ -331,7 +331,7 @@ impl Metrics {
 
 fn model_attrs(w: &modeld_node::inference::ModelWorker) -> [KeyValue; 2] {
     [
-        KeyValue::new("gen_ai.request.model", w.model_id.clone()),
+        KeyValue::new("gen_ai.request.model", w.model_id()),
         KeyValue::new("modeld.runtime", w.runtime.as_str()),
     ]
 }

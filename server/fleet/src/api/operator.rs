@@ -8,7 +8,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
 use super::Boxed;
-use crate::controller::Controller;
+use crate::controller::{Controller, RolloutCommand};
 use crate::error::Error;
 
 pub struct OperatorApi {
@@ -28,8 +28,61 @@ fn required(field: &str, value: &str) -> Result<(), Status> {
     Ok(())
 }
 
+impl OperatorApi {
+    async fn command(
+        &self,
+        request: Request<fpb::RolloutRequest>,
+        command: RolloutCommand,
+    ) -> Result<Response<fpb::RolloutResponse>, Status> {
+        let name = request.into_inner().deployment;
+        required("deployment", &name)?;
+        Ok(Response::new(fpb::RolloutResponse {
+            rollout: Some(self.controller.control(&name, command).await?),
+        }))
+    }
+}
+
 #[tonic::async_trait]
 impl FleetService for OperatorApi {
+    async fn get_rollout(
+        &self,
+        request: Request<fpb::RolloutRequest>,
+    ) -> Result<Response<fpb::RolloutResponse>, Status> {
+        let name = request.into_inner().deployment;
+        required("deployment", &name)?;
+        Ok(Response::new(fpb::RolloutResponse {
+            rollout: Some(self.controller.rollout(&name)?),
+        }))
+    }
+
+    async fn pause_rollout(
+        &self,
+        request: Request<fpb::RolloutRequest>,
+    ) -> Result<Response<fpb::RolloutResponse>, Status> {
+        self.command(request, RolloutCommand::Pause).await
+    }
+
+    async fn resume_rollout(
+        &self,
+        request: Request<fpb::RolloutRequest>,
+    ) -> Result<Response<fpb::RolloutResponse>, Status> {
+        self.command(request, RolloutCommand::Resume).await
+    }
+
+    async fn abort_rollout(
+        &self,
+        request: Request<fpb::RolloutRequest>,
+    ) -> Result<Response<fpb::RolloutResponse>, Status> {
+        self.command(request, RolloutCommand::Abort).await
+    }
+
+    async fn rollback_rollout(
+        &self,
+        request: Request<fpb::RolloutRequest>,
+    ) -> Result<Response<fpb::RolloutResponse>, Status> {
+        self.command(request, RolloutCommand::Rollback).await
+    }
+
     async fn apply_deployment(
         &self,
         request: Request<fpb::ApplyDeploymentRequest>,

@@ -3,20 +3,24 @@
 //! never holds up a load of another model.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder as _, ExponentialBuilder};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::{Assignment, Assignments, ModelReport, Report, Wanted};
+use super::gates::{self, Speed};
+use super::{
+    Assignment, Assignments, GateReport, GateResult, GateState, ModelReport, Report,
+    STANDBY_SUFFIX, SwapPolicy, Wanted, standby_id,
+};
 use crate::error::{Error, Result};
 use crate::load::{LoadEvent, Loads};
 use crate::model::ModelState;
 use crate::node::Node;
 use crate::registry::Origin;
-use crate::store::FleetModelRecord;
+use crate::store::{FleetModelRecord, GateResultRecord};
 
 /// Grace for requests in flight when the fleet unloads a model.
 const UNLOAD_GRACE: Duration = Duration::from_secs(10);
@@ -58,6 +62,45 @@ struct Failure {
     backoff: backon::ExponentialBackoff,
 }
 
+/// Gates being evaluated now, per model, for reports while they run.
+#[derive(Clone, Default)]
+struct Board(Arc<Mutex<HashMap<String, GateReport>>>);
+
+impl Board {
+    fn set(&self, id: &str, report: GateReport) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.to_owned(), report);
+    }
+
+    fn push(&self, id: &str, result: GateResult) {
+        if let Some(r) = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(id)
+        {
+            r.results.push(result);
+        }
+    }
+
+    fn take(&self, id: &str) -> Option<GateReport> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id)
+    }
+
+    fn get(&self, id: &str) -> Option<GateReport> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+}
+
 /// What one model's task set out to do.
 enum Work {
     Converge,
@@ -88,6 +131,7 @@ async fn run(
     let mut tasks: JoinSet<(String, Work, Result<()>)> = JoinSet::new();
     let mut in_flight: HashSet<String> = HashSet::new();
     let mut failures: HashMap<String, Failure> = HashMap::new();
+    let board = Board::default();
     loop {
         let wanted = desired.borrow_and_update().clone();
         pass(
@@ -97,8 +141,9 @@ async fn run(
             &mut tasks,
             &mut in_flight,
             &failures,
+            &board,
         );
-        let report = report(&node, &wanted, &failures);
+        let report = report(&node, &wanted, &failures, &board);
         reports.send_if_modified(|current| {
             let changed = *current != report;
             if changed {
@@ -170,10 +215,11 @@ fn pass(
     tasks: &mut JoinSet<(String, Work, Result<()>)>,
     in_flight: &mut HashSet<String>,
     failures: &HashMap<String, Failure>,
+    board: &Board,
 ) {
     // Read once per pass: every assignment and every release below consults it.
-    let owned = match node.store.fleet_models() {
-        Ok(owned) => owned,
+    let owned: HashMap<String, FleetModelRecord> = match node.store.fleet_models() {
+        Ok(owned) => owned.into_iter().collect(),
         Err(e) => {
             tracing::warn!(error = %e, "fleet: the models placed by the fleet could not be read");
             return;
@@ -183,24 +229,28 @@ fn pass(
     let waiting = |id: &str| failures.get(id).is_some_and(|f| f.retry_at > now);
     for a in &wanted.items {
         let id = a.spec.id.clone();
-        let claimed = owned.iter().any(|(m, _)| *m == id);
+        let record = owned.get(&id);
         if in_flight.contains(&id)
             || waiting(&id)
-            || (claimed && converged(node, a))
+            || record.is_some_and(|r| settled(node, a, r))
             || crash_looping(node, &id)
         {
             continue;
         }
         in_flight.insert(id.clone());
-        let (node, loads, a) = (node.clone(), loads.clone(), a.clone());
+        let (node, loads, a, board) = (node.clone(), loads.clone(), a.clone(), board.clone());
         tasks.spawn(async move {
-            let outcome = converge(&node, &loads, &a).await;
+            let outcome = converge(&node, &loads, &a, &board).await;
             (id, Work::Converge, outcome)
         });
     }
     for (id, record) in owned {
         let assigned = wanted.items.iter().any(|a| a.spec.id == id);
-        if assigned || in_flight.contains(&id) || waiting(&id) {
+        if assigned
+            || in_flight.contains(&id)
+            || waiting(&id)
+            || kept_standby(node, wanted, &id, in_flight)
+        {
             continue;
         }
         in_flight.insert(id.clone());
@@ -212,7 +262,40 @@ fn pass(
     }
 }
 
-/// True when the node already holds the model, which the fleet claimed, as assigned.
+/// True for a standby the fleet still needs: its model is being worked on (a new
+/// revision is staged there), or it holds the previous revision a rollout keeps.
+fn kept_standby(node: &Node, wanted: &Assignments, id: &str, in_flight: &HashSet<String>) -> bool {
+    let Some(model) = id.strip_suffix(STANDBY_SUFFIX) else {
+        return false;
+    };
+    let Some(a) = wanted.items.iter().find(|a| a.spec.id == model) else {
+        return false;
+    };
+    if in_flight.contains(model) {
+        return true;
+    }
+    let Some(retain) = &a.retain else {
+        return false;
+    };
+    node.registry
+        .get(id)
+        .is_ok_and(|e| e.spec.files == retain.files && e.spec.format == retain.format)
+}
+
+/// True when nothing is left to do for `a`: the model converged and its gates (if
+/// any) ran for this revision, or they failed or skipped it, which only the
+/// controller resolves.
+fn settled(node: &Node, a: &Assignment, record: &FleetModelRecord) -> bool {
+    let gated = a.gates.is_none() || record.gate_revision == a.revision;
+    let stopped = record.gate_revision == a.revision
+        && matches!(
+            GateState::parse(&record.gate_state),
+            Some(GateState::Failed | GateState::Skipped)
+        );
+    stopped || (gated && record.revision == a.revision && converged(node, a))
+}
+
+/// True when the node already holds the model as assigned.
 fn converged(node: &Node, a: &Assignment) -> bool {
     let id = &a.spec.id;
     let Ok(entry) = node.registry.get(id) else {
@@ -241,40 +324,362 @@ fn crash_looping(node: &Node, id: &str) -> bool {
         .is_ok_and(|c| c.failure.is_some_and(|f| f.reason == CRASH_LOOP))
 }
 
-/// Takes the next steps towards `a`: the spec registered (replacing a different one),
-/// the model claimed for the fleet, then stored or loaded as wanted.
-async fn converge(node: &Arc<Node>, loads: &Loads, a: &Assignment) -> Result<()> {
-    let id = &a.spec.id;
-    let source = format!("fleet deployment {}", a.deployment);
+/// Where the new revision of a model came up.
+enum Staged {
+    /// Loaded (or stored) under the model's own id.
+    InPlace { baseline: Option<Speed> },
+    /// Loaded under the standby id, while the model's id still serves the old one.
+    Standby,
+    /// Left on the previous revision: the node cannot hold both and may not pause.
+    Skipped(String),
+}
+
+/// Takes the next steps towards `a`, then runs its gates when it brings a revision
+/// that has them: register (or stage a changed spec under the standby id), pull,
+/// load, gates, swap, soak. A failed gate is reported, not retried: the controller
+/// decides what happens next.
+async fn converge(node: &Arc<Node>, loads: &Loads, a: &Assignment, board: &Board) -> Result<()> {
+    let id = a.spec.id.as_str();
+    let previous = node
+        .store
+        .fleet_models()?
+        .into_iter()
+        .find(|(m, _)| m == id)
+        .map(|(_, r)| r);
+    let gates = a.gates.as_ref().filter(|_| {
+        previous
+            .as_ref()
+            .is_none_or(|r| r.gate_revision != a.revision)
+    });
+    let mut record = previous.unwrap_or_default();
+    record.deployment.clone_from(&a.deployment);
+    record.prune = a.prune;
+    node.store.put_fleet_model(id, &record)?;
+    node.store.flush().await?;
+    let Some(gates) = gates else {
+        bring_up(node, loads, a, false).await?;
+        record.revision = a.revision;
+        node.store.put_fleet_model(id, &record)?;
+        return node.store.flush().await;
+    };
+    board.set(
+        id,
+        GateReport {
+            revision: a.revision,
+            state: GateState::Running,
+            results: Vec::new(),
+        },
+    );
+    let verdict = run_gates(node, loads, a, gates, board).await;
+    let report = board.take(id).unwrap_or(GateReport {
+        revision: a.revision,
+        state: GateState::Failed,
+        results: Vec::new(),
+    });
+    let state = match verdict {
+        Ok(state) => state,
+        Err(e) => {
+            // An error on the way (a download that failed, say) is retried like any
+            // other; the gates start again with the next attempt.
+            return Err(e);
+        }
+    };
+    if state == GateState::Passed {
+        record.revision = a.revision;
+    }
+    record.gate_revision = a.revision;
+    record.gate_state = state.as_str().to_owned();
+    record.gate_results = report
+        .results
+        .iter()
+        .map(|r| GateResultRecord {
+            model_id: r.model_id.clone(),
+            gate: r.gate.clone(),
+            passed: r.passed,
+            detail: r.detail.clone(),
+        })
+        .collect();
+    node.store.put_fleet_model(id, &record)?;
+    node.store.flush().await?;
+    tracing::info!(
+        model = id,
+        revision = a.revision,
+        gates = state.as_str(),
+        "fleet: gates evaluated"
+    );
+    Ok(())
+}
+
+/// The gates of `a`'s revision, from bringing it up to the end of the soak.
+async fn run_gates(
+    node: &Arc<Node>,
+    loads: &Loads,
+    a: &Assignment,
+    gates: &super::Gates,
+    board: &Board,
+) -> Result<GateState> {
+    let id = a.spec.id.as_str();
+    let result = |gate: &str, passed: bool, detail: String| GateResult {
+        model_id: id.to_owned(),
+        gate: gate.to_owned(),
+        passed,
+        detail,
+    };
+    let started = Instant::now();
+    let staged =
+        match tokio::time::timeout(gates.ready_within, bring_up(node, loads, a, true)).await {
+            Ok(staged) => staged?,
+            Err(_) => {
+                board.push(
+                    id,
+                    result(
+                        "ready",
+                        false,
+                        format!("not ready within {} s", gates.ready_within.as_secs()),
+                    ),
+                );
+                release_standby_load(node, id).await;
+                return Ok(GateState::Failed);
+            }
+        };
+    if let Staged::Skipped(why) = &staged {
+        board.push(id, result("memory", false, why.clone()));
+        return Ok(GateState::Skipped);
+    }
+    board.push(
+        id,
+        result(
+            "ready",
+            true,
+            format!("ready after {:.1} s", started.elapsed().as_secs_f64()),
+        ),
+    );
+    let serving = if matches!(staged, Staged::Standby) {
+        standby_id(id)
+    } else {
+        id.to_owned()
+    };
+    let mut passed = true;
+    if a.wanted != Wanted::Stored {
+        let worker = node.inference.ready(&serving)?;
+        for test in gates
+            .smoke_tests
+            .iter()
+            .filter(|t| t.model_id.is_empty() || t.model_id == id)
+        {
+            let outcome = gates::smoke(&worker, id, test).await;
+            passed &= outcome.passed;
+            board.push(id, outcome);
+        }
+        if passed && gates.max_slowdown > 0.0 {
+            let baseline = match &staged {
+                Staged::InPlace { baseline } => *baseline,
+                _ => match node.inference.ready(id) {
+                    Ok(old) => Some(gates::measure(&old).await?),
+                    Err(_) => None,
+                },
+            };
+            match baseline {
+                Some(old) => {
+                    let new = gates::measure(&worker).await?;
+                    let outcome = gates::compare(id, old, new, gates.max_slowdown);
+                    passed &= outcome.passed;
+                    board.push(id, outcome);
+                }
+                None => board.push(
+                    id,
+                    result(
+                        "speed",
+                        true,
+                        "not compared: no previous revision was loaded here".into(),
+                    ),
+                ),
+            }
+        }
+    }
+    if !passed {
+        release_standby_load(node, id).await;
+        return Ok(GateState::Failed);
+    }
+    if matches!(staged, Staged::Standby) {
+        swap_in(node, id).await?;
+    }
+    if a.wanted != Wanted::Stored && !gates.soak.is_zero() {
+        let outcome = soak(node, id, gates.soak, gates.max_error_rate).await;
+        passed &= outcome.passed;
+        board.push(id, outcome);
+    }
+    Ok(if passed {
+        GateState::Passed
+    } else {
+        GateState::Failed
+    })
+}
+
+/// Watches live requests on `id` for `period`: the share that failed must stay at
+/// or under `max_rate`.
+async fn soak(node: &Node, id: &str, period: Duration, max_rate: f64) -> GateResult {
+    let gate = |passed: bool, detail: String| GateResult {
+        model_id: id.to_owned(),
+        gate: "soak".into(),
+        passed,
+        detail,
+    };
+    let Ok(worker) = node.inference.ready(id) else {
+        return gate(false, "the model was not loaded when the soak began".into());
+    };
+    let (finished0, failed0) = worker.outcomes();
+    tokio::time::sleep(period).await;
+    if worker.failed() {
+        return gate(false, "the engine failed during the soak".into());
+    }
+    let (finished1, failed1) = worker.outcomes();
+    let (finished, failed) = (finished1 - finished0, failed1 - failed0);
+    if finished == 0 {
+        return gate(true, format!("no live requests in {} s", period.as_secs()));
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let rate = failed as f64 / finished as f64;
+    gate(
+        rate <= max_rate,
+        format!(
+            "{failed} of {finished} live requests failed in {} s (at most {:.1}% may)",
+            period.as_secs(),
+            max_rate * 100.0
+        ),
+    )
+}
+
+/// Unloads a staged revision that will not be swapped in (its gates failed).
+async fn release_standby_load(node: &Node, id: &str) {
+    let standby = standby_id(id);
+    if node.inference.ready(&standby).is_ok()
+        && let Err(e) = node.inference.unload(&standby, UNLOAD_GRACE).await
+    {
+        tracing::warn!(model = %standby, error = %e, "fleet: the staged revision could not be unloaded");
+    }
+}
+
+/// Swaps the staged revision in under the model's id and unloads the one it
+/// replaces, whose files stay under the standby id (until nothing retains them).
+async fn swap_in(node: &Node, id: &str) -> Result<()> {
+    let standby = standby_id(id);
+    node.exchange(id, &standby).await?;
+    if node.inference.ready(&standby).is_ok() {
+        node.inference.unload(&standby, UNLOAD_GRACE).await?;
+    }
+    tracing::info!(model = id, "fleet: new revision swapped in");
+    Ok(())
+}
+
+/// Registers `spec` under `id`, replacing a different model held there (unloaded and
+/// deleted first).
+async fn register_as(
+    node: &Node,
+    spec: &crate::registry::spec::ModelSpec,
+    id: &str,
+    source: &str,
+) -> Result<()> {
+    let mut spec = spec.clone();
+    id.clone_into(&mut spec.id);
     match node.registry.get(id) {
-        Ok(entry) if entry.spec == a.spec => {}
+        Ok(entry) if entry.spec == spec => return Ok(()),
         Ok(_) => {
-            // A different model under this id (a new revision, or one put here by
-            // hand that the deployment now claims): the deployment's spec wins.
             if node.inference.ready(id).is_ok() {
                 node.inference.unload(id, UNLOAD_GRACE).await?;
             }
             cancel_transfers(node, id).await;
             node.delete_model(id).await?;
-            node.registry
-                .register(a.spec.clone(), Origin::Registered, &source)
-                .await?;
         }
-        Err(Error::ModelNotFound { .. }) => {
-            node.registry
-                .register(a.spec.clone(), Origin::Registered, &source)
-                .await?;
-        }
+        Err(Error::ModelNotFound { .. }) => {}
         Err(e) => return Err(e),
     }
-    node.store.put_fleet_model(
-        id,
-        &FleetModelRecord {
-            deployment: a.deployment.clone(),
-            prune: a.prune,
-        },
-    )?;
-    node.store.flush().await?;
+    node.registry
+        .register(spec, Origin::Registered, source)
+        .await?;
+    Ok(())
+}
+
+/// Whether the node's budget holds a load of `a` next to what is loaded now.
+fn fits_beside(node: &Node, a: &Assignment) -> bool {
+    let context = Some(a.load.options.context_length).filter(|c| *c > 0);
+    let needed = crate::registry::compat::estimate_memory(
+        &a.spec,
+        crate::registry::compat::load_context(&a.spec, context),
+    );
+    let held: u64 = node.inference.resident().iter().map(|r| r.bytes).sum();
+    node.inference.budget().saturating_sub(held) >= needed
+}
+
+/// Brings `a`'s spec up: registered and stored, then loaded when wanted. A different
+/// spec already under the model's id keeps serving while the new one is staged under
+/// the standby id, when memory holds both; `swap_later` says whether the caller swaps
+/// it in (after gates) or wants it done here.
+async fn bring_up(
+    node: &Arc<Node>,
+    loads: &Loads,
+    a: &Assignment,
+    swap_later: bool,
+) -> Result<Staged> {
+    let id = a.spec.id.as_str();
+    let source = format!("fleet deployment {}", a.deployment);
+    let held = match node.registry.get(id) {
+        Ok(entry) => Some(entry.spec == a.spec),
+        Err(Error::ModelNotFound { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    let mut baseline = None;
+    if held == Some(false) {
+        // Another revision (or a model put here by hand that the deployment now
+        // claims) holds the id: stage this one beside it.
+        let standby = standby_id(id);
+        register_as(node, &a.spec, &standby, &source).await?;
+        node.store.put_fleet_model(
+            &standby,
+            &FleetModelRecord {
+                deployment: a.deployment.clone(),
+                prune: true,
+                ..FleetModelRecord::default()
+            },
+        )?;
+        node.store.flush().await?;
+        let entry = node.registry.get(&standby)?;
+        if entry.local_path.is_none() && !node.storage.is_stored(&entry.spec)? {
+            let (progress, _started) = node.storage.pull(&entry.spec).await?;
+            wait_for_transfer(progress).await?;
+        }
+        let serving = node.inference.ready(id).is_ok();
+        if a.wanted != Wanted::Stored && serving {
+            if node.inference.ready(&standby).is_ok() || fits_beside(node, a) {
+                load(node, loads, &standby, a).await?;
+                if swap_later {
+                    return Ok(Staged::Standby);
+                }
+                swap_in(node, id).await?;
+                return Ok(Staged::InPlace { baseline: None });
+            }
+            if a.swap == SwapPolicy::SkipDevice {
+                return Ok(Staged::Skipped(format!(
+                    "the memory budget cannot hold the new revision beside the old one ({} loaded); the swap policy skips this device",
+                    id
+                )));
+            }
+            let slowdown = a.gates.as_ref().is_some_and(|g| g.max_slowdown > 0.0);
+            if swap_later && slowdown {
+                baseline = Some(gates::measure(&node.inference.ready(id)?).await?);
+            }
+            tracing::info!(
+                model = id,
+                "fleet: the budget cannot hold both revisions; unloading the old one first"
+            );
+            node.inference.unload(id, UNLOAD_GRACE).await?;
+        }
+        swap_in(node, id).await?;
+    } else if held.is_none() {
+        node.registry
+            .register(a.spec.clone(), Origin::Registered, &source)
+            .await?;
+    }
     match a.wanted {
         Wanted::Stored => {
             let entry = node.registry.get(id)?;
@@ -282,34 +687,46 @@ async fn converge(node: &Arc<Node>, loads: &Loads, a: &Assignment) -> Result<()>
                 let (progress, _started) = node.storage.pull(&entry.spec).await?;
                 wait_for_transfer(progress).await?;
             }
-            Ok(())
         }
         Wanted::Loaded | Wanted::Pinned => {
-            let pin = a.wanted == Wanted::Pinned;
-            if pin && node.inference.ready(id).is_ok() {
+            let pinned = node
+                .inference
+                .resident()
+                .iter()
+                .any(|r| r.model_id == id && r.pinned);
+            if a.wanted == Wanted::Pinned && !pinned && node.inference.ready(id).is_ok() {
                 // Loaded without the pin (by hand, or as LOADED before): load it again
                 // pinned, so a restart brings it back too.
                 node.inference.unload(id, UNLOAD_GRACE).await?;
             }
-            let mut request = a.load.clone();
-            request.pin = pin;
-            // The fleet wants it loaded until the assignment changes: an idle timeout
-            // would only unload it for the next pass to load it again.
-            request
-                .keep_alive
-                .get_or_insert(crate::memory::KeepAlive::Forever);
-            let mut events = loads.start(node.clone(), id, request, None)?;
-            while let Some(event) = events.recv().await {
-                match event? {
-                    LoadEvent::Loaded(_) => return Ok(()),
-                    LoadEvent::Progress(_) => {}
-                }
-            }
-            Err(Error::TaskFailed(
-                "the load ended without an outcome".into(),
-            ))
+            load(node, loads, id, a).await?;
         }
     }
+    Ok(Staged::InPlace { baseline })
+}
+
+/// Loads `id` as `a` asks, and waits until it is ready.
+async fn load(node: &Arc<Node>, loads: &Loads, id: &str, a: &Assignment) -> Result<()> {
+    if node.inference.ready(id).is_ok() {
+        return Ok(());
+    }
+    let mut request = a.load.clone();
+    request.pin = a.wanted == Wanted::Pinned;
+    // The fleet wants it loaded until the assignment changes: an idle timeout would
+    // only unload it for the next pass to load it again.
+    request
+        .keep_alive
+        .get_or_insert(crate::memory::KeepAlive::Forever);
+    let mut events = loads.start(node.clone(), id, request, None)?;
+    while let Some(event) = events.recv().await {
+        match event? {
+            LoadEvent::Loaded(_) => return Ok(()),
+            LoadEvent::Progress(_) => {}
+        }
+    }
+    Err(Error::TaskFailed(
+        "the load ended without an outcome".into(),
+    ))
 }
 
 async fn wait_for_transfer(
@@ -362,7 +779,12 @@ async fn release(node: &Node, id: &str, record: &FleetModelRecord) -> Result<()>
 
 /// What the node holds: every assigned or fleet-placed model, and every model that
 /// is more than registered (stored, loading, loaded, failed).
-fn report(node: &Node, wanted: &Assignments, failures: &HashMap<String, Failure>) -> Report {
+fn report(
+    node: &Node,
+    wanted: &Assignments,
+    failures: &HashMap<String, Failure>,
+    board: &Board,
+) -> Report {
     let owned: HashMap<String, FleetModelRecord> = node
         .store
         .fleet_models()
@@ -393,9 +815,29 @@ fn report(node: &Node, wanted: &Assignments, failures: &HashMap<String, Failure>
                 .map(|a| a.deployment.clone())
                 .or_else(|| owned.get(&id).map(|r| r.deployment.clone()))
                 .unwrap_or_default();
+            // A new revision downloads under the standby id: its progress is the
+            // model's.
+            let standby = standby_id(&id);
             let transfer = transfers
                 .iter()
-                .find(|t| t.model_id == id && !t.stage.is_final());
+                .find(|t| (t.model_id == id || t.model_id == standby) && !t.stage.is_final());
+            let record = owned.get(&id);
+            let gates = board.get(&id).or_else(|| {
+                record.filter(|r| r.gate_revision > 0).map(|r| GateReport {
+                    revision: r.gate_revision,
+                    state: GateState::parse(&r.gate_state).unwrap_or(GateState::Failed),
+                    results: r
+                        .gate_results
+                        .iter()
+                        .map(|g| GateResult {
+                            model_id: g.model_id.clone(),
+                            gate: g.gate.clone(),
+                            passed: g.passed,
+                            detail: g.detail.clone(),
+                        })
+                        .collect(),
+                })
+            });
             let current = lifecycle.current(&id).ok();
             let error = failures
                 .get(&id)
@@ -417,6 +859,8 @@ fn report(node: &Node, wanted: &Assignments, failures: &HashMap<String, Failure>
                     .iter()
                     .find(|r| r.model_id == id)
                     .map_or(0, |r| r.bytes),
+                revision: record.map_or(0, |r| r.revision),
+                gates,
                 model_id: id,
             }
         })

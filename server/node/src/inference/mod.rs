@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use modeld_engine_core::{Engine, LoadOptions, ModelFormat, Runtime};
 use tracing::Instrument as _;
 
-pub use worker::{Event, ModelWorker, WorkerSpec};
+pub use worker::{Event, ModelName, ModelWorker, WorkerSpec};
 
 use crate::error::{Error, Result};
 use crate::lifecycle::{Change, Lifecycle};
@@ -242,7 +242,7 @@ impl Inference {
             .filter(|w| !w.failed())
             .cloned()
             .collect();
-        all.sort_by(|a, b| a.model_id.cmp(&b.model_id));
+        all.sort_by_key(|w| w.model_id());
         all
     }
 
@@ -467,13 +467,14 @@ impl Inference {
         let tokenizer_path = path.clone();
         let store = self.store.clone();
         let lifecycle = self.lifecycle.clone();
-        let failed_id = id.to_owned();
+        let name = ModelName::new(id);
+        let failed_name = name.clone();
         let failures = self.failures.clone();
         let loaded = ModelWorker::spawn(WorkerSpec {
             estimate,
             pinned: request.pin,
             keep_alive: request.keep_alive.unwrap_or(s.keep_alive),
-            model_id: id.to_owned(),
+            name,
             engine,
             path,
             options,
@@ -487,6 +488,8 @@ impl Inference {
                 )
             }),
             on_failure: Box::new(move |error| {
+                // Read now: a fleet swap may have given the model another id since.
+                let failed_id = failed_name.get().to_string();
                 tracing::error!(model = %failed_id, error = %error, "model failed while serving");
                 if let Err(e) = lifecycle.fail(&failed_id, Stage::Serve, &error) {
                     tracing::warn!(model = %failed_id, error = %e, "the failure could not be recorded");
@@ -506,7 +509,7 @@ impl Inference {
         self.loaded()
             .iter()
             .map(|w| Resident {
-                model_id: w.model_id.clone(),
+                model_id: w.model_id(),
                 bytes: w.memory().charged_bytes(),
                 in_flight: w.in_flight(),
                 pinned: w.pinned,
@@ -583,6 +586,34 @@ impl Inference {
         )?;
         self.store.flush().await?;
         Ok(cancelled)
+    }
+
+    /// Gives `a`'s loaded worker to `b` and `b`'s to `a`, at once: a request that
+    /// looks either id up sees the old pairing or the new, never neither. Either may
+    /// be unloaded. The caller swaps the stored records in the same step.
+    pub fn exchange(&self, a: &str, b: &str) {
+        let mut map = self.map();
+        let wa = map.remove(a);
+        let wb = map.remove(b);
+        if let Some(w) = wa {
+            w.name().set(b);
+            map.insert(b.to_owned(), w);
+        }
+        if let Some(w) = wb {
+            w.name().set(a);
+            map.insert(a.to_owned(), w);
+        }
+        let mut crashes = self
+            .crashes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (ca, cb) = (crashes.remove(a), crashes.remove(b));
+        if let Some(c) = ca {
+            crashes.insert(b.to_owned(), c);
+        }
+        if let Some(c) = cb {
+            crashes.insert(a.to_owned(), c);
+        }
     }
 
     /// Unloads everything at shutdown.

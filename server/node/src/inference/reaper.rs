@@ -51,7 +51,7 @@ async fn expire_keep_alives(inference: &Inference) {
                 .expires(w.last_used())
                 .is_some_and(|e| e <= now)
         })
-        .map(|w| w.model_id.clone())
+        .map(|w| w.model_id())
         .collect();
     for id in expired {
         let reason = "keep-alive expired".to_owned();

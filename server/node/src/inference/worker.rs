@@ -42,7 +42,40 @@ struct Queue {
     /// Set when an unload's grace time ran out: every running request stops.
     cancel: Arc<AtomicBool>,
     failed: Arc<AtomicBool>,
-    model_id: Arc<str>,
+    name: ModelName,
+    outcomes: Arc<Outcomes>,
+}
+
+/// The id a worker serves under. A fleet swap exchanges the ids of two loaded models,
+/// so whatever names the model (an error, a crash report) reads it here when it runs.
+#[derive(Debug, Clone)]
+pub struct ModelName(Arc<std::sync::RwLock<Arc<str>>>);
+
+impl ModelName {
+    pub fn new(id: &str) -> ModelName {
+        ModelName(Arc::new(std::sync::RwLock::new(Arc::from(id))))
+    }
+
+    pub fn get(&self) -> Arc<str> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(super) fn set(&self, id: &str) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::from(id);
+    }
+}
+
+/// How the requests a worker ran ended, counted for a rollout's soak gate.
+#[derive(Debug, Default)]
+pub struct Outcomes {
+    pub finished: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
 }
 
 /// Sends `event`, waiting while the client's channel is full. Engines inside the agent
@@ -125,7 +158,8 @@ impl Queue {
             _permit: permit,
         };
         let cancel = self.cancel.clone();
-        let model_id = self.model_id.clone();
+        let name = self.name.clone();
+        let outcomes = self.outcomes.clone();
         Some(Job {
             request,
             sink: Box::new(move |token| {
@@ -141,9 +175,13 @@ impl Queue {
                 }
             }),
             done: Box::new(move |result| {
+                outcomes.finished.fetch_add(1, Ordering::Relaxed);
+                if result.is_err() {
+                    outcomes.failed.fetch_add(1, Ordering::Relaxed);
+                }
                 outcome.send(match result {
                     Ok((finish, stats)) => Event::Done(finish, stats),
-                    Err(e) => Event::Failed(engine_failure(&model_id, e)),
+                    Err(e) => Event::Failed(engine_failure(&name.get(), e)),
                 });
             }),
         })
@@ -171,7 +209,8 @@ impl JobSource for Queue {
 }
 
 pub struct ModelWorker {
-    pub model_id: String,
+    name: ModelName,
+    outcomes: Arc<Outcomes>,
     pub pinned: bool,
     pub keep_alive: crate::memory::KeepAlive,
     /// When a request last started or ended (unix ms).
@@ -197,7 +236,7 @@ pub struct ModelWorker {
 impl std::fmt::Debug for ModelWorker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ModelWorker")
-            .field("model_id", &self.model_id)
+            .field("model_id", &self.name.get())
             .finish_non_exhaustive()
     }
 }
@@ -213,7 +252,7 @@ pub type PickTokenizer = Box<
 
 /// Everything a worker needs to start.
 pub struct WorkerSpec {
-    pub model_id: String,
+    pub name: ModelName,
     pub pinned: bool,
     pub keep_alive: crate::memory::KeepAlive,
     /// What the engine expected the load to take.
@@ -243,7 +282,7 @@ impl ModelWorker {
     /// building one may read the model file); `on_panic` records the failure.
     pub async fn spawn(spec: WorkerSpec) -> Result<ModelWorker> {
         let WorkerSpec {
-            model_id,
+            name: model_name,
             pinned,
             keep_alive,
             estimate,
@@ -254,6 +293,8 @@ impl ModelWorker {
             tokenizer: wrap_tokenizer,
             on_failure,
         } = spec;
+        let model_id = model_name.get().to_string();
+        let outcomes = Arc::new(Outcomes::default());
         // Whichever failure comes first reports; the other finds the handler gone.
         let on_failure = Arc::new(std::sync::Mutex::new(Some(on_failure)));
         let report = move |error: Error| {
@@ -278,6 +319,8 @@ impl ModelWorker {
         let last_used = Arc::new(std::sync::atomic::AtomicU64::new(now_ms()));
         let thread_last_used_handle = last_used.clone();
         let name = model_id.clone();
+        let thread_name = model_name.clone();
+        let thread_outcomes = outcomes.clone();
         std::thread::Builder::new()
             .name(format!("modeld-model-{model_id}"))
             .spawn(move || {
@@ -289,10 +332,10 @@ impl ModelWorker {
                 let mut model = match model {
                     Ok(Ok((mut model, tokenizer))) => {
                         let (failed, report, id) =
-                            (thread_failed.clone(), report.clone(), name.clone());
+                            (thread_failed.clone(), report.clone(), thread_name.clone());
                         model.on_crash(Box::new(move |e| {
                             failed.store(true, Ordering::SeqCst);
-                            report(engine_failure(&id, e));
+                            report(engine_failure(&id.get(), e));
                         }));
                         let _ = ready.send(Ok(Loaded {
                             info: model.info().clone(),
@@ -319,7 +362,8 @@ impl ModelWorker {
                     cancel: thread_cancel,
                     failed: thread_failed.clone(),
                     last_used,
-                    model_id: Arc::from(name.as_str()),
+                    name: thread_name.clone(),
+                    outcomes: thread_outcomes,
                 };
                 let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     model.serve(&mut queue);
@@ -327,10 +371,10 @@ impl ModelWorker {
                 if served.is_err() {
                     // Unwinding dropped every request the engine held, which ends
                     // their streams; queued ones go with the queue.
-                    tracing::error!(model = %name, "the engine panicked; the model is marked failed");
+                    tracing::error!(model = %thread_name.get(), "the engine panicked; the model is marked failed");
                     thread_failed.store(true, Ordering::SeqCst);
                     report(Error::EnginePanicked {
-                        id: name.clone(),
+                        id: thread_name.get().to_string(),
                         during: "generation",
                     });
                 }
@@ -347,7 +391,8 @@ impl ModelWorker {
         // Every slot plus the queue: beyond that a request is refused at once.
         let max_requests = loaded.parallel + max_queued;
         Ok(ModelWorker {
-            model_id,
+            name: model_name,
+            outcomes,
             pinned,
             keep_alive,
             last_used: thread_last_used_handle,
@@ -409,6 +454,23 @@ impl ModelWorker {
         self.failed.load(Ordering::SeqCst)
     }
 
+    /// The id the model serves under now.
+    pub fn model_id(&self) -> String {
+        self.name.get().to_string()
+    }
+
+    pub(super) fn name(&self) -> &ModelName {
+        &self.name
+    }
+
+    /// Requests finished and failed since the model loaded.
+    pub fn outcomes(&self) -> (u64, u64) {
+        (
+            self.outcomes.finished.load(Ordering::Relaxed),
+            self.outcomes.failed.load(Ordering::Relaxed),
+        )
+    }
+
     /// When a request last started or ended.
     pub fn last_used(&self) -> std::time::SystemTime {
         std::time::UNIX_EPOCH
@@ -433,14 +495,14 @@ impl ModelWorker {
     ) -> Result<mpsc::Receiver<Event>> {
         if self.failed() {
             return Err(Error::EnginePanicked {
-                id: self.model_id.clone(),
+                id: self.model_id(),
                 during: "an earlier request",
             });
         }
         let overloaded = || {
-            crate::metrics::node().generate_rejected(&self.model_id);
+            crate::metrics::node().generate_rejected(&self.model_id());
             Error::Overloaded {
-                id: self.model_id.clone(),
+                id: self.model_id(),
                 limit: self.max_requests,
             }
         };
@@ -460,7 +522,7 @@ impl ModelWorker {
             .map_err(|e| match e {
                 std::sync::mpsc::TrySendError::Full(_) => overloaded(),
                 std::sync::mpsc::TrySendError::Disconnected(_) => Error::EnginePanicked {
-                    id: self.model_id.clone(),
+                    id: self.model_id(),
                     during: "an earlier request",
                 },
             })?;
@@ -652,7 +714,7 @@ mod tests {
 
     async fn worker(id: &str, panicked: Arc<AtomicBool>) -> ModelWorker {
         ModelWorker::spawn(WorkerSpec {
-            model_id: id.into(),
+            name: ModelName::new(id),
             engine: Arc::new(EchoEngine),
             estimate: modeld_engine_core::MemoryEstimate::default(),
             pinned: false,

@@ -427,6 +427,19 @@ impl Registry {
         Ok(())
     }
 
+    /// Swaps two registered models' ids with everything stored under them (see
+    /// [`Store::exchange_models`]).
+    pub async fn exchange(&self, a: &str, b: &str) -> Result<()> {
+        let _guard = self.write_lock.lock().await;
+        for id in [a, b] {
+            if self.find(id)?.is_none() {
+                return Err(Error::ModelNotFound { id: id.to_owned() });
+            }
+        }
+        self.store.exchange_models(a, b)?;
+        self.store.flush().await
+    }
+
     /// Imports a catalog manifest. All entries are validated before any is written, and
     /// the writes land in one atomic batch.
     pub async fn import(

@@ -140,6 +140,28 @@ impl Storage {
         }
     }
 
+    /// Swaps the directories named after two models (unpacked archives, assembled
+    /// multi-file models), for an exchange of their ids. Refused while either is
+    /// downloading. Returns a guard that swaps them back unless it is kept.
+    pub fn exchange_dirs(&self, a: &str, b: &str) -> Result<DirsExchanged> {
+        for id in [a, b] {
+            if self.running(id).is_some() {
+                return Err(Error::ModelInUse {
+                    id: id.to_owned(),
+                    state: ModelState::Downloading,
+                });
+            }
+        }
+        let dir = self.inner.models_dir.clone();
+        swap_dirs(&dir, a, b)?;
+        Ok(DirsExchanged {
+            dir,
+            a: a.to_owned(),
+            b: b.to_owned(),
+            kept: false,
+        })
+    }
+
     pub(super) async fn remove_stored(&self, model_id: &str) -> Result<u64> {
         if self.running(model_id).is_some() {
             return Err(Error::ModelInUse {
@@ -225,4 +247,47 @@ impl Storage {
             .map_err(|e| Error::io(&path, e))?;
         Ok((file, size))
     }
+}
+
+/// Two model directories swapped by [`Storage::exchange_dirs`]; dropped without
+/// [`DirsExchanged::keep`], it swaps them back.
+#[derive(Debug)]
+pub struct DirsExchanged {
+    dir: PathBuf,
+    a: String,
+    b: String,
+    kept: bool,
+}
+
+impl DirsExchanged {
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for DirsExchanged {
+    fn drop(&mut self) {
+        if !self.kept
+            && let Err(e) = swap_dirs(&self.dir, &self.a, &self.b)
+        {
+            tracing::warn!(error = %e, "the model directories could not be swapped back");
+        }
+    }
+}
+
+fn swap_dirs(dir: &Path, a: &str, b: &str) -> Result<()> {
+    let (pa, pb) = (dir.join(a), dir.join(b));
+    let parked = dir.join(format!(".exchange-{}", uuid::Uuid::new_v4()));
+    let rename = |from: &Path, to: &Path| std::fs::rename(from, to).map_err(|e| Error::io(from, e));
+    let had_a = pa.exists();
+    if had_a {
+        rename(&pa, &parked)?;
+    }
+    if pb.exists() {
+        rename(&pb, &pa)?;
+    }
+    if had_a {
+        rename(&parked, &pb)?;
+    }
+    Ok(())
 }

@@ -15,8 +15,8 @@ use crate::error::{Error, Result};
 
 pub use records::{
     AuditRecord, BenchmarkRecord, BlobRecord, FailureRecord, FileRecord, FleetModelRecord,
-    LifecycleRecord, ModelRecord, PinnedLoadRecord, PushRecord, SpecRecord, StoredFileRecord,
-    StoredModelRecord, TransferFileRecord, TransferRecord, TransitionRecord,
+    GateResultRecord, LifecycleRecord, ModelRecord, PinnedLoadRecord, PushRecord, SpecRecord,
+    StoredFileRecord, StoredModelRecord, TransferFileRecord, TransferRecord, TransitionRecord,
 };
 pub use records::{from_unix_ms, unix_ms};
 
@@ -419,6 +419,76 @@ impl Store {
 
     pub fn blobs(&self) -> Result<Vec<(String, BlobRecord)>> {
         all(&self.blobs, tree::BLOBS)
+    }
+
+    /// Swaps everything two models' ids name (registry record, lifecycle state, stored
+    /// files, pin) in one transaction: a crash leaves both pairings whole, never a mix.
+    pub fn exchange_models(&self, a: &str, b: &str) -> Result<()> {
+        use sled::Transactional as _;
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        let result = (&self.models, &self.lifecycle, &self.stored, &self.pinned).transaction(
+            |(models, lifecycle, stored, pinned)| {
+                let corrupt = |tree: &'static str, key: &str, e: prost::DecodeError| {
+                    ConflictableTransactionError::Abort(Error::CorruptRecord {
+                        tree,
+                        key: key.to_owned(),
+                        message: e.to_string(),
+                    })
+                };
+                let (ma, mb) = (models.get(a)?, models.get(b)?);
+                for (key, value) in [(a, mb), (b, ma)] {
+                    match value {
+                        Some(v) => {
+                            let mut record = ModelRecord::decode(v.as_ref())
+                                .map_err(|e| corrupt(tree::MODELS, key, e))?;
+                            if let Some(spec) = record.spec.as_mut() {
+                                key.clone_into(&mut spec.id);
+                            }
+                            models.insert(key.as_bytes(), record.encode_to_vec())?;
+                        }
+                        None => {
+                            models.remove(key.as_bytes())?;
+                        }
+                    }
+                }
+                let (sa, sb) = (stored.get(a)?, stored.get(b)?);
+                for (key, value) in [(a, sb), (b, sa)] {
+                    match value {
+                        Some(v) => {
+                            let mut record = StoredModelRecord::decode(v.as_ref())
+                                .map_err(|e| corrupt(tree::STORED, key, e))?;
+                            // The unpacked directory is named after the id and is
+                            // renamed with it.
+                            if !record.extracted_path.is_empty() {
+                                record.extracted_path = Path::new(&record.extracted_path)
+                                    .with_file_name(key)
+                                    .display()
+                                    .to_string();
+                            }
+                            stored.insert(key.as_bytes(), record.encode_to_vec())?;
+                        }
+                        None => {
+                            stored.remove(key.as_bytes())?;
+                        }
+                    }
+                }
+                for tree in [lifecycle, pinned] {
+                    let (va, vb) = (tree.get(a)?, tree.get(b)?);
+                    for (key, value) in [(a, vb), (b, va)] {
+                        match value {
+                            Some(v) => tree.insert(key.as_bytes(), v)?,
+                            None => tree.remove(key.as_bytes())?,
+                        };
+                    }
+                }
+                Ok(())
+            },
+        );
+        match result {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
     }
 
     pub fn stored_model(&self, id: &str) -> Result<Option<StoredModelRecord>> {

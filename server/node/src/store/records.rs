@@ -229,6 +229,29 @@ pub struct FleetModelRecord {
     /// Delete its files when it leaves.
     #[prost(bool, tag = "2")]
     pub prune: bool,
+    /// The deployment revision the model converged to.
+    #[prost(uint64, tag = "3")]
+    pub revision: u64,
+    /// The revision the gates below were evaluated for (0 = none).
+    #[prost(uint64, tag = "4")]
+    pub gate_revision: u64,
+    /// "running", "passed", "failed" or "skipped".
+    #[prost(string, tag = "5")]
+    pub gate_state: String,
+    #[prost(message, repeated, tag = "6")]
+    pub gate_results: Vec<GateResultRecord>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GateResultRecord {
+    #[prost(string, tag = "1")]
+    pub model_id: String,
+    #[prost(string, tag = "2")]
+    pub gate: String,
+    #[prost(bool, tag = "3")]
+    pub passed: bool,
+    #[prost(string, tag = "4")]
+    pub detail: String,
 }
 
 /// How a pinned model was loaded, so a restart can load it again the same way.

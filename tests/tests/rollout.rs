@@ -1,0 +1,418 @@
+//! Rollouts end to end: a real controller, three real agents, the real SmolLM2. A
+//! revision that fails its smoke gate on the canary is rolled back with no other
+//! device touched; a good one goes out in waves that never exceed `max_unavailable`;
+//! and a client generating on a device throughout a swap never sees an error.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use modeld_e2e::fleet::{Controller, model, phase, profile, wait_status};
+use modeld_e2e::{Agent, AgentOptions, Assets, gguf_spec, model_server, pb};
+use modeld_proto::fleet::v1 as fpb;
+use tokio_stream::StreamExt as _;
+
+const EDGE: &str =
+    "device_class = \"edge-box\"\nos = \"linux\"\nmemory = \"8 GiB\"\nmemory_budget = \"2 GiB\"\n";
+const CONVERGE: Duration = Duration::from_secs(180);
+
+async fn device(controller: &Controller, profile: &Path, canary: bool) -> Agent {
+    let mut args = vec![
+        "--fleet".into(),
+        controller.url(),
+        "--site".into(),
+        "lab".into(),
+        "--label".into(),
+        "tier=edge".into(),
+        "--device-profile".into(),
+        profile.display().to_string(),
+    ];
+    if canary {
+        args.extend(["--label".into(), "ring=canary".into()]);
+    }
+    Agent::start_with(AgentOptions {
+        args,
+        ..AgentOptions::default()
+    })
+    .await
+}
+
+fn strategy() -> fpb::RolloutStrategy {
+    fpb::RolloutStrategy {
+        canary: Some(fpb::Canary {
+            devices: 1,
+            labels: [("ring".to_owned(), "canary".to_owned())].into(),
+            ..Default::default()
+        }),
+        max_unavailable: 1,
+        gates: Some(fpb::Gates {
+            ready_within_seconds: 120,
+            smoke_tests: vec![fpb::SmokeTest {
+                prompt: "Tell me the capital of France.".into(),
+                max_tokens: 24,
+                contains: "Paris".into(),
+                ..Default::default()
+            }],
+            soak_seconds: 2,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Revision `display` of the deployment: the same weights under new metadata (so the
+/// device stages and swaps a new model without a download), at `context` tokens.
+fn revision(url: &str, display: &str, context: u32) -> fpb::Deployment {
+    let mut spec = gguf_spec("smol", url);
+    spec.display_name = display.into();
+    let mut m = model(spec, fpb::WantedState::Loaded);
+    m.load_options.as_mut().unwrap().context_length = context;
+    fpb::Deployment {
+        name: "chat".into(),
+        models: vec![m],
+        selector: Some(fpb::Selector {
+            labels: [("tier".to_owned(), "edge".to_owned())].into(),
+            ..Default::default()
+        }),
+        prune: true,
+        rollout: Some(strategy()),
+        ..Default::default()
+    }
+}
+
+async fn display_name(agent: &Agent) -> String {
+    agent
+        .client()
+        .await
+        .get_model("smol")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .display_name
+}
+
+/// Lifecycle transitions `smol` went through on `agent`.
+async fn transitions(agent: &Agent) -> usize {
+    agent
+        .client()
+        .await
+        .state("smol", 100)
+        .await
+        .unwrap()
+        .history
+        .len()
+}
+
+/// Greedy chats on `agent`'s smol, one after another, until `stop`; counts answers
+/// and panics on the first error.
+fn keep_chatting(
+    agent: &Agent,
+    stop: Arc<AtomicBool>,
+    answers: Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
+    let url = agent.url();
+    tokio::spawn(async move {
+        let client = modelctl::Client::connect(&url).await.unwrap();
+        while !stop.load(Ordering::SeqCst) {
+            let request = pb::GenerateRequest {
+                model_id: "smol".into(),
+                input: Some(pb::generate_request::Input::Chat(pb::ChatMessages {
+                    messages: vec![pb::ChatMessage {
+                        role: pb::ChatRole::User as i32,
+                        content: "Name a colour.".into(),
+                    }],
+                })),
+                sampling: Some(pb::SamplingParams {
+                    temperature: Some(0.0),
+                    ..Default::default()
+                }),
+                max_tokens: 8,
+                ..Default::default()
+            };
+            let mut stream = client
+                .generate()
+                .generate(request)
+                .await
+                .unwrap_or_else(|s| panic!("Generate refused during the rollout: {s:?}"))
+                .into_inner();
+            let mut summary = false;
+            while let Some(message) = stream.next().await {
+                let message =
+                    message.unwrap_or_else(|s| panic!("Generate failed during the rollout: {s:?}"));
+                summary |= matches!(
+                    message.event,
+                    Some(pb::generate_response::Event::Summary(_))
+                );
+            }
+            assert!(summary, "a generation ended without its summary");
+            answers.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+}
+
+/// Polls the rollout until `done` accepts it, checking `each` on every sample.
+async fn follow(
+    controller: &Controller,
+    what: &str,
+    mut each: impl FnMut(&fpb::Rollout),
+    done: impl Fn(&fpb::Rollout) -> bool,
+) -> fpb::Rollout {
+    let mut fleet = controller.client().await;
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let r = fleet
+            .get_rollout(fpb::RolloutRequest {
+                deployment: "chat".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .rollout
+            .unwrap();
+        each(&r);
+        if done(&r) {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; rollout: {r:#?}\ncontroller log:\n{}",
+            controller.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn state(r: &fpb::Rollout) -> fpb::RolloutState {
+    fpb::RolloutState::try_from(r.state).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rollouts_gate_on_the_canary_roll_back_and_go_out_in_waves_without_a_gap() {
+    let assets = Assets::get();
+    let (_files, server) = model_server(&assets).await;
+    let url = server.url("smol.gguf");
+    let tmp = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&tmp.path().join("controller"), None);
+    let edge = profile(tmp.path(), "edge", EDGE);
+    // The canary is started last: its label, not its order, makes it the canary.
+    let a = device(&controller, &edge, false).await;
+    let b = device(&controller, &edge, false).await;
+    let canary = device(&controller, &edge, true).await;
+    let mut ids = HashMap::new();
+    for (name, agent) in [("a", &a), ("b", &b), ("canary", &canary)] {
+        ids.insert(
+            name,
+            agent.client().await.capabilities().await.unwrap().node_id,
+        );
+    }
+    let mut fleet = controller.client().await;
+    // Revision 1 lands everywhere at once: there is nothing to roll out over.
+    let v1 = revision(&url, "smol v1", 512);
+    fleet
+        .apply_deployment(fpb::ApplyDeploymentRequest {
+            deployment: Some(v1),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    wait_status(
+        &controller,
+        "chat",
+        CONVERGE,
+        "v1 READY on all three",
+        |s| s.converged && s.devices.len() == 3,
+    )
+    .await;
+    let not_found = fleet
+        .get_rollout(fpb::RolloutRequest {
+            deployment: "chat".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(not_found.code(), tonic::Code::NotFound);
+    let before = [transitions(&a).await, transitions(&b).await];
+
+    // Revision 2 is broken: its context cannot hold the smoke test's prompt. The
+    // canary fails the gate, the rollout rolls back, and nobody else is touched. A
+    // client chatting with the canary all along sees no error.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers = Arc::new(AtomicUsize::new(0));
+    let chatter = keep_chatting(&canary, stop.clone(), answers.clone());
+    fleet
+        .apply_deployment(fpb::ApplyDeploymentRequest {
+            deployment: Some(revision(&url, "smol v2", 24)),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    let mut others_touched = false;
+    let rolled_back = follow(
+        &controller,
+        "the broken revision rolled back",
+        |r| {
+            others_touched |= r.devices.iter().any(|d| {
+                d.device_id != ids["canary"] && d.phase != fpb::DeviceRolloutPhase::Waiting as i32
+            });
+        },
+        |r| state(r) == fpb::RolloutState::RolledBack,
+    )
+    .await;
+    assert!(!others_touched, "only the canary may take a revision first");
+    assert_eq!(rolled_back.failed_devices, 1);
+    assert!(
+        rolled_back.reason.contains(&ids["canary"]) && rolled_back.reason.contains("smoke"),
+        "{}",
+        rolled_back.reason
+    );
+    let canary_row = rolled_back
+        .devices
+        .iter()
+        .find(|d| d.device_id == ids["canary"])
+        .unwrap();
+    assert_eq!(canary_row.wave, 0);
+    assert_eq!(canary_row.phase, fpb::DeviceRolloutPhase::RolledBack as i32);
+    let smoke = canary_row
+        .gates
+        .iter()
+        .find(|g| g.gate == "smoke")
+        .expect("the smoke gate is reported");
+    assert!(!smoke.passed, "{smoke:?}");
+    // The deployment is back on revision 1's content, under a new revision number.
+    let current = fleet
+        .get_deployment(fpb::GetDeploymentRequest {
+            name: "chat".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deployment
+        .unwrap();
+    assert_eq!(current.generation, 3);
+    assert_eq!(
+        current.models[0].spec.as_ref().unwrap().display_name,
+        "smol v1"
+    );
+    wait_status(&controller, "chat", CONVERGE, "back to converged", |s| {
+        s.converged
+    })
+    .await;
+    for agent in [&a, &b, &canary] {
+        assert_eq!(display_name(agent).await, "smol v1");
+    }
+    assert_eq!(
+        [transitions(&a).await, transitions(&b).await],
+        before,
+        "devices outside the canary saw no lifecycle change"
+    );
+    stop.store(true, Ordering::SeqCst);
+    chatter.await.unwrap();
+    assert!(answers.load(Ordering::SeqCst) > 0);
+
+    // Revision 4 is good: the canary, then one device per wave (max_unavailable 1),
+    // each swapping the new model in while the old one answers.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers = Arc::new(AtomicUsize::new(0));
+    let chatter = keep_chatting(&a, stop.clone(), answers.clone());
+    let applied = fleet
+        .apply_deployment(fpb::ApplyDeploymentRequest {
+            deployment: Some(revision(&url, "smol v4", 512)),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(applied.deployment.unwrap().generation, 4);
+    let mut most_updating = 0;
+    let mut waves_seen = Vec::new();
+    let done = follow(
+        &controller,
+        "the good revision rolled out",
+        |r| {
+            let updating = r
+                .devices
+                .iter()
+                .filter(|d| d.phase == fpb::DeviceRolloutPhase::Updating as i32)
+                .count();
+            most_updating = most_updating.max(updating);
+            if waves_seen.last() != Some(&r.wave) {
+                waves_seen.push(r.wave);
+            }
+        },
+        |r| state(r) == fpb::RolloutState::Completed,
+    )
+    .await;
+    assert_eq!(most_updating, 1, "never more than max_unavailable at once");
+    assert_eq!(done.waves, 3);
+    assert_eq!(waves_seen, vec![0, 1, 2]);
+    assert_eq!(done.failed_devices, 0);
+    for d in &done.devices {
+        assert_eq!(d.phase, fpb::DeviceRolloutPhase::Passed as i32, "{d:?}");
+        for gate in ["ready", "smoke", "soak"] {
+            assert!(
+                d.gates.iter().any(|g| g.gate == gate && g.passed),
+                "{gate} on {}: {:?}",
+                d.device_id,
+                d.gates
+            );
+        }
+    }
+    let status = wait_status(&controller, "chat", CONVERGE, "v4 converged", |s| {
+        s.converged
+    })
+    .await;
+    for agent in [&a, &b, &canary] {
+        assert_eq!(display_name(agent).await, "smol v4");
+        assert_eq!(
+            phase(
+                &status,
+                &agent.client().await.capabilities().await.unwrap().node_id,
+                "smol"
+            ),
+            Some(fpb::ModelPhase::Ready)
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    chatter.await.unwrap();
+    assert!(answers.load(Ordering::SeqCst) > 0);
+
+    // Once the rollout completed, nothing retains revision 1: the standby copies go.
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let left = a.client().await.get_model("smol.standby").await.is_ok();
+        if !left {
+            break;
+        }
+        assert!(Instant::now() < deadline, "smol.standby was never released");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The operator's view.
+    let out = std::process::Command::new(modeld_e2e::binary("modelctl"))
+        .args([
+            "fleet",
+            "--fleet-addr",
+            &controller.url(),
+            "rollout",
+            "status",
+            "chat",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("revision 3 → 4, completed"), "{text}");
+    assert!(text.contains("canary"), "{text}");
+    let again = fleet
+        .resume_rollout(fpb::RolloutRequest {
+            deployment: "chat".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition);
+    assert!(again.message().contains("completed"), "{}", again.message());
+}
