@@ -166,7 +166,7 @@ async fn follow(
     let deadline = Instant::now() + CONVERGE;
     loop {
         let r = fleet
-            .get_rollout(fpb::RolloutRequest {
+            .get_rollout(fpb::GetRolloutRequest {
                 deployment: "chat".into(),
             })
             .await
@@ -229,7 +229,7 @@ async fn rollouts_gate_on_the_canary_roll_back_and_go_out_in_waves_without_a_gap
     )
     .await;
     let not_found = fleet
-        .get_rollout(fpb::RolloutRequest {
+        .get_rollout(fpb::GetRolloutRequest {
             deployment: "chat".into(),
         })
         .await
@@ -408,7 +408,7 @@ async fn rollouts_gate_on_the_canary_roll_back_and_go_out_in_waves_without_a_gap
     assert!(text.contains("revision 3 → 4, completed"), "{text}");
     assert!(text.contains("canary"), "{text}");
     let again = fleet
-        .resume_rollout(fpb::RolloutRequest {
+        .resume_rollout(fpb::ResumeRolloutRequest {
             deployment: "chat".into(),
         })
         .await

@@ -329,19 +329,48 @@ pub async fn run(
             outln!("deployment {deployment} deleted");
         }
         FleetCommand::Rollout { action, deployment } => {
-            let request = fpb::RolloutRequest { deployment };
-            let response = match action {
-                RolloutAction::Status => fleet.get_rollout(request).await?,
-                RolloutAction::Pause => fleet.pause_rollout(request).await?,
-                RolloutAction::Resume => fleet.resume_rollout(request).await?,
-                RolloutAction::Abort => fleet.abort_rollout(request).await?,
-                RolloutAction::Rollback => fleet.rollback_rollout(request).await?,
+            let rollout = match action {
+                RolloutAction::Status => {
+                    fleet
+                        .get_rollout(fpb::GetRolloutRequest { deployment })
+                        .await?
+                        .into_inner()
+                        .rollout
+                }
+                RolloutAction::Pause => {
+                    fleet
+                        .pause_rollout(fpb::PauseRolloutRequest { deployment })
+                        .await?
+                        .into_inner()
+                        .rollout
+                }
+                RolloutAction::Resume => {
+                    fleet
+                        .resume_rollout(fpb::ResumeRolloutRequest { deployment })
+                        .await?
+                        .into_inner()
+                        .rollout
+                }
+                RolloutAction::Abort => {
+                    fleet
+                        .abort_rollout(fpb::AbortRolloutRequest { deployment })
+                        .await?
+                        .into_inner()
+                        .rollout
+                }
+                RolloutAction::Rollback => {
+                    fleet
+                        .rollback_rollout(fpb::RollbackRolloutRequest { deployment })
+                        .await?
+                        .into_inner()
+                        .rollout
+                }
             }
-            .into_inner();
+            .unwrap_or_default();
             if output == Output::Json {
-                return json(&response);
+                return json(&rollout);
             }
-            print_rollout(&response.rollout.unwrap_or_default());
+            print_rollout(&rollout);
         }
         FleetCommand::Watch { since } => {
             let mut stream = fleet

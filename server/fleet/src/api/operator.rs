@@ -29,16 +29,9 @@ fn required(field: &str, value: &str) -> Result<(), Status> {
 }
 
 impl OperatorApi {
-    async fn command(
-        &self,
-        request: Request<fpb::RolloutRequest>,
-        command: RolloutCommand,
-    ) -> Result<Response<fpb::RolloutResponse>, Status> {
-        let name = request.into_inner().deployment;
+    async fn command(&self, name: String, command: RolloutCommand) -> Result<fpb::Rollout, Status> {
         required("deployment", &name)?;
-        Ok(Response::new(fpb::RolloutResponse {
-            rollout: Some(self.controller.control(&name, command).await?),
-        }))
+        Ok(self.controller.control(&name, command).await?)
     }
 }
 
@@ -46,41 +39,61 @@ impl OperatorApi {
 impl FleetService for OperatorApi {
     async fn get_rollout(
         &self,
-        request: Request<fpb::RolloutRequest>,
-    ) -> Result<Response<fpb::RolloutResponse>, Status> {
+        request: Request<fpb::GetRolloutRequest>,
+    ) -> Result<Response<fpb::GetRolloutResponse>, Status> {
         let name = request.into_inner().deployment;
         required("deployment", &name)?;
-        Ok(Response::new(fpb::RolloutResponse {
+        Ok(Response::new(fpb::GetRolloutResponse {
             rollout: Some(self.controller.rollout(&name)?),
         }))
     }
 
     async fn pause_rollout(
         &self,
-        request: Request<fpb::RolloutRequest>,
-    ) -> Result<Response<fpb::RolloutResponse>, Status> {
-        self.command(request, RolloutCommand::Pause).await
+        request: Request<fpb::PauseRolloutRequest>,
+    ) -> Result<Response<fpb::PauseRolloutResponse>, Status> {
+        let rollout = self
+            .command(request.into_inner().deployment, RolloutCommand::Pause)
+            .await?;
+        Ok(Response::new(fpb::PauseRolloutResponse {
+            rollout: Some(rollout),
+        }))
     }
 
     async fn resume_rollout(
         &self,
-        request: Request<fpb::RolloutRequest>,
-    ) -> Result<Response<fpb::RolloutResponse>, Status> {
-        self.command(request, RolloutCommand::Resume).await
+        request: Request<fpb::ResumeRolloutRequest>,
+    ) -> Result<Response<fpb::ResumeRolloutResponse>, Status> {
+        let rollout = self
+            .command(request.into_inner().deployment, RolloutCommand::Resume)
+            .await?;
+        Ok(Response::new(fpb::ResumeRolloutResponse {
+            rollout: Some(rollout),
+        }))
     }
 
     async fn abort_rollout(
         &self,
-        request: Request<fpb::RolloutRequest>,
-    ) -> Result<Response<fpb::RolloutResponse>, Status> {
-        self.command(request, RolloutCommand::Abort).await
+        request: Request<fpb::AbortRolloutRequest>,
+    ) -> Result<Response<fpb::AbortRolloutResponse>, Status> {
+        let rollout = self
+            .command(request.into_inner().deployment, RolloutCommand::Abort)
+            .await?;
+        Ok(Response::new(fpb::AbortRolloutResponse {
+            rollout: Some(rollout),
+        }))
     }
 
     async fn rollback_rollout(
         &self,
-        request: Request<fpb::RolloutRequest>,
-    ) -> Result<Response<fpb::RolloutResponse>, Status> {
-        self.command(request, RolloutCommand::Rollback).await
+        request: Request<fpb::RollbackRolloutRequest>,
+    ) -> Result<Response<fpb::RollbackRolloutResponse>, Status> {
+        let rollout = self
+            .command(request.into_inner().deployment, RolloutCommand::Rollback)
+            .await?;
+        Ok(Response::new(fpb::RollbackRolloutResponse {
+            rollout: Some(rollout),
+        }))
     }
 
     async fn apply_deployment(
