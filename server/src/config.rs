@@ -273,6 +273,12 @@ pub struct Args {
     #[arg(long, env = "MODELD_FLEET_TLS_CA")]
     pub fleet_tls_ca: Option<PathBuf>,
 
+    /// host:port where devices of this agent's site reach its ReadBlob, so that a site
+    /// downloads each model from the origin once [default: the listen address, unless
+    /// it is 0.0.0.0 or ::, which says nothing to a peer].
+    #[arg(long, env = "MODELD_FLEET_ADVERTISE")]
+    pub fleet_advertise: Option<String>,
+
     /// Client certificate and key (PEM) for a controller that requires one.
     #[arg(long, env = "MODELD_FLEET_TLS_CERT", requires = "fleet_tls_key")]
     pub fleet_tls_cert: Option<PathBuf>,
@@ -345,6 +351,8 @@ pub struct Args {
 #[derive(Clone, Default)]
 pub struct FleetSettings {
     pub url: String,
+    /// host:port peers of the site read blobs from; `None` = the listen address.
+    pub advertise: Option<String>,
     pub site: String,
     pub labels: std::collections::BTreeMap<String, String>,
     pub token: Option<String>,
@@ -357,6 +365,7 @@ impl std::fmt::Debug for FleetSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FleetSettings")
             .field("url", &self.url)
+            .field("advertise", &self.advertise)
             .field("site", &self.site)
             .field("labels", &self.labels)
             .field("token", &self.token.as_ref().map(|_| "redacted"))
@@ -540,6 +549,7 @@ struct FileConfig {
     fleet_tls_ca: Option<PathBuf>,
     fleet_tls_cert: Option<PathBuf>,
     fleet_tls_key: Option<PathBuf>,
+    fleet_advertise: Option<String>,
     device_profile: Option<PathBuf>,
     nfd_features_file: Option<PathBuf>,
     metrics_listen: Option<SocketAddr>,
@@ -912,6 +922,7 @@ impl Config {
                     }
                     Some(FleetSettings {
                         url,
+                        advertise: args.fleet_advertise.or(file.fleet_advertise),
                         site,
                         labels,
                         token: args.fleet_token.or(file.fleet_token),

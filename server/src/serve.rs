@@ -255,6 +255,13 @@ pub async fn serve(
         .map(|path| crate::nfd::spawn(path, node.clone(), shutdown_rx.clone()));
     let fleet = match &config.fleet {
         Some(settings) => {
+            let mut settings = settings.clone();
+            if settings.advertise.is_none()
+                && let Ok(bound) = listener.local_addr()
+                && !bound.ip().is_unspecified()
+            {
+                settings.advertise = Some(bound.to_string());
+            }
             let link = crate::fleet::link::Link::new(settings.clone())?;
             let reconciler = modeld_node::fleet::spawn(
                 node.clone(),

@@ -23,12 +23,17 @@ const CONVERGE: Duration = Duration::from_secs(120);
 
 /// An agent reporting to `controller` as the device `profile` describes.
 async fn device(controller: &Controller, profile: &Path, tier: &str) -> Agent {
+    device_at(controller, profile, tier, "lab").await
+}
+
+/// An agent of `site`.
+async fn device_at(controller: &Controller, profile: &Path, tier: &str, site: &str) -> Agent {
     Agent::start_with(AgentOptions {
         args: vec![
             "--fleet".into(),
             controller.url(),
             "--site".into(),
-            "lab".into(),
+            site.into(),
             "--label".into(),
             format!("tier={tier}"),
             "--device-profile".into(),
@@ -76,6 +81,24 @@ fn deployment(
         selector: Some(selector),
         prune: true,
         ..Default::default()
+    }
+}
+
+/// A deployment of `spec` whose rollout runs `test`.
+fn gated(name: &str, spec: &pb::ModelSpec, test: fpb::SmokeTest) -> fpb::Deployment {
+    fpb::Deployment {
+        rollout: Some(fpb::RolloutStrategy {
+            gates: Some(fpb::Gates {
+                smoke_tests: vec![test],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..deployment(
+            name,
+            tier("edge"),
+            vec![model(spec.clone(), fpb::WantedState::Loaded)],
+        )
     }
 }
 
@@ -266,8 +289,9 @@ async fn deployments_land_where_they_match_and_fit_and_follow_changes() {
         client.get_model("smol").await.is_err()
     })
     .await;
+    // (The "big" deployment may take the memory smol left: it fits there now.)
     wait_agent(&edge, "smol unloaded from the edge box", || async {
-        loaded(&edge).await.is_empty()
+        !loaded(&edge).await.contains(&"smol".to_owned())
     })
     .await;
 
@@ -492,6 +516,126 @@ async fn an_agent_killed_mid_download_resumes_and_reports_it() {
     drop(agent);
 }
 
+/// Where `agent` read smol's file from, by its finished transfer.
+async fn smol_source(agent: &Agent) -> String {
+    let transfers = agent
+        .client()
+        .await
+        .storage()
+        .list_transfers(pb::ListTransfersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .transfers;
+    transfers
+        .iter()
+        .filter(|t| t.model_id == "smol")
+        .flat_map(|t| &t.files)
+        .map(|f| f.source_url.clone())
+        .next()
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_site_downloads_each_model_from_the_origin_once() {
+    let assets = Assets::get();
+    let (_files, server) = model_server(&assets).await;
+    // Slow enough that the second device of a site would start its own download if
+    // it were not told to wait.
+    server.throttle("smol.gguf", 48 << 20);
+    let tmp = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&tmp.path().join("controller"), None);
+    let edge = profile(tmp.path(), "edge", EDGE);
+    let north = [
+        device_at(&controller, &edge, "edge", "north").await,
+        device_at(&controller, &edge, "edge", "north").await,
+    ];
+    let south = device_at(&controller, &edge, "edge", "south").await;
+    wait_connected(&controller, 3).await;
+    let smol = gguf_spec("smol", &server.url("smol.gguf"));
+    controller
+        .client()
+        .await
+        .apply_deployment(fpb::ApplyDeploymentRequest {
+            deployment: Some(deployment(
+                "prefetch",
+                tier("edge"),
+                vec![model(smol, fpb::WantedState::Stored)],
+            )),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    // While the site's seed downloads, its neighbour waits (PENDING), not downloading.
+    let north_ids = [node_id(&north[0]).await, node_id(&north[1]).await];
+    let saw_waiting = std::sync::atomic::AtomicBool::new(false);
+    let status = wait_status(
+        &controller,
+        "prefetch",
+        CONVERGE,
+        "STORED everywhere",
+        |s| {
+            let phases: Vec<Option<fpb::ModelPhase>> =
+                north_ids.iter().map(|id| phase(s, id, "smol")).collect();
+            if phases.contains(&Some(fpb::ModelPhase::Downloading))
+                && phases.contains(&Some(fpb::ModelPhase::Pending))
+            {
+                saw_waiting.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            s.converged
+        },
+    )
+    .await;
+    assert!(
+        saw_waiting.load(std::sync::atomic::Ordering::SeqCst),
+        "the neighbour waited while the seed downloaded"
+    );
+    assert_eq!(status.devices.len(), 3);
+    let from_origin = server
+        .seen("smol.gguf")
+        .iter()
+        .filter(|s| s.status / 100 == 2)
+        .count();
+    assert_eq!(
+        from_origin,
+        2,
+        "one origin download per site: {:?}",
+        server.seen("smol.gguf")
+    );
+    let sources = [smol_source(&north[0]).await, smol_source(&north[1]).await];
+    let from_peer = sources
+        .iter()
+        .filter(|s| s.starts_with("modeld://"))
+        .count();
+    assert_eq!(
+        from_peer, 1,
+        "one north device read from its neighbour: {sources:?}"
+    );
+    let seed = usize::from(sources[1].starts_with("http"));
+    let seed_port = north[seed].url().rsplit(':').next().unwrap().to_owned();
+    assert!(
+        sources[1 - seed].ends_with(&format!(":{seed_port}")),
+        "the neighbour read from the seed: {sources:?}"
+    );
+    assert!(smol_source(&south).await.starts_with("http://"));
+    // Both north copies are whole and verified: the stored blob is the origin's.
+    for agent in north.iter().chain([&south]) {
+        let stored = agent
+            .client()
+            .await
+            .storage()
+            .list_stored(pb::ListStoredRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .models;
+        assert!(
+            stored.iter().any(|m| m.model_id == "smol" && m.complete),
+            "{stored:?}"
+        );
+    }
+}
+
 fn field_of(status: &tonic::Status) -> String {
     status
         .get_error_details()
@@ -554,6 +698,42 @@ async fn bad_deployments_are_refused_whole_with_the_field_named() {
                 ],
             ),
             "deployment.models[1].spec.id",
+        ),
+        (
+            gated(
+                "bad-regex",
+                &good,
+                fpb::SmokeTest {
+                    prompt: "Say a number.".into(),
+                    matches: "([0-9]+".into(),
+                    ..Default::default()
+                },
+            ),
+            "deployment.rollout.gates.smoke_tests[0].matches",
+        ),
+        (
+            gated(
+                "expects-nothing",
+                &good,
+                fpb::SmokeTest {
+                    prompt: "Say a number.".into(),
+                    ..Default::default()
+                },
+            ),
+            "deployment.rollout.gates.smoke_tests[0].contains",
+        ),
+        (
+            gated(
+                "other-model",
+                &good,
+                fpb::SmokeTest {
+                    model_id: "elsewhere".into(),
+                    prompt: "Say a number.".into(),
+                    json: true,
+                    ..Default::default()
+                },
+            ),
+            "deployment.rollout.gates.smoke_tests[0].model_id",
         ),
     ];
     for (d, field) in cases {

@@ -391,6 +391,90 @@ async fn rollouts_gate_on_the_canary_roll_back_and_go_out_in_waves_without_a_gap
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // Revision 5 changes only a load option: each device loads the model again with
+    // it, the same way, without a download or a gap.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers = Arc::new(AtomicUsize::new(0));
+    let chatter = keep_chatting(&b, stop.clone(), answers.clone());
+    fleet
+        .apply_deployment(fpb::ApplyDeploymentRequest {
+            deployment: Some(revision(&url, "smol v4", 256)),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    follow(
+        &controller,
+        "the load option rolled out",
+        |_| {},
+        |r| r.to_revision == 5 && state(r) == fpb::RolloutState::Completed,
+    )
+    .await;
+    for agent in [&a, &b, &canary] {
+        let loaded = agent.client().await.list_loaded().await.unwrap().models;
+        let smol = loaded.iter().find(|m| m.model_id == "smol").unwrap();
+        assert_eq!(smol.context_length, 256, "{smol:?}");
+    }
+    stop.store(true, Ordering::SeqCst);
+    chatter.await.unwrap();
+    assert!(answers.load(Ordering::SeqCst) > 0);
+
+    // Revision 6: the canary is killed (SIGKILL) while it takes the revision. The
+    // rollout waits for it (`device_lost: wait`); restarted, it picks the work up
+    // where its store left it and passes, and the rollout goes on.
+    let mut v6 = revision(&url, "smol v6", 256);
+    v6.rollout
+        .as_mut()
+        .unwrap()
+        .gates
+        .as_mut()
+        .unwrap()
+        .soak_seconds = 4;
+    fleet
+        .apply_deployment(fpb::ApplyDeploymentRequest {
+            deployment: Some(v6),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    follow(
+        &controller,
+        "the canary updating revision 6",
+        |_| {},
+        |r| {
+            r.to_revision == 6
+                && r.devices.iter().any(|d| {
+                    d.device_id == ids["canary"]
+                        && d.phase == fpb::DeviceRolloutPhase::Updating as i32
+                })
+        },
+    )
+    .await;
+    let mut canary = canary;
+    canary.kill9();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = fleet
+        .get_rollout(fpb::GetRolloutRequest {
+            deployment: "chat".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rollout
+        .unwrap();
+    assert_eq!(state(&held), fpb::RolloutState::Progressing);
+    assert_eq!(held.wave, 0, "no wave starts while the canary is away");
+    let canary = canary.restart().await;
+    let resumed = follow(
+        &controller,
+        "revision 6 completed after the canary came back",
+        |_| {},
+        |r| r.to_revision == 6 && state(r) == fpb::RolloutState::Completed,
+    )
+    .await;
+    assert_eq!(resumed.failed_devices, 0);
+    assert_eq!(display_name(&canary).await, "smol v6");
+
     // The operator's view.
     let out = std::process::Command::new(modeld_e2e::binary("modelctl"))
         .args([
@@ -405,7 +489,7 @@ async fn rollouts_gate_on_the_canary_roll_back_and_go_out_in_waves_without_a_gap
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("revision 3 → 4, completed"), "{text}");
+    assert!(text.contains("revision 5 → 6, completed"), "{text}");
     assert!(text.contains("canary"), "{text}");
     let again = fleet
         .resume_rollout(fpb::ResumeRolloutRequest {

@@ -16,6 +16,7 @@ use crate::deployment;
 use crate::error::{Error, Result};
 use crate::placement::{self, Needs, Placeable};
 use crate::rollout;
+use crate::sites;
 use crate::store::Store;
 
 /// What the controller sends down one device's stream.
@@ -50,6 +51,8 @@ struct State {
 
 pub struct Controller {
     store: Store,
+    /// Devices per site that may download one set of files from the origin at once.
+    origin_fetches_per_site: usize,
     state: Mutex<State>,
     events: broadcast::Sender<fpb::WatchResponse>,
 }
@@ -62,7 +65,7 @@ impl std::fmt::Debug for Controller {
 
 impl Controller {
     /// Loads the state a previous run left. Every device starts disconnected.
-    pub fn open(store: Store) -> Result<Arc<Controller>> {
+    pub fn open(store: Store, origin_fetches_per_site: usize) -> Result<Arc<Controller>> {
         let mut state = State {
             revision: store.last_revision()?,
             ..State::default()
@@ -95,6 +98,7 @@ impl Controller {
         let (events, _) = broadcast::channel(LIVE_BUFFER);
         let controller = Arc::new(Controller {
             store,
+            origin_fetches_per_site: origin_fetches_per_site.max(1),
             state: Mutex::new(state),
             events,
         });
@@ -126,6 +130,11 @@ impl Controller {
                 .and_then(|(d, _)| d.rollout.clone())
                 .unwrap_or_default()
         });
+        sites::share(
+            &mut plan.assignments,
+            &state.devices,
+            self.origin_fetches_per_site,
+        );
         state.results = plan.results;
         for (device, items) in plan.assignments {
             let current = state.assignments.get(&device);
@@ -343,6 +352,7 @@ impl Controller {
                 disconnected_since: None,
                 applied_generation: report.applied_generation.max(hello.applied_generation),
                 assigned_generation: previous.assigned_generation,
+                peer_address: hello.peer_address,
             };
             c.store.put_device(&device)?;
             state.devices.insert(id.clone(), device);
@@ -381,6 +391,14 @@ impl Controller {
                 return Err(Error::DeviceNotFound(id.to_owned()));
             };
             let newly_applied = report.applied_generation > device.applied_generation;
+            // What the device holds decides its site's peers: a change replans.
+            let held = |models: &[fpb::ModelReport]| -> Vec<(String, u64, bool)> {
+                models
+                    .iter()
+                    .map(|m| (m.model_id.clone(), m.revision, on_disk(m.state)))
+                    .collect()
+            };
+            let holdings_changed = held(&device.models) != held(&report.models);
             device.models = report.models;
             device.applied_generation = report.applied_generation;
             device.last_seen = Some(now());
@@ -398,6 +416,9 @@ impl Controller {
                         ..Default::default()
                     },
                 )?;
+            }
+            if holdings_changed && !device_site_is_empty(state, id) {
+                c.replan(state)?;
             }
             c.refresh_phases(state)?;
             c.progress(state)
@@ -638,6 +659,23 @@ impl Controller {
             Ok((past, live))
         })
     }
+}
+
+/// True for the states in which a model's files are on the device's disk.
+fn on_disk(state: i32) -> bool {
+    matches!(
+        pb::ModelState::try_from(state),
+        Ok(pb::ModelState::Downloaded
+            | pb::ModelState::Validating
+            | pb::ModelState::Initializing
+            | pb::ModelState::Loading
+            | pb::ModelState::Ready
+            | pb::ModelState::Unloading)
+    )
+}
+
+fn device_site_is_empty(state: &State, id: &str) -> bool {
+    state.devices.get(id).is_none_or(|d| d.site.is_empty())
 }
 
 /// What an operator can do to a rollout.

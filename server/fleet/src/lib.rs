@@ -7,7 +7,7 @@
 //! changes down each device's stream; [`api`] holds the two gRPC services.
 //!
 //! Modules import downward only: `serve` → `api` → `controller` → `placement`,
-//! `deployment`, `rollout` → `store` → `error`.
+//! `deployment`, `rollout`, `sites` → `store` → `error`.
 
 pub mod api;
 pub mod controller;
@@ -16,6 +16,7 @@ pub mod error;
 pub mod placement;
 pub mod rollout;
 pub mod serve;
+pub mod sites;
 pub mod store;
 
 pub use error::{Error, Result};

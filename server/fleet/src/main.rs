@@ -38,6 +38,15 @@ struct Args {
     #[arg(long, env = "MODELD_FLEET_INSECURE")]
     insecure: bool,
 
+    /// Devices per site that download a model's files from the origin at once (at
+    /// least 1); the site's other devices read them from those devices.
+    #[arg(
+        long,
+        env = "MODELD_FLEET_ORIGIN_FETCHES_PER_SITE",
+        default_value_t = 1
+    )]
+    origin_fetches_per_site: usize,
+
     /// Log filter, e.g. "info" or "modeld_fleet=debug".
     #[arg(long, env = "MODELD_FLEET_LOG", default_value = "info")]
     log: String,
@@ -78,6 +87,7 @@ fn main() -> anyhow::Result<()> {
                         _ => None,
                     },
                     insecure: args.insecure,
+                    origin_fetches_per_site: args.origin_fetches_per_site,
                 },
                 listener,
                 async {

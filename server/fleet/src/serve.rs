@@ -31,6 +31,9 @@ pub struct Settings {
     pub tls: Option<modeld::tls::TlsFiles>,
     /// Serve a non-loopback address without TLS and credentials.
     pub insecure: bool,
+    /// Devices per site that download one set of files from the origin at once; the
+    /// others read them from those devices.
+    pub origin_fetches_per_site: usize,
 }
 
 /// The credentials to serve `addr` with, or why the controller must not serve it: the
@@ -83,7 +86,7 @@ pub async fn serve(
     let store = tokio::task::spawn_blocking(move || Store::open(&db))
         .await
         .map_err(|e| Error::Serve(e.to_string()))??;
-    let controller = Controller::open(store.clone())?;
+    let controller = Controller::open(store.clone(), settings.origin_fetches_per_site)?;
     let (stop_tx, stop_rx) = (stop_tx, stop_rx);
     {
         // Rollouts also move with the clock: wave intervals, devices lost too long.

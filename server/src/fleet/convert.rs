@@ -13,6 +13,9 @@ use modeld_proto::fleet::v1 as fpb;
 
 use crate::api::{convert, validate};
 
+/// Most peers one assignment may name.
+const MAX_PEERS: usize = 16;
+
 /// Checks the controller's assignments as strictly as the public RPCs check a
 /// RegisterModel and a Load: a bad one is refused whole, and the node keeps the
 /// assignments it had.
@@ -44,6 +47,25 @@ pub fn assignments_from_pb(p: fpb::Assignments) -> modeld_node::Result<Assignmen
                     .validate(&format!("{field}.retain"))
             })
             .transpose()?;
+        if a.peers.len() > MAX_PEERS {
+            return Err(modeld_node::Error::invalid(
+                format!("{field}.peers"),
+                format!("{} peers; the limit is {MAX_PEERS}", a.peers.len()),
+            ));
+        }
+        for (j, peer) in a.peers.iter().enumerate() {
+            let url = format!("modeld://{peer}");
+            let parsed = url::Url::parse(&url).ok();
+            let plain = parsed.as_ref().is_some_and(|u| {
+                u.host_str().is_some() && u.path().is_empty() && u.username().is_empty()
+            });
+            if !plain {
+                return Err(modeld_node::Error::invalid(
+                    format!("{field}.peers[{j}]"),
+                    format!("{peer:?} is not a host:port"),
+                ));
+            }
+        }
         items.push(Assignment {
             deployment: a.deployment,
             spec,
@@ -58,6 +80,8 @@ pub fn assignments_from_pb(p: fpb::Assignments) -> modeld_node::Result<Assignmen
             } else {
                 SwapPolicy::AllowGap
             },
+            peers: a.peers,
+            wait_for_peer: a.wait_for_peer,
         });
     }
     Ok(Assignments {

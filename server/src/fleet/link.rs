@@ -186,6 +186,7 @@ async fn session(link: &Link, node: &Arc<Node>, reconciler: &Reconciler) -> Resu
         labels: link.settings.labels.clone().into_iter().collect(),
         applied_generation: reconciler.generation(),
         report: Some(report),
+        peer_address: link.settings.advertise.clone().unwrap_or_default(),
     };
     let (outbound, outbound_rx) = mpsc::channel(8);
     let _ = outbound

@@ -55,6 +55,11 @@ pub struct Assignment {
     /// rollout completes, so a rollback needs no download.
     pub retain: Option<ModelSpec>,
     pub swap: SwapPolicy,
+    /// `host:port` of devices in the site that hold the files: read before the spec's
+    /// URLs.
+    pub peers: Vec<String>,
+    /// A device of the site is fetching the files from the origin: wait for it.
+    pub wait_for_peer: bool,
 }
 
 /// When the node cannot hold the old and the new revision in memory at once.
@@ -138,6 +143,24 @@ pub struct GateReport {
     pub revision: u64,
     pub state: GateState,
     pub results: Vec<GateResult>,
+}
+
+/// The load options that matter to a loaded model, spelled out field by field so the
+/// text is stable across versions: a change means the model must be loaded again.
+pub fn load_key(load: &LoadRequest) -> String {
+    let o = &load.options;
+    format!(
+        "runtime={};context={};parallel={};threads={};batch={};gpu_layers={};kv={};flash={};mlock={}",
+        load.runtime.map_or("auto", |r| r.as_str()),
+        o.context_length,
+        o.parallel,
+        o.threads,
+        o.batch_size,
+        o.gpu_layers,
+        o.kv_cache_type.as_str(),
+        o.flash_attention.as_str(),
+        o.use_mlock,
+    )
 }
 
 /// The id a new revision is staged under (and the previous one kept under) while

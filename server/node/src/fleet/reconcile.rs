@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use super::gates::{self, Speed};
 use super::{
     Assignment, Assignments, GateReport, GateResult, GateState, ModelReport, Report,
-    STANDBY_SUFFIX, SwapPolicy, Wanted, standby_id,
+    STANDBY_SUFFIX, SwapPolicy, Wanted, load_key, standby_id,
 };
 use crate::error::{Error, Result};
 use crate::load::{LoadEvent, Loads};
@@ -232,6 +232,7 @@ fn pass(
         let record = owned.get(&id);
         if in_flight.contains(&id)
             || waiting(&id)
+            || a.wait_for_peer
             || record.is_some_and(|r| settled(node, a, r))
             || crash_looping(node, &id)
         {
@@ -292,7 +293,18 @@ fn settled(node: &Node, a: &Assignment, record: &FleetModelRecord) -> bool {
             GateState::parse(&record.gate_state),
             Some(GateState::Failed | GateState::Skipped)
         );
-    stopped || (gated && record.revision == a.revision && converged(node, a))
+    stopped
+        || (gated
+            && record.revision == a.revision
+            && !options_changed(a, record)
+            && converged(node, a))
+}
+
+/// True when a loaded model was loaded with other options than `a` asks for.
+fn options_changed(a: &Assignment, record: &FleetModelRecord) -> bool {
+    a.wanted != Wanted::Stored
+        && !record.load_key.is_empty()
+        && record.load_key != load_key(&a.load)
 }
 
 /// True when the node already holds the model as assigned.
@@ -352,13 +364,15 @@ async fn converge(node: &Arc<Node>, loads: &Loads, a: &Assignment, board: &Board
             .is_none_or(|r| r.gate_revision != a.revision)
     });
     let mut record = previous.unwrap_or_default();
+    let reload = options_changed(a, &record);
     record.deployment.clone_from(&a.deployment);
     record.prune = a.prune;
     node.store.put_fleet_model(id, &record)?;
     node.store.flush().await?;
     let Some(gates) = gates else {
-        bring_up(node, loads, a, false).await?;
+        bring_up(node, loads, a, false, reload).await?;
         record.revision = a.revision;
+        record.load_key = load_key(&a.load);
         node.store.put_fleet_model(id, &record)?;
         return node.store.flush().await;
     };
@@ -370,7 +384,7 @@ async fn converge(node: &Arc<Node>, loads: &Loads, a: &Assignment, board: &Board
             results: Vec::new(),
         },
     );
-    let verdict = run_gates(node, loads, a, gates, board).await;
+    let verdict = run_gates(node, loads, a, gates, board, reload).await;
     let report = board.take(id).unwrap_or(GateReport {
         revision: a.revision,
         state: GateState::Failed,
@@ -386,6 +400,7 @@ async fn converge(node: &Arc<Node>, loads: &Loads, a: &Assignment, board: &Board
     };
     if state == GateState::Passed {
         record.revision = a.revision;
+        record.load_key = load_key(&a.load);
     }
     record.gate_revision = a.revision;
     record.gate_state = state.as_str().to_owned();
@@ -417,6 +432,7 @@ async fn run_gates(
     a: &Assignment,
     gates: &super::Gates,
     board: &Board,
+    reload: bool,
 ) -> Result<GateState> {
     let id = a.spec.id.as_str();
     let result = |gate: &str, passed: bool, detail: String| GateResult {
@@ -426,22 +442,26 @@ async fn run_gates(
         detail,
     };
     let started = Instant::now();
-    let staged =
-        match tokio::time::timeout(gates.ready_within, bring_up(node, loads, a, true)).await {
-            Ok(staged) => staged?,
-            Err(_) => {
-                board.push(
-                    id,
-                    result(
-                        "ready",
-                        false,
-                        format!("not ready within {} s", gates.ready_within.as_secs()),
-                    ),
-                );
-                release_standby_load(node, id).await;
-                return Ok(GateState::Failed);
-            }
-        };
+    let staged = match tokio::time::timeout(
+        gates.ready_within,
+        bring_up(node, loads, a, true, reload),
+    )
+    .await
+    {
+        Ok(staged) => staged?,
+        Err(_) => {
+            board.push(
+                id,
+                result(
+                    "ready",
+                    false,
+                    format!("not ready within {} s", gates.ready_within.as_secs()),
+                ),
+            );
+            release_standby_load(node, id).await;
+            return Ok(GateState::Failed);
+        }
+    };
     if let Staged::Skipped(why) = &staged {
         board.push(id, result("memory", false, why.clone()));
         return Ok(GateState::Skipped);
@@ -614,12 +634,14 @@ fn fits_beside(node: &Node, a: &Assignment) -> bool {
 /// Brings `a`'s spec up: registered and stored, then loaded when wanted. A different
 /// spec already under the model's id keeps serving while the new one is staged under
 /// the standby id, when memory holds both; `swap_later` says whether the caller swaps
-/// it in (after gates) or wants it done here.
+/// it in (after gates) or wants it done here. `reload` says the model is loaded with
+/// other options than `a`'s: it is staged again the same way, with no download.
 async fn bring_up(
     node: &Arc<Node>,
     loads: &Loads,
     a: &Assignment,
     swap_later: bool,
+    reload: bool,
 ) -> Result<Staged> {
     let id = a.spec.id.as_str();
     let source = format!("fleet deployment {}", a.deployment);
@@ -629,7 +651,9 @@ async fn bring_up(
         Err(e) => return Err(e),
     };
     let mut baseline = None;
-    if held == Some(false) {
+    let restage =
+        held == Some(false) || (held == Some(true) && reload && node.inference.ready(id).is_ok());
+    if restage {
         // Another revision (or a model put here by hand that the deployment now
         // claims) holds the id: stage this one beside it.
         let standby = standby_id(id);
@@ -643,11 +667,7 @@ async fn bring_up(
             },
         )?;
         node.store.flush().await?;
-        let entry = node.registry.get(&standby)?;
-        if entry.local_path.is_none() && !node.storage.is_stored(&entry.spec)? {
-            let (progress, _started) = node.storage.pull(&entry.spec).await?;
-            wait_for_transfer(progress).await?;
-        }
+        ensure_stored(node, &standby, a).await?;
         let serving = node.inference.ready(id).is_ok();
         if a.wanted != Wanted::Stored && serving {
             if node.inference.ready(&standby).is_ok() || fits_beside(node, a) {
@@ -680,14 +700,9 @@ async fn bring_up(
             .register(a.spec.clone(), Origin::Registered, &source)
             .await?;
     }
+    ensure_stored(node, id, a).await?;
     match a.wanted {
-        Wanted::Stored => {
-            let entry = node.registry.get(id)?;
-            if entry.local_path.is_none() && !node.storage.is_stored(&entry.spec)? {
-                let (progress, _started) = node.storage.pull(&entry.spec).await?;
-                wait_for_transfer(progress).await?;
-            }
-        }
+        Wanted::Stored => {}
         Wanted::Loaded | Wanted::Pinned => {
             let pinned = node
                 .inference
@@ -703,6 +718,26 @@ async fn bring_up(
         }
     }
     Ok(Staged::InPlace { baseline })
+}
+
+/// Downloads what `id` lacks of its files, reading them from the site's peers first
+/// when the controller named some.
+async fn ensure_stored(node: &Node, id: &str, a: &Assignment) -> Result<()> {
+    let entry = node.registry.get(id)?;
+    // Files another model stored are not enough: this model must be recorded as
+    // holding them too, or that model's deletion would take them away under it (a
+    // pull of files already here only records that).
+    let recorded = node.store.stored_model(id)?.is_some();
+    if entry.local_path.is_some() || (recorded && node.storage.is_stored(&entry.spec)?) {
+        return Ok(());
+    }
+    let mut spec = entry.spec;
+    for file in spec.files.iter_mut().filter(|f| f.archive.is_none()) {
+        let peers = a.peers.iter().map(|p| format!("modeld://{p}"));
+        file.urls = peers.chain(file.urls.drain(..)).collect();
+    }
+    let (progress, _started) = node.storage.pull(&spec).await?;
+    wait_for_transfer(progress).await
 }
 
 /// Loads `id` as `a` asks, and waits until it is ready.

@@ -145,11 +145,14 @@ impl Storage {
         let (tx, rx) = watch::channel(progress);
         drop(tx);
         if self.inner.store.stored_model(&spec.id)?.is_none() {
-            let storage = self.clone();
-            let spec = spec.clone();
+            // Recorded before the answer, so that the files count as this model's at
+            // once: another model's deletion keeps blobs a stored model lists.
+            self.put_stored_record(spec)?;
+            let store = self.inner.store.clone();
+            let id = spec.id.clone();
             tokio::spawn(async move {
-                if let Err(e) = storage.record_stored(&spec).await {
-                    tracing::warn!(model = %spec.id, error = %e, "could not record stored model");
+                if let Err(e) = store.flush().await {
+                    tracing::warn!(model = %id, error = %e, "could not record stored model");
                 }
             });
         }

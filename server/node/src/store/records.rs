@@ -240,6 +240,10 @@ pub struct FleetModelRecord {
     pub gate_state: String,
     #[prost(message, repeated, tag = "6")]
     pub gate_results: Vec<GateResultRecord>,
+    /// The fleet's load options the model was last loaded with ([`crate::fleet::load_key`]);
+    /// empty in records from before it was kept.
+    #[prost(string, tag = "7")]
+    pub load_key: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
