@@ -50,6 +50,13 @@ pub struct Args {
     #[arg(long, env = "MODELD_DISK_QUOTA")]
     pub disk_quota: Option<ByteSize>,
 
+    /// Most bytes per second downloads from origins (http and https sources) take on
+    /// this device together, e.g. "10MiB"; peers of the site and local files are not
+    /// limited. A fleet controller may lower it to the device's share of its site's
+    /// limit. [default: no limit]
+    #[arg(long, env = "MODELD_ORIGIN_RATE_LIMIT")]
+    pub origin_rate_limit: Option<ByteSize>,
+
     /// A directory of models to discover (repeatable; the env variable takes a
     /// comma-separated list). Models found there are used in place, never copied.
     #[arg(long = "models-dir", env = "MODELD_MODELS_DIRS", value_delimiter = ',')]
@@ -502,6 +509,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     memory_budget: Option<String>,
     disk_quota: Option<String>,
+    origin_rate_limit: Option<String>,
     models_dirs: Option<Vec<PathBuf>>,
     allow_dirs: Option<Vec<PathBuf>>,
     tokens_file: Option<PathBuf>,
@@ -642,6 +650,8 @@ pub struct Config {
     pub memory_budget: MemoryBudget,
     /// None = no quota.
     pub disk_quota: Option<u64>,
+    /// Bytes per second origin downloads may take together; `None` = no limit.
+    pub origin_rate_limit: Option<u64>,
     pub models_dirs: Vec<PathBuf>,
     /// Where requests may name local files, besides `models_dirs`.
     pub allow_dirs: Vec<PathBuf>,
@@ -718,6 +728,12 @@ impl Config {
             .map(ByteSize::from_str)
             .transpose()
             .map_err(|e| bad("disk_quota", e))?;
+        let file_origin_rate = file
+            .origin_rate_limit
+            .as_deref()
+            .map(ByteSize::from_str)
+            .transpose()
+            .map_err(|e| bad("origin_rate_limit", e))?;
         let listen = match args.listen.or(file.listen) {
             Some(l) => l,
             None => DEFAULT_LISTEN
@@ -771,6 +787,11 @@ impl Config {
                 .or(file_budget)
                 .unwrap_or(MemoryBudget::Fraction(DEFAULT_MEMORY_FRACTION)),
             disk_quota,
+            origin_rate_limit: args
+                .origin_rate_limit
+                .or(file_origin_rate)
+                .map(|b| b.as_u64())
+                .filter(|b| *b > 0),
             models_dirs,
             allow_dirs,
             tokens_file: args

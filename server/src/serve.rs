@@ -185,6 +185,9 @@ pub async fn serve(
             peers: Some(Arc::new(api::peer::GrpcPeers::new(&config.peers)?)),
             roots,
             hosts: config.source_hosts.clone(),
+            origin_limit: Arc::new(modeld_node::storage::bandwidth::OriginLimit::new(
+                config.origin_rate_limit,
+            )),
         },
         StorageSettings {
             max_concurrent_downloads: config.max_concurrent_downloads,

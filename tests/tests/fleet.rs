@@ -540,11 +540,15 @@ async fn smol_source(agent: &Agent) -> String {
 async fn a_site_downloads_each_model_from_the_origin_once() {
     let assets = Assets::get();
     let (_files, server) = model_server(&assets).await;
-    // Slow enough that the second device of a site would start its own download if
-    // it were not told to wait.
-    server.throttle("smol.gguf", 48 << 20);
+    // Each site's origin downloads share 32 MiB/s: slow enough that the second
+    // device of a site would start its own download if it were not told to wait.
+    let site_limit: u64 = 32 << 20;
     let tmp = tempfile::tempdir().unwrap();
-    let controller = Controller::start(&tmp.path().join("controller"), None);
+    let controller = Controller::start_with(
+        &tmp.path().join("controller"),
+        None,
+        vec!["--site-origin-rate-limit".into(), "32MiB".into()],
+    );
     let edge = profile(tmp.path(), "edge", EDGE);
     let north = [
         device_at(&controller, &edge, "edge", "north").await,
@@ -553,6 +557,7 @@ async fn a_site_downloads_each_model_from_the_origin_once() {
     let south = device_at(&controller, &edge, "edge", "south").await;
     wait_connected(&controller, 3).await;
     let smol = gguf_spec("smol", &server.url("smol.gguf"));
+    let applied = Instant::now();
     controller
         .client()
         .await
@@ -590,6 +595,11 @@ async fn a_site_downloads_each_model_from_the_origin_once() {
         saw_waiting.load(std::sync::atomic::Ordering::SeqCst),
         "the neighbour waited while the seed downloaded"
     );
+    // Each seed kept to its site's limit (a lower bound on the time: it cannot be
+    // broken by a slow machine).
+    #[allow(clippy::cast_precision_loss)]
+    let floor = Duration::from_secs_f64(0.8 * SMOLLM2_SIZE as f64 / site_limit as f64);
+    assert!(applied.elapsed() >= floor, "{:?}", applied.elapsed());
     assert_eq!(status.devices.len(), 3);
     let from_origin = server
         .seen("smol.gguf")

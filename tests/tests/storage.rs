@@ -1104,3 +1104,28 @@ async fn a_pull_that_does_not_fit_removes_stored_models_least_recently_used_firs
         pb::ModelState::Ready
     );
 }
+
+/// `--origin-rate-limit` holds an origin download to its rate (a lower bound on the
+/// time, which a slow machine cannot break); the same file from a local path is not
+/// held back.
+#[tokio::test]
+async fn origin_downloads_keep_to_the_rate_limit() {
+    let assets = Assets::get();
+    let (_dir, server) = model_server(&assets).await;
+    let limit = 32 * MB;
+    let agent = Agent::start_with(quick(&["--origin-rate-limit", "32MiB"])).await;
+    let client = agent.client().await;
+    let started = std::time::Instant::now();
+    let done = register_and_pull(&client, spec("smol", vec![server.url("smol.gguf")]))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(done.stage(), pb::TransferStage::Done);
+    #[allow(clippy::cast_precision_loss)]
+    let floor = Duration::from_secs_f64(0.8 * SMOLLM2_SIZE as f64 / limit as f64);
+    assert!(
+        took >= floor,
+        "{took:?} for {SMOLLM2_SIZE} bytes at 32 MiB/s"
+    );
+    assert_smol_blob(&agent);
+}

@@ -47,12 +47,18 @@ struct State {
     phases: HashMap<(String, String, String), i32>,
     revision: u64,
     epochs: u64,
+    /// A report changed what a site holds: replan on the next tick.
+    replan_due: bool,
+    /// A report may move a rollout: on the next tick.
+    progress_due: bool,
 }
 
 pub struct Controller {
     store: Store,
     /// Devices per site that may download one set of files from the origin at once.
     origin_fetches_per_site: usize,
+    /// Bytes per second a site's origin downloads may take together.
+    site_origin_rate_limit: Option<u64>,
     state: Mutex<State>,
     events: broadcast::Sender<fpb::WatchResponse>,
 }
@@ -65,7 +71,11 @@ impl std::fmt::Debug for Controller {
 
 impl Controller {
     /// Loads the state a previous run left. Every device starts disconnected.
-    pub fn open(store: Store, origin_fetches_per_site: usize) -> Result<Arc<Controller>> {
+    pub fn open(
+        store: Store,
+        origin_fetches_per_site: usize,
+        site_origin_rate_limit: Option<u64>,
+    ) -> Result<Arc<Controller>> {
         let mut state = State {
             revision: store.last_revision()?,
             ..State::default()
@@ -99,6 +109,7 @@ impl Controller {
         let controller = Arc::new(Controller {
             store,
             origin_fetches_per_site: origin_fetches_per_site.max(1),
+            site_origin_rate_limit: site_origin_rate_limit.filter(|b| *b > 0),
             state: Mutex::new(state),
             events,
         });
@@ -130,21 +141,25 @@ impl Controller {
                 .and_then(|(d, _)| d.rollout.clone())
                 .unwrap_or_default()
         });
-        sites::share(
+        let shares = sites::share(
             &mut plan.assignments,
             &state.devices,
             self.origin_fetches_per_site,
+            self.site_origin_rate_limit,
         );
         state.results = plan.results;
         for (device, items) in plan.assignments {
             let current = state.assignments.get(&device);
-            if current.is_some_and(|c| c.assignments == items) {
+            let share = shares.get(&device).copied().unwrap_or(0);
+            if current.is_some_and(|c| c.assignments == items && c.origin_bytes_per_second == share)
+            {
                 continue;
             }
             let generation = current.map_or(0, |c| c.generation) + 1;
             let next = fpb::Assignments {
                 generation,
                 assignments: items,
+                origin_bytes_per_second: share,
             };
             self.store.put_assignments(&device, &next)?;
             if let Some(d) = state.devices.get_mut(&device) {
@@ -181,6 +196,55 @@ impl Controller {
                     deployment,
                     device_id: status.device_id.clone(),
                     status: Some(status),
+                    ..Default::default()
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Like [`Controller::refresh_phases`] for one device: a report changes only its
+    /// own rows, and a fleet of thousands reports at once.
+    fn refresh_device_phases(&self, state: &mut State, id: &str) -> Result<()> {
+        let Some(device) = state.devices.get(id) else {
+            return Ok(());
+        };
+        let placed: Vec<&str> = state
+            .assignments
+            .get(id)
+            .map(|a| {
+                let mut names: Vec<&str> = a
+                    .assignments
+                    .iter()
+                    .map(|x| x.deployment.as_str())
+                    .collect();
+                names.dedup();
+                names
+            })
+            .unwrap_or_default();
+        let mut changed = Vec::new();
+        for name in placed {
+            let Some((d, _)) = state.deployments.get(name) else {
+                continue;
+            };
+            for row in rows(d, device) {
+                let key = (name.to_owned(), row.device_id.clone(), row.model_id.clone());
+                if state.phases.get(&key) != Some(&row.phase) {
+                    changed.push((key, row));
+                }
+            }
+        }
+        for ((deployment, device_id, model_id), row) in changed {
+            state
+                .phases
+                .insert((deployment.clone(), device_id.clone(), model_id), row.phase);
+            self.emit(
+                state,
+                fpb::WatchResponse {
+                    kind: fpb::EventKind::ModelPhase as i32,
+                    deployment,
+                    device_id,
+                    status: Some(row),
                     ..Default::default()
                 },
             )?;
@@ -371,8 +435,10 @@ impl Controller {
                     ..Default::default()
                 },
             )?;
-            c.replan(state)?;
-            c.progress(state)?;
+            // Placement runs on the next tick, once for every device that connected
+            // meanwhile (a fleet reconnects all at once after a controller restart).
+            state.replan_due = true;
+            state.progress_due = true;
             // A device that reconnects gets its assignments even if nothing changed.
             if let Some(a) = state.assignments.get(&id) {
                 send(&outbox, a);
@@ -417,11 +483,13 @@ impl Controller {
                     },
                 )?;
             }
+            // Replans and rollouts move on the next tick, once for every report
+            // that came in meanwhile: a thousand devices report at once.
             if holdings_changed && !device_site_is_empty(state, id) {
-                c.replan(state)?;
+                state.replan_due = true;
             }
-            c.refresh_phases(state)?;
-            c.progress(state)
+            state.progress_due |= state.rollouts.values().any(rollout::active);
+            c.refresh_device_phases(state, id)
         })
     }
 
@@ -445,8 +513,10 @@ impl Controller {
                     ..Default::default()
                 },
             )?;
-            c.refresh_phases(state)?;
-            c.progress(state)
+            // Its site lost a peer, and a rollout may be waiting for it.
+            state.replan_due |= !device_site_is_empty(state, id);
+            state.progress_due = true;
+            c.refresh_device_phases(state, id)
         });
         if let Err(e) = result {
             tracing::warn!(device = %id, error = %e, "the disconnection could not be recorded");
@@ -567,10 +637,25 @@ impl Controller {
         Ok(())
     }
 
-    /// Moves rollouts on with the clock (wave intervals, devices lost too long).
-    pub async fn tick(&self) -> Result<()> {
-        self.with_state(|c, state| c.progress(state))?;
-        self.store.flush().await
+    /// What reports left for later: replans and rollouts moved on. With `clock`,
+    /// rollouts move even without reports (wave intervals, devices lost too long).
+    pub async fn tick(&self, clock: bool) -> Result<()> {
+        let worked = self.with_state(|c, state| {
+            let mut worked = false;
+            if std::mem::take(&mut state.replan_due) {
+                c.replan(state)?;
+                worked = true;
+            }
+            if std::mem::take(&mut state.progress_due) || clock {
+                c.progress(state)?;
+                worked = true;
+            }
+            Ok(worked)
+        })?;
+        if worked {
+            self.store.flush().await?;
+        }
+        Ok(())
     }
 
     pub fn rollout(&self, name: &str) -> Result<fpb::Rollout> {
@@ -773,6 +858,35 @@ fn phase<'a>(
     (phase, Some(report))
 }
 
+/// Where each model of `d` stands on `device`.
+fn rows(d: &fpb::Deployment, device: &fpb::Device) -> Vec<fpb::DeviceModelStatus> {
+    d.models
+        .iter()
+        .map(|model| {
+            let model_id = model
+                .spec
+                .as_ref()
+                .map(|s| s.id.clone())
+                .unwrap_or_default();
+            let (phase, report) = phase(device, &model_id, model.state);
+            fpb::DeviceModelStatus {
+                device_id: device.id.clone(),
+                model_id,
+                wanted: model.state,
+                phase: phase as i32,
+                bytes_done: report.map_or(0, |r| r.bytes_done),
+                bytes_total: report.map_or(0, |r| r.bytes_total),
+                error: report.map(|r| r.error.clone()).unwrap_or_default(),
+                since: if phase == fpb::ModelPhase::Unreachable {
+                    device.disconnected_since
+                } else {
+                    device.last_seen
+                },
+            }
+        })
+        .collect()
+}
+
 fn statuses(state: &State, only: Option<&str>) -> Vec<fpb::DeploymentStatus> {
     let mut out = Vec::new();
     for (name, (d, _)) in &state.deployments {
@@ -793,31 +907,13 @@ fn statuses(state: &State, only: Option<&str>) -> Vec<fpb::DeploymentStatus> {
                 continue;
             };
             let up_to_date = device.applied_generation >= device.assigned_generation;
-            for model in &d.models {
-                let model_id = model
-                    .spec
-                    .as_ref()
-                    .map(|s| s.id.clone())
-                    .unwrap_or_default();
-                let (phase, report) = phase(device, &model_id, model.state);
-                let reached = matches!(phase, fpb::ModelPhase::Ready | fpb::ModelPhase::Stored);
+            for row in rows(d, device) {
+                let reached = row.phase == fpb::ModelPhase::Ready as i32
+                    || row.phase == fpb::ModelPhase::Stored as i32;
                 if !(reached && up_to_date) {
                     status.converged = false;
                 }
-                status.devices.push(fpb::DeviceModelStatus {
-                    device_id: device_id.clone(),
-                    model_id,
-                    wanted: model.state,
-                    phase: phase as i32,
-                    bytes_done: report.map_or(0, |r| r.bytes_done),
-                    bytes_total: report.map_or(0, |r| r.bytes_total),
-                    error: report.map(|r| r.error.clone()).unwrap_or_default(),
-                    since: if phase == fpb::ModelPhase::Unreachable {
-                        device.disconnected_since
-                    } else {
-                        device.last_seen
-                    },
-                });
+                status.devices.push(row);
             }
         }
         if result.device_ids.is_empty() {

@@ -47,6 +47,12 @@ struct Args {
     )]
     origin_fetches_per_site: usize,
 
+    /// Most bytes per second the origin downloads of one site take together, e.g.
+    /// "20MiB", divided among the site's devices that fetch from the origin at the
+    /// time [default: no limit].
+    #[arg(long, env = "MODELD_FLEET_SITE_ORIGIN_RATE_LIMIT")]
+    site_origin_rate_limit: Option<bytesize::ByteSize>,
+
     /// Log filter, e.g. "info" or "modeld_fleet=debug".
     #[arg(long, env = "MODELD_FLEET_LOG", default_value = "info")]
     log: String,
@@ -88,6 +94,7 @@ fn main() -> anyhow::Result<()> {
                     },
                     insecure: args.insecure,
                     origin_fetches_per_site: args.origin_fetches_per_site,
+                    site_origin_rate_limit: args.site_origin_rate_limit.map(|b| b.as_u64()),
                 },
                 listener,
                 async {

@@ -20,8 +20,10 @@ use crate::store::Store;
 use modeld::api::auth::{Credentials, SharedCredentials};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7800";
-/// How often rollouts are moved on when no report arrives.
-const ROLLOUT_TICK: Duration = Duration::from_secs(1);
+/// How often what reports left for later is done (site replans, rollout moves)...
+const TICK: Duration = Duration::from_millis(100);
+/// ...and how often rollouts move with the clock alone.
+const CLOCK_TICKS: u32 = 10;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -34,6 +36,8 @@ pub struct Settings {
     /// Devices per site that download one set of files from the origin at once; the
     /// others read them from those devices.
     pub origin_fetches_per_site: usize,
+    /// Bytes per second each site's origin downloads may take together.
+    pub site_origin_rate_limit: Option<u64>,
 }
 
 /// The credentials to serve `addr` with, or why the controller must not serve it: the
@@ -86,20 +90,26 @@ pub async fn serve(
     let store = tokio::task::spawn_blocking(move || Store::open(&db))
         .await
         .map_err(|e| Error::Serve(e.to_string()))??;
-    let controller = Controller::open(store.clone(), settings.origin_fetches_per_site)?;
+    let controller = Controller::open(
+        store.clone(),
+        settings.origin_fetches_per_site,
+        settings.site_origin_rate_limit,
+    )?;
     let (stop_tx, stop_rx) = (stop_tx, stop_rx);
     {
         // Rollouts also move with the clock: wave intervals, devices lost too long.
         let controller = controller.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(ROLLOUT_TICK);
+            let mut every = tokio::time::interval(TICK);
+            let mut n = 0u32;
             loop {
                 tokio::select! {
                     _ = every.tick() => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
-                if let Err(e) = controller.tick().await {
+                n = (n + 1) % CLOCK_TICKS;
+                if let Err(e) = controller.tick(n == 0).await {
                     warn!(error = %e, "rollouts could not be moved on");
                 }
             }

@@ -52,12 +52,16 @@ fn holds(device: &fpb::Device, a: &fpb::Assignment, model_id: &str) -> bool {
 
 /// Names peers, or says to wait, in the assignments of every connected device with a
 /// site. `seeds` devices per site and set of files may download from the origin at
-/// once (at least 1).
+/// once (at least 1). With a site limit (bytes per second), returns each device's
+/// share of it: the limit divided among the devices of its site that fetch from the
+/// origin now.
 pub fn share(
     assignments: &mut BTreeMap<String, Vec<fpb::Assignment>>,
     devices: &BTreeMap<String, fpb::Device>,
     seeds: usize,
-) {
+    site_limit: Option<u64>,
+) -> HashMap<String, u64> {
+    let mut shares = HashMap::new();
     let mut sites: BTreeMap<&str, Vec<&fpb::Device>> = BTreeMap::new();
     for d in devices
         .values()
@@ -66,6 +70,7 @@ pub fn share(
         sites.entry(d.site.as_str()).or_default().push(d);
     }
     for members in sites.values() {
+        let mut from_origin: HashSet<&str> = HashSet::new();
         // Per set of files: who holds them (with an address to serve from), and who
         // needs them, in id order.
         let mut holders: HashMap<String, Vec<&str>> = HashMap::new();
@@ -107,6 +112,9 @@ pub fn share(
                         // Nobody can pass the files on yet: the seeds fetch them; the
                         // others wait, unless no device could ever serve them.
                         a.wait_for_peer = !seeded.is_empty() && !seeded.contains(id);
+                        if !a.wait_for_peer {
+                            from_origin.insert(id);
+                        }
                     } else {
                         // Spread the readers over the holders.
                         a.peers = (0..held_by.len().min(MAX_PEERS))
@@ -116,7 +124,14 @@ pub fn share(
                 }
             }
         }
+        if let Some(limit) = site_limit {
+            let each = limit / (from_origin.len().max(1) as u64);
+            for d in members {
+                shares.insert(d.id.clone(), each.max(1));
+            }
+        }
     }
+    shares
 }
 
 #[cfg(test)]
@@ -179,7 +194,7 @@ mod tests {
             device("a3", "north", false),
             device("b1", "south", false),
         ]);
-        share(&mut a, &d, 1);
+        share(&mut a, &d, 1, None);
         assert!(
             !a["a1"][0].wait_for_peer,
             "the first device of a site seeds it"
@@ -198,7 +213,7 @@ mod tests {
             device("a4", "north", false),
             device("b1", "south", false),
         ]);
-        share(&mut a, &d, 1);
+        share(&mut a, &d, 1, None);
         assert!(a["a1"][0].peers.is_empty(), "a holder needs no peer");
         assert_eq!(a["a3"][0].peers, vec!["a1:7700", "a2:7700"]);
         assert_eq!(a["a4"][0].peers, vec!["a2:7700", "a1:7700"]);
@@ -207,11 +222,25 @@ mod tests {
     }
 
     #[test]
+    fn a_site_limit_is_divided_among_its_origin_fetchers() {
+        let (mut a, d) = fleet(&[
+            device("a1", "north", false),
+            device("a2", "north", false),
+            device("a3", "north", false),
+            device("b1", "south", false),
+        ]);
+        let shares = share(&mut a, &d, 2, Some(12 << 20));
+        assert_eq!(shares["a1"], 6 << 20, "two seeds fetch in the north");
+        assert_eq!(shares["a3"], 6 << 20);
+        assert_eq!(shares["b1"], 12 << 20, "one in the south");
+    }
+
+    #[test]
     fn devices_without_a_site_or_an_address_fetch_for_themselves() {
         let mut no_address = device("a1", "north", false);
         no_address.peer_address.clear();
         let (mut a, d) = fleet(&[no_address, device("a2", "", false), device("a3", "", false)]);
-        share(&mut a, &d, 1);
+        share(&mut a, &d, 1, None);
         assert!(
             a.values()
                 .flatten()

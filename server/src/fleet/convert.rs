@@ -87,6 +87,7 @@ pub fn assignments_from_pb(p: fpb::Assignments) -> modeld_node::Result<Assignmen
     Ok(Assignments {
         generation: p.generation,
         items,
+        origin_bytes_per_second: Some(p.origin_bytes_per_second).filter(|b| *b > 0),
     })
 }
 

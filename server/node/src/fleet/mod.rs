@@ -176,6 +176,8 @@ pub const STANDBY_SUFFIX: &str = ".standby";
 pub struct Assignments {
     pub generation: u64,
     pub items: Vec<Assignment>,
+    /// This device's share of its site's limit on origin downloads (bytes/s).
+    pub origin_bytes_per_second: Option<u64>,
 }
 
 /// One model as this node reports it to the controller.

@@ -134,6 +134,9 @@ async fn run(
     let board = Board::default();
     loop {
         let wanted = desired.borrow_and_update().clone();
+        node.storage
+            .origin_limit()
+            .set_site_share(wanted.origin_bytes_per_second);
         pass(
             &node,
             &loads,

@@ -504,6 +504,9 @@ impl FetchJob<'_> {
         let metrics = crate::metrics::node();
         'sources: for (index, url) in urls.iter().enumerate().skip(start) {
             let kind = SourceKind::of(url, index);
+            // Only the origin crosses the uplink; a peer of the site or a local file
+            // does not.
+            let limited = url.starts_with("http://") || url.starts_with("https://");
             let mut backoff = self.backoff();
             let mut attempt = 0u32;
             let mut restarts = 0u32;
@@ -605,6 +608,9 @@ impl FetchJob<'_> {
                     match chunk {
                         Ok(Some(bytes)) => {
                             let n = bytes.len() as u64;
+                            if limited {
+                                self.inner.ctx.origin_limit.take(n).await;
+                            }
                             self.partial.write(bytes).await?;
                             received += n;
                             if plain && self.partial.offset > expected_size {

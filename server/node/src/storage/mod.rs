@@ -13,6 +13,7 @@
 //!   staging/             archives being unpacked; renamed into models/ when complete
 //!   models/<id>/         unpacked archive models
 
+pub mod bandwidth;
 pub mod blobs;
 mod eviction;
 pub mod extract;
@@ -121,6 +122,11 @@ impl Storage {
                 room: tokio::sync::Mutex::new(()),
             }),
         })
+    }
+
+    /// The limit origin downloads share on this device.
+    pub fn origin_limit(&self) -> &bandwidth::OriginLimit {
+        &self.inner.ctx.origin_limit
     }
 
     pub fn blobs(&self) -> &BlobStore {

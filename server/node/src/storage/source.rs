@@ -117,6 +117,8 @@ pub struct SourceContext {
     pub roots: crate::access::LocalRoots,
     /// Which hosts http(s) sources may reach, redirects included.
     pub hosts: crate::http_client::HostPolicy,
+    /// What http(s) sources may take of the uplink, every transfer together.
+    pub origin_limit: Arc<super::bandwidth::OriginLimit>,
 }
 
 impl std::fmt::Debug for SourceContext {
