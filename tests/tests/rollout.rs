@@ -155,6 +155,20 @@ fn keep_chatting(
     })
 }
 
+async fn apply(
+    fleet: &mut fpb::fleet_service_client::FleetServiceClient<modelctl::Transport>,
+    d: fpb::Deployment,
+) -> fpb::ApplyDeploymentResponse {
+    fleet
+        .apply_deployment(fpb::ApplyDeploymentRequest {
+            deployment: Some(d),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Polls the rollout until `done` accepts it, checking `each` on every sample.
 async fn follow(
     controller: &Controller,
@@ -213,13 +227,7 @@ async fn rollouts_gate_on_the_canary_roll_back_and_go_out_in_waves_without_a_gap
     let mut fleet = controller.client().await;
     // Revision 1 lands everywhere at once: there is nothing to roll out over.
     let v1 = revision(&url, "smol v1", 512);
-    fleet
-        .apply_deployment(fpb::ApplyDeploymentRequest {
-            deployment: Some(v1),
-            dry_run: false,
-        })
-        .await
-        .unwrap();
+    apply(&mut fleet, v1).await;
     wait_status(
         &controller,
         "chat",
@@ -243,13 +251,7 @@ async fn rollouts_gate_on_the_canary_roll_back_and_go_out_in_waves_without_a_gap
     let stop = Arc::new(AtomicBool::new(false));
     let answers = Arc::new(AtomicUsize::new(0));
     let chatter = keep_chatting(&canary, stop.clone(), answers.clone());
-    fleet
-        .apply_deployment(fpb::ApplyDeploymentRequest {
-            deployment: Some(revision(&url, "smol v2", 24)),
-            dry_run: false,
-        })
-        .await
-        .unwrap();
+    apply(&mut fleet, revision(&url, "smol v2", 24)).await;
     let mut others_touched = false;
     let rolled_back = follow(
         &controller,
@@ -318,14 +320,7 @@ async fn rollouts_gate_on_the_canary_roll_back_and_go_out_in_waves_without_a_gap
     let stop = Arc::new(AtomicBool::new(false));
     let answers = Arc::new(AtomicUsize::new(0));
     let chatter = keep_chatting(&a, stop.clone(), answers.clone());
-    let applied = fleet
-        .apply_deployment(fpb::ApplyDeploymentRequest {
-            deployment: Some(revision(&url, "smol v4", 512)),
-            dry_run: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let applied = apply(&mut fleet, revision(&url, "smol v4", 512)).await;
     assert_eq!(applied.deployment.unwrap().generation, 4);
     let mut most_updating = 0;
     let mut waves_seen = Vec::new();
@@ -396,13 +391,7 @@ async fn rollouts_gate_on_the_canary_roll_back_and_go_out_in_waves_without_a_gap
     let stop = Arc::new(AtomicBool::new(false));
     let answers = Arc::new(AtomicUsize::new(0));
     let chatter = keep_chatting(&b, stop.clone(), answers.clone());
-    fleet
-        .apply_deployment(fpb::ApplyDeploymentRequest {
-            deployment: Some(revision(&url, "smol v4", 256)),
-            dry_run: false,
-        })
-        .await
-        .unwrap();
+    apply(&mut fleet, revision(&url, "smol v4", 256)).await;
     follow(
         &controller,
         "the load option rolled out",
@@ -430,13 +419,7 @@ async fn rollouts_gate_on_the_canary_roll_back_and_go_out_in_waves_without_a_gap
         .as_mut()
         .unwrap()
         .soak_seconds = 4;
-    fleet
-        .apply_deployment(fpb::ApplyDeploymentRequest {
-            deployment: Some(v6),
-            dry_run: false,
-        })
-        .await
-        .unwrap();
+    apply(&mut fleet, v6).await;
     follow(
         &controller,
         "the canary updating revision 6",
@@ -475,6 +458,39 @@ async fn rollouts_gate_on_the_canary_roll_back_and_go_out_in_waves_without_a_gap
     assert_eq!(resumed.failed_devices, 0);
     assert_eq!(display_name(&canary).await, "smol v6");
 
+    // Revision 7 adds the speed gate: the device measures the old and the new
+    // revision the same way, side by side, and reports both. (The bound is generous:
+    // the two are the same weights on a busy 2-core machine; the figures are the point.)
+    let mut v7 = revision(&url, "smol v7", 256);
+    v7.rollout
+        .as_mut()
+        .unwrap()
+        .gates
+        .as_mut()
+        .unwrap()
+        .max_slowdown = 4.0;
+    apply(&mut fleet, v7).await;
+    let measured = follow(
+        &controller,
+        "revision 7 with the speed gate",
+        |_| {},
+        |r| r.to_revision == 7 && state(r) == fpb::RolloutState::Completed,
+    )
+    .await;
+    for d in &measured.devices {
+        let speed = d
+            .gates
+            .iter()
+            .find(|g| g.gate == "speed")
+            .unwrap_or_else(|| panic!("no speed gate on {}: {:?}", d.device_id, d.gates));
+        assert!(speed.passed, "{speed:?}");
+        assert!(
+            speed.detail.contains("tokens/s against") && speed.detail.contains("first token"),
+            "{}",
+            speed.detail
+        );
+    }
+
     // The operator's view.
     let out = std::process::Command::new(modeld_e2e::binary("modelctl"))
         .args([
@@ -489,7 +505,7 @@ async fn rollouts_gate_on_the_canary_roll_back_and_go_out_in_waves_without_a_gap
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("revision 5 → 6, completed"), "{text}");
+    assert!(text.contains("revision 6 → 7, completed"), "{text}");
     assert!(text.contains("canary"), "{text}");
     let again = fleet
         .resume_rollout(fpb::ResumeRolloutRequest {
