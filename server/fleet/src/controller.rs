@@ -461,7 +461,7 @@ impl Controller {
             let held = |models: &[fpb::ModelReport]| -> Vec<(String, u64, bool)> {
                 models
                     .iter()
-                    .map(|m| (m.model_id.clone(), m.revision, on_disk(m.state)))
+                    .map(|m| (m.model_id.clone(), m.revision, sites::on_disk(m.state)))
                     .collect()
             };
             let holdings_changed = held(&device.models) != held(&report.models);
@@ -744,19 +744,6 @@ impl Controller {
             Ok((past, live))
         })
     }
-}
-
-/// True for the states in which a model's files are on the device's disk.
-fn on_disk(state: i32) -> bool {
-    matches!(
-        pb::ModelState::try_from(state),
-        Ok(pb::ModelState::Downloaded
-            | pb::ModelState::Validating
-            | pb::ModelState::Initializing
-            | pb::ModelState::Loading
-            | pb::ModelState::Ready
-            | pb::ModelState::Unloading)
-    )
 }
 
 fn device_site_is_empty(state: &State, id: &str) -> bool {

@@ -32,22 +32,26 @@ fn files_key(spec: &pb::ModelSpec) -> Option<String> {
     Some(digests.join(","))
 }
 
+/// True for the states in which a model's files are on the device's disk.
+pub fn on_disk(state: i32) -> bool {
+    matches!(
+        pb::ModelState::try_from(state),
+        Ok(pb::ModelState::Downloaded
+            | pb::ModelState::Validating
+            | pb::ModelState::Initializing
+            | pb::ModelState::Loading
+            | pb::ModelState::Ready
+            | pb::ModelState::Unloading)
+    )
+}
+
 /// True when the device reports the model of `a` with its files on disk, at `a`'s
 /// revision (an older revision under the same id holds other files).
 fn holds(device: &fpb::Device, a: &fpb::Assignment, model_id: &str) -> bool {
-    device.models.iter().any(|m| {
-        m.model_id == model_id
-            && m.revision == a.revision
-            && matches!(
-                pb::ModelState::try_from(m.state),
-                Ok(pb::ModelState::Downloaded
-                    | pb::ModelState::Validating
-                    | pb::ModelState::Initializing
-                    | pb::ModelState::Loading
-                    | pb::ModelState::Ready
-                    | pb::ModelState::Unloading)
-            )
-    })
+    device
+        .models
+        .iter()
+        .any(|m| m.model_id == model_id && m.revision == a.revision && on_disk(m.state))
 }
 
 /// Names peers, or says to wait, in the assignments of every connected device with a
