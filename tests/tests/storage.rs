@@ -425,6 +425,82 @@ async fn two_concurrent_pulls_download_once() {
     assert_smol_blob(&agent);
 }
 
+/// Two models listing the same file (an alias, a revision staged beside the one it
+/// replaces): the second transfer waits for the first instead of fetching the bytes
+/// again, and takes over when the first is cancelled.
+#[tokio::test]
+async fn two_models_of_one_file_fetch_it_once() {
+    let assets = Assets::get();
+    let (_dir, server) = model_server(&assets).await;
+    server.throttle("smol.gguf", 50 * MB);
+    let agent = Agent::start_with(quick(&[])).await;
+    let client = agent.client().await;
+    for id in ["smol", "smol-alias"] {
+        client
+            .register_model(spec(id, vec![server.url("smol.gguf")]))
+            .await
+            .unwrap();
+    }
+    let (first, second) =
+        tokio::join!(client.pull_to_end("smol"), client.pull_to_end("smol-alias"));
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert_eq!(first.stage(), pb::TransferStage::Done);
+    assert_eq!(second.stage(), pb::TransferStage::Done);
+    assert_ne!(first.transfer_id, second.transfer_id);
+    assert_eq!(
+        server.seen("smol.gguf").len(),
+        1,
+        "two models of one file fetched it twice"
+    );
+    assert_smol_blob(&agent);
+    for id in ["smol", "smol-alias"] {
+        assert_eq!(
+            client.get_model(id).await.unwrap().state(),
+            pb::ModelState::Downloaded,
+            "{id}"
+        );
+    }
+
+    // Cancelling the transfer that fetches leaves the waiting one to fetch itself.
+    for id in ["smol", "smol-alias"] {
+        client
+            .storage()
+            .delete_stored(pb::DeleteStoredRequest {
+                model_id: id.into(),
+            })
+            .await
+            .unwrap();
+    }
+    assert!(!blob_path(&agent, SMOLLM2_SHA256).exists());
+    server.throttle("smol.gguf", 10 * MB);
+    let (_fetching, progress) = pull_past(&client, "smol", MB).await;
+    let mut waiting = client
+        .storage()
+        .pull(pb::PullRequest {
+            model_id: "smol-alias".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let queued = waiting.next().await.unwrap().unwrap().progress.unwrap();
+    assert_eq!(queued.bytes_done, 0);
+    client
+        .storage()
+        .cancel_transfer(pb::CancelTransferRequest {
+            transfer_id: progress.transfer_id,
+        })
+        .await
+        .unwrap();
+    server.throttle("smol.gguf", 0);
+    let mut last = None;
+    while let Some(m) = waiting.next().await {
+        last = m.unwrap().progress;
+    }
+    assert_eq!(last.unwrap().stage(), pb::TransferStage::Done);
+    assert_eq!(server.seen("smol.gguf").len(), 3);
+    assert_smol_blob(&agent);
+}
+
 #[tokio::test]
 async fn pause_resume_and_cancel() {
     let assets = Assets::get();
@@ -869,6 +945,20 @@ async fn a_whole_archive_is_unpacked_into_the_models_directory() {
         .unwrap()
         .into_inner();
     assert_eq!(stored.models[0].path, dir.display().to_string());
+
+    // A second model of the same archive is unpacked from the stored blob.
+    let mut again = client.get_model("bundle").await.unwrap().spec.unwrap();
+    again.id = "bundle-again".into();
+    register_and_pull(&client, again).await.unwrap();
+    assert_eq!(
+        sha256_file(&agent.data_dir.join("models/bundle-again/tiny.gguf")),
+        sha256_file(&assets.fixtures.join("tiny.gguf"))
+    );
+    assert_eq!(
+        server.seen("bundle.tar.gz").len(),
+        1,
+        "the archive was fetched again"
+    );
 
     // The same archive is refused by an agent whose byte cap it exceeds.
     let strict = Agent::start_with(quick(&["--extract-max-bytes", "100B"])).await;

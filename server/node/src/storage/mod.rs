@@ -2,7 +2,8 @@
 //! operator push, and serving blobs to peers.
 //!
 //! `transfers` schedules downloads (start or join, queue, pause, resume, cancel,
-//! resume after a restart); `fetch` moves one file's bytes from its sources;
+//! resume after a restart); `claims` keeps two transfers from fetching the same
+//! blob at once; `fetch` moves one file's bytes from its sources;
 //! `placement` puts verified files where runtimes find them (blobs, unpacked
 //! archives, directory models assembled from blobs); `inventory` answers what is
 //! stored and what it costs, and deletes.
@@ -15,6 +16,7 @@
 
 pub mod bandwidth;
 pub mod blobs;
+mod claims;
 mod eviction;
 pub mod extract;
 mod fetch;
@@ -67,6 +69,7 @@ pub struct Inner {
     settings: StorageSettings,
     queue: Arc<Semaphore>,
     transfers: Mutex<HashMap<String, Arc<TransferHandle>>>,
+    claims: claims::BlobClaims,
     /// Held while room is made, so two requests do not count the same free bytes.
     room: tokio::sync::Mutex<()>,
 }
@@ -119,6 +122,7 @@ impl Storage {
                 ctx,
                 settings,
                 transfers: Mutex::new(HashMap::new()),
+                claims: claims::BlobClaims::default(),
                 room: tokio::sync::Mutex::new(()),
             }),
         })

@@ -75,6 +75,31 @@ impl Storage {
         Ok(())
     }
 
+    /// Whether `file` needs no download for `model_id`: its blob is stored and, for a
+    /// whole archive, unpacked for this model (from the stored blob, when another
+    /// model brought it).
+    pub(super) async fn reuse_stored(
+        &self,
+        model_id: &str,
+        file: &crate::registry::ModelFile,
+    ) -> Result<bool> {
+        if self.inner.blobs.size(&file.sha256)?.is_none() {
+            return Ok(false);
+        }
+        if let (Some(kind), None) = (&file.archive, &file.member)
+            && !self.inner.models_dir.join(model_id).is_dir()
+        {
+            self.inner.lifecycle.transition(
+                model_id,
+                crate::model::ModelState::Extracting,
+                Change::because(format!("unpacking {} from the stored archive", file.name)),
+            )?;
+            let blob = self.inner.blobs.path(&file.sha256)?;
+            self.unpack(model_id, &blob, *kind).await?;
+        }
+        Ok(true)
+    }
+
     /// A directory holding every file of a multi-file model under the names its spec
     /// gives them (hard links to the verified blobs, copies where links fail), so a
     /// runtime that opens files beside each other finds them. Built in a staging

@@ -307,12 +307,39 @@ impl Storage {
                         ))
                     })?
                     .clone();
-                // Another model may have stored the same bytes meanwhile.
-                if self.file_stored(&spec.id, &file)? {
+                // Another model may have stored the same bytes meanwhile, or be
+                // fetching them now: then this transfer waits for that one instead of
+                // downloading them a second time.
+                let claim = loop {
+                    if self.reuse_stored(&spec.id, &file).await? {
+                        break None;
+                    }
+                    match self.inner.claims.claim(&file.sha256) {
+                        Ok(claim) => break Some(claim),
+                        Err(fetcher) => {
+                            self.set_file_stage(handle, slot, Stage::Queued);
+                            let interrupted = tokio::select! {
+                                () = fetcher.released() => false,
+                                r = control.changed() => {
+                                    if r.is_err() {
+                                        return Ok(false);
+                                    }
+                                    true
+                                }
+                            };
+                            if interrupted {
+                                // Pause, cancel or resume: the queue loop decides.
+                                drop(permit);
+                                continue 'wait;
+                            }
+                        }
+                    }
+                };
+                let Some(_claim) = claim else {
                     record.files[slot].done = true;
                     self.mark_file_done(handle, slot, file.size_bytes);
                     continue;
-                }
+                };
                 let path = self.partial_path(&record.id, index);
                 let mut partial = PartialFile::open(path, record.files[slot].offset).await?;
                 let started = Instant::now();
