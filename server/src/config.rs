@@ -57,6 +57,12 @@ pub struct Args {
     #[arg(long, env = "MODELD_ORIGIN_RATE_LIMIT")]
     pub origin_rate_limit: Option<ByteSize>,
 
+    /// Bytes per second this device serves to the peers of its site (ReadBlob), all
+    /// readers together, e.g. "20MiB", so seeding a site leaves bandwidth for the
+    /// device's own work. [default: no limit]
+    #[arg(long, env = "MODELD_SERVE_RATE_LIMIT")]
+    pub serve_rate_limit: Option<ByteSize>,
+
     /// A directory of models to discover (repeatable; the env variable takes a
     /// comma-separated list). Models found there are used in place, never copied.
     #[arg(long = "models-dir", env = "MODELD_MODELS_DIRS", value_delimiter = ',')]
@@ -510,6 +516,7 @@ struct FileConfig {
     memory_budget: Option<String>,
     disk_quota: Option<String>,
     origin_rate_limit: Option<String>,
+    serve_rate_limit: Option<String>,
     models_dirs: Option<Vec<PathBuf>>,
     allow_dirs: Option<Vec<PathBuf>>,
     tokens_file: Option<PathBuf>,
@@ -652,6 +659,8 @@ pub struct Config {
     pub disk_quota: Option<u64>,
     /// Bytes per second origin downloads may take together; `None` = no limit.
     pub origin_rate_limit: Option<u64>,
+    /// Bytes per second served to peers together; `None` = no limit.
+    pub serve_rate_limit: Option<u64>,
     pub models_dirs: Vec<PathBuf>,
     /// Where requests may name local files, besides `models_dirs`.
     pub allow_dirs: Vec<PathBuf>,
@@ -734,6 +743,12 @@ impl Config {
             .map(ByteSize::from_str)
             .transpose()
             .map_err(|e| bad("origin_rate_limit", e))?;
+        let file_serve_rate = file
+            .serve_rate_limit
+            .as_deref()
+            .map(ByteSize::from_str)
+            .transpose()
+            .map_err(|e| bad("serve_rate_limit", e))?;
         let listen = match args.listen.or(file.listen) {
             Some(l) => l,
             None => DEFAULT_LISTEN
@@ -790,6 +805,11 @@ impl Config {
             origin_rate_limit: args
                 .origin_rate_limit
                 .or(file_origin_rate)
+                .map(|b| b.as_u64())
+                .filter(|b| *b > 0),
+            serve_rate_limit: args
+                .serve_rate_limit
+                .or(file_serve_rate)
                 .map(|b| b.as_u64())
                 .filter(|b| *b > 0),
             models_dirs,

@@ -195,6 +195,7 @@ pub async fn serve(
             retry_delay: config.retry_delay,
             quota: config.disk_quota,
             extract: config.extract,
+            serve_rate_limit: config.serve_rate_limit,
         },
     )?;
     let grace = config.shutdown_grace;

@@ -646,6 +646,153 @@ async fn a_site_downloads_each_model_from_the_origin_once() {
     }
 }
 
+/// Waits until `agent` reads the smol model from a peer and has more than `bytes` of
+/// it; returns the peer's URL and the bytes done.
+async fn reading_from_a_peer_past(agent: &Agent, bytes: u64) -> (String, u64) {
+    let client = agent.client().await;
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let transfers = client
+            .storage()
+            .list_transfers(pb::ListTransfersRequest::default())
+            .await
+            .map(|r| r.into_inner().transfers)
+            .unwrap_or_default();
+        if let Some(f) = transfers
+            .iter()
+            .filter(|t| t.model_id == "smol")
+            .flat_map(|t| &t.files)
+            .find(|f| f.source_url.starts_with("modeld://") && f.bytes_done > bytes)
+        {
+            return (f.source_url.clone(), f.bytes_done);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never read past {bytes} bytes from a peer: {transfers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_killed_mid_transfer_hands_over_at_the_same_offset() {
+    let assets = Assets::get();
+    let (_files, server) = model_server(&assets).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&tmp.path().join("controller"), None);
+    let edge = profile(tmp.path(), "edge", EDGE);
+    // The seed serves its site slowly, so the kill lands mid-transfer.
+    let mut seed = Agent::start_with(AgentOptions {
+        args: vec![
+            "--fleet".into(),
+            controller.url(),
+            "--site".into(),
+            "north".into(),
+            "--label".into(),
+            "tier=edge".into(),
+            "--device-profile".into(),
+            edge.display().to_string(),
+            "--serve-rate-limit".into(),
+            "8MiB".into(),
+        ],
+        ..AgentOptions::default()
+    })
+    .await;
+    wait_connected(&controller, 1).await;
+    let smol = gguf_spec("smol", &server.url("smol.gguf"));
+    controller
+        .client()
+        .await
+        .apply_deployment(fpb::ApplyDeploymentRequest {
+            deployment: Some(deployment(
+                "prefetch",
+                tier("edge"),
+                vec![model(smol, fpb::WantedState::Stored)],
+            )),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    wait_status(
+        &controller,
+        "prefetch",
+        CONVERGE,
+        "stored on the seed",
+        |s| s.converged,
+    )
+    .await;
+    assert_eq!(server.seen("smol.gguf").len(), 1);
+
+    // The neighbour joins and reads from the seed.
+    let joined = Instant::now();
+    let mut neighbour = device_at(&controller, &edge, "edge", "north").await;
+    let (peer, _) = reading_from_a_peer_past(&neighbour, 16 << 20).await;
+    // Held to the seed's --serve-rate-limit (a lower bound, which a slow machine
+    // cannot break: 16 MiB at 8 MiB/s, less the bucket's quarter-second burst).
+    assert!(
+        joined.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        joined.elapsed()
+    );
+    assert!(
+        peer.ends_with(seed.url().rsplit(':').next().unwrap()),
+        "{peer}"
+    );
+    // Killed and restarted, the neighbour goes on reading from the seed where it
+    // stopped: the origin is not asked.
+    neighbour.kill9();
+    let neighbour = neighbour.restart().await;
+    // Offsets are kept at least every second (8 MiB here): the first look after the
+    // restart finds the transfer well past zero, not starting over.
+    let (_, resumed_at) = reading_from_a_peer_past(&neighbour, 0).await;
+    assert!(resumed_at >= 4 << 20, "restarted from {resumed_at}");
+    let (_, killed_at) = reading_from_a_peer_past(&neighbour, 24 << 20).await;
+    assert_eq!(
+        server.seen("smol.gguf").len(),
+        1,
+        "the restart went to the origin"
+    );
+    // The seed dies under it: the origin sends the rest.
+    seed.kill9();
+    let neighbour_id = node_id(&neighbour).await;
+    wait_status(
+        &controller,
+        "prefetch",
+        CONVERGE,
+        "stored on the neighbour",
+        |s| phase(s, &neighbour_id, "smol") == Some(fpb::ModelPhase::Stored),
+    )
+    .await;
+
+    // The origin sent the rest, from where the seed stopped, not the whole file again.
+    let seen = server.seen("smol.gguf");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let range = seen[1].range.clone().unwrap_or_default();
+    let resumed_at: u64 = range
+        .trim_start_matches("bytes=")
+        .trim_end_matches('-')
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        resumed_at >= killed_at,
+        "the origin was asked for {range:?}, after {killed_at} bytes from the peer"
+    );
+    assert_eq!(seen[1].status, 206);
+    let stored = neighbour
+        .client()
+        .await
+        .storage()
+        .list_stored(pb::ListStoredRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    assert!(
+        stored.iter().any(|m| m.model_id == "smol" && m.complete),
+        "{stored:?}"
+    );
+}
+
 fn field_of(status: &tonic::Status) -> String {
     status
         .get_error_details()

@@ -310,6 +310,7 @@ impl StorageRpc for StorageApi {
         super::status::rpc(async move {
             let r = request.into_inner();
             let (mut file, size) = self.agent.node.open_model_blob(&r.sha256, r.offset).await?;
+            let storage = self.agent.node.storage.clone();
             let (tx, rx) = mpsc::channel(4);
             let mut offset = r.offset;
             tokio::spawn(async move {
@@ -327,6 +328,7 @@ impl StorageRpc for StorageApi {
                         }
                     };
                     buf.truncate(n);
+                    storage.serve_throttle(n as u64).await;
                     let msg = pb::ReadBlobResponse {
                         offset,
                         data: buf,

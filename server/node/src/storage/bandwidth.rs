@@ -2,7 +2,8 @@
 //! an edge uplink is small, and a fleet's sites share theirs. The limit is the lower of
 //! the agent's own (`--origin-rate-limit`) and the share of its site's limit the fleet
 //! controller last gave it. Peers of the site (`modeld://`) and local files are not
-//! limited: they do not cross the uplink.
+//! limited: they do not cross the uplink. Serving blobs to peers has a limit of its own
+//! (`--serve-rate-limit`), so a device seeding its site keeps bandwidth for its own work.
 
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -15,26 +16,61 @@ const CELL: u64 = 1024;
 /// stays short.
 const BURST_DIVISOR: u32 = 4;
 
+/// A token bucket of bytes per second.
+#[derive(Debug)]
+pub struct Throttle {
+    bytes_per_second: u64,
+    limiter: DefaultDirectRateLimiter,
+}
+
+impl Throttle {
+    pub fn new(bytes_per_second: u64) -> Throttle {
+        let per_second = u32::try_from((bytes_per_second / CELL).max(1)).unwrap_or(u32::MAX);
+        let burst = (per_second / BURST_DIVISOR).max(64);
+        let quota = Quota::per_second(NonZeroU32::MIN.saturating_add(per_second - 1))
+            .allow_burst(NonZeroU32::MIN.saturating_add(burst - 1));
+        Throttle {
+            bytes_per_second,
+            limiter: RateLimiter::direct(quota),
+        }
+    }
+
+    pub fn bytes_per_second(&self) -> u64 {
+        self.bytes_per_second
+    }
+
+    /// Waits until `bytes` more may pass.
+    pub async fn take(&self, bytes: u64) {
+        let mut cells = bytes.div_ceil(CELL);
+        while cells > 0 {
+            let mut step = u32::try_from(cells).unwrap_or(u32::MAX);
+            loop {
+                let Some(n) = NonZeroU32::new(step) else {
+                    return;
+                };
+                match self.limiter.until_n_ready(n).await {
+                    Ok(()) => break,
+                    // More than the bucket holds at once: take it in smaller steps.
+                    Err(_) => step = (step / 2).max(1),
+                }
+            }
+            cells -= u64::from(step);
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Limits {
     local: Option<u64>,
     site: Option<u64>,
-    /// The bucket for the lower of the two, and that rate.
-    bucket: Option<(u64, Arc<DefaultDirectRateLimiter>)>,
+    /// The bucket for the lower of the two.
+    bucket: Option<Arc<Throttle>>,
 }
 
 /// Shared by every transfer of the agent.
 #[derive(Debug, Default)]
 pub struct OriginLimit {
     limits: Mutex<Limits>,
-}
-
-fn bucket(bytes_per_second: u64) -> Arc<DefaultDirectRateLimiter> {
-    let per_second = u32::try_from((bytes_per_second / CELL).max(1)).unwrap_or(u32::MAX);
-    let burst = (per_second / BURST_DIVISOR).max(64);
-    let quota = Quota::per_second(NonZeroU32::MIN.saturating_add(per_second - 1))
-        .allow_burst(NonZeroU32::MIN.saturating_add(burst - 1));
-    Arc::new(RateLimiter::direct(quota))
 }
 
 impl OriginLimit {
@@ -52,9 +88,9 @@ impl OriginLimit {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let current = limits.bucket.as_ref().map(|(rate, _)| *rate);
+        let current = limits.bucket.as_ref().map(|t| t.bytes_per_second());
         if wanted != current {
-            limits.bucket = wanted.map(|rate| (rate, bucket(rate)));
+            limits.bucket = wanted.map(|rate| Arc::new(Throttle::new(rate)));
         }
     }
 
@@ -70,35 +106,19 @@ impl OriginLimit {
             .unwrap_or_else(PoisonError::into_inner)
             .bucket
             .as_ref()
-            .map(|(rate, _)| *rate)
+            .map(|t| t.bytes_per_second())
     }
 
     /// Waits until `bytes` more may pass.
     pub async fn take(&self, bytes: u64) {
-        let Some(limiter) = self
+        let bucket = self
             .limits
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .bucket
-            .as_ref()
-            .map(|(_, l)| l.clone())
-        else {
-            return;
-        };
-        let mut cells = bytes.div_ceil(CELL);
-        while cells > 0 {
-            let mut step = u32::try_from(cells).unwrap_or(u32::MAX);
-            loop {
-                let Some(n) = NonZeroU32::new(step) else {
-                    return;
-                };
-                match limiter.until_n_ready(n).await {
-                    Ok(()) => break,
-                    // More than the bucket holds at once: take it in smaller steps.
-                    Err(_) => step = (step / 2).max(1),
-                }
-            }
-            cells -= u64::from(step);
+            .clone();
+        if let Some(bucket) = bucket {
+            bucket.take(bytes).await;
         }
     }
 }

@@ -22,6 +22,8 @@ const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Consecutive restarts-from-zero a source may cause before it counts as failing.
 const MAX_RESTARTS: u32 = 3;
+/// Retries of a peer of the site before the next source takes over.
+const PEER_RETRIES: usize = 1;
 
 /// How fetching one file ended, when it did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -466,12 +468,19 @@ impl FetchJob<'_> {
         }
     }
 
-    fn backoff(&self) -> backon::ExponentialBackoff {
+    fn backoff(&self, kind: SourceKind) -> backon::ExponentialBackoff {
+        // A peer is a shortcut, not the file's home: when it goes away the origin or
+        // another peer takes over at the same offset, after one quick retry for a blip.
+        let retries = if kind == SourceKind::Peer {
+            self.inner.settings.retries.min(PEER_RETRIES)
+        } else {
+            self.inner.settings.retries
+        };
         ExponentialBuilder::default()
             .with_jitter()
             .with_min_delay(self.inner.settings.retry_delay)
             .with_max_delay(self.inner.settings.retry_delay.saturating_mul(64))
-            .with_max_times(self.inner.settings.retries)
+            .with_max_times(retries)
             .build()
     }
 
@@ -489,11 +498,16 @@ impl FetchJob<'_> {
         let mut retried_from_zero = false;
 
         // Resume with the source the partial bytes came from, if it is still listed.
+        // Otherwise the first source continues them when the file is named by its
+        // digest (the same bytes whoever sends them, and checked at the end): a peer
+        // that went away, or a restart that lost the fleet's peer list, costs a resume
+        // elsewhere, not a restart. An archive member's bytes belong to the one
+        // archive their URL names.
         let resume_url = self.record.files[self.slot].source_url.clone();
         let start = match urls.iter().position(|u| *u == resume_url) {
             Some(i) if self.partial.offset > 0 => i,
             _ => {
-                if self.partial.offset > 0 {
+                if self.partial.offset > 0 && !digest_here {
                     self.partial.reset().await?;
                 }
                 0
@@ -507,7 +521,7 @@ impl FetchJob<'_> {
             // Only the origin crosses the uplink; a peer of the site or a local file
             // does not.
             let limited = url.starts_with("http://") || url.starts_with("https://");
-            let mut backoff = self.backoff();
+            let mut backoff = self.backoff(kind);
             let mut attempt = 0u32;
             let mut restarts = 0u32;
             if self.record.files[self.slot].source_url != *url {
@@ -657,7 +671,7 @@ impl FetchJob<'_> {
                         self.checkpoint().await?;
                         if received > 0 {
                             // Progress was made: the next failure starts a fresh backoff.
-                            backoff = self.backoff();
+                            backoff = self.backoff(kind);
                         }
                         match backoff.next() {
                             Some(delay) => {

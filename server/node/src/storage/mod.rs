@@ -55,6 +55,9 @@ pub struct StorageSettings {
     pub retry_delay: Duration,
     pub quota: Option<u64>,
     pub extract: extract::Limits,
+    /// Bytes per second this device serves to peers (ReadBlob), all readers together;
+    /// `None` = no limit.
+    pub serve_rate_limit: Option<u64>,
 }
 
 pub struct Inner {
@@ -70,6 +73,7 @@ pub struct Inner {
     queue: Arc<Semaphore>,
     transfers: Mutex<HashMap<String, Arc<TransferHandle>>>,
     claims: claims::BlobClaims,
+    serve_limit: Option<bandwidth::Throttle>,
     /// Held while room is made, so two requests do not count the same free bytes.
     room: tokio::sync::Mutex<()>,
 }
@@ -109,6 +113,10 @@ impl Storage {
             }
         }
         let blobs = BlobStore::open(data_dir, store.clone())?;
+        let serve_limit = settings
+            .serve_rate_limit
+            .filter(|b| *b > 0)
+            .map(bandwidth::Throttle::new);
         Ok(Storage {
             inner: Arc::new(Inner {
                 queue: Arc::new(Semaphore::new(settings.max_concurrent_downloads.max(1))),
@@ -123,6 +131,7 @@ impl Storage {
                 settings,
                 transfers: Mutex::new(HashMap::new()),
                 claims: claims::BlobClaims::default(),
+                serve_limit,
                 room: tokio::sync::Mutex::new(()),
             }),
         })
@@ -131,6 +140,13 @@ impl Storage {
     /// The limit origin downloads share on this device.
     pub fn origin_limit(&self) -> &bandwidth::OriginLimit {
         &self.inner.ctx.origin_limit
+    }
+
+    /// Waits until `bytes` more may be served to peers.
+    pub async fn serve_throttle(&self, bytes: u64) {
+        if let Some(limit) = &self.inner.serve_limit {
+            limit.take(bytes).await;
+        }
     }
 
     pub fn blobs(&self) -> &BlobStore {

@@ -213,10 +213,23 @@ impl Storage {
     ) -> Result<usize> {
         let mut resumed = 0;
         for (_, record) in self.inner.store.transfers()? {
-            let Some(spec) = lookup(&record.model_id) else {
+            let Some(mut spec) = lookup(&record.model_id) else {
                 self.discard(&record).await?;
                 continue;
             };
+            // A peer of the site a fleet named is not in the registered spec: put the
+            // one the partial bytes came from back in front, so the transfer goes on
+            // reading from it rather than from the origin (which takes over at the
+            // same offset if the peer is gone).
+            for f in &record.files {
+                if f.offset > 0
+                    && f.source_url.starts_with("modeld://")
+                    && let Some(file) = spec.files.get_mut(f.index as usize)
+                    && !file.urls.contains(&f.source_url)
+                {
+                    file.urls.insert(0, f.source_url.clone());
+                }
+            }
             let control = if record.state == StoredState::Paused.as_str() {
                 Control::Pause
             } else {
