@@ -516,3 +516,89 @@ async fn rollouts_gate_on_the_canary_roll_back_and_go_out_in_waves_without_a_gap
     assert_eq!(again.code(), tonic::Code::FailedPrecondition);
     assert!(again.message().contains("completed"), "{}", again.message());
 }
+
+/// A device whose memory budget holds one revision of the model, not two.
+const TIGHT: &str = "device_class = \"edge-box\"\nos = \"linux\"\nmemory = \"1 GiB\"\nmemory_budget = \"250 MiB\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_that_cannot_hold_both_revisions_follows_the_swap_policy() {
+    let assets = Assets::get();
+    let (_files, server) = model_server(&assets).await;
+    let url = server.url("smol.gguf");
+    let tmp = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&tmp.path().join("controller"), None);
+    let tight = profile(tmp.path(), "tight", TIGHT);
+    let agent = device(&controller, &tight, true).await;
+    let mut fleet = controller.client().await;
+    let with_swap = |display: &str, swap: fpb::SwapPolicy| {
+        let mut d = revision(&url, display, 512);
+        if let Some(r) = d.rollout.as_mut() {
+            r.swap = swap as i32;
+            if let Some(g) = r.gates.as_mut() {
+                g.soak_seconds = 0;
+            }
+        }
+        d
+    };
+    apply(
+        &mut fleet,
+        with_swap("smol v1", fpb::SwapPolicy::SkipDevice),
+    )
+    .await;
+    wait_status(&controller, "chat", CONVERGE, "v1 READY", |s| s.converged).await;
+
+    // skip_device: the device says why and stays on v1, loaded and answering, also
+    // once the rollout completed.
+    apply(
+        &mut fleet,
+        with_swap("smol v2", fpb::SwapPolicy::SkipDevice),
+    )
+    .await;
+    let skipped = follow(
+        &controller,
+        "the device skipped",
+        |_| {},
+        |r| state(r) == fpb::RolloutState::Completed,
+    )
+    .await;
+    let row = &skipped.devices[0];
+    assert_eq!(
+        fpb::DeviceRolloutPhase::try_from(row.phase).unwrap(),
+        fpb::DeviceRolloutPhase::Skipped,
+        "{skipped:#?}"
+    );
+    assert!(
+        row.gates
+            .iter()
+            .any(|g| g.gate == "memory" && !g.passed && g.detail.contains("memory budget")),
+        "{row:#?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(display_name(&agent).await, "smol v1");
+    let loaded = agent.client().await.list_loaded().await.unwrap();
+    assert!(
+        loaded.models.iter().any(|m| m.model_id == "smol"),
+        "{loaded:?}"
+    );
+    assert!(
+        !loaded.models.iter().any(|m| m.model_id == "smol.standby"),
+        "{loaded:?}"
+    );
+
+    // allow_gap: the old revision is unloaded first, then the new one loads and passes.
+    apply(&mut fleet, with_swap("smol v3", fpb::SwapPolicy::AllowGap)).await;
+    let passed = follow(
+        &controller,
+        "v3 rolled out with a gap",
+        |_| {},
+        |r| state(r) == fpb::RolloutState::Completed,
+    )
+    .await;
+    assert_eq!(
+        fpb::DeviceRolloutPhase::try_from(passed.devices[0].phase).unwrap(),
+        fpb::DeviceRolloutPhase::Passed,
+        "{passed:#?}"
+    );
+    assert_eq!(display_name(&agent).await, "smol v3");
+    wait_status(&controller, "chat", CONVERGE, "v3 READY", |s| s.converged).await;
+}

@@ -148,13 +148,21 @@ fn previous_specs(r: &fpb::Rollout) -> HashMap<String, pb::ModelSpec> {
 
 /// Gives each device of an active rollout the revision its phase says: the new one
 /// (with the gates, and the previous spec to keep) once its wave started, else the
-/// previous one. `strategy_of` names the strategy of a deployment's current revision.
+/// previous one; a device a completed rollout skipped stays on the previous one.
+/// `strategy_of` names the strategy of a deployment's current revision.
 pub fn shape(
     assignments: &mut BTreeMap<String, Vec<fpb::Assignment>>,
     rollouts: &BTreeMap<String, fpb::Rollout>,
     strategy_of: impl Fn(&str) -> fpb::RolloutStrategy,
 ) {
-    for r in rollouts.values().filter(|r| active(r)) {
+    for r in rollouts.values() {
+        // A completed rollout still holds its skipped devices on the previous
+        // revision: the swap policy left them there, and the next revision is the one
+        // to reach them, gated like any other.
+        let running = active(r);
+        if !running && r.state != State::Completed as i32 {
+            continue;
+        }
         let Some(previous) = &r.previous else {
             continue;
         };
@@ -163,6 +171,9 @@ pub fn shape(
         let strategy = strategy_of(&r.deployment);
         let new_owner = |a: &fpb::Assignment| a.deployment == r.deployment;
         for device in &r.devices {
+            if !running && device.phase != Phase::Skipped as i32 {
+                continue;
+            }
             let Some(items) = assignments.get_mut(&device.device_id) else {
                 continue;
             };
@@ -483,6 +494,39 @@ mod tests {
         (0..r.waves)
             .map(|w| r.devices.iter().filter(|d| d.wave == w).count())
             .collect()
+    }
+
+    #[test]
+    fn a_device_skipped_by_a_completed_rollout_keeps_the_previous_revision() {
+        let devices = [device("d0", false), device("d1", false)];
+        let refs: Vec<&fpb::Device> = devices.iter().collect();
+        let strategy = fpb::RolloutStrategy::default();
+        let previous = deployment(1, strategy.clone());
+        let next = deployment(2, strategy.clone());
+        let mut r = begin(&previous, &next, &refs, SystemTime::now());
+        r.state = State::Completed as i32;
+        r.devices[0].phase = Phase::Skipped as i32;
+        r.devices[1].phase = Phase::Passed as i32;
+        let rollouts = BTreeMap::from([("d".to_owned(), r.clone())]);
+        let fresh = || {
+            BTreeMap::from([
+                ("d0".to_owned(), placement::assignments_of(&next)),
+                ("d1".to_owned(), placement::assignments_of(&next)),
+            ])
+        };
+        let revision = |a: &BTreeMap<String, Vec<fpb::Assignment>>, d: &str| {
+            a[d].iter().map(|x| x.revision).collect::<Vec<_>>()
+        };
+        let mut assignments = fresh();
+        shape(&mut assignments, &rollouts, |_| strategy.clone());
+        assert_eq!(revision(&assignments, "d0"), vec![1]);
+        assert_eq!(revision(&assignments, "d1"), vec![2]);
+        // Rolled back, the rollout no longer shapes anything.
+        r.state = State::RolledBack as i32;
+        let rollouts = BTreeMap::from([("d".to_owned(), r)]);
+        let mut assignments = fresh();
+        shape(&mut assignments, &rollouts, |_| strategy.clone());
+        assert_eq!(revision(&assignments, "d0"), vec![2]);
     }
 
     #[test]
