@@ -41,6 +41,19 @@ pids+=($!)
 # Reference: N concurrent downloads of the same file with curl.
 sleep 0.5
 calc() { python3 -c "print($1)"; }
+# await SECONDS WHAT CMD...: runs CMD until it prints 1; past SECONDS the benchmark
+# fails saying WHAT did not happen, instead of waiting forever.
+await() {
+    local deadline=$((SECONDS + $1)) what=$2
+    shift 2
+    until [[ "$("$@")" == 1 ]]; do
+        if ((SECONDS >= deadline)); then
+            echo "bench: $what did not happen within the time allowed" >&2
+            exit 1
+        fi
+        sleep 0.5
+    done
+}
 ref_start=$(date +%s.%N)
 curls=()
 for i in $(seq "$N"); do
@@ -64,13 +77,16 @@ for _ in $(seq 100); do fctl devices >/dev/null 2>&1 && break; sleep 0.1; done
 profiles=(deploy/fleet/profiles/edge-box.toml deploy/fleet/profiles/iphone.toml deploy/fleet/profiles/mac.toml)
 agents_start=$(date +%s.%N)
 for i in $(seq "$N"); do
+    # The devices share this machine's memory, so its pressure is no one device's:
+    # pressure eviction is off (each device still keeps to its profile's budget).
     "$modeld" --listen 127.0.0.1:0 --data-dir "$work/agent-$i" --log warn \
+        --memory-pressure-threshold 0 \
         --fleet "$fleet_url" --site "site-$((i % SITES))" --label tier=edge \
         --device-profile "${profiles[$((i % 3))]}" &
     pids+=($!)
 done
-connected() { fctl devices -o json | python3 -c 'import json,sys; print(sum(1 for d in json.load(sys.stdin).get("devices", []) if d.get("connected")))'; }
-until [[ "$(connected)" -ge "$N" ]]; do sleep 0.5; done
+all_connected() { fctl devices -o json | python3 -c 'import json,sys; print(int(sum(1 for d in json.load(sys.stdin).get("devices", []) if d.get("connected")) >= int(sys.argv[1])))' "$N"; }
+await 300 "every agent connected" all_connected
 agents_seconds=$(calc "round($(date +%s.%N) - $agents_start)")
 
 # spec ID [FILE]: the model under ID, served from the origin as FILE (default smol.gguf).
@@ -105,11 +121,11 @@ apply_start=$(date +%s.%N)
 fctl apply "$work/stored.yaml" >/dev/null
 # Delivery: every device has confirmed the generation of assignments it was sent.
 delivered() { fctl devices -o json | python3 -c 'import json,sys; d=json.load(sys.stdin).get("devices", []); print(int(all(int(x.get("appliedGeneration", 0)) >= int(x.get("assignedGeneration", 0)) >= 1 for x in d)))'; }
-until [[ "$(delivered)" == 1 ]]; do sleep 0.05; done
+await 300 "every device confirmed its assignments" delivered
 delivered_seconds=$(calc "$(date +%s.%N) - $apply_start")
 fctl apply "$work/loaded.yaml" >/dev/null
 converged() { fctl status -o json | python3 -c 'import json,sys; d=json.load(sys.stdin)["deployments"]; print(int(len(d) == 2 and all(x.get("converged") for x in d)))'; }
-until [[ "$(converged)" == 1 ]]; do sleep 0.5; done
+await 900 "convergence of both deployments" converged
 converge_seconds=$(calc "$(date +%s.%N) - $apply_start")
 cpu_seconds=$(calc "($(cpu_ticks) - $ticks0) / $(getconf CLK_TCK)")
 origin_downloads=$(( $(origin_gets) - gets0 ))
@@ -166,7 +182,7 @@ deployment_converged() { fctl status "$1" -o json | python3 -c 'import json,sys;
 fleet_yaml smol.gguf >"$work/fleet-1.yaml"
 fleet_start=$(date +%s.%N)
 fctl apply "$work/fleet-1.yaml" >/dev/null
-until [[ "$(deployment_converged smol-fleet)" == 1 ]]; do sleep 1; done
+await 900 "convergence of smol-fleet" deployment_converged smol-fleet
 fleet_seconds=$(calc "$(date +%s.%N) - $fleet_start")
 used_mib=$(free -m | awk '/Mem:/ {print $3}')
 
@@ -185,6 +201,10 @@ follow_rollout() {
         case "$state" in
             ROLLOUT_STATE_COMPLETED|ROLLOUT_STATE_ROLLED_BACK|ROLLOUT_STATE_ABORTED) break ;;
         esac
+        if [[ "$(calc "$(date +%s.%N) - $started > 1800")" == True ]]; then
+            echo "bench: the rollout did not end within 30 minutes" >&2
+            exit 1
+        fi
         sleep 0.5
     done
     python3 - "$work" "$state" "$(calc "$(date +%s.%N) - $started")" <<'PY'
@@ -212,13 +232,13 @@ fleet_yaml smol-broken.gguf >"$work/fleet-2.yaml"
 fctl apply "$work/fleet-2.yaml" >/dev/null
 read -r bad_state bad_seconds bad_most bad_touched bad_outside _ bad_reason < <(follow_rollout)
 bad_gets=$(( $(origin_gets smol-broken.gguf) - broken_gets0 ))
-until [[ "$(deployment_converged smol-fleet)" == 1 ]]; do sleep 1; done
+await 900 "convergence of smol-fleet" deployment_converged smol-fleet
 renamed_gets0=$(origin_gets smol-renamed.gguf)
 fleet_yaml smol-renamed.gguf >"$work/fleet-3.yaml"
 fctl apply "$work/fleet-3.yaml" >/dev/null
 read -r good_state good_seconds good_most good_touched _ good_waves _ < <(follow_rollout)
 good_gets=$(( $(origin_gets smol-renamed.gguf) - renamed_gets0 ))
-until [[ "$(deployment_converged smol-fleet)" == 1 ]]; do sleep 1; done
+await 900 "convergence of smol-fleet" deployment_converged smol-fleet
 
 mkdir -p bench/results
 result="bench/results/fleet-$(date -u +%F).md"

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use modeld_engine_core::{ChatMessage, GenerateRequest, Sampling};
+use modeld_engine_core::{ChatMessage, FinishReason, GenerateRequest, Sampling};
 
 use super::{GateResult, SmokeTest};
 use crate::error::{Error, Result};
@@ -68,6 +68,16 @@ async fn generate(
             Event::Token(t) => {
                 first.get_or_insert_with(|| started.elapsed());
                 text.push_str(&t.text);
+            }
+            Event::Done(FinishReason::Cancelled, _) => {
+                // Not an answer to judge: the model was unloaded under the test, or
+                // the deadline passed.
+                return Err(Error::TaskFailed(format!(
+                    "cut short after {:.1} s with {} characters: the model was unloaded or the {} s deadline passed",
+                    started.elapsed().as_secs_f64(),
+                    text.chars().count(),
+                    GENERATION_DEADLINE.as_secs()
+                )));
             }
             Event::Done(_, stats) => {
                 return Ok(Answer {

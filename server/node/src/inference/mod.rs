@@ -75,6 +75,10 @@ pub struct Inference {
     loaded: Mutex<HashMap<String, Arc<ModelWorker>>>,
     /// Serializes loads so two Loads do not load a model twice.
     loading: tokio::sync::Mutex<()>,
+    /// Held (shared) by every unload from its first step to its last, and (alone) by an
+    /// exchange of two ids: an unload that drains requests while a rollout swaps its
+    /// model's id with the standby's would end the wrong id's UNLOADING.
+    exchanges: tokio::sync::RwLock<()>,
     settings: InferenceSettings,
     /// Bytes per second the last load read, for load ETAs.
     load_rate: Mutex<Option<f64>>,
@@ -156,6 +160,7 @@ impl Inference {
             lifecycle,
             loaded: Mutex::new(HashMap::new()),
             loading: tokio::sync::Mutex::new(()),
+            exchanges: tokio::sync::RwLock::new(()),
             settings,
             load_rate: Mutex::new(None),
         }
@@ -560,6 +565,7 @@ impl Inference {
     /// Unloads the model: running requests get `grace` to finish, then are
     /// cancelled. Returns how many were cancelled, or NotReady if it was not loaded.
     pub async fn unload(&self, id: &str, grace: Duration) -> Result<usize> {
+        let _steady = self.exchanges.read().await;
         let worker = self.map().remove(id);
         let Some(worker) = worker else {
             return Err(Error::NotReady {
@@ -588,9 +594,16 @@ impl Inference {
         Ok(cancelled)
     }
 
+    /// Waits for running unloads to end and holds new ones back, for as long as the
+    /// guard lives: the ids of two models are exchanged under it.
+    pub async fn hold_unloads(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.exchanges.write().await
+    }
+
     /// Gives `a`'s loaded worker to `b` and `b`'s to `a`, at once: a request that
     /// looks either id up sees the old pairing or the new, never neither. Either may
-    /// be unloaded. The caller swaps the stored records in the same step.
+    /// be unloaded. The caller swaps the stored records in the same step, holding
+    /// [`Inference::hold_unloads`].
     pub fn exchange(&self, a: &str, b: &str) {
         let mut map = self.map();
         let wa = map.remove(a);
