@@ -582,6 +582,36 @@ mod tests {
     }
 
     #[test]
+    fn a_device_lost_while_updating_is_waited_for_or_failed_as_the_policy_says() {
+        let lost_at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000);
+        let mut gone = device("d0", false);
+        gone.connected = false;
+        gone.disconnected_since = Some(stamp(lost_at));
+        let seen = BTreeMap::from([("d0".to_owned(), gone.clone())]);
+        let at = |s: u64| lost_at + std::time::Duration::from_secs(s);
+        for (policy, timeout, failed_after) in [
+            (fpb::DeviceLostPolicy::Wait, 60, 60),
+            (fpb::DeviceLostPolicy::Fail, 60, 0),
+        ] {
+            let strategy = fpb::RolloutStrategy {
+                device_lost: policy as i32,
+                device_lost_timeout_seconds: timeout,
+                max_failed_devices: 1,
+                ..Default::default()
+            };
+            let next = deployment(2, strategy.clone());
+            let mut r = begin(&deployment(1, strategy), &next, &[&gone], lost_at);
+            if failed_after > 0 {
+                advance(&mut r, &next, &seen, at(failed_after - 1));
+                assert_eq!(r.devices[0].phase, Phase::Updating as i32, "{policy:?}");
+            }
+            advance(&mut r, &next, &seen, at(failed_after));
+            assert_eq!(r.devices[0].phase, Phase::Failed as i32, "{policy:?}");
+            assert!(r.devices[0].reason.contains("disconnected"), "{policy:?}");
+        }
+    }
+
+    #[test]
     fn a_passing_canary_opens_the_next_wave_and_a_failure_rolls_back() {
         let devices: Vec<fpb::Device> = (0..3).map(|i| device(&format!("d{i}"), false)).collect();
         let refs: Vec<&fpb::Device> = devices.iter().collect();
