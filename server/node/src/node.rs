@@ -56,7 +56,7 @@ impl Node {
     /// rollout stages a new revision under a second id and swaps it in this way, so
     /// the model never stops answering. Refused while either is downloading.
     pub async fn exchange(&self, a: &str, b: &str) -> crate::error::Result<()> {
-        let _no_unloads = self.inference.hold_unloads().await;
+        let _steady = self.inference.hold_loads_and_unloads().await;
         let dirs = self.storage.exchange_dirs(a, b)?;
         self.registry.exchange(a, b).await?;
         self.inference.exchange(a, b);

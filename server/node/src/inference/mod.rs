@@ -77,7 +77,8 @@ pub struct Inference {
     loading: tokio::sync::Mutex<()>,
     /// Held (shared) by every unload from its first step to its last, and (alone) by an
     /// exchange of two ids: an unload that drains requests while a rollout swaps its
-    /// model's id with the standby's would end the wrong id's UNLOADING.
+    /// model's id with the standby's would end the wrong id's UNLOADING. Exchanges
+    /// hold `loading` too, taken first.
     exchanges: tokio::sync::RwLock<()>,
     settings: InferenceSettings,
     /// Bytes per second the last load read, for load ETAs.
@@ -594,16 +595,22 @@ impl Inference {
         Ok(cancelled)
     }
 
-    /// Waits for running unloads to end and holds new ones back, for as long as the
-    /// guard lives: the ids of two models are exchanged under it.
-    pub async fn hold_unloads(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
-        self.exchanges.write().await
+    /// Waits for running loads and unloads to end and holds new ones back, for as long
+    /// as the guard lives: the ids of two models are exchanged under it. (A load holds
+    /// `loading` and may unload to make room, so `loading` comes first here too.)
+    pub async fn hold_loads_and_unloads(&self) -> Steady<'_> {
+        let loads = self.loading.lock().await;
+        let unloads = self.exchanges.write().await;
+        Steady {
+            _loads: loads,
+            _unloads: unloads,
+        }
     }
 
     /// Gives `a`'s loaded worker to `b` and `b`'s to `a`, at once: a request that
     /// looks either id up sees the old pairing or the new, never neither. Either may
     /// be unloaded. The caller swaps the stored records in the same step, holding
-    /// [`Inference::hold_unloads`].
+    /// [`Inference::hold_loads_and_unloads`].
     pub fn exchange(&self, a: &str, b: &str) {
         let mut map = self.map();
         let wa = map.remove(a);
@@ -638,6 +645,12 @@ impl Inference {
             }
         }
     }
+}
+
+/// No load or unload runs while this lives (see [`Inference::hold_loads_and_unloads`]).
+pub struct Steady<'a> {
+    _loads: tokio::sync::MutexGuard<'a, ()>,
+    _unloads: tokio::sync::RwLockWriteGuard<'a, ()>,
 }
 
 /// What a successful load records so a restart can repeat it.
