@@ -149,7 +149,7 @@ impl EvictionReason {
 /// Where downloaded bytes came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceKind {
-    /// The first URL a model lists.
+    /// The first http(s) URL a file lists (peers of its site may come before it).
     Origin,
     /// Any later http(s) URL.
     Mirror,
@@ -160,13 +160,14 @@ pub enum SourceKind {
 }
 
 impl SourceKind {
-    /// The kind of the `index`-th URL a file lists.
-    pub fn of(url: &str, index: usize) -> SourceKind {
-        let scheme = url.split_once("://").map_or("", |(s, _)| s);
-        match scheme {
-            "modeld" => SourceKind::Peer,
-            "file" => SourceKind::Local,
-            _ if index == 0 => SourceKind::Origin,
+    /// The kind of the `index`-th of the URLs a file lists.
+    pub fn of(urls: &[String], index: usize) -> SourceKind {
+        let scheme = |url: &str| url.split_once("://").map_or("", |(s, _)| s).to_owned();
+        let remote = |url: &String| !matches!(scheme(url).as_str(), "modeld" | "file");
+        match urls.get(index).map(|u| scheme(u)).as_deref() {
+            Some("modeld") => SourceKind::Peer,
+            Some("file") => SourceKind::Local,
+            _ if urls.iter().position(remote) == Some(index) => SourceKind::Origin,
             _ => SourceKind::Mirror,
         }
     }
@@ -252,10 +253,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_first_url_is_the_origin_and_schemes_name_the_rest() {
-        assert_eq!(SourceKind::of("https://a/x", 0), SourceKind::Origin);
-        assert_eq!(SourceKind::of("https://b/x", 1), SourceKind::Mirror);
-        assert_eq!(SourceKind::of("modeld://peer:7700/x", 0), SourceKind::Peer);
-        assert_eq!(SourceKind::of("file:///m/x.gguf", 2), SourceKind::Local);
+    fn the_first_remote_url_is_the_origin_and_schemes_name_the_rest() {
+        let urls: Vec<String> = [
+            "modeld://peer:7700/x",
+            "https://a/x",
+            "https://b/x",
+            "file:///m/x.gguf",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(SourceKind::of(&urls, 0), SourceKind::Peer);
+        assert_eq!(SourceKind::of(&urls, 1), SourceKind::Origin);
+        assert_eq!(SourceKind::of(&urls, 2), SourceKind::Mirror);
+        assert_eq!(SourceKind::of(&urls, 3), SourceKind::Local);
+        assert_eq!(SourceKind::of(&urls[1..], 0), SourceKind::Origin);
     }
 }

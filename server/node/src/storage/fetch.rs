@@ -517,7 +517,7 @@ impl FetchJob<'_> {
 
         let metrics = crate::metrics::node();
         'sources: for (index, url) in urls.iter().enumerate().skip(start) {
-            let kind = SourceKind::of(url, index);
+            let kind = SourceKind::of(&urls, index);
             // Only the origin crosses the uplink; a peer of the site or a local file
             // does not.
             let limited = url.starts_with("http://") || url.starts_with("https://");

@@ -380,7 +380,7 @@ impl Storage {
                 let source = &record.files[slot].source_url;
                 let index = file.urls.iter().position(|u| u == source).unwrap_or(0);
                 download.record("source", super::source::shown(source).as_str());
-                download.record("source_kind", SourceKind::of(source, index).as_str());
+                download.record("source_kind", SourceKind::of(&file.urls, index).as_str());
                 drop(download);
                 match outcome {
                     Outcome::Cancelled => return Ok(false),
