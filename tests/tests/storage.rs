@@ -16,7 +16,10 @@ use tonic::Code;
 
 const MB: u64 = 1024 * 1024;
 
-/// Fast retries and stall detection, so fault tests take seconds.
+/// Fast retries and stall detection, so fault tests take seconds. Pressure eviction
+/// is off: these tests run side by side, pulling and fsyncing hundreds of megabytes,
+/// and the machine's memory pressure is not what they test (it once evicted the model
+/// a quota test had just loaded).
 fn quick(extra: &[&str]) -> AgentOptions {
     let mut args: Vec<String> = [
         "--retry-delay-ms",
@@ -25,6 +28,8 @@ fn quick(extra: &[&str]) -> AgentOptions {
         "1500",
         "--download-retries",
         "4",
+        "--memory-pressure-threshold",
+        "0",
     ]
     .iter()
     .map(|s| (*s).to_owned())
