@@ -60,6 +60,15 @@ async fn run(
     client: &Client,
     request: pb::GenerateRequest,
 ) -> (String, usize, pb::GenerateSummary) {
+    let (text, ids, summary) = run_ids(client, request).await;
+    (text, ids.len(), summary)
+}
+
+/// Runs a generation to the end: (text, token ids, summary).
+async fn run_ids(
+    client: &Client,
+    request: pb::GenerateRequest,
+) -> (String, Vec<u32>, pb::GenerateSummary) {
     let mut stream = client
         .generate()
         .generate(request)
@@ -67,14 +76,14 @@ async fn run(
         .unwrap()
         .into_inner();
     let mut text = String::new();
-    let mut tokens = 0;
+    let mut ids = Vec::new();
     while let Some(msg) = stream.next().await {
         match msg.unwrap().event.unwrap() {
             pb::generate_response::Event::Token(t) => {
                 text.push_str(&t.text);
-                tokens += 1;
+                ids.push(t.token_id);
             }
-            pb::generate_response::Event::Summary(s) => return (text, tokens, s),
+            pb::generate_response::Event::Summary(s) => return (text, ids, s),
         }
     }
     panic!("the stream ended without a summary");
@@ -846,5 +855,71 @@ async fn a_q8_0_kv_cache_halves_the_cache_and_still_answers() {
             .unwrap_err()
             .to_string();
         assert!(refused.contains("llama.cpp options"), "{refused}");
+    }
+}
+
+/// A chat client sends the whole conversation every turn. With the prompt cache a
+/// turn computes only what the last turn's prompt did not hold, and its greedy reply
+/// is the same, token for token, as with the whole prompt computed again.
+#[tokio::test]
+async fn the_next_turn_of_a_chat_reuses_the_last_prompt_and_answers_as_without_it() {
+    let (_agent, client) = agent_with_smol().await;
+    let questions = [
+        "What is the capital of France?",
+        "Tell me about its history.",
+        "Which river runs through it?",
+        "Name three famous museums there.",
+        "What food is the city known for?",
+    ];
+    let mut messages = Vec::new();
+    let mut last_prompt = 0;
+    for (turn, question) in questions.iter().enumerate() {
+        messages.push(pb::ChatMessage {
+            role: pb::ChatRole::User as i32,
+            content: (*question).into(),
+        });
+        let request = |cache_prompt: bool| pb::GenerateRequest {
+            model_id: "smol".into(),
+            input: Some(pb::generate_request::Input::Chat(pb::ChatMessages {
+                messages: messages.clone(),
+            })),
+            sampling: greedy(),
+            max_tokens: 48,
+            cache_prompt: Some(cache_prompt),
+            ..Default::default()
+        };
+        let (text, ids, summary) = run_ids(&client, request(true)).await;
+        let (_, fresh_ids, fresh) = run_ids(&client, request(false)).await;
+        assert_eq!(
+            ids, fresh_ids,
+            "turn {turn}: the reply with the cache differs from the reply without it"
+        );
+        let usage = summary.usage.unwrap();
+        let fresh = fresh.usage.unwrap();
+        assert_eq!(
+            fresh.cached_prompt_tokens, 0,
+            "cache_prompt false reuses nothing"
+        );
+        assert_eq!(usage.prompt_tokens, fresh.prompt_tokens);
+        assert!(
+            usage.cached_prompt_tokens < usage.prompt_tokens,
+            "{usage:?}"
+        );
+        // The first prompt is shorter than one attention tile (64 rows), so its rows
+        // took another kernel than the second prompt's fresh rows would: the second
+        // turn cannot reuse them exactly. From the third turn on, all of the last
+        // prompt is kept but at most one tile, computed again with the new tokens.
+        if turn >= 2 {
+            assert!(
+                usage.cached_prompt_tokens + 64 >= last_prompt,
+                "turn {turn}: {} of the last prompt's {last_prompt} tokens reused",
+                usage.cached_prompt_tokens
+            );
+        }
+        last_prompt = usage.prompt_tokens;
+        messages.push(pb::ChatMessage {
+            role: pb::ChatRole::Assistant as i32,
+            content: text,
+        });
     }
 }

@@ -1,6 +1,8 @@
 //! Throughput as a client sees it: prompt and generation tokens/s, time to first
 //! token and its overhead over the engine's own, and aggregate tokens/s with several
-//! streams at once — all through the full gRPC stream.
+//! streams at once — all through the full gRPC stream. With `--conversation`, a
+//! greedy chat instead: each turn's time to first token with the prompt cache and
+//! without it.
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,10 @@ pub struct BenchArgs {
     /// Runs per level; the median is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Instead of the levels: a greedy chat of this many turns, each sent whole (as
+    /// a chat client does), first with the prompt cache and then without it.
+    #[arg(long, value_name = "TURNS")]
+    conversation: Option<usize>,
 }
 
 /// One stream, timed at the client.
@@ -104,21 +110,6 @@ async fn prompt_of(client: &Client, id: &str, n: usize) -> anyhow::Result<String
     Ok(text)
 }
 
-/// `prompt` (from `prompt_of`) with its first word changed for every request, so no
-/// runtime can serve a run's prompt from the cache the run before left: an engine
-/// that keeps a shared prefix (ONNX Runtime, candle) would otherwise report the speed
-/// of one token as the prompt's.
-fn varied(prompt: &str) -> String {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    const FIRST: [&str; 8] = [
-        " a", " an", " this", " that", " my", " your", " our", " one",
-    ];
-    let i = NEXT.fetch_add(1, Ordering::Relaxed);
-    let rest = prompt.strip_prefix(" the").unwrap_or(prompt);
-    format!("{}{rest}", FIRST[i % FIRST.len()])
-}
-
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
@@ -138,11 +129,13 @@ async fn level(
         }),
         max_tokens: a.max_tokens,
         ignore_eos: true,
+        // Every run computes its whole prompt, not what the run before left.
+        cache_prompt: Some(false),
         ..Default::default()
     };
     let started = Instant::now();
     let streams = futures::future::try_join_all(
-        (0..concurrency).map(|_| one_stream(client, request(varied(prompt)))),
+        (0..concurrency).map(|_| one_stream(client, request(prompt.to_owned()))),
     )
     .await?;
     let wall = started.elapsed();
@@ -185,6 +178,9 @@ fn median_by(mut runs: Vec<Level>, key: impl Fn(&Level) -> f64) -> Option<Level>
 }
 
 pub async fn bench(client: &Client, a: BenchArgs, out: Output) -> anyhow::Result<()> {
+    if let Some(turns) = a.conversation {
+        return conversation(client, &a, turns, out).await;
+    }
     let prompt = prompt_of(client, &a.id, a.prompt_tokens).await?;
     // One warm-up, so page faults and first-use allocations are not measured.
     level(client, &a, &prompt, 1).await?;
@@ -217,6 +213,153 @@ pub async fn bench(client: &Client, a: BenchArgs, out: Output) -> anyhow::Result
             format!("{:.1}", l.total_tokens_per_second),
             format!("{:.1}", l.time_to_first_token_ms),
             format!("{:.2}", l.time_to_first_token_overhead_ms),
+        ]);
+    }
+    outln!("{t}");
+    Ok(())
+}
+
+/// What a user says in the benchmark's chat, turn after turn.
+const QUESTIONS: [&str; 10] = [
+    "What is the capital of France?",
+    "Tell me about its history.",
+    "Which river runs through it?",
+    "Name three famous museums there.",
+    "What food is the city known for?",
+    "How do people get around?",
+    "What is the weather like in spring?",
+    "Which neighbourhoods should a visitor see?",
+    "What is a good day trip from there?",
+    "Summarise our conversation in two sentences.",
+];
+
+/// One turn of the benchmark's chat.
+#[derive(Debug, Clone, Serialize)]
+pub struct Turn {
+    pub turn: usize,
+    pub prompt_tokens: u32,
+    /// Prompt tokens the cache gave (the run with the cache).
+    pub cached_prompt_tokens: u32,
+    pub time_to_first_token_ms_cached: f64,
+    pub time_to_first_token_ms_uncached: f64,
+    /// The two runs' replies, token for token.
+    pub same_reply: bool,
+}
+
+/// One greedy chat reply: its token ids and text, and the stream's timing.
+async fn reply(
+    client: &Client,
+    a: &BenchArgs,
+    messages: &[pb::ChatMessage],
+    cache_prompt: bool,
+) -> anyhow::Result<(Vec<u32>, String, Timed)> {
+    let request = pb::GenerateRequest {
+        model_id: a.id.clone(),
+        input: Some(pb::generate_request::Input::Chat(pb::ChatMessages {
+            messages: messages.to_vec(),
+        })),
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        max_tokens: a.max_tokens,
+        cache_prompt: Some(cache_prompt),
+        ..Default::default()
+    };
+    let sent = Instant::now();
+    let mut stream = client
+        .generate()
+        .generate(request)
+        .await
+        .map_err(ClientError::from)?
+        .into_inner();
+    let (mut ids, mut text, mut tokens, mut usage) = (Vec::new(), String::new(), Vec::new(), None);
+    while let Some(msg) = stream.message().await.map_err(ClientError::from)? {
+        match msg.event {
+            Some(pb::generate_response::Event::Token(t)) => {
+                tokens.push(Instant::now());
+                ids.push(t.token_id);
+                text.push_str(&t.text);
+            }
+            Some(pb::generate_response::Event::Summary(s)) => {
+                if s.finish_reason() == pb::FinishReason::Error {
+                    anyhow::bail!("generation failed: {}", s.error);
+                }
+                usage = s.usage;
+            }
+            None => {}
+        }
+    }
+    let usage = usage.ok_or_else(|| anyhow::anyhow!("the stream ended without a summary"))?;
+    Ok((
+        ids,
+        text,
+        Timed {
+            sent,
+            tokens,
+            usage,
+        },
+    ))
+}
+
+/// A chat of `turns` turns, each whole conversation sent once with the prompt cache
+/// and once without; the history goes on with the reply the cache gave.
+async fn conversation(
+    client: &Client,
+    a: &BenchArgs,
+    turns: usize,
+    out: Output,
+) -> anyhow::Result<()> {
+    let ttft_ms = |t: &Timed| {
+        secs(
+            t.tokens
+                .first()
+                .copied()
+                .unwrap_or(t.sent)
+                .saturating_duration_since(t.sent),
+        ) * 1000.0
+    };
+    let mut messages = Vec::new();
+    let mut results = Vec::new();
+    for (turn, question) in QUESTIONS.iter().cycle().take(turns).enumerate() {
+        messages.push(pb::ChatMessage {
+            role: pb::ChatRole::User as i32,
+            content: (*question).to_owned(),
+        });
+        let (cached_ids, text, cached) = reply(client, a, &messages, true).await?;
+        let (fresh_ids, _, fresh) = reply(client, a, &messages, false).await?;
+        results.push(Turn {
+            turn: turn + 1,
+            prompt_tokens: cached.usage.prompt_tokens,
+            cached_prompt_tokens: cached.usage.cached_prompt_tokens,
+            time_to_first_token_ms_cached: ttft_ms(&cached),
+            time_to_first_token_ms_uncached: ttft_ms(&fresh),
+            same_reply: cached_ids == fresh_ids,
+        });
+        messages.push(pb::ChatMessage {
+            role: pb::ChatRole::Assistant as i32,
+            content: text,
+        });
+    }
+    if out == Output::Json {
+        return output::json(&results);
+    }
+    let mut t = output::table(&[
+        "TURN",
+        "PROMPT",
+        "CACHED",
+        "TTFT ms (cache)",
+        "TTFT ms (no cache)",
+        "SAME REPLY",
+    ]);
+    for r in &results {
+        t.add_row(vec![
+            r.turn.to_string(),
+            r.prompt_tokens.to_string(),
+            r.cached_prompt_tokens.to_string(),
+            format!("{:.1}", r.time_to_first_token_ms_cached),
+            format!("{:.1}", r.time_to_first_token_ms_uncached),
+            if r.same_reply { "yes" } else { "NO" }.to_owned(),
         ]);
     }
     outln!("{t}");

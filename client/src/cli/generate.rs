@@ -98,8 +98,12 @@ async fn stream_to_stdout(
 
 fn print_usage(s: &pb::GenerateSummary) {
     let u = s.usage.unwrap_or_default();
+    let cached = match u.cached_prompt_tokens {
+        0 => String::new(),
+        n => format!(" ({n} from the cache)"),
+    };
     eprintln!(
-        "[{}: {} prompt + {} generated tokens, first token {:.0} ms, {:.1} tokens/s]",
+        "[{}: {} prompt{cached} + {} generated tokens, first token {:.0} ms, {:.1} tokens/s]",
         output::short_enum(s.finish_reason().as_str_name(), "FINISH_REASON_"),
         u.prompt_tokens,
         u.generated_tokens,

@@ -162,7 +162,7 @@ pub struct Sampling {
 }
 
 /// One generation request, already tokenized.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateRequest {
     pub prompt: Vec<u32>,
     pub sampling: Sampling,
@@ -174,6 +174,30 @@ pub struct GenerateRequest {
     pub grammar: Option<String>,
     /// Generate past end-of-generation tokens, up to `max_tokens` (benchmarks).
     pub ignore_eos: bool,
+    /// May reuse the KV cache an earlier prompt left (its longest common prefix).
+    /// Off, the whole prompt is computed again: for comparing, or for timing a
+    /// prefill.
+    #[serde(default = "cache_prompt_default")]
+    pub cache_prompt: bool,
+}
+
+fn cache_prompt_default() -> bool {
+    true
+}
+
+impl Default for GenerateRequest {
+    fn default() -> GenerateRequest {
+        GenerateRequest {
+            prompt: Vec::new(),
+            sampling: Sampling::default(),
+            max_tokens: 0,
+            stop: Vec::new(),
+            logprobs: false,
+            grammar: None,
+            ignore_eos: false,
+            cache_prompt: true,
+        }
+    }
 }
 
 /// One generated token as the engine hands it out.
@@ -203,6 +227,10 @@ pub enum Flow {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct GenerateStats {
     pub prompt_tokens: u32,
+    /// Prompt tokens whose KV came from the cache an earlier request left, not
+    /// computed again.
+    #[serde(default)]
+    pub cached_prompt_tokens: u32,
     pub generated_tokens: u32,
     pub time_to_first_token_seconds: f64,
     pub prompt_tokens_per_second: f64,

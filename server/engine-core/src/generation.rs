@@ -74,7 +74,7 @@ impl<F: Forward> SequenceRunner<F> {
     pub fn logits(&mut self, prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
         self.check_prompt(prompt)?;
         self.reset();
-        let out = self.prefill(prompt);
+        let out = self.prefill(prompt, false).map(|(logits, _)| logits);
         if out.is_err() {
             self.reset();
         }
@@ -105,16 +105,20 @@ impl<F: Forward> SequenceRunner<F> {
         Ok(())
     }
 
-    /// Feeds what of `prompt` the cache does not hold yet; returns the last logits.
-    fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
+    /// Feeds what of `prompt` the cache does not hold yet (all of it unless `reuse`);
+    /// returns the last logits and how many prompt tokens the cache gave.
+    fn prefill(&mut self, prompt: &[u32], reuse: bool) -> Result<(Vec<f32>, usize), EngineError> {
         // At least the last prompt token is always run: its logits start the reply.
-        let shared = self
-            .cached_tokens
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(prompt.len() - 1);
+        let shared = if reuse {
+            self.cached_tokens
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(prompt.len() - 1)
+        } else {
+            0
+        };
         let kept = self.forward.truncate(shared).min(shared);
         self.cached_tokens.truncate(kept);
         let mut logits = Vec::new();
@@ -122,7 +126,7 @@ impl<F: Forward> SequenceRunner<F> {
             logits = self.forward.forward(chunk)?;
             self.cached_tokens.extend_from_slice(chunk);
         }
-        Ok(logits)
+        Ok((logits, kept))
     }
 
     pub fn generate(
@@ -160,7 +164,7 @@ impl<F: Forward> SequenceRunner<F> {
         } else {
             request.max_tokens
         };
-        let mut logits = self.prefill(&request.prompt)?;
+        let (mut logits, cached) = self.prefill(&request.prompt, request.cache_prompt)?;
         let prompt_done = Instant::now();
         let mut first_token_at = None;
         let mut generated = 0u32;
@@ -198,17 +202,19 @@ impl<F: Forward> SequenceRunner<F> {
         let end = Instant::now();
         let prompt_secs = (prompt_done - started).as_secs_f64();
         let gen_secs = first_token_at.map_or(0.0, |t| (end - t).as_secs_f64());
+        // The rate of the tokens computed: what the cache gave took no time.
         #[allow(clippy::cast_precision_loss)]
-        let prompt_len = request.prompt.len() as f64;
+        let computed = (request.prompt.len() - cached) as f64;
         Ok((
             finish,
             GenerateStats {
                 prompt_tokens: u32::try_from(request.prompt.len()).unwrap_or(u32::MAX),
+                cached_prompt_tokens: u32::try_from(cached).unwrap_or(u32::MAX),
                 generated_tokens: generated,
                 time_to_first_token_seconds: first_token_at
                     .map_or(0.0, |t| (t - started).as_secs_f64()),
                 prompt_tokens_per_second: if prompt_secs > 0.0 {
-                    prompt_len / prompt_secs
+                    computed / prompt_secs
                 } else {
                     0.0
                 },

@@ -462,6 +462,7 @@ pub fn event_to_pb(event: Event) -> pb::GenerateResponse {
             finish_reason: finish_to_pb(finish) as i32,
             usage: Some(pb::Usage {
                 prompt_tokens: stats.prompt_tokens,
+                cached_prompt_tokens: stats.cached_prompt_tokens,
                 generated_tokens: stats.generated_tokens,
                 time_to_first_token_seconds: stats.time_to_first_token_seconds,
                 prompt_tokens_per_second: stats.prompt_tokens_per_second,

@@ -83,6 +83,7 @@ impl Tally {
         let decoding = self.first_token.map(since).unwrap_or_default();
         modeld_engine_core::GenerateStats {
             prompt_tokens: self.prompt_tokens,
+            cached_prompt_tokens: 0,
             generated_tokens: self.generated,
             time_to_first_token_seconds: self
                 .first_token
@@ -191,6 +192,7 @@ impl Generate for GenerateApi {
             logprobs: r.logprobs,
             grammar: r.grammar,
             ignore_eos: r.ignore_eos,
+            cache_prompt: r.cache_prompt,
         };
         let span = tracing::info_span!(
             "generate",

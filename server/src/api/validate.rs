@@ -47,6 +47,7 @@ pub struct Generate {
     pub logprobs: bool,
     pub grammar: Option<String>,
     pub ignore_eos: bool,
+    pub cache_prompt: bool,
 }
 
 #[derive(Debug)]
@@ -150,6 +151,7 @@ impl TryFrom<pb::GenerateRequest> for Generate {
             logprobs: r.logprobs,
             grammar: (!r.grammar.trim().is_empty()).then_some(r.grammar),
             ignore_eos: r.ignore_eos,
+            cache_prompt: r.cache_prompt.unwrap_or(true),
         })
     }
 }

@@ -406,6 +406,13 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's name for what the prompt cache gave.
+#[derive(Debug, Serialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: u32,
 }
 
 impl From<Option<pb::Usage>> for Usage {
@@ -415,6 +422,9 @@ impl From<Option<pb::Usage>> for Usage {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.generated_tokens,
             total_tokens: u.prompt_tokens.saturating_add(u.generated_tokens),
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: u.cached_prompt_tokens,
+            },
         }
     }
 }

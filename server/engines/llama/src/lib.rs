@@ -25,12 +25,14 @@ use modeld_engine_core::{
     LoadedModel, MemoryEstimate, ModelFormat, ModelInfo, ModelProbe, Runtime, SpecialTokens,
     StopMatcher, StopOutcome, Token, Tokenizer, Utf8Stream, gguf,
 };
+use prompt_cache::{ATTENTION_TILE, Slots};
 
 /// Sequences decoded together when the load options do not say.
 pub const DEFAULT_PARALLEL: u32 = 4;
 const DEFAULT_BATCH: u32 = 512;
 
 pub mod cpu;
+mod prompt_cache;
 
 /// llama.cpp's backend, with the CPU kernels it chose, is process-wide and may be
 /// initialized once.
@@ -473,8 +475,14 @@ struct Sequence<'s> {
     ignore_eos: bool,
     picker: Picker,
     prompt: Vec<LlamaToken>,
-    /// Prompt tokens already sent to a batch.
+    /// May reuse what an earlier prompt left in a slot.
+    cache_prompt: bool,
+    /// Prompt tokens already sent to a batch, or found in the slot's cache.
     fed: usize,
+    /// Leading prompt tokens the slot's cache gave.
+    cached: usize,
+    /// Per prompt row fed: computed in a ubatch of at least one attention tile.
+    tiled: Vec<bool>,
     /// The token sampled last, fed in the next step.
     next: Option<LlamaToken>,
     pos: i32,
@@ -499,16 +507,18 @@ impl Sequence<'_> {
             .prompt_done
             .map_or(0.0, |t| (t - self.started).as_secs_f64());
         let gen_secs = self.first_token_at.map_or(0.0, |t| (end - t).as_secs_f64());
+        // The rate of the rows computed: what the cache gave took no time.
         #[allow(clippy::cast_precision_loss)]
-        let prompt_len = self.prompt.len() as f64;
+        let computed = (self.prompt.len() - self.cached) as f64;
         GenerateStats {
             prompt_tokens: u32::try_from(self.prompt.len()).unwrap_or(u32::MAX),
+            cached_prompt_tokens: u32::try_from(self.cached).unwrap_or(u32::MAX),
             generated_tokens: self.generated,
             time_to_first_token_seconds: self
                 .first_token_at
                 .map_or(0.0, |t| (t - self.started).as_secs_f64()),
             prompt_tokens_per_second: if prompt_secs > 0.0 {
-                prompt_len / prompt_secs
+                computed / prompt_secs
             } else {
                 0.0
             },
@@ -567,9 +577,9 @@ impl LlamaLoaded {
             .map_err(|e| inference("context", e))
     }
 
-    /// Turns a job into a sequence in `slot`; a job that cannot run is answered
-    /// with why, and `None` comes back.
-    fn admit<'s>(&self, job: Work<'s>, slot: u32) -> Option<Sequence<'s>> {
+    /// Turns a job into a sequence, not yet in a slot; a job that cannot run is
+    /// answered with why, and `None` comes back.
+    fn admit<'s>(&self, job: Work<'s>) -> Option<Sequence<'s>> {
         let n_ctx = self.info.context_length;
         let request = &job.request;
         let checked = self.tokenizer.to_tokens(&request.prompt).and_then(|p| {
@@ -602,15 +612,19 @@ impl LlamaLoaded {
         };
         let logprobs = request.logprobs;
         let ignore_eos = request.ignore_eos;
+        let cache_prompt = request.cache_prompt;
         Some(Sequence {
-            slot,
+            slot: 0,
             sink: job.sink,
             done: job.done,
             logprobs,
             ignore_eos,
             picker,
             prompt,
+            cache_prompt,
             fed: 0,
+            cached: 0,
+            tiled: Vec::new(),
             next: None,
             pos: 0,
             logits_at: None,
@@ -684,19 +698,19 @@ impl LlamaLoaded {
         };
         let n_batch = self.batch.min(ctx.n_ctx()).max(1) as usize;
         let mut batch = LlamaBatch::new(n_batch, 1);
-        let mut free: Vec<u32> = (0..parallel).rev().collect();
+        let mut slots: Slots<LlamaToken> = Slots::new(parallel, n_batch);
         let mut active: Vec<Sequence<'s>> = Vec::new();
         loop {
             // Admit waiting jobs into free slots; block only when nothing runs.
-            while let Some(slot) = free.pop() {
-                let job = next(active.is_empty());
-                let Some(job) = job else {
-                    free.push(slot);
+            while slots.any_free() {
+                let Some(job) = next(active.is_empty()) else {
                     break;
                 };
-                match self.admit(job, slot) {
-                    Some(seq) => active.push(seq),
-                    None => free.push(slot),
+                if let Some(mut seq) = self.admit(job) {
+                    match seat(&mut ctx, &mut slots, &mut seq) {
+                        Ok(()) => active.push(seq),
+                        Err(e) => (seq.done)(Err(e)),
+                    }
                 }
             }
             if active.is_empty() {
@@ -720,6 +734,9 @@ impl LlamaLoaded {
                     break;
                 }
                 let take = room.min(seq.prompt.len() - seq.fed);
+                // The attention path these rows take (see prompt_cache).
+                seq.tiled
+                    .extend(std::iter::repeat_n(take >= ATTENTION_TILE, take));
                 for i in seq.fed..seq.fed + take {
                     let last = i + 1 == seq.prompt.len();
                     added = added.and(batch.add(seq.prompt[i], seq.pos, &[seq.slot as i32], last));
@@ -736,7 +753,7 @@ impl LlamaLoaded {
             if let Err(e) = decoded {
                 for seq in active.drain(..) {
                     let _ = ctx.clear_kv_cache_seq(Some(seq.slot), None, None);
-                    free.push(seq.slot);
+                    slots.release(seq.slot, Vec::new(), Vec::new());
                     (seq.done)(Err(e.clone()));
                 }
                 continue;
@@ -750,10 +767,16 @@ impl LlamaLoaded {
             let mut i = 0;
             while i < active.len() {
                 if let Some(finish) = active[i].finish {
-                    let seq = active.swap_remove(i);
-                    let _ = ctx.clear_kv_cache_seq(Some(seq.slot), None, None);
-                    free.push(seq.slot);
+                    let mut seq = active.swap_remove(i);
+                    // The slot keeps the prompt rows for the next request; the
+                    // generated rows go when it is taken again.
                     let stats = seq.stats();
+                    seq.prompt.truncate(seq.tiled.len());
+                    slots.release(
+                        seq.slot,
+                        std::mem::take(&mut seq.prompt),
+                        std::mem::take(&mut seq.tiled),
+                    );
                     let outcome = match seq.failed {
                         Some(e) => Err(e),
                         None => Ok((finish, stats)),
@@ -765,6 +788,33 @@ impl LlamaLoaded {
             }
         }
     }
+}
+
+/// Puts `seq` in a free slot, keeping what the slot holds of its prompt: those rows
+/// count as fed.
+fn seat(
+    ctx: &mut LlamaContext<'_>,
+    slots: &mut Slots<LlamaToken>,
+    seq: &mut Sequence<'_>,
+) -> Result<(), EngineError> {
+    let (slot, mut kept) = slots
+        .take(&seq.prompt, seq.cache_prompt)
+        .ok_or_else(|| EngineError::Inference("no free slot for the request".into()))?;
+    let from = u32::try_from(kept).unwrap_or(u32::MAX);
+    if !matches!(
+        ctx.clear_kv_cache_seq(Some(slot), Some(from), None),
+        Ok(true)
+    ) {
+        // A cache that cannot drop a tail drops everything.
+        let _ = ctx.clear_kv_cache_seq(Some(slot), None, None);
+        kept = 0;
+    }
+    seq.slot = slot;
+    seq.fed = kept;
+    seq.cached = kept;
+    seq.pos = i32::try_from(kept).unwrap_or(i32::MAX);
+    seq.tiled = slots.held_paths(slot)[..kept].to_vec();
+    Ok(())
 }
 
 impl LoadedModel for LlamaLoaded {

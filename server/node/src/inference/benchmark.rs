@@ -84,6 +84,8 @@ impl Inference {
                 },
                 max_tokens: plan.generated_tokens,
                 ignore_eos: true,
+                // Every run times the whole prompt, not what the last one left.
+                cache_prompt: false,
                 ..GenerateRequest::default()
             };
             let mut prompt_rates = Vec::new();
