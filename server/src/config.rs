@@ -731,24 +731,25 @@ impl Config {
             .map(MemoryBudget::from_str)
             .transpose()
             .map_err(|e| bad("memory_budget", e))?;
-        let file_quota = file
-            .disk_quota
-            .as_deref()
-            .map(ByteSize::from_str)
-            .transpose()
-            .map_err(|e| bad("disk_quota", e))?;
-        let file_origin_rate = file
-            .origin_rate_limit
-            .as_deref()
-            .map(ByteSize::from_str)
-            .transpose()
-            .map_err(|e| bad("origin_rate_limit", e))?;
-        let file_serve_rate = file
-            .serve_rate_limit
-            .as_deref()
-            .map(ByteSize::from_str)
-            .transpose()
-            .map_err(|e| bad("serve_rate_limit", e))?;
+        // A size the flag gives, else the file; 0 (or neither) = none.
+        let size_limit = |key: &str, flag: Option<ByteSize>, file: Option<&str>| {
+            let file = file
+                .map(ByteSize::from_str)
+                .transpose()
+                .map_err(|e| bad(key, e))?;
+            Ok::<_, Error>(flag.or(file).map(|b| b.as_u64()).filter(|b| *b > 0))
+        };
+        let disk_quota = size_limit("disk_quota", args.disk_quota, file.disk_quota.as_deref())?;
+        let origin_rate_limit = size_limit(
+            "origin_rate_limit",
+            args.origin_rate_limit,
+            file.origin_rate_limit.as_deref(),
+        )?;
+        let serve_rate_limit = size_limit(
+            "serve_rate_limit",
+            args.serve_rate_limit,
+            file.serve_rate_limit.as_deref(),
+        )?;
         let listen = match args.listen.or(file.listen) {
             Some(l) => l,
             None => DEFAULT_LISTEN
@@ -777,11 +778,6 @@ impl Config {
         .into_iter()
         .map(absolute)
         .collect::<Result<Vec<_>>>()?;
-        let disk_quota = args
-            .disk_quota
-            .or(file_quota)
-            .map(|q| q.as_u64())
-            .filter(|q| *q > 0);
         // The file's labels first, so a flag's value for a key wins.
         let mut items: Vec<String> = file
             .labels
@@ -802,16 +798,8 @@ impl Config {
                 .or(file_budget)
                 .unwrap_or(MemoryBudget::Fraction(DEFAULT_MEMORY_FRACTION)),
             disk_quota,
-            origin_rate_limit: args
-                .origin_rate_limit
-                .or(file_origin_rate)
-                .map(|b| b.as_u64())
-                .filter(|b| *b > 0),
-            serve_rate_limit: args
-                .serve_rate_limit
-                .or(file_serve_rate)
-                .map(|b| b.as_u64())
-                .filter(|b| *b > 0),
+            origin_rate_limit,
+            serve_rate_limit,
             models_dirs,
             allow_dirs,
             tokens_file: args

@@ -28,20 +28,50 @@ async fn device(controller: &Controller, profile: &Path, tier: &str) -> Agent {
 
 /// An agent of `site`.
 async fn device_at(controller: &Controller, profile: &Path, tier: &str, site: &str) -> Agent {
+    device_with(controller, profile, tier, site, &[]).await
+}
+
+/// An agent of `site` started with `extra` arguments too.
+async fn device_with(
+    controller: &Controller,
+    profile: &Path,
+    tier: &str,
+    site: &str,
+    extra: &[&str],
+) -> Agent {
+    let mut args = vec![
+        "--fleet".into(),
+        controller.url(),
+        "--site".into(),
+        site.into(),
+        "--label".into(),
+        format!("tier={tier}"),
+        "--device-profile".into(),
+        profile.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
     Agent::start_with(AgentOptions {
-        args: vec![
-            "--fleet".into(),
-            controller.url(),
-            "--site".into(),
-            site.into(),
-            "--label".into(),
-            format!("tier={tier}"),
-            "--device-profile".into(),
-            profile.display().to_string(),
-        ],
+        args,
         ..AgentOptions::default()
     })
     .await
+}
+
+/// Applies the deployment "prefetch": SmolLM2 from `url`, stored on every edge device.
+async fn apply_prefetch(controller: &Controller, url: &str) {
+    controller
+        .client()
+        .await
+        .apply_deployment(fpb::ApplyDeploymentRequest {
+            deployment: Some(deployment(
+                "prefetch",
+                tier("edge"),
+                vec![model(gguf_spec("smol", url), fpb::WantedState::Stored)],
+            )),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
 }
 
 async fn node_id(agent: &Agent) -> String {
@@ -460,20 +490,7 @@ async fn an_agent_killed_mid_download_resumes_and_reports_it() {
     let agent = device(&controller, &profile(tmp.path(), "edge", EDGE), "edge").await;
     let id = node_id(&agent).await;
     wait_connected(&controller, 1).await;
-    let smol = gguf_spec("smol", &server.url("smol.gguf"));
-    controller
-        .client()
-        .await
-        .apply_deployment(fpb::ApplyDeploymentRequest {
-            deployment: Some(deployment(
-                "prefetch",
-                tier("edge"),
-                vec![model(smol, fpb::WantedState::Stored)],
-            )),
-            dry_run: false,
-        })
-        .await
-        .unwrap();
+    apply_prefetch(&controller, &server.url("smol.gguf")).await;
     let downloading = wait_status(
         &controller,
         "prefetch",
@@ -556,21 +573,8 @@ async fn a_site_downloads_each_model_from_the_origin_once() {
     ];
     let south = device_at(&controller, &edge, "edge", "south").await;
     wait_connected(&controller, 3).await;
-    let smol = gguf_spec("smol", &server.url("smol.gguf"));
     let applied = Instant::now();
-    controller
-        .client()
-        .await
-        .apply_deployment(fpb::ApplyDeploymentRequest {
-            deployment: Some(deployment(
-                "prefetch",
-                tier("edge"),
-                vec![model(smol, fpb::WantedState::Stored)],
-            )),
-            dry_run: false,
-        })
-        .await
-        .unwrap();
+    apply_prefetch(&controller, &server.url("smol.gguf")).await;
     // While the site's seed downloads, its neighbour waits (PENDING), not downloading.
     let north_ids = [node_id(&north[0]).await, node_id(&north[1]).await];
     let saw_waiting = std::sync::atomic::AtomicBool::new(false);
@@ -682,37 +686,16 @@ async fn a_peer_killed_mid_transfer_hands_over_at_the_same_offset() {
     let controller = Controller::start(&tmp.path().join("controller"), None);
     let edge = profile(tmp.path(), "edge", EDGE);
     // The seed serves its site slowly, so the kill lands mid-transfer.
-    let mut seed = Agent::start_with(AgentOptions {
-        args: vec![
-            "--fleet".into(),
-            controller.url(),
-            "--site".into(),
-            "north".into(),
-            "--label".into(),
-            "tier=edge".into(),
-            "--device-profile".into(),
-            edge.display().to_string(),
-            "--serve-rate-limit".into(),
-            "8MiB".into(),
-        ],
-        ..AgentOptions::default()
-    })
+    let mut seed = device_with(
+        &controller,
+        &edge,
+        "edge",
+        "north",
+        &["--serve-rate-limit", "8MiB"],
+    )
     .await;
     wait_connected(&controller, 1).await;
-    let smol = gguf_spec("smol", &server.url("smol.gguf"));
-    controller
-        .client()
-        .await
-        .apply_deployment(fpb::ApplyDeploymentRequest {
-            deployment: Some(deployment(
-                "prefetch",
-                tier("edge"),
-                vec![model(smol, fpb::WantedState::Stored)],
-            )),
-            dry_run: false,
-        })
-        .await
-        .unwrap();
+    apply_prefetch(&controller, &server.url("smol.gguf")).await;
     wait_status(
         &controller,
         "prefetch",

@@ -25,7 +25,7 @@ use modeld_engine_core::{
     LoadedModel, MemoryEstimate, ModelFormat, ModelInfo, ModelProbe, Runtime, SpecialTokens,
     StopMatcher, StopOutcome, Token, Tokenizer, Utf8Stream, gguf,
 };
-use prompt_cache::{ATTENTION_TILE, Slots};
+use prompt_cache::{ATTENTION_TILE, Slots, chunk_end};
 
 /// Sequences decoded together when the load options do not say.
 pub const DEFAULT_PARALLEL: u32 = 4;
@@ -733,7 +733,12 @@ impl LlamaLoaded {
                 if room == 0 {
                     break;
                 }
-                let take = room.min(seq.prompt.len() - seq.fed);
+                // A prompt's ubatches end on multiples of the batch, also after a
+                // cache hit (see prompt_cache); a prompt alone in the batch is cut
+                // there anyway.
+                let take = room
+                    .min(seq.prompt.len() - seq.fed)
+                    .min(chunk_end(seq.fed, n_batch) - seq.fed);
                 // The attention path these rows take (see prompt_cache).
                 seq.tiled
                     .extend(std::iter::repeat_n(take >= ATTENTION_TILE, take));

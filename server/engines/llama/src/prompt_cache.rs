@@ -118,10 +118,23 @@ impl<T: PartialEq + Clone> Slots<T> {
 }
 
 /// Whether row `row` of a `len`-row prompt whose rows from `start` on are computed
-/// in ubatches of `ubatch` rows lands in a tiled ubatch.
+/// lands in a tiled ubatch. The batch loop ends a prompt's ubatches on multiples of
+/// `ubatch` (see [`chunk_end`]): from row 0 that is a fresh prompt's partition, and
+/// from `start` only the first ubatch differs, being shorter.
 fn tiled_from(start: usize, row: usize, len: usize, ubatch: usize) -> bool {
-    let chunk_start = start + (row - start) / ubatch * ubatch;
-    (len - chunk_start).min(ubatch) >= ATTENTION_TILE
+    let first_end = chunk_end(start, ubatch);
+    let chunk_start = if row < first_end {
+        start
+    } else {
+        row / ubatch * ubatch
+    };
+    chunk_end(chunk_start, ubatch).min(len) - chunk_start >= ATTENTION_TILE
+}
+
+/// Where the prompt ubatch starting at row `fed` ends: the next multiple of
+/// `ubatch`, so a prompt resumed from the cache is cut where a fresh one is.
+pub fn chunk_end(fed: usize, ubatch: usize) -> usize {
+    (fed / ubatch + 1) * ubatch
 }
 
 /// How many leading rows of a slot holding `held` (computed on the paths `tiled`)
@@ -142,11 +155,14 @@ pub fn reusable<T: PartialEq>(held: &[T], tiled: &[bool], prompt: &[T], ubatch: 
             && (kept..len)
                 .all(|row| tiled_from(kept, row, len, ubatch) == tiled_from(0, row, len, ubatch))
     };
-    // The longest prefix first; then a tail stretched to one whole tile; then the
-    // ubatch boundary a fresh prompt has, where the tail's ubatches are its own.
-    let tail = len - common;
-    let stretched = len.saturating_sub(tail + ATTENTION_TILE.saturating_sub(tail % ubatch));
+    // The longest prefix first; then a first ubatch stretched back to one whole
+    // tile, within the fresh ubatch it falls in; then that ubatch's start, from where
+    // the tail is cut exactly as a fresh prompt is.
     let aligned = common / ubatch * ubatch;
+    let stretched = chunk_end(common, ubatch)
+        .min(len)
+        .saturating_sub(ATTENTION_TILE)
+        .clamp(aligned, common.max(aligned));
     [common, stretched.min(common), aligned]
         .into_iter()
         .filter(|&kept| exact(kept))
@@ -208,6 +224,15 @@ mod tests {
             .map(|r| tiled_from(kept, r, 1100, 512))
             .collect();
         assert_eq!(tail, fresh(1100, 512)[kept..]);
+    }
+
+    #[test]
+    fn a_turn_past_one_ubatch_keeps_all_of_the_last_prompt() {
+        // 911 rows were 512 + 399, both tiled. Fresh, 1058 rows are 512 + 512 + 34;
+        // resumed at 911 they are cut 911..1024 (113 rows, tiled) and 1024..1058
+        // (34, per-row): the same paths.
+        let held = tokens(911);
+        assert_eq!(reusable(&held, &fresh(911, 512), &tokens(1058), 512), 911);
     }
 
     #[test]
