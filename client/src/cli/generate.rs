@@ -98,12 +98,13 @@ async fn stream_to_stdout(
 
 fn print_usage(s: &pb::GenerateSummary) {
     let u = s.usage.unwrap_or_default();
+    // Last, so the counts keep their places for whoever reads them.
     let cached = match u.cached_prompt_tokens {
         0 => String::new(),
-        n => format!(" ({n} from the cache)"),
+        n => format!(", {n} prompt tokens from the cache"),
     };
     eprintln!(
-        "[{}: {} prompt{cached} + {} generated tokens, first token {:.0} ms, {:.1} tokens/s]",
+        "[{}: {} prompt + {} generated tokens, first token {:.0} ms, {:.1} tokens/s{cached}]",
         output::short_enum(s.finish_reason().as_str_name(), "FINISH_REASON_"),
         u.prompt_tokens,
         u.generated_tokens,
