@@ -509,6 +509,7 @@ async fn an_agent_killed_mid_download_resumes_and_reports_it() {
     )
     .await;
     assert!(!downloading.converged);
+    let before = agent.log();
     let agent = agent.restart().await;
     server.throttle("smol.gguf", 0);
     let status = wait_status(
@@ -527,8 +528,9 @@ async fn an_agent_killed_mid_download_resumes_and_reports_it() {
     });
     assert!(
         resumed,
-        "the restarted agent resumed with a range request: {:?}",
-        server.seen("smol.gguf")
+        "the restarted agent resumed with a range request: {:?}\nits log before:\n{before}\nafter:\n{}",
+        server.seen("smol.gguf"),
+        agent.log()
     );
     drop(agent);
 }
@@ -733,7 +735,8 @@ async fn a_peer_killed_mid_transfer_hands_over_at_the_same_offset() {
     assert_eq!(
         server.seen("smol.gguf").len(),
         1,
-        "the restart went to the origin"
+        "the restart went to the origin; the neighbour's log:\n{}",
+        neighbour.log()
     );
     // The seed dies under it: the origin sends the rest.
     seed.kill9();
@@ -749,7 +752,12 @@ async fn a_peer_killed_mid_transfer_hands_over_at_the_same_offset() {
 
     // The origin sent the rest, from where the seed stopped, not the whole file again.
     let seen = server.seen("smol.gguf");
-    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        seen.len(),
+        2,
+        "{seen:?}\nthe neighbour's log:\n{}",
+        neighbour.log()
+    );
     let range = seen[1].range.clone().unwrap_or_default();
     let resumed_at: u64 = range
         .trim_start_matches("bytes=")

@@ -77,6 +77,20 @@ impl Storage {
         if let Some(rx) = self.running(&spec.id) {
             return Ok((rx, false));
         }
+        // A transfer of this model a previous run left unfinished goes on from its
+        // offset rather than a second one starting from zero: a Pull, or a fleet's
+        // assignment, may arrive before the startup has resumed it.
+        let unfinished = self.inner.store.transfers()?;
+        if let Some((_, record)) = unfinished.into_iter().find(|(_, r)| r.model_id == spec.id) {
+            match self.resume_record(record, spec.clone()).await? {
+                Some(rx) => return Ok((rx, true)),
+                None => {
+                    if let Some(rx) = self.running(&spec.id) {
+                        return Ok((rx, false));
+                    }
+                }
+            }
+        }
         // Which files are missing and whether they fit: both read the disk, so they
         // run on a blocking thread, and without the transfer map's lock held.
         let missing = {
@@ -213,37 +227,64 @@ impl Storage {
     ) -> Result<usize> {
         let mut resumed = 0;
         for (_, record) in self.inner.store.transfers()? {
-            let Some(mut spec) = lookup(&record.model_id) else {
+            let Some(spec) = lookup(&record.model_id) else {
                 self.discard(&record).await?;
                 continue;
             };
-            // A peer of the site a fleet named is not in the registered spec: put the
-            // one the partial bytes came from back in front, so the transfer goes on
-            // reading from it rather than from the origin (which takes over at the
-            // same offset if the peer is gone).
-            for f in &record.files {
-                if f.offset > 0
-                    && f.source_url.starts_with("modeld://")
-                    && let Some(file) = spec.files.get_mut(f.index as usize)
-                    && !file.urls.contains(&f.source_url)
-                {
-                    file.urls.insert(0, f.source_url.clone());
-                }
+            if self.resume_record(record, spec).await?.is_some() {
+                resumed += 1;
             }
-            let control = if record.state == StoredState::Paused.as_str() {
-                Control::Pause
-            } else {
-                Control::Run
-            };
-            let handle = {
-                let mut map = self.lock();
-                self.register_handle(&mut map, &record, &spec, control)
-            };
-            tracing::info!(transfer = %record.id, model = %record.model_id, "resuming transfer");
-            self.spawn(handle, record, spec);
-            resumed += 1;
         }
         Ok(resumed)
+    }
+
+    /// Runs an unfinished transfer `record` of a previous run again, from its
+    /// checkpointed offsets. `None` when it already runs here (a Pull got to it
+    /// first), or when another transfer of its model does, which leaves this
+    /// record a duplicate to discard.
+    async fn resume_record(
+        &self,
+        record: TransferRecord,
+        mut spec: ModelSpec,
+    ) -> Result<Option<watch::Receiver<TransferProgress>>> {
+        // A peer of the site a fleet named is not in the registered spec: put the
+        // one the partial bytes came from back in front, so the transfer goes on
+        // reading from it rather than from the origin (which takes over at the
+        // same offset if the peer is gone).
+        for f in &record.files {
+            if f.offset > 0
+                && f.source_url.starts_with("modeld://")
+                && let Some(file) = spec.files.get_mut(f.index as usize)
+                && !file.urls.contains(&f.source_url)
+            {
+                file.urls.insert(0, f.source_url.clone());
+            }
+        }
+        let control = if record.state == StoredState::Paused.as_str() {
+            Control::Pause
+        } else {
+            Control::Run
+        };
+        let handle = {
+            let mut map = self.lock();
+            if map.contains_key(&record.id) {
+                return Ok(None);
+            }
+            if running_in(&map, &record.model_id).is_some() {
+                None
+            } else {
+                Some(self.register_handle(&mut map, &record, &spec, control))
+            }
+        };
+        let Some(handle) = handle else {
+            tracing::info!(transfer = %record.id, model = %record.model_id, "discarding a duplicate unfinished transfer");
+            self.discard(&record).await?;
+            return Ok(None);
+        };
+        tracing::info!(transfer = %record.id, model = %record.model_id, "resuming transfer");
+        let rx = handle.progress.subscribe();
+        self.spawn(handle, record, spec);
+        Ok(Some(rx))
     }
 
     pub(super) fn partial_path(&self, transfer_id: &str, index: u32) -> PathBuf {
@@ -628,5 +669,112 @@ pub(super) fn initial_progress(
                 error: String::new(),
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+    use crate::registry::ModelFile;
+    use crate::storage::source::SourceContext;
+    use crate::storage::{StorageSettings, bandwidth, extract};
+    use crate::store::Store;
+
+    const SIZE: usize = 3 << 20;
+    const CHECKPOINTED: usize = 1 << 20;
+
+    /// A Pull (or a fleet's assignment) that reaches the agent before its startup has
+    /// resumed what the last run left unfinished must go on with that transfer, not
+    /// start a second one of the same model from byte 0.
+    #[tokio::test]
+    async fn a_pull_before_the_startup_resumed_continues_the_unfinished_transfer() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("model.bin");
+        #[allow(clippy::cast_possible_truncation)]
+        let bytes: Vec<u8> = (0..SIZE).map(|i| (i * 7 + i / 4096) as u8).collect();
+        std::fs::write(&source, &bytes).unwrap();
+        let url = format!("file://{}", source.display());
+        let data = dir.path().join("data");
+        let store = Store::open(&data.join("db")).unwrap();
+        let ctx = SourceContext {
+            http: crate::http_client::build().unwrap(),
+            headers: Default::default(),
+            stall_timeout: Duration::from_secs(5),
+            peers: None,
+            roots: crate::access::LocalRoots::new([dir.path().to_path_buf()]),
+            hosts: crate::http_client::HostPolicy::new(Vec::new(), Vec::new()),
+            origin_limit: Arc::new(bandwidth::OriginLimit::new(None)),
+        };
+        let settings = StorageSettings {
+            max_concurrent_downloads: 1,
+            retries: 1,
+            retry_delay: Duration::from_millis(10),
+            quota: None,
+            extract: extract::Limits::default(),
+            serve_rate_limit: None,
+        };
+        let storage = Storage::open(
+            &data,
+            store.clone(),
+            crate::lifecycle::Lifecycle::new(store.clone()),
+            ctx,
+            settings,
+        )
+        .unwrap();
+        let spec = ModelSpec {
+            id: "m".into(),
+            files: vec![ModelFile {
+                name: "model.bin".into(),
+                urls: vec![url.clone()],
+                sha256: hex::encode(Sha256::digest(&bytes)),
+                size_bytes: SIZE as u64,
+                member: None,
+                archive: None,
+            }],
+            ..Default::default()
+        };
+
+        // What a run killed mid-download leaves: its record, checkpointed at 1 MiB,
+        // and the partial file holding those bytes.
+        let record = TransferRecord {
+            id: "left-by-the-last-run".into(),
+            model_id: "m".into(),
+            state: StoredState::Queued.as_str().into(),
+            files: vec![TransferFileRecord {
+                index: 0,
+                offset: CHECKPOINTED as u64,
+                source_url: url,
+                ..Default::default()
+            }],
+            create_time_unix_ms: 0,
+        };
+        store.put_transfer(&record).unwrap();
+        store.flush().await.unwrap();
+        std::fs::write(storage.partial_path(&record.id, 0), &bytes[..CHECKPOINTED]).unwrap();
+
+        let (mut progress, started) = storage.pull(&spec).await.unwrap();
+        assert!(started);
+        {
+            let first = progress.borrow_and_update();
+            assert_eq!(first.id, record.id, "a second transfer was started");
+            assert_eq!(first.files[0].bytes_done, CHECKPOINTED as u64);
+        }
+        // The startup's resume, coming later, finds it running and starts nothing.
+        let lookup = |_: &str| Some(spec.clone());
+        assert_eq!(storage.resume_unfinished(lookup).await.unwrap(), 0);
+
+        while !progress.borrow_and_update().stage.is_final() {
+            progress.changed().await.unwrap();
+        }
+        let last = progress.borrow().clone();
+        assert!(last.error.is_none(), "{:?}", last.error);
+        assert_eq!(last.stage, Stage::Done);
+        assert!(store.transfers().unwrap().is_empty());
+        assert!(storage.file_stored("m", &spec.files[0]).unwrap());
     }
 }
