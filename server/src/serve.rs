@@ -147,11 +147,22 @@ pub async fn serve(
     if let Some(to) = &telemetry.exporting_to {
         info!(otlp = %to, "exporting traces and metrics");
     }
-    if telemetry.exporting_to.is_some() || telemetry.prometheus.is_some() {
-        let threads = usize::try_from(hardware.host().cpu.logical_cores).unwrap_or(1);
+    {
+        // Speed predictions and the bandwidth gauge stand on these; measured once per
+        // CPU and week, in the background (a third of a second of every core).
+        let cpu = &hardware.host().cpu;
+        let threads = usize::try_from(cpu.logical_cores).unwrap_or(1);
+        let cpu = format!("{} × {}", cpu.model, cpu.logical_cores);
+        let store = store.clone();
         tokio::task::spawn_blocking(move || {
-            let rate = modeld_node::hardware::bandwidth::measure(threads);
-            info!(bytes_per_second = rate, "memory read bandwidth measured");
+            match modeld_node::performance::load_or_measure(&store, &cpu, threads) {
+                Ok(r) => info!(
+                    memory_read_bytes_per_second = r.memory_read_bytes_per_second,
+                    compute_flops_per_second = r.compute_flops_per_second,
+                    "memory bandwidth and compute rate"
+                ),
+                Err(e) => warn!(error = %e, "the node's rates could not be kept"),
+            }
         });
     }
     let roots = modeld_node::access::LocalRoots::new(

@@ -8,8 +8,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
+use std::time::Duration;
 
-use modeld_e2e::{Agent, AgentOptions, Assets, Client, gguf_spec, pb, reason};
+use modeld_e2e::{Agent, AgentOptions, Assets, Client, SMOLLM2_SIZE, gguf_spec, pb, reason};
 use modeld_engine_candle::CandleEngine;
 use modeld_engine_core::generation::Forward;
 use modeld_engine_core::{Engine, EngineError, LoadOptions};
@@ -463,10 +464,81 @@ async fn absurd_safetensors_shapes_and_configs_are_refused_without_a_panic() {
     assert!(client.is_serving().await.unwrap());
 }
 
+/// The node's rates, once the start-up measurement has finished.
+async fn wait_for_rates(client: &Client) -> pb::PerformanceBasis {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(p) = client.capabilities().await.unwrap().performance {
+            assert!(p.memory_read_bytes_per_second > 1e8, "{p:?}");
+            assert!(p.compute_flops_per_second > 1e8, "{p:?}");
+            return p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rates were never measured"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// CheckCompatibility's speed for `model` with `runtime`.
+async fn speed_of(
+    client: &Client,
+    model: Option<pb::check_compatibility_request::Model>,
+    runtime: pb::Runtime,
+) -> pb::PerformanceEstimate {
+    let compat = client
+        .check_compatibility(pb::CheckCompatibilityRequest {
+            model,
+            runtime: runtime as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let p = compat.performance.expect("a speed estimate");
+    assert_eq!(p.runtime(), runtime);
+    p
+}
+
+/// The efficiency factors GetCapabilities reports for `runtime` on GGUF.
+async fn caps_factor(client: &Client, runtime: pb::Runtime) -> pb::RuntimeEfficiency {
+    let caps = client.capabilities().await.unwrap();
+    caps.performance
+        .unwrap()
+        .runtimes
+        .into_iter()
+        .find(|f| f.runtime() == runtime && f.format() == pb::ModelFormat::Gguf)
+        .unwrap()
+}
+
 #[tokio::test]
 async fn benchmarks_rank_the_runtimes_and_load_follows_the_ranking() {
     let assets = Assets::get();
     let (agent, client, onnx, _) = agent_with_three_formats(ort_args(&assets.ort_lib)).await;
+    let smol_spec = || Some(pb::check_compatibility_request::Model::Id("smol".into()));
+    // Before any benchmark, each runtime's speed is predicted from the node's rates
+    // (measured in the background at start-up) and the model's size.
+    let rates = wait_for_rates(&client).await;
+    for runtime in [pb::Runtime::LlamaCpp, pb::Runtime::Candle] {
+        let predicted = speed_of(&client, smol_spec(), runtime).await;
+        assert_eq!(
+            predicted.source(),
+            pb::EstimateSource::Predicted,
+            "{predicted:?}"
+        );
+        assert_eq!(predicted.bytes_per_token, SMOLLM2_SIZE);
+        let ceiling = rates.memory_read_bytes_per_second / SMOLLM2_SIZE as f64;
+        assert!(
+            (predicted.generation_ceiling_tokens_per_second - ceiling).abs() < 1e-6 * ceiling,
+            "{predicted:?}"
+        );
+        assert!(
+            predicted.generation_tokens_per_second > 0.0
+                && predicted.generation_tokens_per_second < ceiling
+                && predicted.prompt_tokens_per_second > 0.0,
+            "{predicted:?}"
+        );
+    }
     let mut measured = Vec::new();
     for runtime in [pb::Runtime::LlamaCpp, pb::Runtime::Candle] {
         let r = client
@@ -489,6 +561,39 @@ async fn benchmarks_rank_the_runtimes_and_load_follows_the_ranking() {
         // Measured in the engine process that held the model: at least its weights.
         assert!(r.peak_memory_bytes > 50_000_000, "{r:?}");
         measured.push((runtime, r.generation_tokens_per_second));
+        // The measurement replaces the prediction for this model and runtime.
+        let now = speed_of(&client, smol_spec(), runtime).await;
+        assert_eq!(now.source(), pb::EstimateSource::Measured, "{now:?}");
+        assert_eq!(
+            (
+                now.prompt_tokens_per_second,
+                now.generation_tokens_per_second
+            ),
+            (r.prompt_tokens_per_second, r.generation_tokens_per_second)
+        );
+        // And calibrates the runtime for other models of the format: one twice the
+        // size is predicted at half the measured rates.
+        let mut twice = gguf_spec("twice", "http://models.invalid/twice.gguf");
+        twice.files[0].size_bytes = 2 * SMOLLM2_SIZE;
+        let factor = caps_factor(&client, runtime).await;
+        assert_eq!(
+            factor.source(),
+            pb::EstimateSource::Calibrated,
+            "{factor:?}"
+        );
+        assert_eq!(factor.calibrated_on, "smol");
+        let other = speed_of(
+            &client,
+            Some(pb::check_compatibility_request::Model::Spec(twice)),
+            runtime,
+        )
+        .await;
+        assert_eq!(other.source(), pb::EstimateSource::Calibrated, "{other:?}");
+        let half = r.generation_tokens_per_second / 2.0;
+        assert!(
+            (other.generation_tokens_per_second - half).abs() < 1e-6 * half,
+            "{other:?} against {r:?}"
+        );
     }
     measured.sort_by(|a, b| b.1.total_cmp(&a.1));
     let (fastest, slowest) = (measured[0].0, measured[1].0);

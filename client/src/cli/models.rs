@@ -503,6 +503,19 @@ async fn check(client: &Client, a: CheckArgs, out: Output) -> anyhow::Result<()>
         bytes(resp.disk_required_bytes),
         bytes(resp.disk_available_bytes)
     );
+    if let Some(p) = &resp.performance {
+        let how = match pb::EstimateSource::try_from(p.source) {
+            Ok(pb::EstimateSource::Measured) => "measured here",
+            Ok(pb::EstimateSource::Calibrated) => "predicted, calibrated by a benchmark here",
+            _ => "predicted",
+        };
+        outln!(
+            "  speed:  {:.1} prompt / {:.1} generated tokens/s ({how}); decode ceiling {:.1} tokens/s",
+            p.prompt_tokens_per_second,
+            p.generation_tokens_per_second,
+            p.generation_ceiling_tokens_per_second
+        );
+    }
     for r in &resp.reasons {
         outln!("  - {r}");
     }

@@ -148,6 +148,16 @@ async fn info(client: &Client, out: Output) -> anyhow::Result<()> {
             bytes(caps.disk_quota_bytes)
         },
     ]);
+    if let Some(p) = &caps.performance {
+        t.add_row(vec![
+            "measured rates".to_owned(),
+            format!(
+                "{}/s memory read, {:.1} GFLOP/s f32",
+                bytes(p.memory_read_bytes_per_second.max(0.0) as u64),
+                p.compute_flops_per_second / 1e9
+            ),
+        ]);
+    }
     let accels: Vec<String> = caps
         .accelerators
         .iter()

@@ -140,10 +140,37 @@ fn speed(device: &fpb::Device, need: &Needs) -> Option<f64> {
     }
     // Decoding reads every weight once per token: speed scales inversely with size.
     #[allow(clippy::cast_precision_loss)]
-    same_format
+    let scaled = same_format
         .filter(|m| m.model_bytes > 0 && need.disk_bytes > 0)
         .map(|m| m.generation_tokens_per_second * m.model_bytes as f64 / need.disk_bytes as f64)
-        .reduce(f64::max)
+        .reduce(f64::max);
+    scaled.or_else(|| predicted_speed(device, need))
+}
+
+/// Generation tokens/s the device's own prediction gives (its measured bandwidth
+/// times the runtime's efficiency, over the model's bytes), with the runtime the
+/// deployment names or the device's first choice for the format.
+fn predicted_speed(device: &fpb::Device, need: &Needs) -> Option<f64> {
+    let caps = device.capabilities.as_ref()?;
+    let basis = caps.performance.as_ref()?;
+    if basis.memory_read_bytes_per_second <= 0.0 || need.disk_bytes == 0 {
+        return None;
+    }
+    let runtime = match need.runtime {
+        Some(r) => r as i32,
+        None => *caps
+            .formats
+            .iter()
+            .find(|f| f.format == need.format as i32)?
+            .runtimes
+            .first()?,
+    };
+    let factors = basis
+        .runtimes
+        .iter()
+        .find(|f| f.runtime == runtime && f.format == need.format as i32)?;
+    #[allow(clippy::cast_precision_loss)]
+    Some(factors.decode * basis.memory_read_bytes_per_second / need.disk_bytes as f64)
 }
 
 /// Why `need` cannot go on `device` with `room` left, or `None` when it fits.
@@ -186,7 +213,7 @@ fn misfit(device: &fpb::Device, need: &Needs, room: Room) -> Option<String> {
         match speed(device, need) {
             None => {
                 return Some(format!(
-                    "no speed measured for {format_name} here (run `modelctl bench` on the device)"
+                    "no speed measured or predicted for {format_name} here (run `modelctl bench` on the device)"
                 ));
             }
             Some(tps) if tps < need.min_generation_tokens_per_second => {
@@ -672,5 +699,48 @@ mod tests {
         );
         fast.min_generation_tokens_per_second = 30.0;
         assert_eq!(misfit(&d, &fast, room), None);
+    }
+
+    #[test]
+    fn without_measurements_a_speed_floor_uses_the_devices_prediction() {
+        let mut d = device("a", pb::DeviceClass::EdgeBox, 1024 * MIB, 10_000 * MIB);
+        let mut fast = need("m", 100 * MIB, fpb::WantedState::Loaded);
+        fast.min_generation_tokens_per_second = 50.0;
+        let room = Room {
+            memory: 1024 * MIB,
+            disk: 10_000 * MIB,
+        };
+        let caps = d.capabilities.get_or_insert_with(Default::default);
+        caps.formats = vec![pb::FormatSupport {
+            format: pb::ModelFormat::Gguf as i32,
+            runnable: true,
+            recognized: true,
+            runtimes: vec![pb::Runtime::LlamaCpp as i32],
+        }];
+        // 10 GiB/s of bandwidth, half of it turned into tokens: 5 GiB/s over 100 MiB,
+        // about 51 tokens/s.
+        caps.performance = Some(pb::PerformanceBasis {
+            memory_read_bytes_per_second: 10.0 * 1024.0 * MIB as f64,
+            compute_flops_per_second: 1e11,
+            measured_at: None,
+            runtimes: vec![pb::RuntimeEfficiency {
+                runtime: pb::Runtime::LlamaCpp as i32,
+                format: pb::ModelFormat::Gguf as i32,
+                decode: 0.5,
+                prefill: 0.5,
+                source: pb::EstimateSource::Predicted as i32,
+                calibrated_on: String::new(),
+            }],
+        });
+        assert_eq!(misfit(&d, &fast, room), None);
+        fast.min_generation_tokens_per_second = 60.0;
+        assert!(
+            misfit(&d, &fast, room)
+                .unwrap()
+                .contains("about 51.2 tokens/s")
+        );
+        // A runtime the deployment names that the device has no factors for: unknown.
+        fast.runtime = Some(pb::Runtime::Candle);
+        assert!(misfit(&d, &fast, room).is_some());
     }
 }

@@ -5,7 +5,7 @@
 //! and their results and errors back into messages and statuses.
 //!
 //! Modules import downward only, in this order from the top:
-//! `fleet` → `load` → `node` → `inference` → `storage` → `registry` → `lifecycle` → `store`,
+//! `fleet` → `load` → `node` → `inference` → `performance` → `storage` → `registry` → `lifecycle` → `store`,
 //! with `engines`, `memory`, `hardware`, `formats`, `page`, `model`, `metrics` and `error`
 //! below.
 
@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod page;
+pub mod performance;
 pub mod registry;
 pub mod storage;
 pub mod store;

@@ -529,6 +529,39 @@ pub fn audit_to_pb(sequence: u64, r: modeld_node::store::AuditRecord) -> pb::Aud
     }
 }
 
+pub fn estimate_source_to_pb(s: modeld_node::performance::Source) -> pb::EstimateSource {
+    use modeld_node::performance::Source;
+    match s {
+        Source::Predicted => pb::EstimateSource::Predicted,
+        Source::Calibrated => pb::EstimateSource::Calibrated,
+        Source::Measured => pb::EstimateSource::Measured,
+    }
+}
+
+pub fn estimate_to_pb(e: &modeld_node::performance::Estimate) -> pb::PerformanceEstimate {
+    pb::PerformanceEstimate {
+        runtime: runtime_to_pb(e.runtime) as i32,
+        prompt_tokens_per_second: e.prompt_tokens_per_second,
+        generation_tokens_per_second: e.generation_tokens_per_second,
+        source: estimate_source_to_pb(e.source) as i32,
+        generation_ceiling_tokens_per_second: e.generation_ceiling_tokens_per_second,
+        bytes_per_token: e.cost.bytes_per_token,
+        flops_per_token: e.cost.flops_per_token,
+        basis: e.basis.clone(),
+    }
+}
+
+pub fn factors_to_pb(f: &modeld_node::performance::Factors) -> pb::RuntimeEfficiency {
+    pb::RuntimeEfficiency {
+        runtime: runtime_to_pb(f.runtime) as i32,
+        format: format_to_pb(f.format) as i32,
+        decode: f.decode,
+        prefill: f.prefill,
+        source: estimate_source_to_pb(f.source) as i32,
+        calibrated_on: f.calibrated_on.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

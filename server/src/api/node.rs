@@ -10,8 +10,8 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::{Agent, Boxed};
-use modeld_node::engines;
 use modeld_node::error::Error;
+use modeld_node::performance;
 
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
@@ -236,11 +236,12 @@ pub async fn capabilities(
         })
         .collect();
     let measured = node.store.benchmarks()?;
+    let rates = performance::known_rates();
     let formats = ModelFormat::ALL
         .into_iter()
         .map(|f| {
             // Best first, as Load would pick them.
-            let here: Vec<Runtime> = engines::ranked(compiled, f, &measured);
+            let here: Vec<Runtime> = performance::ranked(compiled, f, &measured, rates.as_ref());
             pb::FormatSupport {
                 format: convert::format_to_pb(f) as i32,
                 runnable: !here.is_empty(),
@@ -288,5 +289,19 @@ pub async fn capabilities(
         memory_budget_bytes: node.memory_budget_bytes,
         disk_quota_bytes: node.disk_quota.unwrap_or(0),
         start_time: Some(convert::timestamp(host.start_time)),
+        performance: rates.map(|rates| pb::PerformanceBasis {
+            memory_read_bytes_per_second: rates.memory_read_bytes_per_second,
+            compute_flops_per_second: rates.compute_flops_per_second,
+            measured_at: Some(convert::timestamp(rates.measured_at)),
+            runtimes: compiled
+                .iter()
+                .flat_map(|e| e.formats.iter().map(move |f| (e.runtime, *f)))
+                .map(|(runtime, format)| {
+                    convert::factors_to_pb(&performance::factors(
+                        runtime, format, &rates, &measured,
+                    ))
+                })
+                .collect(),
+        }),
     })
 }

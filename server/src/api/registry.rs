@@ -7,8 +7,8 @@ use tonic::{Request, Response, Status};
 
 use super::Agent;
 use super::convert;
-use modeld_node::engines;
 use modeld_node::error::Error;
+use modeld_node::performance;
 use modeld_node::registry::{CatalogFormat, CatalogSource, ListFilter, Origin, compat, spec};
 
 pub struct RegistryApi {
@@ -236,22 +236,30 @@ impl ModelRegistry for RegistryApi {
             spec::validate_id("id", &spec.id)?;
             let runtime = convert::runtime_from_pb("runtime", r.runtime)?;
             let node = self.agent.node.resources();
+            let measured = self.agent.node.store.benchmarks()?;
+            let rates = performance::known_rates();
             let c = compat::check(
                 &spec,
                 local,
                 &node,
                 &match spec.format {
-                    Some(f) => engines::compiled_ranked(
+                    Some(f) => performance::compiled_ranked(
                         self.agent.node.inference.engines(),
                         f,
-                        &self.agent.node.store.benchmarks()?,
+                        &measured,
+                        rates.as_ref(),
                     ),
                     None => self.agent.node.inference.engines().to_vec(),
                 },
                 runtime,
                 (r.context_length > 0).then_some(r.context_length),
             );
+            let estimate = c
+                .settings
+                .as_ref()
+                .and_then(|s| performance::estimate(&spec, s.runtime, rates.as_ref(), &measured));
             Ok(Response::new(pb::CheckCompatibilityResponse {
+                performance: estimate.as_ref().map(convert::estimate_to_pb),
                 compatible: c.compatible,
                 settings: c.settings.map(|s| pb::RuntimeSettings {
                     runtime: convert::runtime_to_pb(s.runtime) as i32,

@@ -244,7 +244,8 @@ impl Metrics {
             #[allow(clippy::cast_precision_loss)]
             let achieved = served.weight_bytes as f64 * stats.generation_tokens_per_second;
             self.decode_bandwidth.record(achieved, &attrs);
-            if let Some(limit) = modeld_node::hardware::bandwidth::read_bandwidth()
+            if let Some(limit) =
+                modeld_node::performance::known_rates().map(|r| r.memory_read_bytes_per_second)
                 && limit > 0.0
             {
                 self.decode_utilization.record(achieved / limit, &attrs);
@@ -414,10 +415,12 @@ fn observe_node(meter: &Meter, node: &Arc<Node>) {
     meter
         .f64_observable_gauge("modeld.memory.bandwidth")
         .with_unit("By/s")
-        .with_description("The node's memory read bandwidth, measured once at start-up")
+        .with_description(
+            "The node's memory read bandwidth, measured at start-up (once a week per CPU)",
+        )
         .with_callback(|o| {
-            if let Some(rate) = modeld_node::hardware::bandwidth::read_bandwidth() {
-                o.observe(rate, &[]);
+            if let Some(rates) = modeld_node::performance::known_rates() {
+                o.observe(rates.memory_read_bytes_per_second, &[]);
             }
         })
         .build();

@@ -6,6 +6,7 @@
 mod accelerators;
 pub mod bandwidth;
 pub mod cgroup;
+pub mod compute;
 mod cpu;
 mod device;
 mod profile;

@@ -107,6 +107,7 @@ impl Inference {
             Ok::<_, Error>((median(prompt_rates), median(generation_rates), peak))
         })
         .await??;
+        let cost = crate::performance::ModelCost::of(&entry.spec);
         let record = BenchmarkRecord {
             format: format.as_str().to_owned(),
             runtime: runtime.as_str().to_owned(),
@@ -117,6 +118,9 @@ impl Inference {
             time_unix_ms: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            // Measured in the same terms as predictions, so the rates calibrate them.
+            model_bytes: cost.bytes_per_token,
+            parameter_count: cost.flops_per_token / 2,
         };
         self.store.put_benchmark(&record)?;
         self.store.flush().await?;

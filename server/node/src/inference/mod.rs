@@ -397,7 +397,8 @@ impl Inference {
             Some(r) => fits().find(|e| e.runtime() == r).cloned(),
             None => {
                 let measured = self.store.benchmarks()?;
-                crate::engines::ranked(&self.described, format, &measured)
+                let rates = crate::performance::known_rates();
+                crate::performance::ranked(&self.described, format, &measured, rates.as_ref())
                     .into_iter()
                     .find_map(|r| fits().find(|e| e.runtime() == r).cloned())
                     .or_else(|| fits().next().cloned())

@@ -15,8 +15,9 @@ use crate::error::{Error, Result};
 
 pub use records::{
     AuditRecord, BenchmarkRecord, BlobRecord, FailureRecord, FileRecord, FleetModelRecord,
-    GateResultRecord, LifecycleRecord, ModelRecord, PinnedLoadRecord, PushRecord, SpecRecord,
-    StoredFileRecord, StoredModelRecord, TransferFileRecord, TransferRecord, TransitionRecord,
+    GateResultRecord, LifecycleRecord, ModelRecord, NodeRatesRecord, PinnedLoadRecord, PushRecord,
+    SpecRecord, StoredFileRecord, StoredModelRecord, TransferFileRecord, TransferRecord,
+    TransitionRecord,
 };
 pub use records::{from_unix_ms, unix_ms};
 
@@ -27,6 +28,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 const META_NODE_ID: &[u8] = b"node_id";
 const META_BUILTIN_DELETED: &str = "builtin_deleted/";
+const META_NODE_RATES: &str = "node_rates";
 
 /// Names of the typed trees, as corrupt-record errors report them.
 mod tree {
@@ -372,7 +374,6 @@ impl Store {
             .collect())
     }
 
-    /// Records a measurement, replacing the previous one for its format and runtime.
     /// Appends to the audit log, dropping the oldest entries past [`AUDIT_KEEP`].
     pub fn append_audit(&self, record: &AuditRecord) -> Result<()> {
         let id = self.db.generate_id()?;
@@ -399,9 +400,19 @@ impl Store {
             .collect()
     }
 
+    /// Records a measurement, replacing the previous one for its format and runtime.
     pub fn put_benchmark(&self, record: &BenchmarkRecord) -> Result<()> {
         let key = format!("{}/{}", record.format, record.runtime);
         put(&self.benchmarks, &key, record)
+    }
+
+    /// The node's memory and compute rates as last measured.
+    pub fn node_rates(&self) -> Result<Option<NodeRatesRecord>> {
+        get(&self.meta, tree::META, META_NODE_RATES)
+    }
+
+    pub fn put_node_rates(&self, record: &NodeRatesRecord) -> Result<()> {
+        put(&self.meta, META_NODE_RATES, record)
     }
 
     pub fn blob(&self, sha256: &str) -> Result<Option<BlobRecord>> {

@@ -301,6 +301,27 @@ pub struct BenchmarkRecord {
     pub peak_memory_bytes: u64,
     #[prost(int64, tag = "7")]
     pub time_unix_ms: i64,
+    /// The model's bytes and parameters, so that the rates calibrate predictions for
+    /// other models (0 in records older than that).
+    #[prost(uint64, tag = "8")]
+    pub model_bytes: u64,
+    #[prost(uint64, tag = "9")]
+    pub parameter_count: u64,
+}
+
+/// The node's measured rates, kept so that a restart does not measure them again.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct NodeRatesRecord {
+    #[prost(double, tag = "1")]
+    pub memory_read_bytes_per_second: f64,
+    #[prost(double, tag = "2")]
+    pub compute_flops_per_second: f64,
+    #[prost(int64, tag = "3")]
+    pub measured_unix_ms: i64,
+    /// The CPU they were measured on (model and logical cores): another CPU, as
+    /// after a disk moved to a new device, measures again.
+    #[prost(string, tag = "4")]
+    pub cpu: String,
 }
 
 /// A time as records store it: milliseconds since the Unix epoch (0 before it).
