@@ -147,24 +147,6 @@ pub async fn serve(
     if let Some(to) = &telemetry.exporting_to {
         info!(otlp = %to, "exporting traces and metrics");
     }
-    {
-        // Speed predictions and the bandwidth gauge stand on these; measured once per
-        // CPU and week, in the background (a third of a second of every core).
-        let cpu = &hardware.host().cpu;
-        let threads = usize::try_from(cpu.logical_cores).unwrap_or(1);
-        let cpu = format!("{} × {}", cpu.model, cpu.logical_cores);
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || {
-            match modeld_node::performance::load_or_measure(&store, &cpu, threads) {
-                Ok(r) => info!(
-                    memory_read_bytes_per_second = r.memory_read_bytes_per_second,
-                    compute_flops_per_second = r.compute_flops_per_second,
-                    "memory bandwidth and compute rate"
-                ),
-                Err(e) => warn!(error = %e, "the node's rates could not be kept"),
-            }
-        });
-    }
     let roots = modeld_node::access::LocalRoots::new(
         config.allow_dirs.iter().chain(&config.models_dirs).cloned(),
     );
@@ -227,6 +209,20 @@ pub async fn serve(
         memory_budget_bytes,
         disk_quota: config.disk_quota,
     });
+    {
+        // Speed predictions and the bandwidth gauge stand on these: a head start in the
+        // background, so the first caller rarely waits for the measurement.
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Some(r) = node.rates() {
+                info!(
+                    memory_read_bytes_per_second = r.memory_read_bytes_per_second,
+                    compute_flops_per_second = r.compute_flops_per_second,
+                    "memory bandwidth and compute rate"
+                );
+            }
+        });
+    }
     let pressure_threshold = config.memory_pressure_threshold;
     let scan_on_start = config.scan_on_start && !config.models_dirs.is_empty();
     let metrics = Arc::new(crate::telemetry::metrics::Metrics::new(&node, &telemetry));

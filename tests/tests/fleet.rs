@@ -1179,3 +1179,68 @@ async fn the_node_feature_discovery_file_follows_the_models() {
     assert!(agent.terminate().success());
     wait_file(&features, "").await;
 }
+
+/// A deployment of `spec` to the edge tier that asks for `floor` tokens/s, applied as
+/// a dry run: where it would go, and why not elsewhere.
+async fn placement_with_floor(
+    controller: &Controller,
+    spec: &pb::ModelSpec,
+    floor: f64,
+) -> fpb::PlacementResult {
+    let mut wanted = model(spec.clone(), fpb::WantedState::Loaded);
+    wanted.min_generation_tokens_per_second = floor;
+    controller
+        .client()
+        .await
+        .apply_deployment(fpb::ApplyDeploymentRequest {
+            deployment: Some(deployment("floored", tier("edge"), vec![wanted])),
+            dry_run: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .placement
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_speed_floor_is_met_by_the_devices_prediction_before_any_benchmark() {
+    let tmp = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&tmp.path().join("controller"), None);
+    let agent = device(&controller, &profile(tmp.path(), "edge", EDGE), "edge").await;
+    let id = node_id(&agent).await;
+    wait_connected(&controller, 1).await;
+    let spec = gguf_spec("smol", "http://models.invalid/smol.gguf");
+    // What the device itself predicts for the model, never having run it.
+    let predicted = agent
+        .client()
+        .await
+        .check_compatibility(pb::CheckCompatibilityRequest {
+            model: Some(pb::check_compatibility_request::Model::Spec(spec.clone())),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let predicted = predicted
+        .performance
+        .clone()
+        .unwrap_or_else(|| panic!("{predicted:?}\n{}", agent.log()));
+    assert_eq!(predicted.source(), pb::EstimateSource::Predicted);
+    let tps = predicted.generation_tokens_per_second;
+    assert!(tps > 0.0, "{predicted:?}");
+
+    // The controller predicts the same from the capabilities the device reported.
+    let placement = placement_with_floor(&controller, &spec, tps * 0.5).await;
+    assert_eq!(placement.device_ids, vec![id.clone()], "{placement:?}");
+    let placement = placement_with_floor(&controller, &spec, tps * 2.0).await;
+    assert!(placement.device_ids.is_empty(), "{placement:?}");
+    let refusal = &placement.unplaced[0];
+    assert_eq!(refusal.device_id, id);
+    assert!(
+        refusal
+            .reason
+            .contains(&format!("generates about {tps:.1} tokens/s")),
+        "{}",
+        refusal.reason
+    );
+}

@@ -62,6 +62,44 @@ async fn capabilities_describe_this_machine_and_this_build() {
         assert!(f.recognized);
         assert_eq!(f.runnable, runnable.contains(&f.format()), "{f:?}");
     }
+
+    // The rates speed predictions stand on, measured here, and every compiled
+    // runtime's factors for each format it runs, built in until a benchmark runs.
+    let performance = caps.performance.expect("the node's rates");
+    assert!(
+        performance.memory_read_bytes_per_second > 1e8,
+        "{performance:?}"
+    );
+    assert!(
+        performance.compute_flops_per_second > 1e8,
+        "{performance:?}"
+    );
+    let pairs: usize = caps.runtimes.iter().map(|r| r.formats.len()).sum();
+    assert_eq!(performance.runtimes.len(), pairs, "{performance:?}");
+    for f in &performance.runtimes {
+        assert_eq!(f.source(), pb::EstimateSource::Predicted, "{f:?}");
+        assert!(
+            f.decode > 0.0 && f.decode <= 1.0 && f.prefill > 0.0,
+            "{f:?}"
+        );
+    }
+    // Kept in the store: a restart reports the same figures without measuring again.
+    let agent = agent.restart().await;
+    let again = agent
+        .client()
+        .await
+        .capabilities()
+        .await
+        .unwrap()
+        .performance
+        .unwrap();
+    assert_eq!(
+        (again.memory_read_bytes_per_second, again.measured_at),
+        (
+            performance.memory_read_bytes_per_second,
+            performance.measured_at
+        )
+    );
 }
 
 #[tokio::test]

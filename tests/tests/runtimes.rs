@@ -8,7 +8,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::time::Duration;
 
 use modeld_e2e::{Agent, AgentOptions, Assets, Client, SMOLLM2_SIZE, gguf_spec, pb, reason};
 use modeld_engine_candle::CandleEngine;
@@ -464,21 +463,17 @@ async fn absurd_safetensors_shapes_and_configs_are_refused_without_a_panic() {
     assert!(client.is_serving().await.unwrap());
 }
 
-/// The node's rates, once the start-up measurement has finished.
-async fn wait_for_rates(client: &Client) -> pb::PerformanceBasis {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(p) = client.capabilities().await.unwrap().performance {
-            assert!(p.memory_read_bytes_per_second > 1e8, "{p:?}");
-            assert!(p.compute_flops_per_second > 1e8, "{p:?}");
-            return p;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the rates were never measured"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// The node's rates: GetCapabilities waits for their measurement if needed.
+async fn rates_of(client: &Client) -> pb::PerformanceBasis {
+    let p = client
+        .capabilities()
+        .await
+        .unwrap()
+        .performance
+        .expect("the node's rates");
+    assert!(p.memory_read_bytes_per_second > 1e8, "{p:?}");
+    assert!(p.compute_flops_per_second > 1e8, "{p:?}");
+    p
 }
 
 /// CheckCompatibility's speed for `model` with `runtime`.
@@ -517,8 +512,8 @@ async fn benchmarks_rank_the_runtimes_and_load_follows_the_ranking() {
     let (agent, client, onnx, _) = agent_with_three_formats(ort_args(&assets.ort_lib)).await;
     let smol_spec = || Some(pb::check_compatibility_request::Model::Id("smol".into()));
     // Before any benchmark, each runtime's speed is predicted from the node's rates
-    // (measured in the background at start-up) and the model's size.
-    let rates = wait_for_rates(&client).await;
+    // and the model's size.
+    let rates = rates_of(&client).await;
     for runtime in [pb::Runtime::LlamaCpp, pb::Runtime::Candle] {
         let predicted = speed_of(&client, smol_spec(), runtime).await;
         assert_eq!(

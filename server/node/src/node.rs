@@ -65,6 +65,25 @@ impl Node {
         Ok(())
     }
 
+    /// The node's memory bandwidth and compute rate: kept in the store for a week per
+    /// CPU, else measured now (a third of a second of every core). Blocking. `None`,
+    /// logged, when the store cannot keep them.
+    pub fn rates(&self) -> Option<crate::performance::Rates> {
+        if let Some(known) = crate::performance::known_rates() {
+            return Some(known);
+        }
+        let cpu = &self.hardware.host().cpu;
+        let threads = usize::try_from(cpu.logical_cores).unwrap_or(1);
+        let id = format!("{} × {}", cpu.model, cpu.logical_cores);
+        match crate::performance::load_or_measure(&self.store, &id, threads) {
+            Ok(rates) => Some(rates),
+            Err(e) => {
+                tracing::warn!(error = %e, "the node's rates could not be kept");
+                None
+            }
+        }
+    }
+
     /// Current resources for compatibility checks.
     pub fn resources(&self) -> NodeResources {
         let memory = self.hardware.memory();

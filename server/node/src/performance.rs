@@ -51,7 +51,8 @@ impl Rates {
         Rates {
             memory_read_bytes_per_second: crate::hardware::bandwidth::measure(threads),
             compute_flops_per_second: crate::hardware::compute::measure(threads),
-            measured_at: SystemTime::now(),
+            // To the millisecond, as the store keeps it: the same figures either way.
+            measured_at: crate::store::from_unix_ms(crate::store::unix_ms(SystemTime::now())),
         }
     }
 }
@@ -143,15 +144,18 @@ pub struct Factors {
     pub calibrated_on: String,
 }
 
-/// The built-in factors: (decode, prefill). Set from Node.Benchmark on the test model
-/// of each pair (bench/predict.sh); a benchmark on the node replaces them.
+/// The built-in factors: (decode, prefill). Set from bench/predict.sh's Node.Benchmark
+/// of the test model of each pair (SmolLM2-135M) on 2026-12-02, a 2-core AMD EPYC VM
+/// with llama.cpp's haswell kernels; a benchmark on the node replaces them. candle's
+/// quantized GGUF path has no fast kernels, hence its low factors.
 fn builtin(runtime: Runtime, format: ModelFormat) -> (f64, f64) {
     match (runtime, format) {
-        (Runtime::LlamaCpp, _) => (0.60, 0.60),
-        (Runtime::Candle, ModelFormat::Gguf) => (0.35, 0.25),
-        (Runtime::Candle, _) => (0.40, 0.30),
-        (Runtime::OnnxRuntime, _) => (0.40, 0.30),
-        _ => (0.40, 0.30),
+        (Runtime::LlamaCpp, _) => (0.40, 0.70),
+        (Runtime::Candle, ModelFormat::Gguf) => (0.06, 0.05),
+        (Runtime::Candle, _) => (0.45, 0.70),
+        (Runtime::OnnxRuntime, _) => (0.60, 0.95),
+        // Runtimes not measured yet: llama.cpp's, the best-known CPU runtime's.
+        _ => (0.40, 0.70),
     }
 }
 
@@ -309,6 +313,8 @@ pub fn load_or_measure(store: &Store, cpu: &str, threads: usize) -> crate::Resul
         None => {
             let measured = Rates::measure(threads);
             store.put_node_rates(&measured.to_record(cpu))?;
+            // Durable at once: a crash right after start-up would measure again.
+            store.flush_blocking()?;
             measured
         }
     };

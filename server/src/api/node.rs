@@ -195,11 +195,12 @@ pub async fn capabilities(
     let shared = node.clone();
     // Asking an engine for its CPU kernels may start its runtime (llama.cpp loads
     // its CPU variants once): blocking work, off the async runtime.
-    let (memory, disk, variants) = tokio::task::spawn_blocking(move || {
+    let (memory, disk, variants, rates) = tokio::task::spawn_blocking(move || {
         (
             shared.hardware.memory(),
             shared.hardware.disk(),
             shared.inference.cpu_variants(),
+            shared.rates(),
         )
     })
     .await
@@ -236,7 +237,6 @@ pub async fn capabilities(
         })
         .collect();
     let measured = node.store.benchmarks()?;
-    let rates = performance::known_rates();
     let formats = ModelFormat::ALL
         .into_iter()
         .map(|f| {

@@ -237,7 +237,12 @@ impl ModelRegistry for RegistryApi {
             let runtime = convert::runtime_from_pb("runtime", r.runtime)?;
             let node = self.agent.node.resources();
             let measured = self.agent.node.store.benchmarks()?;
-            let rates = performance::known_rates();
+            let rates = {
+                let node = self.agent.node.clone();
+                tokio::task::spawn_blocking(move || node.rates())
+                    .await
+                    .map_err(Error::from)?
+            };
             let c = compat::check(
                 &spec,
                 local,
