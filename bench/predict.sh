@@ -51,6 +51,13 @@ done
 ctl -o json node info >"$work/caps-after.json"
 stop_agent
 
+# How steady the rates are: fresh agents, one after another, each measuring anew.
+for i in 1 2 3 4 5; do
+    start_agent
+    ctl -o json node info >"$work/rates-$i.json"
+    stop_agent
+done
+
 mkdir -p bench/results
 out="bench/results/predict-$(date -u +%F).md"
 python3 - "$work" "$THREADS" "$RUNS" >"$out" <<'PY'
@@ -82,6 +89,12 @@ for name, runtime, fmt in names:
     print(f"| {runtime} | {fmt} | {pp:.1f} | {mp:.1f} | {pp/mp:.2f}× | {pg:.1f} | {mg:.1f} | {pg/mg:.2f}× | {ceiling:.1f} | {mg/ceiling:.0%} |")
 print()
 print("Ratio = predicted ÷ measured (goal: within 0.75–1.25×).")
+print()
+runs_rates = [load(f"rates-{i}")["performance"] for i in range(1, 6)]
+bws = sorted(r["memoryReadBytesPerSecond"] / 2**30 for r in runs_rates)
+fl = sorted(r["computeFlopsPerSecond"] / 1e9 for r in runs_rates)
+print(f"The rates on 5 more fresh agents, one after another: memory bandwidth {bws[0]:.2f}–{bws[-1]:.2f} GiB/s "
+      f"(median {bws[2]:.2f}), compute {fl[0]:.1f}–{fl[-1]:.1f} GFLOP/s (median {fl[2]:.1f}).")
 print()
 print("Factors the benchmarks imply (decode = measured generation × bytes per token ÷ bandwidth; "
       "prefill = measured prompt × FLOPs per token ÷ compute), as the agent now reports them in "

@@ -210,11 +210,19 @@ pub async fn serve(
         disk_quota: config.disk_quota,
     });
     {
-        // Speed predictions and the bandwidth gauge stand on these: a head start in the
-        // background, so the first caller rarely waits for the measurement.
+        // Speed predictions, runtime ranking and the bandwidth gauge stand on these.
+        // Kept ones are read now; measuring (a third of a second of every core) waits
+        // for the first caller that needs them, unless metrics are exported, whose
+        // bandwidth gauge wants them from the start.
         let node = node.clone();
+        let measure = telemetry.exporting_to.is_some() || telemetry.prometheus.is_some();
         tokio::task::spawn_blocking(move || {
-            if let Some(r) = node.rates() {
+            let rates = if measure {
+                node.rates()
+            } else {
+                node.kept_rates()
+            };
+            if let Some(r) = rates {
                 info!(
                     memory_read_bytes_per_second = r.memory_read_bytes_per_second,
                     compute_flops_per_second = r.compute_flops_per_second,

@@ -69,19 +69,28 @@ impl Node {
     /// CPU, else measured now (a third of a second of every core). Blocking. `None`,
     /// logged, when the store cannot keep them.
     pub fn rates(&self) -> Option<crate::performance::Rates> {
-        if let Some(known) = crate::performance::known_rates() {
-            return Some(known);
-        }
+        let (id, threads) = self.cpu_identity();
+        crate::performance::load_or_measure(&self.store, &id, threads)
+            .inspect_err(|e| tracing::warn!(error = %e, "the node's rates could not be kept"))
+            .ok()
+    }
+
+    /// The rates the store keeps for this CPU, without measuring. Blocking (a read).
+    pub fn kept_rates(&self) -> Option<crate::performance::Rates> {
+        let (id, _) = self.cpu_identity();
+        crate::performance::load_kept(&self.store, &id)
+            .inspect_err(|e| tracing::warn!(error = %e, "the node's rates could not be read"))
+            .ok()
+            .flatten()
+    }
+
+    /// What the rates are kept under (another CPU measures again), and its threads.
+    fn cpu_identity(&self) -> (String, usize) {
         let cpu = &self.hardware.host().cpu;
-        let threads = usize::try_from(cpu.logical_cores).unwrap_or(1);
-        let id = format!("{} × {}", cpu.model, cpu.logical_cores);
-        match crate::performance::load_or_measure(&self.store, &id, threads) {
-            Ok(rates) => Some(rates),
-            Err(e) => {
-                tracing::warn!(error = %e, "the node's rates could not be kept");
-                None
-            }
-        }
+        (
+            format!("{} × {}", cpu.model, cpu.logical_cores),
+            usize::try_from(cpu.logical_cores).unwrap_or(1),
+        )
     }
 
     /// Current resources for compatibility checks.

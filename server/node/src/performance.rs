@@ -292,12 +292,11 @@ pub fn known_rates() -> Option<Rates> {
     KNOWN.get().copied()
 }
 
-/// The rates `cpu` measured within [`RATES_KEPT`], from `store`; else measures them
-/// with `threads` threads and stores them, so that a restart does not measure again.
-/// Blocking: a measurement takes about a third of a second of every core.
-pub fn load_or_measure(store: &Store, cpu: &str, threads: usize) -> crate::Result<Rates> {
+/// The rates `cpu` measured within [`RATES_KEPT`], if `store` keeps them: a read, no
+/// measurement.
+pub fn load_kept(store: &Store, cpu: &str) -> crate::Result<Option<Rates>> {
     if let Some(known) = KNOWN.get() {
-        return Ok(*known);
+        return Ok(Some(*known));
     }
     let kept = store.node_rates()?.filter(|r| {
         let age = SystemTime::now()
@@ -308,17 +307,21 @@ pub fn load_or_measure(store: &Store, cpu: &str, threads: usize) -> crate::Resul
             && r.memory_read_bytes_per_second > 0.0
             && r.compute_flops_per_second > 0.0
     });
-    let rates = match kept {
-        Some(r) => Rates::from_record(&r),
-        None => {
-            let measured = Rates::measure(threads);
-            store.put_node_rates(&measured.to_record(cpu))?;
-            // Durable at once: a crash right after start-up would measure again.
-            store.flush_blocking()?;
-            measured
-        }
-    };
-    Ok(*KNOWN.get_or_init(|| rates))
+    Ok(kept.map(|r| *KNOWN.get_or_init(|| Rates::from_record(&r))))
+}
+
+/// The rates [`load_kept`] finds; else measures them with `threads` threads and
+/// stores them, so that a restart does not measure again. Blocking: a measurement
+/// takes about a third of a second of every core.
+pub fn load_or_measure(store: &Store, cpu: &str, threads: usize) -> crate::Result<Rates> {
+    if let Some(kept) = load_kept(store, cpu)? {
+        return Ok(kept);
+    }
+    let measured = Rates::measure(threads);
+    store.put_node_rates(&measured.to_record(cpu))?;
+    // Durable at once: a crash right after start-up would measure again.
+    store.flush_blocking()?;
+    Ok(*KNOWN.get_or_init(|| measured))
 }
 
 /// The runtimes of `engines` that can run `format`, best first, as Load picks them:

@@ -416,7 +416,7 @@ fn observe_node(meter: &Meter, node: &Arc<Node>) {
         .f64_observable_gauge("modeld.memory.bandwidth")
         .with_unit("By/s")
         .with_description(
-            "The node's memory read bandwidth, measured at start-up (once a week per CPU)",
+            "The node's memory read bandwidth (measured at start-up, kept a week per CPU)",
         )
         .with_callback(|o| {
             if let Some(rates) = modeld_node::performance::known_rates() {
