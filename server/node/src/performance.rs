@@ -144,18 +144,19 @@ pub struct Factors {
     pub calibrated_on: String,
 }
 
-/// The built-in factors: (decode, prefill). Set from bench/predict.sh's Node.Benchmark
-/// of the test model of each pair (SmolLM2-135M) on 2026-12-02, a 2-core AMD EPYC VM
-/// with llama.cpp's haswell kernels; a benchmark on the node replaces them. candle's
-/// quantized GGUF path has no fast kernels, hence its low factors.
+/// The built-in factors: (decode, prefill), what bench/predict.sh's Node.Benchmark of
+/// the test model of each pair (SmolLM2-135M) implied on a 2-core AMD EPYC VM with
+/// llama.cpp's haswell kernels on 2026-12-02 (decode: the mean of two runs; prefill:
+/// the run with today's compute probe). A benchmark on the node replaces them.
+/// candle's quantized GGUF path has no fast kernels, hence its low factors.
 fn builtin(runtime: Runtime, format: ModelFormat) -> (f64, f64) {
     match (runtime, format) {
-        (Runtime::LlamaCpp, _) => (0.40, 0.70),
-        (Runtime::Candle, ModelFormat::Gguf) => (0.06, 0.05),
-        (Runtime::Candle, _) => (0.45, 0.70),
-        (Runtime::OnnxRuntime, _) => (0.60, 0.95),
+        (Runtime::LlamaCpp, _) => (0.41, 0.50),
+        (Runtime::Candle, ModelFormat::Gguf) => (0.065, 0.041),
+        (Runtime::Candle, _) => (0.46, 0.55),
+        (Runtime::OnnxRuntime, _) => (0.69, 0.77),
         // Runtimes not measured yet: llama.cpp's, the best-known CPU runtime's.
-        _ => (0.40, 0.70),
+        _ => (0.41, 0.50),
     }
 }
 
