@@ -288,6 +288,17 @@ async fn grpcurl_benchmarks_runtimes_and_the_selector_follows() {
     assert!(ok, "{err}");
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["settings"]["runtime"], speeds[0].1, "{out}");
+    // And says how fast: the fastest runtime's own measurement.
+    assert_eq!(
+        r["performance"]["source"], "ESTIMATE_SOURCE_MEASURED",
+        "{out}"
+    );
+    assert_eq!(r["performance"]["runtime"], speeds[0].1, "{out}");
+    assert_eq!(
+        r["performance"]["generationTokensPerSecond"].as_f64(),
+        Some(speeds[0].0),
+        "{out}"
+    );
 }
 
 #[tokio::test]

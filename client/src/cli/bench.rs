@@ -38,7 +38,10 @@ pub struct BenchArgs {
 /// One stream, timed at the client.
 struct Timed {
     sent: Instant,
+    /// When each token arrived, its id, and the text of them all.
     tokens: Vec<Instant>,
+    ids: Vec<u32>,
+    text: String,
     usage: pb::Usage,
 }
 
@@ -67,11 +70,14 @@ async fn one_stream(client: &Client, request: pb::GenerateRequest) -> anyhow::Re
         .await
         .map_err(ClientError::from)?
         .into_inner();
-    let mut tokens = Vec::new();
-    let mut usage = None;
+    let (mut tokens, mut ids, mut text, mut usage) = (Vec::new(), Vec::new(), String::new(), None);
     while let Some(msg) = stream.message().await.map_err(ClientError::from)? {
         match msg.event {
-            Some(pb::generate_response::Event::Token(_)) => tokens.push(Instant::now()),
+            Some(pb::generate_response::Event::Token(t)) => {
+                tokens.push(Instant::now());
+                ids.push(t.token_id);
+                text.push_str(&t.text);
+            }
             Some(pb::generate_response::Event::Summary(s)) => {
                 if s.finish_reason() == pb::FinishReason::Error {
                     anyhow::bail!("generation failed: {}", s.error);
@@ -84,6 +90,8 @@ async fn one_stream(client: &Client, request: pb::GenerateRequest) -> anyhow::Re
     Ok(Timed {
         sent,
         tokens,
+        ids,
+        text,
         usage: usage.ok_or_else(|| anyhow::anyhow!("the stream ended without a summary"))?,
     })
 }
@@ -246,13 +254,13 @@ pub struct Turn {
     pub same_reply: bool,
 }
 
-/// One greedy chat reply: its token ids and text, and the stream's timing.
+/// One greedy chat reply.
 async fn reply(
     client: &Client,
     a: &BenchArgs,
     messages: &[pb::ChatMessage],
     cache_prompt: bool,
-) -> anyhow::Result<(Vec<u32>, String, Timed)> {
+) -> anyhow::Result<Timed> {
     let request = pb::GenerateRequest {
         model_id: a.id.clone(),
         input: Some(pb::generate_request::Input::Chat(pb::ChatMessages {
@@ -266,40 +274,7 @@ async fn reply(
         cache_prompt: Some(cache_prompt),
         ..Default::default()
     };
-    let sent = Instant::now();
-    let mut stream = client
-        .generate()
-        .generate(request)
-        .await
-        .map_err(ClientError::from)?
-        .into_inner();
-    let (mut ids, mut text, mut tokens, mut usage) = (Vec::new(), String::new(), Vec::new(), None);
-    while let Some(msg) = stream.message().await.map_err(ClientError::from)? {
-        match msg.event {
-            Some(pb::generate_response::Event::Token(t)) => {
-                tokens.push(Instant::now());
-                ids.push(t.token_id);
-                text.push_str(&t.text);
-            }
-            Some(pb::generate_response::Event::Summary(s)) => {
-                if s.finish_reason() == pb::FinishReason::Error {
-                    anyhow::bail!("generation failed: {}", s.error);
-                }
-                usage = s.usage;
-            }
-            None => {}
-        }
-    }
-    let usage = usage.ok_or_else(|| anyhow::anyhow!("the stream ended without a summary"))?;
-    Ok((
-        ids,
-        text,
-        Timed {
-            sent,
-            tokens,
-            usage,
-        },
-    ))
+    one_stream(client, request).await
 }
 
 /// A chat of `turns` turns, each whole conversation sent once with the prompt cache
@@ -326,19 +301,19 @@ async fn conversation(
             role: pb::ChatRole::User as i32,
             content: (*question).to_owned(),
         });
-        let (cached_ids, text, cached) = reply(client, a, &messages, true).await?;
-        let (fresh_ids, _, fresh) = reply(client, a, &messages, false).await?;
+        let cached = reply(client, a, &messages, true).await?;
+        let fresh = reply(client, a, &messages, false).await?;
         results.push(Turn {
             turn: turn + 1,
             prompt_tokens: cached.usage.prompt_tokens,
             cached_prompt_tokens: cached.usage.cached_prompt_tokens,
             time_to_first_token_ms_cached: ttft_ms(&cached),
             time_to_first_token_ms_uncached: ttft_ms(&fresh),
-            same_reply: cached_ids == fresh_ids,
+            same_reply: cached.ids == fresh.ids,
         });
         messages.push(pb::ChatMessage {
             role: pb::ChatRole::Assistant as i32,
-            content: text,
+            content: cached.text,
         });
     }
     if out == Output::Json {
