@@ -45,3 +45,14 @@ register_smol() {
         --size "$(stat -c %s "$MODELD_TEST_GGUF")" >/dev/null
     ctl pull smol >/dev/null
 }
+
+# scan_derived: registers the derived ONNX export and safetensors directory of the
+# test model; sets onnx_id and hf_id.
+scan_derived() {
+    ctl -o json scan "$MODELD_TEST_ONNX_DIR" "$MODELD_TEST_HF_DIR" >"$work/scan.json"
+    read -r onnx_id hf_id < <(python3 -c '
+import json, sys
+by = {m["spec"]["format"]: m["spec"]["id"] for m in json.load(open(sys.argv[1]))["models"]}
+print(by["MODEL_FORMAT_ONNX"], by["MODEL_FORMAT_SAFETENSORS"])
+' "$work/scan.json")
+}

@@ -21,14 +21,7 @@ THREADS="${THREADS:-$(nproc)}"
 start_agent --threads "$THREADS" --onnxruntime-library "$MODELD_TEST_ORT_LIB" \
     --context-length 1024 --parallel 1
 register_smol
-ctl -o json scan "$MODELD_TEST_ONNX_DIR" "$MODELD_TEST_HF_DIR" >"$work/scan.json"
-read -r onnx_id hf_id < <(python3 - "$work/scan.json" <<'PY'
-import json, sys
-models = json.load(open(sys.argv[1]))["models"]
-by = {m["spec"]["format"]: m["spec"]["id"] for m in models}
-print(by["MODEL_FORMAT_ONNX"], by["MODEL_FORMAT_SAFETENSORS"])
-PY
-)
+scan_derived
 
 # The rates are measured in the background at start-up.
 for _ in $(seq 100); do

@@ -295,7 +295,7 @@ pub fn known_rates() -> Option<Rates> {
 
 /// The rates `cpu` measured within [`RATES_KEPT`], if `store` keeps them: a read, no
 /// measurement.
-pub fn load_kept(store: &Store, cpu: &str) -> crate::Result<Option<Rates>> {
+pub fn load_kept(store: &Store, cpu: &str) -> crate::error::Result<Option<Rates>> {
     if let Some(known) = KNOWN.get() {
         return Ok(Some(*known));
     }
@@ -314,7 +314,7 @@ pub fn load_kept(store: &Store, cpu: &str) -> crate::Result<Option<Rates>> {
 /// The rates [`load_kept`] finds; else measures them with `threads` threads and
 /// stores them, so that a restart does not measure again. Blocking: a measurement
 /// takes about a third of a second of every core.
-pub fn load_or_measure(store: &Store, cpu: &str, threads: usize) -> crate::Result<Rates> {
+pub fn load_or_measure(store: &Store, cpu: &str, threads: usize) -> crate::error::Result<Rates> {
     if let Some(kept) = load_kept(store, cpu)? {
         return Ok(kept);
     }

@@ -3,7 +3,6 @@
 //! figure, says how close a device runs to its limit.
 
 use std::sync::OnceLock;
-use std::time::Instant;
 
 /// Bytes each thread scans per pass: far beyond any cache here, small enough for a
 /// phone to spare for a moment.
@@ -24,25 +23,19 @@ pub fn measure(threads: usize) -> f64 {
 /// Every thread scans its own buffer for a byte it does not hold (SIMD, so the scan
 /// is bound by memory, not by the core); the best of a few passes counts.
 fn scan(threads: usize) -> f64 {
-    let mut best = 0.0f64;
     // Written, not zeroed: untouched zero pages all map to one shared page, which
     // would be read from cache at many times the memory's speed.
     let buffers: Vec<Vec<u8>> = (0..threads).map(|_| vec![2u8; BUFFER_BYTES]).collect();
-    for _ in 0..PASSES {
-        let started = Instant::now();
+    super::best_rate(PASSES, || {
         std::thread::scope(|s| {
             for buffer in &buffers {
                 s.spawn(|| std::hint::black_box(memchr::memchr(1, std::hint::black_box(buffer))));
             }
         });
-        let seconds = started.elapsed().as_secs_f64();
         #[allow(clippy::cast_precision_loss)]
         let bytes = (BUFFER_BYTES * threads) as f64;
-        if seconds > 0.0 {
-            best = best.max(bytes / seconds);
-        }
-    }
-    best
+        bytes
+    })
 }
 
 #[cfg(test)]

@@ -30,8 +30,7 @@ fn multiply(threads: usize) -> f64 {
     let rhs = lhs.t().to_owned();
     #[allow(clippy::cast_precision_loss)]
     let per_product = 2.0 * (SIDE * SIDE * SIDE) as f64;
-    let mut best = 0.0f64;
-    for _ in 0..PASSES {
+    super::best_rate(PASSES, || {
         let started = Instant::now();
         let products: usize = std::thread::scope(|s| {
             let workers: Vec<_> = (0..threads)
@@ -48,13 +47,10 @@ fn multiply(threads: usize) -> f64 {
                 .collect();
             workers.into_iter().map(|w| w.join().unwrap_or(0)).sum()
         });
-        let seconds = started.elapsed().as_secs_f64();
         #[allow(clippy::cast_precision_loss)]
-        if seconds > 0.0 {
-            best = best.max(products as f64 * per_product / seconds);
-        }
-    }
-    best
+        let flops = products as f64 * per_product;
+        flops
+    })
 }
 
 #[cfg(test)]

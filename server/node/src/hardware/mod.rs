@@ -19,6 +19,21 @@ use modeld_engine_core::Accelerator;
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 
 pub use device::DeviceClass;
+
+/// The best rate over `passes` timed runs of `pass`, which returns the work it did
+/// (bytes read, FLOPs): the best pass is the one no other process disturbed.
+fn best_rate(passes: usize, mut pass: impl FnMut() -> f64) -> f64 {
+    let mut best = 0.0f64;
+    for _ in 0..passes {
+        let started = std::time::Instant::now();
+        let work = pass();
+        let seconds = started.elapsed().as_secs_f64();
+        if seconds > 0.0 {
+            best = best.max(work / seconds);
+        }
+    }
+    best
+}
 pub use profile::DeviceProfile;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
