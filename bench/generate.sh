@@ -13,14 +13,21 @@
 #     gaps between runs; medians and the range of the per-round ratios are reported;
 #   - time to first token at the client minus the engine's own (gRPC + queueing);
 #   - aggregate tokens/s of the portable build with 1, 4 and 8 concurrent streams vs
-#     `llama-batched-bench` at the same parallel levels (continuous batching);
+#     `llama-batched-bench` at the same parallel levels (continuous batching), with
+#     the streams starting together as batched-bench's do, and again arriving
+#     STAGGER_MS apart (no reference does that; modeld against itself);
 #   - the cost of the process boundary: the portable build with its models in
 #     engine processes (the default) against the same build with
 #     --engine-isolation in-process, in the same rounds: generation tokens/s and
 #     time to first token;
-#   - peak RSS of the agent (plus its engine process) and of llama-bench.
+#   - peak memory of the agent with its engine process and of llama-bench, both
+#     sampled by bench/peak-memory.py (proportional set size: what the two processes
+#     share counts once), at llama-bench's context (prompt + generated, padded to
+#     256 as llama.cpp pads it).
 #
 #   bench/generate.sh [ROUNDS]      (default 4 rounds of 3 runs each)
+#   NATIVE=0 bench/generate.sh      the portable build alone (the native one compiles
+#                                   the whole agent again, about 35 minutes on 2 cores)
 # Writes bench/results/generate-<date>.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,18 +38,29 @@ PROMPT=128
 GEN=64
 LEVELS=1,4,8
 CONTEXT=1024
+# Arrival spacing of the staggered ramp: about one decode step of 8 streams here.
+STAGGER_MS=100
+# llama-bench's context is its prompt plus its generated tokens, padded to 256.
+ONE_STREAM_CONTEXT=$(((PROMPT + GEN + 255) / 256 * 256))
 
 . bench/common.sh
-native_dir="$(scripts/build-native)"
-declare -A agent_bins=([portable]="$modeld" [inproc]="$modeld" [native]="$native_dir/modeld")
+kinds=(portable inproc)
+declare -A agent_bins=([portable]="$modeld" [inproc]="$modeld")
 declare -A agent_args=([portable]="" [inproc]="--engine-isolation in-process" [native]="")
-declare -A tools=([portable]="$(bench/build-llama-tools.sh portable)" [native]="$(bench/build-llama-tools.sh native)")
+declare -A tools=([portable]="$(bench/build-llama-tools.sh portable)")
+if [[ "${NATIVE:-1}" != 0 ]]; then
+    kinds+=(native)
+    agent_bins[native]="$(scripts/build-native)/modeld"
+    tools[native]="$(bench/build-llama-tools.sh native)"
+fi
 
 for round in $(seq "$ROUNDS"); do
-    for kind in portable inproc native; do
+    for kind in "${kinds[@]}"; do
         echo "bench: round $round, $kind: modeld through gRPC" >&2
         # shellcheck disable=SC2086 # the extra arguments are words
-        agent_bin="${agent_bins[$kind]}" start_agent --threads "$THREADS" --parallel 1 --context-length "$CONTEXT" ${agent_args[$kind]}
+        agent_bin="${agent_bins[$kind]}" start_agent --threads "$THREADS" --parallel 1 --context-length "$ONE_STREAM_CONTEXT" ${agent_args[$kind]}
+        bench/peak-memory.py "$agent_pid" "$work/$kind-rss-$round" &
+        sampler=$!
         register_smol
         ctl load smol >/dev/null
         ctl -o json node info >"$work/$kind-caps.json"
@@ -51,18 +69,16 @@ for round in $(seq "$ROUNDS"); do
             --runs "$RUNS" >"$work/$kind-tg-$round.json"
         ctl -o json bench smol --concurrency 1 --prompt-tokens "$PROMPT" --max-tokens "$GEN" \
             --runs "$RUNS" >"$work/$kind-pp-$round.json"
-        # The agent's peak plus its engine process's, when the model runs in one.
-        engine_pid="$(ctl -o json ps | python3 -c 'import json,sys; m=json.load(sys.stdin).get("models",[]); print(m[0].get("engineProcessId",0) if m else 0)')"
-        peaks="/proc/$agent_pid/status"
-        if [[ "$engine_pid" != 0 ]]; then peaks="$peaks /proc/$engine_pid/status"; fi
-        # shellcheck disable=SC2086 # one or two paths
-        awk '/VmHWM/ {s+=$2} END {print s}' $peaks >"$work/$kind-rss-$round"
+        kill -TERM "$sampler"
+        wait "$sampler"
         stop_agent
         if [[ "$kind" == inproc ]]; then continue; fi
         echo "bench: round $round, $kind: llama-bench" >&2
-        /usr/bin/time -f "%M" -o "$work/$kind-lb-rss-$round" "${tools[$kind]}/llama-bench" \
-            -m "$MODELD_TEST_GGUF" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r "$RUNS" -o json \
-            >"$work/$kind-lb-$round.json" 2>/dev/null
+        "${tools[$kind]}/llama-bench" -m "$MODELD_TEST_GGUF" -t "$THREADS" -p "$PROMPT" -n "$GEN" \
+            -r "$RUNS" -o json >"$work/$kind-lb-$round.json" 2>/dev/null &
+        reference=$!
+        bench/peak-memory.py "$reference" "$work/$kind-lb-rss-$round"
+        wait "$reference"
     done
 done
 
@@ -72,6 +88,9 @@ register_smol
 ctl load smol >/dev/null
 ctl -o json bench smol --concurrency "$LEVELS" --prompt-tokens "$PROMPT" --max-tokens "$GEN" \
     --runs "$RUNS" >"$work/levels.json"
+# The other ramp: requests arriving one after another, as a server sees them.
+ctl -o json bench smol --concurrency "$LEVELS" --prompt-tokens "$PROMPT" --max-tokens "$GEN" \
+    --runs "$RUNS" --stagger-ms "$STAGGER_MS" >"$work/levels-staggered.json"
 stop_agent
 echo "bench: llama-batched-bench (portable)" >&2
 "${tools[portable]}/llama-batched-bench" -m "$MODELD_TEST_GGUF" -t "$THREADS" -c $((CONTEXT * 8)) -b 512 -ub 512 \
@@ -79,8 +98,8 @@ echo "bench: llama-batched-bench (portable)" >&2
 
 mkdir -p bench/results
 out="bench/results/generate-$(date -u +%F).md"
-python3 - "$work" "$THREADS" "$ROUNDS" "$RUNS" >"$out" <<'PY'
-import json, platform, statistics, sys, datetime
+python3 - "$work" "$THREADS" "$ROUNDS" "$RUNS" "$ONE_STREAM_CONTEXT" "$STAGGER_MS" >"$out" <<'PY'
+import json, os, platform, statistics, sys, datetime
 work, threads, rounds, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 def load(p): return json.load(open(f"{work}/{p}"))
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
@@ -94,14 +113,18 @@ print(f"Machine: {cpu} ({amx}), {threads} threads, {platform.system()} {platform
       "(agent, its llama-bench, then the other build); per round the median of its runs, "
       "then the median over rounds, and the range of the per-round ratios. "
       "Generation vs llama-bench starts from an empty context (a 1-token prompt), as its tg test does; "
-      "prompt tokens/s is the prompt over the client's time to first token.")
+      "prompt tokens/s is the prompt over the client's time to first token. "
+      f"One-stream runs use llama-bench's context ({sys.argv[5]} tokens); peak memory is the "
+      "largest proportional set size of the agent with its engine process (shared pages once), "
+      "sampled every 100 ms, and of llama-bench by the same sampler. llama-bench and "
+      "llama-batched-bench are built by bench/build-llama-tools.sh over the llama.cpp the agent links.")
 print()
 print("## One stream vs llama-bench, portable and native builds")
 print()
 print("| build | llama.cpp kernels chosen | | modeld (gRPC) | llama-bench | ratio (median, range) |")
 print("|---|---|---|---:|---:|---:|")
 summary = {}
-for kind in ["portable", "native"]:
+for kind in [k for k in ["portable", "native"] if os.path.exists(f"{work}/{k}-caps.json")]:
     caps = load(f"{kind}-caps.json")
     rt = next(r for r in caps["runtimes"] if r["runtime"] == "RUNTIME_LLAMA_CPP")
     v = rt.get("cpuVariant", {})
@@ -119,12 +142,17 @@ for kind in ["portable", "native"]:
         ratios = [o / f for o, f in zip(ours, ref)]
         print(f"| {kind} | {kernels} | {what} | {statistics.median(ours):.1f} | {statistics.median(ref):.1f} | "
               f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f}) |")
-    print(f"| {kind} | | peak RSS | {max(rss)/1024:.0f} MiB | {max(lrss)/1024:.0f} MiB | |")
+    print(f"| {kind} | | peak memory (Pss; agent + engine process) | {max(rss)/1024:.0f} MiB | {max(lrss)/1024:.0f} MiB | "
+          f"{max(rss)/max(lrss):.2f}× |")
     summary[kind] = (statistics.median(pp), statistics.median(tg), statistics.median(lpp), statistics.median(ltg))
-p, n = summary["portable"], summary["native"]
-print()
-print(f"Native over portable: modeld prompt {n[0]/p[0]:.2f}×, generation {n[1]/p[1]:.2f}×; "
-      f"llama-bench prompt {n[2]/p[2]:.2f}×, generation {n[3]/p[3]:.2f}×.")
+if "native" in summary:
+    p, n = summary["portable"], summary["native"]
+    print()
+    print(f"Native over portable: modeld prompt {n[0]/p[0]:.2f}×, generation {n[1]/p[1]:.2f}×; "
+          f"llama-bench prompt {n[2]/p[2]:.2f}×, generation {n[3]/p[3]:.2f}×.")
+else:
+    print()
+    print("The native build was not measured in this run (NATIVE=0).")
 print()
 print("## The process boundary (portable build)")
 print()
@@ -148,7 +176,7 @@ print(f"| time to first token, 1-token prompt | {statistics.median(a):.2f} ms | 
       f"{statistics.median(diffs):+.2f} ms ({min(diffs):+.2f} to {max(diffs):+.2f}) |")
 rp = max(int(open(f"{work}/portable-rss-{r}").read()) for r in range(1, rounds + 1))
 ri = max(int(open(f"{work}/inproc-rss-{r}").read()) for r in range(1, rounds + 1))
-print(f"| peak RSS (agent + engine process) | {rp/1024:.0f} MiB | {ri/1024:.0f} MiB | {(rp-ri)/1024:+.0f} MiB |")
+print(f"| peak memory (Pss, agent + engine process) | {rp/1024:.0f} MiB | {ri/1024:.0f} MiB | {(rp-ri)/1024:+.0f} MiB |")
 print()
 print("## Concurrent streams vs llama-batched-bench (portable builds)")
 print()
@@ -177,5 +205,21 @@ for n in sorted(ours):
     print(f"| {n} | {o['generation_tokens_per_second']:.1f} | {b['speed_tg']:.1f} | "
           f"{o['generation_tokens_per_second']/b['speed_tg']:.2f}× | {o['total_tokens_per_second']:.1f} | "
           f"{b['speed']:.1f} | {o['total_tokens_per_second']/b['speed']:.2f}× |")
+print()
+print(f"### Staggered arrival: streams starting {sys.argv[6]} ms apart")
+print()
+print("No reference tool starts its sequences apart, so this compares modeld with itself: the "
+      "streams' own generation rates (first token to last) summed, and all tokens over wall time, "
+      "for both ramps.")
+print()
+print("| streams | together: streams' gen t/s | staggered: streams' gen t/s | together: total t/s | staggered: total t/s | staggered TTFT of the first stream |")
+print("|---:|---:|---:|---:|---:|---:|")
+staggered = {l["concurrency"]: l for l in load("levels-staggered.json")}
+for n in sorted(ours):
+    o, t = ours[n], staggered.get(n)
+    if not t:
+        continue
+    print(f"| {n} | {o['summed_stream_tokens_per_second']:.1f} | {t['summed_stream_tokens_per_second']:.1f} | "
+          f"{o['total_tokens_per_second']:.1f} | {t['total_tokens_per_second']:.1f} | {t['time_to_first_token_ms']:.0f} ms |")
 PY
 cat "$out"

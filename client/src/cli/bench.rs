@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// Runs per level; the median is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Start the streams of a level this many milliseconds apart instead of all at
+    /// once, as a server sees requests arrive.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    stagger_ms: u64,
     /// Instead of the levels: a greedy chat of this many turns, each sent whole (as
     /// a chat client does), first with the prompt cache and then without it.
     #[arg(long, value_name = "TURNS")]
@@ -54,6 +58,9 @@ pub struct Level {
     pub prompt_tokens_per_second: f64,
     /// Generation tokens/s summed over streams, counted while all of them generate.
     pub generation_tokens_per_second: f64,
+    /// The streams' own generation rates (after the first token), summed: with
+    /// staggered starts the streams never all generate at once.
+    pub summed_stream_tokens_per_second: f64,
     /// All tokens (prompt and generated) over wall time, like llama-batched-bench's S.
     pub total_tokens_per_second: f64,
     pub time_to_first_token_ms: f64,
@@ -142,9 +149,12 @@ async fn level(
         ..Default::default()
     };
     let started = Instant::now();
-    let streams = futures::future::try_join_all(
-        (0..concurrency).map(|_| one_stream(client, request(prompt.to_owned()))),
-    )
+    let stagger = Duration::from_millis(a.stagger_ms);
+    let streams = futures::future::try_join_all((0..concurrency).map(|i| async move {
+        let delay = stagger * u32::try_from(i).unwrap_or(u32::MAX);
+        tokio::time::sleep(delay).await;
+        one_stream(client, request(prompt.to_owned())).await
+    }))
     .await?;
     let wall = started.elapsed();
     let first = |t: &Timed| t.tokens.first().copied().unwrap_or(t.sent);
@@ -172,11 +182,24 @@ async fn level(
         } else {
             0.0
         },
+        summed_stream_tokens_per_second: streams.iter().map(stream_rate).sum(),
         total_tokens_per_second: f64::from(prompt_tokens + generated_tokens) / secs(wall),
         time_to_first_token_ms: ttft * 1000.0,
         time_to_first_token_overhead_ms: (ttft - s0.usage.time_to_first_token_seconds) * 1000.0,
         wall_seconds: secs(wall),
     })
+}
+
+/// A stream's tokens after its first over the time they took.
+fn stream_rate(t: &Timed) -> f64 {
+    match (t.tokens.first(), t.tokens.last()) {
+        (Some(first), Some(last)) if last > first => {
+            #[allow(clippy::cast_precision_loss)]
+            let after_first = (t.tokens.len() - 1) as f64;
+            after_first / secs(*last - *first)
+        }
+        _ => 0.0,
+    }
 }
 
 fn median_by(mut runs: Vec<Level>, key: impl Fn(&Level) -> f64) -> Option<Level> {
@@ -209,6 +232,7 @@ pub async fn bench(client: &Client, a: BenchArgs, out: Output) -> anyhow::Result
         "STREAMS",
         "PROMPT t/s",
         "GEN t/s",
+        "STREAMS' GEN t/s",
         "TOTAL t/s",
         "TTFT ms",
         "TTFT OVERHEAD ms",
@@ -218,6 +242,7 @@ pub async fn bench(client: &Client, a: BenchArgs, out: Output) -> anyhow::Result
             l.concurrency.to_string(),
             format!("{:.1}", l.prompt_tokens_per_second),
             format!("{:.1}", l.generation_tokens_per_second),
+            format!("{:.1}", l.summed_stream_tokens_per_second),
             format!("{:.1}", l.total_tokens_per_second),
             format!("{:.1}", l.time_to_first_token_ms),
             format!("{:.2}", l.time_to_first_token_overhead_ms),
