@@ -82,19 +82,25 @@ for round in $(seq "$ROUNDS"); do
     done
 done
 
-echo "bench: portable, concurrent streams" >&2
-start_agent --threads "$THREADS" --parallel 8 --context-length "$CONTEXT"
-register_smol
-ctl load smol >/dev/null
-ctl -o json bench smol --concurrency "$LEVELS" --prompt-tokens "$PROMPT" --max-tokens "$GEN" \
-    --runs "$RUNS" >"$work/levels.json"
-# The other ramp: requests arriving one after another, as a server sees them.
-ctl -o json bench smol --concurrency "$LEVELS" --prompt-tokens "$PROMPT" --max-tokens "$GEN" \
-    --runs "$RUNS" --stagger-ms "$STAGGER_MS" >"$work/levels-staggered.json"
-stop_agent
-echo "bench: llama-batched-bench (portable)" >&2
-"${tools[portable]}/llama-batched-bench" -m "$MODELD_TEST_GGUF" -t "$THREADS" -c $((CONTEXT * 8)) -b 512 -ub 512 \
-    -npp "$PROMPT" -ntg "$GEN" -npl "$LEVELS" --output-format jsonl >"$work/batched.jsonl" 2>/dev/null
+# Concurrent streams in rounds too, agent then batched-bench: this VM drifts by more
+# than the gaps measured, so only per-round ratios compare like with like.
+for round in $(seq "$ROUNDS"); do
+    echo "bench: round $round, portable, concurrent streams" >&2
+    start_agent --threads "$THREADS" --parallel 8 --context-length "$CONTEXT"
+    register_smol
+    ctl load smol >/dev/null
+    ctl -o json bench smol --concurrency "$LEVELS" --prompt-tokens "$PROMPT" --max-tokens "$GEN" \
+        --runs "$RUNS" >"$work/levels-$round.json"
+    if [[ "$round" == 1 ]]; then
+        # The other ramp: requests arriving one after another, as a server sees them.
+        ctl -o json bench smol --concurrency "$LEVELS" --prompt-tokens "$PROMPT" --max-tokens "$GEN" \
+            --runs "$RUNS" --stagger-ms "$STAGGER_MS" >"$work/levels-staggered.json"
+    fi
+    stop_agent
+    echo "bench: round $round, llama-batched-bench (portable)" >&2
+    "${tools[portable]}/llama-batched-bench" -m "$MODELD_TEST_GGUF" -t "$THREADS" -c $((CONTEXT * 8)) -b 512 -ub 512 \
+        -npp "$PROMPT" -ntg "$GEN" -npl "$LEVELS" --output-format jsonl >"$work/batched-$round.jsonl" 2>/dev/null
+done
 
 mkdir -p bench/results
 out="bench/results/generate-$(date -u +%F).md"
@@ -180,37 +186,48 @@ print(f"| peak memory (Pss, agent + engine process) | {rp/1024:.0f} MiB | {ri/10
 print()
 print("## Concurrent streams vs llama-batched-bench (portable builds)")
 print()
-ours = {l["concurrency"]: l for l in load("levels.json")}
-batched = {}
-for line in open(f"{work}/batched.jsonl"):
-    line = line.strip()
-    if line.startswith("{"):
-        r = json.loads(line)
-        if "pl" in r:
-            batched[r["pl"]] = r
+rounds_ours = [{l["concurrency"]: l for l in load(f"levels-{r}.json")} for r in range(1, rounds + 1)]
+rounds_batched = []
+for r in range(1, rounds + 1):
+    batched = {}
+    for line in open(f"{work}/batched-{r}.jsonl"):
+        line = line.strip()
+        if line.startswith("{"):
+            b = json.loads(line)
+            if "pl" in b:
+                batched[b["pl"]] = b
+    rounds_batched.append(batched)
+ours = rounds_ours[0]
 one = ours[1]
-print(f"Time to first token through gRPC: {one['time_to_first_token_ms']:.1f} ms, of which "
+print(f"Time to first token through gRPC (round 1): {one['time_to_first_token_ms']:.1f} ms, of which "
       f"{one['time_to_first_token_overhead_ms']:.2f} ms is outside the engine "
       "(tokenizing, gRPC, queue hand-off).")
 print()
 print("Generation tokens/s summed over streams while all of them generate (batched-bench's S_TG), "
-      "and all tokens over wall time (its S).")
+      "and all tokens over wall time (its S); medians over rounds, ratio as the median (range) of "
+      "the per-round ratios.")
 print()
 print("| streams | modeld gen t/s | batched-bench S_TG | ratio | modeld total t/s | batched-bench S | ratio |")
 print("|---:|---:|---:|---:|---:|---:|---:|")
+def spread(xs):
+    return f"{statistics.median(xs):.2f}× ({min(xs):.2f}–{max(xs):.2f})"
 for n in sorted(ours):
-    o, b = ours[n], batched.get(n)
-    if not b:
+    pairs = [(o[n], b[n]) for o, b in zip(rounds_ours, rounds_batched) if n in o and n in b]
+    if not pairs:
         continue
-    print(f"| {n} | {o['generation_tokens_per_second']:.1f} | {b['speed_tg']:.1f} | "
-          f"{o['generation_tokens_per_second']/b['speed_tg']:.2f}× | {o['total_tokens_per_second']:.1f} | "
-          f"{b['speed']:.1f} | {o['total_tokens_per_second']/b['speed']:.2f}× |")
+    gen = [o["generation_tokens_per_second"] for o, _ in pairs]
+    stg = [b["speed_tg"] for _, b in pairs]
+    tot = [o["total_tokens_per_second"] for o, _ in pairs]
+    sp = [b["speed"] for _, b in pairs]
+    print(f"| {n} | {statistics.median(gen):.1f} | {statistics.median(stg):.1f} | "
+          f"{spread([x / y for x, y in zip(gen, stg)])} | {statistics.median(tot):.1f} | "
+          f"{statistics.median(sp):.1f} | {spread([x / y for x, y in zip(tot, sp)])} |")
 print()
 print(f"### Staggered arrival: streams starting {sys.argv[6]} ms apart")
 print()
 print("No reference tool starts its sequences apart, so this compares modeld with itself: the "
       "streams' own generation rates (first token to last) summed, and all tokens over wall time, "
-      "for both ramps.")
+      "for both ramps (round 1).")
 print()
 print("| streams | together: streams' gen t/s | staggered: streams' gen t/s | together: total t/s | staggered: total t/s | staggered TTFT of the first stream |")
 print("|---:|---:|---:|---:|---:|---:|")
