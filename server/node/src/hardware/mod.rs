@@ -19,6 +19,7 @@ use modeld_engine_core::Accelerator;
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 
 pub use device::DeviceClass;
+pub use profile::DeviceProfile;
 
 /// The best rate over `passes` timed runs of `pass`, which returns the work it did
 /// (bytes read, FLOPs): the best pass is the one no other process disturbed.
@@ -34,7 +35,6 @@ fn best_rate(passes: usize, mut pass: impl FnMut() -> f64) -> f64 {
     }
     best
 }
-pub use profile::DeviceProfile;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CpuInfo {
