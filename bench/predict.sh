@@ -31,7 +31,8 @@ for _ in $(seq 100); do
 done
 
 pairs=("llama-gguf smol llama.cpp" "candle-gguf smol candle"
-       "candle-safetensors $hf_id candle" "onnxruntime-onnx $onnx_id onnxruntime")
+       "candle-safetensors $hf_id candle" "candle-mlx $mlx_id candle"
+       "onnxruntime-onnx $onnx_id onnxruntime")
 for pair in "${pairs[@]}"; do
     read -r name id runtime <<<"$pair"
     ctl -o json models check "$id" --runtime "$runtime" >"$work/predicted-$name.json"
@@ -72,7 +73,8 @@ print()
 print("| runtime | format | prompt predicted | prompt measured | ratio | generation predicted | generation measured | ratio | decode ceiling | measured / ceiling |")
 print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 names = [("llama-gguf", "llama.cpp", "GGUF Q4_1"), ("candle-gguf", "candle", "GGUF Q4_1"),
-         ("candle-safetensors", "candle", "safetensors F32"), ("onnxruntime-onnx", "onnxruntime", "ONNX F32")]
+         ("candle-safetensors", "candle", "safetensors F32"), ("candle-mlx", "candle", "MLX 4-bit"),
+         ("onnxruntime-onnx", "onnxruntime", "ONNX F32")]
 for name, runtime, fmt in names:
     p = load(f"predicted-{name}")["performance"]
     m = load(f"measured-{name}")

@@ -15,6 +15,8 @@ dequantizes that GGUF and writes the *same* network twice:
     OUTDIR/onnx/  an Optimum / onnxruntime-genai style decoder: model.onnx with its
                   weights in model.onnx.data, genai_config.json, and the same
                   config and tokenizer files
+    OUTDIR/mlx/   hf/ quantized by MLX (mlx-lm's converter on the mlx-cpu wheel):
+                  4-bit affine groups of 32, bfloat16 scales and biases
 
 Both hold the GGUF's dequantized weights exactly, so their outputs should match each
 other closely and llama.cpp's on the quantized file nearly (compare greedy tokens).
@@ -30,8 +32,8 @@ Everything is written to a scratch directory next to OUTDIR and renamed into pla
 at the end, so an interrupted run never leaves a half-written OUTDIR. An existing
 OUTDIR is replaced.
 
-Needs numpy, gguf, onnx and safetensors; --verify also needs onnxruntime and
-jinja2, and uses tokenizers when it is installed.
+Needs numpy, gguf, onnx, safetensors and mlx-lm (with mlx[cpu] on Linux); --verify
+also needs onnxruntime and jinja2, and uses tokenizers when it is installed.
 """
 
 from __future__ import annotations
@@ -847,6 +849,34 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+# MLX's affine quantization as mlx-lm writes it: 4 bits, with bfloat16 scales, biases
+# and norms (the dtype SmolLM2 was released in). Groups of 32, not mlx-lm's default
+# 64: the weights were Q4_1 in blocks of 32 already, and groups of 32 line up with
+# them, where groups of 64 quantize twice across two blocks and this small model
+# stops answering ("The capital of France is Paris." becomes "L'Alcazebula, la
+# France").
+MLX_BITS = 4
+MLX_GROUP_SIZE = 32
+MLX_DTYPE = "bfloat16"
+
+
+def write_mlx(out: Path, hf_dir: Path) -> None:
+    """The hf/ directory quantized by MLX itself: mlx-lm's own converter, so the
+    layout (packed uint32 weights with per-group scales and biases, the quantization
+    block in config.json, an index of the weights) is the one mlx-lm writes."""
+    import contextlib
+    import io
+
+    import mlx.core as mx
+    from mlx_lm import convert
+
+    mx.random.seed(0)
+    # mlx-lm reports progress on stdout; this script's one line of output stays last.
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(str(hf_dir), mlx_path=str(out), quantize=True, q_group_size=MLX_GROUP_SIZE,
+                q_bits=MLX_BITS, dtype=MLX_DTYPE)
+
+
 def derive(gguf_path: Path, outdir: Path) -> None:
     start = time.perf_counter()
     g = Gguf(gguf_path)
@@ -864,6 +894,7 @@ def derive(gguf_path: Path, outdir: Path) -> None:
         os.chmod(scratch, 0o777 & ~umask)  # mkdtemp makes it private
         write_hf(scratch / "hf", g, hp, weights)
         write_onnx(scratch / "onnx", scratch / "hf", g, hp, weights)
+        write_mlx(scratch / "mlx", scratch / "hf")
         for f in scratch.rglob("*"):  # safetensors and onnx write their files private
             if f.is_file():
                 os.chmod(f, 0o666 & ~umask)
@@ -881,13 +912,14 @@ def derive(gguf_path: Path, outdir: Path) -> None:
     mb = 1e6
     print(f"derive-models: {gguf_path.name} -> {outdir}: {n_params / 1e6:.1f}M params, "
           f"hf/ {dir_size(outdir / 'hf') / mb:.0f} MB, onnx/ {dir_size(outdir / 'onnx') / mb:.0f} MB, "
+          f"mlx/ {dir_size(outdir / 'mlx') / mb:.0f} MB, "
           f"{time.perf_counter() - start:.1f} s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("gguf", type=Path, help="a llama GGUF (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
-    parser.add_argument("outdir", type=Path, help="written as OUTDIR/hf and OUTDIR/onnx")
+    parser.add_argument("outdir", type=Path, help="written as OUTDIR/hf, OUTDIR/onnx and OUTDIR/mlx")
     parser.add_argument("--verify", action="store_true",
                         help="then compare hf/ and onnx/ outputs (numpy vs ONNX Runtime)")
     args = parser.parse_args()

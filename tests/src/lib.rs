@@ -45,6 +45,8 @@ pub struct Assets {
     pub hf_dir: PathBuf,
     /// The same network as an ONNX decoder export (derived).
     pub onnx_dir: PathBuf,
+    /// The safetensors directory quantized by MLX (mlx-lm, 4-bit groups of 64).
+    pub mlx_dir: PathBuf,
     /// libonnxruntime from the onnxruntime 1.31.1 wheel.
     pub ort_lib: PathBuf,
     /// An older libonnxruntime (1.20.1) this build must refuse.
@@ -81,6 +83,7 @@ impl Assets {
             fixtures: lookup("MODELD_FIXTURES").into(),
             hf_dir: lookup("MODELD_TEST_HF_DIR").into(),
             onnx_dir: lookup("MODELD_TEST_ONNX_DIR").into(),
+            mlx_dir: lookup("MODELD_TEST_MLX_DIR").into(),
             ort_lib: lookup("MODELD_TEST_ORT_LIB").into(),
             ort_old_lib: lookup("MODELD_TEST_ORT_OLD_LIB").into(),
         };
@@ -92,6 +95,7 @@ impl Assets {
             &assets.fixtures,
             &assets.hf_dir,
             &assets.onnx_dir,
+            &assets.mlx_dir,
             &assets.ort_lib,
             &assets.ort_old_lib,
         ] {

@@ -648,11 +648,15 @@ async fn capabilities_tell_runnable_engines_from_recognized_formats() {
             .contains(&(pb::ModelFormat::Safetensors as i32))
     );
     assert!(candle.formats.contains(&(pb::ModelFormat::Gguf as i32)));
+    assert!(candle.formats.contains(&(pb::ModelFormat::Mlx as i32)));
     assert!(candle.quantizations.iter().any(|q| q == "Q4_1"));
     for f in &caps.formats {
         let runnable = matches!(
             f.format(),
-            pb::ModelFormat::Gguf | pb::ModelFormat::Onnx | pb::ModelFormat::Safetensors
+            pb::ModelFormat::Gguf
+                | pb::ModelFormat::Onnx
+                | pb::ModelFormat::Safetensors
+                | pb::ModelFormat::Mlx
         );
         assert!(f.recognized, "{f:?}");
         assert_eq!(f.runnable, runnable, "{f:?}");
@@ -661,7 +665,6 @@ async fn capabilities_tell_runnable_engines_from_recognized_formats() {
     for f in [
         pb::ModelFormat::Coreml,
         pb::ModelFormat::Tflite,
-        pb::ModelFormat::Mlx,
         pb::ModelFormat::Executorch,
         pb::ModelFormat::Mlc,
         pb::ModelFormat::Picollm,

@@ -59,7 +59,11 @@ impl Runtime {
         match self {
             Runtime::LlamaCpp => &[ModelFormat::Gguf],
             Runtime::OnnxRuntime => &[ModelFormat::Onnx],
-            Runtime::Candle => &[ModelFormat::Safetensors, ModelFormat::Gguf],
+            Runtime::Candle => &[
+                ModelFormat::Safetensors,
+                ModelFormat::Mlx,
+                ModelFormat::Gguf,
+            ],
             Runtime::CoreMl => &[ModelFormat::CoreMl],
             Runtime::Tflite => &[ModelFormat::Tflite],
             Runtime::ExecuTorch => &[ModelFormat::ExecuTorch],

@@ -10,7 +10,11 @@ const MAX_HEADER: u64 = 100_000_000;
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SafetensorsHeader {
     pub tensor_count: usize,
+    /// Weights, not counting MLX's packed words (below) nor their scales and biases.
     pub parameter_count: u64,
+    /// `uint32` words of MLX-quantized weights (`X.weight` beside `X.scales`): each
+    /// holds 32 / bits weights, and only the model's config.json knows the bits.
+    pub packed_words: u64,
     /// The dtype holding the most parameters, e.g. "F16".
     pub dominant_dtype: String,
     pub metadata: BTreeMap<String, String>,
@@ -109,6 +113,24 @@ pub fn read_header<R: Read>(mut r: R, size: u64) -> Result<SafetensorsHeader, St
     if out.tensor_count == 0 {
         return Err("header lists no tensors".into());
     }
+    let elements = |t: &TensorInfo| t.shape.iter().product::<u64>();
+    for (name, t) in &out.tensors {
+        let Some(module) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        let scales = out.tensors.get(&format!("{module}.scales"));
+        if t.dtype != "U32" || scales.is_none() {
+            continue;
+        }
+        let biases = out.tensors.get(&format!("{module}.biases"));
+        out.packed_words = out.packed_words.saturating_add(elements(t));
+        let overhead = [Some(t), scales, biases]
+            .into_iter()
+            .flatten()
+            .map(elements)
+            .sum::<u64>();
+        out.parameter_count = out.parameter_count.saturating_sub(overhead);
+    }
     out.dominant_dtype = by_dtype
         .into_iter()
         .max_by_key(|(_, n)| *n)
@@ -138,6 +160,19 @@ mod tests {
         assert_eq!(h.parameter_count, 8);
         assert_eq!(h.dominant_dtype, "F16");
         assert_eq!(h.metadata.get("format").map(String::as_str), Some("mlx"));
+    }
+
+    #[test]
+    fn mlx_packed_words_are_counted_apart_from_weights() {
+        // A 4x64 projection in 4 bits (4x8 words, groups of 32: 4x2 scales and
+        // biases) and a norm of 64 floats.
+        let b = file(
+            r#"{"p.weight":{"dtype":"U32","shape":[4,8],"data_offsets":[0,128]},"p.scales":{"dtype":"F16","shape":[4,2],"data_offsets":[128,144]},"p.biases":{"dtype":"F16","shape":[4,2],"data_offsets":[144,160]},"n.weight":{"dtype":"F32","shape":[64],"data_offsets":[160,416]}}"#,
+            416,
+        );
+        let h = read_header(&b[..], b.len() as u64).unwrap();
+        assert_eq!(h.packed_words, 32);
+        assert_eq!(h.parameter_count, 64);
     }
 
     #[test]

@@ -148,11 +148,12 @@ pub struct Factors {
 /// the test model of each pair (SmolLM2-135M) implied on a 2-core AMD EPYC VM with
 /// llama.cpp's haswell kernels on 2026-12-02 (decode: the mean of two runs; prefill:
 /// the run with today's compute probe). A benchmark on the node replaces them.
-/// candle's quantized GGUF path has no fast kernels, hence its low factors.
+/// candle's quantized GGUF path has no fast kernels, hence its low factors; MLX's
+/// 4-bit models run on the same path (as Q4_1).
 fn builtin(runtime: Runtime, format: ModelFormat) -> (f64, f64) {
     match (runtime, format) {
         (Runtime::LlamaCpp, _) => (0.41, 0.50),
-        (Runtime::Candle, ModelFormat::Gguf) => (0.065, 0.041),
+        (Runtime::Candle, ModelFormat::Gguf | ModelFormat::Mlx) => (0.065, 0.041),
         (Runtime::Candle, _) => (0.46, 0.55),
         (Runtime::OnnxRuntime, _) => (0.69, 0.77),
         // Runtimes not measured yet: llama.cpp's, the best-known CPU runtime's.

@@ -12,6 +12,8 @@ use super::hf::HfTokenizer;
 
 /// Largest tokenizer.json we parse (big multilingual vocabularies are ~20 MB).
 pub const TOKENIZER_JSON_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// The largest chat_template.jinja read.
+pub const CHAT_TEMPLATE_BYTES_MAX: u64 = 1024 * 1024;
 
 fn load_error(message: impl Into<String>) -> EngineError {
     EngineError::Load(format!("tokenizer.json: {}", message.into()))
@@ -29,7 +31,7 @@ pub fn find(model_path: &Path) -> Option<PathBuf> {
     candidate.is_file().then_some(candidate)
 }
 
-fn read_json(path: &Path, max: u64) -> Result<Value, EngineError> {
+fn read_text(path: &Path, max: u64) -> Result<String, EngineError> {
     let size = std::fs::metadata(path)
         .map_err(|e| load_error(format!("{}: {e}", path.display())))?
         .len();
@@ -39,8 +41,11 @@ fn read_json(path: &Path, max: u64) -> Result<Value, EngineError> {
             path.display()
         )));
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| load_error(format!("{}: {e}", path.display())))?;
+    std::fs::read_to_string(path).map_err(|e| load_error(format!("{}: {e}", path.display())))
+}
+
+fn read_json(path: &Path, max: u64) -> Result<Value, EngineError> {
+    let text = read_text(path, max)?;
     serde_json::from_str(&text).map_err(|e| load_error(format!("{}: {e}", path.display())))
 }
 
@@ -90,13 +95,20 @@ pub fn from_file(path: &Path) -> Result<HfTokenizer, EngineError> {
             .unwrap_or(false),
         end_of_generation: eos.into_iter().collect(),
     };
-    let template = match config.get("chat_template") {
-        Some(Value::String(source)) => Some(ChatTemplate::new(
-            source,
+    // Newer writers (transformers 5, mlx-lm) keep the template in its own file.
+    let template_file = dir.join("chat_template.jinja");
+    let source = match config.get("chat_template") {
+        Some(Value::String(source)) => Some(source.clone()),
+        _ if template_file.is_file() => Some(read_text(&template_file, CHAT_TEMPLATE_BYTES_MAX)?),
+        _ => None,
+    };
+    let template = match source {
+        Some(source) => Some(ChatTemplate::new(
+            &source,
             bos_text.as_deref().unwrap_or_default(),
             eos_text.as_deref().unwrap_or_default(),
         )?),
-        _ => None,
+        None => None,
     };
     // Configs write "no limit" as a huge float; anything past u32 means "the model's".
     let max_length = config

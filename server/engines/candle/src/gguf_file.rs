@@ -39,6 +39,14 @@ pub struct QuantizedForward {
 pub const MAX_CONTEXT: u32 = MAX_SEQ_LEN as u32;
 
 impl QuantizedForward {
+    pub(crate) fn new(model: ModelWeights, pool: rayon::ThreadPool) -> QuantizedForward {
+        QuantizedForward {
+            model,
+            cached: 0,
+            pool,
+        }
+    }
+
     pub fn load(path: &Path, pool: rayon::ThreadPool) -> Result<QuantizedForward, EngineError> {
         let mut file = std::fs::File::open(path)
             .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;

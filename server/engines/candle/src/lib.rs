@@ -1,5 +1,7 @@
 //! The candle engine: llama-family models from a Hugging Face safetensors directory
-//! (config.json + safetensors) and from GGUF through candle's quantized llama.
+//! (config.json + safetensors), from an MLX directory (the same layout with MLX's
+//! affine quantization, see `mlx_dir`) and from GGUF through candle's quantized
+//! llama.
 //!
 //! Files are checked before candle reads them (see `safetensors_dir` and
 //! `gguf_file`). Tokenizers come from the same providers as every runtime
@@ -9,6 +11,7 @@
 //! kernels use those threads).
 
 mod gguf_file;
+mod mlx_dir;
 mod safetensors_dir;
 
 use std::path::Path;
@@ -40,8 +43,13 @@ impl CandleEngine {
         options: &LoadOptions,
     ) -> Result<(ModelProbe, Box<dyn Forward>, ModelFormat), EngineError> {
         let pool = thread_pool(options.threads)?;
-        // A directory is safetensors with config.json; a file is GGUF.
-        Ok(if path.is_dir() {
+        // A directory is safetensors with config.json, MLX-quantized or not; a file
+        // is GGUF.
+        Ok(if path.is_dir() && mlx_dir::is_mlx(path) {
+            let checked = mlx_dir::check(path)?;
+            let forward = mlx_dir::load(&checked, pool)?;
+            (checked.probe, Box::new(forward), ModelFormat::Mlx)
+        } else if path.is_dir() {
             let checked = safetensors_dir::check(path)?;
             let context = options.context_for(checked.probe.context_length);
             let forward = LlamaForward::load(&checked, context, pool)?;
@@ -51,6 +59,25 @@ impl CandleEngine {
             let forward = QuantizedForward::load(path, pool)?;
             (probe, Box::new(forward), ModelFormat::Gguf)
         })
+    }
+}
+
+impl CandleEngine {
+    /// Opens an MLX directory like [`CandleEngine::open_forward`], with every
+    /// projection dequantized to F32 when `quantized` is false: MLX's own arithmetic,
+    /// which the parity tests hold to mlx-lm's logits.
+    pub fn open_mlx_forward(
+        &self,
+        path: &Path,
+        options: &LoadOptions,
+        quantized: bool,
+    ) -> Result<Box<dyn Forward>, EngineError> {
+        let pool = thread_pool(options.threads)?;
+        let mut checked = mlx_dir::check(path)?;
+        if !quantized {
+            checked = checked.dequantized();
+        }
+        Ok(Box::new(mlx_dir::load(&checked, pool)?))
     }
 }
 
@@ -88,13 +115,18 @@ impl Engine for CandleEngine {
     }
 
     fn formats(&self) -> &[ModelFormat] {
-        &[ModelFormat::Safetensors, ModelFormat::Gguf]
+        &[
+            ModelFormat::Safetensors,
+            ModelFormat::Mlx,
+            ModelFormat::Gguf,
+        ]
     }
 
     fn quantizations(&self) -> &[&'static str] {
         &[
             "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
-            "Q5_K", "Q6_K",
+            "Q5_K", "Q6_K", // MLX's affine widths
+            "Q2", "Q3", "Q4", "Q5", "Q6", "Q8",
         ]
     }
 
@@ -103,7 +135,9 @@ impl Engine for CandleEngine {
     }
 
     fn probe(&self, path: &Path) -> Result<ModelProbe, EngineError> {
-        if path.is_dir() {
+        if path.is_dir() && mlx_dir::is_mlx(path) {
+            mlx_dir::check(path).map(|c| c.probe)
+        } else if path.is_dir() {
             safetensors_dir::check(path).map(|c| c.probe)
         } else {
             gguf_file::check(path)
@@ -135,7 +169,7 @@ impl Engine for CandleEngine {
         modeld_engine_core::refuse_llama_only_options(options)?;
         let (probe, forward, format) = self.open_forward(path, options)?;
         let mut context_length = options.context_for(probe.context_length);
-        if format == ModelFormat::Gguf {
+        if matches!(format, ModelFormat::Gguf | ModelFormat::Mlx) {
             context_length = context_length.min(gguf_file::MAX_CONTEXT);
         }
         let tokenizer = modeld_tokenizer::for_model(path, format, None, None)?;

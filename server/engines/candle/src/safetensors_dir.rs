@@ -29,26 +29,29 @@ const MAX_SHARDS: usize = 4096;
 
 /// The part of config.json this engine checks before handing it to candle.
 #[derive(Debug, Clone, Deserialize)]
-struct RawConfig {
+pub(crate) struct RawConfig {
     #[serde(default)]
-    architectures: Vec<String>,
+    pub(crate) architectures: Vec<String>,
     #[serde(default)]
-    model_type: String,
-    hidden_size: u64,
-    intermediate_size: u64,
-    vocab_size: u64,
-    num_hidden_layers: u64,
-    num_attention_heads: u64,
+    pub(crate) model_type: String,
+    pub(crate) hidden_size: u64,
+    pub(crate) intermediate_size: u64,
+    pub(crate) vocab_size: u64,
+    pub(crate) num_hidden_layers: u64,
+    pub(crate) num_attention_heads: u64,
     #[serde(default)]
-    num_key_value_heads: Option<u64>,
+    pub(crate) num_key_value_heads: Option<u64>,
     #[serde(default)]
-    max_position_embeddings: u64,
+    pub(crate) max_position_embeddings: u64,
     #[serde(default)]
-    tie_word_embeddings: Option<bool>,
+    pub(crate) tie_word_embeddings: Option<bool>,
     #[serde(default)]
-    rms_norm_eps: Option<f64>,
+    pub(crate) rms_norm_eps: Option<f64>,
     #[serde(default)]
-    rope_theta: Option<f64>,
+    pub(crate) rope_theta: Option<f64>,
+    /// MLX's quantization block; read by `mlx_dir`.
+    #[serde(default)]
+    pub quantization: Option<serde_json::Value>,
 }
 
 /// A checked model directory.
@@ -60,7 +63,7 @@ pub struct Checked {
     pub dtype: DType,
 }
 
-fn invalid(path: &Path, m: impl std::fmt::Display) -> EngineError {
+pub(crate) fn invalid(path: &Path, m: impl std::fmt::Display) -> EngineError {
     EngineError::InvalidModel(format!("{}: {m}", path.display()))
 }
 
@@ -121,7 +124,20 @@ fn shards(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
     Ok(files)
 }
 
-pub fn check(dir: &Path) -> Result<Checked, EngineError> {
+/// A model directory whose configuration passed its limits and whose safetensors
+/// headers passed engine-core's checked reader; nothing is mapped yet.
+pub(crate) struct Layout {
+    pub config_path: PathBuf,
+    pub value: serde_json::Value,
+    pub raw: RawConfig,
+    pub kv_heads: u64,
+    pub head_dim: u64,
+    pub shards: Vec<PathBuf>,
+    pub tensors: BTreeMap<String, safetensors::TensorInfo>,
+    pub file_bytes: u64,
+}
+
+pub(crate) fn read_layout(dir: &Path) -> Result<Layout, EngineError> {
     let config_path = dir.join("config.json");
     let value = read_json(&config_path)?;
     let raw: RawConfig =
@@ -186,51 +202,106 @@ pub fn check(dir: &Path) -> Result<Checked, EngineError> {
 
     let shards = shards(dir)?;
     let mut tensors: BTreeMap<String, safetensors::TensorInfo> = BTreeMap::new();
-    let mut weights_bytes = 0u64;
-    let mut parameters = 0u64;
+    let mut file_bytes = 0u64;
     for shard in &shards {
         let file = std::fs::File::open(shard).map_err(|e| invalid(shard, e))?;
         let size = file.metadata().map_err(|e| invalid(shard, e))?.len();
         let header = safetensors::read_header(std::io::BufReader::new(file), size)
             .map_err(|e| invalid(shard, e))?;
-        weights_bytes = weights_bytes.saturating_add(size);
-        parameters = parameters.saturating_add(header.parameter_count);
+        file_bytes = file_bytes.saturating_add(size);
         tensors.extend(header.tensors);
     }
+    let head_dim = raw.hidden_size / raw.num_attention_heads;
+    Ok(Layout {
+        config_path,
+        value,
+        raw,
+        kv_heads,
+        head_dim,
+        shards,
+        tensors,
+        file_bytes,
+    })
+}
 
-    let h = raw.hidden_size;
-    let hd = h / raw.num_attention_heads;
-    let q = raw.num_attention_heads * hd;
-    let kv = kv_heads * hd;
-    let inter = raw.intermediate_size;
-    let vocab = raw.vocab_size;
-    let mut expected: Vec<(String, Vec<u64>)> = vec![
-        ("model.embed_tokens.weight".into(), vec![vocab, h]),
-        ("model.norm.weight".into(), vec![h]),
-    ];
-    if !raw.tie_word_embeddings.unwrap_or(false) {
-        expected.push(("lm_head.weight".into(), vec![vocab, h]));
+impl Layout {
+    /// Every tensor a llama of this configuration needs, with its logical shape
+    /// (`[out, in]` for a projection, `[n]` for a norm).
+    pub fn expected_tensors(&self) -> Vec<(String, Vec<u64>)> {
+        let raw = &self.raw;
+        let h = raw.hidden_size;
+        let q = raw.num_attention_heads * self.head_dim;
+        let kv = self.kv_heads * self.head_dim;
+        let inter = raw.intermediate_size;
+        let vocab = raw.vocab_size;
+        let mut expected: Vec<(String, Vec<u64>)> = vec![
+            ("model.embed_tokens.weight".into(), vec![vocab, h]),
+            ("model.norm.weight".into(), vec![h]),
+        ];
+        if !raw.tie_word_embeddings.unwrap_or(false) {
+            expected.push(("lm_head.weight".into(), vec![vocab, h]));
+        }
+        for i in 0..raw.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            expected.extend([
+                (format!("{p}.input_layernorm.weight"), vec![h]),
+                (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+                (format!("{p}.self_attn.q_proj.weight"), vec![q, h]),
+                (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
+                (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
+                (format!("{p}.self_attn.o_proj.weight"), vec![h, q]),
+                (format!("{p}.mlp.gate_proj.weight"), vec![inter, h]),
+                (format!("{p}.mlp.up_proj.weight"), vec![inter, h]),
+                (format!("{p}.mlp.down_proj.weight"), vec![h, inter]),
+            ]);
+        }
+        expected
     }
-    for i in 0..raw.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        expected.extend([
-            (format!("{p}.input_layernorm.weight"), vec![h]),
-            (format!("{p}.post_attention_layernorm.weight"), vec![h]),
-            (format!("{p}.self_attn.q_proj.weight"), vec![q, h]),
-            (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
-            (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
-            (format!("{p}.self_attn.o_proj.weight"), vec![h, q]),
-            (format!("{p}.mlp.gate_proj.weight"), vec![inter, h]),
-            (format!("{p}.mlp.up_proj.weight"), vec![inter, h]),
-            (format!("{p}.mlp.down_proj.weight"), vec![h, inter]),
-        ]);
-    }
-    let mut dtypes = std::collections::BTreeSet::new();
-    for (name, shape) in &expected {
-        let t = tensors
+
+    /// The tensor `name`, which must exist.
+    pub fn tensor(&self, dir: &Path, name: &str) -> Result<&safetensors::TensorInfo, EngineError> {
+        self.tensors
             .get(name)
-            .ok_or_else(|| invalid(dir, format!("tensor {name} is missing")))?;
-        if &t.shape != shape {
+            .ok_or_else(|| invalid(dir, format!("tensor {name} is missing")))
+    }
+
+    /// What every runtime reports of a llama: the parts of the probe that depend on
+    /// the configuration only.
+    pub fn probe(
+        &self,
+        parameter_count: u64,
+        weights_bytes: u64,
+        quantization: Option<String>,
+    ) -> ModelProbe {
+        let raw = &self.raw;
+        ModelProbe {
+            architecture: "llama".into(),
+            parameter_count,
+            weights_bytes,
+            context_length: u32::try_from(raw.max_position_embeddings).unwrap_or(u32::MAX),
+            vocab_size: u32::try_from(raw.vocab_size).unwrap_or(u32::MAX),
+            layers: u32::try_from(raw.num_hidden_layers).unwrap_or(u32::MAX),
+            kv_heads: u32::try_from(self.kv_heads).unwrap_or(u32::MAX),
+            head_dim: u32::try_from(self.head_dim).unwrap_or(u32::MAX),
+            embedding_length: u32::try_from(raw.hidden_size).unwrap_or(u32::MAX),
+            quantization,
+        }
+    }
+}
+
+pub fn check(dir: &Path) -> Result<Checked, EngineError> {
+    let layout = read_layout(dir)?;
+    if layout.raw.quantization.is_some() {
+        return Err(invalid(
+            &layout.config_path,
+            "the weights are quantized (an MLX model); load it as MLX",
+        ));
+    }
+    let mut parameters = 0u64;
+    let mut dtypes = std::collections::BTreeSet::new();
+    for (name, shape) in layout.expected_tensors() {
+        let t = layout.tensor(dir, &name)?;
+        if t.shape != shape {
             return Err(invalid(
                 dir,
                 format!(
@@ -248,30 +319,20 @@ pub fn check(dir: &Path) -> Result<Checked, EngineError> {
                 ),
             ));
         }
+        parameters = parameters.saturating_add(shape.iter().product());
         dtypes.insert(t.dtype.clone());
     }
 
-    let config: LlamaConfig =
-        serde_json::from_value(value).map_err(|e| invalid(&config_path, e))?;
+    let config: LlamaConfig = serde_json::from_value(layout.value.clone())
+        .map_err(|e| invalid(&layout.config_path, e))?;
     let quantization = dtypes.iter().next().cloned();
+    // candle's CPU kernels are fastest in F32; half-precision weights are widened.
+    let weights_bytes = parameters.saturating_mul(4).max(layout.file_bytes);
     Ok(Checked {
-        shards,
+        probe: layout.probe(parameters, weights_bytes, quantization),
+        shards: layout.shards,
         config,
-        // candle's CPU kernels are fastest in F32; half-precision weights are widened.
         dtype: DType::F32,
-        probe: ModelProbe {
-            architecture: "llama".into(),
-            parameter_count: parameters,
-            // Widened to F32 in memory.
-            weights_bytes: parameters.saturating_mul(4).max(weights_bytes),
-            context_length: u32::try_from(raw.max_position_embeddings).unwrap_or(u32::MAX),
-            vocab_size: u32::try_from(vocab).unwrap_or(u32::MAX),
-            layers: u32::try_from(raw.num_hidden_layers).unwrap_or(u32::MAX),
-            kv_heads: u32::try_from(kv_heads).unwrap_or(u32::MAX),
-            head_dim: u32::try_from(hd).unwrap_or(u32::MAX),
-            embedding_length: u32::try_from(h).unwrap_or(u32::MAX),
-            quantization,
-        },
     })
 }
 

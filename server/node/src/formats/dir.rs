@@ -5,7 +5,7 @@ use std::fs::{self, File};
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use modeld_engine_core::ModelFormat;
+use modeld_engine_core::{ModelFormat, safetensors};
 use serde_json::Value;
 
 use super::{Metadata, Sniffed, onnx, sniff_file};
@@ -182,7 +182,7 @@ fn hf_metadata(dir: &Path) -> Result<Option<(ModelFormat, Metadata)>, DirError> 
             && let Ok(Sniffed::Model { format, metadata }) = sniff_file(&path)
             && matches!(format, ModelFormat::Safetensors | ModelFormat::Mlx)
         {
-            weights.push((format, metadata));
+            weights.push((format, metadata, path));
         }
     }
     if weights.is_empty() {
@@ -200,7 +200,7 @@ fn hf_metadata(dir: &Path) -> Result<Option<(ModelFormat, Metadata)>, DirError> 
         .get("quantization")
         .and_then(|q| q.get("bits"))
         .and_then(Value::as_u64);
-    let is_mlx = mlx_quant.is_some() || weights.iter().any(|(f, _)| *f == ModelFormat::Mlx);
+    let is_mlx = mlx_quant.is_some() || weights.iter().any(|(f, _, _)| *f == ModelFormat::Mlx);
     let quantization = match mlx_quant {
         Some(bits) => format!("Q{bits}"),
         None => {
@@ -220,7 +220,10 @@ fn hf_metadata(dir: &Path) -> Result<Option<(ModelFormat, Metadata)>, DirError> 
     let metadata = Metadata {
         name: str_of(&config, "_name_or_path").to_owned(),
         architecture,
-        parameter_count: weights.iter().map(|(_, m)| m.parameter_count).sum(),
+        parameter_count: match mlx_quant {
+            Some(bits) => mlx_parameters(&weights, bits),
+            None => weights.iter().map(|(_, m, _)| m.parameter_count).sum(),
+        },
         quantization,
         context_length: u32_of(&config, "max_position_embeddings"),
         chat_template,
@@ -233,6 +236,29 @@ fn hf_metadata(dir: &Path) -> Result<Option<(ModelFormat, Metadata)>, DirError> 
         ModelFormat::Safetensors
     };
     Ok(Some((format, metadata)))
+}
+
+/// The weights of an MLX model: its float tensors, and `32 / bits` weights in each
+/// packed word (layers quantized to other widths than the default are counted at it).
+fn mlx_parameters(weights: &[(ModelFormat, Metadata, PathBuf)], bits: u64) -> u64 {
+    let per_word = if (1..=32).contains(&bits) {
+        32 / bits
+    } else {
+        1
+    };
+    weights
+        .iter()
+        .map(|(_, metadata, path)| {
+            let packed = File::open(path)
+                .and_then(|f| Ok((f.metadata()?.len(), f)))
+                .ok()
+                .and_then(|(size, f)| safetensors::read_header(BufReader::new(f), size).ok())
+                .map_or(0, |h| h.packed_words);
+            metadata
+                .parameter_count
+                .saturating_add(packed.saturating_mul(per_word))
+        })
+        .sum()
 }
 
 /// Regular files under `dir`, relative, skipping hidden entries and symlinks.
