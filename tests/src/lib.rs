@@ -443,3 +443,68 @@ pub fn gguf_spec(id: &str, url: &str) -> pb::ModelSpec {
         ..Default::default()
     }
 }
+
+/// Fixed prompts of the comparisons between runtimes and formats: chat turns and raw
+/// continuations.
+pub const COMPARISON_PROMPTS: [(&str, bool); 5] = [
+    ("Tell me the capital of France.", true),
+    ("Once upon a time, there was a", false),
+    ("def fibonacci(n):\n", false),
+    ("Water boils at", false),
+    ("Write a haiku about the sea.", true),
+];
+
+/// Greedy generation of up to `max` tokens through the agent, `prompt` as a user's
+/// chat turn or as raw text: (token ids, text).
+pub async fn greedy(
+    client: &Client,
+    model: &str,
+    prompt: &str,
+    chat: bool,
+    max: u32,
+) -> (Vec<u32>, String) {
+    use tokio_stream::StreamExt;
+    let input = if chat {
+        pb::generate_request::Input::Chat(pb::ChatMessages {
+            messages: vec![pb::ChatMessage {
+                role: pb::ChatRole::User as i32,
+                content: prompt.into(),
+            }],
+        })
+    } else {
+        pb::generate_request::Input::Prompt(prompt.into())
+    };
+    let mut stream = client
+        .generate()
+        .generate(pb::GenerateRequest {
+            model_id: model.into(),
+            input: Some(input),
+            sampling: Some(pb::SamplingParams {
+                temperature: Some(0.0),
+                ..Default::default()
+            }),
+            max_tokens: max,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut ids, mut text) = (Vec::new(), String::new());
+    while let Some(msg) = stream.next().await {
+        match msg.unwrap().event.unwrap() {
+            pb::generate_response::Event::Token(t) => {
+                ids.push(t.token_id);
+                text.push_str(&t.text);
+            }
+            pb::generate_response::Event::Summary(_) => return (ids, text),
+        }
+    }
+    panic!("the stream ended without a summary");
+}
+
+/// The index of the largest logit.
+pub fn argmax(logits: &[f32]) -> u32 {
+    (0..logits.len())
+        .max_by(|a, b| logits[*a].total_cmp(&logits[*b]))
+        .unwrap() as u32
+}

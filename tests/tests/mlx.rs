@@ -8,21 +8,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use modeld_e2e::{Agent, Assets, Client, gguf_spec, pb, reason};
+use modeld_e2e::{
+    Agent, Assets, COMPARISON_PROMPTS, Client, argmax, gguf_spec, greedy, pb, reason,
+};
 use modeld_engine_candle::CandleEngine;
 use modeld_engine_core::{Engine, EngineError, LoadOptions};
 use serde_json::Value;
-use tokio_stream::StreamExt;
 use tonic::Code;
 
-/// The fixed prompts of the runtime comparisons: chat turns and raw continuations.
-const PROMPTS: [(&str, bool); 5] = [
-    ("Tell me the capital of France.", true),
-    ("Once upon a time, there was a", false),
-    ("def fibonacci(n):\n", false),
-    ("Water boils at", false),
-    ("Write a haiku about the sea.", true),
-];
+const PROMPTS: [(&str, bool); 5] = COMPARISON_PROMPTS;
 const GREEDY_TOKENS: u32 = 16;
 
 /// What mlx-lm makes of one prompt.
@@ -95,51 +89,6 @@ async fn agent_with_mlx(assets: &Assets) -> (Agent, Client, String) {
     (agent, client, spec.id.clone())
 }
 
-async fn greedy(
-    client: &Client,
-    model: &str,
-    prompt: &str,
-    chat: bool,
-    max: u32,
-) -> (Vec<u32>, String) {
-    let input = if chat {
-        pb::generate_request::Input::Chat(pb::ChatMessages {
-            messages: vec![pb::ChatMessage {
-                role: pb::ChatRole::User as i32,
-                content: prompt.into(),
-            }],
-        })
-    } else {
-        pb::generate_request::Input::Prompt(prompt.into())
-    };
-    let mut stream = client
-        .generate()
-        .generate(pb::GenerateRequest {
-            model_id: model.into(),
-            input: Some(input),
-            sampling: Some(pb::SamplingParams {
-                temperature: Some(0.0),
-                ..Default::default()
-            }),
-            max_tokens: max,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let (mut ids, mut text) = (Vec::new(), String::new());
-    while let Some(msg) = stream.next().await {
-        match msg.unwrap().event.unwrap() {
-            pb::generate_response::Event::Token(t) => {
-                ids.push(t.token_id);
-                text.push_str(&t.text);
-            }
-            pb::generate_response::Event::Summary(_) => return (ids, text),
-        }
-    }
-    panic!("the stream ended without a summary");
-}
-
 async fn tokenize(client: &Client, model: &str, text: &str, special: bool) -> Vec<u32> {
     client
         .generate()
@@ -153,10 +102,6 @@ async fn tokenize(client: &Client, model: &str, text: &str, special: bool) -> Ve
         .unwrap()
         .into_inner()
         .token_ids
-}
-
-fn argmax(l: &[f32]) -> u32 {
-    (0..l.len()).max_by(|a, b| l[*a].total_cmp(&l[*b])).unwrap() as u32
 }
 
 fn largest_difference(a: &[f32], b: &[f32]) -> f32 {

@@ -9,24 +9,20 @@
 
 use std::path::Path;
 
-use modeld_e2e::{Agent, AgentOptions, Assets, Client, SMOLLM2_SIZE, gguf_spec, pb, reason};
+use modeld_e2e::{
+    Agent, AgentOptions, Assets, COMPARISON_PROMPTS, Client, SMOLLM2_SIZE, argmax, gguf_spec,
+    greedy, pb, reason,
+};
 use modeld_engine_candle::CandleEngine;
 use modeld_engine_core::generation::Forward;
 use modeld_engine_core::{Engine, EngineError, LoadOptions};
 use modeld_engine_onnx::OnnxEngine;
-use tokio_stream::StreamExt;
 use tonic::Code;
 
 /// Five fixed prompts: chat turns and raw continuations. On four of them llama.cpp's
 /// Q4_1 and the float export pick the same 8 greedy tokens; the fifth (a near tie
 /// in the float model) is the kind quantization can flip, which the ≥4/5 rule allows.
-const PROMPTS: [(&str, bool); 5] = [
-    ("Tell me the capital of France.", true),
-    ("Once upon a time, there was a", false),
-    ("def fibonacci(n):\n", false),
-    ("Water boils at", false),
-    ("Write a haiku about the sea.", true),
-];
+const PROMPTS: [(&str, bool); 5] = COMPARISON_PROMPTS;
 
 fn ort_args(lib: &Path) -> Vec<String> {
     vec!["--onnxruntime-library".into(), lib.display().to_string()]
@@ -75,52 +71,6 @@ fn load_options(runtime: pb::Runtime) -> Option<pb::LoadOptions> {
         context_length: 1024,
         ..Default::default()
     })
-}
-
-/// Greedy generation: (token ids, text).
-async fn greedy(
-    client: &Client,
-    model: &str,
-    prompt: &str,
-    chat: bool,
-    max: u32,
-) -> (Vec<u32>, String) {
-    let input = if chat {
-        pb::generate_request::Input::Chat(pb::ChatMessages {
-            messages: vec![pb::ChatMessage {
-                role: pb::ChatRole::User as i32,
-                content: prompt.into(),
-            }],
-        })
-    } else {
-        pb::generate_request::Input::Prompt(prompt.into())
-    };
-    let mut stream = client
-        .generate()
-        .generate(pb::GenerateRequest {
-            model_id: model.into(),
-            input: Some(input),
-            sampling: Some(pb::SamplingParams {
-                temperature: Some(0.0),
-                ..Default::default()
-            }),
-            max_tokens: max,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let (mut ids, mut text) = (Vec::new(), String::new());
-    while let Some(msg) = stream.next().await {
-        match msg.unwrap().event.unwrap() {
-            pb::generate_response::Event::Token(t) => {
-                ids.push(t.token_id);
-                text.push_str(&t.text);
-            }
-            pb::generate_response::Event::Summary(_) => return (ids, text),
-        }
-    }
-    panic!("the stream ended without a summary");
 }
 
 #[tokio::test]
@@ -341,10 +291,6 @@ fn candle_keeps_its_own_kv_cache_for_both_of_its_formats() {
             "{format}: cached and recomputed logits differ by {diff}"
         );
     }
-}
-
-fn argmax(l: &[f32]) -> u32 {
-    (0..l.len()).max_by(|a, b| l[*a].total_cmp(&l[*b])).unwrap() as u32
 }
 
 #[tokio::test]

@@ -11,7 +11,9 @@
 //! kernels use those threads).
 
 mod gguf_file;
+mod interop;
 mod mlx_dir;
+mod quantized_forward;
 mod safetensors_dir;
 
 use std::path::Path;
@@ -22,7 +24,7 @@ use modeld_engine_core::{
     ModelInfo, ModelProbe, Runtime,
 };
 
-pub use gguf_file::QuantizedForward;
+pub use quantized_forward::QuantizedForward;
 pub use safetensors_dir::LlamaForward;
 
 /// The candle version compiled in.
@@ -56,7 +58,7 @@ impl CandleEngine {
             (checked.probe, Box::new(forward), ModelFormat::Safetensors)
         } else {
             let probe = gguf_file::check(path)?;
-            let forward = QuantizedForward::load(path, pool)?;
+            let forward = gguf_file::load(path, pool)?;
             (probe, Box::new(forward), ModelFormat::Gguf)
         })
     }
@@ -79,17 +81,6 @@ impl CandleEngine {
         }
         Ok(Box::new(mlx_dir::load(&checked, pool)?))
     }
-}
-
-fn candle_error(what: &str, e: impl std::fmt::Display) -> EngineError {
-    EngineError::Inference(format!("candle {what}: {e}"))
-}
-
-/// The logits of a forward pass (`[1, vocab]`, any dtype) as F32 values.
-fn logits_of(t: candle_core::Tensor) -> candle_core::Result<Vec<f32>> {
-    t.squeeze(0)?
-        .to_dtype(candle_core::DType::F32)?
-        .to_vec1::<f32>()
 }
 
 fn thread_pool(threads: u32) -> Result<rayon::ThreadPool, EngineError> {
@@ -170,7 +161,7 @@ impl Engine for CandleEngine {
         let (probe, forward, format) = self.open_forward(path, options)?;
         let mut context_length = options.context_for(probe.context_length);
         if matches!(format, ModelFormat::Gguf | ModelFormat::Mlx) {
-            context_length = context_length.min(gguf_file::MAX_CONTEXT);
+            context_length = context_length.min(quantized_forward::MAX_CONTEXT);
         }
         let tokenizer = modeld_tokenizer::for_model(path, format, None, None)?;
         let estimate = self.estimate_memory(&probe, options);

@@ -30,8 +30,8 @@ use half::{bf16, f16};
 use modeld_engine_core::{EngineError, ModelProbe};
 use serde_json::Value as Json;
 
-use crate::candle_error;
-use crate::gguf_file::QuantizedForward;
+use crate::interop::candle_error;
+use crate::quantized_forward::QuantizedForward;
 use crate::safetensors_dir::{Layout, invalid, read_layout};
 
 /// The widths MLX's affine quantization packs.
@@ -245,25 +245,12 @@ pub fn check(dir: &Path) -> Result<Checked, EngineError> {
             };
             check_quantized(dir, &layout, &module, &shape, affine)?
         } else {
-            let t = layout.tensor(dir, &name)?;
-            if t.shape != shape {
-                return Err(invalid(
-                    dir,
-                    format!(
-                        "tensor {name} has shape {:?}; the config implies {shape:?}",
-                        t.shape
-                    ),
-                ));
-            }
-            if !matches!(t.dtype.as_str(), "F32" | "F16" | "BF16") {
-                return Err(invalid(
-                    dir,
-                    format!(
-                        "tensor {name} is {} without {scales}: neither floats nor MLX-quantized",
-                        t.dtype
-                    ),
-                ));
-            }
+            let t = layout.float_tensor(
+                dir,
+                &name,
+                &shape,
+                &format!("without {scales} it is neither floats nor MLX-quantized"),
+            )?;
             Source::Float {
                 name,
                 dtype: t.dtype.clone(),

@@ -16,7 +16,7 @@ use modeld_engine_core::generation::Forward;
 use modeld_engine_core::{EngineError, ModelProbe, safetensors};
 use serde::Deserialize;
 
-use crate::{candle_error, logits_of};
+use crate::interop::{candle_error, logits_of};
 
 const MAX_JSON_BYTES: u64 = 16 << 20;
 const MAX_HIDDEN: u64 = 1 << 16;
@@ -258,6 +258,34 @@ impl Layout {
         expected
     }
 
+    /// The float tensor `name` (F32, F16 or BF16) with the `shape` the configuration
+    /// implies; `otherwise` ends the message for a tensor of another dtype.
+    pub fn float_tensor(
+        &self,
+        dir: &Path,
+        name: &str,
+        shape: &[u64],
+        otherwise: &str,
+    ) -> Result<&safetensors::TensorInfo, EngineError> {
+        let t = self.tensor(dir, name)?;
+        if t.shape != shape {
+            return Err(invalid(
+                dir,
+                format!(
+                    "tensor {name} has shape {:?}; the config implies {shape:?}",
+                    t.shape
+                ),
+            ));
+        }
+        if !matches!(t.dtype.as_str(), "F32" | "F16" | "BF16") {
+            return Err(invalid(
+                dir,
+                format!("tensor {name} is {}; {otherwise}", t.dtype),
+            ));
+        }
+        Ok(t)
+    }
+
     /// The tensor `name`, which must exist.
     pub fn tensor(&self, dir: &Path, name: &str) -> Result<&safetensors::TensorInfo, EngineError> {
         self.tensors
@@ -300,25 +328,12 @@ pub fn check(dir: &Path) -> Result<Checked, EngineError> {
     let mut parameters = 0u64;
     let mut dtypes = std::collections::BTreeSet::new();
     for (name, shape) in layout.expected_tensors() {
-        let t = layout.tensor(dir, &name)?;
-        if t.shape != shape {
-            return Err(invalid(
-                dir,
-                format!(
-                    "tensor {name} has shape {:?}; the config implies {shape:?}",
-                    t.shape
-                ),
-            ));
-        }
-        if !matches!(t.dtype.as_str(), "F32" | "F16" | "BF16") {
-            return Err(invalid(
-                dir,
-                format!(
-                    "tensor {name} is {}; candle here runs F32, F16 and BF16 weights",
-                    t.dtype
-                ),
-            ));
-        }
+        let t = layout.float_tensor(
+            dir,
+            &name,
+            &shape,
+            "candle here runs F32, F16 and BF16 weights",
+        )?;
         parameters = parameters.saturating_add(shape.iter().product());
         dtypes.insert(t.dtype.clone());
     }
