@@ -17,6 +17,10 @@ dequantizes that GGUF and writes the *same* network twice:
                   config and tokenizer files
     OUTDIR/mlx/   hf/ quantized by MLX (mlx-lm's converter on the mlx-cpu wheel):
                   4-bit affine groups of 32, bfloat16 scales and biases
+    OUTDIR/tflite/  a TFLite decoder, model.tflite, written with the TFLite schema
+                  (from the ai-edge-litert wheel; no converter, no TensorFlow):
+                  float32 weights, signatures `prefill` (32 tokens) and `decode` (1),
+                  a fixed 1024-position KV cache passed in and out
 
 Both hold the GGUF's dequantized weights exactly, so their outputs should match each
 other closely and llama.cpp's on the quantized file nearly (compare greedy tokens).
@@ -32,8 +36,9 @@ Everything is written to a scratch directory next to OUTDIR and renamed into pla
 at the end, so an interrupted run never leaves a half-written OUTDIR. An existing
 OUTDIR is replaced.
 
-Needs numpy, gguf, onnx, safetensors and mlx-lm (with mlx[cpu] on Linux); --verify
-also needs onnxruntime and jinja2, and uses tokenizers when it is installed.
+Needs numpy, gguf, onnx, safetensors, mlx-lm (with mlx[cpu] on Linux) and
+ai-edge-litert; --verify also needs onnxruntime and jinja2, and uses tokenizers when it
+is installed.
 """
 
 from __future__ import annotations
@@ -645,6 +650,270 @@ def write_onnx(out: Path, hf_dir: Path, g: Gguf, hp: dict, weights: dict[str, np
         shutil.copyfile(hf_dir / name, out / name)
 
 
+# --------------------------------------------------------------------------- tflite
+
+# The TFLite decoder's fixed shapes: LiteRT compiles a graph for static shapes, so the
+# KV cache is a fixed window of TFLITE_CONTEXT positions, updated in place, and a
+# prompt goes through a prefill signature TFLITE_PREFILL tokens at a time (padded).
+TFLITE_CONTEXT = 1024
+TFLITE_PREFILL = 32
+
+
+class TfliteGraph:
+    """One subgraph of a .tflite model, written with the TFLite schema's object API
+    (schema_py_generated, shipped in the ai-edge-litert wheel). Weight buffers are
+    shared by the subgraphs through `buffers` and `shared`."""
+
+    def __init__(self, schema, buffers: list, op_codes: dict, shared: dict):
+        self.s = schema
+        self.buffers, self.op_codes, self.shared = buffers, op_codes, shared
+        self.tensors, self.ops, self.weights, self.consts = [], [], {}, {}
+
+    def buffer(self, array: np.ndarray) -> int:
+        b = self.s.BufferT()
+        b.data = np.frombuffer(np.ascontiguousarray(array).tobytes(), dtype=np.uint8)
+        self.buffers.append(b)
+        return len(self.buffers) - 1
+
+    def tensor(self, shape, ttype=None, name=None, buffer=0) -> int:
+        t = self.s.TensorT()
+        t.shape = [int(d) for d in shape]
+        t.type = self.s.TensorType.FLOAT32 if ttype is None else ttype
+        t.buffer = buffer
+        t.name = name or f"t{len(self.tensors)}"
+        self.tensors.append(t)
+        return len(self.tensors) - 1
+
+    def tensor_type(self, array: np.ndarray):
+        TT = self.s.TensorType
+        return {np.dtype(np.float32): TT.FLOAT32, np.dtype(np.int32): TT.INT32}[array.dtype]
+
+    def weight(self, name: str, array: np.ndarray) -> int:
+        if name not in self.weights:
+            if name not in self.shared:
+                self.shared[name] = self.buffer(array)
+            self.weights[name] = self.tensor(array.shape, self.tensor_type(array), name,
+                                             self.shared[name])
+        return self.weights[name]
+
+    def const(self, values, dtype) -> int:
+        array = np.array(values, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self.consts:
+            self.consts[key] = self.tensor(array.shape, self.tensor_type(array),
+                                           buffer=self.buffer(array))
+        return self.consts[key]
+
+    def op(self, code, inputs, shape, ttype=None, options=None, out=None) -> int:
+        if code not in self.op_codes:
+            c = self.s.OperatorCodeT()
+            c.builtinCode = code
+            # Codes past 127 live in builtinCode only; the old byte field says so.
+            c.deprecatedBuiltinCode = min(code, 127)
+            c.version = 1
+            self.op_codes[code] = c
+        o = self.s.OperatorT()
+        o.opcodeIndex = list(self.op_codes).index(code)
+        o.inputs = list(inputs)
+        o.outputs = [self.tensor(shape, ttype) if out is None else out]
+        if options is not None:
+            kind, fields = options
+            opts = getattr(self.s, f"{kind}T")()
+            for k, v in fields.items():
+                setattr(opts, k, v)
+            o.builtinOptionsType = getattr(self.s.BuiltinOptions, kind)
+            o.builtinOptions = opts
+        self.ops.append(o)
+        return o.outputs[0]
+
+
+def build_tflite_subgraph(schema, hp, weights, seq, name, buffers, op_codes, shared):
+    """A decoder step over `seq` tokens: tokens [1, seq] and input_pos [seq] (int32),
+    kv_cache_{k,v}_{layer} [1, context, kv_heads, head_dim] in, the same updated out
+    (kv_cache_{k,v}_{layer}_out), and logits [1, seq, vocab]. Query i attends to the
+    cache slots up to input_pos[i]; keys are stored after RoPE. The weights are hf/'s
+    float32 tensors; a projection is FULLY_CONNECTED over Hugging Face's [out, in]."""
+    OP = schema.BuiltinOperator
+    TT = schema.TensorType
+    H, KV, D = hp["n_head"], hp["n_kv_head"], hp["head_dim"]
+    hidden, V, inter = hp["hidden"], hp["vocab"], hp["intermediate"]
+    R, S, C = H // KV, seq, TFLITE_CONTEXT
+    g = TfliteGraph(schema, buffers, op_codes, shared)
+    i32, f32 = np.int32, np.float32
+
+    tokens = g.tensor([1, S], TT.INT32, "tokens")
+    input_pos = g.tensor([S], TT.INT32, "input_pos")
+    caches = [(g.tensor([1, C, KV, D], name=f"kv_cache_k_{i}"),
+               g.tensor([1, C, KV, D], name=f"kv_cache_v_{i}")) for i in range(hp["n_layer"])]
+
+    def fc(x, wname, rows, out_dim):
+        return g.op(OP.FULLY_CONNECTED, [x, g.weight(wname, weights[wname]), -1], [rows, out_dim],
+                    options=("FullyConnectedOptions", {}))
+
+    def reshape(x, shape):
+        return g.op(OP.RESHAPE, [x, g.const(shape, i32)], shape, g.tensors[x].type)
+
+    def transpose(x, perm):
+        shape = g.tensors[x].shape
+        return g.op(OP.TRANSPOSE, [x, g.const(perm, i32)], [shape[p] for p in perm])
+
+    def mul(a, b, shape):
+        return g.op(OP.MUL, [a, b], shape)
+
+    def add(a, b, shape):
+        return g.op(OP.ADD, [a, b], shape)
+
+    def gather(table, index, shape, ttype=None):
+        return g.op(OP.GATHER, [table, index], shape, ttype, ("GatherOptions", {"axis": 0}))
+
+    def rms_norm(x, wname):
+        mean = g.op(OP.MEAN, [mul(x, x, [S, hidden]), g.const([-1], i32)], [S, 1],
+                    options=("ReducerOptions", {"keepDims": True}))
+        inv = g.op(OP.RSQRT, [add(mean, g.const(hp["rms_eps"], f32), [S, 1])], [S, 1])
+        return mul(mul(x, inv, [S, hidden]), g.weight(wname, weights[wname]), [S, hidden])
+
+    # RoPE: cos and sin for every cache position, gathered by input_pos; rotate_half
+    # ((x1, x2) -> (-x2, x1)) as a fixed [D, D] projection.
+    freqs = np.arange(C, dtype=f32)[:, None] * rope_inv_freq(D, hp["rope_theta"])[None, :]
+    angles = np.concatenate([freqs, freqs], axis=-1)
+    cos = reshape(gather(g.weight("rope.cos", np.cos(angles).astype(f32)), input_pos, [S, D]),
+                  [S, 1, D])
+    sin = reshape(gather(g.weight("rope.sin", np.sin(angles).astype(f32)), input_pos, [S, D]),
+                  [S, 1, D])
+    half = D // 2
+    rotate = np.zeros((D, D), dtype=f32)  # [out, in]
+    rotate[np.arange(half), np.arange(half) + half] = -1.0
+    rotate[np.arange(half) + half, np.arange(half)] = 1.0
+    weights = {**weights, "rope.rotate_half": rotate}
+
+    def rope(x, n):  # x [S, n, D]
+        rotated = reshape(fc(reshape(x, [S * n, D]), "rope.rotate_half", S * n, D), [S, n, D])
+        return add(mul(x, cos, [S, n, D]), mul(rotated, sin, [S, n, D]), [S, n, D])
+
+    slots = g.const(np.arange(C, dtype=i32).reshape(1, C), i32)
+    allowed = g.op(OP.LESS_EQUAL, [slots, reshape(input_pos, [S, 1])], [S, C], TT.BOOL)
+    bias = g.op(OP.SELECT_V2, [allowed, g.const(0.0, f32), g.const(np.finfo(f32).min, f32)],
+                [S, C])
+    first = gather(input_pos, g.const([0], i32), [1], TT.INT32)
+    zero = g.const([0], i32)
+    at = g.op(OP.CONCATENATION, [zero, first, zero, zero], [4], TT.INT32,
+              ("ConcatenationOptions", {"axis": 0}))
+    scale = g.const(1.0 / math.sqrt(D), f32)
+
+    embed = g.weight("model.embed_tokens.weight", weights["model.embed_tokens.weight"])
+    x = reshape(gather(embed, tokens, [1, S, hidden]), [S, hidden])
+    presents = []
+    for layer, (k_cache, v_cache) in enumerate(caches):
+        p = f"model.layers.{layer}"
+        h = rms_norm(x, f"{p}.input_layernorm.weight")
+        q = rope(reshape(fc(h, f"{p}.self_attn.q_proj.weight", S, H * D), [S, H, D]), H)
+        k = rope(reshape(fc(h, f"{p}.self_attn.k_proj.weight", S, KV * D), [S, KV, D]), KV)
+        v = reshape(fc(h, f"{p}.self_attn.v_proj.weight", S, KV * D), [S, KV, D])
+        keys = g.op(OP.DYNAMIC_UPDATE_SLICE, [k_cache, reshape(k, [1, S, KV, D]), at],
+                    [1, C, KV, D], out=g.tensor([1, C, KV, D], name=f"kv_cache_k_{layer}_out"))
+        values = g.op(OP.DYNAMIC_UPDATE_SLICE, [v_cache, reshape(v, [1, S, KV, D]), at],
+                      [1, C, KV, D], out=g.tensor([1, C, KV, D], name=f"kv_cache_v_{layer}_out"))
+        presents += [keys, values]
+        # Per key-value head: the R query heads that share it, R*S rows at once.
+        qg = reshape(transpose(reshape(q, [S, KV, R, D]), [1, 2, 0, 3]), [KV, R * S, D])
+        kg = transpose(reshape(keys, [C, KV, D]), [1, 0, 2])
+        vg = transpose(reshape(values, [C, KV, D]), [1, 0, 2])
+        scores = g.op(OP.BATCH_MATMUL, [qg, kg], [KV, R * S, C],
+                      options=("BatchMatMulOptions", {"adjX": False, "adjY": True}))
+        scores = add(reshape(mul(scores, scale, [KV, R * S, C]), [KV, R, S, C]), bias,
+                     [KV, R, S, C])
+        probs = g.op(OP.SOFTMAX, [reshape(scores, [KV * R * S, C])], [KV * R * S, C],
+                     options=("SoftmaxOptions", {"beta": 1.0}))
+        ctx = g.op(OP.BATCH_MATMUL, [reshape(probs, [KV, R * S, C]), vg], [KV, R * S, D],
+                   options=("BatchMatMulOptions", {"adjX": False, "adjY": False}))
+        ctx = reshape(transpose(reshape(ctx, [KV, R, S, D]), [2, 0, 1, 3]), [S, H * D])
+        x = add(x, fc(ctx, f"{p}.self_attn.o_proj.weight", S, hidden), [S, hidden])
+        h = rms_norm(x, f"{p}.post_attention_layernorm.weight")
+        gate = fc(h, f"{p}.mlp.gate_proj.weight", S, inter)
+        up = fc(h, f"{p}.mlp.up_proj.weight", S, inter)
+        act = mul(gate, g.op(OP.LOGISTIC, [gate], [S, inter]), [S, inter])  # SiLU
+        x = add(x, fc(mul(act, up, [S, inter]), f"{p}.mlp.down_proj.weight", S, hidden),
+                [S, hidden])
+    x = rms_norm(x, "model.norm.weight")
+    head = "lm_head.weight" if "lm_head.weight" in weights else "model.embed_tokens.weight"
+    logits = g.op(OP.RESHAPE, [fc(x, head, S, V), g.const([1, S, V], i32)], [1, S, V],
+                  out=g.tensor([1, S, V], name="logits"))
+
+    sg = schema.SubGraphT()
+    sg.name = name
+    sg.tensors, sg.operators = g.tensors, g.ops
+    sg.inputs = [tokens, input_pos] + [t for pair in caches for t in pair]
+    sg.outputs = [logits] + presents
+    return sg
+
+
+def build_tflite(hp: dict, weights: dict[str, np.ndarray]) -> bytes:
+    """The decoder as a .tflite flatbuffer with two signatures over shared weights:
+    `decode` (one token) and `prefill` (TFLITE_PREFILL tokens)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    buffers = [schema.BufferT()]  # buffer 0 is the empty one, by convention
+    op_codes, shared = {}, {}
+    subgraphs = [build_tflite_subgraph(schema, hp, weights, seq, name, buffers, op_codes, shared)
+                 for name, seq in (("decode", 1), ("prefill", TFLITE_PREFILL))]
+    model = schema.ModelT()
+    model.version = 3
+    model.description = "llama decoder with a KV cache (modeld scripts/derive-models.py)"
+    model.operatorCodes = list(op_codes.values())
+    model.subgraphs = subgraphs
+    model.buffers = buffers
+    model.signatureDefs = []
+    for index, sg in enumerate(subgraphs):
+        sig = schema.SignatureDefT()
+        sig.signatureKey = sg.name
+        sig.subgraphIndex = index
+
+        def tensor_map(t, sg=sg):
+            m = schema.TensorMapT()
+            m.name, m.tensorIndex = sg.tensors[t].name, t
+            return m
+
+        sig.inputs = [tensor_map(t) for t in sg.inputs]
+        sig.outputs = [tensor_map(t) for t in sg.outputs]
+        model.signatureDefs.append(sig)
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def write_tflite(out: Path, hf_dir: Path, hp: dict, weights: dict[str, np.ndarray]) -> None:
+    out.mkdir(parents=True)
+    (out / "model.tflite").write_bytes(build_tflite(hp, weights))
+    for name in ("config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json"):
+        shutil.copyfile(hf_dir / name, out / name)
+
+
+class TfliteDecoder:
+    """tflite/model.tflite through LiteRT's Python interpreter, one signature call per
+    step, the caches of one call fed to the next."""
+
+    def __init__(self, tflite_dir: Path, hp: dict):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.hp = hp
+        interpreter = Interpreter(model_path=str(tflite_dir / "model.tflite"))
+        self.decode = interpreter.get_signature_runner("decode")
+        self.prefill = interpreter.get_signature_runner("prefill")
+
+    def empty_cache(self) -> dict:
+        shape = (1, TFLITE_CONTEXT, self.hp["n_kv_head"], self.hp["head_dim"])
+        return {f"kv_cache_{k}_{i}": np.zeros(shape, np.float32)
+                for i in range(self.hp["n_layer"]) for k in "kv"}
+
+    def step(self, runner, ids, start, cache):
+        out = runner(tokens=np.array([ids], np.int32),
+                     input_pos=np.arange(start, start + len(ids), dtype=np.int32), **cache)
+        cache = {k: out[f"{k}_out"] for k in cache}
+        return out["logits"][0], cache
+
+
 # --------------------------------------------------------------------------- verify
 
 class NumpyLlama:
@@ -796,6 +1065,28 @@ def verify(outdir: Path) -> None:
                float(np.abs(batch_logits[0] - ort_logits[0]).max()))
     check(diff < 1e-3, f"batch of 2 with left padding vs each alone: max |diff| {diff:.2e}")
 
+    tflite = TfliteDecoder(outdir / "tflite", {
+        "n_layer": dec.layers, "n_kv_head": dec.kv, "head_dim": dec.d})
+    cache = tflite.empty_cache()
+    stepped = []
+    for i, token in enumerate(prompt):
+        logits, cache = tflite.step(tflite.decode, [token], i, cache)
+        stepped.append(logits[0])
+    diff = float(np.abs(np.stack(stepped) - ref).max())
+    check(diff < 1e-2, f"numpy vs LiteRT (tflite/), token by token through `decode`: "
+                       f"max |diff| {diff:.2e}")
+    padded = prompt + [0] * (TFLITE_PREFILL - len(prompt))
+    logits, cache = tflite.step(tflite.prefill, padded, 0, tflite.empty_cache())
+    diff = float(np.abs(logits[:len(prompt)] - ref).max())
+    check(diff < 1e-2, f"numpy vs LiteRT `prefill` ({len(prompt)} tokens padded to "
+                       f"{TFLITE_PREFILL}): max |diff| {diff:.2e}")
+    greedy = [int(logits[len(prompt) - 1].argmax())]
+    while len(greedy) < len(cached):
+        step, cache = tflite.step(tflite.decode, [greedy[-1]], len(prompt) + len(greedy) - 1,
+                                  cache)
+        greedy.append(int(step[0].argmax()))
+    check(greedy == cached, f"LiteRT prefill + decode steps == ONNX Runtime's greedy: {greedy}")
+
     try:
         import tokenizers
     except ImportError:
@@ -895,6 +1186,7 @@ def derive(gguf_path: Path, outdir: Path) -> None:
         write_hf(scratch / "hf", g, hp, weights)
         write_onnx(scratch / "onnx", scratch / "hf", g, hp, weights)
         write_mlx(scratch / "mlx", scratch / "hf")
+        write_tflite(scratch / "tflite", scratch / "hf", hp, weights)
         for f in scratch.rglob("*"):  # safetensors and onnx write their files private
             if f.is_file():
                 os.chmod(f, 0o666 & ~umask)
@@ -913,13 +1205,14 @@ def derive(gguf_path: Path, outdir: Path) -> None:
     print(f"derive-models: {gguf_path.name} -> {outdir}: {n_params / 1e6:.1f}M params, "
           f"hf/ {dir_size(outdir / 'hf') / mb:.0f} MB, onnx/ {dir_size(outdir / 'onnx') / mb:.0f} MB, "
           f"mlx/ {dir_size(outdir / 'mlx') / mb:.0f} MB, "
+          f"tflite/ {dir_size(outdir / 'tflite') / mb:.0f} MB, "
           f"{time.perf_counter() - start:.1f} s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("gguf", type=Path, help="a llama GGUF (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
-    parser.add_argument("outdir", type=Path, help="written as OUTDIR/hf, OUTDIR/onnx and OUTDIR/mlx")
+    parser.add_argument("outdir", type=Path, help="written as OUTDIR/hf, OUTDIR/onnx, OUTDIR/mlx and OUTDIR/tflite")
     parser.add_argument("--verify", action="store_true",
                         help="then compare hf/ and onnx/ outputs (numpy vs ONNX Runtime)")
     args = parser.parse_args()

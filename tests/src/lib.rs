@@ -45,8 +45,10 @@ pub struct Assets {
     pub hf_dir: PathBuf,
     /// The same network as an ONNX decoder export (derived).
     pub onnx_dir: PathBuf,
-    /// The safetensors directory quantized by MLX (mlx-lm, 4-bit groups of 64).
+    /// The safetensors directory quantized by MLX (mlx-lm, 4-bit groups of 32).
     pub mlx_dir: PathBuf,
+    /// The same network as a TFLite decoder with a KV cache (derived).
+    pub tflite_dir: PathBuf,
     /// libonnxruntime from the onnxruntime 1.31.1 wheel.
     pub ort_lib: PathBuf,
     /// An older libonnxruntime (1.20.1) this build must refuse.
@@ -84,6 +86,7 @@ impl Assets {
             hf_dir: lookup("MODELD_TEST_HF_DIR").into(),
             onnx_dir: lookup("MODELD_TEST_ONNX_DIR").into(),
             mlx_dir: lookup("MODELD_TEST_MLX_DIR").into(),
+            tflite_dir: lookup("MODELD_TEST_TFLITE_DIR").into(),
             ort_lib: lookup("MODELD_TEST_ORT_LIB").into(),
             ort_old_lib: lookup("MODELD_TEST_ORT_OLD_LIB").into(),
         };
@@ -96,6 +99,7 @@ impl Assets {
             &assets.hf_dir,
             &assets.onnx_dir,
             &assets.mlx_dir,
+            &assets.tflite_dir,
             &assets.ort_lib,
             &assets.ort_old_lib,
         ] {
@@ -507,4 +511,15 @@ pub fn argmax(logits: &[f32]) -> u32 {
     (0..logits.len())
         .max_by(|a, b| logits[*a].total_cmp(&logits[*b]))
         .unwrap() as u32
+}
+
+/// Scans `dir` into the agent and returns the spec of the model of `format` found
+/// there.
+pub async fn scan_for(client: &Client, dir: &Path, format: pb::ModelFormat) -> pb::ModelSpec {
+    let scan = client.scan(vec![dir.display().to_string()]).await.unwrap();
+    scan.models
+        .iter()
+        .filter_map(|m| m.spec.clone())
+        .find(|s| s.format() == format)
+        .unwrap_or_else(|| panic!("no {format:?} model in {:?}", scan.models))
 }

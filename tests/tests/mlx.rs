@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use modeld_e2e::{
-    Agent, Assets, COMPARISON_PROMPTS, Client, argmax, gguf_spec, greedy, pb, reason,
+    Agent, Assets, COMPARISON_PROMPTS, Client, argmax, gguf_spec, greedy, pb, reason, scan_for,
 };
 use modeld_engine_candle::CandleEngine;
 use modeld_engine_core::{Engine, EngineError, LoadOptions};
@@ -76,17 +76,8 @@ async fn agent_with_mlx(assets: &Assets) -> (Agent, Client, String) {
         .await
         .unwrap();
     client.pull_to_end("smol").await.unwrap();
-    let scan = client
-        .scan(vec![assets.mlx_dir.display().to_string()])
-        .await
-        .unwrap();
-    let spec = scan
-        .models
-        .iter()
-        .map(|m| m.spec.as_ref().unwrap())
-        .find(|s| s.format() == pb::ModelFormat::Mlx)
-        .unwrap_or_else(|| panic!("no MLX model in {:?}", scan.models));
-    (agent, client, spec.id.clone())
+    let spec = scan_for(&client, &assets.mlx_dir, pb::ModelFormat::Mlx).await;
+    (agent, client, spec.id)
 }
 
 async fn tokenize(client: &Client, model: &str, text: &str, special: bool) -> Vec<u32> {
@@ -219,12 +210,7 @@ async fn an_mlx_model_chats_tokenizes_and_unloads_like_the_other_formats() {
     assert_eq!(spec.quantization, "Q4");
     // Eight weights to a packed word, scales and biases not counted: the network's
     // own size, as its float form states it.
-    let float = client
-        .scan(vec![assets.hf_dir.display().to_string()])
-        .await
-        .unwrap();
-    let float = float.models[0].spec.as_ref().unwrap();
-    assert_eq!(float.format(), pb::ModelFormat::Safetensors);
+    let float = scan_for(&client, &assets.hf_dir, pb::ModelFormat::Safetensors).await;
     assert_eq!(spec.parameter_count, float.parameter_count);
 
     // Compatible here, with candle as the runtime that reads MLX.

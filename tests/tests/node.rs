@@ -53,6 +53,7 @@ async fn capabilities_describe_this_machine_and_this_build() {
     if cfg!(feature = "candle") {
         expected.push(pb::Runtime::Candle);
         runnable.push(pb::ModelFormat::Safetensors);
+        runnable.push(pb::ModelFormat::Mlx);
     }
     let runtimes: Vec<pb::Runtime> = caps.runtimes.iter().map(|r| r.runtime()).collect();
     assert_eq!(runtimes, expected);

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use modeld_e2e::{
     Agent, AgentOptions, Assets, COMPARISON_PROMPTS, Client, SMOLLM2_SIZE, argmax, gguf_spec,
-    greedy, pb, reason,
+    greedy, pb, reason, scan_for,
 };
 use modeld_engine_candle::CandleEngine;
 use modeld_engine_core::generation::Forward;
@@ -666,4 +666,29 @@ async fn a_pulled_directory_model_is_assembled_loads_and_is_removed_whole() {
         !assembled.exists(),
         "the assembled directory goes with the blobs"
     );
+}
+
+/// The test model as a TFLite decoder (scripts/derive-models.py writes it with the
+/// TFLite schema and checks it through LiteRT's own interpreter): discovery knows it,
+/// and until a LiteRT engine is built in, the agent says no runtime runs it.
+#[tokio::test]
+async fn the_derived_tflite_decoder_is_recognized_and_refused_for_want_of_a_runtime() {
+    let assets = Assets::get();
+    let agent = Agent::start().await;
+    let client = agent.client().await;
+    let spec = scan_for(&client, &assets.tflite_dir, pb::ModelFormat::Tflite).await;
+    let check = client
+        .check_compatibility(pb::CheckCompatibilityRequest {
+            model: Some(pb::check_compatibility_request::Model::Id(spec.id.clone())),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!check.compatible && !check.runtime_available, "{check:?}");
+    assert_eq!(check.candidate_runtimes, [pb::Runtime::Tflite as i32]);
+    let err = client.load_to_end(&spec.id, None).await.unwrap_err();
+    let status = err.status().unwrap();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(reason(status), "NO_RUNTIME");
+    assert!(client.is_serving().await.unwrap());
 }
