@@ -1158,10 +1158,8 @@ def write_mlx(out: Path, hf_dir: Path) -> None:
     import contextlib
     import io
 
-    import mlx.core as mx
     from mlx_lm import convert
 
-    mx.random.seed(0)
     # mlx-lm reports progress on stdout; this script's one line of output stays last.
     with contextlib.redirect_stdout(io.StringIO()):
         convert(str(hf_dir), mlx_path=str(out), quantize=True, q_group_size=MLX_GROUP_SIZE,

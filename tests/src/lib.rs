@@ -523,3 +523,24 @@ pub async fn scan_for(client: &Client, dir: &Path, format: pb::ModelFormat) -> p
         .find(|s| s.format() == format)
         .unwrap_or_else(|| panic!("no {format:?} model in {:?}", scan.models))
 }
+
+/// Asserts that candle refuses the model at `path` as invalid, when probing it and
+/// when loading it, with a message that contains `says`.
+#[cfg(feature = "candle")]
+pub fn assert_candle_refuses(path: &Path, says: &str) {
+    use modeld_engine_core::{Engine, EngineError, LoadOptions};
+    let engine = modeld_engine_candle::CandleEngine;
+    let options = LoadOptions::default();
+    for result in [
+        engine.probe(path).map(|_| ()),
+        engine.load(path, &options).map(|_| ()),
+    ] {
+        match result {
+            Err(EngineError::InvalidModel(m)) => {
+                assert!(m.contains(says), "{}: {m}", path.display());
+            }
+            Err(other) => panic!("{}: expected InvalidModel, got {other:?}", path.display()),
+            Ok(()) => panic!("{} was accepted", path.display()),
+        }
+    }
+}
