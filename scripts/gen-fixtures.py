@@ -268,8 +268,9 @@ def S(text):
     return ("str", text)
 
 
-def V(kind, items, force_align=1):
-    return ("vec", kind, list(items), force_align)
+def V(kind, items, force_align=1, claimed=None):
+    """`claimed` writes a length other than the items' (a hostile fixture's lie)."""
+    return ("vec", kind, list(items), force_align, claimed)
 
 
 class FlatBufferWriter:
@@ -297,11 +298,11 @@ class FlatBufferWriter:
             self.buf += struct.pack("<I", len(data)) + data + b"\0"
             return pos
         if tag == "vec":
-            _, kind, items, force_align = obj
+            _, kind, items, force_align, claimed = obj
             esize = 4 if kind == "off" else struct.calcsize(_SCALAR[kind])
             self._pad_to(max(4, esize, force_align), extra=4)  # element 0 aligned
             pos = len(self.buf)
-            self.buf += struct.pack("<I", len(items))
+            self.buf += struct.pack("<I", len(items) if claimed is None else claimed)
             pending = []
             for it in items:
                 if kind == "off":
@@ -366,6 +367,87 @@ def gen_tflite(path: Path) -> None:
         (4, "off", V("off", [T()])),                     # buffers: [0] = empty sentinel
     )
     write(path, bytes(FlatBufferWriter(b"TFL3").finish(model)))
+
+
+def tflite_add_model(lie: str | None = None) -> tuple:
+    """A small valid TFLite model, y = x + c (x [1, 4] float32, c a constant), with a
+    `serving_default` signature, or the same with one lie (for the engine's checker;
+    every lie must be refused before LiteRT sees the file)."""
+    f32, ADD = 0, 0
+    c = struct.pack("<4f", 1.0, 2.0, 3.0, 4.0)
+    if lie == "buffer-size":
+        c = c[:12]
+    const_buffer = [(0, "off", V("u8", c, force_align=16))]
+    if lie == "buffer-offset":
+        const_buffer = [(1, "u64", 1 << 40), (2, "u64", 16)]
+
+    def tensor(shape, name, buffer=0):
+        return T((0, "off", V("i32", shape)), (1, "u8", f32), (2, "u32", buffer), (3, "off", S(name)))
+
+    x_shape = {"negative-dim": [1, -4], "rank": [1] * 9}.get(lie, [1, 4])
+    tensors = [tensor(x_shape, "x"), tensor([4], "c", 99 if lie == "buffer-index" else 1),
+               tensor([1, 4], "y")]
+    op_inputs = [0, 50] if lie == "operator-tensor" else [0, 1]
+    operator = T((0, "u32", 7 if lie == "opcode-index" else 0),
+                 (1, "off", V("i32", op_inputs)), (2, "off", V("i32", [2])))
+    subgraph = T(
+        (0, "off", V("off", tensors, claimed=0x3FFFFFFF if lie == "vector-length" else None)),
+        (1, "off", V("i32", [0])),
+        (2, "off", V("i32", [2])),
+        (3, "off", V("off", [operator])),
+        (4, "off", S("main")),
+    )
+    signature = T(
+        (0, "off", V("off", [T((0, "off", S("x")), (1, "u32", 9 if lie == "signature-tensor" else 0))])),
+        (1, "off", V("off", [T((0, "off", S("y")), (1, "u32", 2))])),
+        (2, "off", S("serving_default")),
+        (4, "u32", 3 if lie == "signature-subgraph" else 0),
+    )
+    model = [
+        (0, "u32", 2 if lie == "schema-version" else 3),
+        (1, "off", V("off", [T((0, "u8", ADD), (2, "i32", 1), (3, "i32", ADD))])),
+        (2, "off", V("off", [subgraph])),
+        (3, "off", S("modeld add fixture")),
+        (4, "off", V("off", [T(), T(*const_buffer)])),
+        (7, "off", V("off", [signature])),
+    ]
+    if lie == "external-buffers":
+        model.append((9, "off", V("off", [T((0, "u32", 1), (1, "off", S("../weights.bin")))])))
+    return T(*model)
+
+
+# Each hostile .tflite and what the refusal must say.
+TFLITE_LIES = {
+    "buffer-index": "names buffer 99",
+    "buffer-size": "holds 12 bytes",
+    "buffer-offset": "past the end",
+    "opcode-index": "operator code 7",
+    "operator-tensor": "tensor 50",
+    "signature-tensor": "tensor 9",
+    "signature-subgraph": "subgraph 3",
+    "negative-dim": "dimension -4",
+    "rank": "the limit is 8",
+    "vector-length": "limit",
+    "schema-version": "schema version 2",
+    "external-buffers": "external files",
+    "truncated": "past the end",
+}
+
+
+def gen_tflite_checks(out: Path, expect: dict) -> None:
+    """tflite/add.tflite and tflite/hostile/*.tflite (one lie each)."""
+    valid = bytes(FlatBufferWriter(b"TFL3").finish(tflite_add_model()))
+    write(out / "add.tflite", valid)
+    expect["tflite/add.tflite"] = {"format": "tflite"}
+    for lie, says in TFLITE_LIES.items():
+        if lie == "truncated":
+            data = valid[: len(valid) // 2]
+        else:
+            data = bytes(FlatBufferWriter(b"TFL3").finish(tflite_add_model(lie)))
+        write(out / "hostile" / f"{lie}.tflite", data)
+        expect[f"tflite/hostile/{lie}.tflite"] = {"format": "tflite", "corrupt": says}
+    write(out / "hostile" / "expected.json", jdump(TFLITE_LIES))
+    expect["tflite/hostile/expected.json"] = {"format": "none"}
 
 
 ET_EXT_HEADER_LEN = 32          # eh00 header: magic, u32 len, u64 x3
@@ -790,6 +872,7 @@ def main(argv: list[str]) -> int:
 
     gen_tflite(out / "tiny.tflite")
     expect["tiny.tflite"] = {"format": "tflite"}
+    gen_tflite_checks(out / "tflite", expect)
 
     gen_pte(out / "tiny.pte")
     expect["tiny.pte"] = {"format": "executorch"}

@@ -196,6 +196,12 @@ pub struct Args {
     #[arg(long, env = "MODELD_ONNXRUNTIME_LIBRARY")]
     pub onnxruntime_library: Option<PathBuf>,
 
+    /// The LiteRT shared library (libLiteRt.so from the ai-edge-litert 2.3 wheel) the
+    /// litert engine loads for .tflite decoders [default: $LITERT_LIBRARY]. Without it
+    /// TFLite models fail to load with FAILED_PRECONDITION; everything else works.
+    #[arg(long, env = "MODELD_LITERT_LIBRARY")]
+    pub litert_library: Option<PathBuf>,
+
     /// The directory of llama.cpp's CPU variant modules (libggml-cpu-*.so) to choose
     /// from [default: llama-cpu-variants/ beside the modeld binary, else the build's].
     #[arg(long, env = "MODELD_LLAMA_CPU_VARIANTS_DIR")]
@@ -542,6 +548,7 @@ struct FileConfig {
     keep_alive_secs: Option<i64>,
     memory_pressure_threshold: Option<f64>,
     onnxruntime_library: Option<PathBuf>,
+    litert_library: Option<PathBuf>,
     llama_cpu_variants_dir: Option<PathBuf>,
     engine_isolation: Option<EngineIsolation>,
     max_queued_requests: Option<usize>,
@@ -690,6 +697,8 @@ pub struct Config {
     pub memory_pressure_threshold: Option<f64>,
     /// libonnxruntime for the onnx engine; `None` = `ORT_DYLIB_PATH`.
     pub onnxruntime_library: Option<PathBuf>,
+    /// libLiteRt for the litert engine; `None` = `LITERT_LIBRARY`.
+    pub litert_library: Option<PathBuf>,
     /// llama.cpp's CPU variants; `None` = packaged beside the binary, else the build's.
     pub llama_cpu_variants_dir: Option<PathBuf>,
     pub engine_isolation: EngineIsolation,
@@ -869,6 +878,7 @@ impl Config {
                 .unwrap_or(2)
                 .max(1),
             onnxruntime_library: args.onnxruntime_library.or(file.onnxruntime_library),
+            litert_library: args.litert_library.or(file.litert_library),
             llama_cpu_variants_dir: args.llama_cpu_variants_dir.or(file.llama_cpu_variants_dir),
             engine_isolation: args
                 .engine_isolation

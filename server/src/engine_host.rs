@@ -23,6 +23,8 @@ struct HostArgs {
     llama_cpu_variants_dir: Option<PathBuf>,
     #[arg(long)]
     onnxruntime_library: Option<PathBuf>,
+    #[arg(long)]
+    litert_library: Option<PathBuf>,
 }
 
 /// True when the process was started in the engine role.
@@ -39,6 +41,7 @@ pub fn main() -> anyhow::Result<()> {
     let engines = engines::compiled(&EngineSettings {
         llama_cpu_variants_dir: args.llama_cpu_variants_dir,
         onnxruntime_library: args.onnxruntime_library,
+        litert_library: args.litert_library,
     });
     let channel = modeld_engine_process::host::channel_from_stdin()
         .context("the engine process needs its socket as stdin")?;

@@ -19,6 +19,7 @@ pub const ENGINE_ROLE: &str = "engine-host";
 pub struct EngineSettings {
     pub llama_cpu_variants_dir: Option<PathBuf>,
     pub onnxruntime_library: Option<PathBuf>,
+    pub litert_library: Option<PathBuf>,
 }
 
 /// The engines compiled into this build, one Cargo feature each, in the order
@@ -37,6 +38,10 @@ pub fn compiled(settings: &EngineSettings) -> Vec<Arc<dyn Engine>> {
     )));
     #[cfg(feature = "candle")]
     out.push(Arc::new(modeld_engine_candle::CandleEngine));
+    #[cfg(feature = "litert")]
+    out.push(Arc::new(modeld_engine_litert::LiteRtEngine::new(
+        settings.litert_library.clone(),
+    )));
     out
 }
 
@@ -45,6 +50,7 @@ pub fn for_agent(config: &Config) -> Result<Vec<Arc<dyn Engine>>> {
     let settings = EngineSettings {
         llama_cpu_variants_dir: config.llama_cpu_variants_dir.clone(),
         onnxruntime_library: config.onnxruntime_library.clone(),
+        litert_library: config.litert_library.clone(),
     };
     let engines = compiled(&settings);
     match config.engine_isolation {
@@ -81,6 +87,9 @@ fn isolated(
     }
     if let Some(lib) = &settings.onnxruntime_library {
         args.extend(["--onnxruntime-library".into(), lib.clone().into()]);
+    }
+    if let Some(lib) = &settings.litert_library {
+        args.extend(["--litert-library".into(), lib.clone().into()]);
     }
     let command = modeld_engine_process::EngineCommand { program, args };
     // Each engine's socket is served on the agent's runtime.

@@ -53,6 +53,8 @@ pub struct Assets {
     pub ort_lib: PathBuf,
     /// An older libonnxruntime (1.20.1) this build must refuse.
     pub ort_old_lib: PathBuf,
+    /// libLiteRt from the ai-edge-litert 2.3.0 wheel.
+    pub litert_lib: PathBuf,
 }
 
 impl Assets {
@@ -89,6 +91,7 @@ impl Assets {
             tflite_dir: lookup("MODELD_TEST_TFLITE_DIR").into(),
             ort_lib: lookup("MODELD_TEST_ORT_LIB").into(),
             ort_old_lib: lookup("MODELD_TEST_ORT_OLD_LIB").into(),
+            litert_lib: lookup("MODELD_TEST_LITERT_LIB").into(),
         };
         for p in [
             &assets.gguf,
@@ -102,6 +105,7 @@ impl Assets {
             &assets.tflite_dir,
             &assets.ort_lib,
             &assets.ort_old_lib,
+            &assets.litert_lib,
         ] {
             assert!(
                 p.exists(),

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use modeld_e2e::{
     Agent, AgentOptions, Assets, COMPARISON_PROMPTS, Client, SMOLLM2_SIZE, argmax,
-    assert_candle_refuses, gguf_spec, greedy, pb, reason, scan_for,
+    assert_candle_refuses, gguf_spec, greedy, pb, reason,
 };
 use modeld_engine_candle::CandleEngine;
 use modeld_engine_core::generation::Forward;
@@ -573,7 +573,8 @@ async fn capabilities_tell_runnable_engines_from_recognized_formats() {
         [
             pb::Runtime::LlamaCpp,
             pb::Runtime::OnnxRuntime,
-            pb::Runtime::Candle
+            pb::Runtime::Candle,
+            pb::Runtime::Tflite
         ]
     );
     let candle = &caps.runtimes[2];
@@ -592,6 +593,7 @@ async fn capabilities_tell_runnable_engines_from_recognized_formats() {
                 | pb::ModelFormat::Onnx
                 | pb::ModelFormat::Safetensors
                 | pb::ModelFormat::Mlx
+                | pb::ModelFormat::Tflite
         );
         assert!(f.recognized, "{f:?}");
         assert_eq!(f.runnable, runnable, "{f:?}");
@@ -599,7 +601,6 @@ async fn capabilities_tell_runnable_engines_from_recognized_formats() {
     }
     for f in [
         pb::ModelFormat::Coreml,
-        pb::ModelFormat::Tflite,
         pb::ModelFormat::Executorch,
         pb::ModelFormat::Mlc,
         pb::ModelFormat::Picollm,
@@ -655,29 +656,4 @@ async fn a_pulled_directory_model_is_assembled_loads_and_is_removed_whole() {
         !assembled.exists(),
         "the assembled directory goes with the blobs"
     );
-}
-
-/// The test model as a TFLite decoder (scripts/derive-models.py writes it with the
-/// TFLite schema and checks it through LiteRT's own interpreter): discovery knows it,
-/// and until a LiteRT engine is built in, the agent says no runtime runs it.
-#[tokio::test]
-async fn the_derived_tflite_decoder_is_recognized_and_refused_for_want_of_a_runtime() {
-    let assets = Assets::get();
-    let agent = Agent::start().await;
-    let client = agent.client().await;
-    let spec = scan_for(&client, &assets.tflite_dir, pb::ModelFormat::Tflite).await;
-    let check = client
-        .check_compatibility(pb::CheckCompatibilityRequest {
-            model: Some(pb::check_compatibility_request::Model::Id(spec.id.clone())),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert!(!check.compatible && !check.runtime_available, "{check:?}");
-    assert_eq!(check.candidate_runtimes, [pb::Runtime::Tflite as i32]);
-    let err = client.load_to_end(&spec.id, None).await.unwrap_err();
-    let status = err.status().unwrap();
-    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-    assert_eq!(reason(status), "NO_RUNTIME");
-    assert!(client.is_serving().await.unwrap());
 }

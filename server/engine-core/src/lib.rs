@@ -14,6 +14,7 @@ mod runtime;
 pub mod safetensors;
 pub mod sampler;
 mod text;
+pub mod tflite;
 
 pub use cpu::{CpuDispatch, CpuVariant};
 pub use engine::{

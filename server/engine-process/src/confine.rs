@@ -16,7 +16,8 @@
 use std::path::{Path, PathBuf};
 
 /// Paths every engine process may read: what the dynamic loader, the CPU topology
-/// probes and `/proc/self` need. None of them holds anything of the agent's.
+/// probes (XNNPACK's cpuinfo parses `/proc/cpuinfo`) and `/proc/self` need. None of
+/// them holds anything of the agent's.
 pub const SYSTEM_READABLE: &[&str] = &[
     "/usr/lib",
     "/usr/lib64",
@@ -24,6 +25,7 @@ pub const SYSTEM_READABLE: &[&str] = &[
     "/lib64",
     "/etc/ld.so.cache",
     "/proc/self",
+    "/proc/cpuinfo",
     "/sys/devices/system/cpu",
     "/sys/fs/cgroup",
     "/dev/null",

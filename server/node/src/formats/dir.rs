@@ -1,14 +1,15 @@
 //! Recognizing directory models: Hugging Face style (config.json + safetensors, which
-//! MLX shares), MLC-LLM (mlc-chat-config.json) and Core ML packages (Manifest.json).
+//! MLX shares), MLC-LLM (mlc-chat-config.json), Core ML packages (Manifest.json),
+//! ONNX decoder exports (genai_config.json) and TFLite decoders with their tokenizer.
 
 use std::fs::{self, File};
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use modeld_engine_core::{ModelFormat, safetensors};
+use modeld_engine_core::{ModelFormat, safetensors, tflite};
 use serde_json::Value;
 
-use super::{Metadata, Sniffed, onnx, sniff_file};
+use super::{Metadata, Sniffed, onnx, sniff_file, tflite_metadata};
 
 /// Files of a directory model we are willing to list.
 pub const MAX_FILES: usize = 10_000;
@@ -41,6 +42,10 @@ pub fn sniff_dir(dir: &Path) -> Result<Option<DirModel>, DirError> {
         (ModelFormat::Onnx, genai_metadata(dir)?)
     } else if has("Manifest.json") && dir.join("Data").is_dir() {
         (ModelFormat::CoreMl, coreml_package_metadata(dir)?)
+    } else if let Some(graph) = lone_tflite(dir)?
+        && has("tokenizer.json")
+    {
+        (ModelFormat::Tflite, tflite_dir_metadata(dir, &graph)?)
     } else if has("config.json") {
         match hf_metadata(dir)? {
             Some(found) => found,
@@ -134,6 +139,46 @@ fn genai_metadata(dir: &Path) -> Result<Metadata, DirError> {
         inputs: io.inputs,
         outputs: io.outputs,
         ..Metadata::default()
+    })
+}
+
+/// The directory's one `.tflite` file, if it has exactly one at its top.
+fn lone_tflite(dir: &Path) -> Result<Option<PathBuf>, DirError> {
+    let mut found = None;
+    for entry in fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        if path.is_file() && path.extension().is_some_and(|x| x == "tflite") {
+            if found.is_some() {
+                return Ok(None);
+            }
+            found = Some(path);
+        }
+    }
+    Ok(found)
+}
+
+/// A TFLite decoder with its tokenizer (and Hugging Face config) beside it: the
+/// directory is the model, so the engine reads all of it. The context is what the
+/// graph's cache holds (`kv_cache_k_0`'s second dimension), else the config's.
+fn tflite_dir_metadata(dir: &Path, graph: &Path) -> Result<Metadata, DirError> {
+    let model = tflite::check_file(graph)
+        .map_err(|reason| format!("malformed tflite file {}: {reason}", graph.display()))?;
+    let metadata = tflite_metadata(&model);
+    let cache_slots = model
+        .signature("decode")
+        .and_then(|s| s.input("kv_cache_k_0"))
+        .and_then(|t| t.shape.get(1))
+        .and_then(|d| u32::try_from(*d).ok());
+    let config = read_json(&dir.join("config.json")).unwrap_or_default();
+    let chat_template = read_json(&dir.join("tokenizer_config.json"))
+        .ok()
+        .map(|t| str_of(&t, "chat_template").to_owned())
+        .unwrap_or_default();
+    Ok(Metadata {
+        architecture: str_of(&config, "model_type").to_owned(),
+        context_length: cache_slots.unwrap_or_else(|| u32_of(&config, "max_position_embeddings")),
+        chat_template,
+        ..metadata
     })
 }
 

@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::Path;
 
-use modeld_engine_core::{ArchiveFormat, ModelFormat};
+use modeld_engine_core::{ArchiveFormat, ModelFormat, tflite};
 
 /// Metadata a model file carries about itself. Absent values are empty or zero.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -70,8 +70,43 @@ pub fn sniff_file(path: &Path) -> io::Result<Sniffed> {
     let sniffed = sniff_head_and_stream(&head[..n], chained, size)?;
     Ok(match sniffed {
         Sniffed::Unknown => sniff_extension(path),
+        // A flatbuffer is checked by its offsets, which a file (not a stream) allows.
+        Sniffed::Model {
+            format: ModelFormat::Tflite,
+            ..
+        } => tflite_file(path),
         other => other,
     })
+}
+
+/// A TFLite file, checked whole (every offset and index), with what it holds.
+fn tflite_file(path: &Path) -> Sniffed {
+    match tflite::check_file(path) {
+        Ok(model) => Sniffed::Model {
+            format: ModelFormat::Tflite,
+            metadata: tflite_metadata(&model),
+        },
+        Err(reason) => Sniffed::Malformed {
+            format: ModelFormat::Tflite,
+            reason,
+        },
+    }
+}
+
+pub(crate) fn tflite_metadata(model: &tflite::TfliteModel) -> Metadata {
+    // The entry point a caller runs: a decoder's `decode`, else the first signature.
+    let entry = model
+        .signature("decode")
+        .or_else(|| model.signatures.first());
+    let names = |list: &[tflite::TensorInfo]| list.iter().map(|t| t.name.clone()).collect();
+    Metadata {
+        name: model.description.clone().unwrap_or_default(),
+        parameter_count: model.constant_elements,
+        quantization: model.weight_type().to_owned(),
+        inputs: entry.map(|s| names(&s.inputs)).unwrap_or_default(),
+        outputs: entry.map(|s| names(&s.outputs)).unwrap_or_default(),
+        ..Metadata::default()
+    }
 }
 
 /// Classifies a stream of `size` bytes, e.g. an archive member. `name` is only used for

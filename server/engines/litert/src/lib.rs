@@ -1,0 +1,256 @@
+//! The LiteRT engine: TensorFlow Lite decoders (`.tflite` with `decode` and `prefill`
+//! signatures and a KV cache, see [`decoder`]) run through LiteRT's C API, which is
+//! opened at run time from a configured `libLiteRt` the way the ONNX engine opens
+//! libonnxruntime.
+//!
+//! Files are checked in Rust before LiteRT sees them (engine-core's `tflite`); generation goes
+//! through engine-core's shared loop and sampler.
+
+pub mod decoder;
+mod library;
+
+use std::path::{Path, PathBuf};
+
+use modeld_engine_core::generation::SequenceModel;
+use modeld_engine_core::{
+    Accelerator, CpuDispatch, CpuVariant, Engine, EngineError, LoadOptions, LoadedModel,
+    MemoryEstimate, ModelFormat, ModelInfo, ModelProbe, Runtime,
+};
+
+pub use decoder::{DecoderShape, LiteRtDecoder};
+pub use library::LIBRARY_ENV;
+pub use modeld_engine_core::tflite::TfliteModel;
+
+/// The C API this build speaks.
+pub const VERSION: &str = "LiteRT 2.x C API (compiled model, CPU)";
+
+#[derive(Debug, Clone, Default)]
+pub struct LiteRtEngine {
+    /// libLiteRt to open; `None` = `LITERT_LIBRARY`.
+    library: Option<PathBuf>,
+}
+
+/// A checked model: its file, what the check read, and the decoder's shape.
+#[derive(Debug, Clone)]
+pub struct Inspected {
+    pub file: PathBuf,
+    pub model: TfliteModel,
+    pub shape: DecoderShape,
+    pub probe: ModelProbe,
+}
+
+impl LiteRtEngine {
+    pub fn new(library: Option<PathBuf>) -> LiteRtEngine {
+        LiteRtEngine { library }
+    }
+
+    /// Checks and opens the decoder at `path` without a tokenizer: what `load` does
+    /// underneath, for tests that step the cache themselves.
+    pub fn open_decoder(
+        &self,
+        path: &Path,
+        options: &LoadOptions,
+    ) -> Result<(LiteRtDecoder, Inspected), EngineError> {
+        // Every load checks the file itself, whatever probed it before.
+        let inspected = inspect(path)?;
+        let lib = library::open(self.library.as_deref())?;
+        let compiled = library::CompiledModel::open(lib, &inspected.file, options.threads)?;
+        let decoder = LiteRtDecoder::new(compiled, inspected.shape)?;
+        Ok((decoder, inspected))
+    }
+}
+
+/// The `.tflite` file `path` names: the file itself, or the one such file in a
+/// directory.
+pub fn locate(path: &Path) -> Result<PathBuf, EngineError> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let entries = std::fs::read_dir(path)
+        .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", path.display())))?;
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "tflite"))
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(EngineError::InvalidModel(format!(
+            "{} holds no .tflite file",
+            path.display()
+        ))),
+        n => Err(EngineError::InvalidModel(format!(
+            "{} holds {n} .tflite files; register the one to run",
+            path.display()
+        ))),
+    }
+}
+
+/// Checks the file and reads what the engine needs, before LiteRT sees it.
+pub fn inspect(path: &Path) -> Result<Inspected, EngineError> {
+    let file = locate(path)?;
+    let model = modeld_engine_core::tflite::check(&file)?;
+    let shape = decoder::shape_of(&model).map_err(|e| match e {
+        EngineError::InvalidModel(what) => {
+            EngineError::InvalidModel(format!("{}: {what}", file.display()))
+        }
+        other => other,
+    })?;
+    let config = file
+        .parent()
+        .map(|d| d.join("config.json"))
+        .and_then(|p| std::fs::read(p).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let text = |key: &str| {
+        config
+            .as_ref()
+            .and_then(|c| c.get(key))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let number = |key: &str| {
+        config
+            .as_ref()
+            .and_then(|c| c.get(key))
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+    };
+    let probe = ModelProbe {
+        architecture: text("model_type").unwrap_or_else(|| "tflite-decoder".into()),
+        // Every constant element: weights, plus the tables a graph keeps (rotary angles).
+        parameter_count: model.constant_elements,
+        weights_bytes: model.constant_bytes,
+        context_length: shape.context as u32,
+        vocab_size: shape.vocab as u32,
+        layers: shape.layers as u32,
+        kv_heads: shape.kv_heads as u32,
+        head_dim: shape.head_dim as u32,
+        embedding_length: number("hidden_size").unwrap_or(0),
+        quantization: Some(model.weight_type().into()),
+    };
+    Ok(Inspected {
+        file,
+        model,
+        shape,
+        probe,
+    })
+}
+
+impl Engine for LiteRtEngine {
+    fn runtime(&self) -> Runtime {
+        Runtime::Tflite
+    }
+
+    fn version(&self) -> String {
+        VERSION.to_owned()
+    }
+
+    fn runtime_paths(&self) -> Vec<PathBuf> {
+        // LiteRT opens its accelerator libraries from its own directory.
+        library::configured_path(self.library.as_deref())
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .into_iter()
+            .collect()
+    }
+
+    fn formats(&self) -> &[ModelFormat] {
+        &[ModelFormat::Tflite]
+    }
+
+    fn quantizations(&self) -> &[&'static str] {
+        &["F32", "F16", "Q8"]
+    }
+
+    fn accelerators(&self) -> Vec<Accelerator> {
+        vec![Accelerator::Cpu]
+    }
+
+    /// XNNPACK, inside the library, picks its kernels for the CPU it finds: the
+    /// library file decides, not this build. Without one the runtime is unavailable
+    /// here, and capabilities say why.
+    fn cpu_variant(&self) -> Result<CpuVariant, EngineError> {
+        let library = library::configured_path(self.library.as_deref()).ok_or_else(|| {
+            EngineError::Unavailable(format!(
+                "no LiteRT library is configured: set --litert-library (or {LIBRARY_ENV}) to \
+                 libLiteRt.so from the ai-edge-litert 2.3 wheel"
+            ))
+        })?;
+        if !library.is_file() {
+            return Err(EngineError::Unavailable(format!(
+                "{}: the LiteRT library does not exist",
+                library.display()
+            )));
+        }
+        Ok(CpuVariant {
+            name: "xnnpack".to_owned(),
+            dispatch: CpuDispatch::Library,
+            features: Vec::new(),
+            withheld: Vec::new(),
+            module: Some(library),
+        })
+    }
+
+    fn probe(&self, path: &Path) -> Result<ModelProbe, EngineError> {
+        inspect(path).map(|i| i.probe)
+    }
+
+    fn estimate_memory(&self, probe: &ModelProbe, _options: &LoadOptions) -> MemoryEstimate {
+        // The graph's cache is fixed at export: the context option cannot shrink it.
+        let set = probe.kv_cache_bytes(u64::from(probe.context_length), 4);
+        let vocab = u64::from(probe.vocab_size);
+        MemoryEstimate {
+            weights: probe.weights_bytes,
+            // Two sets: a step reads one and writes the other.
+            kv_cache: set * 2,
+            // The prefill's logits and activations; XNNPACK packs float weights
+            // into its own layout once, beside the mapped file.
+            compute: probe.weights_bytes + 64 * vocab * 4,
+        }
+    }
+
+    fn load(
+        &self,
+        path: &Path,
+        options: &LoadOptions,
+    ) -> Result<Box<dyn LoadedModel>, EngineError> {
+        modeld_engine_core::refuse_llama_only_options(options)?;
+        if !options.execution_providers.is_empty()
+            && options
+                .execution_providers
+                .iter()
+                .any(|p| !p.trim().eq_ignore_ascii_case("cpu"))
+        {
+            return Err(EngineError::Unavailable(format!(
+                "execution providers {:?}: this agent runs LiteRT on the CPU only",
+                options.execution_providers
+            )));
+        }
+        let (decoder, inspected) = self.open_decoder(path, options)?;
+        let dir = inspected
+            .file
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let tokenizer = modeld_tokenizer::for_model(&dir, ModelFormat::Tflite, None, None)?;
+        let probe = &inspected.probe;
+        let context_length = options.context_for(probe.context_length);
+        let estimate = self.estimate_memory(probe, options);
+        let info = ModelInfo {
+            architecture: probe.architecture.clone(),
+            parameter_count: probe.parameter_count,
+            context_length,
+            vocab_size: probe.vocab_size,
+            chat_template: None,
+            memory_bytes: estimate.total(),
+            accelerator: Accelerator::Cpu,
+            ..ModelInfo::default()
+        };
+        Ok(Box::new(SequenceModel::new(
+            decoder,
+            tokenizer,
+            info,
+            inspected.shape.prefill,
+            "litert",
+        )?))
+    }
+}

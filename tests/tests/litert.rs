@@ -1,0 +1,516 @@
+//! TFLite decoders through LiteRT: the test model as a `.tflite` with a KV cache
+//! (scripts/derive-models.py), run by the litert engine over libLiteRt from the
+//! ai-edge-litert wheel, behind the same lifecycle as the other runtimes, and held to
+//! LiteRT's own Python interpreter on the same file (scripts/litert-reference.py).
+//! Hostile `.tflite` files (scripts/gen-fixtures.py) are refused before LiteRT sees them.
+
+#![cfg(feature = "litert")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use modeld_e2e::{
+    Agent, AgentOptions, Assets, COMPARISON_PROMPTS, Client, argmax, gguf_spec, greedy, pb, reason,
+    scan_for,
+};
+use modeld_engine_core::generation::Forward;
+use modeld_engine_core::tflite as tflite_file;
+use modeld_engine_core::{Engine, EngineError, LoadOptions};
+use modeld_engine_litert::LiteRtEngine;
+use serde_json::Value;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+const PROMPTS: [(&str, bool); 5] = COMPARISON_PROMPTS;
+const GREEDY_TOKENS: u32 = 16;
+
+fn litert_args(lib: &Path) -> Vec<String> {
+    vec!["--litert-library".into(), lib.display().to_string()]
+}
+
+/// What LiteRT's Python interpreter makes of one prompt.
+struct Reference {
+    ids: Vec<u32>,
+    greedy: Vec<u32>,
+    logits: Vec<f32>,
+}
+
+fn litert_reference(assets: &Assets) -> Vec<Reference> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/litert-reference.py");
+    let out = Command::new(&assets.python)
+        .arg(&script)
+        .arg(&assets.tflite_dir)
+        .arg(serde_json::to_string(&PROMPTS).unwrap())
+        .arg(GREEDY_TOKENS.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "litert-reference.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parsed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let numbers = |v: &Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    parsed
+        .iter()
+        .map(|p| Reference {
+            ids: numbers(&p["ids"]).into_iter().map(|x| x as u32).collect(),
+            greedy: numbers(&p["greedy"])
+                .into_iter()
+                .map(|x| x as u32)
+                .collect(),
+            logits: numbers(&p["logits"])
+                .into_iter()
+                .map(|x| x as f32)
+                .collect(),
+        })
+        .collect()
+}
+
+/// An agent that can run LiteRT, with the GGUF stored as "smol" and the TFLite
+/// decoder scanned in; returns the decoder's id.
+async fn agent_with_tflite(assets: &Assets) -> (Agent, Client, String) {
+    let agent = Agent::start_with(AgentOptions {
+        args: litert_args(&assets.litert_lib),
+        ..AgentOptions::default()
+    })
+    .await;
+    let client = agent.client().await;
+    let url = format!("file://{}", assets.gguf.display());
+    client
+        .register_model(gguf_spec("smol", &url))
+        .await
+        .unwrap();
+    client.pull_to_end("smol").await.unwrap();
+    let spec = scan_for(&client, &assets.tflite_dir, pb::ModelFormat::Tflite).await;
+    (agent, client, spec.id)
+}
+
+async fn tokenize(client: &Client, model: &str, text: &str, special: bool) -> Vec<u32> {
+    client
+        .generate()
+        .tokenize(pb::TokenizeRequest {
+            model_id: model.into(),
+            text: text.into(),
+            add_special_tokens: special,
+            parse_special: special,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token_ids
+}
+
+fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
+/// The same graph and weights on the same library: what is left between modeld's
+/// padded 32-token prefill and the reference's one-token steps is float32 summation
+/// order (logits span about 40).
+const LOGIT_TOLERANCE: f32 = 1e-2;
+
+#[tokio::test]
+async fn modeld_and_the_litert_interpreter_run_the_same_tflite_decoder_alike() {
+    let assets = Assets::get();
+    let reference = litert_reference(&assets);
+
+    // The engine alone: a prompt through the padded prefill signature, then decode
+    // steps, against the interpreter's decode-only run.
+    let engine = LiteRtEngine::new(Some(assets.litert_lib.clone()));
+    let (mut decoder, inspected) = engine
+        .open_decoder(&assets.tflite_dir, &LoadOptions::default())
+        .unwrap();
+    assert_eq!(inspected.shape.prefill, 32);
+    for ((prompt, _), r) in PROMPTS.iter().zip(&reference) {
+        decoder.truncate(0);
+        let mut logits = decoder.forward(&r.ids).unwrap();
+        let diff = largest_difference(&logits, &r.logits);
+        eprintln!(
+            "{prompt:?} ({} tokens): logits within {diff:.2e} of LiteRT's interpreter",
+            r.ids.len()
+        );
+        assert!(
+            diff < LOGIT_TOLERANCE,
+            "{prompt:?}: logits differ by {diff}"
+        );
+        let mut ids = Vec::new();
+        while ids.len() < r.greedy.len() {
+            let next = argmax(&logits);
+            ids.push(next);
+            logits = decoder.forward(&[next]).unwrap();
+        }
+        assert_eq!(ids, r.greedy, "{prompt:?}");
+    }
+    // A cut cache is forgotten, not kept: the same prompt after a truncation gives
+    // the same logits as from empty.
+    let ids = &reference[0].ids;
+    decoder.truncate(0);
+    let whole = decoder.forward(ids).unwrap();
+    decoder.truncate(ids.len() / 2);
+    let again = decoder.forward(&ids[ids.len() / 2..]).unwrap();
+    assert!(largest_difference(&whole, &again) < LOGIT_TOLERANCE);
+    drop(decoder);
+
+    // Through the agent: its tokenizer and its greedy tokens against the reference.
+    let (_agent, client, tflite) = agent_with_tflite(&assets).await;
+    let loaded = client.load_to_end(&tflite, None).await.unwrap();
+    assert_eq!(loaded.runtime(), pb::Runtime::Tflite, "{loaded:?}");
+    for ((prompt, chat), r) in PROMPTS.iter().zip(&reference) {
+        if !chat {
+            assert_eq!(
+                tokenize(&client, &tflite, prompt, true).await,
+                r.ids,
+                "{prompt:?}"
+            );
+        }
+        let (ids, text) = greedy(&client, &tflite, prompt, *chat, GREEDY_TOKENS).await;
+        // The reference's list ends with the end-of-turn token when it stopped
+        // early; the stream ends there without sending it.
+        let mut want = r.greedy.clone();
+        if want.len() < GREEDY_TOKENS as usize {
+            want.pop();
+        }
+        assert_eq!(ids, want, "{prompt:?}: {text:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_tflite_model_chats_tokenizes_benchmarks_cancels_and_unloads_like_the_other_formats() {
+    let assets = Assets::get();
+    let (_agent, client, tflite) = agent_with_tflite(&assets).await;
+
+    let model = client.get_model(&tflite).await.unwrap();
+    let spec = model.spec.as_ref().unwrap();
+    assert_eq!(spec.format(), pb::ModelFormat::Tflite);
+    assert_eq!(spec.quantization, "F32");
+    // The float weights' count, plus the tables the graph keeps as float constants:
+    // rotary cos and sin (2 × 1024 × 64), rotate-half (64 × 64) and a few scalars.
+    // Integer constants (shapes, indices) are not parameters.
+    let float = scan_for(&client, &assets.hf_dir, pb::ModelFormat::Safetensors).await;
+    let tables = 2 * 1024 * 64 + 64 * 64;
+    assert!(
+        (float.parameter_count + tables..float.parameter_count + tables + 16)
+            .contains(&spec.parameter_count),
+        "{} against {} float weights",
+        spec.parameter_count,
+        float.parameter_count
+    );
+
+    let caps = client.capabilities().await.unwrap();
+    let runtime = caps
+        .runtimes
+        .iter()
+        .find(|r| r.runtime() == pb::Runtime::Tflite)
+        .unwrap();
+    assert!(runtime.unavailable_reason.is_empty(), "{runtime:?}");
+    let variant = runtime.cpu_variant.as_ref().unwrap();
+    assert_eq!(variant.dispatch(), pb::CpuDispatch::Library);
+    assert_eq!(variant.module_path, assets.litert_lib.display().to_string());
+    let format = caps
+        .formats
+        .iter()
+        .find(|f| f.format() == pb::ModelFormat::Tflite)
+        .unwrap();
+    assert!(format.runnable, "{format:?}");
+
+    let check = client
+        .check_compatibility(pb::CheckCompatibilityRequest {
+            model: Some(pb::check_compatibility_request::Model::Id(tflite.clone())),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(check.compatible && check.runtime_available, "{check:?}");
+    assert_eq!(check.candidate_runtimes, [pb::Runtime::Tflite as i32]);
+    assert_eq!(
+        check.performance.as_ref().unwrap().source(),
+        pb::EstimateSource::Predicted
+    );
+
+    let loaded = client.load_to_end(&tflite, None).await.unwrap();
+    assert_eq!(loaded.runtime(), pb::Runtime::Tflite);
+    let listed = client.list_loaded().await.unwrap();
+    assert!(
+        listed.models.iter().any(|m| m.model_id == tflite),
+        "{listed:?}"
+    );
+
+    let (_, text) = greedy(&client, &tflite, "Tell me the capital of France.", true, 24).await;
+    assert!(text.contains("Paris"), "{text:?}");
+
+    // One tokenizer for the GGUF and its TFLite form.
+    client.load_to_end("smol", None).await.unwrap();
+    let text = "Grüße, 東京! 12345 <|im_start|>user";
+    assert_eq!(
+        tokenize(&client, &tflite, text, true).await,
+        tokenize(&client, "smol", text, true).await
+    );
+
+    // Node.Benchmark measures LiteRT, and the measurement replaces the prediction.
+    let bench = client
+        .node()
+        .benchmark(pb::BenchmarkRequest {
+            model_id: tflite.clone(),
+            runtime: pb::Runtime::Tflite as i32,
+            prompt_tokens: 32,
+            generated_tokens: 16,
+            repetitions: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(bench.runtime(), pb::Runtime::Tflite);
+    assert!(
+        bench.prompt_tokens_per_second > 0.0 && bench.generation_tokens_per_second > 0.0,
+        "{bench:?}"
+    );
+    // Measured in the engine process that held the model: at least its weights.
+    assert!(bench.peak_memory_bytes > 500_000_000, "{bench:?}");
+    let check = client
+        .check_compatibility(pb::CheckCompatibilityRequest {
+            model: Some(pb::check_compatibility_request::Model::Id(tflite.clone())),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let measured = check.performance.unwrap();
+    assert_eq!(measured.source(), pb::EstimateSource::Measured);
+    assert_eq!(
+        measured.generation_tokens_per_second,
+        bench.generation_tokens_per_second
+    );
+
+    // A long generation, cancelled by an unload with a short grace.
+    client.load_to_end(&tflite, None).await.unwrap();
+    let mut stream = client
+        .generate()
+        .generate(pb::GenerateRequest {
+            model_id: tflite.clone(),
+            input: Some(pb::generate_request::Input::Prompt(
+                "Once upon a time".into(),
+            )),
+            max_tokens: 900,
+            ignore_eos: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap();
+    let unload = client.unload(&tflite, Some(Duration::from_millis(300)));
+    let finish = async {
+        let mut summary = None;
+        while let Some(Ok(msg)) = stream.next().await {
+            if let Some(pb::generate_response::Event::Summary(s)) = msg.event {
+                summary = Some(s);
+            }
+        }
+        summary.unwrap()
+    };
+    let (summary, unloaded) = tokio::join!(finish, unload);
+    assert_eq!(summary.finish_reason(), pb::FinishReason::Cancelled);
+    assert!(summary.usage.unwrap().generated_tokens < 900);
+    assert_eq!(unloaded.unwrap().cancelled_requests, 1);
+    let listed = client.list_loaded().await.unwrap();
+    assert!(
+        listed.models.iter().all(|m| m.model_id != tflite),
+        "{listed:?}"
+    );
+}
+
+fn hostile_fixtures(assets: &Assets) -> (PathBuf, BTreeMap<String, String>) {
+    let dir = assets.fixtures.join("tflite/hostile");
+    let expected: BTreeMap<String, String> =
+        serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+    (dir, expected)
+}
+
+#[test]
+fn tflite_files_are_checked_before_litert_sees_them() {
+    let assets = Assets::get();
+    // A valid model (LiteRT's interpreter runs it) passes, and what it holds is read.
+    let add = assets.fixtures.join("tflite/add.tflite");
+    let model = tflite_file::check(&add).unwrap();
+    assert_eq!(model.subgraphs, 1);
+    assert_eq!(model.operators, 1);
+    assert_eq!(model.constant_elements, 4);
+    assert_eq!(model.constant_bytes, 16);
+    let sig = model.signature("serving_default").unwrap();
+    assert_eq!(sig.inputs[0].name, "x");
+    assert_eq!(sig.inputs[0].shape, [1, 4]);
+    assert_eq!(sig.outputs[0].name, "y");
+    // It is not a decoder: refused for what it lacks.
+    match LiteRtEngine::new(None).probe(&add) {
+        Err(EngineError::InvalidModel(m)) => assert!(m.contains("`decode` signature"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+
+    // One lie each: refused, naming it.
+    let (dir, expected) = hostile_fixtures(&assets);
+    for (lie, says) in &expected {
+        let path = dir.join(format!("{lie}.tflite"));
+        match tflite_file::check(&path) {
+            Err(EngineError::InvalidModel(m)) => assert!(m.contains(says.as_str()), "{lie}: {m}"),
+            other => panic!("{lie}: expected InvalidModel, got {other:?}"),
+        }
+    }
+
+    // Every prefix and every single-byte change of the valid file: an answer, never
+    // a panic, and no prefix passes that cuts a byte the structure uses (the writer
+    // ends the file with a string's NUL and padding to 16 bytes, which nothing reads).
+    let bytes = std::fs::read(&add).unwrap();
+    let unread = bytes.iter().rev().take_while(|b| **b == 0).count();
+    for len in 0..bytes.len() - unread {
+        assert!(
+            tflite_file::check_bytes(&bytes[..len]).is_err(),
+            "prefix {len}"
+        );
+    }
+    let mut accepted = 0;
+    for at in 0..bytes.len() {
+        for value in [0x00, 0xFF, 0x7F, bytes[at] ^ 0x01] {
+            let mut changed = bytes.clone();
+            changed[at] = value;
+            accepted += usize::from(tflite_file::check_bytes(&changed).is_ok());
+        }
+    }
+    eprintln!(
+        "{accepted} of {} single-byte changes still read as a valid TFLite file",
+        4 * bytes.len()
+    );
+
+    // The real decoder passes, with its shape read from its signatures.
+    let inspected = modeld_engine_litert::inspect(&assets.tflite_dir).unwrap();
+    assert_eq!(
+        (
+            inspected.shape.layers,
+            inspected.shape.context,
+            inspected.shape.vocab
+        ),
+        (30, 1024, 49152)
+    );
+}
+
+#[tokio::test]
+async fn hostile_tflite_files_are_refused_by_the_scan_and_the_load_and_the_agent_serves_on() {
+    let assets = Assets::get();
+    let (dir, expected) = hostile_fixtures(&assets);
+    let agent = Agent::start_with(AgentOptions {
+        args: litert_args(&assets.litert_lib),
+        ..AgentOptions::default()
+    })
+    .await;
+    let client = agent.client().await;
+
+    // The scan checks every .tflite whole: each lie is skipped with its reason, and
+    // none is registered.
+    let scan = client.scan(vec![dir.display().to_string()]).await.unwrap();
+    assert!(scan.models.is_empty(), "{:?}", scan.models);
+    for (lie, says) in &expected {
+        let file = format!("{lie}.tflite");
+        let skipped = scan
+            .skipped
+            .iter()
+            .find(|s| s.path.ends_with(&file))
+            .unwrap_or_else(|| panic!("{file} not skipped: {:?}", scan.skipped));
+        assert!(
+            skipped.reason.contains("malformed tflite") && skipped.reason.contains(says.as_str()),
+            "{lie}: {}",
+            skipped.reason
+        );
+    }
+
+    // A sound TFLite file that is not a decoder registers, and its load is
+    // INVALID_ARGUMENT saying what it lacks.
+    let scratch = tempfile::tempdir().unwrap();
+    let not_decoder = scratch.path().join("adder");
+    std::fs::create_dir(&not_decoder).unwrap();
+    std::fs::copy(
+        assets.fixtures.join("tflite/add.tflite"),
+        not_decoder.join("model.tflite"),
+    )
+    .unwrap();
+    std::fs::copy(
+        assets.tflite_dir.join("tokenizer.json"),
+        not_decoder.join("tokenizer.json"),
+    )
+    .unwrap();
+    let spec = scan_for(&client, &not_decoder, pb::ModelFormat::Tflite).await;
+    let err = client.load_to_end(&spec.id, None).await.unwrap_err();
+    let status = err.status().unwrap();
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", reason(status));
+    assert!(
+        status.message().contains("`decode` signature"),
+        "{}",
+        status.message()
+    );
+
+    // And the agent serves on: the real decoder loads and answers.
+    assert!(client.is_serving().await.unwrap());
+    let spec = scan_for(&client, &assets.tflite_dir, pb::ModelFormat::Tflite).await;
+    client.load_to_end(&spec.id, None).await.unwrap();
+    let (_, text) = greedy(
+        &client,
+        &spec.id,
+        "Tell me the capital of France.",
+        true,
+        12,
+    )
+    .await;
+    assert!(text.contains("Paris"), "{text:?}");
+}
+
+#[tokio::test]
+async fn a_missing_or_foreign_litert_library_is_runtime_unavailable_and_the_agent_serves_on() {
+    let assets = Assets::get();
+    let missing = PathBuf::from("/nonexistent/libLiteRt.so");
+    // libonnxruntime is a real shared library, but not LiteRT's.
+    for (lib, says) in [
+        (missing.clone(), "does not exist"),
+        (
+            assets.ort_lib.clone(),
+            "does not export LiteRtCreateEnvironment",
+        ),
+    ] {
+        let agent = Agent::start_with(AgentOptions {
+            args: litert_args(&lib),
+            ..AgentOptions::default()
+        })
+        .await;
+        let client = agent.client().await;
+        let caps = client.capabilities().await.unwrap();
+        let runtime = caps
+            .runtimes
+            .iter()
+            .find(|r| r.runtime() == pb::Runtime::Tflite)
+            .unwrap();
+        if lib == missing {
+            assert!(runtime.cpu_variant.is_none());
+            assert!(
+                runtime.unavailable_reason.contains("does not exist"),
+                "{runtime:?}"
+            );
+        }
+        let spec = scan_for(&client, &assets.tflite_dir, pb::ModelFormat::Tflite).await;
+        let err = client.load_to_end(&spec.id, None).await.unwrap_err();
+        let status = err.status().unwrap();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert_eq!(reason(status), "RUNTIME_UNAVAILABLE");
+        assert!(status.message().contains(says), "{}", status.message());
+        assert!(client.is_serving().await.unwrap());
+    }
+}
