@@ -46,14 +46,16 @@ register_smol() {
     ctl pull smol >/dev/null
 }
 
-# scan_derived: registers the derived ONNX export, safetensors directory and MLX
-# directory of the test model; sets onnx_id, hf_id and mlx_id.
+# scan_derived: registers the derived ONNX export, safetensors directory, MLX
+# directory and TFLite decoder of the test model; sets onnx_id, hf_id, mlx_id and
+# tflite_id.
 scan_derived() {
     ctl -o json scan "$MODELD_TEST_ONNX_DIR" "$MODELD_TEST_HF_DIR" "$MODELD_TEST_MLX_DIR" \
-        >"$work/scan.json"
-    read -r onnx_id hf_id mlx_id < <(python3 -c '
+        "$MODELD_TEST_TFLITE_DIR" >"$work/scan.json"
+    read -r onnx_id hf_id mlx_id tflite_id < <(python3 -c '
 import json, sys
 by = {m["spec"]["format"]: m["spec"]["id"] for m in json.load(open(sys.argv[1]))["models"]}
-print(by["MODEL_FORMAT_ONNX"], by["MODEL_FORMAT_SAFETENSORS"], by["MODEL_FORMAT_MLX"])
+print(by["MODEL_FORMAT_ONNX"], by["MODEL_FORMAT_SAFETENSORS"], by["MODEL_FORMAT_MLX"],
+      by["MODEL_FORMAT_TFLITE"])
 ' "$work/scan.json")
 }

@@ -3,7 +3,8 @@
 # has ever run on this node comes to what Node.Benchmark then measures, for each
 # runtime and format of the runtime benchmark, on a fresh agent (release build):
 #   - llama.cpp and candle on the SmolLM2-135M Q4_1 GGUF;
-#   - candle on the derived F32 safetensors, ONNX Runtime on the derived F32 export.
+#   - candle on the derived F32 safetensors and the derived MLX directory, ONNX Runtime
+#     on the derived F32 export, LiteRT on the derived F32 TFLite decoder.
 # Every prediction is taken before any benchmark runs, so each is the built-in factors
 # on this node's measured memory bandwidth and compute rate. The table also gives the
 # decode ceiling (bandwidth ÷ model bytes) next to the measured generation speed, and
@@ -19,6 +20,7 @@ THREADS="${THREADS:-$(nproc)}"
 . bench/common.sh
 
 start_agent --threads "$THREADS" --onnxruntime-library "$MODELD_TEST_ORT_LIB" \
+    --litert-library "$MODELD_TEST_LITERT_LIB" \
     --context-length 1024 --parallel 1
 register_smol
 scan_derived
@@ -32,7 +34,7 @@ done
 
 pairs=("llama-gguf smol llama.cpp" "candle-gguf smol candle"
        "candle-safetensors $hf_id candle" "candle-mlx $mlx_id candle"
-       "onnxruntime-onnx $onnx_id onnxruntime")
+       "onnxruntime-onnx $onnx_id onnxruntime" "litert-tflite $tflite_id tflite")
 for pair in "${pairs[@]}"; do
     read -r name id runtime <<<"$pair"
     ctl -o json models check "$id" --runtime "$runtime" >"$work/predicted-$name.json"
@@ -74,7 +76,7 @@ print("| runtime | format | prompt predicted | prompt measured | ratio | generat
 print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 names = [("llama-gguf", "llama.cpp", "GGUF Q4_1"), ("candle-gguf", "candle", "GGUF Q4_1"),
          ("candle-safetensors", "candle", "safetensors F32"), ("candle-mlx", "candle", "MLX 4-bit"),
-         ("onnxruntime-onnx", "onnxruntime", "ONNX F32")]
+         ("onnxruntime-onnx", "onnxruntime", "ONNX F32"), ("litert-tflite", "tflite (LiteRT)", "TFLite F32")]
 for name, runtime, fmt in names:
     p = load(f"predicted-{name}")["performance"]
     m = load(f"measured-{name}")

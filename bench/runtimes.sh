@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runtime benchmark: one network in four formats through the agent's three engines,
+# Runtime benchmark: one network in five formats through the agent's four engines,
 # in one run, same prompt, same threads:
 #   - llama.cpp on the SmolLM2-135M Q4_1 GGUF;
 #   - candle on the same GGUF (quantized llama), on the derived safetensors (F32) and
@@ -9,6 +9,9 @@
 #   - ONNX Runtime on the derived ONNX export (F32), and, as the reference, ONNX
 #     Runtime driven directly from Python (the onnxruntime wheel) on the same export
 #     with the same KV-cache loop;
+#   - LiteRT on the derived TFLite decoder (F32, prefill and decode signatures), and,
+#     as the reference, LiteRT's Python interpreter (the ai-edge-litert wheel) on the
+#     same file with the same signatures and cache loop;
 # then Node.Benchmark on the GGUF with both runtimes that can run it, and the runtime
 # the agent's selector then picks.
 #
@@ -24,6 +27,7 @@ GEN=64
 . bench/common.sh
 
 start_agent --threads "$THREADS" --onnxruntime-library "$MODELD_TEST_ORT_LIB" \
+    --litert-library "$MODELD_TEST_LITERT_LIB" \
     --context-length 1024 --parallel 1
 register_smol
 scan_derived
@@ -40,6 +44,7 @@ measure candle-gguf smol candle
 measure candle-safetensors "$hf_id" candle
 measure candle-mlx "$mlx_id" candle
 measure onnxruntime-onnx "$onnx_id" onnxruntime
+measure litert-tflite "$tflite_id" tflite
 
 echo "bench: Node.Benchmark on the GGUF, then what the selector picks" >&2
 ctl -o json node benchmark smol --runtime llama.cpp --repetitions "$RUNS" >"$work/nb-llama.json"
@@ -95,6 +100,44 @@ print(json.dumps({"prompt_tokens_per_second": statistics.median(r[0] for r in re
                   "generation_tokens_per_second": statistics.median(r[1] for r in results)}))
 PY
 
+echo "bench: LiteRT's Python interpreter on the same TFLite decoder ($RUNS runs)" >&2
+"$MODELD_PYTHON" - "$MODELD_TEST_TFLITE_DIR" "$THREADS" "$PROMPT" "$GEN" "$RUNS" >"$work/litert-python.json" <<'PY'
+# The reference loop: what a Python user of the ai-edge-litert wheel would write with
+# the file's own signatures, prefill in blocks and decode one token at a time, the
+# updated caches of one call fed to the next, greedy.
+import json, statistics, sys, time
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+d, threads, prompt_len, gen, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+layers = json.load(open(f"{d}/config.json"))["num_hidden_layers"]
+interpreter = Interpreter(model_path=f"{d}/model.tflite", num_threads=threads)
+prefill, decode = interpreter.get_signature_runner("prefill"), interpreter.get_signature_runner("decode")
+block = int(prefill.get_input_details()["tokens"]["shape"][1])
+shape = tuple(decode.get_input_details()["kv_cache_k_0"]["shape"])
+assert prompt_len % block == 0
+prompt = np.arange(prompt_len, dtype=np.int32) * 7919 % 40000 + 100
+def run_once():
+    cache = {f"kv_cache_{k}_{i}": np.zeros(shape, np.float32) for i in range(layers) for k in "kv"}
+    def step(runner, ids, start):
+        out = runner(tokens=np.asarray([ids], np.int32),
+                     input_pos=np.arange(start, start + len(ids), dtype=np.int32), **cache)
+        for name in cache:
+            cache[name] = out[f"{name}_out"]
+        return int(out["logits"][0, -1].argmax())
+    t0 = time.perf_counter()
+    for start in range(0, prompt_len, block):
+        tok = step(prefill, prompt[start:start + block], start)
+    t1 = time.perf_counter()
+    for i in range(gen - 1):
+        tok = step(decode, [tok], prompt_len + i)
+    t2 = time.perf_counter()
+    return prompt_len / (t1 - t0), (gen - 1) / (t2 - t1)
+run_once()
+results = [run_once() for _ in range(runs)]
+print(json.dumps({"prompt_tokens_per_second": statistics.median(r[0] for r in results),
+                  "generation_tokens_per_second": statistics.median(r[1] for r in results)}))
+PY
+
 # MLX's CPU backend is slow on this machine: about 1 token/s with the model's
 # bfloat16 scales (emulated), 7 with them widened to float32. Its reference runs
 # the widened model on a 32-token prompt and 16 generated tokens, so it ends in
@@ -141,15 +184,17 @@ def ours(name):
     return json.load(open(f"{work}/{name}.json"))[0]
 ref = json.load(open(f"{work}/ort-python.json"))
 mlx_ref = json.load(open(f"{work}/mlx-python.json"))
+litert_ref = json.load(open(f"{work}/litert-python.json"))
 nb = {r: json.load(open(f"{work}/nb-{r}.json")) for r in ("llama", "candle")}
 check = json.load(open(f"{work}/check.json"))
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 print(f"# Runtime benchmark, {datetime.date.today()}")
 print()
 print(f"Machine: {cpu}, {threads} threads, {platform.system()} {platform.release()}. "
-      "One network (SmolLM2-135M-Instruct) in four formats: the Q4_1 GGUF (98 MB) and, derived "
-      "from it by scripts/derive-models.py, an F32 safetensors directory and an F32 ONNX export "
-      "(540 MB each) and an MLX directory (4-bit affine groups of 32, bfloat16 scales, 88 MB). "
+      "One network (SmolLM2-135M-Instruct) in five formats: the Q4_1 GGUF (98 MB) and, derived "
+      "from it by scripts/derive-models.py, an F32 safetensors directory, an F32 ONNX export and "
+      "an F32 TFLite decoder (540 MB each; the TFLite graph holds a fixed 1024-slot KV cache) "
+      "and an MLX directory (4-bit affine groups of 32, bfloat16 scales, 88 MB). "
       "mlx-lm runs on MLX's CPU backend with MLX's own threads. "
       f"Release build (portable, kernels picked at run time). Prompt 128 tokens, 64 generated "
       f"(end-of-sequence ignored), greedy, one stream; median of {runs} runs. Agent figures are "
@@ -160,14 +205,17 @@ print("|---|---|---:|---:|")
 for name, runtime, fmt in [("llama-gguf", "llama.cpp", "GGUF Q4_1"), ("candle-gguf", "candle", "GGUF Q4_1"),
                            ("candle-safetensors", "candle", "safetensors F32"),
                            ("candle-mlx", "candle", "MLX 4-bit"),
-                           ("onnxruntime-onnx", "onnxruntime", "ONNX F32")]:
+                           ("onnxruntime-onnx", "onnxruntime", "ONNX F32"),
+                           ("litert-tflite", "tflite (LiteRT)", "TFLite F32")]:
     o = ours(name)
     print(f"| {runtime} | {fmt} | {o['prompt_tokens_per_second']:.1f} | {o['generation_tokens_per_second']:.1f} |")
 print(f"| mlx-lm from Python on MLX's CPU backend (reference; 32-token prompt, 16 generated, scales widened to F32) | MLX 4-bit | {mlx_ref['prompt_tokens_per_second']:.1f} | {mlx_ref['generation_tokens_per_second']:.1f} |")
 print(f"| onnxruntime from Python (reference) | ONNX F32 | {ref['prompt_tokens_per_second']:.1f} | {ref['generation_tokens_per_second']:.1f} |")
+print(f"| LiteRT's Python interpreter (reference) | TFLite F32 | {litert_ref['prompt_tokens_per_second']:.1f} | {litert_ref['generation_tokens_per_second']:.1f} |")
 print()
 for name, what, r in [("candle-mlx", "candle on MLX vs mlx-lm", mlx_ref),
-                      ("onnxruntime-onnx", "onnx engine vs ONNX Runtime's own Python loop", ref)]:
+                      ("onnxruntime-onnx", "onnx engine vs ONNX Runtime's own Python loop", ref),
+                      ("litert-tflite", "litert engine vs LiteRT's Python interpreter", litert_ref)]:
     o = ours(name)
     print(f"{what}: prompt {o['prompt_tokens_per_second']/r['prompt_tokens_per_second']:.2f}×, "
           f"generation {o['generation_tokens_per_second']/r['generation_tokens_per_second']:.2f}×.")

@@ -462,6 +462,88 @@ pub const COMPARISON_PROMPTS: [(&str, bool); 5] = [
     ("Write a haiku about the sea.", true),
 ];
 
+/// What a reference implementation (a Python script beside the tests) makes of one
+/// prompt: its token ids, its greedy continuation and its first-step logits.
+#[derive(Debug, Clone)]
+pub struct Reference {
+    pub ids: Vec<u32>,
+    pub greedy: Vec<u32>,
+    pub logits: Vec<f32>,
+}
+
+/// Runs `scripts/<script> MODEL_DIR PROMPTS_JSON MAX_TOKENS` with the test venv's
+/// Python and reads what it prints: one `{ids, greedy, logits}` per prompt.
+pub fn reference_run(
+    assets: &Assets,
+    script: &str,
+    model_dir: &Path,
+    prompts: &[(&str, bool)],
+    max_tokens: u32,
+) -> Vec<Reference> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts")
+        .join(script);
+    let out = std::process::Command::new(&assets.python)
+        .arg(&path)
+        .arg(model_dir)
+        .arg(serde_json::to_string(prompts).unwrap())
+        .arg(max_tokens.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parsed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let numbers = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    parsed
+        .iter()
+        .map(|p| Reference {
+            ids: numbers(&p["ids"]).into_iter().map(|x| x as u32).collect(),
+            greedy: numbers(&p["greedy"])
+                .into_iter()
+                .map(|x| x as u32)
+                .collect(),
+            logits: numbers(&p["logits"])
+                .into_iter()
+                .map(|x| x as f32)
+                .collect(),
+        })
+        .collect()
+}
+
+/// The largest absolute difference between two logit vectors of one vocabulary.
+pub fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
+/// Token ids of `text` by `model`'s tokenizer through the agent.
+pub async fn tokenize(client: &Client, model: &str, text: &str, special: bool) -> Vec<u32> {
+    client
+        .generate()
+        .tokenize(pb::TokenizeRequest {
+            model_id: model.into(),
+            text: text.into(),
+            add_special_tokens: special,
+            parse_special: special,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token_ids
+}
+
 /// Greedy generation of up to `max` tokens through the agent, `prompt` as a user's
 /// chat turn or as raw text: (token ids, text).
 pub async fn greedy(

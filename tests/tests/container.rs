@@ -280,6 +280,8 @@ async fn the_image_builds_without_a_registry_and_keeps_its_models_across_restart
         .arg(&built)
         .arg("--onnxruntime")
         .arg(&assets.ort_lib)
+        .arg("--litert")
+        .arg(&assets.litert_lib)
         .arg(image)
         .output()
         .unwrap();
@@ -310,6 +312,7 @@ async fn the_image_builds_without_a_registry_and_keeps_its_models_across_restart
     for var in [
         "MODELD_DATA_DIR=/var/lib/modeld",
         "MODELD_ONNXRUNTIME_LIBRARY=/opt/onnxruntime/libonnxruntime.so",
+        "MODELD_LITERT_LIBRARY=/opt/litert/libLiteRt.so",
     ] {
         assert!(env.contains(&var), "{var} not in {env:?}");
     }
@@ -319,7 +322,8 @@ async fn the_image_builds_without_a_registry_and_keeps_its_models_across_restart
     // image. The variants are loaded by the agent after libggml-base, from its own
     // directory: ldd looks there for them too.
     let script = "id -u; stat -c %u /var/lib/modeld; \
-        ldd /opt/modeld/modeld /opt/modeld/modelctl /opt/onnxruntime/libonnxruntime.so; \
+        ldd /opt/modeld/modeld /opt/modeld/modelctl /opt/onnxruntime/libonnxruntime.so \
+        /opt/litert/libLiteRt.so; \
         LD_LIBRARY_PATH=/opt/modeld ldd /opt/modeld/llama-cpu-variants/*.so";
     let mut args = vec!["run", "--rm"];
     args.extend_from_slice(RUN_FLAGS);
@@ -388,6 +392,12 @@ async fn the_image_builds_without_a_registry_and_keeps_its_models_across_restart
     if cfg!(feature = "onnx") {
         let onnx = runtime(pb::Runtime::OnnxRuntime);
         assert!(onnx.unavailable_reason.is_empty(), "{onnx:?}");
+    }
+    if cfg!(feature = "litert") {
+        let litert = runtime(pb::Runtime::Tflite);
+        assert!(litert.unavailable_reason.is_empty(), "{litert:?}");
+        let variant = litert.cpu_variant.as_ref().unwrap();
+        assert_eq!(variant.module_path, "/opt/litert/libLiteRt.so");
     }
 
     // Push the model (its catalog source is out of reach), load it, generate.

@@ -9,18 +9,16 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use modeld_e2e::{
-    Agent, AgentOptions, Assets, COMPARISON_PROMPTS, Client, argmax, gguf_spec, greedy, pb, reason,
-    scan_for,
+    Agent, AgentOptions, Assets, COMPARISON_PROMPTS, Client, Reference, argmax, gguf_spec, greedy,
+    largest_difference, pb, reason, reference_run, scan_for, tokenize,
 };
 use modeld_engine_core::generation::Forward;
 use modeld_engine_core::tflite as tflite_file;
 use modeld_engine_core::{Engine, EngineError, LoadOptions};
 use modeld_engine_litert::LiteRtEngine;
-use serde_json::Value;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -31,49 +29,14 @@ fn litert_args(lib: &Path) -> Vec<String> {
     vec!["--litert-library".into(), lib.display().to_string()]
 }
 
-/// What LiteRT's Python interpreter makes of one prompt.
-struct Reference {
-    ids: Vec<u32>,
-    greedy: Vec<u32>,
-    logits: Vec<f32>,
-}
-
 fn litert_reference(assets: &Assets) -> Vec<Reference> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/litert-reference.py");
-    let out = Command::new(&assets.python)
-        .arg(&script)
-        .arg(&assets.tflite_dir)
-        .arg(serde_json::to_string(&PROMPTS).unwrap())
-        .arg(GREEDY_TOKENS.to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "litert-reference.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let parsed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let numbers = |v: &Value| -> Vec<f64> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect()
-    };
-    parsed
-        .iter()
-        .map(|p| Reference {
-            ids: numbers(&p["ids"]).into_iter().map(|x| x as u32).collect(),
-            greedy: numbers(&p["greedy"])
-                .into_iter()
-                .map(|x| x as u32)
-                .collect(),
-            logits: numbers(&p["logits"])
-                .into_iter()
-                .map(|x| x as f32)
-                .collect(),
-        })
-        .collect()
+    reference_run(
+        assets,
+        "litert-reference.py",
+        &assets.tflite_dir,
+        &PROMPTS,
+        GREEDY_TOKENS,
+    )
 }
 
 /// An agent that can run LiteRT, with the GGUF stored as "smol" and the TFLite
@@ -93,29 +56,6 @@ async fn agent_with_tflite(assets: &Assets) -> (Agent, Client, String) {
     client.pull_to_end("smol").await.unwrap();
     let spec = scan_for(&client, &assets.tflite_dir, pb::ModelFormat::Tflite).await;
     (agent, client, spec.id)
-}
-
-async fn tokenize(client: &Client, model: &str, text: &str, special: bool) -> Vec<u32> {
-    client
-        .generate()
-        .tokenize(pb::TokenizeRequest {
-            model_id: model.into(),
-            text: text.into(),
-            add_special_tokens: special,
-            parse_special: special,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token_ids
-}
-
-fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max)
 }
 
 /// The same graph and weights on the same library: what is left between modeld's

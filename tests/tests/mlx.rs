@@ -6,11 +6,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use modeld_e2e::{
-    Agent, Assets, COMPARISON_PROMPTS, Client, argmax, assert_candle_refuses, gguf_spec, greedy,
-    pb, reason, scan_for,
+    Agent, Assets, COMPARISON_PROMPTS, Client, Reference, argmax, assert_candle_refuses, gguf_spec,
+    greedy, largest_difference, pb, reason, reference_run, scan_for, tokenize,
 };
 use modeld_engine_candle::CandleEngine;
 use modeld_engine_core::LoadOptions;
@@ -20,50 +19,14 @@ use tonic::Code;
 const PROMPTS: [(&str, bool); 5] = COMPARISON_PROMPTS;
 const GREEDY_TOKENS: u32 = 16;
 
-/// What mlx-lm makes of one prompt.
-struct Reference {
-    ids: Vec<u32>,
-    greedy: Vec<u32>,
-    logits: Vec<f32>,
-}
-
 fn mlx_reference(assets: &Assets) -> Vec<Reference> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/mlx-reference.py");
-    let prompts = serde_json::to_string(&PROMPTS).unwrap();
-    let out = Command::new(&assets.python)
-        .arg(&script)
-        .arg(&assets.mlx_dir)
-        .arg(prompts)
-        .arg(GREEDY_TOKENS.to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mlx-reference.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let parsed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let numbers = |v: &Value| -> Vec<f64> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect()
-    };
-    parsed
-        .iter()
-        .map(|p| Reference {
-            ids: numbers(&p["ids"]).into_iter().map(|x| x as u32).collect(),
-            greedy: numbers(&p["greedy"])
-                .into_iter()
-                .map(|x| x as u32)
-                .collect(),
-            logits: numbers(&p["logits"])
-                .into_iter()
-                .map(|x| x as f32)
-                .collect(),
-        })
-        .collect()
+    reference_run(
+        assets,
+        "mlx-reference.py",
+        &assets.mlx_dir,
+        &PROMPTS,
+        GREEDY_TOKENS,
+    )
 }
 
 /// An agent with the MLX directory scanned in (and the GGUF as "smol"); returns the
@@ -79,29 +42,6 @@ async fn agent_with_mlx(assets: &Assets) -> (Agent, Client, String) {
     client.pull_to_end("smol").await.unwrap();
     let spec = scan_for(&client, &assets.mlx_dir, pb::ModelFormat::Mlx).await;
     (agent, client, spec.id)
-}
-
-async fn tokenize(client: &Client, model: &str, text: &str, special: bool) -> Vec<u32> {
-    client
-        .generate()
-        .tokenize(pb::TokenizeRequest {
-            model_id: model.into(),
-            text: text.into(),
-            add_special_tokens: special,
-            parse_special: special,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token_ids
-}
-
-fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max)
 }
 
 /// Logits of MLX's arithmetic, computed by candle: what float32 summation order

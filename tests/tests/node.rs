@@ -55,6 +55,10 @@ async fn capabilities_describe_this_machine_and_this_build() {
         runnable.push(pb::ModelFormat::Safetensors);
         runnable.push(pb::ModelFormat::Mlx);
     }
+    if cfg!(feature = "litert") {
+        expected.push(pb::Runtime::Tflite);
+        runnable.push(pb::ModelFormat::Tflite);
+    }
     let runtimes: Vec<pb::Runtime> = caps.runtimes.iter().map(|r| r.runtime()).collect();
     assert_eq!(runtimes, expected);
     assert!(caps.runtimes[0].quantizations.contains(&"Q4_1".to_owned()));

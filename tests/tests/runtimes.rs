@@ -568,15 +568,16 @@ async fn capabilities_tell_runnable_engines_from_recognized_formats() {
     let agent = Agent::start().await;
     let caps = agent.client().await.capabilities().await.unwrap();
     let runtimes: Vec<pb::Runtime> = caps.runtimes.iter().map(|r| r.runtime()).collect();
-    assert_eq!(
-        runtimes,
-        [
-            pb::Runtime::LlamaCpp,
-            pb::Runtime::OnnxRuntime,
-            pb::Runtime::Candle,
-            pb::Runtime::Tflite
-        ]
-    );
+    let litert = cfg!(feature = "litert");
+    let mut expected = vec![
+        pb::Runtime::LlamaCpp,
+        pb::Runtime::OnnxRuntime,
+        pb::Runtime::Candle,
+    ];
+    if litert {
+        expected.push(pb::Runtime::Tflite);
+    }
+    assert_eq!(runtimes, expected);
     let candle = &caps.runtimes[2];
     assert!(
         candle
@@ -593,8 +594,7 @@ async fn capabilities_tell_runnable_engines_from_recognized_formats() {
                 | pb::ModelFormat::Onnx
                 | pb::ModelFormat::Safetensors
                 | pb::ModelFormat::Mlx
-                | pb::ModelFormat::Tflite
-        );
+        ) || (litert && f.format() == pb::ModelFormat::Tflite);
         assert!(f.recognized, "{f:?}");
         assert_eq!(f.runnable, runnable, "{f:?}");
         assert_eq!(f.runtimes.is_empty(), !runnable, "{f:?}");

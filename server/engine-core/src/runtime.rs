@@ -17,6 +17,8 @@ pub enum Runtime {
     Candle,
     #[serde(rename = "coreml")]
     CoreMl,
+    /// TensorFlow Lite models, run by LiteRT (TFLite's runtime since 2024).
+    #[serde(alias = "litert")]
     Tflite,
     #[serde(rename = "executorch")]
     ExecuTorch,
@@ -113,6 +115,7 @@ impl FromStr for Runtime {
             "llama" | "llamacpp" => Some(Runtime::LlamaCpp),
             "ort" | "onnx" => Some(Runtime::OnnxRuntime),
             "mlc" => Some(Runtime::MlcLlm),
+            "litert" => Some(Runtime::Tflite),
             _ => None,
         };
         alias
@@ -203,6 +206,7 @@ mod tests {
         assert_eq!("llama".parse::<Runtime>(), Ok(Runtime::LlamaCpp));
         assert_eq!("llama.cpp".parse::<Runtime>(), Ok(Runtime::LlamaCpp));
         assert_eq!("ONNX-Runtime".parse::<Runtime>(), Ok(Runtime::OnnxRuntime));
+        assert_eq!("LiteRT".parse::<Runtime>(), Ok(Runtime::Tflite));
         assert!("tensorrt".parse::<Runtime>().is_err());
     }
 }

@@ -101,65 +101,59 @@ impl TfliteModel {
     }
 }
 
-/// TFLite's `TensorType`, by its schema number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ElementType {
-    Float32,
-    Float16,
-    Int32,
-    Uint8,
-    Int64,
-    String,
-    Bool,
-    Int16,
-    Complex64,
-    Int8,
-    Float64,
-    Complex128,
-    Uint64,
-    Resource,
-    Variant,
-    Uint32,
-    Uint16,
-    Int4,
-    Bfloat16,
-    Int2,
-    Uint4,
-    Float8E4m3fn,
-    Float8E5m2,
+/// Declares TFLite's `TensorType` in schema order: a variant's position is its
+/// number in the file.
+macro_rules! element_types {
+    ($($variant:ident = $name:literal,)*) => {
+        /// TFLite's `TensorType`, by its schema number.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum ElementType {
+            $($variant,)*
+        }
+
+        impl ElementType {
+            const ALL: &[ElementType] = &[$(ElementType::$variant,)*];
+
+            fn from_schema(code: u8) -> Option<ElementType> {
+                Self::ALL.get(usize::from(code)).copied()
+            }
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ElementType::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+element_types! {
+    Float32 = "float32",
+    Float16 = "float16",
+    Int32 = "int32",
+    Uint8 = "uint8",
+    Int64 = "int64",
+    String = "string",
+    Bool = "bool",
+    Int16 = "int16",
+    Complex64 = "complex64",
+    Int8 = "int8",
+    Float64 = "float64",
+    Complex128 = "complex128",
+    Uint64 = "uint64",
+    Resource = "resource",
+    Variant = "variant",
+    Uint32 = "uint32",
+    Uint16 = "uint16",
+    Int4 = "int4",
+    Bfloat16 = "bfloat16",
+    Int2 = "int2",
+    Uint4 = "uint4",
+    Float8E4m3fn = "float8_e4m3fn",
+    Float8E5m2 = "float8_e5m2",
 }
 
 impl ElementType {
-    fn from_schema(code: u8) -> Option<ElementType> {
-        use ElementType::*;
-        const ALL: [ElementType; 23] = [
-            Float32,
-            Float16,
-            Int32,
-            Uint8,
-            Int64,
-            String,
-            Bool,
-            Int16,
-            Complex64,
-            Int8,
-            Float64,
-            Complex128,
-            Uint64,
-            Resource,
-            Variant,
-            Uint32,
-            Uint16,
-            Int4,
-            Bfloat16,
-            Int2,
-            Uint4,
-            Float8E4m3fn,
-            Float8E5m2,
-        ];
-        ALL.get(usize::from(code)).copied()
-    }
-
     /// Bits per element; `None` for types without a fixed size (strings, resources).
     pub fn bits(self) -> Option<u64> {
         use ElementType::*;
@@ -182,35 +176,6 @@ impl ElementType {
             self,
             Int32 | Int64 | Uint32 | Uint64 | Bool | String | Resource | Variant
         )
-    }
-
-    pub fn as_str(self) -> &'static str {
-        use ElementType::*;
-        match self {
-            Float32 => "float32",
-            Float16 => "float16",
-            Int32 => "int32",
-            Uint8 => "uint8",
-            Int64 => "int64",
-            String => "string",
-            Bool => "bool",
-            Int16 => "int16",
-            Complex64 => "complex64",
-            Int8 => "int8",
-            Float64 => "float64",
-            Complex128 => "complex128",
-            Uint64 => "uint64",
-            Resource => "resource",
-            Variant => "variant",
-            Uint32 => "uint32",
-            Uint16 => "uint16",
-            Int4 => "int4",
-            Bfloat16 => "bfloat16",
-            Int2 => "int2",
-            Uint4 => "uint4",
-            Float8E4m3fn => "float8_e4m3fn",
-            Float8E5m2 => "float8_e5m2",
-        }
     }
 }
 

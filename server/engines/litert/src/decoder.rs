@@ -465,6 +465,111 @@ impl Forward for LiteRtDecoder {
 mod tests {
     use super::*;
 
+    fn tensor(name: &str, shape: &[i32], element_type: ElementType) -> TensorInfo {
+        TensorInfo {
+            name: name.into(),
+            shape: shape.to_vec(),
+            element_type,
+        }
+    }
+
+    /// A decoder signature of `steps` tokens over `layers` layers of a 16-slot cache.
+    fn signature(key: &str, steps: i32, layers: usize, out_suffix: &str) -> SignatureInfo {
+        let cache = [1, 16, 2, 4];
+        let mut inputs = vec![
+            tensor("tokens", &[1, steps], ElementType::Int32),
+            tensor("input_pos", &[steps], ElementType::Int32),
+        ];
+        let mut outputs = vec![tensor("logits", &[1, steps, 10], ElementType::Float32)];
+        for n in 0..layers {
+            for kind in ["k", "v"] {
+                let name = format!("kv_cache_{kind}_{n}");
+                inputs.push(tensor(&name, &cache, ElementType::Float32));
+                outputs.push(tensor(
+                    &format!("{name}{out_suffix}"),
+                    &cache,
+                    ElementType::Float32,
+                ));
+            }
+        }
+        SignatureInfo {
+            key: key.into(),
+            subgraph: 0,
+            inputs,
+            outputs,
+        }
+    }
+
+    fn model(signatures: Vec<SignatureInfo>) -> TfliteModel {
+        TfliteModel {
+            description: None,
+            signatures,
+            subgraphs: 1,
+            operators: 0,
+            constant_elements: 0,
+            constant_bytes: 0,
+            file_bytes: 0,
+        }
+    }
+
+    fn refusal(m: &TfliteModel) -> String {
+        match shape_of(m) {
+            Err(EngineError::InvalidModel(what)) => what,
+            other => panic!("expected InvalidModel, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_shape_is_read_from_the_signatures() {
+        let m = model(vec![
+            signature(DECODE, 1, 2, "_out"),
+            signature(PREFILL, 4, 2, "_out"),
+        ]);
+        assert_eq!(
+            shape_of(&m).unwrap(),
+            DecoderShape {
+                layers: 2,
+                context: 16,
+                kv_heads: 2,
+                head_dim: 4,
+                vocab: 10,
+                prefill: 4,
+            }
+        );
+        // ai-edge-torch names the updated caches like the inputs.
+        let m = model(vec![signature(DECODE, 1, 2, "")]);
+        assert_eq!(shape_of(&m).unwrap().prefill, 1);
+    }
+
+    #[test]
+    fn decoders_off_the_convention_are_refused_with_what_they_lack() {
+        let m = model(vec![signature("serving_default", 1, 1, "_out")]);
+        assert!(refusal(&m).contains("no `decode` signature"));
+
+        let mut sig = signature(DECODE, 1, 2, "_out");
+        sig.outputs.retain(|t| t.name != "kv_cache_v_1_out");
+        assert!(refusal(&model(vec![sig])).contains("kv_cache_v_1_out"));
+
+        let mut sig = signature(DECODE, 1, 1, "_out");
+        sig.inputs[0].element_type = ElementType::Int64;
+        assert!(refusal(&model(vec![sig])).contains("int64"));
+
+        let mut prefill = signature(PREFILL, 4, 1, "_out");
+        for t in prefill.inputs.iter_mut().chain(prefill.outputs.iter_mut()) {
+            if t.name.starts_with("kv_cache") {
+                t.shape = vec![1, 32, 2, 4];
+            }
+        }
+        let m = model(vec![signature(DECODE, 1, 1, "_out"), prefill]);
+        assert!(refusal(&m).contains("differs from `decode`'s"));
+
+        let m = model(vec![signature(DECODE, 2, 1, "_out")]);
+        assert!(refusal(&m).contains("not 1"));
+
+        let m = model(vec![signature(DECODE, 1, 0, "_out")]);
+        assert!(refusal(&m).contains("without a KV cache"));
+    }
+
     #[test]
     fn signature_names_map_to_their_buffers() {
         assert!(matches!(slot_of("tokens", false), Some(Slot::Tokens)));
