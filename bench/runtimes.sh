@@ -121,8 +121,8 @@ def run_once():
     def step(runner, ids, start):
         out = runner(tokens=np.asarray([ids], np.int32),
                      input_pos=np.arange(start, start + len(ids), dtype=np.int32), **cache)
-        for name in cache:
-            cache[name] = out[f"{name}_out"]
+        for name in cache:  # the updated cache is named like the input
+            cache[name] = out[name]
         return int(out["logits"][0, -1].argmax())
     t0 = time.perf_counter()
     for start in range(0, prompt_len, block):

@@ -21,6 +21,8 @@ dequantizes that GGUF and writes the *same* network twice:
                   (from the ai-edge-litert wheel; no converter, no TensorFlow):
                   float32 weights, signatures `prefill` (32 tokens) and `decode` (1),
                   a fixed 1024-position KV cache passed in and out
+    OUTDIR/litertlm/  tflite/ as a LiteRT-LM bundle, model.litertlm (litert-lm-builder,
+                  offline), with the tokenizer and config files beside it
 
 Both hold the GGUF's dequantized weights exactly, so their outputs should match each
 other closely and llama.cpp's on the quantized file nearly (compare greedy tokens).
@@ -36,8 +38,8 @@ Everything is written to a scratch directory next to OUTDIR and renamed into pla
 at the end, so an interrupted run never leaves a half-written OUTDIR. An existing
 OUTDIR is replaced.
 
-Needs numpy, gguf, onnx, safetensors, mlx-lm (with mlx[cpu] on Linux) and
-ai-edge-litert; --verify also needs onnxruntime and jinja2, and uses tokenizers when it
+Needs numpy, gguf, onnx, safetensors, mlx-lm (with mlx[cpu] on Linux), ai-edge-litert
+and litert-lm-builder; --verify also needs onnxruntime and jinja2, and uses tokenizers when it
 is installed.
 """
 
@@ -47,8 +49,10 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -730,7 +734,8 @@ class TfliteGraph:
 def build_tflite_subgraph(schema, hp, weights, seq, name, buffers, op_codes, shared):
     """A decoder step over `seq` tokens: tokens [1, seq] and input_pos [seq] (int32),
     kv_cache_{k,v}_{layer} [1, context, kv_heads, head_dim] in, the same updated out
-    (kv_cache_{k,v}_{layer}_out), and logits [1, seq, vocab]. Query i attends to the
+    under the same names (as ai-edge-torch's exports name them, and as LiteRT-LM needs:
+    it binds one buffer per cache as both input and output), and logits [1, seq, vocab]. Query i attends to the
     cache slots up to input_pos[i]; keys are stored after RoPE. The weights are hf/'s
     float32 tensors; a projection is FULLY_CONNECTED over Hugging Face's [out, in]."""
     OP = schema.BuiltinOperator
@@ -810,9 +815,9 @@ def build_tflite_subgraph(schema, hp, weights, seq, name, buffers, op_codes, sha
         k = rope(reshape(fc(h, f"{p}.self_attn.k_proj.weight", S, KV * D), [S, KV, D]), KV)
         v = reshape(fc(h, f"{p}.self_attn.v_proj.weight", S, KV * D), [S, KV, D])
         keys = g.op(OP.DYNAMIC_UPDATE_SLICE, [k_cache, reshape(k, [1, S, KV, D]), at],
-                    [1, C, KV, D], out=g.tensor([1, C, KV, D], name=f"kv_cache_k_{layer}_out"))
+                    [1, C, KV, D], out=g.tensor([1, C, KV, D], name=f"kv_cache_k_{layer}"))
         values = g.op(OP.DYNAMIC_UPDATE_SLICE, [v_cache, reshape(v, [1, S, KV, D]), at],
-                      [1, C, KV, D], out=g.tensor([1, C, KV, D], name=f"kv_cache_v_{layer}_out"))
+                      [1, C, KV, D], out=g.tensor([1, C, KV, D], name=f"kv_cache_v_{layer}"))
         presents += [keys, values]
         # Per key-value head: the R query heads that share it, R*S rows at once.
         qg = reshape(transpose(reshape(q, [S, KV, R, D]), [1, 2, 0, 3]), [KV, R * S, D])
@@ -890,6 +895,85 @@ def write_tflite(out: Path, hf_dir: Path, hp: dict, weights: dict[str, np.ndarra
         shutil.copyfile(hf_dir / name, out / name)
 
 
+# LiteRT-LM's chat template: ChatML, taking a message's content as a string or as a
+# list of {type, text} parts (LiteRT-LM passes lists; Hugging Face's template
+# concatenates strings and fails on them). __SYSTEM__ is the model's default system turn.
+LITERTLM_TEMPLATE = (
+    "{%- for message in messages -%}\n"
+    "{%- if loop.first and messages[0]['role'] != 'system' -%}\n"
+    "{{ '<|im_start|>system\\n__SYSTEM__<|im_end|>\\n' }}\n"
+    "{%- endif -%}\n"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}\n"
+    "{%- if message['content'] is string -%}\n{{ message['content'] }}\n"
+    "{%- else -%}\n{%- for item in message['content'] -%}\n"
+    "{%- if item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}\n"
+    "{%- endfor -%}\n{%- endif -%}\n"
+    "{{ '<|im_end|>\\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n{{ '<|im_start|>assistant\\n' }}\n{%- endif -%}\n")
+
+
+def write_litertlm(out: Path, tflite_dir: Path, hp: dict) -> None:
+    """tflite/model.tflite as a LiteRT-LM bundle, model.litertlm, built offline by
+    litert-lm-builder with the Hugging Face tokenizer and two metadata records:
+    - executor: one state buffer per KV cache, its sequence on axis 1 (LiteRT-LM
+      otherwise reads the context from axis 2), bound as both input and output;
+    - model: stop tokens from generation_config.json, the ChatML template above, and
+      no start token: the template opens with <|im_start|> itself, and a start token
+      of that id doubled it, which sent greedy decoding off into nonsense."""
+    out.mkdir(parents=True)
+    hf_json = lambda name: json.loads((tflite_dir / name).read_text())
+    template = hf_json("tokenizer_config.json").get("chat_template", "")
+    found = re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template)
+    if found is None:
+        fail("the chat template has no default system turn to carry into the LiteRT-LM bundle")
+    eos = hf_json("generation_config.json")["eos_token_id"]
+    eos = eos if isinstance(eos, list) else [eos]
+    caches = [f"kv_cache_{k}_{i}" for i in range(hp["n_layer"]) for k in "kv"]
+    executor = ["llm_executor_metadata {", f"  max_history_size: {TFLITE_CONTEXT}"]
+    for name in caches:
+        kind = "TYPE_GLOBAL_KEY_CACHE" if "_k_" in name else "TYPE_GLOBAL_VALUE_CACHE"
+        executor += ["  state_buffers {"]
+        executor += [f'    {field}: "{name}"' for field in (
+            "prefill_input_name", "prefill_output_name", "decode_input_name", "decode_output_name")]
+        executor += [f"    type: {kind}", "    sequence_axis: 1",
+                     f"    minimum_sequence_length: {TFLITE_CONTEXT}",
+                     f"    maximum_sequence_length: {TFLITE_CONTEXT}", "  }"]
+    executor += ["  attention_mask_settings {",
+                 "    attention_mask_type: ATTENTION_MASK_TYPE_CAUSAL", "  }", "}"]
+    model = ['stop_tokens { token_str: "<|im_end|>" }']
+    model += [f"stop_tokens {{ token_ids {{ ids: {i} }} }}" for i in eos]
+    model += [
+        # Greedy is top-p over the single best token: 0.18's CPU sampler has no other.
+        "sampler_params { type: TOP_P k: 1 temperature: 1.0 }",
+        f"max_num_tokens: {TFLITE_CONTEXT}",
+        "llm_model_type { generic_model { } }",
+        "jinja_prompt_template: " + json.dumps(LITERTLM_TEMPLATE.replace("__SYSTEM__",
+                                                                         found.group(1))),
+        "supports_thinking: false",
+        "supports_function_calling: false",
+    ]
+    builder = Path(sys.executable).with_name("litert-lm-builder")
+    with tempfile.TemporaryDirectory() as meta:
+        meta = Path(meta)
+        (meta / "executor.pbtxt").write_text("\n".join(executor) + "\n")
+        (meta / "model.pbtxt").write_text("\n".join(model) + "\n")
+        result = subprocess.run(
+            [str(builder), "system_metadata", "--str", "Authors", "modeld",
+             "llm_metadata", "--path", str(meta / "model.pbtxt"),
+             "executor_metadata", "--path", str(meta / "executor.pbtxt"),
+             "tflite_model", "--path", str(tflite_dir / "model.tflite"),
+             "--model_type", "prefill_decode", "--prefer_activation_type", "fp32",
+             "hf_tokenizer", "--path", str(tflite_dir / "tokenizer.json"),
+             "output", "--path", str(out / "model.litertlm")],
+            capture_output=True, text=True)
+    if result.returncode != 0:
+        fail(f"litert-lm-builder failed: {result.stderr.strip()[-2000:]}")
+    for name in ("config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json"):
+        shutil.copyfile(tflite_dir / name, out / name)
+
+
 class TfliteDecoder:
     """tflite/model.tflite through LiteRT's Python interpreter, one signature call per
     step, the caches of one call fed to the next."""
@@ -910,7 +994,7 @@ class TfliteDecoder:
     def step(self, runner, ids, start, cache):
         out = runner(tokens=np.array([ids], np.int32),
                      input_pos=np.arange(start, start + len(ids), dtype=np.int32), **cache)
-        cache = {k: out[f"{k}_out"] for k in cache}
+        cache = {k: out[k] for k in cache}
         return out["logits"][0], cache
 
 
@@ -1185,6 +1269,7 @@ def derive(gguf_path: Path, outdir: Path) -> None:
         write_onnx(scratch / "onnx", scratch / "hf", g, hp, weights)
         write_mlx(scratch / "mlx", scratch / "hf")
         write_tflite(scratch / "tflite", scratch / "hf", hp, weights)
+        write_litertlm(scratch / "litertlm", scratch / "tflite", hp)
         for f in scratch.rglob("*"):  # safetensors and onnx write their files private
             if f.is_file():
                 os.chmod(f, 0o666 & ~umask)
@@ -1204,13 +1289,15 @@ def derive(gguf_path: Path, outdir: Path) -> None:
           f"hf/ {dir_size(outdir / 'hf') / mb:.0f} MB, onnx/ {dir_size(outdir / 'onnx') / mb:.0f} MB, "
           f"mlx/ {dir_size(outdir / 'mlx') / mb:.0f} MB, "
           f"tflite/ {dir_size(outdir / 'tflite') / mb:.0f} MB, "
+          f"litertlm/ {dir_size(outdir / 'litertlm') / mb:.0f} MB, "
           f"{time.perf_counter() - start:.1f} s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("gguf", type=Path, help="a llama GGUF (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
-    parser.add_argument("outdir", type=Path, help="written as OUTDIR/hf, OUTDIR/onnx, OUTDIR/mlx and OUTDIR/tflite")
+    parser.add_argument("outdir", type=Path, help="written as OUTDIR/hf, OUTDIR/onnx, OUTDIR/mlx, OUTDIR/tflite "
+                        "and OUTDIR/litertlm")
     parser.add_argument("--verify", action="store_true",
                         help="then compare hf/ and onnx/ outputs (numpy vs ONNX Runtime)")
     args = parser.parse_args()

@@ -49,6 +49,8 @@ pub struct Assets {
     pub mlx_dir: PathBuf,
     /// The same network as a TFLite decoder with a KV cache (derived).
     pub tflite_dir: PathBuf,
+    /// That decoder as a LiteRT-LM bundle (model.litertlm, litert-lm-builder).
+    pub litertlm_dir: PathBuf,
     /// libonnxruntime from the onnxruntime 1.31.1 wheel.
     pub ort_lib: PathBuf,
     /// An older libonnxruntime (1.20.1) this build must refuse.
@@ -89,6 +91,7 @@ impl Assets {
             onnx_dir: lookup("MODELD_TEST_ONNX_DIR").into(),
             mlx_dir: lookup("MODELD_TEST_MLX_DIR").into(),
             tflite_dir: lookup("MODELD_TEST_TFLITE_DIR").into(),
+            litertlm_dir: lookup("MODELD_TEST_LITERTLM_DIR").into(),
             ort_lib: lookup("MODELD_TEST_ORT_LIB").into(),
             ort_old_lib: lookup("MODELD_TEST_ORT_OLD_LIB").into(),
             litert_lib: lookup("MODELD_TEST_LITERT_LIB").into(),
@@ -103,6 +106,7 @@ impl Assets {
             &assets.onnx_dir,
             &assets.mlx_dir,
             &assets.tflite_dir,
+            &assets.litertlm_dir,
             &assets.ort_lib,
             &assets.ort_old_lib,
             &assets.litert_lib,

@@ -454,3 +454,67 @@ async fn a_missing_or_foreign_litert_library_is_runtime_unavailable_and_the_agen
         assert!(client.is_serving().await.unwrap());
     }
 }
+
+/// What LiteRT-LM's own runtime makes of one prompt on the derived bundle.
+struct LiteRtLmRun {
+    ids: Vec<u32>,
+    text: String,
+    time_to_first_token_s: f64,
+    prefill_tokens_per_second: f64,
+    decode_tokens_per_second: f64,
+}
+
+fn litertlm_reference(assets: &Assets) -> Vec<LiteRtLmRun> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/litertlm-reference.py");
+    let out = std::process::Command::new(&assets.python)
+        .arg(&script)
+        .arg(&assets.litertlm_dir)
+        .arg(serde_json::to_string(&PROMPTS).unwrap())
+        .arg(GREEDY_TOKENS.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "litertlm-reference.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let runs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    runs.iter()
+        .map(|r| LiteRtLmRun {
+            ids: r["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_u64().unwrap() as u32)
+                .collect(),
+            text: r["text"].as_str().unwrap().to_owned(),
+            time_to_first_token_s: r["time_to_first_token_s"].as_f64().unwrap(),
+            prefill_tokens_per_second: r["prefill_tokens_per_second"].as_f64().unwrap(),
+            decode_tokens_per_second: r["decode_tokens_per_second"].as_f64().unwrap(),
+        })
+        .collect()
+}
+
+/// The second TFLite route: the same decoder built into a LiteRT-LM bundle by the
+/// derivation (litert-lm-builder, offline) runs in LiteRT-LM's own runtime and says
+/// what modeld's litert engine says on the .tflite: the same prompt tokens from its
+/// template and tokenizer, the same greedy text.
+#[tokio::test]
+async fn the_derived_litertlm_bundle_runs_in_litert_lm_as_modeld_runs_its_tflite() {
+    let assets = Assets::get();
+    let bundle = litertlm_reference(&assets);
+    let interpreter = litert_reference(&assets);
+    let (_agent, client, tflite) = agent_with_tflite(&assets).await;
+    client.load_to_end(&tflite, None).await.unwrap();
+    for (((prompt, chat), lm), r) in PROMPTS.iter().zip(&bundle).zip(&interpreter) {
+        assert_eq!(lm.ids, r.ids, "{prompt:?}: prompt tokens");
+        let (_, text) = greedy(&client, &tflite, prompt, *chat, GREEDY_TOKENS).await;
+        assert_eq!(lm.text, text, "{prompt:?}");
+        eprintln!(
+            "{prompt:?}: LiteRT-LM {:.0} ms to the first token, prefill {:.1} tokens/s, decode {:.1} tokens/s",
+            lm.time_to_first_token_s * 1e3,
+            lm.prefill_tokens_per_second,
+            lm.decode_tokens_per_second
+        );
+    }
+}

@@ -12,9 +12,9 @@
 //! - query `i` attends to cache slots up to `input_pos[i]`, and a step writes its keys
 //!   and values at `input_pos[0]..`.
 //!
-//! The caches live in two sets of buffers this engine owns: a step reads one set and
-//! writes the other, and the next step reads what the last one wrote, so no cache is
-//! copied between steps. A prompt shorter than the prefill signature is padded: the
+//! Each layer's cache lives in one buffer this engine owns, bound as both the input
+//! and the output of every step (as LiteRT-LM binds them), so the graph's update of a
+//! few slots is the only write and nothing is copied between steps. A prompt shorter than the prefill signature is padded: the
 //! padding's keys land in slots past the sequence, which no real query attends to and
 //! the next step overwrites.
 
@@ -38,7 +38,7 @@ pub struct DecoderShape {
 }
 
 impl DecoderShape {
-    /// Bytes of one full set of caches.
+    /// Bytes of the caches.
     pub fn cache_bytes(&self) -> u64 {
         (2 * self.layers * self.context * self.kv_heads * self.head_dim * 4) as u64
     }
@@ -248,9 +248,8 @@ pub struct LiteRtDecoder {
     model: CompiledModel,
     decode: Step,
     prefill: Option<Step>,
-    /// Two sets of caches; `live` holds the current one.
-    caches: [Vec<HostBuffer>; 2],
-    live: usize,
+    /// The caches, each bound as both the input and the output of its layer.
+    caches: Vec<HostBuffer>,
     cached: usize,
     shape: DecoderShape,
 }
@@ -264,17 +263,9 @@ impl LiteRtDecoder {
             shape.kv_heads as i32,
             shape.head_dim as i32,
         ];
-        let mut sets = Vec::with_capacity(2);
-        for _ in 0..2 {
-            sets.push(
-                (0..2 * shape.layers)
-                    .map(|_| HostBuffer::new(&lib, Element::Float32, &cache_shape))
-                    .collect::<Result<Vec<_>, _>>()?,
-            );
-        }
-        let [first, second]: [Vec<HostBuffer>; 2] = sets
-            .try_into()
-            .map_err(|_| EngineError::Load("cache sets".into()))?;
+        let caches = (0..2 * shape.layers)
+            .map(|_| HostBuffer::new(&lib, Element::Float32, &cache_shape))
+            .collect::<Result<Vec<_>, _>>()?;
         let step = |key: &str, tokens: usize| -> Result<Option<Step>, EngineError> {
             let Some(index) = model.signatures.iter().position(|s| s.key == key) else {
                 return Ok(None);
@@ -322,8 +313,7 @@ impl LiteRtDecoder {
             model,
             decode,
             prefill,
-            caches: [first, second],
-            live: 0,
+            caches,
             cached: 0,
             shape,
         })
@@ -346,7 +336,6 @@ impl LiteRtDecoder {
             decode,
             prefill,
             caches,
-            live,
             cached,
             shape,
         } = self;
@@ -372,39 +361,22 @@ impl LiteRtDecoder {
         for (i, p) in step.positions.i32s_mut().iter_mut().enumerate() {
             *p = (*cached + i) as i32;
         }
-        let (front, back) = caches.split_at_mut(1);
-        let (read, write) = if *live == 0 {
-            (&front[0], &mut back[0])
-        } else {
-            (&back[0], &mut front[0])
+        let bind = |slots: &[Slot], output: bool| {
+            slots
+                .iter()
+                .map(|slot| match slot {
+                    Slot::Tokens if !output => Some(&step.token_ids),
+                    Slot::Positions if !output => Some(&step.positions),
+                    Slot::Logits if output => Some(&step.logits),
+                    Slot::Cache(i) => caches.get(*i),
+                    _ => None,
+                })
+                .collect::<Option<Vec<&HostBuffer>>>()
+                .ok_or_else(|| EngineError::Inference("a tensor bound to no buffer".into()))
         };
-        let inputs = step
-            .inputs
-            .iter()
-            .map(|slot| match slot {
-                Slot::Tokens => Some(&step.token_ids),
-                Slot::Positions => Some(&step.positions),
-                Slot::Cache(i) => read.get(*i),
-                Slot::Logits => None,
-            })
-            .collect::<Option<Vec<&HostBuffer>>>()
-            .ok_or_else(|| EngineError::Inference("an input bound to no buffer".into()))?;
-        let mut logits = Some(&mut step.logits);
-        let mut written: Vec<Option<&mut HostBuffer>> = write.iter_mut().map(Some).collect();
-        let mut outputs: Vec<&mut HostBuffer> = Vec::with_capacity(step.outputs.len());
-        for slot in &step.outputs {
-            let buffer = match slot {
-                Slot::Logits => logits.take(),
-                Slot::Cache(i) => written.get_mut(*i).and_then(Option::take),
-                Slot::Tokens | Slot::Positions => None,
-            };
-            outputs.push(buffer.ok_or_else(|| {
-                EngineError::Inference(format!("output {slot:?} is bound twice"))
-            })?);
-        }
-        model.run(step.index, &inputs, &mut outputs)?;
-        drop(outputs);
-        *live = 1 - *live;
+        let inputs = bind(&step.inputs, false)?;
+        let outputs = bind(&step.outputs, true)?;
+        model.run(step.index, &inputs, &outputs)?;
         *cached += take;
         if !want_logits {
             return Ok(None);

@@ -201,8 +201,7 @@ impl Engine for LiteRtEngine {
         let vocab = u64::from(probe.vocab_size);
         MemoryEstimate {
             weights: probe.weights_bytes,
-            // Two sets: a step reads one and writes the other.
-            kv_cache: set * 2,
+            kv_cache: set,
             // The prefill's logits and activations; XNNPACK packs float weights
             // into its own layout once, beside the mapped file.
             compute: probe.weights_bytes + 64 * vocab * 4,

@@ -405,13 +405,15 @@ impl CompiledModel {
         &self.lib
     }
 
-    /// Runs signature `index` over buffers in the signature's order. The outputs
-    /// are written in place; no input may also be an output.
+    /// Runs signature `index` over buffers in the signature's order. LiteRT writes
+    /// the outputs through the buffers' own memory, which no Rust reference covers
+    /// while it runs, so one buffer may be both an input and an output (a cache
+    /// updated in place).
     pub fn run(
         &mut self,
         index: usize,
         inputs: &[&HostBuffer],
-        outputs: &mut [&mut HostBuffer],
+        outputs: &[&HostBuffer],
     ) -> Result<(), EngineError> {
         let sig = self
             .signatures
