@@ -151,7 +151,9 @@ pub struct Factors {
 /// candle's quantized GGUF path has no fast kernels, hence its low factors. MLX's
 /// 4-bit models run on the same kernel (as Q4_1); their factors are from the run of
 /// 2026-12-03 on a faster VM of the same kind, where the other pairs' generation was
-/// predicted within 6% by the factors above.
+/// predicted within 6% by the factors above. LiteRT's are from a later run that day
+/// (bench/results/predict-2026-12-03-litert.md), where llama.cpp's factors predicted its
+/// generation at 1.17x.
 fn builtin(runtime: Runtime, format: ModelFormat) -> (f64, f64) {
     match (runtime, format) {
         (Runtime::LlamaCpp, _) => (0.41, 0.50),
@@ -159,6 +161,7 @@ fn builtin(runtime: Runtime, format: ModelFormat) -> (f64, f64) {
         (Runtime::Candle, ModelFormat::Mlx) => (0.047, 0.043),
         (Runtime::Candle, _) => (0.46, 0.55),
         (Runtime::OnnxRuntime, _) => (0.69, 0.77),
+        (Runtime::Tflite, _) => (0.56, 0.61),
         // Runtimes not measured yet: llama.cpp's, the best-known CPU runtime's.
         _ => (0.41, 0.50),
     }
