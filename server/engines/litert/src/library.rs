@@ -13,6 +13,7 @@
 use std::alloc::Layout;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
@@ -243,6 +244,8 @@ pub struct CompiledModel {
     model: Handle,
     compiled: Handle,
     pub signatures: Vec<Signature>,
+    /// XNNPACK's packed weights; closed after the compiled model is destroyed.
+    weight_cache: Option<OwnedFd>,
 }
 
 // The handles are used by one thread at a time (`run` takes `&mut self`); LiteRT's
@@ -255,6 +258,31 @@ impl std::fmt::Debug for CompiledModel {
             .field("signatures", &self.signatures)
             .finish()
     }
+}
+
+/// A weight cache for XNNPACK. XNNPACK packs float weights into its own layout once
+/// per signature's subgraph: without a cache, the two signatures of a 540 MB decoder
+/// held 1.1 GB of packed copies. With one, it packs once into the cache and every
+/// subgraph maps it. The cache is an anonymous memory file because an engine process
+/// may not write files.
+#[cfg(target_os = "linux")]
+fn weight_cache() -> Option<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let fd = unsafe { libc::memfd_create(c"xnnpack-weights".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "no memory file for XNNPACK's weight cache: each signature packs its own weights"
+        );
+        return None;
+    }
+    // A descriptor memfd_create just returned, owned by nothing else.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn weight_cache() -> Option<OwnedFd> {
+    None
 }
 
 unsafe extern "C" fn drop_c_string(payload: *mut c_void) {
@@ -282,6 +310,7 @@ impl CompiledModel {
             compiled: std::ptr::null_mut(),
             signatures: Vec::new(),
             lib: lib.clone(),
+            weight_cache: weight_cache(),
         };
         unsafe {
             check(
@@ -317,21 +346,35 @@ impl CompiledModel {
         Ok(model)
     }
 
-    /// CPU only, with the thread count as XNNPACK's options payload (TOML text
-    /// under the identifier "xnnpack", as LiteRT's own CPU options serialize it).
+    /// CPU only, with the thread count and the weight cache as XNNPACK's options
+    /// payload (TOML text under the identifier "xnnpack", as LiteRT's own CPU options
+    /// serialize it).
     unsafe fn configure(&self, options: Handle, threads: u32) -> Result<(), EngineError> {
         let api = &self.lib.api;
         let load = EngineError::Load;
+        let mut toml = String::new();
+        if threads > 0 {
+            toml.push_str(&format!("num_threads = {threads}\n"));
+        }
+        if let Some(fd) = &self.weight_cache {
+            // By path: XNNPACK closes a descriptor it is given, which this process
+            // still owns; through the path it opens (and closes) its own.
+            use std::os::fd::AsRawFd;
+            toml.push_str(&format!(
+                "weight_cache_file_path = \"/proc/self/fd/{}\"\n",
+                fd.as_raw_fd()
+            ));
+        }
         unsafe {
             check(
                 (api.set_accelerators)(options, ACCELERATOR_CPU),
                 "select the CPU",
                 load,
             )?;
-            if threads == 0 {
+            if toml.is_empty() {
                 return Ok(());
             }
-            let payload = CString::new(format!("num_threads = {threads}\n"))
+            let payload = CString::new(toml)
                 .map_err(|_| EngineError::Load("thread option".into()))?
                 .into_raw();
             let mut opaque: Handle = std::ptr::null_mut();
