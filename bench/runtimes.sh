@@ -111,8 +111,12 @@ from ai_edge_litert.interpreter import Interpreter
 d, threads, prompt_len, gen, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 layers = json.load(open(f"{d}/config.json"))["num_hidden_layers"]
 interpreter = Interpreter(model_path=f"{d}/model.tflite", num_threads=threads)
-prefill, decode = interpreter.get_signature_runner("prefill"), interpreter.get_signature_runner("decode")
-block = int(prefill.get_input_details()["tokens"]["shape"][1])
+# The largest prefill block (prefill_N), as the engine takes for a long prompt.
+blocks = {k: int(interpreter.get_signature_runner(k).get_input_details()["tokens"]["shape"][1])
+          for k in interpreter.get_signature_list() if k.startswith("prefill")}
+key = max(blocks, key=blocks.get)
+prefill, decode = interpreter.get_signature_runner(key), interpreter.get_signature_runner("decode")
+block = blocks[key]
 shape = tuple(decode.get_input_details()["kv_cache_k_0"]["shape"])
 assert prompt_len % block == 0
 prompt = np.arange(prompt_len, dtype=np.int32) * 7919 % 40000 + 100

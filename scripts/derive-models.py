@@ -19,7 +19,8 @@ dequantizes that GGUF and writes the *same* network twice:
                   4-bit affine groups of 32, bfloat16 scales and biases
     OUTDIR/tflite/  a TFLite decoder, model.tflite, written with the TFLite schema
                   (from the ai-edge-litert wheel; no converter, no TensorFlow):
-                  float32 weights, signatures `prefill` (32 tokens) and `decode` (1),
+                  float32 weights, signatures `prefill_8`, `prefill_32` (blocks of
+                  8 and 32 tokens) and `decode` (1),
                   a fixed 1024-position KV cache passed in and out
     OUTDIR/litertlm/  tflite/ as a LiteRT-LM bundle, model.litertlm (litert-lm-builder,
                   offline), with the tokenizer and config files beside it
@@ -658,9 +659,11 @@ def write_onnx(out: Path, hf_dir: Path, g: Gguf, hp: dict, weights: dict[str, np
 
 # The TFLite decoder's fixed shapes: LiteRT compiles a graph for static shapes, so the
 # KV cache is a fixed window of TFLITE_CONTEXT positions, updated in place, and a
-# prompt goes through a prefill signature TFLITE_PREFILL tokens at a time (padded).
+# prompt goes through prefill signatures, TFLITE_PREFILL tokens at a time (padded).
 TFLITE_CONTEXT = 1024
 TFLITE_PREFILL = 32
+# Prefill blocks, one signature each: a short prompt pads to the smallest that holds it.
+TFLITE_PREFILL_BLOCKS = (8, TFLITE_PREFILL)
 
 
 class TfliteGraph:
@@ -854,14 +857,16 @@ def build_tflite_subgraph(schema, hp, weights, seq, name, buffers, op_codes, sha
 
 def build_tflite(hp: dict, weights: dict[str, np.ndarray]) -> bytes:
     """The decoder as a .tflite flatbuffer with two signatures over shared weights:
-    `decode` (one token) and `prefill` (TFLITE_PREFILL tokens)."""
+    `decode` (one token) and `prefill_N` for each block of TFLITE_PREFILL_BLOCKS tokens,
+    named as ai-edge-torch names its prefill signatures."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
     buffers = [schema.BufferT()]  # buffer 0 is the empty one, by convention
     op_codes, shared = {}, {}
     subgraphs = [build_tflite_subgraph(schema, hp, weights, seq, name, buffers, op_codes, shared)
-                 for name, seq in (("decode", 1), ("prefill", TFLITE_PREFILL))]
+                 for name, seq in [("decode", 1)]
+                 + [(f"prefill_{n}", n) for n in TFLITE_PREFILL_BLOCKS]]
     model = schema.ModelT()
     model.version = 3
     model.description = "llama decoder with a KV cache (modeld scripts/derive-models.py)"
@@ -984,7 +989,7 @@ class TfliteDecoder:
         self.hp = hp
         interpreter = Interpreter(model_path=str(tflite_dir / "model.tflite"))
         self.decode = interpreter.get_signature_runner("decode")
-        self.prefill = interpreter.get_signature_runner("prefill")
+        self.prefill = interpreter.get_signature_runner(f"prefill_{TFLITE_PREFILL}")
 
     def empty_cache(self) -> dict:
         shape = (1, TFLITE_CONTEXT, self.hp["n_kv_head"], self.hp["head_dim"])

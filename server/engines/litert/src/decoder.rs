@@ -3,8 +3,9 @@
 //!
 //! The convention (the one ai-edge-torch's generative exports follow, and the one
 //! `scripts/derive-models.py` writes):
-//! - signatures `decode` (one token) and, optionally, `prefill` (a fixed number of
-//!   tokens);
+//! - signatures `decode` (one token) and, optionally, prefill signatures of fixed
+//!   blocks: `prefill`, or several named `prefill_N` (ai-edge-torch exports one per
+//!   block size); a prompt takes the smallest block that holds it;
 //! - inputs `tokens` `[1, S]` int32, `input_pos` `[S]` int32, and per layer
 //!   `kv_cache_k_N` and `kv_cache_v_N` `[1, C, kv_heads, head_dim]` float32;
 //! - outputs `logits` `[1, S, vocab]` and the updated caches, named `kv_cache_k_N_out`
@@ -33,7 +34,7 @@ pub struct DecoderShape {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub vocab: usize,
-    /// Tokens of the `prefill` signature; 1 without one.
+    /// Tokens of the largest prefill signature; 1 without one.
     pub prefill: usize,
 }
 
@@ -47,11 +48,29 @@ impl DecoderShape {
 pub const DECODE: &str = "decode";
 pub const PREFILL: &str = "prefill";
 
+fn is_prefill(key: &str) -> bool {
+    key == PREFILL || key.strip_prefix("prefill_").is_some_and(|n| !n.is_empty())
+}
+
+/// The prefill signatures (key, tokens), smallest block first. Read from a file
+/// [`shape_of`] accepted.
+pub fn prefill_signatures(model: &TfliteModel) -> Vec<(String, usize)> {
+    let mut out: Vec<(String, usize)> = model
+        .signatures
+        .iter()
+        .filter(|s| is_prefill(&s.key))
+        .filter_map(|s| Some((s.key.clone(), *s.input("tokens")?.shape.get(1)? as usize)))
+        .collect();
+    out.sort_by_key(|(_, tokens)| *tokens);
+    out
+}
+
 /// Reads the decoder's shape from a checked file, refusing anything off the convention
 /// with what it lacks.
 pub fn shape_of(model: &TfliteModel) -> Result<DecoderShape, EngineError> {
     let convention = "modeld runs TFLite decoders with a `decode` signature (and optionally \
-                      `prefill`) taking tokens, input_pos and kv_cache_k_N / kv_cache_v_N";
+                      `prefill` or `prefill_N`) taking tokens, input_pos and kv_cache_k_N / \
+                      kv_cache_v_N";
     let decode = model.signature(DECODE).ok_or_else(|| {
         let keys: Vec<&str> = model.signatures.iter().map(|s| s.key.as_str()).collect();
         EngineError::InvalidModel(format!(
@@ -65,10 +84,14 @@ pub fn shape_of(model: &TfliteModel) -> Result<DecoderShape, EngineError> {
             shape.prefill
         )));
     }
-    match model.signature(PREFILL) {
-        Some(prefill) => signature_shape(prefill, Some(&shape)),
-        None => Ok(shape),
+    let mut largest = shape;
+    for prefill in model.signatures.iter().filter(|s| is_prefill(&s.key)) {
+        let block = signature_shape(prefill, Some(&shape))?;
+        if block.prefill > largest.prefill {
+            largest = block;
+        }
     }
+    Ok(largest)
 }
 
 fn signature_shape(
@@ -247,7 +270,8 @@ struct Step {
 pub struct LiteRtDecoder {
     model: CompiledModel,
     decode: Step,
-    prefill: Option<Step>,
+    /// Prefill signatures, smallest block first.
+    prefills: Vec<Step>,
     /// The caches, each bound as both the input and the output of its layer.
     caches: Vec<HostBuffer>,
     cached: usize,
@@ -255,7 +279,13 @@ pub struct LiteRtDecoder {
 }
 
 impl LiteRtDecoder {
-    pub fn new(model: CompiledModel, shape: DecoderShape) -> Result<LiteRtDecoder, EngineError> {
+    /// `prefills` are the file's prefill signatures (key, tokens), as
+    /// [`prefill_signatures`] reads them.
+    pub fn new(
+        model: CompiledModel,
+        shape: DecoderShape,
+        prefills: &[(String, usize)],
+    ) -> Result<LiteRtDecoder, EngineError> {
         let lib = model.library().clone();
         let cache_shape = [
             1,
@@ -304,15 +334,16 @@ impl LiteRtDecoder {
         let decode = step(DECODE, 1)?.ok_or_else(|| {
             EngineError::Load("LiteRT does not list the `decode` signature".into())
         })?;
-        let prefill = if shape.prefill > 1 {
-            step(PREFILL, shape.prefill)?
-        } else {
-            None
-        };
+        let mut blocks = Vec::with_capacity(prefills.len());
+        for (key, tokens) in prefills {
+            blocks.push(step(key, *tokens)?.ok_or_else(|| {
+                EngineError::Load(format!("LiteRT does not list the {key:?} signature"))
+            })?);
+        }
         Ok(LiteRtDecoder {
             model,
             decode,
-            prefill,
+            prefills: blocks,
             caches,
             cached: 0,
             shape,
@@ -327,21 +358,21 @@ impl LiteRtDecoder {
     /// returns the logits of the last of them.
     fn step(
         &mut self,
-        use_prefill: bool,
+        prefill: Option<usize>,
         tokens: &[u32],
         want_logits: bool,
     ) -> Result<Option<Vec<f32>>, EngineError> {
         let LiteRtDecoder {
             model,
             decode,
-            prefill,
+            prefills,
             caches,
             cached,
             shape,
         } = self;
-        let step = match (use_prefill, prefill.as_mut()) {
-            (true, Some(p)) => p,
-            _ => decode,
+        let step = match prefill.and_then(|i| prefills.get_mut(i)) {
+            Some(p) => p,
+            None => decode,
         };
         let take = tokens.len().min(step.tokens);
         let ids = step.token_ids.i32s_mut();
@@ -388,6 +419,28 @@ impl LiteRtDecoder {
     }
 }
 
+impl LiteRtDecoder {
+    /// The prefill block for `remaining` prompt tokens: the smallest that holds them
+    /// all, else the largest. A block writes all its slots, so only blocks that fit
+    /// the cache's free slots qualify (LiteRT would shift one that does not).
+    fn block_for(&self, remaining: usize) -> Option<usize> {
+        let free = self.shape.context - self.cached;
+        let fitting = self
+            .prefills
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.tokens > 1 && p.tokens <= free);
+        let mut largest = None;
+        for (i, p) in fitting {
+            if p.tokens >= remaining {
+                return Some(i);
+            }
+            largest = Some(i);
+        }
+        largest
+    }
+}
+
 impl Forward for LiteRtDecoder {
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
         if tokens.is_empty() {
@@ -402,18 +455,16 @@ impl Forward for LiteRtDecoder {
         }
         let mut rest = tokens;
         loop {
-            // The prefill signature writes a whole block of slots: only where the
-            // block fits the cache (LiteRT would shift a block that does not).
-            let prefill = self.prefill.as_ref().map_or(0, |p| p.tokens);
-            let use_prefill =
-                rest.len() > 1 && prefill > 1 && self.cached + prefill <= self.shape.context;
-            let take = if use_prefill {
-                rest.len().min(prefill)
+            let prefill = if rest.len() > 1 {
+                self.block_for(rest.len())
             } else {
-                1
+                None
             };
+            let take = prefill
+                .and_then(|i| self.prefills.get(i))
+                .map_or(1, |p| rest.len().min(p.tokens));
             let last = take == rest.len();
-            let logits = self.step(use_prefill, &rest[..take], last)?;
+            let logits = self.step(prefill, &rest[..take], last)?;
             rest = &rest[take..];
             if let Some(logits) = logits {
                 return Ok(logits);
@@ -511,6 +562,22 @@ mod tests {
         // ai-edge-torch names the updated caches like the inputs.
         let m = model(vec![signature(DECODE, 1, 2, "")]);
         assert_eq!(shape_of(&m).unwrap().prefill, 1);
+    }
+
+    #[test]
+    fn several_prefill_blocks_are_read_smallest_first() {
+        let m = model(vec![
+            signature("prefill_8", 8, 2, ""),
+            signature(DECODE, 1, 2, ""),
+            signature("prefill_4", 4, 2, ""),
+            // Not a prefill signature: its shapes are not read.
+            signature("prefiller", 64, 2, ""),
+        ]);
+        assert_eq!(shape_of(&m).unwrap().prefill, 8);
+        assert_eq!(
+            prefill_signatures(&m),
+            [("prefill_4".to_owned(), 4), ("prefill_8".to_owned(), 8)]
+        );
     }
 
     #[test]

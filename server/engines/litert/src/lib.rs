@@ -36,6 +36,8 @@ pub struct Inspected {
     pub file: PathBuf,
     pub model: TfliteModel,
     pub shape: DecoderShape,
+    /// The prefill signatures (key, tokens), smallest block first.
+    pub prefills: Vec<(String, usize)>,
     pub probe: ModelProbe,
 }
 
@@ -55,7 +57,7 @@ impl LiteRtEngine {
         let inspected = inspect(path)?;
         let lib = library::open(self.library.as_deref())?;
         let compiled = library::CompiledModel::open(lib, &inspected.file, options.threads)?;
-        let decoder = LiteRtDecoder::new(compiled, inspected.shape)?;
+        let decoder = LiteRtDecoder::new(compiled, inspected.shape, &inspected.prefills)?;
         Ok((decoder, inspected))
     }
 }
@@ -131,6 +133,7 @@ pub fn inspect(path: &Path) -> Result<Inspected, EngineError> {
     };
     Ok(Inspected {
         file,
+        prefills: decoder::prefill_signatures(&model),
         model,
         shape,
         probe,
