@@ -476,14 +476,14 @@ pub struct Reference {
 }
 
 /// Runs `scripts/<script> MODEL_DIR PROMPTS_JSON MAX_TOKENS` with the test venv's
-/// Python and reads what it prints: one `{ids, greedy, logits}` per prompt.
-pub fn reference_run(
+/// Python and returns what it prints: one JSON object per prompt.
+pub fn run_reference_script(
     assets: &Assets,
     script: &str,
     model_dir: &Path,
     prompts: &[(&str, bool)],
     max_tokens: u32,
-) -> Vec<Reference> {
+) -> Vec<serde_json::Value> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../scripts")
         .join(script);
@@ -499,7 +499,18 @@ pub fn reference_run(
         "{script} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let parsed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// [`run_reference_script`] for the scripts that print `{ids, greedy, logits}`.
+pub fn reference_run(
+    assets: &Assets,
+    script: &str,
+    model_dir: &Path,
+    prompts: &[(&str, bool)],
+    max_tokens: u32,
+) -> Vec<Reference> {
+    let parsed = run_reference_script(assets, script, model_dir, prompts, max_tokens);
     let numbers = |v: &serde_json::Value| -> Vec<f64> {
         v.as_array()
             .unwrap()
@@ -521,6 +532,36 @@ pub fn reference_run(
                 .collect(),
         })
         .collect()
+}
+
+/// Asserts that CheckCompatibility finds `model` runnable here with `runtime` among
+/// its candidates, that Load picks that runtime, and that ListLoaded then shows the
+/// model; returns the compatibility answer for further checks.
+pub async fn assert_loads_with(
+    client: &Client,
+    model: &str,
+    runtime: pb::Runtime,
+) -> pb::CheckCompatibilityResponse {
+    let check = client
+        .check_compatibility(pb::CheckCompatibilityRequest {
+            model: Some(pb::check_compatibility_request::Model::Id(model.into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(check.compatible && check.runtime_available, "{check:?}");
+    assert!(
+        check.candidate_runtimes.contains(&(runtime as i32)),
+        "{check:?}"
+    );
+    let loaded = client.load_to_end(model, None).await.unwrap();
+    assert_eq!(loaded.runtime(), runtime, "{loaded:?}");
+    let listed = client.list_loaded().await.unwrap();
+    assert!(
+        listed.models.iter().any(|m| m.model_id == model),
+        "{listed:?}"
+    );
+    check
 }
 
 /// The largest absolute difference between two logit vectors of one vocabulary.

@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use modeld_e2e::{
-    Agent, AgentOptions, Assets, COMPARISON_PROMPTS, Client, Reference, argmax, gguf_spec, greedy,
-    largest_difference, pb, reason, reference_run, scan_for, tokenize,
+    Agent, AgentOptions, Assets, COMPARISON_PROMPTS, Client, Reference, argmax, assert_loads_with,
+    gguf_spec, greedy, largest_difference, pb, reason, reference_run, run_reference_script,
+    scan_for, tokenize,
 };
 use modeld_engine_core::generation::Forward;
 use modeld_engine_core::tflite as tflite_file;
@@ -167,26 +168,11 @@ async fn a_tflite_model_chats_tokenizes_benchmarks_cancels_and_unloads_like_the_
         .unwrap();
     assert!(format.runnable, "{format:?}");
 
-    let check = client
-        .check_compatibility(pb::CheckCompatibilityRequest {
-            model: Some(pb::check_compatibility_request::Model::Id(tflite.clone())),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert!(check.compatible && check.runtime_available, "{check:?}");
+    let check = assert_loads_with(&client, &tflite, pb::Runtime::Tflite).await;
     assert_eq!(check.candidate_runtimes, [pb::Runtime::Tflite as i32]);
     assert_eq!(
         check.performance.as_ref().unwrap().source(),
         pb::EstimateSource::Predicted
-    );
-
-    let loaded = client.load_to_end(&tflite, None).await.unwrap();
-    assert_eq!(loaded.runtime(), pb::Runtime::Tflite);
-    let listed = client.list_loaded().await.unwrap();
-    assert!(
-        listed.models.iter().any(|m| m.model_id == tflite),
-        "{listed:?}"
     );
 
     let (_, text) = greedy(&client, &tflite, "Tell me the capital of France.", true, 24).await;
@@ -465,20 +451,13 @@ struct LiteRtLmRun {
 }
 
 fn litertlm_reference(assets: &Assets) -> Vec<LiteRtLmRun> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/litertlm-reference.py");
-    let out = std::process::Command::new(&assets.python)
-        .arg(&script)
-        .arg(&assets.litertlm_dir)
-        .arg(serde_json::to_string(&PROMPTS).unwrap())
-        .arg(GREEDY_TOKENS.to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "litertlm-reference.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let runs = run_reference_script(
+        assets,
+        "litertlm-reference.py",
+        &assets.litertlm_dir,
+        &PROMPTS,
+        GREEDY_TOKENS,
     );
-    let runs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     runs.iter()
         .map(|r| LiteRtLmRun {
             ids: r["ids"]

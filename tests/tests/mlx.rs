@@ -8,8 +8,9 @@
 use std::path::{Path, PathBuf};
 
 use modeld_e2e::{
-    Agent, Assets, COMPARISON_PROMPTS, Client, Reference, argmax, assert_candle_refuses, gguf_spec,
-    greedy, largest_difference, pb, reason, reference_run, scan_for, tokenize,
+    Agent, Assets, COMPARISON_PROMPTS, Client, Reference, argmax, assert_candle_refuses,
+    assert_loads_with, gguf_spec, greedy, largest_difference, pb, reason, reference_run, scan_for,
+    tokenize,
 };
 use modeld_engine_candle::CandleEngine;
 use modeld_engine_core::LoadOptions;
@@ -155,29 +156,7 @@ async fn an_mlx_model_chats_tokenizes_and_unloads_like_the_other_formats() {
     assert_eq!(spec.parameter_count, float.parameter_count);
 
     // Compatible here, with candle as the runtime that reads MLX.
-    let check = client
-        .check_compatibility(pb::CheckCompatibilityRequest {
-            model: Some(pb::check_compatibility_request::Model::Id(mlx.clone())),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert!(check.compatible, "{check:?}");
-    assert!(check.runtime_available, "{check:?}");
-    assert!(
-        check
-            .candidate_runtimes
-            .contains(&(pb::Runtime::Candle as i32)),
-        "{check:?}"
-    );
-
-    let loaded = client.load_to_end(&mlx, None).await.unwrap();
-    assert_eq!(loaded.runtime(), pb::Runtime::Candle);
-    let listed = client.list_loaded().await.unwrap();
-    assert!(
-        listed.models.iter().any(|m| m.model_id == mlx),
-        "{listed:?}"
-    );
+    assert_loads_with(&client, &mlx, pb::Runtime::Candle).await;
 
     let (_, text) = greedy(&client, &mlx, "Tell me the capital of France.", true, 24).await;
     assert!(text.contains("Paris"), "{text:?}");

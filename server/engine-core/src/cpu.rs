@@ -43,6 +43,31 @@ pub struct CpuVariant {
 }
 
 impl CpuVariant {
+    /// Kernels a shared library loaded at run time picks for the CPU it finds (its
+    /// `name`d dispatcher): the library file decides, not this build. Without the file
+    /// the runtime is unavailable, and `configure` says how to name one.
+    pub fn library(
+        name: &str,
+        library: Option<PathBuf>,
+        runtime: &str,
+        configure: &str,
+    ) -> Result<CpuVariant, crate::EngineError> {
+        let library = library.ok_or_else(|| crate::EngineError::Unavailable(configure.into()))?;
+        if !library.is_file() {
+            return Err(crate::EngineError::Unavailable(format!(
+                "{}: the {runtime} library does not exist",
+                library.display()
+            )));
+        }
+        Ok(CpuVariant {
+            name: name.to_owned(),
+            dispatch: CpuDispatch::Library,
+            features: Vec::new(),
+            withheld: Vec::new(),
+            module: Some(library),
+        })
+    }
+
     /// The kernels compiled into this binary: what the build's target features allow.
     pub fn build_target() -> CpuVariant {
         CpuVariant {

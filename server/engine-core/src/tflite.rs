@@ -40,12 +40,6 @@ pub struct TensorInfo {
     pub element_type: ElementType,
 }
 
-impl TensorInfo {
-    pub fn elements(&self) -> u64 {
-        self.shape.iter().map(|d| *d as u64).product()
-    }
-}
-
 /// One entry point of the model: a subgraph with named inputs and outputs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignatureInfo {
@@ -78,7 +72,6 @@ pub struct TfliteModel {
     pub constant_elements: u64,
     /// Bytes of those buffers.
     pub constant_bytes: u64,
-    pub file_bytes: u64,
 }
 
 impl TfliteModel {
@@ -177,6 +170,19 @@ impl ElementType {
             Int32 | Int64 | Uint32 | Uint64 | Bool | String | Resource | Variant
         )
     }
+}
+
+/// The `.tflite` files at the top of `dir`, sorted: a directory model holds one.
+pub fn files_in(dir: &Path) -> io::Result<Vec<std::path::PathBuf>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_file() && path.extension().is_some_and(|x| x == "tflite") {
+            found.push(path);
+        }
+    }
+    found.sort();
+    Ok(found)
 }
 
 /// Checks the file at `path`; any lie is [`EngineError::InvalidModel`] naming where.
@@ -601,7 +607,6 @@ fn check_source(src: &dyn Source, len: u64) -> Checked<TfliteModel> {
         operators,
         constant_elements,
         constant_bytes,
-        file_bytes: len,
     })
 }
 

@@ -38,13 +38,6 @@ pub struct DecoderShape {
     pub prefill: usize,
 }
 
-impl DecoderShape {
-    /// Bytes of the caches.
-    pub fn cache_bytes(&self) -> u64 {
-        (2 * self.layers * self.context * self.kv_heads * self.head_dim * 4) as u64
-    }
-}
-
 pub const DECODE: &str = "decode";
 pub const PREFILL: &str = "prefill";
 
@@ -350,10 +343,6 @@ impl LiteRtDecoder {
         })
     }
 
-    pub fn shape(&self) -> DecoderShape {
-        self.shape
-    }
-
     /// Runs one signature over `tokens` (at most its length) at the cache's end and
     /// returns the logits of the last of them.
     fn step(
@@ -531,7 +520,6 @@ mod tests {
             operators: 0,
             constant_elements: 0,
             constant_bytes: 0,
-            file_bytes: 0,
         }
     }
 

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use modeld_engine_core::generation::SequenceModel;
 use modeld_engine_core::{
-    Accelerator, CpuDispatch, CpuVariant, Engine, EngineError, LoadOptions, LoadedModel,
-    MemoryEstimate, ModelFormat, ModelInfo, ModelProbe, Runtime,
+    Accelerator, CpuVariant, Engine, EngineError, LoadOptions, LoadedModel, MemoryEstimate,
+    ModelFormat, ModelInfo, ModelProbe, Runtime,
 };
 
 pub use decoder::{DecoderShape, LiteRtDecoder};
@@ -68,14 +68,8 @@ pub fn locate(path: &Path) -> Result<PathBuf, EngineError> {
     if path.is_file() {
         return Ok(path.to_path_buf());
     }
-    let entries = std::fs::read_dir(path)
+    let mut found = modeld_engine_core::tflite::files_in(path)
         .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", path.display())))?;
-    let mut found: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "tflite"))
-        .collect();
-    found.sort();
     match found.len() {
         1 => Ok(found.remove(0)),
         0 => Err(EngineError::InvalidModel(format!(
@@ -173,25 +167,15 @@ impl Engine for LiteRtEngine {
     /// library file decides, not this build. Without one the runtime is unavailable
     /// here, and capabilities say why.
     fn cpu_variant(&self) -> Result<CpuVariant, EngineError> {
-        let library = library::configured_path(self.library.as_deref()).ok_or_else(|| {
-            EngineError::Unavailable(format!(
+        CpuVariant::library(
+            "xnnpack",
+            library::configured_path(self.library.as_deref()),
+            "LiteRT",
+            &format!(
                 "no LiteRT library is configured: set --litert-library (or {LIBRARY_ENV}) to \
                  libLiteRt.so from the ai-edge-litert 2.3 wheel"
-            ))
-        })?;
-        if !library.is_file() {
-            return Err(EngineError::Unavailable(format!(
-                "{}: the LiteRT library does not exist",
-                library.display()
-            )));
-        }
-        Ok(CpuVariant {
-            name: "xnnpack".to_owned(),
-            dispatch: CpuDispatch::Library,
-            features: Vec::new(),
-            withheld: Vec::new(),
-            module: Some(library),
-        })
+            ),
+        )
     }
 
     fn probe(&self, path: &Path) -> Result<ModelProbe, EngineError> {

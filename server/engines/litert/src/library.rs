@@ -585,18 +585,6 @@ impl HostBuffer {
         Ok(buffer)
     }
 
-    pub fn element(&self) -> Element {
-        self.element
-    }
-
-    pub fn len(&self) -> usize {
-        self.elements
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.elements == 0
-    }
-
     pub fn f32s(&self) -> &[f32] {
         debug_assert_eq!(self.element, Element::Float32);
         // Owned, aligned to 64, `elements` four-byte values, zeroed at creation.

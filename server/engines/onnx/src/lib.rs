@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use modeld_engine_core::generation::SequenceModel;
 use modeld_engine_core::{
-    Accelerator, CpuDispatch, CpuVariant, Engine, EngineError, LoadOptions, LoadedModel,
-    MemoryEstimate, ModelFormat, ModelInfo, ModelProbe, Runtime,
+    Accelerator, CpuVariant, Engine, EngineError, LoadOptions, LoadedModel, MemoryEstimate,
+    ModelFormat, ModelInfo, ModelProbe, Runtime,
 };
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
@@ -217,30 +217,13 @@ impl Engine for OnnxEngine {
     /// fleet does not send ONNX models to this node. (The library is not loaded here:
     /// its version is checked by the first ONNX load.)
     fn cpu_variant(&self) -> Result<CpuVariant, EngineError> {
-        let library = self
-            .library
-            .clone()
-            .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
-            .ok_or_else(|| {
-                EngineError::Unavailable(
-                    "no ONNX Runtime library is configured: set --onnxruntime-library \
-                     (or ORT_DYLIB_PATH) to libonnxruntime 1.31 or newer"
-                        .to_owned(),
-                )
-            })?;
-        if !library.is_file() {
-            return Err(EngineError::Unavailable(format!(
-                "{}: the ONNX Runtime library does not exist",
-                library.display()
-            )));
-        }
-        Ok(CpuVariant {
-            name: "mlas".to_owned(),
-            dispatch: CpuDispatch::Library,
-            features: Vec::new(),
-            withheld: Vec::new(),
-            module: Some(library),
-        })
+        CpuVariant::library(
+            "mlas",
+            library::configured_path(self.library.as_deref()),
+            "ONNX Runtime",
+            "no ONNX Runtime library is configured: set --onnxruntime-library (or \
+             ORT_DYLIB_PATH) to libonnxruntime 1.31 or newer",
+        )
     }
 
     fn probe(&self, path: &Path) -> Result<ModelProbe, EngineError> {

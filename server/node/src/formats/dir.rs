@@ -144,17 +144,8 @@ fn genai_metadata(dir: &Path) -> Result<Metadata, DirError> {
 
 /// The directory's one `.tflite` file, if it has exactly one at its top.
 fn lone_tflite(dir: &Path) -> Result<Option<PathBuf>, DirError> {
-    let mut found = None;
-    for entry in fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
-        let path = entry.map_err(|e| e.to_string())?.path();
-        if path.is_file() && path.extension().is_some_and(|x| x == "tflite") {
-            if found.is_some() {
-                return Ok(None);
-            }
-            found = Some(path);
-        }
-    }
-    Ok(found)
+    let mut found = tflite::files_in(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(if found.len() == 1 { found.pop() } else { None })
 }
 
 /// A TFLite decoder with its tokenizer (and Hugging Face config) beside it: the
