@@ -47,8 +47,8 @@ register_smol() {
 }
 
 # scan_derived: registers the derived ONNX export, safetensors directory, MLX
-# directory and TFLite decoder of the test model; sets onnx_id, hf_id, mlx_id and
-# tflite_id.
+# directory, TFLite decoder and LiteRT-LM bundle of the test model; sets onnx_id,
+# hf_id, mlx_id, tflite_id and litertlm_id.
 scan_derived() {
     ctl -o json scan "$MODELD_TEST_ONNX_DIR" "$MODELD_TEST_HF_DIR" "$MODELD_TEST_MLX_DIR" \
         "$MODELD_TEST_TFLITE_DIR" >"$work/scan.json"
@@ -58,4 +58,10 @@ by = {m["spec"]["format"]: m["spec"]["id"] for m in json.load(open(sys.argv[1]))
 print(by["MODEL_FORMAT_ONNX"], by["MODEL_FORMAT_SAFETENSORS"], by["MODEL_FORMAT_MLX"],
       by["MODEL_FORMAT_TFLITE"])
 ' "$work/scan.json")
+    # The bundle is TFLite too: scanned on its own to tell the two apart.
+    ctl -o json scan "$MODELD_TEST_LITERTLM_DIR" >"$work/scan-litertlm.json"
+    litertlm_id="$(python3 -c '
+import json, sys
+print(json.load(open(sys.argv[1]))["models"][0]["spec"]["id"])
+' "$work/scan-litertlm.json")"
 }

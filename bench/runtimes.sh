@@ -12,6 +12,9 @@
 #   - LiteRT on the derived TFLite decoder (F32, prefill and decode signatures), and,
 #     as the reference, LiteRT's Python interpreter (the ai-edge-litert wheel) on the
 #     same file with the same signatures and cache loop;
+#   - LiteRT-LM on the derived .litertlm bundle of the same decoder, and, as the
+#     reference, LiteRT-LM driven from Python (the litert-lm-api wheel) on the same
+#     bundle with the same prompt text;
 # then Node.Benchmark on the GGUF with both runtimes that can run it, and the runtime
 # the agent's selector then picks.
 #
@@ -27,7 +30,7 @@ GEN=64
 . bench/common.sh
 
 start_agent --threads "$THREADS" --onnxruntime-library "$MODELD_TEST_ORT_LIB" \
-    --litert-library "$MODELD_TEST_LITERT_LIB" \
+    --litert-library "$MODELD_TEST_LITERT_LIB" --litert-lm-library "$MODELD_TEST_LITERT_LM_LIB" \
     --context-length 1024 --parallel 1
 register_smol
 scan_derived
@@ -45,6 +48,7 @@ measure candle-safetensors "$hf_id" candle
 measure candle-mlx "$mlx_id" candle
 measure onnxruntime-onnx "$onnx_id" onnxruntime
 measure litert-tflite "$tflite_id" tflite
+measure litertlm-bundle "$litertlm_id" tflite
 
 echo "bench: Node.Benchmark on the GGUF, then what the selector picks" >&2
 ctl -o json node benchmark smol --runtime llama.cpp --repetitions "$RUNS" >"$work/nb-llama.json"
@@ -142,6 +146,38 @@ print(json.dumps({"prompt_tokens_per_second": statistics.median(r[0] for r in re
                   "generation_tokens_per_second": statistics.median(r[1] for r in results)}))
 PY
 
+echo "bench: LiteRT-LM from Python on the same bundle ($RUNS runs)" >&2
+"$MODELD_PYTHON" - "$MODELD_TEST_LITERTLM_DIR" "$THREADS" "$PROMPT" "$GEN" "$RUNS" >"$work/litertlm-python.json" <<'PY'
+# The reference loop: what a Python user of the litert-lm-api wheel would write, a
+# session without a template, the same text modelctl bench sends (" the" repeated),
+# greedy, tokens streamed; timed at the caller as modelctl bench times the agent.
+import json, statistics, sys, tempfile, time
+import litert_lm
+d, threads, prompt_len, gen, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+cache = tempfile.mkdtemp()
+engine = litert_lm.Engine(f"{d}/model.litertlm", backend=litert_lm.Backend.CPU(thread_count=threads),
+                          max_num_tokens=1024, cache_dir=cache)
+text = " the" * prompt_len
+def run_once():
+    session = engine.create_session(apply_prompt_template=False, max_output_tokens=gen)
+    t0 = time.perf_counter()
+    session.run_prefill([text])
+    t1, n = None, 0
+    for _ in session.run_decode_async():
+        n += 1
+        if t1 is None:
+            t1 = time.perf_counter()
+    t2 = time.perf_counter()
+    session.close()
+    return prompt_len / (t1 - t0), (n - 1) / (t2 - t1), n
+run_once()
+results = [run_once() for _ in range(runs)]
+print(json.dumps({"prompt_tokens_per_second": statistics.median(r[0] for r in results),
+                  "generation_tokens_per_second": statistics.median(r[1] for r in results),
+                  "generated_tokens": statistics.median(r[2] for r in results)}))
+PY
+
 # MLX's CPU backend is slow on this machine: about 1 token/s with the model's
 # bfloat16 scales (emulated), 7 with them widened to float32. Its reference runs
 # the widened model on a 32-token prompt and 16 generated tokens, so it ends in
@@ -189,6 +225,7 @@ def ours(name):
 ref = json.load(open(f"{work}/ort-python.json"))
 mlx_ref = json.load(open(f"{work}/mlx-python.json"))
 litert_ref = json.load(open(f"{work}/litert-python.json"))
+litertlm_ref = json.load(open(f"{work}/litertlm-python.json"))
 nb = {r: json.load(open(f"{work}/nb-{r}.json")) for r in ("llama", "candle")}
 check = json.load(open(f"{work}/check.json"))
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
@@ -201,7 +238,7 @@ print(f"Machine: {cpu}, {threads} threads, {platform.system()} {platform.release
       "and an MLX directory (4-bit affine groups of 32, bfloat16 scales, 88 MB). "
       "mlx-lm runs on MLX's CPU backend with MLX's own threads. "
       f"Release build (portable, kernels picked at run time). Prompt 128 tokens, 64 generated "
-      f"(end-of-sequence ignored), greedy, one stream; median of {runs} runs. Agent figures are "
+      f"(end-of-sequence ignored, except by LiteRT-LM, which always stops at it), greedy, one stream; median of {runs} runs. Agent figures are "
       "measured at the gRPC client (`modelctl bench`).")
 print()
 print("| runtime | format | prompt tokens/s | generation tokens/s |")
@@ -210,16 +247,19 @@ for name, runtime, fmt in [("llama-gguf", "llama.cpp", "GGUF Q4_1"), ("candle-gg
                            ("candle-safetensors", "candle", "safetensors F32"),
                            ("candle-mlx", "candle", "MLX 4-bit"),
                            ("onnxruntime-onnx", "onnxruntime", "ONNX F32"),
-                           ("litert-tflite", "tflite (LiteRT)", "TFLite F32")]:
+                           ("litert-tflite", "tflite (LiteRT)", "TFLite F32"),
+                           ("litertlm-bundle", "tflite (LiteRT-LM)", "LiteRT-LM bundle F32")]:
     o = ours(name)
     print(f"| {runtime} | {fmt} | {o['prompt_tokens_per_second']:.1f} | {o['generation_tokens_per_second']:.1f} |")
 print(f"| mlx-lm from Python on MLX's CPU backend (reference; 32-token prompt, 16 generated, scales widened to F32) | MLX 4-bit | {mlx_ref['prompt_tokens_per_second']:.1f} | {mlx_ref['generation_tokens_per_second']:.1f} |")
 print(f"| onnxruntime from Python (reference) | ONNX F32 | {ref['prompt_tokens_per_second']:.1f} | {ref['generation_tokens_per_second']:.1f} |")
 print(f"| LiteRT's Python interpreter (reference) | TFLite F32 | {litert_ref['prompt_tokens_per_second']:.1f} | {litert_ref['generation_tokens_per_second']:.1f} |")
+print(f"| LiteRT-LM from Python (reference; {litertlm_ref['generated_tokens']:.0f} generated) | LiteRT-LM bundle F32 | {litertlm_ref['prompt_tokens_per_second']:.1f} | {litertlm_ref['generation_tokens_per_second']:.1f} |")
 print()
 for name, what, r in [("candle-mlx", "candle on MLX vs mlx-lm", mlx_ref),
                       ("onnxruntime-onnx", "onnx engine vs ONNX Runtime's own Python loop", ref),
-                      ("litert-tflite", "litert engine vs LiteRT's Python interpreter", litert_ref)]:
+                      ("litert-tflite", "litert engine vs LiteRT's Python interpreter", litert_ref),
+                      ("litertlm-bundle", "LiteRT-LM behind modeld vs LiteRT-LM from Python", litertlm_ref)]:
     o = ours(name)
     print(f"{what}: prompt {o['prompt_tokens_per_second']/r['prompt_tokens_per_second']:.2f}×, "
           f"generation {o['generation_tokens_per_second']/r['generation_tokens_per_second']:.2f}×.")

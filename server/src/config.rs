@@ -202,6 +202,12 @@ pub struct Args {
     #[arg(long, env = "MODELD_LITERT_LIBRARY")]
     pub litert_library: Option<PathBuf>,
 
+    /// The LiteRT-LM shared library (liblitert-lm.so from the litert-lm-api 0.18 wheel)
+    /// the litert engine runs .litertlm bundles with [default: $LITERT_LM_LIBRARY].
+    /// Without it bundles fail to load with FAILED_PRECONDITION.
+    #[arg(long, env = "MODELD_LITERT_LM_LIBRARY")]
+    pub litert_lm_library: Option<PathBuf>,
+
     /// The directory of llama.cpp's CPU variant modules (libggml-cpu-*.so) to choose
     /// from [default: llama-cpu-variants/ beside the modeld binary, else the build's].
     #[arg(long, env = "MODELD_LLAMA_CPU_VARIANTS_DIR")]
@@ -549,6 +555,7 @@ struct FileConfig {
     memory_pressure_threshold: Option<f64>,
     onnxruntime_library: Option<PathBuf>,
     litert_library: Option<PathBuf>,
+    litert_lm_library: Option<PathBuf>,
     llama_cpu_variants_dir: Option<PathBuf>,
     engine_isolation: Option<EngineIsolation>,
     max_queued_requests: Option<usize>,
@@ -699,6 +706,8 @@ pub struct Config {
     pub onnxruntime_library: Option<PathBuf>,
     /// libLiteRt for the litert engine; `None` = `LITERT_LIBRARY`.
     pub litert_library: Option<PathBuf>,
+    /// liblitert-lm for `.litertlm` bundles; `None` = `LITERT_LM_LIBRARY`.
+    pub litert_lm_library: Option<PathBuf>,
     /// llama.cpp's CPU variants; `None` = packaged beside the binary, else the build's.
     pub llama_cpu_variants_dir: Option<PathBuf>,
     pub engine_isolation: EngineIsolation,
@@ -879,6 +888,7 @@ impl Config {
                 .max(1),
             onnxruntime_library: args.onnxruntime_library.or(file.onnxruntime_library),
             litert_library: args.litert_library.or(file.litert_library),
+            litert_lm_library: args.litert_lm_library.or(file.litert_lm_library),
             llama_cpu_variants_dir: args.llama_cpu_variants_dir.or(file.llama_cpu_variants_dir),
             engine_isolation: args
                 .engine_isolation

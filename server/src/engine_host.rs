@@ -25,6 +25,8 @@ struct HostArgs {
     onnxruntime_library: Option<PathBuf>,
     #[arg(long)]
     litert_library: Option<PathBuf>,
+    #[arg(long)]
+    litert_lm_library: Option<PathBuf>,
 }
 
 /// True when the process was started in the engine role.
@@ -42,6 +44,7 @@ pub fn main() -> anyhow::Result<()> {
         llama_cpu_variants_dir: args.llama_cpu_variants_dir,
         onnxruntime_library: args.onnxruntime_library,
         litert_library: args.litert_library,
+        litert_lm_library: args.litert_lm_library,
     });
     let channel = modeld_engine_process::host::channel_from_stdin()
         .context("the engine process needs its socket as stdin")?;

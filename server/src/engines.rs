@@ -20,6 +20,7 @@ pub struct EngineSettings {
     pub llama_cpu_variants_dir: Option<PathBuf>,
     pub onnxruntime_library: Option<PathBuf>,
     pub litert_library: Option<PathBuf>,
+    pub litert_lm_library: Option<PathBuf>,
 }
 
 /// The engines compiled into this build, one Cargo feature each, in the order
@@ -41,6 +42,7 @@ pub fn compiled(settings: &EngineSettings) -> Vec<Arc<dyn Engine>> {
     #[cfg(feature = "litert")]
     out.push(Arc::new(modeld_engine_litert::LiteRtEngine::new(
         settings.litert_library.clone(),
+        settings.litert_lm_library.clone(),
     )));
     out
 }
@@ -51,6 +53,7 @@ pub fn for_agent(config: &Config) -> Result<Vec<Arc<dyn Engine>>> {
         llama_cpu_variants_dir: config.llama_cpu_variants_dir.clone(),
         onnxruntime_library: config.onnxruntime_library.clone(),
         litert_library: config.litert_library.clone(),
+        litert_lm_library: config.litert_lm_library.clone(),
     };
     let engines = compiled(&settings);
     match config.engine_isolation {
@@ -90,6 +93,9 @@ fn isolated(
     }
     if let Some(lib) = &settings.litert_library {
         args.extend(["--litert-library".into(), lib.clone().into()]);
+    }
+    if let Some(lib) = &settings.litert_lm_library {
+        args.extend(["--litert-lm-library".into(), lib.clone().into()]);
     }
     let command = modeld_engine_process::EngineCommand { program, args };
     // Each engine's socket is served on the agent's runtime.

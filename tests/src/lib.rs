@@ -57,6 +57,8 @@ pub struct Assets {
     pub ort_old_lib: PathBuf,
     /// libLiteRt from the ai-edge-litert 2.3.0 wheel.
     pub litert_lib: PathBuf,
+    /// liblitert-lm, from the litert-lm-api wheel.
+    pub litert_lm_lib: PathBuf,
 }
 
 impl Assets {
@@ -95,6 +97,7 @@ impl Assets {
             ort_lib: lookup("MODELD_TEST_ORT_LIB").into(),
             ort_old_lib: lookup("MODELD_TEST_ORT_OLD_LIB").into(),
             litert_lib: lookup("MODELD_TEST_LITERT_LIB").into(),
+            litert_lm_lib: lookup("MODELD_TEST_LITERT_LM_LIB").into(),
         };
         for p in [
             &assets.gguf,
@@ -110,6 +113,7 @@ impl Assets {
             &assets.ort_lib,
             &assets.ort_old_lib,
             &assets.litert_lib,
+            &assets.litert_lm_lib,
         ] {
             assert!(
                 p.exists(),

@@ -71,7 +71,7 @@ async fn modeld_and_the_litert_interpreter_run_the_same_tflite_decoder_alike() {
 
     // The engine alone: a prompt through the padded prefill signature, then decode
     // steps, against the interpreter's decode-only run.
-    let engine = LiteRtEngine::new(Some(assets.litert_lib.clone()));
+    let engine = LiteRtEngine::new(Some(assets.litert_lib.clone()), None);
     let (mut decoder, inspected) = engine
         .open_decoder(&assets.tflite_dir, &LoadOptions::default())
         .unwrap();
@@ -280,7 +280,7 @@ fn tflite_files_are_checked_before_litert_sees_them() {
     assert_eq!(sig.inputs[0].shape, [1, 4]);
     assert_eq!(sig.outputs[0].name, "y");
     // It is not a decoder: refused for what it lacks.
-    match LiteRtEngine::new(None).probe(&add) {
+    match LiteRtEngine::new(None, None).probe(&add) {
         Err(EngineError::InvalidModel(m)) => assert!(m.contains("`decode` signature"), "{m}"),
         other => panic!("{other:?}"),
     }
@@ -441,6 +441,39 @@ async fn a_missing_or_foreign_litert_library_is_runtime_unavailable_and_the_agen
     }
 }
 
+#[tokio::test]
+async fn a_missing_or_foreign_litert_lm_library_is_runtime_unavailable_for_bundles_only() {
+    let assets = Assets::get();
+    for (lm_lib, says) in [
+        (None, "LiteRT-LM library is not configured"),
+        (
+            Some(assets.ort_lib.clone()),
+            "does not export litert_lm_set_min_log_level",
+        ),
+    ] {
+        let mut args = litert_args(&assets.litert_lib);
+        if let Some(lib) = &lm_lib {
+            args.extend(["--litert-lm-library".into(), lib.display().to_string()]);
+        }
+        let agent = Agent::start_with(AgentOptions {
+            args,
+            ..AgentOptions::default()
+        })
+        .await;
+        let client = agent.client().await;
+        let bundle = scan_for(&client, &assets.litertlm_dir, pb::ModelFormat::Tflite).await;
+        let err = client.load_to_end(&bundle.id, None).await.unwrap_err();
+        let status = err.status().unwrap();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert_eq!(reason(status), "RUNTIME_UNAVAILABLE");
+        assert!(status.message().contains(says), "{}", status.message());
+        // The .tflite route needs LiteRT alone, and it is there.
+        let tflite = scan_for(&client, &assets.tflite_dir, pb::ModelFormat::Tflite).await;
+        client.load_to_end(&tflite.id, None).await.unwrap();
+        assert!(client.is_serving().await.unwrap());
+    }
+}
+
 /// What LiteRT-LM's own runtime makes of one prompt on the derived bundle.
 struct LiteRtLmRun {
     ids: Vec<u32>,
@@ -474,26 +507,265 @@ fn litertlm_reference(assets: &Assets) -> Vec<LiteRtLmRun> {
         .collect()
 }
 
+fn litert_lm_args(assets: &Assets) -> Vec<String> {
+    let mut args = litert_args(&assets.litert_lib);
+    args.extend([
+        "--litert-lm-library".into(),
+        assets.litert_lm_lib.display().to_string(),
+    ]);
+    args
+}
+
 /// The second TFLite route: the same decoder built into a LiteRT-LM bundle by the
-/// derivation (litert-lm-builder, offline) runs in LiteRT-LM's own runtime and says
-/// what modeld's litert engine says on the .tflite: the same prompt tokens from its
-/// template and tokenizer, the same greedy text.
+/// derivation (litert-lm-builder, offline) runs in LiteRT-LM, both on its own and
+/// behind modeld, and all three say what modeld's litert engine says on the .tflite:
+/// the same prompt tokens from the bundle's template and tokenizer, the same greedy
+/// tokens and text.
 #[tokio::test]
 async fn the_derived_litertlm_bundle_runs_in_litert_lm_as_modeld_runs_its_tflite() {
     let assets = Assets::get();
     let bundle = litertlm_reference(&assets);
     let interpreter = litert_reference(&assets);
-    let (_agent, client, tflite) = agent_with_tflite(&assets).await;
+    let agent = Agent::start_with(AgentOptions {
+        args: litert_lm_args(&assets),
+        ..AgentOptions::default()
+    })
+    .await;
+    let client = agent.client().await;
+    let tflite = scan_for(&client, &assets.tflite_dir, pb::ModelFormat::Tflite)
+        .await
+        .id;
+    let lm = scan_for(&client, &assets.litertlm_dir, pb::ModelFormat::Tflite)
+        .await
+        .id;
+    assert_ne!(tflite, lm);
     client.load_to_end(&tflite, None).await.unwrap();
-    for (((prompt, chat), lm), r) in PROMPTS.iter().zip(&bundle).zip(&interpreter) {
-        assert_eq!(lm.ids, r.ids, "{prompt:?}: prompt tokens");
-        let (_, text) = greedy(&client, &tflite, prompt, *chat, GREEDY_TOKENS).await;
-        assert_eq!(lm.text, text, "{prompt:?}");
+    client.load_to_end(&lm, None).await.unwrap();
+    for (((prompt, chat), reference), r) in PROMPTS.iter().zip(&bundle).zip(&interpreter) {
+        assert_eq!(reference.ids, r.ids, "{prompt:?}: prompt tokens");
+        let (ids, text) = greedy(&client, &tflite, prompt, *chat, GREEDY_TOKENS).await;
+        assert_eq!(reference.text, text, "{prompt:?}");
+        let (lm_ids, lm_text) = greedy(&client, &lm, prompt, *chat, GREEDY_TOKENS).await;
+        assert_eq!(reference.text, lm_text, "{prompt:?}: through modeld");
+        assert_eq!(ids, lm_ids, "{prompt:?}: token ids through modeld");
         eprintln!(
             "{prompt:?}: LiteRT-LM {:.0} ms to the first token, prefill {:.1} tokens/s, decode {:.1} tokens/s",
-            lm.time_to_first_token_s * 1e3,
-            lm.prefill_tokens_per_second,
-            lm.decode_tokens_per_second
+            reference.time_to_first_token_s * 1e3,
+            reference.prefill_tokens_per_second,
+            reference.decode_tokens_per_second
         );
     }
+}
+
+/// The LiteRT-LM engine process's scratch directory (its packed-weight cache).
+fn scratch_of(pid: u32) -> PathBuf {
+    std::env::temp_dir().join(format!("modeld-engine-{pid}"))
+}
+
+async fn engine_pid(client: &Client, model: &str) -> u32 {
+    let listed = client.list_loaded().await.unwrap();
+    let loaded = listed
+        .models
+        .iter()
+        .find(|m| m.model_id == model)
+        .unwrap_or_else(|| panic!("{model} not loaded: {listed:?}"));
+    assert_ne!(loaded.engine_process_id, 0);
+    loaded.engine_process_id
+}
+
+async fn wait_gone(path: &Path) {
+    for _ in 0..100 {
+        if !path.exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{} is still there", path.display());
+}
+
+#[tokio::test]
+async fn a_litertlm_bundle_chats_tokenizes_cancels_and_unloads_and_its_scratch_goes_with_it() {
+    let assets = Assets::get();
+    let agent = Agent::start_with(AgentOptions {
+        args: litert_lm_args(&assets),
+        ..AgentOptions::default()
+    })
+    .await;
+    let client = agent.client().await;
+    let url = format!("file://{}", assets.gguf.display());
+    client
+        .register_model(gguf_spec("smol", &url))
+        .await
+        .unwrap();
+    client.pull_to_end("smol").await.unwrap();
+    client.load_to_end("smol", None).await.unwrap();
+    let spec = scan_for(&client, &assets.litertlm_dir, pb::ModelFormat::Tflite).await;
+    assert_eq!(spec.quantization, "F32");
+    let lm = spec.id;
+    assert_loads_with(&client, &lm, pb::Runtime::Tflite).await;
+
+    // LiteRT-LM keeps XNNPACK's packed weights in the engine process's own scratch
+    // directory, which only that process may write.
+    client.load_to_end(&lm, None).await.unwrap();
+    let pid = engine_pid(&client, &lm).await;
+    let scratch = scratch_of(pid);
+    let cached: u64 = std::fs::read_dir(&scratch)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(
+        cached > 500_000_000,
+        "{cached} bytes in {}",
+        scratch.display()
+    );
+
+    let (_, text) = greedy(&client, &lm, "Tell me the capital of France.", true, 24).await;
+    assert!(text.contains("Paris"), "{text:?}");
+    let text = "Grüße, 東京! 12345 <|im_start|>user";
+    assert_eq!(
+        tokenize(&client, &lm, text, true).await,
+        tokenize(&client, "smol", text, true).await
+    );
+
+    // What LiteRT-LM cannot do is refused by name, and the model serves on.
+    let mut refused = client
+        .generate()
+        .generate(pb::GenerateRequest {
+            model_id: lm.clone(),
+            input: Some(pb::generate_request::Input::Prompt("Hi".into())),
+            grammar: "root ::= \"yes\"".into(),
+            max_tokens: 4,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match refused.next().await.unwrap().unwrap().event {
+        Some(pb::generate_response::Event::Summary(s)) => {
+            assert_eq!(s.error_reason, "INVALID_ARGUMENT", "{s:?}");
+            assert!(
+                s.error.contains("grammar") && s.error.contains("LiteRT-LM"),
+                "{s:?}"
+            );
+        }
+        other => panic!("a grammar on LiteRT-LM: {other:?}"),
+    }
+
+    // A long generation, cancelled by an unload with a short grace.
+    let mut stream = client
+        .generate()
+        .generate(pb::GenerateRequest {
+            model_id: lm.clone(),
+            input: Some(pb::generate_request::Input::Prompt(
+                "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,".into(),
+            )),
+            sampling: Some(pb::SamplingParams {
+                temperature: Some(0.0),
+                ..Default::default()
+            }),
+            max_tokens: 900,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap();
+    let unload = client.unload(&lm, Some(Duration::from_millis(300)));
+    let finish = async {
+        let mut summary = None;
+        while let Some(Ok(msg)) = stream.next().await {
+            if let Some(pb::generate_response::Event::Summary(s)) = msg.event {
+                summary = Some(s);
+            }
+        }
+        summary.unwrap()
+    };
+    let (summary, unloaded) = tokio::join!(finish, unload);
+    assert_eq!(summary.finish_reason(), pb::FinishReason::Cancelled);
+    assert!(summary.usage.unwrap().generated_tokens < 900);
+    assert_eq!(unloaded.unwrap().cancelled_requests, 1);
+    wait_gone(&scratch).await;
+
+    // An engine process killed outright leaves nothing behind either.
+    client.load_to_end(&lm, None).await.unwrap();
+    let pid = engine_pid(&client, &lm).await;
+    let scratch = scratch_of(pid);
+    assert!(scratch.is_dir());
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    wait_gone(&scratch).await;
+    assert!(client.is_serving().await.unwrap());
+    let (_, text) = greedy(&client, "smol", "Tell me the capital of France.", true, 24).await;
+    assert!(text.contains("Paris"), "{text:?}");
+}
+
+/// A bundle that lies is refused before LiteRT-LM sees it: one cut short (its
+/// sections run past the end) and one whose TFLite section is not a TFLite model.
+#[tokio::test]
+async fn hostile_litertlm_bundles_are_refused_by_the_scan_and_the_agent_serves_on() {
+    let assets = Assets::get();
+    let real = assets.litertlm_dir.join("model.litertlm");
+    let bytes = std::fs::read(&real).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let header_end = u64::from_le_bytes(bytes[24..32].try_into().unwrap()) as usize;
+    let tfl3 = header_end
+        + bytes[header_end..]
+            .windows(4)
+            .position(|w| w == b"TFL3")
+            .unwrap();
+    let mut foreign = bytes.clone();
+    foreign[tfl3..tfl3 + 4].copy_from_slice(b"XXXX");
+    let cases = [
+        (
+            "short",
+            bytes[..bytes.len() / 2].to_vec(),
+            "outside the data",
+        ),
+        ("foreign", foreign, "not a TFLite model"),
+    ];
+    let engine = LiteRtEngine::new(None, None);
+    for (name, data, says) in &cases {
+        let dir = root.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("model.litertlm"), data).unwrap();
+        std::fs::copy(
+            assets.litertlm_dir.join("tokenizer.json"),
+            dir.join("tokenizer.json"),
+        )
+        .unwrap();
+        match engine.probe(&dir) {
+            Err(EngineError::InvalidModel(what)) => assert!(what.contains(says), "{name}: {what}"),
+            other => panic!("{name}: {other:?}"),
+        }
+        // The checker reads the header and the sections' own structures, never
+        // trusting an offset: every cut of the header is refused, none panics.
+        for cut in (0..header_end + 64).step_by(7) {
+            assert!(
+                modeld_engine_core::litertlm::check_bytes(&data[..cut.min(data.len())]).is_err()
+            );
+        }
+    }
+    let agent = Agent::start_with(AgentOptions {
+        args: litert_lm_args(&assets),
+        ..AgentOptions::default()
+    })
+    .await;
+    let client = agent.client().await;
+    let scan = client
+        .scan(vec![root.path().display().to_string()])
+        .await
+        .unwrap();
+    assert!(scan.models.is_empty(), "{:?}", scan.models);
+    for (name, _, says) in &cases {
+        let skipped = scan
+            .skipped
+            .iter()
+            .find(|s| s.path.contains(&format!("/{name}")))
+            .unwrap_or_else(|| panic!("{name} not skipped: {:?}", scan.skipped));
+        assert!(skipped.reason.contains(says), "{name}: {}", skipped.reason);
+    }
+    assert!(client.is_serving().await.unwrap());
 }

@@ -36,6 +36,11 @@ pub struct LoadOptions {
     /// Flash attention (llama.cpp only).
     #[serde(default)]
     pub flash_attention: FlashAttention,
+    /// A directory the engine may write while the model is loaded (a runtime's cache
+    /// of packed weights), for engines whose [`Engine::writes_scratch`] says so. Set by
+    /// the engine process, never by a request; `None` = the engine makes its own.
+    #[serde(default)]
+    pub scratch_dir: Option<PathBuf>,
 }
 
 /// For engines without a choice of KV cache type or attention kernel: asking for one
@@ -363,6 +368,12 @@ pub trait Engine: Send + Sync {
     fn probe(&self, path: &Path) -> Result<ModelProbe, EngineError>;
     /// The memory loading `probe`'s model with `options` would take.
     fn estimate_memory(&self, probe: &ModelProbe, options: &LoadOptions) -> MemoryEstimate;
+    /// Whether loading the model at `path` writes files (a compiled-weight cache): an
+    /// engine process then gets a private directory it may write, removed with it.
+    fn writes_scratch(&self, path: &Path) -> bool {
+        let _ = path;
+        false
+    }
     /// Files and directories the runtime reads once a load has started, besides the
     /// model (libraries it opens at run time): what a confined engine process must
     /// still be allowed to read.

@@ -6,9 +6,11 @@
 
 pub mod cpu;
 mod engine;
+mod flatbuffer;
 mod format;
 pub mod generation;
 pub mod gguf;
+pub mod litertlm;
 pub mod protobuf;
 mod runtime;
 pub mod safetensors;

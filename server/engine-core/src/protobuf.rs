@@ -95,7 +95,8 @@ pub fn fields_limited<R: Read + Seek>(
     Ok(out)
 }
 
-fn varint<R: Read>(r: &mut R) -> io::Result<(u64, u64)> {
+/// One varint, and how many bytes it took.
+pub fn varint<R: Read>(r: &mut R) -> io::Result<(u64, u64)> {
     let mut value = 0u64;
     for i in 0..10u32 {
         let mut b = [0u8; 1];

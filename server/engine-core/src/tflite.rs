@@ -15,6 +15,10 @@ use std::io;
 use std::path::Path;
 
 use crate::EngineError;
+use crate::flatbuffer::{
+    Checked, Context as _, Fault, FileSource, MAX_STRING_BYTES, Reader, SliceSource, Source, Table,
+    malformed,
+};
 
 /// TFLite's flatbuffer file identifier, at bytes 4..8.
 pub const IDENTIFIER: &[u8; 4] = b"TFL3";
@@ -29,7 +33,7 @@ pub const MAX_BUFFERS: u32 = 1 << 20;
 pub const MAX_SIGNATURES: u32 = 1024;
 /// LiteRT's `LITERT_TENSOR_MAX_RANK`.
 pub const MAX_RANK: u32 = 8;
-pub const MAX_NAME_BYTES: u32 = 4096;
+pub const MAX_NAME_BYTES: u32 = MAX_STRING_BYTES;
 
 /// A tensor as a signature names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,12 +176,13 @@ impl ElementType {
     }
 }
 
-/// The `.tflite` files at the top of `dir`, sorted: a directory model holds one.
-pub fn files_in(dir: &Path) -> io::Result<Vec<std::path::PathBuf>> {
+/// The files with extension `ext` (`tflite`, `litertlm`) at the top of `dir`, sorted:
+/// a directory model holds one.
+pub fn files_in(dir: &Path, ext: &str) -> io::Result<Vec<std::path::PathBuf>> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        if path.is_file() && path.extension().is_some_and(|x| x == "tflite") {
+        if path.is_file() && path.extension().is_some_and(|x| x == ext) {
             found.push(path);
         }
     }
@@ -209,264 +214,10 @@ pub fn check_bytes(bytes: &[u8]) -> Result<TfliteModel, String> {
     })
 }
 
-#[derive(Debug)]
-enum Fault {
-    Io(io::Error),
-    Malformed(String),
-}
-
-type Checked<T> = Result<T, Fault>;
-
-fn malformed<T>(what: impl Into<String>) -> Checked<T> {
-    Err(Fault::Malformed(what.into()))
-}
-
-/// Prefixes a fault with where it was found.
-trait Context<T> {
-    fn at(self, place: impl FnOnce() -> String) -> Checked<T>;
-}
-
-impl<T> Context<T> for Checked<T> {
-    fn at(self, place: impl FnOnce() -> String) -> Checked<T> {
-        self.map_err(|e| match e {
-            Fault::Malformed(what) => Fault::Malformed(format!("{}: {what}", place())),
-            io => io,
-        })
-    }
-}
-
-trait Source {
-    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()>;
-}
-
-struct FileSource(File);
-
-impl Source for FileSource {
-    #[cfg(unix)]
-    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, pos)
-    }
-    #[cfg(not(unix))]
-    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut f = &self.0;
-        f.seek(SeekFrom::Start(pos))?;
-        f.read_exact(buf)
-    }
-}
-
-struct SliceSource<'a>(&'a [u8]);
-
-impl Source for SliceSource<'_> {
-    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
-        let start = usize::try_from(pos).map_err(|_| io::ErrorKind::UnexpectedEof)?;
-        let bytes = start
-            .checked_add(buf.len())
-            .and_then(|end| self.0.get(start..end))
-            .ok_or(io::ErrorKind::UnexpectedEof)?;
-        buf.copy_from_slice(bytes);
-        Ok(())
-    }
-}
-
-/// A table: where it starts and which fields its vtable says it has.
-#[derive(Clone, Copy)]
-struct Table {
-    pos: u64,
-    vtable: u64,
-    /// Bytes of the vtable (4 + 2 per field slot).
-    vtable_len: u64,
-    /// Bytes of the table's inline part.
-    table_len: u64,
-}
-
-/// A vector: its first element and its length.
-#[derive(Clone, Copy)]
-struct Vector {
-    start: u64,
-    len: u32,
-}
-
-struct Reader<'a> {
-    src: &'a dyn Source,
-    len: u64,
-}
-
-impl Reader<'_> {
-    fn bytes<const N: usize>(&self, pos: u64) -> Checked<[u8; N]> {
-        match pos.checked_add(N as u64) {
-            Some(end) if end <= self.len => {}
-            _ => {
-                return malformed(format!(
-                    "offset {pos} (+{N} bytes) lies past the end of the {}-byte file",
-                    self.len
-                ));
-            }
-        }
-        let mut buf = [0u8; N];
-        self.src.read_at(pos, &mut buf).map_err(Fault::Io)?;
-        Ok(buf)
-    }
-    fn u8(&self, pos: u64) -> Checked<u8> {
-        self.bytes::<1>(pos).map(|b| b[0])
-    }
-    fn u16(&self, pos: u64) -> Checked<u16> {
-        self.bytes(pos).map(u16::from_le_bytes)
-    }
-    fn u32(&self, pos: u64) -> Checked<u32> {
-        self.bytes(pos).map(u32::from_le_bytes)
-    }
-    fn i32(&self, pos: u64) -> Checked<i32> {
-        self.bytes(pos).map(i32::from_le_bytes)
-    }
-    fn u64(&self, pos: u64) -> Checked<u64> {
-        self.bytes(pos).map(u64::from_le_bytes)
-    }
-
-    /// The position a `uoffset` at `pos` points to.
-    fn follow(&self, pos: u64) -> Checked<u64> {
-        let target = pos + u64::from(self.u32(pos)?);
-        if target >= self.len {
-            return malformed(format!(
-                "offset at {pos} points to {target}, past the end of the {}-byte file",
-                self.len
-            ));
-        }
-        Ok(target)
-    }
-
-    fn table(&self, pos: u64) -> Checked<Table> {
-        let soffset = i64::from(self.i32(pos)?);
-        let vtable = pos as i64 - soffset;
-        if vtable < 0 || vtable as u64 >= self.len {
-            return malformed(format!(
-                "the table at {pos} names its vtable at {vtable}, outside the file"
-            ));
-        }
-        let vtable = vtable as u64;
-        let vtable_len = u64::from(self.u16(vtable)?);
-        let table_len = u64::from(self.u16(vtable + 2)?);
-        if vtable_len < 4 || vtable_len % 2 != 0 {
-            return malformed(format!("the vtable at {vtable} is {vtable_len} bytes long"));
-        }
-        if vtable + vtable_len > self.len || table_len < 4 || pos + table_len > self.len {
-            return malformed(format!(
-                "the table at {pos} (vtable at {vtable}, {vtable_len} bytes; {table_len} bytes \
-                 of fields) runs past the end of the {}-byte file",
-                self.len
-            ));
-        }
-        Ok(Table {
-            pos,
-            vtable,
-            vtable_len,
-            table_len,
-        })
-    }
-
-    /// Where field `slot` lies, if present; `size` of its inline value must fit the table.
-    fn field(&self, t: Table, slot: u64, size: u64) -> Checked<Option<u64>> {
-        let entry = 4 + 2 * slot;
-        if entry + 2 > t.vtable_len {
-            return Ok(None);
-        }
-        let offset = u64::from(self.u16(t.vtable + entry)?);
-        if offset == 0 {
-            return Ok(None);
-        }
-        if offset < 4 || offset + size > t.table_len {
-            return malformed(format!(
-                "field {slot} of the table at {} lies outside its {} bytes",
-                t.pos, t.table_len
-            ));
-        }
-        Ok(Some(t.pos + offset))
-    }
-
-    fn u8_field(&self, t: Table, slot: u64, default: u8) -> Checked<u8> {
-        match self.field(t, slot, 1)? {
-            Some(p) => self.u8(p),
-            None => Ok(default),
-        }
-    }
-    fn u32_field(&self, t: Table, slot: u64, default: u32) -> Checked<u32> {
-        match self.field(t, slot, 4)? {
-            Some(p) => self.u32(p),
-            None => Ok(default),
-        }
-    }
-    fn u64_field(&self, t: Table, slot: u64, default: u64) -> Checked<u64> {
-        match self.field(t, slot, 8)? {
-            Some(p) => self.u64(p),
-            None => Ok(default),
-        }
-    }
-
-    fn vector_at(&self, pos: u64, element_size: u64, limit: u32) -> Checked<Vector> {
-        let len = self.u32(pos)?;
-        if len > limit {
-            return malformed(format!(
-                "a vector at {pos} claims {len} elements; the limit is {limit}"
-            ));
-        }
-        let start = pos + 4;
-        let end = start + u64::from(len) * element_size;
-        if end > self.len {
-            return malformed(format!(
-                "a vector at {pos} of {len} elements of {element_size} bytes runs past the end \
-                 of the {}-byte file",
-                self.len
-            ));
-        }
-        Ok(Vector { start, len })
-    }
-
-    fn vector_field(
-        &self,
-        t: Table,
-        slot: u64,
-        element_size: u64,
-        limit: u32,
-    ) -> Checked<Option<Vector>> {
-        match self.field(t, slot, 4)? {
-            Some(p) => {
-                let target = self.follow(p)?;
-                self.vector_at(target, element_size, limit).map(Some)
-            }
-            None => Ok(None),
-        }
-    }
-
-    fn string_field(&self, t: Table, slot: u64) -> Checked<Option<String>> {
-        let Some(v) = self.vector_field(t, slot, 1, MAX_NAME_BYTES)? else {
-            return Ok(None);
-        };
-        let mut bytes = vec![0u8; v.len as usize];
-        self.src.read_at(v.start, &mut bytes).map_err(Fault::Io)?;
-        match String::from_utf8(bytes) {
-            Ok(s) => Ok(Some(s)),
-            Err(_) => malformed(format!("the string at {} is not UTF-8", v.start - 4)),
-        }
-    }
-
-    /// Element `i` of a vector of tables.
-    fn table_in(&self, v: Vector, i: u32) -> Checked<Table> {
-        let slot = v.start + 4 * u64::from(i);
-        let target = self.follow(slot)?;
-        self.table(target)
-    }
-
-    fn i32s(&self, v: Vector) -> Checked<Vec<i32>> {
-        (0..u64::from(v.len))
-            .map(|i| self.i32(v.start + 4 * i))
-            .collect()
-    }
-}
-
 /// Buffer sizes by index: `None` = empty (no constant data).
 struct Buffers(Vec<Option<u64>>);
 
-fn check_source(src: &dyn Source, len: u64) -> Checked<TfliteModel> {
+pub(crate) fn check_source(src: &dyn Source, len: u64) -> Checked<TfliteModel> {
     let r = Reader { src, len };
     if len < 8 {
         return malformed(format!("{len} bytes is too short for a TFLite flatbuffer"));

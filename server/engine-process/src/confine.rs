@@ -37,6 +37,8 @@ pub const SYSTEM_READABLE: &[&str] = &[
 pub struct Confinement {
     /// Files and directories it may read (and map, and load libraries from).
     pub readable: Vec<PathBuf>,
+    /// Directories it may also write beneath (its scratch directory).
+    pub writable: Vec<PathBuf>,
     /// Private memory it may allocate; 0 = no limit.
     pub memory_limit_bytes: u64,
 }
@@ -74,6 +76,7 @@ impl Confinement {
         readable.extend(SYSTEM_READABLE.iter().map(PathBuf::from));
         Confinement {
             readable,
+            writable: Vec::new(),
             memory_limit_bytes,
         }
     }
@@ -114,17 +117,28 @@ mod imp {
                     AccessFs::from_read(abi),
                 ))
             })
+            .and_then(|r| {
+                r.add_rules(path_beneath_rules(
+                    c.writable.iter().filter(|p| p.is_dir()),
+                    AccessFs::from_all(abi),
+                ))
+            })
             .and_then(|r| r.restrict_self())
             .map_err(std::io::Error::other)?;
         let (filesystem, network) = match status.ruleset {
             RulesetStatus::FullyEnforced => (
-                format!("landlock, read-only to {} paths", c.readable.len()),
+                format!(
+                    "landlock, read-only to {} paths{}",
+                    c.readable.len(),
+                    writable(c)
+                ),
                 "landlock denies TCP bind and connect".to_owned(),
             ),
             RulesetStatus::PartiallyEnforced => (
                 format!(
-                    "landlock (partly: this kernel lacks some rights), read-only to {} paths",
-                    c.readable.len()
+                    "landlock (partly: this kernel lacks some rights), read-only to {} paths{}",
+                    c.readable.len(),
+                    writable(c)
                 ),
                 "landlock where the kernel supports it (Linux 6.7+)".to_owned(),
             ),
@@ -139,6 +153,13 @@ mod imp {
             no_new_privs: status.no_new_privs,
             memory_limit_bytes,
         })
+    }
+
+    fn writable(c: &Confinement) -> String {
+        c.writable
+            .iter()
+            .map(|p| format!(", writable beneath {}", p.display()))
+            .collect()
     }
 }
 

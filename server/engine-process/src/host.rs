@@ -19,6 +19,7 @@ use modeld_engine_core::{
 
 use crate::confine::Confinement;
 use crate::protocol::{self, CallId, Reply, ToAgent, ToEngine, TokenizerFacts};
+use crate::scratch::ScratchDir;
 
 /// The agent's end of the channel: the engine process gets its socket as stdin, so
 /// stray writes to stdout by a runtime never corrupt a frame.
@@ -57,7 +58,11 @@ pub fn serve(engines: &[Arc<dyn Engine>], channel: UnixStream) -> Result<(), Str
     else {
         return Err("the first message was not a Load".into());
     };
-    let (model, confinement) = match load(engines, runtime, &path, &options) {
+    let Loaded {
+        model,
+        confinement,
+        scratch,
+    } = match load(engines, runtime, &path, &options) {
         Ok(loaded) => loaded,
         Err(e) => {
             let text = e.to_string();
@@ -65,7 +70,19 @@ pub fn serve(engines: &[Arc<dyn Engine>], channel: UnixStream) -> Result<(), Str
             return Err(text);
         }
     };
-    run(model, confinement, input, out)
+    let served = run(model, confinement, input, out);
+    // The model is gone (run drops it): its files may go too.
+    drop(scratch);
+    served
+}
+
+/// A model loaded in this process, with what it was given.
+struct Loaded {
+    model: Box<dyn LoadedModel>,
+    /// What the confinement applied, in words.
+    confinement: String,
+    /// Its scratch directory, removed once the model is gone.
+    scratch: Option<ScratchDir>,
 }
 
 fn load(
@@ -73,7 +90,7 @@ fn load(
     runtime: Runtime,
     path: &Path,
     options: &LoadOptions,
-) -> Result<(Box<dyn LoadedModel>, String), EngineError> {
+) -> Result<Loaded, EngineError> {
     let engine = engines
         .iter()
         .find(|e| e.runtime() == runtime)
@@ -83,14 +100,30 @@ fn load(
                 runtime.as_str()
             ))
         })?;
-    let applied = Confinement::for_model(path, &engine.runtime_paths(), options.memory_limit_bytes)
+    let mut options = options.clone();
+    let scratch = if engine.writes_scratch(path) {
+        let dir = ScratchDir::create()
+            .map_err(|e| EngineError::Load(format!("cannot create a scratch directory: {e}")))?;
+        options.scratch_dir = Some(dir.path().to_path_buf());
+        Some(dir)
+    } else {
+        None
+    };
+    let mut confinement =
+        Confinement::for_model(path, &engine.runtime_paths(), options.memory_limit_bytes);
+    confinement.writable.extend(options.scratch_dir.clone());
+    let applied = confinement
         .apply()
         .map_err(|e| EngineError::Load(format!("cannot confine the engine process: {e}")))?;
     tracing::info!(model = %path.display(), confinement = %applied, "engine process confined");
     hooks::before_load();
-    let model = engine.load(path, options)?;
+    let model = engine.load(path, &options)?;
     hooks::after_load();
-    Ok((model, applied.to_string()))
+    Ok(Loaded {
+        model,
+        confinement: applied.to_string(),
+        scratch,
+    })
 }
 
 fn run(

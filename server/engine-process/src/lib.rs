@@ -9,6 +9,7 @@
 //!   starts a process per load and forwards calls to it;
 //! - [`host`]: the engine process's side, hosting the real engine;
 //! - [`confine`]: what the engine process gives up before it opens a model;
+//! - [`scratch`]: the one directory it may write, when its runtime needs one;
 //! - [`protocol`]: the frames between them.
 
 pub mod confine;
@@ -18,6 +19,7 @@ pub mod host;
 pub mod protocol;
 #[cfg(unix)]
 pub mod proxy;
+pub mod scratch;
 
 #[cfg(unix)]
 pub use proxy::{EngineCommand, ProcessEngine};

@@ -83,6 +83,9 @@ impl Engine for ProcessEngine {
     fn runtime_paths(&self) -> Vec<PathBuf> {
         self.inner.runtime_paths()
     }
+    fn writes_scratch(&self, path: &Path) -> bool {
+        self.inner.writes_scratch(path)
+    }
     fn probe(&self, path: &Path) -> Result<ModelProbe, EngineError> {
         self.inner.probe(path)
     }
@@ -259,6 +262,8 @@ impl Link {
             Some(Err(e)) => format!("could not be waited for: {e}"),
             None => "ended".into(),
         };
+        // A process killed outright left its scratch directory behind.
+        crate::scratch::remove_left_by(self.pid);
         let on_purpose = self.closing.load(Ordering::SeqCst);
         let error = EngineError::Crashed(how.clone());
         let waiting = {

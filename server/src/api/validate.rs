@@ -319,6 +319,8 @@ pub fn load_request(options: Option<pb::LoadOptions>) -> Result<LoadRequest> {
             memory_limit_bytes: 0,
             kv_cache_type,
             flash_attention,
+            // The engine process makes its own; a request never names a path to write.
+            scratch_dir: None,
         },
     })
 }

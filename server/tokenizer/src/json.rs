@@ -124,3 +124,42 @@ pub fn from_file(path: &Path) -> Result<HfTokenizer, EngineError> {
         template,
     ))
 }
+
+/// A tokenizer.json held in memory (a LiteRT-LM bundle carries one), with what its
+/// container says instead of a tokenizer_config.json: the tokens that end a turn and
+/// the chat template.
+pub fn from_bytes(
+    provider: &'static str,
+    json: &[u8],
+    end_of_generation: Vec<u32>,
+    chat_template: Option<&str>,
+    max_length: u32,
+) -> Result<HfTokenizer, EngineError> {
+    if json.len() as u64 > TOKENIZER_JSON_BYTES_MAX {
+        return Err(load_error(format!(
+            "{} bytes; the limit is {TOKENIZER_JSON_BYTES_MAX}",
+            json.len()
+        )));
+    }
+    let tokenizer =
+        tokenizers::Tokenizer::from_bytes(json).map_err(|e| load_error(e.to_string()))?;
+    let eos = end_of_generation.first().copied();
+    let text_of = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.id_to_token(i))
+            .unwrap_or_default()
+    };
+    let template = chat_template
+        .map(|source| ChatTemplate::new(source, "", &text_of(eos)))
+        .transpose()?;
+    let special = SpecialTokens {
+        bos: None,
+        eos,
+        pad: None,
+        add_bos: false,
+        add_eos: false,
+        end_of_generation,
+    };
+    Ok(HfTokenizer::new(
+        provider, tokenizer, special, max_length, template,
+    ))
+}

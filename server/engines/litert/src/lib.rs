@@ -8,10 +8,12 @@
 
 pub mod decoder;
 mod library;
+pub mod lm;
 
 use std::path::{Path, PathBuf};
 
 use modeld_engine_core::generation::SequenceModel;
+use modeld_engine_core::litertlm::{self, Bundle};
 use modeld_engine_core::{
     Accelerator, CpuVariant, Engine, EngineError, LoadOptions, LoadedModel, MemoryEstimate,
     ModelFormat, ModelInfo, ModelProbe, Runtime,
@@ -19,6 +21,7 @@ use modeld_engine_core::{
 
 pub use decoder::{DecoderShape, LiteRtDecoder};
 pub use library::LIBRARY_ENV;
+pub use lm::library::LIBRARY_ENV as LM_LIBRARY_ENV;
 pub use modeld_engine_core::tflite::TfliteModel;
 
 /// The C API this build speaks.
@@ -28,6 +31,8 @@ pub const VERSION: &str = "LiteRT 2.x C API (compiled model, CPU)";
 pub struct LiteRtEngine {
     /// libLiteRt to open; `None` = `LITERT_LIBRARY`.
     library: Option<PathBuf>,
+    /// liblitert-lm, for `.litertlm` bundles; `None` = `LITERT_LM_LIBRARY`.
+    lm_library: Option<PathBuf>,
 }
 
 /// A checked model: its file, what the check read, and the decoder's shape.
@@ -39,11 +44,16 @@ pub struct Inspected {
     /// The prefill signatures (key, tokens), smallest block first.
     pub prefills: Vec<(String, usize)>,
     pub probe: ModelProbe,
+    /// Set when the file is a LiteRT-LM bundle, which LiteRT-LM runs.
+    pub bundle: Option<Bundle>,
 }
 
 impl LiteRtEngine {
-    pub fn new(library: Option<PathBuf>) -> LiteRtEngine {
-        LiteRtEngine { library }
+    pub fn new(library: Option<PathBuf>, lm_library: Option<PathBuf>) -> LiteRtEngine {
+        LiteRtEngine {
+            library,
+            lm_library,
+        }
     }
 
     /// Checks and opens the decoder at `path` without a tokenizer: what `load` does
@@ -55,6 +65,12 @@ impl LiteRtEngine {
     ) -> Result<(LiteRtDecoder, Inspected), EngineError> {
         // Every load checks the file itself, whatever probed it before.
         let inspected = inspect(path)?;
+        if inspected.bundle.is_some() {
+            return Err(EngineError::InvalidRequest(format!(
+                "{} is a LiteRT-LM bundle: LiteRT-LM runs it, not LiteRT's decoder",
+                inspected.file.display()
+            )));
+        }
         let lib = library::open(self.library.as_deref())?;
         let compiled = library::CompiledModel::open(lib, &inspected.file, options.threads)?;
         let decoder = LiteRtDecoder::new(compiled, inspected.shape, &inspected.prefills)?;
@@ -62,22 +78,28 @@ impl LiteRtEngine {
     }
 }
 
-/// The `.tflite` file `path` names: the file itself, or the one such file in a
-/// directory.
+/// The model file `path` names: the file itself, or the one `.tflite` file in a
+/// directory, else its one `.litertlm` bundle.
 pub fn locate(path: &Path) -> Result<PathBuf, EngineError> {
     if path.is_file() {
         return Ok(path.to_path_buf());
     }
-    let mut found = modeld_engine_core::tflite::files_in(path)
-        .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", path.display())))?;
+    let listing = |ext| {
+        modeld_engine_core::tflite::files_in(path, ext)
+            .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", path.display())))
+    };
+    let mut found = listing("tflite")?;
+    if found.is_empty() {
+        found = listing("litertlm")?;
+    }
     match found.len() {
         1 => Ok(found.remove(0)),
         0 => Err(EngineError::InvalidModel(format!(
-            "{} holds no .tflite file",
+            "{} holds no .tflite file or .litertlm bundle",
             path.display()
         ))),
         n => Err(EngineError::InvalidModel(format!(
-            "{} holds {n} .tflite files; register the one to run",
+            "{} holds {n} model files; register the one to run",
             path.display()
         ))),
     }
@@ -86,7 +108,15 @@ pub fn locate(path: &Path) -> Result<PathBuf, EngineError> {
 /// Checks the file and reads what the engine needs, before LiteRT sees it.
 pub fn inspect(path: &Path) -> Result<Inspected, EngineError> {
     let file = locate(path)?;
-    let model = modeld_engine_core::tflite::check(&file)?;
+    let bundle = if litertlm::is_bundle(&file) {
+        Some(litertlm::check(&file)?)
+    } else {
+        None
+    };
+    let model = match &bundle {
+        Some(b) => b.model.clone(),
+        None => modeld_engine_core::tflite::check(&file)?,
+    };
     let shape = decoder::shape_of(&model).map_err(|e| match e {
         EngineError::InvalidModel(what) => {
             EngineError::InvalidModel(format!("{}: {what}", file.display()))
@@ -131,7 +161,28 @@ pub fn inspect(path: &Path) -> Result<Inspected, EngineError> {
         model,
         shape,
         probe,
+        bundle,
     })
+}
+
+/// Measured with the 135M decoder (541 MB of float32): on Linux the engine process
+/// held 760 MiB, 514 MiB of it XNNPACK's packed weights in the shared weight cache
+/// (the file's own pages are read once, while packing) and 217 MiB of anonymous
+/// memory (caches, logits, XNNPACK's workspace); without the cache, 1.6 GiB (the
+/// mapped file and one packed copy per signature). LiteRT-LM over the same decoder,
+/// its packed weights in a cache file it maps: 800 MiB (224 MiB anonymous).
+pub fn estimate(probe: &ModelProbe) -> MemoryEstimate {
+    // The graph's cache is fixed at export: the context option cannot shrink it.
+    let kv_cache = probe.kv_cache_bytes(u64::from(probe.context_length), 4);
+    let vocab = u64::from(probe.vocab_size);
+    let copies = if cfg!(target_os = "linux") { 1 } else { 3 };
+    MemoryEstimate {
+        weights: probe.weights_bytes * copies,
+        kv_cache,
+        // The prefill block's logits, and the runtime's workspace (a quarter of
+        // the weights, as measured).
+        compute: 64 * vocab * 4 + probe.weights_bytes / 4,
+    }
 }
 
 impl Engine for LiteRtEngine {
@@ -145,10 +196,14 @@ impl Engine for LiteRtEngine {
 
     fn runtime_paths(&self) -> Vec<PathBuf> {
         // LiteRT opens its accelerator libraries from its own directory.
-        library::configured_path(self.library.as_deref())
-            .and_then(|p| p.parent().map(Path::to_path_buf))
-            .into_iter()
-            .collect()
+        [
+            library::configured_path(self.library.as_deref()),
+            lm::library::configured_path(self.lm_library.as_deref()),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.parent().map(Path::to_path_buf))
+        .collect()
     }
 
     fn formats(&self) -> &[ModelFormat] {
@@ -182,23 +237,13 @@ impl Engine for LiteRtEngine {
         inspect(path).map(|i| i.probe)
     }
 
-    /// Measured with the 135M decoder (541 MB of float32): on Linux the engine process
-    /// held 760 MiB, 514 MiB of it XNNPACK's packed weights in the shared weight cache
-    /// (the file's own pages are read once, while packing) and 217 MiB of anonymous
-    /// memory (caches, logits, XNNPACK's workspace); without the cache, 1.6 GiB (the
-    /// mapped file and one packed copy per signature).
     fn estimate_memory(&self, probe: &ModelProbe, _options: &LoadOptions) -> MemoryEstimate {
-        // The graph's cache is fixed at export: the context option cannot shrink it.
-        let kv_cache = probe.kv_cache_bytes(u64::from(probe.context_length), 4);
-        let vocab = u64::from(probe.vocab_size);
-        let copies = if cfg!(target_os = "linux") { 1 } else { 3 };
-        MemoryEstimate {
-            weights: probe.weights_bytes * copies,
-            kv_cache,
-            // The prefill block's logits, and the runtime's workspace (a quarter of
-            // the weights, as measured).
-            compute: 64 * vocab * 4 + probe.weights_bytes / 4,
-        }
+        estimate(probe)
+    }
+
+    /// LiteRT-LM writes the weights XNNPACK packed to a cache directory and maps them.
+    fn writes_scratch(&self, path: &Path) -> bool {
+        locate(path).is_ok_and(|file| litertlm::is_bundle(&file))
     }
 
     fn load(
@@ -218,6 +263,10 @@ impl Engine for LiteRtEngine {
                 options.execution_providers
             )));
         }
+        let inspected = inspect(path)?;
+        if let Some(bundle) = &inspected.bundle {
+            return lm::load(self.lm_library.as_deref(), &inspected, bundle, options);
+        }
         let (decoder, inspected) = self.open_decoder(path, options)?;
         let dir = inspected
             .file
@@ -226,14 +275,14 @@ impl Engine for LiteRtEngine {
         let tokenizer = modeld_tokenizer::for_model(&dir, ModelFormat::Tflite, None, None)?;
         let probe = &inspected.probe;
         let context_length = options.context_for(probe.context_length);
-        let estimate = self.estimate_memory(probe, options);
+        let memory = estimate(probe);
         let info = ModelInfo {
             architecture: probe.architecture.clone(),
             parameter_count: probe.parameter_count,
             context_length,
             vocab_size: probe.vocab_size,
             chat_template: None,
-            memory_bytes: estimate.total(),
+            memory_bytes: memory.total(),
             accelerator: Accelerator::Cpu,
             ..ModelInfo::default()
         };

@@ -6,7 +6,7 @@ use std::fs::{self, File};
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use modeld_engine_core::{ModelFormat, safetensors, tflite};
+use modeld_engine_core::{ModelFormat, litertlm, safetensors, tflite};
 use serde_json::Value;
 
 use super::{Metadata, Sniffed, onnx, sniff_file, tflite_metadata};
@@ -142,18 +142,31 @@ fn genai_metadata(dir: &Path) -> Result<Metadata, DirError> {
     })
 }
 
-/// The directory's one `.tflite` file, if it has exactly one at its top.
+/// The directory's one `.tflite` file, if it has exactly one at its top, else its one
+/// `.litertlm` bundle.
 fn lone_tflite(dir: &Path) -> Result<Option<PathBuf>, DirError> {
-    let mut found = tflite::files_in(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    Ok(if found.len() == 1 { found.pop() } else { None })
+    for ext in ["tflite", "litertlm"] {
+        let mut found =
+            tflite::files_in(dir, ext).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if !found.is_empty() {
+            return Ok(if found.len() == 1 { found.pop() } else { None });
+        }
+    }
+    Ok(None)
 }
 
 /// A TFLite decoder with its tokenizer (and Hugging Face config) beside it: the
 /// directory is the model, so the engine reads all of it. The context is what the
 /// graph's cache holds (`kv_cache_k_0`'s second dimension), else the config's.
 fn tflite_dir_metadata(dir: &Path, graph: &Path) -> Result<Metadata, DirError> {
-    let model = tflite::check_file(graph)
-        .map_err(|reason| format!("malformed tflite file {}: {reason}", graph.display()))?;
+    let model = if litertlm::is_bundle(graph) {
+        litertlm::check(graph)
+            .map(|b| b.model)
+            .map_err(|e| e.to_string())?
+    } else {
+        tflite::check_file(graph)
+            .map_err(|reason| format!("malformed tflite file {}: {reason}", graph.display()))?
+    };
     let metadata = tflite_metadata(&model);
     let cache_slots = model
         .signature("decode")

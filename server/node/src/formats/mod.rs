@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::Path;
 
-use modeld_engine_core::{ArchiveFormat, ModelFormat, tflite};
+use modeld_engine_core::{ArchiveFormat, ModelFormat, litertlm, tflite};
 
 /// Metadata a model file carries about itself. Absent values are empty or zero.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -60,6 +60,9 @@ pub fn sniff_file(path: &Path) -> io::Result<Sniffed> {
     let mut reader = BufReader::with_capacity(256 * 1024, file);
     let mut head = [0u8; HEAD];
     let n = read_full(&mut reader, &mut head)?;
+    if head[..n].starts_with(litertlm::MAGIC) {
+        return Ok(litertlm_file(path));
+    }
     if looks_like_protobuf(&head[..n]) {
         if let Some(model) = onnx::sniff(&mut reader, size) {
             return Ok(proto_model(model));
@@ -89,6 +92,26 @@ fn tflite_file(path: &Path) -> Sniffed {
         Err(reason) => Sniffed::Malformed {
             format: ModelFormat::Tflite,
             reason,
+        },
+    }
+}
+
+/// A LiteRT-LM bundle: a TFLite decoder with its tokenizer and metadata, checked whole.
+fn litertlm_file(path: &Path) -> Sniffed {
+    match litertlm::check(path) {
+        Ok(bundle) => Sniffed::Model {
+            format: ModelFormat::Tflite,
+            metadata: Metadata {
+                context_length: litertlm::llm_metadata(path, &bundle)
+                    .ok()
+                    .flatten()
+                    .map_or(0, |m| m.max_num_tokens),
+                ..tflite_metadata(&bundle.model)
+            },
+        },
+        Err(e) => Sniffed::Malformed {
+            format: ModelFormat::Tflite,
+            reason: e.to_string(),
         },
     }
 }
