@@ -129,6 +129,47 @@ async fn modeld_and_the_litert_interpreter_run_the_same_tflite_decoder_alike() {
     }
 }
 
+/// Starts a long generation on `model`, unloads it with a short grace, and checks
+/// the generation ended cancelled and the model is gone.
+async fn assert_an_unload_cancels(client: &Client, model: &str, prompt: &str, ignore_eos: bool) {
+    let mut stream = client
+        .generate()
+        .generate(pb::GenerateRequest {
+            model_id: model.into(),
+            input: Some(pb::generate_request::Input::Prompt(prompt.into())),
+            sampling: Some(pb::SamplingParams {
+                temperature: Some(0.0),
+                ..Default::default()
+            }),
+            max_tokens: 900,
+            ignore_eos,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap();
+    let unload = client.unload(model, Some(Duration::from_millis(300)));
+    let finish = async {
+        let mut summary = None;
+        while let Some(Ok(msg)) = stream.next().await {
+            if let Some(pb::generate_response::Event::Summary(s)) = msg.event {
+                summary = Some(s);
+            }
+        }
+        summary.unwrap()
+    };
+    let (summary, unloaded) = tokio::join!(finish, unload);
+    assert_eq!(summary.finish_reason(), pb::FinishReason::Cancelled);
+    assert!(summary.usage.unwrap().generated_tokens < 900);
+    assert_eq!(unloaded.unwrap().cancelled_requests, 1);
+    let listed = client.list_loaded().await.unwrap();
+    assert!(
+        listed.models.iter().all(|m| m.model_id != model),
+        "{listed:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_tflite_model_chats_tokenizes_benchmarks_cancels_and_unloads_like_the_other_formats() {
     let assets = Assets::get();
@@ -220,42 +261,8 @@ async fn a_tflite_model_chats_tokenizes_benchmarks_cancels_and_unloads_like_the_
         bench.generation_tokens_per_second
     );
 
-    // A long generation, cancelled by an unload with a short grace.
     client.load_to_end(&tflite, None).await.unwrap();
-    let mut stream = client
-        .generate()
-        .generate(pb::GenerateRequest {
-            model_id: tflite.clone(),
-            input: Some(pb::generate_request::Input::Prompt(
-                "Once upon a time".into(),
-            )),
-            max_tokens: 900,
-            ignore_eos: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    stream.next().await.unwrap().unwrap();
-    let unload = client.unload(&tflite, Some(Duration::from_millis(300)));
-    let finish = async {
-        let mut summary = None;
-        while let Some(Ok(msg)) = stream.next().await {
-            if let Some(pb::generate_response::Event::Summary(s)) = msg.event {
-                summary = Some(s);
-            }
-        }
-        summary.unwrap()
-    };
-    let (summary, unloaded) = tokio::join!(finish, unload);
-    assert_eq!(summary.finish_reason(), pb::FinishReason::Cancelled);
-    assert!(summary.usage.unwrap().generated_tokens < 900);
-    assert_eq!(unloaded.unwrap().cancelled_requests, 1);
-    let listed = client.list_loaded().await.unwrap();
-    assert!(
-        listed.models.iter().all(|m| m.model_id != tflite),
-        "{listed:?}"
-    );
+    assert_an_unload_cancels(&client, &tflite, "Once upon a time", true).await;
 }
 
 fn hostile_fixtures(assets: &Assets) -> (PathBuf, BTreeMap<String, String>) {
@@ -651,39 +658,8 @@ async fn a_litertlm_bundle_chats_tokenizes_cancels_and_unloads_and_its_scratch_g
         other => panic!("a grammar on LiteRT-LM: {other:?}"),
     }
 
-    // A long generation, cancelled by an unload with a short grace.
-    let mut stream = client
-        .generate()
-        .generate(pb::GenerateRequest {
-            model_id: lm.clone(),
-            input: Some(pb::generate_request::Input::Prompt(
-                "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,".into(),
-            )),
-            sampling: Some(pb::SamplingParams {
-                temperature: Some(0.0),
-                ..Default::default()
-            }),
-            max_tokens: 900,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    stream.next().await.unwrap().unwrap();
-    let unload = client.unload(&lm, Some(Duration::from_millis(300)));
-    let finish = async {
-        let mut summary = None;
-        while let Some(Ok(msg)) = stream.next().await {
-            if let Some(pb::generate_response::Event::Summary(s)) = msg.event {
-                summary = Some(s);
-            }
-        }
-        summary.unwrap()
-    };
-    let (summary, unloaded) = tokio::join!(finish, unload);
-    assert_eq!(summary.finish_reason(), pb::FinishReason::Cancelled);
-    assert!(summary.usage.unwrap().generated_tokens < 900);
-    assert_eq!(unloaded.unwrap().cancelled_requests, 1);
+    // Greedy counting goes on past any stop token.
+    assert_an_unload_cancels(&client, &lm, "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", false).await;
     wait_gone(&scratch).await;
 
     // An engine process killed outright leaves nothing behind either.

@@ -242,6 +242,46 @@ pub struct GenerateStats {
     pub generation_tokens_per_second: f64,
 }
 
+/// When a generation passed each point, for [`GenerateStats::timed`].
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    pub started: std::time::Instant,
+    /// The prompt was computed.
+    pub prompt_done: std::time::Instant,
+    /// The first token was sampled; `None` if none was.
+    pub first_token: Option<std::time::Instant>,
+    pub end: std::time::Instant,
+}
+
+impl GenerateStats {
+    /// Every engine's figures computed the same way: the prompt's rate counts the
+    /// tokens computed (what the cache gave took no time), the first token's time
+    /// belongs to the prompt, and generation rates the tokens after it.
+    #[allow(clippy::cast_precision_loss)]
+    pub fn timed(prompt: usize, cached: usize, generated: u32, t: Timings) -> GenerateStats {
+        let prompt_secs = (t.prompt_done - t.started).as_secs_f64();
+        let gen_secs = t.first_token.map_or(0.0, |f| (t.end - f).as_secs_f64());
+        GenerateStats {
+            prompt_tokens: u32::try_from(prompt).unwrap_or(u32::MAX),
+            cached_prompt_tokens: u32::try_from(cached).unwrap_or(u32::MAX),
+            generated_tokens: generated,
+            time_to_first_token_seconds: t
+                .first_token
+                .map_or(0.0, |f| (f - t.started).as_secs_f64()),
+            prompt_tokens_per_second: if prompt_secs > 0.0 {
+                (prompt - cached) as f64 / prompt_secs
+            } else {
+                0.0
+            },
+            generation_tokens_per_second: if gen_secs > 0.0 && generated > 1 {
+                f64::from(generated - 1) / gen_secs
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
 /// Why an engine call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum EngineError {

@@ -199,32 +199,15 @@ impl<F: Forward> SequenceRunner<F> {
             logits = self.forward.forward(&[sampled.id])?;
             self.cached_tokens.push(sampled.id);
         };
-        let end = Instant::now();
-        let prompt_secs = (prompt_done - started).as_secs_f64();
-        let gen_secs = first_token_at.map_or(0.0, |t| (end - t).as_secs_f64());
-        // The rate of the tokens computed: what the cache gave took no time.
-        #[allow(clippy::cast_precision_loss)]
-        let computed = (request.prompt.len() - cached) as f64;
+        let timings = crate::Timings {
+            started,
+            prompt_done,
+            first_token: first_token_at,
+            end: Instant::now(),
+        };
         Ok((
             finish,
-            GenerateStats {
-                prompt_tokens: u32::try_from(request.prompt.len()).unwrap_or(u32::MAX),
-                cached_prompt_tokens: u32::try_from(cached).unwrap_or(u32::MAX),
-                generated_tokens: generated,
-                time_to_first_token_seconds: first_token_at
-                    .map_or(0.0, |t| (t - started).as_secs_f64()),
-                prompt_tokens_per_second: if prompt_secs > 0.0 {
-                    computed / prompt_secs
-                } else {
-                    0.0
-                },
-                // The first token's time belongs to the prompt; rate the rest.
-                generation_tokens_per_second: if gen_secs > 0.0 && generated > 1 {
-                    f64::from(generated - 1) / gen_secs
-                } else {
-                    0.0
-                },
-            },
+            GenerateStats::timed(request.prompt.len(), cached, generated, timings),
         ))
     }
 }

@@ -22,7 +22,7 @@ pub use cpu::{CpuDispatch, CpuVariant};
 pub use engine::{
     ChatMessage, DEFAULT_CONTEXT, Engine, EngineError, FinishReason, FlashAttention, Flow,
     GenerateOutcome, GenerateRequest, GenerateStats, Job, JobSource, KvCacheType, LoadOptions,
-    LoadedModel, MemoryEstimate, ModelInfo, ModelProbe, Sampling, SpecialTokens, Token,
+    LoadedModel, MemoryEstimate, ModelInfo, ModelProbe, Sampling, SpecialTokens, Timings, Token,
     TokenDecoder, Tokenizer, Truncation, refuse_llama_only_options, signal_name,
 };
 pub use format::{ArchiveFormat, ModelFormat, ParseNameError};

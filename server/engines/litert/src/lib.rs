@@ -7,6 +7,7 @@
 //! through engine-core's shared loop and sampler.
 
 pub mod decoder;
+mod dylib;
 mod library;
 pub mod lm;
 

@@ -11,14 +11,15 @@
 #![allow(unsafe_code)]
 
 use std::alloc::Layout;
-use std::collections::HashMap;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use modeld_engine_core::EngineError;
+
+use crate::dylib::{self, Opened};
 
 /// The environment variable naming the library when no flag does.
 pub const LIBRARY_ENV: &str = "LITERT_LIBRARY";
@@ -66,27 +67,7 @@ impl Element {
     }
 }
 
-macro_rules! api {
-    ($($field:ident: fn($($arg:ty),*) $(-> $ret:ty)? = $symbol:literal;)*) => {
-        struct Api {
-            $($field: unsafe extern "C" fn($($arg),*) $(-> $ret)?,)*
-        }
-
-        impl Api {
-            /// Resolves every entry point, naming the first that is missing.
-            fn resolve(lib: &libloading::Library) -> Result<Api, &'static str> {
-                Ok(Api {
-                    $($field: unsafe {
-                        *lib.get::<unsafe extern "C" fn($($arg),*) $(-> $ret)?>($symbol)
-                            .map_err(|_| $symbol)?
-                    },)*
-                })
-            }
-        }
-    };
-}
-
-api! {
+crate::dylib::c_api! {
     create_environment: fn(c_int, *const c_void, *mut Handle) -> Status = "LiteRtCreateEnvironment";
     destroy_environment: fn(Handle) = "LiteRtDestroyEnvironment";
     create_model_from_file: fn(Handle, *const c_char, *mut Handle) -> Status = "LiteRtCreateModelFromFile";
@@ -125,18 +106,13 @@ impl std::fmt::Debug for Library {
     }
 }
 
-static OPENED: Mutex<Option<HashMap<PathBuf, Arc<Library>>>> = Mutex::new(None);
+static OPENED: Opened<Library> = Opened::new();
 
 /// Where the library is: the configured path, else `LITERT_LIBRARY`.
 pub fn configured_path(configured: Option<&Path>) -> Option<PathBuf> {
-    configured.map(Path::to_path_buf).or_else(|| {
-        std::env::var_os(LIBRARY_ENV)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    })
+    dylib::configured_path(configured, LIBRARY_ENV)
 }
 
-/// Opens (once per path) the library at `configured` or `LITERT_LIBRARY`.
 pub fn open(configured: Option<&Path>) -> Result<Arc<Library>, EngineError> {
     let path = configured_path(configured).ok_or_else(|| {
         EngineError::Unavailable(format!(
@@ -144,39 +120,19 @@ pub fn open(configured: Option<&Path>) -> Result<Arc<Library>, EngineError> {
              libLiteRt.so from the ai-edge-litert 2.3 wheel (scripts/setup --tests fetches it)"
         ))
     })?;
-    if !path.is_file() {
-        return Err(EngineError::Unavailable(format!(
-            "the LiteRT library {} does not exist",
-            path.display()
-        )));
-    }
-    let mut guard = OPENED.lock().unwrap_or_else(|p| p.into_inner());
-    let opened = guard.get_or_insert_with(HashMap::new);
-    if let Some(lib) = opened.get(&path) {
-        return Ok(lib.clone());
-    }
-    // Loading runs the library's initializers: the path is the operator's, named by a
-    // flag or the environment, never by a request.
-    let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| {
-        EngineError::Unavailable(format!(
-            "cannot open the LiteRT library {}: {e}",
-            path.display()
-        ))
-    })?;
-    let api = Api::resolve(&lib).map_err(|missing| {
-        EngineError::Unavailable(format!(
-            "{} is not a LiteRT 2.x C API library: it does not export {missing}",
-            path.display()
-        ))
-    })?;
-    let library = Arc::new(Library {
-        api,
-        path: path.clone(),
-        _lib: lib,
-    });
-    tracing::info!(library = %path.display(), "LiteRT loaded");
-    opened.insert(path, library.clone());
-    Ok(library)
+    OPENED.get_or_open(&path, "LiteRT", |lib| {
+        let api = Api::resolve(&lib).map_err(|missing| {
+            EngineError::Unavailable(format!(
+                "{} is not a LiteRT 2.x C API library: it does not export {missing}",
+                path.display()
+            ))
+        })?;
+        Ok(Library {
+            api,
+            path: path.clone(),
+            _lib: lib,
+        })
+    })
 }
 
 /// A LiteRT status as a sentence.

@@ -9,14 +9,15 @@
 //! with the missing name.
 #![allow(unsafe_code)]
 
-use std::collections::HashMap;
 use std::ffi::{CStr, CString, c_char, c_float, c_int, c_void};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::Arc;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 
 use modeld_engine_core::EngineError;
+
+use crate::dylib::{self, Opened};
 
 /// The environment variable naming the library when no flag does.
 pub const LIBRARY_ENV: &str = "LITERT_LM_LIBRARY";
@@ -36,27 +37,7 @@ pub enum SamplerKind {
     TopP = 2,
 }
 
-macro_rules! api {
-    ($($field:ident: fn($($arg:ty),*) $(-> $ret:ty)? = $symbol:literal;)*) => {
-        struct Api {
-            $($field: unsafe extern "C" fn($($arg),*) $(-> $ret)?,)*
-        }
-
-        impl Api {
-            /// Resolves every entry point, naming the first that is missing.
-            fn resolve(lib: &libloading::Library) -> Result<Api, &'static str> {
-                Ok(Api {
-                    $($field: unsafe {
-                        *lib.get::<unsafe extern "C" fn($($arg),*) $(-> $ret)?>($symbol)
-                            .map_err(|_| $symbol)?
-                    },)*
-                })
-            }
-        }
-    };
-}
-
-api! {
+crate::dylib::c_api! {
     set_min_log_level: fn(c_int) = "litert_lm_set_min_log_level";
     settings_create: fn(*const c_char, *const c_char, *const c_char, *const c_char) -> Handle = "litert_lm_engine_settings_create";
     settings_delete: fn(Handle) = "litert_lm_engine_settings_delete";
@@ -102,18 +83,13 @@ impl std::fmt::Debug for Library {
     }
 }
 
-static OPENED: Mutex<Option<HashMap<PathBuf, Arc<Library>>>> = Mutex::new(None);
+static OPENED: Opened<Library> = Opened::new();
 
 /// Where the library is: the configured path, else `LITERT_LM_LIBRARY`.
 pub fn configured_path(configured: Option<&Path>) -> Option<PathBuf> {
-    configured.map(Path::to_path_buf).or_else(|| {
-        std::env::var_os(LIBRARY_ENV)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    })
+    dylib::configured_path(configured, LIBRARY_ENV)
 }
 
-/// Opens (once per path) the library at `configured` or `LITERT_LM_LIBRARY`.
 pub fn open(configured: Option<&Path>) -> Result<Arc<Library>, EngineError> {
     let path = configured_path(configured).ok_or_else(|| {
         EngineError::Unavailable(format!(
@@ -122,40 +98,20 @@ pub fn open(configured: Option<&Path>) -> Result<Arc<Library>, EngineError> {
              (scripts/setup --tests fetches it)"
         ))
     })?;
-    if !path.is_file() {
-        return Err(EngineError::Unavailable(format!(
-            "the LiteRT-LM library {} does not exist",
-            path.display()
-        )));
-    }
-    let mut guard = OPENED.lock().unwrap_or_else(|p| p.into_inner());
-    let opened = guard.get_or_insert_with(HashMap::new);
-    if let Some(lib) = opened.get(&path) {
-        return Ok(lib.clone());
-    }
-    // Loading runs the library's initializers: the path is the operator's, named by a
-    // flag or the environment, never by a request.
-    let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| {
-        EngineError::Unavailable(format!(
-            "cannot open the LiteRT-LM library {}: {e}",
-            path.display()
-        ))
-    })?;
-    let api = Api::resolve(&lib).map_err(|missing| {
-        EngineError::Unavailable(format!(
-            "{} is not a LiteRT-LM 0.18 C API library: it does not export {missing}",
-            path.display()
-        ))
-    })?;
-    unsafe { (api.set_min_log_level)(LOG_WARNING) };
-    let library = Arc::new(Library {
-        api,
-        path: path.clone(),
-        _lib: lib,
-    });
-    tracing::info!(library = %path.display(), "LiteRT-LM loaded");
-    opened.insert(path, library.clone());
-    Ok(library)
+    OPENED.get_or_open(&path, "LiteRT-LM", |lib| {
+        let api = Api::resolve(&lib).map_err(|missing| {
+            EngineError::Unavailable(format!(
+                "{} is not a LiteRT-LM 0.18 C API library: it does not export {missing}",
+                path.display()
+            ))
+        })?;
+        unsafe { (api.set_min_log_level)(LOG_WARNING) };
+        Ok(Library {
+            api,
+            path: path.clone(),
+            _lib: lib,
+        })
+    })
 }
 
 fn c_path(path: &Path, what: &str) -> Result<CString, EngineError> {

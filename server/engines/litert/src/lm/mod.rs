@@ -13,7 +13,7 @@ use std::time::Instant;
 use modeld_engine_core::litertlm::{self, Bundle};
 use modeld_engine_core::{
     Accelerator, EngineError, FinishReason, Flow, GenerateOutcome, GenerateRequest, GenerateStats,
-    LoadOptions, LoadedModel, ModelInfo, StopMatcher, StopOutcome, Token, Tokenizer,
+    LoadOptions, LoadedModel, ModelInfo, StopMatcher, StopOutcome, Timings, Token, Tokenizer,
 };
 
 use self::library::{Chunk, SamplerKind, SessionConfig};
@@ -254,27 +254,17 @@ impl LoadedModel for LmModel {
                 return Err(EngineError::Inference(format!("LiteRT-LM: {why}")));
             }
         };
-        let first = first_token_at.unwrap_or(end);
-        let ttft = (first - started).as_secs_f64();
-        let gen_secs = (end - first).as_secs_f64();
+        // LiteRT-LM prefills and samples the first token in one go: the prompt is
+        // done when the first token arrives.
+        let timings = Timings {
+            started,
+            prompt_done: first_token_at.unwrap_or(end),
+            first_token: first_token_at,
+            end,
+        };
         Ok((
             finish,
-            GenerateStats {
-                prompt_tokens: prompt_len,
-                cached_prompt_tokens: 0,
-                generated_tokens: generated,
-                time_to_first_token_seconds: ttft,
-                prompt_tokens_per_second: if ttft > 0.0 {
-                    f64::from(prompt_len) / ttft
-                } else {
-                    0.0
-                },
-                generation_tokens_per_second: if gen_secs > 0.0 && generated > 1 {
-                    f64::from(generated - 1) / gen_secs
-                } else {
-                    0.0
-                },
-            },
+            GenerateStats::timed(request.prompt.len(), 0, generated, timings),
         ))
     }
 }
