@@ -19,7 +19,6 @@ use modeld_engine_core::{
 
 use crate::confine::Confinement;
 use crate::protocol::{self, CallId, Reply, ToAgent, ToEngine, TokenizerFacts};
-use crate::scratch::ScratchDir;
 
 /// The agent's end of the channel: the engine process gets its socket as stdin, so
 /// stray writes to stdout by a runtime never corrupt a frame.
@@ -58,11 +57,7 @@ pub fn serve(engines: &[Arc<dyn Engine>], channel: UnixStream) -> Result<(), Str
     else {
         return Err("the first message was not a Load".into());
     };
-    let Loaded {
-        model,
-        confinement,
-        scratch,
-    } = match load(engines, runtime, &path, &options) {
+    let Loaded { model, confinement } = match load(engines, runtime, &path, &options) {
         Ok(loaded) => loaded,
         Err(e) => {
             let text = e.to_string();
@@ -70,10 +65,7 @@ pub fn serve(engines: &[Arc<dyn Engine>], channel: UnixStream) -> Result<(), Str
             return Err(text);
         }
     };
-    let served = run(model, confinement, input, out);
-    // The model is gone (run drops it): its files may go too.
-    drop(scratch);
-    served
+    run(model, confinement, input, out)
 }
 
 /// A model loaded in this process, with what it was given.
@@ -81,8 +73,6 @@ struct Loaded {
     model: Box<dyn LoadedModel>,
     /// What the confinement applied, in words.
     confinement: String,
-    /// Its scratch directory, removed once the model is gone.
-    scratch: Option<ScratchDir>,
 }
 
 fn load(
@@ -101,14 +91,11 @@ fn load(
             ))
         })?;
     let mut options = options.clone();
-    let scratch = if engine.writes_scratch(path) {
-        let dir = ScratchDir::create()
+    if engine.writes_scratch(path) {
+        let dir = crate::scratch::create_for_this_process()
             .map_err(|e| EngineError::Load(format!("cannot create a scratch directory: {e}")))?;
-        options.scratch_dir = Some(dir.path().to_path_buf());
-        Some(dir)
-    } else {
-        None
-    };
+        options.scratch_dir = Some(dir);
+    }
     let mut confinement =
         Confinement::for_model(path, &engine.runtime_paths(), options.memory_limit_bytes);
     confinement.writable.extend(options.scratch_dir.clone());
@@ -122,7 +109,6 @@ fn load(
     Ok(Loaded {
         model,
         confinement: applied.to_string(),
-        scratch,
     })
 }
 

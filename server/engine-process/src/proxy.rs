@@ -408,6 +408,7 @@ impl RemoteModel {
             })) => (info, parallel, tokenizer, confinement),
             Ok(Some(ToAgent::LoadFailed(e))) => {
                 let _ = child.wait();
+                crate::scratch::remove_left_by(pid);
                 return Err(e);
             }
             other => {
@@ -419,6 +420,7 @@ impl RemoteModel {
                     .wait()
                     .map(exit::describe)
                     .unwrap_or_else(|e| format!("could not be waited for: {e}"));
+                crate::scratch::remove_left_by(pid);
                 return Err(EngineError::Crashed(format!(
                     "{how} while loading the model"
                 )));

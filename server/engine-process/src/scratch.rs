@@ -1,7 +1,7 @@
 //! The one directory an engine process may write, for runtimes that keep a cache of
-//! packed weights on disk (LiteRT-LM): private to the process (mode 0700), named by
-//! its pid so the agent can remove what a killed process left, and removed when the
-//! model is unloaded.
+//! packed weights on disk (LiteRT-LM): private to the process (mode 0700) and named by
+//! its pid. The agent removes it once the process has ended, however it ended: the
+//! process itself could not, since Landlock grants it only what lies beneath.
 
 use std::path::{Path, PathBuf};
 
@@ -11,35 +11,19 @@ pub fn dir_for(pid: u32) -> PathBuf {
     std::env::temp_dir().join(format!("modeld-engine-{pid}"))
 }
 
-/// This process's scratch directory, removed on drop.
-#[derive(Debug)]
-pub struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    /// Creates it afresh: anything a dead process of the same pid left is removed first.
-    pub fn create() -> std::io::Result<ScratchDir> {
-        let dir = dir_for(std::process::id());
-        remove(&dir);
-        let mut builder = std::fs::DirBuilder::new();
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder.create(&dir)?;
-        Ok(ScratchDir(dir))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
+/// Creates this process's scratch directory afresh (anything a dead process of the same
+/// pid left is removed first) and returns it.
+pub fn create_for_this_process() -> std::io::Result<PathBuf> {
+    let dir = dir_for(std::process::id());
+    remove(&dir);
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(&dir)?;
+    Ok(dir)
 }
 
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        remove(&self.0);
-    }
-}
-
-/// Removes what the engine process `pid` left, if anything: after it ended, whatever
-/// way it ended.
+/// Removes what the engine process `pid` left, if anything, once it has ended.
 pub fn remove_left_by(pid: u32) {
     remove(&dir_for(pid));
 }
@@ -59,9 +43,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_directory_is_private_and_gone_after_drop() {
-        let scratch = ScratchDir::create().unwrap();
-        let path = scratch.path().to_path_buf();
+    fn the_directory_is_private_and_removed_for_its_pid() {
+        let path = create_for_this_process().unwrap();
         std::fs::write(path.join("cache"), b"packed").unwrap();
         #[cfg(unix)]
         {
@@ -69,7 +52,7 @@ mod tests {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o700);
         }
-        drop(scratch);
+        remove_left_by(std::process::id());
         assert!(!path.exists());
     }
 }

@@ -27,8 +27,9 @@ type Callback = unsafe extern "C" fn(*mut c_void, *mut c_void);
 
 /// `InputDataType::TEXT`.
 const INPUT_TEXT: c_int = 0;
-/// `LogSeverity::WARNING`: LiteRT-LM's INFO lines would fill the agent's log.
-const LOG_WARNING: c_int = 3;
+/// `LogSeverity::ERROR`: LiteRT-LM warns of every optional section a bundle lacks
+/// (vision, audio, a SentencePiece tokenizer) on each load.
+const LOG_ERROR: c_int = 4;
 
 /// `SamplerType`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +106,7 @@ pub fn open(configured: Option<&Path>) -> Result<Arc<Library>, EngineError> {
                 path.display()
             ))
         })?;
-        unsafe { (api.set_min_log_level)(LOG_WARNING) };
+        unsafe { (api.set_min_log_level)(LOG_ERROR) };
         Ok(Library {
             api,
             path: path.clone(),
