@@ -481,6 +481,54 @@ async fn a_missing_or_foreign_litert_lm_library_is_runtime_unavailable_for_bundl
     }
 }
 
+/// A node with LiteRT-LM and no LiteRT: TFLite is runnable (bundles load and answer),
+/// and a .tflite decoder's load says which library it lacks.
+#[tokio::test]
+async fn litert_lm_alone_runs_bundles_and_says_what_a_tflite_decoder_lacks() {
+    let assets = Assets::get();
+    let agent = Agent::start_with(AgentOptions {
+        args: vec![
+            "--litert-lm-library".into(),
+            assets.litert_lm_lib.display().to_string(),
+        ],
+        ..AgentOptions::default()
+    })
+    .await;
+    let client = agent.client().await;
+    let caps = client.capabilities().await.unwrap();
+    let runtime = caps
+        .runtimes
+        .iter()
+        .find(|r| r.runtime() == pb::Runtime::Tflite)
+        .unwrap();
+    assert!(runtime.unavailable_reason.is_empty(), "{runtime:?}");
+    let variant = runtime.cpu_variant.as_ref().unwrap();
+    assert_eq!(
+        variant.module_path,
+        assets.litert_lm_lib.display().to_string()
+    );
+    let bundle = scan_for(&client, &assets.litertlm_dir, pb::ModelFormat::Tflite).await;
+    client.load_to_end(&bundle.id, None).await.unwrap();
+    let (_, text) = greedy(
+        &client,
+        &bundle.id,
+        "Tell me the capital of France.",
+        true,
+        12,
+    )
+    .await;
+    assert!(text.contains("Paris"), "{text:?}");
+    let tflite = scan_for(&client, &assets.tflite_dir, pb::ModelFormat::Tflite).await;
+    let err = client.load_to_end(&tflite.id, None).await.unwrap_err();
+    let status = err.status().unwrap();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("--litert-library"),
+        "{}",
+        status.message()
+    );
+}
+
 /// What LiteRT-LM's own runtime makes of one prompt on the derived bundle.
 struct LiteRtLmRun {
     ids: Vec<u32>,

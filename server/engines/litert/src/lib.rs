@@ -225,13 +225,23 @@ impl Engine for LiteRtEngine {
     /// library file decides, not this build. Without one the runtime is unavailable
     /// here, and capabilities say why.
     fn cpu_variant(&self) -> Result<CpuVariant, EngineError> {
+        // A node with LiteRT-LM alone still runs bundles: the runtime is there.
+        let (path, runtime) = match library::configured_path(self.library.as_deref()) {
+            Some(path) => (Some(path), "LiteRT"),
+            None => (
+                lm::library::configured_path(self.lm_library.as_deref()),
+                "LiteRT-LM",
+            ),
+        };
         CpuVariant::library(
             "xnnpack",
-            library::configured_path(self.library.as_deref()),
-            "LiteRT",
+            path,
+            runtime,
             &format!(
                 "no LiteRT library is configured: set --litert-library (or {LIBRARY_ENV}) to \
-                 libLiteRt.so from the ai-edge-litert 2.3 wheel"
+                 libLiteRt.so from the ai-edge-litert 2.3 wheel for .tflite decoders, and \
+                 --litert-lm-library (or {LM_LIBRARY_ENV}) to liblitert-lm.so from the \
+                 litert-lm-api 0.18 wheel for .litertlm bundles"
             ),
         )
     }
