@@ -129,6 +129,32 @@ async fn modeld_and_the_litert_interpreter_run_the_same_tflite_decoder_alike() {
     }
 }
 
+/// The agent's capabilities for the TFLite runtime.
+async fn tflite_runtime(client: &Client) -> pb::RuntimeInfo {
+    let caps = client.capabilities().await.unwrap();
+    caps.runtimes
+        .into_iter()
+        .find(|r| r.runtime() == pb::Runtime::Tflite)
+        .unwrap()
+}
+
+/// A greedy chat turn on `model` answers what the capital of France is.
+async fn assert_answers_paris(client: &Client, model: &str) {
+    let (_, text) = greedy(client, model, "Tell me the capital of France.", true, 24).await;
+    assert!(text.contains("Paris"), "{model}: {text:?}");
+}
+
+/// Loading `model` is FAILED_PRECONDITION / RUNTIME_UNAVAILABLE saying `says`, and the
+/// agent serves on.
+async fn assert_runtime_unavailable(client: &Client, model: &str, says: &str) {
+    let err = client.load_to_end(model, None).await.unwrap_err();
+    let status = err.status().unwrap();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(reason(status), "RUNTIME_UNAVAILABLE");
+    assert!(status.message().contains(says), "{}", status.message());
+    assert!(client.is_serving().await.unwrap());
+}
+
 /// Starts a long generation on `model`, unloads it with a short grace, and checks
 /// the generation ended cancelled and the model is gone.
 async fn assert_an_unload_cancels(client: &Client, model: &str, prompt: &str, ignore_eos: bool) {
@@ -192,16 +218,12 @@ async fn a_tflite_model_chats_tokenizes_benchmarks_cancels_and_unloads_like_the_
         float.parameter_count
     );
 
-    let caps = client.capabilities().await.unwrap();
-    let runtime = caps
-        .runtimes
-        .iter()
-        .find(|r| r.runtime() == pb::Runtime::Tflite)
-        .unwrap();
+    let runtime = tflite_runtime(&client).await;
     assert!(runtime.unavailable_reason.is_empty(), "{runtime:?}");
     let variant = runtime.cpu_variant.as_ref().unwrap();
     assert_eq!(variant.dispatch(), pb::CpuDispatch::Library);
     assert_eq!(variant.module_path, assets.litert_lib.display().to_string());
+    let caps = client.capabilities().await.unwrap();
     let format = caps
         .formats
         .iter()
@@ -216,8 +238,7 @@ async fn a_tflite_model_chats_tokenizes_benchmarks_cancels_and_unloads_like_the_
         pb::EstimateSource::Predicted
     );
 
-    let (_, text) = greedy(&client, &tflite, "Tell me the capital of France.", true, 24).await;
-    assert!(text.contains("Paris"), "{text:?}");
+    assert_answers_paris(&client, &tflite).await;
 
     // One tokenizer for the GGUF and its TFLite form.
     client.load_to_end("smol", None).await.unwrap();
@@ -396,15 +417,7 @@ async fn hostile_tflite_files_are_refused_by_the_scan_and_the_load_and_the_agent
     assert!(client.is_serving().await.unwrap());
     let spec = scan_for(&client, &assets.tflite_dir, pb::ModelFormat::Tflite).await;
     client.load_to_end(&spec.id, None).await.unwrap();
-    let (_, text) = greedy(
-        &client,
-        &spec.id,
-        "Tell me the capital of France.",
-        true,
-        12,
-    )
-    .await;
-    assert!(text.contains("Paris"), "{text:?}");
+    assert_answers_paris(&client, &spec.id).await;
 }
 
 #[tokio::test]
@@ -425,12 +438,7 @@ async fn a_missing_or_foreign_litert_library_is_runtime_unavailable_and_the_agen
         })
         .await;
         let client = agent.client().await;
-        let caps = client.capabilities().await.unwrap();
-        let runtime = caps
-            .runtimes
-            .iter()
-            .find(|r| r.runtime() == pb::Runtime::Tflite)
-            .unwrap();
+        let runtime = tflite_runtime(&client).await;
         if lib == missing {
             assert!(runtime.cpu_variant.is_none());
             assert!(
@@ -439,12 +447,7 @@ async fn a_missing_or_foreign_litert_library_is_runtime_unavailable_and_the_agen
             );
         }
         let spec = scan_for(&client, &assets.tflite_dir, pb::ModelFormat::Tflite).await;
-        let err = client.load_to_end(&spec.id, None).await.unwrap_err();
-        let status = err.status().unwrap();
-        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-        assert_eq!(reason(status), "RUNTIME_UNAVAILABLE");
-        assert!(status.message().contains(says), "{}", status.message());
-        assert!(client.is_serving().await.unwrap());
+        assert_runtime_unavailable(&client, &spec.id, says).await;
     }
 }
 
@@ -469,15 +472,11 @@ async fn a_missing_or_foreign_litert_lm_library_is_runtime_unavailable_for_bundl
         .await;
         let client = agent.client().await;
         let bundle = scan_for(&client, &assets.litertlm_dir, pb::ModelFormat::Tflite).await;
-        let err = client.load_to_end(&bundle.id, None).await.unwrap_err();
-        let status = err.status().unwrap();
-        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-        assert_eq!(reason(status), "RUNTIME_UNAVAILABLE");
-        assert!(status.message().contains(says), "{}", status.message());
+        assert_runtime_unavailable(&client, &bundle.id, says).await;
         // The .tflite route needs LiteRT alone, and it is there.
         let tflite = scan_for(&client, &assets.tflite_dir, pb::ModelFormat::Tflite).await;
         client.load_to_end(&tflite.id, None).await.unwrap();
-        assert!(client.is_serving().await.unwrap());
+        assert_answers_paris(&client, &tflite.id).await;
     }
 }
 
@@ -495,12 +494,7 @@ async fn litert_lm_alone_runs_bundles_and_says_what_a_tflite_decoder_lacks() {
     })
     .await;
     let client = agent.client().await;
-    let caps = client.capabilities().await.unwrap();
-    let runtime = caps
-        .runtimes
-        .iter()
-        .find(|r| r.runtime() == pb::Runtime::Tflite)
-        .unwrap();
+    let runtime = tflite_runtime(&client).await;
     assert!(runtime.unavailable_reason.is_empty(), "{runtime:?}");
     let variant = runtime.cpu_variant.as_ref().unwrap();
     assert_eq!(
@@ -509,24 +503,9 @@ async fn litert_lm_alone_runs_bundles_and_says_what_a_tflite_decoder_lacks() {
     );
     let bundle = scan_for(&client, &assets.litertlm_dir, pb::ModelFormat::Tflite).await;
     client.load_to_end(&bundle.id, None).await.unwrap();
-    let (_, text) = greedy(
-        &client,
-        &bundle.id,
-        "Tell me the capital of France.",
-        true,
-        12,
-    )
-    .await;
-    assert!(text.contains("Paris"), "{text:?}");
+    assert_answers_paris(&client, &bundle.id).await;
     let tflite = scan_for(&client, &assets.tflite_dir, pb::ModelFormat::Tflite).await;
-    let err = client.load_to_end(&tflite.id, None).await.unwrap_err();
-    let status = err.status().unwrap();
-    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-    assert!(
-        status.message().contains("--litert-library"),
-        "{}",
-        status.message()
-    );
+    assert_runtime_unavailable(&client, &tflite.id, "--litert-library").await;
 }
 
 /// What LiteRT-LM's own runtime makes of one prompt on the derived bundle.
@@ -674,8 +653,7 @@ async fn a_litertlm_bundle_chats_tokenizes_cancels_and_unloads_and_its_scratch_g
         scratch.display()
     );
 
-    let (_, text) = greedy(&client, &lm, "Tell me the capital of France.", true, 24).await;
-    assert!(text.contains("Paris"), "{text:?}");
+    assert_answers_paris(&client, &lm).await;
     let text = "Grüße, 東京! 12345 <|im_start|>user";
     assert_eq!(
         tokenize(&client, &lm, text, true).await,
@@ -722,8 +700,7 @@ async fn a_litertlm_bundle_chats_tokenizes_cancels_and_unloads_and_its_scratch_g
     assert!(killed.success());
     wait_gone(&scratch).await;
     assert!(client.is_serving().await.unwrap());
-    let (_, text) = greedy(&client, "smol", "Tell me the capital of France.", true, 24).await;
-    assert!(text.contains("Paris"), "{text:?}");
+    assert_answers_paris(&client, "smol").await;
 }
 
 /// A bundle that lies is refused before LiteRT-LM sees it: one cut short (its

@@ -87,22 +87,7 @@ impl<F: Forward> SequenceRunner<F> {
     }
 
     fn check_prompt(&self, prompt: &[u32]) -> Result<(), EngineError> {
-        if prompt.is_empty() {
-            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
-        }
-        if prompt.len() >= self.context_length as usize {
-            return Err(EngineError::ContextOverflow {
-                prompt: prompt.len(),
-                context: self.context_length,
-            });
-        }
-        let vocab = self.tokenizer.vocab_size();
-        if let Some(bad) = prompt.iter().find(|t| **t >= vocab) {
-            return Err(EngineError::InvalidRequest(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
-        Ok(())
+        check_prompt(prompt, self.context_length, self.tokenizer.vocab_size())
     }
 
     /// Feeds what of `prompt` the cache does not hold yet (all of it unless `reuse`);
@@ -210,6 +195,26 @@ impl<F: Forward> SequenceRunner<F> {
             GenerateStats::timed(request.prompt.len(), cached, generated, timings),
         ))
     }
+}
+
+/// What every engine refuses before it computes: an empty prompt, one that leaves no
+/// room in the `context`, and ids outside the vocabulary of `vocab` tokens.
+pub fn check_prompt(prompt: &[u32], context: u32, vocab: u32) -> Result<(), EngineError> {
+    if prompt.is_empty() {
+        return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+    }
+    if prompt.len() >= context as usize {
+        return Err(EngineError::ContextOverflow {
+            prompt: prompt.len(),
+            context,
+        });
+    }
+    if let Some(bad) = prompt.iter().find(|t| **t >= vocab) {
+        return Err(EngineError::InvalidRequest(format!(
+            "token id {bad} is outside the vocabulary of {vocab}"
+        )));
+    }
+    Ok(())
 }
 
 /// A loaded model that is a [`Forward`] behind the shared loop: what an engine that

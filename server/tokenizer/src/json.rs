@@ -126,12 +126,13 @@ pub fn from_file(path: &Path) -> Result<HfTokenizer, EngineError> {
 }
 
 /// A tokenizer.json held in memory (a LiteRT-LM bundle carries one), with what its
-/// container says instead of a tokenizer_config.json: the tokens that end a turn and
-/// the chat template.
+/// container says instead of a tokenizer_config.json: the tokens that end a turn (by id
+/// or by text; the first is the end-of-sequence token) and the chat template.
 pub fn from_bytes(
     provider: &'static str,
     json: &[u8],
-    end_of_generation: Vec<u32>,
+    stop_ids: &[u32],
+    stop_texts: &[String],
     chat_template: Option<&str>,
     max_length: u32,
 ) -> Result<HfTokenizer, EngineError> {
@@ -143,6 +144,13 @@ pub fn from_bytes(
     }
     let tokenizer =
         tokenizers::Tokenizer::from_bytes(json).map_err(|e| load_error(e.to_string()))?;
+    let mut end_of_generation: Vec<u32> = Vec::new();
+    let by_text = stop_texts.iter().filter_map(|t| tokenizer.token_to_id(t));
+    for id in stop_ids.iter().copied().chain(by_text) {
+        if !end_of_generation.contains(&id) {
+            end_of_generation.push(id);
+        }
+    }
     let eos = end_of_generation.first().copied();
     let text_of = |id: Option<u32>| {
         id.and_then(|i| tokenizer.id_to_token(i))

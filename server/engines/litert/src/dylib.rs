@@ -13,7 +13,7 @@ use modeld_engine_core::EngineError;
 /// resolves them all from a library or names the first that is missing.
 macro_rules! c_api {
     ($($field:ident: fn($($arg:ty),*) $(-> $ret:ty)? = $symbol:literal;)*) => {
-        struct Api {
+        pub struct Api {
             $($field: unsafe extern "C" fn($($arg),*) $(-> $ret)?,)*
         }
 
@@ -40,22 +40,37 @@ pub fn configured_path(configured: Option<&Path>, env: &str) -> Option<PathBuf> 
     })
 }
 
-/// The libraries of one kind opened so far, by path.
-pub struct Opened<T>(Mutex<Option<HashMap<PathBuf, Arc<T>>>>);
+/// An opened C library and its resolved entry points (`A`, an `Api` of [`c_api!`]).
+pub struct Library<A> {
+    pub api: A,
+    path: PathBuf,
+    _lib: libloading::Library,
+}
 
-impl<T> Opened<T> {
-    pub const fn new() -> Opened<T> {
+impl<A> std::fmt::Debug for Library<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Library").field("path", &self.path).finish()
+    }
+}
+
+/// The libraries of one kind opened so far, by path.
+pub struct Opened<A>(Mutex<Option<HashMap<PathBuf, Arc<Library<A>>>>>);
+
+impl<A> Opened<A> {
+    pub const fn new() -> Opened<A> {
         Opened(Mutex::new(None))
     }
 
-    /// The library at `path` (`what` names it in errors), made into a `T` by `wrap`
-    /// the first time it is opened.
+    /// The library at `path`, its entry points resolved by `resolve` the first time it
+    /// is opened. `what` names the library in errors ("LiteRT"), `speaks` the API a
+    /// library lacking an entry point is not ("a LiteRT 2.x C API library").
     pub fn get_or_open(
         &self,
         path: &Path,
         what: &str,
-        wrap: impl FnOnce(libloading::Library) -> Result<T, EngineError>,
-    ) -> Result<Arc<T>, EngineError> {
+        speaks: &str,
+        resolve: impl FnOnce(&libloading::Library) -> Result<A, &'static str>,
+    ) -> Result<Arc<Library<A>>, EngineError> {
         if !path.is_file() {
             return Err(EngineError::Unavailable(format!(
                 "the {what} library {} does not exist",
@@ -75,7 +90,17 @@ impl<T> Opened<T> {
                 path.display()
             ))
         })?;
-        let library = Arc::new(wrap(lib)?);
+        let api = resolve(&lib).map_err(|missing| {
+            EngineError::Unavailable(format!(
+                "{} is not {speaks}: it does not export {missing}",
+                path.display()
+            ))
+        })?;
+        let library = Arc::new(Library {
+            api,
+            path: path.to_path_buf(),
+            _lib: lib,
+        });
         tracing::info!(library = %path.display(), "{what} loaded");
         opened.insert(path.to_path_buf(), library.clone());
         Ok(library)

@@ -9,7 +9,7 @@
 pub mod decoder;
 mod dylib;
 mod library;
-pub mod lm;
+mod lm;
 
 use std::path::{Path, PathBuf};
 
@@ -66,6 +66,16 @@ impl LiteRtEngine {
     ) -> Result<(LiteRtDecoder, Inspected), EngineError> {
         // Every load checks the file itself, whatever probed it before.
         let inspected = inspect(path)?;
+        let decoder = self.decoder_for(&inspected, options)?;
+        Ok((decoder, inspected))
+    }
+
+    /// LiteRT's decoder over a checked `.tflite` file.
+    fn decoder_for(
+        &self,
+        inspected: &Inspected,
+        options: &LoadOptions,
+    ) -> Result<LiteRtDecoder, EngineError> {
         if inspected.bundle.is_some() {
             return Err(EngineError::InvalidRequest(format!(
                 "{} is a LiteRT-LM bundle: LiteRT-LM runs it, not LiteRT's decoder",
@@ -74,8 +84,7 @@ impl LiteRtEngine {
         }
         let lib = library::open(self.library.as_deref())?;
         let compiled = library::CompiledModel::open(lib, &inspected.file, options.threads)?;
-        let decoder = LiteRtDecoder::new(compiled, inspected.shape, &inspected.prefills)?;
-        Ok((decoder, inspected))
+        LiteRtDecoder::new(compiled, inspected.shape, &inspected.prefills)
     }
 }
 
@@ -280,7 +289,7 @@ impl Engine for LiteRtEngine {
         if let Some(bundle) = &inspected.bundle {
             return lm::load(self.lm_library.as_deref(), &inspected, bundle, options);
         }
-        let (decoder, inspected) = self.open_decoder(path, options)?;
+        let decoder = self.decoder_for(&inspected, options)?;
         let dir = inspected
             .file
             .parent()

@@ -92,21 +92,9 @@ crate::dylib::c_api! {
     destroy_tensor_buffer: fn(Handle) = "LiteRtDestroyTensorBuffer";
 }
 
-/// An opened libLiteRt. Kept for the life of the process once opened: LiteRT's
-/// accelerators register themselves globally and are not meant to be unloaded.
-pub struct Library {
-    api: Api,
-    path: PathBuf,
-    _lib: libloading::Library,
-}
+pub(crate) type Library = dylib::Library<Api>;
 
-impl std::fmt::Debug for Library {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Library").field("path", &self.path).finish()
-    }
-}
-
-static OPENED: Opened<Library> = Opened::new();
+static OPENED: Opened<Api> = Opened::new();
 
 /// Where the library is: the configured path, else `LITERT_LIBRARY`.
 pub fn configured_path(configured: Option<&Path>) -> Option<PathBuf> {
@@ -120,19 +108,7 @@ pub fn open(configured: Option<&Path>) -> Result<Arc<Library>, EngineError> {
              libLiteRt.so from the ai-edge-litert 2.3 wheel (scripts/setup --tests fetches it)"
         ))
     })?;
-    OPENED.get_or_open(&path, "LiteRT", |lib| {
-        let api = Api::resolve(&lib).map_err(|missing| {
-            EngineError::Unavailable(format!(
-                "{} is not a LiteRT 2.x C API library: it does not export {missing}",
-                path.display()
-            ))
-        })?;
-        Ok(Library {
-            api,
-            path: path.clone(),
-            _lib: lib,
-        })
-    })
+    OPENED.get_or_open(&path, "LiteRT", "a LiteRT 2.x C API library", Api::resolve)
 }
 
 /// A LiteRT status as a sentence.

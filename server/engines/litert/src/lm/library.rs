@@ -31,12 +31,9 @@ const INPUT_TEXT: c_int = 0;
 /// (vision, audio, a SentencePiece tokenizer) on each load.
 const LOG_ERROR: c_int = 4;
 
-/// `SamplerType`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SamplerKind {
-    TopK = 1,
-    TopP = 2,
-}
+/// `SamplerType::TOP_P`: LiteRT-LM 0.18's CPU sampler has no other; greedy is top-p
+/// over the single best token.
+const SAMPLER_TOP_P: c_int = 2;
 
 crate::dylib::c_api! {
     set_min_log_level: fn(c_int) = "litert_lm_set_min_log_level";
@@ -70,21 +67,9 @@ crate::dylib::c_api! {
     chunk_error: fn(Handle) -> *const c_char = "litert_lm_stream_chunk_get_error";
 }
 
-/// An opened liblitert-lm, kept for the life of the process: it starts thread pools
-/// and registers LiteRT's accelerators globally.
-pub struct Library {
-    api: Api,
-    path: PathBuf,
-    _lib: libloading::Library,
-}
+pub(crate) type Library = dylib::Library<Api>;
 
-impl std::fmt::Debug for Library {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Library").field("path", &self.path).finish()
-    }
-}
-
-static OPENED: Opened<Library> = Opened::new();
+static OPENED: Opened<Api> = Opened::new();
 
 /// Where the library is: the configured path, else `LITERT_LM_LIBRARY`.
 pub fn configured_path(configured: Option<&Path>) -> Option<PathBuf> {
@@ -99,20 +84,14 @@ pub fn open(configured: Option<&Path>) -> Result<Arc<Library>, EngineError> {
              (scripts/setup --tests fetches it)"
         ))
     })?;
-    OPENED.get_or_open(&path, "LiteRT-LM", |lib| {
-        let api = Api::resolve(&lib).map_err(|missing| {
-            EngineError::Unavailable(format!(
-                "{} is not a LiteRT-LM 0.18 C API library: it does not export {missing}",
-                path.display()
-            ))
-        })?;
-        unsafe { (api.set_min_log_level)(LOG_ERROR) };
-        Ok(Library {
-            api,
-            path: path.clone(),
-            _lib: lib,
-        })
-    })
+    let lib = OPENED.get_or_open(
+        &path,
+        "LiteRT-LM",
+        "a LiteRT-LM 0.18 C API library",
+        Api::resolve,
+    )?;
+    unsafe { (lib.api.set_min_log_level)(LOG_ERROR) };
+    Ok(lib)
 }
 
 fn c_path(path: &Path, what: &str) -> Result<CString, EngineError> {
@@ -215,7 +194,7 @@ impl Engine {
         )
         .ok_or_else(|| failed("no session config"))?;
         let sampler = Owned::new(
-            unsafe { (api.sampler_create)(config.sampler as c_int) },
+            unsafe { (api.sampler_create)(SAMPLER_TOP_P) },
             api.sampler_delete,
         )
         .ok_or_else(|| failed("no sampler params"))?;
@@ -248,10 +227,9 @@ fn clamp_int(n: u32) -> c_int {
     c_int::try_from(n).unwrap_or(c_int::MAX)
 }
 
-/// How a session samples.
+/// How a session samples (top-p, see [`SAMPLER_TOP_P`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionConfig {
-    pub sampler: SamplerKind,
     pub top_k: u32,
     pub top_p: f32,
     pub temperature: f32,

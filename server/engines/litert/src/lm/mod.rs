@@ -10,13 +10,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use modeld_engine_core::generation::check_prompt;
 use modeld_engine_core::litertlm::{self, Bundle};
 use modeld_engine_core::{
     Accelerator, EngineError, FinishReason, Flow, GenerateOutcome, GenerateRequest, GenerateStats,
     LoadOptions, LoadedModel, ModelInfo, StopMatcher, StopOutcome, Timings, Token, Tokenizer,
 };
 
-use self::library::{Chunk, SamplerKind, SessionConfig};
+use self::library::{Chunk, SessionConfig};
 use crate::Inspected;
 
 /// A bundle loaded in LiteRT-LM.
@@ -35,20 +36,11 @@ pub struct LmModel {
 fn tokenizer_for(file: &Path, bundle: &Bundle) -> Result<Arc<dyn Tokenizer>, EngineError> {
     let metadata = litertlm::llm_metadata(file, bundle)?.unwrap_or_default();
     if let Some(json) = litertlm::hf_tokenizer_json(file, bundle)? {
-        let mut stops = metadata.stop_ids.clone();
-        let parsed = tokenizers::Tokenizer::from_bytes(&json)
-            .map_err(|e| EngineError::InvalidModel(format!("the bundle's tokenizer: {e}")))?;
-        stops.extend(
-            metadata
-                .stop_texts
-                .iter()
-                .filter_map(|t| parsed.token_to_id(t)),
-        );
-        stops.dedup();
         return Ok(modeld_tokenizer::json::from_bytes(
             "litertlm",
             &json,
-            stops,
+            &metadata.stop_ids,
+            &metadata.stop_texts,
             metadata.jinja_prompt_template.as_deref(),
             metadata.max_num_tokens,
         )?
@@ -138,10 +130,9 @@ fn session_config(request: &GenerateRequest, room: u32) -> Result<SessionConfig,
         n => n.min(room),
     };
     let temperature = s.temperature.unwrap_or(DEFAULT_TEMPERATURE);
-    // LiteRT-LM 0.18's CPU sampler is top-p; greedy is top-p over the single best token.
+    // Greedy is top-p over the single best token.
     Ok(if temperature <= 0.0 {
         SessionConfig {
-            sampler: SamplerKind::TopP,
             top_k: 1,
             top_p: 1.0,
             temperature: 1.0,
@@ -150,20 +141,14 @@ fn session_config(request: &GenerateRequest, room: u32) -> Result<SessionConfig,
         }
     } else {
         SessionConfig {
-            sampler: SamplerKind::TopP,
             top_k: s.top_k.filter(|k| *k > 0).unwrap_or(DEFAULT_TOP_K),
             top_p: s.top_p.unwrap_or(DEFAULT_TOP_P),
             temperature,
-            seed: s.seed.map_or_else(rand_seed, |v| v as u32),
+            // Unseeded requests get a fresh draw each time, as the shared sampler's do.
+            seed: s.seed.map_or_else(rand::random, |v| v as u32),
             max_output_tokens,
         }
     })
-}
-
-fn rand_seed() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos())
 }
 
 impl LoadedModel for LmModel {
@@ -180,17 +165,9 @@ impl LoadedModel for LmModel {
         request: &GenerateRequest,
         sink: &mut dyn FnMut(Token) -> Flow,
     ) -> GenerateOutcome {
-        if request.prompt.is_empty() {
-            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
-        }
         let context = self.info.context_length;
+        check_prompt(&request.prompt, context, self.tokenizer.vocab_size())?;
         let prompt_len = u32::try_from(request.prompt.len()).unwrap_or(u32::MAX);
-        if prompt_len >= context {
-            return Err(EngineError::ContextOverflow {
-                prompt: request.prompt.len(),
-                context,
-            });
-        }
         // `ignore_eos` cannot be honoured: LiteRT-LM stops at the bundle's stop tokens
         // whatever the session says. A benchmark reports the tokens it got.
         let config = session_config(request, context - prompt_len)?;
