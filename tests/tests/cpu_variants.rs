@@ -110,6 +110,61 @@ async fn capabilities_report_the_cpu_kernels_each_runtime_chose() {
     }
 }
 
+/// `scripts/run` compiles llama.cpp for one variant only, the one `scripts/llama-host-cpu`
+/// names: it must be the variant ggml picks at startup on this CPU, with the same
+/// instruction sets, or the main command would run other kernels than a portable build.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[tokio::test]
+async fn the_run_scripts_one_variant_is_the_one_the_portable_build_picks_here() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/llama-host-cpu");
+    let out = std::process::Command::new(&script).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let settings: Vec<(&str, &str)> = stdout.lines().filter_map(|l| l.split_once('=')).collect();
+    let variant = settings
+        .iter()
+        .find(|(k, _)| *k == "MODELD_LLAMA_HOST_VARIANT")
+        .map(|(_, v)| *v);
+    let Some(variant) = variant else {
+        panic!(
+            "no variant for this CPU: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let compiled: std::collections::BTreeSet<String> = settings
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("GGML_")?, *v)))
+        .inspect(|(_, v)| assert_eq!(*v, "ON", "{stdout}"))
+        .map(|(k, _)| k.to_ascii_lowercase())
+        .collect();
+
+    let agent = Agent::start().await;
+    let caps = agent.client().await.capabilities().await.unwrap();
+    let v = llama(&caps).cpu_variant.clone().unwrap();
+    assert_eq!(variant, v.name, "{stdout}");
+    // llama.cpp reports these of the instruction sets a variant is compiled with (not
+    // SSE4.2): the picked module's and the one-variant build's must agree on each.
+    for set in [
+        "avx",
+        "f16c",
+        "fma",
+        "avx2",
+        "bmi2",
+        "avx_vnni",
+        "avx512",
+        "avx512_vbmi",
+        "avx512_vnni",
+        "avx512_bf16",
+    ] {
+        assert_eq!(
+            compiled.contains(set),
+            v.features.iter().any(|f| f == set),
+            "{set}: compiled {compiled:?}, picked {v:?}"
+        );
+    }
+    assert!(!compiled.iter().any(|f| f.starts_with("amx")), "{stdout}");
+}
+
 #[tokio::test]
 async fn a_variants_directory_without_modules_is_a_clear_error_and_the_agent_keeps_serving() {
     let empty = tempfile::tempdir().unwrap();

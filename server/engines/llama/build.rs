@@ -26,6 +26,11 @@ fn main() {
         .unwrap_or_default();
     println!("cargo:rustc-env=MODELD_BUILD_TARGET_CPU={target_cpu}");
     if std::env::var_os("CARGO_FEATURE_CPU_VARIANTS").is_none() {
+        // scripts/run compiles llama.cpp for the one variant ggml would pick on the
+        // build machine (scripts/llama-host-cpu); capabilities name it.
+        println!("cargo:rerun-if-env-changed=MODELD_LLAMA_HOST_VARIANT");
+        let host = std::env::var("MODELD_LLAMA_HOST_VARIANT").unwrap_or_default();
+        println!("cargo:rustc-env=MODELD_BUILD_LLAMA_HOST_VARIANT={host}");
         return;
     }
     let Some(all) = std::env::var_os("DEP_LLAMA_BACKENDS_DIR").map(PathBuf::from) else {

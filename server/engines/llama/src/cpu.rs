@@ -33,6 +33,13 @@ pub const BUILD_ALL_VARIANTS_DIR: Option<&str> =
 #[cfg(not(feature = "cpu-variants"))]
 pub const BUILD_ALL_VARIANTS_DIR: Option<&str> = None;
 
+/// The one variant llama.cpp was compiled for, where a build compiled it alone for the
+/// build machine (scripts/run, through scripts/llama-host-cpu); empty otherwise.
+#[cfg(not(feature = "cpu-variants"))]
+const BUILD_HOST_VARIANT: &str = env!("MODELD_BUILD_LLAMA_HOST_VARIANT");
+#[cfg(feature = "cpu-variants")]
+const BUILD_HOST_VARIANT: &str = "";
+
 /// The directory a packaged `modeld` carries its CPU variants in, beside the binary.
 pub const PACKAGED_DIR_NAME: &str = "llama-cpu-variants";
 
@@ -108,10 +115,12 @@ pub fn describe(dir: Option<&Path>, system_info: &str, maps: Option<&str>) -> Cp
     let Some(dir) = dir else {
         let target = env!("MODELD_BUILD_TARGET_CPU");
         return CpuVariant {
-            name: if target.is_empty() {
-                modeld_engine_core::cpu::build_level().to_owned()
-            } else {
+            name: if !target.is_empty() {
                 format!("target-cpu={target}")
+            } else if !BUILD_HOST_VARIANT.is_empty() {
+                BUILD_HOST_VARIANT.to_owned()
+            } else {
+                modeld_engine_core::cpu::build_level().to_owned()
             },
             dispatch: CpuDispatch::BuildTime,
             features,
