@@ -219,7 +219,8 @@ pub struct Args {
     #[arg(long, env = "MODELD_ENGINE_ISOLATION")]
     pub engine_isolation: Option<EngineIsolation>,
 
-    /// Inference threads per model [default: 0 = the engine's choice, all cores].
+    /// Inference threads per model [default: 0 = one per physical core this process may
+    /// use].
     #[arg(long, env = "MODELD_THREADS")]
     pub threads: Option<u32>,
 

@@ -98,6 +98,8 @@ pub async fn serve(
     let store = tokio::task::spawn_blocking(move || Store::open(&db_dir)).await??;
     let probe_dir = data_dir.clone();
     let mut hardware = tokio::task::spawn_blocking(move || Hardware::probe(&probe_dir)).await?;
+    // This machine's cores, even when --device-profile reports another device's.
+    let default_threads = hardware.host().cpu.inference_threads();
     let mut memory_budget_bytes = config
         .memory_budget
         .resolve(hardware.memory().usable_bytes());
@@ -121,6 +123,7 @@ pub async fn serve(
         data_dir = %data_dir.display(),
         memory_budget_bytes,
         disk_quota_bytes = config.disk_quota.unwrap_or(0),
+        default_threads,
         "store open"
     );
 
@@ -194,6 +197,9 @@ pub async fn serve(
     let grace = config.shutdown_grace;
     let mut inference_settings = config.inference.clone();
     inference_settings.memory_budget = memory_budget_bytes;
+    if inference_settings.threads == 0 {
+        inference_settings.threads = default_threads;
+    }
     let engines = crate::engines::for_agent(&config)?;
     let node = Arc::new(Node {
         store: store.clone(),

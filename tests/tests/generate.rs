@@ -749,6 +749,61 @@ async fn unloading_frees_the_model_and_reports_its_state() {
     client.load_to_end("smol", None).await.unwrap();
 }
 
+/// Threads of a process, from /proc.
+fn thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| tasks.count())
+        .unwrap_or(0)
+}
+
+/// A load that names no thread count runs one thread per physical core the agent may
+/// use, not llama.cpp's own default of 4 (on 2 cores that generated at a quarter of the
+/// speed): ListLoaded says how many, and the engine process runs that many, its
+/// compute threads being llama.cpp's OpenMP team (the count less the calling thread).
+#[tokio::test]
+async fn a_load_without_threads_runs_one_per_physical_core_and_says_so() {
+    let (_agent, client) = agent_with_smol().await;
+    let caps = client.capabilities().await.unwrap();
+    let physical = caps.cpu.unwrap().physical_cores;
+    let allowed = std::thread::available_parallelism().unwrap().get() as u32;
+    let expected = physical.clamp(1, allowed);
+    let request = pb::GenerateRequest {
+        model_id: "smol".into(),
+        input: chat("Tell me the capital of France."),
+        sampling: greedy(),
+        max_tokens: 8,
+        ..Default::default()
+    };
+    // Threads of the engine process once it has generated (OpenMP starts its team at
+    // the first computation), with what ListLoaded says.
+    let threads_running = |client: Client, request: pb::GenerateRequest| async move {
+        let (text, _, _) = run(&client, request).await;
+        assert!(text.contains("Paris"), "{text:?}");
+        let listed = client.list_loaded().await.unwrap();
+        let loaded = &listed.models[0];
+        (loaded.threads, thread_count(loaded.engine_process_id))
+    };
+    let (listed_default, tasks_default) = threads_running(client.clone(), request.clone()).await;
+    assert_eq!(
+        listed_default, expected,
+        "physical {physical}, allowed {allowed}"
+    );
+
+    client.unload("smol", None).await.unwrap();
+    let one = pb::LoadOptions {
+        threads: 1,
+        ..Default::default()
+    };
+    client.load_to_end("smol", Some(one)).await.unwrap();
+    let (listed_one, tasks_one) = threads_running(client.clone(), request).await;
+    assert_eq!(listed_one, 1);
+    assert_eq!(
+        tasks_default - tasks_one,
+        expected as usize - 1,
+        "engine process threads: {tasks_default} with the default, {tasks_one} with one"
+    );
+}
+
 /// A quantized KV cache (llama.cpp): the estimate shrinks by what the cache saves,
 /// ListLoaded says what was applied, greedy answers stay right, a pinned model keeps
 /// it across a restart, and combinations llama.cpp cannot run are refused up front.

@@ -111,10 +111,11 @@ pub async fn load(client: &Client, a: LoadArgs, out: Output) -> anyhow::Result<(
         if let Some(loaded) = msg.loaded {
             bar.finish_and_clear();
             outln!(
-                "{} is ready: {}, {} context, {} (estimated {})",
+                "{} is ready: {}, {} context, {} threads, {} (estimated {})",
                 loaded.model_id,
                 output::runtime_name(loaded.runtime),
                 loaded.context_length,
+                loaded.threads,
                 output::bytes(loaded.actual_memory_bytes),
                 output::bytes(loaded.estimated_memory_bytes)
             );

@@ -15,6 +15,9 @@ pub struct LoadOptions {
     pub context_length: u32,
     /// Sequences decoded together (continuous batching); each gets its own context.
     pub parallel: u32,
+    /// Inference threads; 0 = every core this process may use. The agent resolves 0
+    /// to the device's physical cores before a load, so engines see it only when used
+    /// on their own.
     pub threads: u32,
     pub batch_size: u32,
     /// Layers to offload to an accelerator; 0 = none, u32::MAX = all.
@@ -147,6 +150,17 @@ impl LoadOptions {
             0 => trained.clamp(1, DEFAULT_CONTEXT),
             n if trained == 0 => n,
             n => n.min(trained),
+        }
+    }
+
+    /// The threads a load runs on. Every engine resolves 0 here, not to its runtime's
+    /// own default: llama.cpp's is 4 whatever the CPU, which on 2 cores ran four
+    /// threads on two and generated at a quarter of the speed.
+    pub fn threads_or_all_cores(&self) -> u32 {
+        match self.threads {
+            0 => std::thread::available_parallelism()
+                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
+            n => n,
         }
     }
 }
@@ -333,6 +347,9 @@ pub struct ModelInfo {
     pub kv_cache_type: KvCacheType,
     #[serde(default)]
     pub flash_attention: FlashAttention,
+    /// Inference threads the runtime runs on.
+    #[serde(default)]
+    pub threads: u32,
 }
 
 /// What an engine learned from a model's files without loading them.

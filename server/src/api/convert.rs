@@ -372,6 +372,7 @@ pub fn loaded_to_pb(w: &ModelWorker) -> pb::LoadedModel {
         context_length: w.info.context_length,
         load_time: Some(timestamp(w.loaded_at)),
         parallel_slots: u32::try_from(w.parallel).unwrap_or(u32::MAX),
+        threads: w.info.threads,
         kv_cache_type: match w.info.kv_cache_type {
             modeld_engine_core::KvCacheType::F16 => pb::KvCacheType::F16,
             modeld_engine_core::KvCacheType::Q8_0 => pb::KvCacheType::Q80,

@@ -44,7 +44,7 @@ impl CandleEngine {
         path: &Path,
         options: &LoadOptions,
     ) -> Result<(ModelProbe, Box<dyn Forward>, ModelFormat), EngineError> {
-        let pool = thread_pool(options.threads)?;
+        let pool = thread_pool(options.threads_or_all_cores())?;
         // A directory is safetensors with config.json, MLX-quantized or not; a file
         // is GGUF.
         Ok(if path.is_dir() && mlx_dir::is_mlx(path) {
@@ -74,7 +74,7 @@ impl CandleEngine {
         options: &LoadOptions,
         quantized: bool,
     ) -> Result<Box<dyn Forward>, EngineError> {
-        let pool = thread_pool(options.threads)?;
+        let pool = thread_pool(options.threads_or_all_cores())?;
         let mut checked = mlx_dir::check(path)?;
         if !quantized {
             checked = checked.dequantized();
@@ -84,13 +84,8 @@ impl CandleEngine {
 }
 
 fn thread_pool(threads: u32) -> Result<rayon::ThreadPool, EngineError> {
-    let threads = if threads == 0 {
-        std::thread::available_parallelism().map_or(1, usize::from)
-    } else {
-        threads as usize
-    };
     rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
+        .num_threads(usize::try_from(threads).unwrap_or(usize::MAX))
         .thread_name(|i| format!("candle-{i}"))
         .build()
         .map_err(|e| EngineError::Load(format!("candle threads: {e}")))
@@ -173,6 +168,7 @@ impl Engine for CandleEngine {
             chat_template: None,
             memory_bytes: estimate.total(),
             accelerator: Accelerator::Cpu,
+            threads: options.threads_or_all_cores(),
             ..ModelInfo::default()
         };
         Ok(Box::new(SequenceModel::new(

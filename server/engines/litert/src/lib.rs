@@ -83,7 +83,8 @@ impl LiteRtEngine {
             )));
         }
         let lib = library::open(self.library.as_deref())?;
-        let compiled = library::CompiledModel::open(lib, &inspected.file, options.threads)?;
+        let compiled =
+            library::CompiledModel::open(lib, &inspected.file, options.threads_or_all_cores())?;
         LiteRtDecoder::new(compiled, inspected.shape, &inspected.prefills)
     }
 }
@@ -306,6 +307,7 @@ impl Engine for LiteRtEngine {
             chat_template: None,
             memory_bytes: memory.total(),
             accelerator: Accelerator::Cpu,
+            threads: options.threads_or_all_cores(),
             ..ModelInfo::default()
         };
         Ok(Box::new(SequenceModel::new(

@@ -175,6 +175,7 @@ impl Engine for LlamaEngine {
             .map_err(|e| EngineError::Load(e.to_string()))?;
         let context_length = options.context_for(model.n_ctx_train());
         let parallel = parallel_for(options.parallel);
+        let threads = options.threads_or_all_cores();
         let info = ModelInfo {
             architecture: model
                 .meta_val_str("general.architecture")
@@ -196,13 +197,14 @@ impl Engine for LlamaEngine {
             accelerator: Accelerator::Cpu,
             kv_cache_type: options.kv_cache_type,
             flash_attention: options.flash_attention,
+            threads,
         };
         let model = Arc::new(model);
         Ok(Box::new(LlamaLoaded {
             tokenizer: Arc::new(LlamaTokenizer::new(model.clone(), context_length)),
             model,
             info,
-            threads: options.threads,
+            threads,
             batch: if options.batch_size == 0 {
                 DEFAULT_BATCH
             } else {
@@ -565,10 +567,8 @@ impl LlamaLoaded {
                 FlashAttention::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
                 FlashAttention::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
             });
-        if self.threads > 0 {
-            let t = i32::try_from(self.threads).unwrap_or(i32::MAX);
-            params = params.with_n_threads(t).with_n_threads_batch(t);
-        }
+        let threads = i32::try_from(self.threads).unwrap_or(i32::MAX);
+        params = params.with_n_threads(threads).with_n_threads_batch(threads);
         // A loaded model exists, so the backend was initialized by its load: the
         // directory argument is not consulted again.
         let backend = &backend(None)?.llama;

@@ -117,11 +117,7 @@ fn configure(
             )));
         }
     };
-    let threads = if options.threads == 0 {
-        std::thread::available_parallelism().map_or(1, usize::from)
-    } else {
-        options.threads as usize
-    };
+    let threads = usize::try_from(options.threads_or_all_cores()).unwrap_or(usize::MAX);
     let providers = execution_providers(&options.execution_providers)?;
     let step = |what: &str, e: ort::Error<SessionBuilder>| load(what, e);
     builder
@@ -265,6 +261,7 @@ impl Engine for OnnxEngine {
             chat_template: None,
             memory_bytes: estimate.total(),
             accelerator: accelerator_of(&options.execution_providers),
+            threads: options.threads_or_all_cores(),
             ..ModelInfo::default()
         };
         Ok(Box::new(SequenceModel::new(

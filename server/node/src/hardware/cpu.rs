@@ -73,6 +73,18 @@ pub(super) fn features() -> Vec<String> {
     Vec::new()
 }
 
+impl CpuInfo {
+    /// The inference threads a load gets when it does not say: one per physical core
+    /// this process may run on (cgroup quota and affinity count). Matrix kernels gain
+    /// nothing from a core's second hardware thread, and one thread more than there are
+    /// cores stalls every step at the barrier where all threads meet.
+    pub fn inference_threads(&self) -> u32 {
+        let allowed = std::thread::available_parallelism()
+            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+        self.physical_cores.clamp(1, allowed.max(1))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -79,7 +79,13 @@ pub fn load(
     };
     // The graph's cache is fixed at export: that is the context.
     let context = inspected.shape.context as u32;
-    let engine = library::Engine::create(lib, &inspected.file, &dir, options.threads, context)?;
+    let engine = library::Engine::create(
+        lib,
+        &inspected.file,
+        &dir,
+        options.threads_or_all_cores(),
+        context,
+    )?;
     let probe = &inspected.probe;
     let info = ModelInfo {
         architecture: probe.architecture.clone(),
@@ -89,6 +95,7 @@ pub fn load(
         chat_template: None,
         memory_bytes: crate::estimate(probe).total(),
         accelerator: Accelerator::Cpu,
+        threads: options.threads_or_all_cores(),
         ..ModelInfo::default()
     };
     Ok(Box::new(LmModel {
