@@ -33,7 +33,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${1:-4}"
 RUNS=3
-THREADS="${THREADS:-$(nproc)}"
+# The agent runs with its default thread count (one per physical core it may use), as
+# a user's does, and the reference tools get the count the agent reports in ListLoaded;
+# THREADS=N gives both N.
+agent_threads=()
+if [[ -n "${THREADS:-}" ]]; then agent_threads=(--threads "$THREADS"); fi
 PROMPT=128
 GEN=64
 LEVELS=1,4,8
@@ -58,12 +62,13 @@ for round in $(seq "$ROUNDS"); do
     for kind in "${kinds[@]}"; do
         echo "bench: round $round, $kind: modeld through gRPC" >&2
         # shellcheck disable=SC2086 # the extra arguments are words
-        agent_bin="${agent_bins[$kind]}" start_agent --threads "$THREADS" --parallel 1 --context-length "$ONE_STREAM_CONTEXT" ${agent_args[$kind]}
+        agent_bin="${agent_bins[$kind]}" start_agent "${agent_threads[@]}" --parallel 1 --context-length "$ONE_STREAM_CONTEXT" ${agent_args[$kind]}
         bench/peak-memory.py "$agent_pid" "$work/$kind-rss-$round" &
         sampler=$!
         register_smol
         ctl load smol >/dev/null
         ctl -o json node info >"$work/$kind-caps.json"
+        THREADS="$(ctl -o json ps | python3 -c 'import json,sys; print(json.load(sys.stdin)["models"][0]["threads"])')"
         # Generation from an empty context, as llama-bench's tg test measures it.
         ctl -o json bench smol --concurrency 1 --prompt-tokens 1 --max-tokens "$GEN" \
             --runs "$RUNS" >"$work/$kind-tg-$round.json"
@@ -86,7 +91,7 @@ done
 # than the gaps measured, so only per-round ratios compare like with like.
 for round in $(seq "$ROUNDS"); do
     echo "bench: round $round, portable, concurrent streams" >&2
-    start_agent --threads "$THREADS" --parallel 8 --context-length "$CONTEXT"
+    start_agent "${agent_threads[@]}" --parallel 8 --context-length "$CONTEXT"
     register_smol
     ctl load smol >/dev/null
     ctl -o json bench smol --concurrency "$LEVELS" --prompt-tokens "$PROMPT" --max-tokens "$GEN" \
