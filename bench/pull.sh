@@ -2,7 +2,11 @@
 # Download benchmark: modeld Pull against curl, same file, same local HTTP server, in
 # pairs (curl, then modeld, then the next pair): this VM's speed and the Python
 # server's response time drift by more than the gap between the two, so only a
-# pair's ratio compares like with like. Reports throughput for a 98 MB and a 393 MB
+# pair's ratio compares like with like. Two servers, both Python's http.server on
+# this machine: as it ships (it copies the file through user space, 64 KiB at a
+# time, taking about a quarter of the two cores from whoever downloads), and with
+# the body sent by sendfile from the page cache, as nginx and CDNs send it, so the
+# server's CPU says less about the client. Reports throughput for a 98 MB and a 393 MB
 # file (modeld includes sha256 verification, fsync'd resume checkpoints and the final
 # fsync; curl just writes the file, so curl + fsync + sha256sum is shown too), the
 # disk's durable write rate as dd gives it (as many bytes, then fdatasync, on the
@@ -25,8 +29,19 @@ for _ in 1 2 3 4; do cat "$MODELD_TEST_GGUF"; done > "$work/www/large.bin"
 port="$(free_port)"
 (cd "$work/www" && exec python3 -m http.server "$port" --bind 127.0.0.1 >/dev/null 2>&1) &
 server_pid=$!
+sendfile_port="$(free_port)"
+python3 - "$work/www" "$sendfile_port" >/dev/null 2>&1 <<'PY' &
+import functools, http.server, sys
+class SendfileHandler(http.server.SimpleHTTPRequestHandler):
+    def copyfile(self, source, outputfile):
+        self.connection.sendfile(source)
+handler = functools.partial(SendfileHandler, directory=sys.argv[1])
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), handler).serve_forever()
+PY
+sendfile_pid=$!
+trap 'kill "$sendfile_pid" 2>/dev/null || true; cleanup' EXIT
 sleep 1
-base="http://127.0.0.1:$port"
+declare -A bases=([copy]="http://127.0.0.1:$port" [sendfile]="http://127.0.0.1:$sendfile_port")
 
 agent_port="$(free_port)"
 "$modeld" --listen "127.0.0.1:$agent_port" --data-dir "$work/data" --log warn >"$work/agent.log" 2>&1 &
@@ -48,11 +63,13 @@ curl_plain() { curl -s -o "$work/curl.out" "$base/$1.bin"; }
 curl_verified() { curl_plain "$1" && fsync_file "$work/curl.out" && sha256sum "$work/curl.out"; }
 disk_write() { dd if=/dev/zero of="$work/dd.out" bs=1M count="$(($1 / 1048576))" conv=fdatasync status=none; }
 
+for server in sendfile copy; do
+base="${bases[$server]}"
 for file in small large; do
-    "$modelctl" models register --id "$file" --url "$base/$file.bin" \
+    "$modelctl" models register --id "$server-$file" --url "$base/$file.bin" \
         --sha256 "$(sha256sum "$work/www/$file.bin" | cut -d' ' -f1)" \
         --size "$(stat -c %s "$work/www/$file.bin")" --format gguf >/dev/null
-    echo "pull: $file.bin, $RUNS pairs" >&2
+    echo "pull: $file.bin from the $server server, $RUNS pairs" >&2
     for _ in $(seq "$RUNS"); do
         rm -f "$work/curl.out"
         curl_s="$(timed curl_plain "$file")"
@@ -61,12 +78,13 @@ for file in small large; do
         rm -f "$work/curl.out"
         disk_s="$(timed disk_write "$(stat -c %s "$work/www/$file.bin")")"
         rm -f "$work/dd.out"
-        modeld_s="$(timed "$modelctl" pull "$file")"
-        "$modelctl" storage rm "$file" >/dev/null
-        echo "$file $(stat -c %s "$work/www/$file.bin") $curl_s $verified_s $modeld_s $disk_s" >>"$work/pairs"
+        modeld_s="$(timed "$modelctl" pull "$server-$file")"
+        "$modelctl" storage rm "$server-$file" >/dev/null
+        echo "$server $file $(stat -c %s "$work/www/$file.bin") $curl_s $verified_s $modeld_s $disk_s" >>"$work/pairs"
     done
     rss_peak="$(awk '/VmHWM/ {print $2*1024}' /proc/$agent_pid/status)"
     echo "$file $rss_peak" >>"$work/rss"
+done
 done
 
 cpu="$(lscpu | sed -n 's/^Model name: *//p' | head -1)"
@@ -77,26 +95,28 @@ import statistics, sys, datetime
 work, machine, runs, rss_idle = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 pairs = {}
 for line in open(f"{work}/pairs"):
-    file, size, curl, verified, modeld, disk = line.split()
-    pairs.setdefault(file, []).append((int(size), float(curl), float(verified), float(modeld), float(disk)))
+    server, file, size, curl, verified, modeld, disk = line.split()
+    pairs.setdefault((server, file), []).append((int(size), float(curl), float(verified), float(modeld), float(disk)))
 rss = dict((f, int(b)) for f, b in (l.split() for l in open(f"{work}/rss")))
 mib = lambda b: b / 1048576
 print(f"# Pull benchmark, {datetime.date.today()}")
 print()
-print(f"Machine: {machine}. Release build. Loopback HTTP (python3 http.server). {runs} pairs per file, "
+print(f"Machine: {machine}. Release build. Loopback HTTP from python3's http.server, as it ships "
+      "(`copy`: the file read and written through user space) and with the body sent by sendfile "
+      f"from the page cache (`sendfile`, as nginx and CDNs send). {runs} pairs per file and server, "
       "each pair curl, curl + fsync + sha256sum, the disk's durable write rate as `dd` gives it (as many "
       "bytes with `conv=fdatasync` on the same filesystem: all written, then flushed), then `modelctl pull` (the wall time of each "
       "whole command); medians, and the range of the per-pair ratios.")
 print()
-print("| file | curl | curl + fsync + sha256sum | dd + fdatasync | modeld Pull | modeld / curl | modeld / (curl + fsync + sha256sum) | modeld / dd |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
-for file, rows in pairs.items():
+print("| server | file | curl | curl + fsync + sha256sum | dd + fdatasync | modeld Pull | modeld / curl | modeld / (curl + fsync + sha256sum) | modeld / dd |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+for (server, file), rows in pairs.items():
     size = rows[0][0]
     rate = lambda i: statistics.median(mib(size) / r[i] for r in rows)
     ratio = lambda i: [r[i] / r[3] for r in rows]
     def spread(xs):
         return f"{statistics.median(xs):.2f}× ({min(xs):.2f}–{max(xs):.2f})"
-    print(f"| {mib(size):.0f} MiB | {rate(1):.0f} MiB/s | {rate(2):.0f} MiB/s | {rate(4):.0f} MiB/s | "
+    print(f"| {server} | {mib(size):.0f} MiB | {rate(1):.0f} MiB/s | {rate(2):.0f} MiB/s | {rate(4):.0f} MiB/s | "
           f"{rate(3):.0f} MiB/s | **{spread(ratio(1))}** | {spread(ratio(2))} | {spread(ratio(4))} |")
 print()
 print("modeld hashes while it streams, checkpoints its offset with an fsync every 64 MiB or second, "
