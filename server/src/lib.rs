@@ -2,6 +2,7 @@
 //! node ([`modeld_node`]) and serves it, and the gRPC services in [`api`]. The binary in
 //! `main.rs` only parses configuration and calls [`serve::serve`].
 
+pub mod allocator;
 pub mod api;
 pub mod config;
 pub mod engine_host;

@@ -3,6 +3,7 @@ use clap::Parser as _;
 use modeld::{Args, Config};
 
 fn main() -> anyhow::Result<()> {
+    modeld::allocator::limit_arenas();
     if modeld::engine_host::is_engine_role() {
         return modeld::engine_host::main();
     }
