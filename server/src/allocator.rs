@@ -2,10 +2,10 @@
 
 /// Arenas the C allocator may keep. glibc gives each thread that meets contention an
 /// arena of its own, up to 8 per core, and keeps their freed memory: after a load and
-/// a generation the agent held 14–16 MiB of anonymous memory, 7–10 MiB with two arenas
-/// (bench/generate.sh counts the agent's memory against llama-bench's whole process).
-/// The agent's threads mostly wait on I/O, so two arenas cost it no measurable
-/// contention; its engine processes, the same binary, allocate their runtimes' large
+/// one stream's generations the agent held 19–23 MiB of anonymous memory with glibc's
+/// limit on 2 cores, 8–11 MiB with two arenas, at the same speed (bench/generate.sh
+/// counts the agent's memory against llama-bench's whole process). The agent's
+/// threads mostly wait on I/O, so two arenas cost it no measurable contention; its engine processes, the same binary, allocate their runtimes' large
 /// buffers by mapping them, outside the arenas.
 const MALLOC_ARENAS: i32 = 2;
 

@@ -80,6 +80,12 @@ impl CpuVariant {
     }
 }
 
+/// The logical CPUs this process may run on: its affinity mask and cgroup quota count,
+/// at least 1.
+pub fn usable_cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+}
+
 /// The x86-64 micro-architecture level (or the architecture) the build targets.
 pub fn build_level() -> &'static str {
     if cfg!(target_arch = "x86_64") {

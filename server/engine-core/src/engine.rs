@@ -158,8 +158,7 @@ impl LoadOptions {
     /// threads on two and generated at a quarter of the speed.
     pub fn threads_or_all_cores(&self) -> u32 {
         match self.threads {
-            0 => std::thread::available_parallelism()
-                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
+            0 => crate::cpu::usable_cpus(),
             n => n,
         }
     }

@@ -79,9 +79,8 @@ impl CpuInfo {
     /// nothing from a core's second hardware thread, and one thread more than there are
     /// cores stalls every step at the barrier where all threads meet.
     pub fn inference_threads(&self) -> u32 {
-        let allowed = std::thread::available_parallelism()
-            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
-        self.physical_cores.clamp(1, allowed.max(1))
+        self.physical_cores
+            .clamp(1, modeld_engine_core::cpu::usable_cpus())
     }
 }
 
